@@ -1,0 +1,35 @@
+"""Regenerate the quickstart's bundled dataset (deterministic; the output is committed).
+
+The task: given a short list of words, answer with the last word of the list. A random-init
+model cannot do it; a LoRA-tuned one learns to find and copy the word, and the held-out set uses
+word lists never seen in training.
+"""
+
+import json
+import random
+from pathlib import Path
+
+WORDS = (
+    "apple river stone cloud tiger maple candle violin garden rocket pepper silver ocean lemon "
+    "castle forest pillow marble thunder falcon copper meadow lantern saddle harbor velvet "
+    "orchid glacier comet willow"
+).split()
+PROMPTS = ["Repeat the last word: {}", "Say the last word of this list: {}", "Last word? {}"]
+
+out = Path(__file__).resolve().parents[1] / "src/mistral_tune/resources/quickstart"
+rng = random.Random(1234)
+seen = set()
+records = []
+while len(records) < 1400:
+    words = tuple(rng.sample(WORDS, rng.randint(3, 5)))
+    if words in seen:
+        continue
+    seen.add(words)
+    prompt = rng.choice(PROMPTS).format(" ".join(words))
+    records.append({"messages": [{"role": "user", "content": prompt},
+                                 {"role": "assistant", "content": words[-1]}]})
+train, test = records[:1200], records[1200:]
+for name, rows in (("train.jsonl", train), ("heldout.jsonl", test)):
+    with open(out / name, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+print(f"wrote {len(train)} train and {len(test)} held-out records to {out}")

@@ -1,0 +1,354 @@
+"""Tokenizer loading and conversation -> (token ids, loss mask) for Mistral-family models.
+
+mistral-common is the ground truth for the prompt format of every tokenizer version (v1 SPM,
+v3 SPM, v3-Tekken, v7, ...).  It has no loss-mask API, so `ChatTokenizer.encode_chat` runs the
+same steps as `MistralTokenizer.encode_chat_completion` (validate -> normalize -> start() + one
+encode call per message) and records which tokens each message produced.  The tests check that
+the ids are identical to `encode_chat_completion`'s for the same request.
+
+Messages are OpenAI-style dicts::
+
+    {"role": "system" | "user" | "assistant" | "tool", "content": str}
+
+An assistant message may carry ``"weight": 0 | 1`` (0 = keep as context, do not train) and
+OpenAI-style ``"tool_calls"``; a tool message needs ``"tool_call_id"``.
+
+Mask convention: ``mask[i]`` says whether ``ids[i]`` is a training target (the caller shifts
+for next-token prediction).  It is True exactly on the tokens of assistant messages whose weight
+is not 0, including their closing ``</s>``; never on BOS, ``[INST]``/``[/INST]``, user, system or
+tool tokens.  With ``train_on_inputs=True`` every token is a target except the leading BOS
+(nothing precedes it, so it can never be predicted) and except weight-0 assistant turns (an
+explicit per-turn "do not train" is more specific than the global flag).
+
+mistral-common's normalizer merges consecutive messages of the same role (and, for assistants,
+the same weight) into one, joined by a blank line; for versions <= v3 it also folds all system
+messages into one system prompt.  The ids follow whatever it does.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mistral_common
+from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.messages import (
+    AssistantMessage,
+    FinetuningAssistantMessage,
+    SystemMessage,
+    ToolMessage,
+    UserMessage,
+)
+from mistral_common.protocol.instruct.normalize import get_normalizer
+from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
+from mistral_common.protocol.instruct.tool_calls import ToolCall
+from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+from mistral_tune.errors import DataError, ModelError
+
+__all__ = ["BUNDLED", "BUNDLED_DIR", "ChatTokenizer", "load_tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_DIR = Path(mistral_common.__file__).parent / "data"
+
+#: Tokenizer files shipped inside the mistral-common wheel, by short name.
+BUNDLED: dict[str, Path] = {
+    "v1": BUNDLED_DIR / "tokenizer.model.v1",
+    "v3": BUNDLED_DIR / "mistral_instruct_tokenizer_240323.model.v3",
+    "v7": BUNDLED_DIR / "mistral_instruct_tokenizer_241114.model.v7",
+    "tekken": BUNDLED_DIR / "tekken_240718.json",
+}
+
+_ROLES = ("system", "user", "assistant", "tool")
+
+# What mistral-common (and pydantic, whose ValidationError is a ValueError) raises for a bad
+# conversation.  It also validates some inputs with bare `assert`s, hence AssertionError.
+_LIBRARY_ERRORS = (MistralCommonException, ValueError, AssertionError, NotImplementedError)
+
+Message = SystemMessage | UserMessage | AssistantMessage | ToolMessage
+
+
+class ChatTokenizer:
+    """A mistral-common tokenizer loaded once, with chat encoding that also yields a loss mask."""
+
+    version: str
+    is_tekken: bool
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    source_file: Path
+
+    def __init__(self, source_file: Path) -> None:
+        source_file = Path(source_file)
+        try:
+            # Finetuning mode: the conversation must end with an assistant message.
+            mt = MistralTokenizer.from_file(source_file, mode=ValidationMode.finetuning)
+        except Exception as e:  # file formats fail in many ways (json, protobuf, version suffix)
+            raise ModelError(f"cannot load tokenizer {source_file}: {e}") from e
+
+        self._mt = mt
+        self._instruct = mt.instruct_tokenizer
+        raw = self._instruct.tokenizer
+        self._raw = raw
+        self.source_file = source_file
+        self.version = str(raw.version.value)
+        self.is_tekken = isinstance(raw, Tekkenizer)
+        self.vocab_size = int(raw.n_words)
+        self.bos_id = int(raw.bos_id)
+        self.eos_id = int(raw.eos_id)
+
+        version = raw.version
+        builder = getattr(raw, "model_settings_builder", None)
+        self._ft_validator = get_validator(version, mode=ValidationMode.finetuning)
+        # The tokenizer's own normalizer rebuilds assistant messages as plain AssistantMessage,
+        # which drops `weight`.  The same normalizer class built with FinetuningAssistantMessage
+        # merges/aggregates identically but keeps the weight, so the mask can follow it.
+        normalizer_cls = type(get_normalizer(version, builder))
+        self._ft_normalizer = normalizer_cls(
+            UserMessage, FinetuningAssistantMessage, ToolMessage, SystemMessage, InstructRequest, builder
+        )
+        # Generation prompts: test mode (last message user/tool), sharing the loaded vocabulary.
+        self._prompt_mt: MistralTokenizer = MistralTokenizer(
+            self._instruct,
+            validator=get_validator(version, mode=ValidationMode.test),
+            request_normalizer=get_normalizer(version, builder),
+        )
+        if source_file.name == "tokenizer.model" and self.vocab_size != 32000:
+            # mistral-common reads a bare tokenizer.model as v1 ("[INST]" as plain text), but a
+            # 32768 vocabulary means a v2+ model with control tokens: the prompt format would be wrong.
+            logger.warning(
+                "%s is loaded as v1 but has %d tokens (v1 has 32000); if the model is v0.3 or later, "
+                "rename it tokenizer.model.v3 (or the right version) or pass that file",
+                source_file,
+                self.vocab_size,
+            )
+
+    def __reduce__(self) -> tuple[type[ChatTokenizer], tuple[Path]]:
+        # Pickle (e.g. for DataLoader workers) as "reload from the file", not as internal state.
+        return (ChatTokenizer, (self.source_file,))
+
+    def __repr__(self) -> str:
+        kind = "tekken" if self.is_tekken else "spm"
+        return f"ChatTokenizer(version={self.version!r}, {kind}, vocab={self.vocab_size}, file={self.source_file})"
+
+    @property
+    def mistral_tokenizer(self) -> MistralTokenizer:
+        """The underlying mistral-common tokenizer (finetuning validation mode)."""
+        return self._mt
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode_chat(self, messages: list[dict], train_on_inputs: bool = False) -> tuple[list[int], list[bool]]:
+        """Encode a training conversation (last message: assistant) into ids and a loss mask.
+
+        Raises DataError with a short reason if the conversation is malformed.
+        """
+        msgs = _build_messages(messages, training=True)
+        if msgs[-1].role != "assistant":
+            raise DataError(f"last message must be from the assistant, got {msgs[-1].role!r}")
+        try:
+            request = ChatCompletionRequest(messages=msgs)
+            self._ft_validator.validate_request(request)
+            instruct = self._ft_normalizer.from_chat_completion_request(request)
+            return self._encode_instruct(instruct, train_on_inputs)
+        except _LIBRARY_ERRORS as e:
+            raise DataError(_reason(e)) from e
+
+    def _encode_instruct(self, req: InstructRequest, train_on_inputs: bool) -> tuple[list[int], list[bool]]:
+        # Mirrors InstructTokenizerBase.encode_instruct (minus truncation, never requested here),
+        # keeping each message's token span so it can be masked.
+        it = self._instruct
+        it.validate_messages(req.messages)
+        first_user, last_user = it.find_first_last_user(req)
+        ids: list[int] = list(it.start())
+        mask: list[bool] = [False] * len(ids)
+        for i, msg in enumerate(req.messages):
+            if isinstance(msg, UserMessage):
+                toks, _, _ = it.encode_user_message(
+                    msg,
+                    req.available_tools,
+                    i == last_user,
+                    i == first_user,
+                    system_prompt=req.system_prompt,
+                    force_img_first=True,
+                    settings=req.settings,
+                )
+                target = train_on_inputs
+            elif isinstance(msg, AssistantMessage):  # includes its closing </s>
+                toks = it.encode_assistant_message(msg, is_before_last_user_message=i < last_user)
+                target = getattr(msg, "weight", None) != 0
+            elif isinstance(msg, SystemMessage):  # only v7+; older versions fold it into a user turn
+                toks, _ = it.encode_system_message(msg)
+                target = train_on_inputs
+            elif isinstance(msg, ToolMessage):
+                toks, _, _ = it.encode_tool_message(msg, i < last_user)
+                target = train_on_inputs
+            else:  # the normalizer only produces the four types above
+                raise DataError(f"unsupported message type {type(msg).__name__}")
+            ids.extend(toks)
+            mask.extend([target] * len(toks))
+        return ids, mask
+
+    def encode_text(self, text: str, bos: bool = True, eos: bool = True) -> list[int]:
+        """Encode raw continuation text (pretraining-style), optionally wrapped in BOS/EOS."""
+        if not isinstance(text, str):
+            raise DataError(f"text must be a string, got {type(text).__name__}")
+        return list(self._raw.encode(text, bos=bos, eos=eos))
+
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """Encode a conversation for generation: it must end with a user (or tool) message.
+
+        The ids end with ``[/INST]`` (or ``[/TOOL_RESULTS]``), ready for the model to answer.
+        Assistant weights are ignored.
+        """
+        msgs = _build_messages(messages, training=False)
+        if msgs[-1].role not in ("user", "tool"):
+            raise DataError(f"a prompt must end with a user message, got {msgs[-1].role!r}")
+        try:
+            return list(self._prompt_mt.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens)
+        except _LIBRARY_ERRORS as e:
+            raise DataError(_reason(e)) from e
+
+    def decode(self, ids: list[int], keep_special: bool = False) -> str:
+        """Decode ids to text; special tokens ([INST], </s>, ...) are dropped unless keep_special."""
+        policy = SpecialTokenPolicy.KEEP if keep_special else SpecialTokenPolicy.IGNORE
+        return self._mt.decode(list(ids), special_token_policy=policy)
+
+    # ------------------------------------------------------------------ files
+
+    def save_name(self) -> str:
+        """File name under which mistral-common's from_file reloads this tokenizer as the same version."""
+        if self.is_tekken:
+            return "tekken.json"  # tekken's version lives in the JSON, not the name
+        name = self.source_file.name
+        # SPM version comes from the suffix (".model.v3", ".model.v7m1"); keep it.  A bare
+        # "tokenizer.model" loads as v1, so name it explicitly.
+        suffix = name.rsplit(".model.", 1)[1] if ".model." in name else self.version
+        return f"tokenizer.model.{suffix}"
+
+    def save(self, out_dir: Path) -> list[Path]:
+        """Copy the tokenizer file into out_dir (see save_name); return the written paths."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dest = out_dir / self.save_name()
+        if not (dest.exists() and dest.samefile(self.source_file)):
+            shutil.copyfile(self.source_file, dest)
+        return [dest]
+
+
+# ---------------------------------------------------------------------- messages
+
+
+def _reason(e: BaseException) -> str:
+    # One line: the caller prefixes file:line.  pydantic's messages span several lines.
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _build_messages(messages: Any, *, training: bool) -> list[Message]:
+    """OpenAI-style dicts -> mistral-common message objects, with short DataError reasons."""
+    if not isinstance(messages, list):
+        raise DataError(f"messages must be a list, got {type(messages).__name__}")
+    if not messages:
+        raise DataError("conversation has no messages")
+    out: list[Message] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DataError(f"message {i}: expected an object, got {type(m).__name__}")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise DataError(f"message {i}: unknown role {role!r} (expected one of {', '.join(_ROLES)})")
+        content = m.get("content")
+        if "weight" in m and role != "assistant":
+            raise DataError(f"message {i}: 'weight' is only allowed on assistant messages")
+        try:
+            if role == "assistant":
+                out.append(_assistant(i, m, content, training))
+            elif not isinstance(content, str):
+                raise DataError(f"message {i}: {role} content must be a string, got {type(content).__name__}")
+            elif role == "user":
+                out.append(UserMessage(content=content))
+            elif role == "system":
+                out.append(SystemMessage(content=content))
+            else:
+                call_id = m.get("tool_call_id")
+                if not isinstance(call_id, str) or not call_id:
+                    raise DataError(f"message {i}: tool message needs a 'tool_call_id' string")
+                out.append(ToolMessage(content=content, tool_call_id=call_id, name=m.get("name")))
+        except ValueError as e:  # pydantic ValidationError
+            raise DataError(f"message {i}: {_reason(e)}") from e
+    return out
+
+
+def _assistant(i: int, m: dict, content: Any, training: bool) -> AssistantMessage:
+    raw_calls = m.get("tool_calls")
+    tool_calls = None
+    if raw_calls:
+        if not isinstance(raw_calls, list):
+            raise DataError(f"message {i}: 'tool_calls' must be a list")
+        tool_calls = [ToolCall.model_validate(tc) for tc in raw_calls]
+    if content is not None and not isinstance(content, str):
+        raise DataError(f"message {i}: assistant content must be a string, got {type(content).__name__}")
+    if content is not None and not content.strip():
+        content = None  # whitespace-only text would train on a bare </s>
+    if content is None and not tool_calls:
+        raise DataError(f"message {i}: assistant message has empty content")
+    if not training:
+        return AssistantMessage(content=content, tool_calls=tool_calls)
+    weight = m.get("weight")
+    if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
+        raise DataError(f"message {i}: weight must be 0 or 1, got {weight!r}")
+    return FinetuningAssistantMessage(content=content, tool_calls=tool_calls, weight=weight)
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def _find_in_dir(d: Path) -> Path:
+    """Pick the tokenizer file in a model directory: tekken.json, tokenizer.model.v*, tokenizer.model."""
+    looked_for = "tekken.json, tokenizer.model.v*, tokenizer.model"
+    if not d.is_dir():
+        raise ModelError(f"{d}: not a directory (looked for {looked_for})")
+    if (d / "tekken.json").is_file():
+        return d / "tekken.json"
+    versioned = sorted(p for p in d.glob("tokenizer.model.v*") if p.is_file())
+    if len(versioned) == 1:
+        return versioned[0]
+    if len(versioned) > 1:
+        names = ", ".join(p.name for p in versioned)
+        raise ModelError(f"{d}: several tokenizer files ({names}); pass the one to use explicitly")
+    if (d / "tokenizer.model").is_file():
+        return d / "tokenizer.model"
+    raise ModelError(f"{d}: no mistral-common tokenizer file found (looked for {looked_for})")
+
+
+def load_tokenizer(spec: str | None, model_dir: Path | None = None) -> ChatTokenizer:
+    """Load a tokenizer from a bundled name, a file or directory path, or (spec None) model_dir.
+
+    Bundled names: v1, v3, v7, tekken.  A directory is searched for tekken.json, then
+    tokenizer.model.v*, then tokenizer.model (which mistral-common always treats as v1).
+    Raises ModelError if nothing loadable is found.
+    """
+    if spec is None:
+        if model_dir is None:
+            raise ModelError("no tokenizer given: set a tokenizer (bundled name or path) or a model directory")
+        path = _find_in_dir(Path(model_dir))
+    elif spec in BUNDLED:
+        path = BUNDLED[spec]
+    else:
+        p = Path(spec).expanduser()
+        if p.is_dir():
+            path = _find_in_dir(p)
+        elif p.is_file():
+            path = p
+        else:
+            raise ModelError(
+                f"tokenizer {spec!r}: no such file or directory, and not a bundled name ({', '.join(BUNDLED)})"
+            )
+    return ChatTokenizer(path)

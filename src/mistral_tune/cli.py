@@ -1,0 +1,116 @@
+"""The `mistral-tune` command: parse arguments, call one function, print the outcome."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import MistralTuneError
+
+
+def _cmd_train(args) -> None:
+    from .config import load_config
+    from .train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, merge=args.merge)
+    print(f"trained {result.steps} steps; final train loss {result.final_train_loss:.4f}"
+          + (f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
+    if result.adapter_dir:
+        print(f"adapter: {result.adapter_dir}")
+    if result.model_dir:
+        print(f"model:   {result.model_dir}")
+
+
+def _cmd_merge(args) -> None:
+    from .export.hf import find_adapter, merge_to_dir
+
+    adapter = find_adapter(Path(args.run_or_adapter))
+    out = Path(args.out) if args.out else adapter.parent / "merged"
+    merge_to_dir(adapter, out, base_model=args.base_model, dtype=args.dtype)
+    print(f"merged model written to {out}")
+
+
+def _cmd_quickstart(args) -> None:
+    from .quickstart import run_quickstart
+
+    run_quickstart(Path(args.out), args.overrides)
+
+
+def _cmd_validate(args) -> None:
+    from .config import load_config
+    from .train.loop import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    _, model_dir, tokenizer, model, data = prepare(cfg)
+    print(f"config OK; model {model_dir} ({model.config.num_hidden_layers} layers, vocab "
+          f"{model.config.vocab_size}); tokenizer {tokenizer.source_file.name}")
+    for line in data.report.lines():
+        print(line)
+
+
+def _cmd_init_model(args) -> None:
+    from .quickstart import create_tiny_model
+
+    create_tiny_model(Path(args.out), tokenizer=args.tokenizer, seed=args.seed)
+    print(f"random-init tiny Mistral model written to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mistral-tune",
+        description="Fine-tune Mistral-family models with LoRA or full fine-tuning.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune as a YAML config says")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    p.add_argument("--merge", action="store_true", help="also write the merged model (output_dir/merged)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("validate", help="check a config, its model, tokenizer and data without training")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model (HF format)")
+    p.add_argument("run_or_adapter", help="a run's output_dir or an adapter directory")
+    p.add_argument("--out", help="output directory (default: next to the adapter, merged/)")
+    p.add_argument("--base-model", help="override the base model recorded in adapter_config.json")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")
+    p.add_argument("--out", default="quickstart-output", help="working directory")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser("init-model", help="write a tiny random-init Mistral model (for tests and trials)")
+    p.add_argument("out")
+    p.add_argument("--tokenizer", default="v3", help="v1 | v3 | v7 | tekken")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_init_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MistralTuneError as exc:
+        if args.debug or os.environ.get("MISTRAL_TUNE_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

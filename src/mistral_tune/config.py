@@ -1,0 +1,200 @@
+"""The run config: schema, YAML loading, `key=value` overrides, and one-line error messages."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(_Strict):
+    path: str = Field(description="A JSONL file (one record per line).")
+    format: Literal["auto", "messages", "instruction", "text"] = Field(
+        "auto", description="Record format; auto detects it from each record's keys."
+    )
+
+
+class Config(_Strict):
+    # model and tokenizer
+    base_model: str = Field(description="Local HF model directory or a hub id.")
+    tokenizer: str | None = Field(
+        None,
+        description="v1 | v3 | v7 | tekken (bundled with mistral-common), a tokenizer file, or "
+        "a directory; default: the base model's own tokenizer file.",
+    )
+    # data
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    val_set_size: float = Field(
+        0.0, ge=0, description="Held-out share (0 < x < 1) or count (x >= 1) of samples."
+    )
+    sequence_len: int = Field(2048, ge=16, le=1_048_576)
+    sample_packing: bool = True
+    train_on_inputs: bool = False
+    # adapter
+    adapter: Literal["lora", "none"] = "lora"
+    lora_r: int = Field(16, ge=1, le=4096)
+    lora_alpha: float = Field(16, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
+    use_rslora: bool = False
+    # optimisation
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping.")
+    lr_scheduler: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    micro_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Overrides num_epochs when set.")
+    gradient_checkpointing: bool = Field(False, description="Recompute each layer in backward to save memory.")
+    # precision and run
+    bf16: Literal["auto"] | bool = Field(
+        "auto", description="auto: bf16 autocast on a GPU that supports it, float32 on CPU."
+    )
+    seed: int = 42
+    output_dir: str = "outputs/run"
+    logging_steps: int = Field(1, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="None: evaluate only at the end.")
+    save_steps: int | None = Field(None, ge=1, description="None: save only at the end.")
+    overwrite_output_dir: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        unknown = sorted(set(self.lora_target_modules) - set(ALL_PROJECTIONS))
+        if unknown:
+            raise ValueError(
+                f"lora_target_modules: unknown module(s) {unknown}; allowed: {ALL_PROJECTIONS}"
+            )
+        if not self.lora_target_modules and self.adapter == "lora":
+            raise ValueError("lora_target_modules: empty; name at least one projection")
+        return self
+
+
+def _describe_allowed(field_path: tuple, err: dict) -> str:
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        return f"allowed: {ctx['expected']}"
+    for bound, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if bound in ctx:
+            return f"allowed: {word} {ctx[bound]}"
+    return err["msg"].lower()
+
+
+def _nearest_key(key: str, model: type[BaseModel]) -> str:
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = err["loc"]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            owner = DatasetConfig if "datasets" in loc else Config
+            lines.append(f"{source}: unknown key '{key}'{_nearest_key(str(loc[-1]), owner)}")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: missing required key '{key}'")
+        elif err["type"] == "value_error":
+            lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
+        else:
+            value = err.get("input")
+            lines.append(f"{source}: key '{key}' has value {value!r}; {_describe_allowed(loc, err)}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a","b"], parsed value); the value is read as YAML (numbers, bools, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(data: dict, path: list[str], value: Any) -> None:
+    node: Any = data
+    for part in path[:-1]:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override '{'.'.join(path)}': cannot descend into '{part}'")
+    last = path[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override '{'.'.join(path)}': cannot set '{last}'")
+
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `key=value` overrides, validate.
+
+    Relative dataset and model paths are resolved against the config file's folder when they
+    exist there, so a config can be run from any working directory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(data, keys, value)
+    base = path.resolve().parent
+    for ds in data.get("datasets") or []:
+        if isinstance(ds, dict) and isinstance(ds.get("path"), str):
+            ds["path"] = _resolve_near(ds["path"], base)
+    for key in ("base_model", "tokenizer"):
+        if isinstance(data.get(key), str):
+            data[key] = _resolve_near(data[key], base)
+    return config_from_dict(data, str(path))
+
+
+def _resolve_near(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists():
+        return str(p)
+    candidate = base / p
+    return str(candidate) if candidate.exists() else value

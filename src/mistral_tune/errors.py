@@ -1,0 +1,19 @@
+"""Errors a user can cause. The CLI prints their message on one line and exits non-zero."""
+
+
+class MistralTuneError(Exception):
+    """Base class: a problem with the user's input, explained in the message."""
+
+    exit_code = 2
+
+
+class ConfigError(MistralTuneError):
+    """A config file, key or value is missing or wrong."""
+
+
+class DataError(MistralTuneError):
+    """A dataset file or record is unreadable or malformed."""
+
+
+class ModelError(MistralTuneError):
+    """A model path, checkpoint or tokenizer does not fit."""

@@ -1,0 +1,151 @@
+"""Reading and writing HF-format Mistral checkpoints (config.json + safetensors, sharded or not)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import ModelError
+from .mistral import MistralConfig, MistralForCausalLM
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A local directory as is; otherwise a hub id fetched (or taken from the cache) by huggingface_hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    if looks_local or path.exists():
+        raise ModelError(f"base_model: directory not found: {name_or_path}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                name_or_path,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"],
+            )
+        )
+    except Exception as exc:  # network, auth, missing repo: all end the run the same way
+        raise ModelError(
+            f"base_model: '{name_or_path}' is not a local directory and could not be fetched from "
+            f"the hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+
+
+def read_config(model_dir: Path) -> MistralConfig:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{model_dir}: no config.json (is this an HF model directory?)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    arch = (data.get("architectures") or ["MistralForCausalLM"])[0]
+    if data.get("model_type", "mistral") != "mistral" or arch != "MistralForCausalLM":
+        raise ModelError(
+            f"{path}: model_type '{data.get('model_type')}' / {arch} is not supported; "
+            "expected a dense Mistral model (MistralForCausalLM)"
+        )
+    return MistralConfig.from_hf(data)
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / n for n in names]
+    elif (model_dir / WEIGHTS_NAME).is_file():
+        files = [model_dir / WEIGHTS_NAME]
+    else:
+        raise ModelError(f"{model_dir}: no {WEIGHTS_NAME} or {INDEX_NAME} (only safetensors are read)")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ModelError(f"{index}: lists shard(s) that do not exist: {', '.join(missing)}")
+    return files
+
+
+def load_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[MistralForCausalLM, Path]:
+    """Build the model from an HF checkpoint; every parameter must be present with its shape."""
+    model_dir = resolve_model_dir(name_or_path)
+    cfg = read_config(model_dir)
+    with torch.device("meta"):
+        model = MistralForCausalLM(cfg)
+    expected = dict(model.state_dict())
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(model_dir):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                if key not in expected:
+                    continue  # e.g. rotary inv_freq buffers written by old exporters
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[key].shape):
+                    raise ModelError(
+                        f"{file}: tensor {key} has shape {tuple(t.shape)}, config.json implies "
+                        f"{tuple(expected[key].shape)}"
+                    )
+                tensors[key] = t.to(dtype)
+    if cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
+        tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
+    missing = sorted(k for k in expected if k not in tensors or tensors[k] is None)
+    if missing:
+        raise ModelError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    model.load_state_dict(tensors, assign=True)
+    return model, model_dir
+
+
+def save_model(
+    model: MistralForCausalLM,
+    out_dir: Path,
+    dtype: str = "float32",
+    max_shard_bytes: int = 5 * 1024**3,
+) -> None:
+    """Write config.json, generation_config.json and (sharded) safetensors into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    torch_dtype = _DTYPES[dtype]
+    state = {k: v.detach().to(torch_dtype).contiguous() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / WEIGHTS_NAME), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out_dir / name), metadata=meta)
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        _write_json(out_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(out_dir / "config.json", cfg.to_hf(dtype))
+    _write_json(
+        out_dir / "generation_config.json",
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False},
+    )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,278 @@
+"""A compact Mistral decoder in plain PyTorch.
+
+Parameter names equal transformers' `MistralForCausalLM`, so HF checkpoints load and save
+unchanged and PEFT/vLLM read our adapters. Attention takes per-token sequence ids so packed
+samples never see each other; the sliding window (Mistral 7B v0.1) applies inside each sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class MistralConfig:
+    vocab_size: int = 32768
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1_000_000.0
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        # Nemo and Small set head_dim=128 explicitly where hidden/heads would give 160.
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @classmethod
+    def from_hf(cls, data: dict) -> MistralConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_hf(self, dtype: str = "float32") -> dict:
+        out = asdict(self)
+        out.update(
+            architectures=["MistralForCausalLM"],
+            model_type="mistral",
+            hidden_act="silu",
+            attention_dropout=0.0,
+            initializer_range=0.02,
+            use_cache=True,
+            torch_dtype=dtype,
+        )
+        return out
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (B, L, head_dim), computed in float32 for long positions."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    )
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, L, D); cos/sin: (B, L, D)
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+def attention_mask(seq_ids: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (B, 1, L, L) mask: causal, same sample only, and within the sliding window.
+
+    Rows are left-to-right token order; a packed row holds several samples, each with its own
+    sequence id. Positions count from each sample's start, so the window is measured in them.
+    """
+    L = seq_ids.shape[1]
+    idx = torch.arange(L, device=seq_ids.device)
+    mask = (idx[None, :, None] >= idx[None, None, :]) & (seq_ids[:, :, None] == seq_ids[:, None, :])
+    if window is not None:
+        mask &= (position_ids[:, :, None] - position_ids[:, None, :]) < window
+    return mask[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MistralConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        # Grouped-query attention: each KV head serves n_heads / n_kv query heads.
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: MistralConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MistralConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MistralModel(nn.Module):
+    def __init__(self, cfg: MistralConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class KVCache:
+    """Per-layer key/value tensors for incremental decoding (generation only)."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class MistralForCausalLM(nn.Module):
+    def __init__(self, cfg: MistralConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = MistralModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init for a fresh model (HF's normal(0, 0.02), norms at one)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states (B, L, hidden).
+
+        seq_ids marks which sample each token belongs to (packed rows); without it the whole row
+        is one sample. position_ids default to 0..L-1 (after the cache's length when decoding).
+        """
+        B, L = input_ids.shape
+        cfg = self.config
+        past = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+        mask = self._mask(seq_ids, position_ids, past, L, input_ids.device)
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, i)
+        return self.model.norm(x)
+
+    def _mask(self, seq_ids, position_ids, past: int, L: int, device) -> torch.Tensor | None:
+        window = self.config.sliding_window
+        if past:  # decoding with a cache: one sample per row, keys 0..past+L-1
+            q = torch.arange(past, past + L, device=device)[:, None]
+            kpos = torch.arange(past + L, device=device)[None, :]
+            mask = kpos <= q
+            if window is not None:
+                mask &= (q - kpos) < window
+            return mask[None, None]
+        if seq_ids is None:
+            seq_ids = torch.zeros_like(position_ids)
+        return attention_mask(seq_ids, position_ids, window)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, L, vocab) in float32."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, seq_ids, kv_cache)).float()
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def flops_per_token(cfg: MistralConfig) -> float:
+    """Approximate forward+backward FLOPs per token (6N), for throughput reports."""
+    d, h = cfg.hidden_size, cfg.head_dim
+    per_layer = d * h * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2) + 3 * d * cfg.intermediate_size
+    n = cfg.num_hidden_layers * per_layer + cfg.vocab_size * d
+    return 6.0 * n
+

@@ -1,0 +1,61 @@
+"""Optimizer, learning-rate schedule, and the loss."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..data.pack import IGNORE
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(max(progress, 0.0), 1.0)
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps(cfg, total_steps: int) -> int:
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, total_steps)
+    if cfg.warmup_ratio is not None:
+        return int(cfg.warmup_ratio * total_steps)
+    return 0
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        fused=device.type == "cuda",
+    )
+
+
+def token_loss_sum(model, batch) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the trained tokens of a batch (float32).
+
+    Only trained positions go through lm_head, so masked prompts cost no logits memory.
+    """
+    hidden = model.hidden_states(batch.input_ids, batch.position_ids, batch.seq_ids)
+    keep = batch.labels != IGNORE
+    h = hidden[keep]
+    targets = batch.labels[keep]
+    if targets.numel() == 0:
+        return hidden.sum() * 0.0
+    logits = model.lm_head(h).float()
+    return F.cross_entropy(logits, targets, reduction="sum")

@@ -18,10 +18,74 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+FIELD_NAMES = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion",
+               "system", "text", "role", "content", "from", "value")
+
+
 class DatasetConfig(_Strict):
-    path: str = Field(description="A JSONL file (one record per line).")
-    format: Literal["auto", "messages", "instruction", "text"] = Field(
-        "auto", description="Record format; auto detects it from each record's keys."
+    path: str = Field(
+        description="A .jsonl/.json/.parquet/.csv file, a glob, a directory of such files, a directory "
+        "written by datasets' save_to_disk, or a Hugging Face dataset name (owner/name)."
+    )
+    source: Literal["auto", "jsonl", "json", "parquet", "csv", "hf"] = Field(
+        "auto", description="How to read path; auto goes by the file extension (hf: a Hugging Face dataset)."
+    )
+    name: str | None = Field(None, description="Hugging Face dataset subset (configuration) name.")
+    split: str | None = Field(None, description="Hugging Face dataset split; default train.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "instruction", "prompt_completion", "text"] = Field(
+        "auto",
+        description="Record format; auto detects it from the dataset's first record. instruction is an "
+        "alias of alpaca.",
+    )
+    field_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Renamed columns: {canonical name: the data's name}, e.g. {instruction: question}. "
+        f"Canonical names: {', '.join(FIELD_NAMES)}.",
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Mixing weight: the share of this dataset's samples in each epoch "
+        "(2.0 repeats every sample twice, 0.5 takes a random half)."
+    )
+    num_samples: int | None = Field(
+        None, ge=1, description="Take exactly this many samples per epoch (repeating if there are fewer); "
+        "instead of weight."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetConfig:
+        unknown = sorted(set(self.field_map) - set(FIELD_NAMES))
+        if unknown:
+            raise ValueError(f"field_map: unknown field name(s) {unknown}; allowed: {list(FIELD_NAMES)}")
+        if self.num_samples is not None and self.weight != 1.0:
+            raise ValueError(f"dataset {self.path}: set weight or num_samples, not both")
+        return self
+
+
+PII_KINDS = ("email", "phone", "ip_address", "credit_card", "secret")
+
+
+class CleaningConfig(_Strict):
+    unicode: bool = Field(
+        True, description="Remove control characters, replace invalid Unicode, normalise to NFC."
+    )
+    dedup: bool = Field(True, description="Drop exact duplicate samples (after cleaning), across all datasets.")
+    near_dedup: bool = Field(
+        False, description="Drop near-duplicates (MinHash/LSH over word 5-grams) within each dataset; off by "
+        "default because it also removes templated records that differ only in a few words."
+    )
+    near_dedup_threshold: float = Field(
+        0.85, gt=0, le=1, description="Estimated Jaccard similarity at or above which a record is a near-duplicate."
+    )
+    redact_pii: bool = Field(
+        True, description="Replace e-mails, phone numbers, IPs, Luhn-valid card numbers and API keys/secrets "
+        "by placeholders like [EMAIL]."
+    )
+    pii_kinds: list[Literal["email", "phone", "ip_address", "credit_card", "secret"]] = Field(
+        default_factory=lambda: list(PII_KINDS), description="Which kinds redact_pii replaces."
+    )
+    prompt_injection: Literal["flag", "drop", "off"] = Field(
+        "flag", description="Records with prompt-injection phrases or chat-template markers as text: flag "
+        "(count and list them), drop (reject them), off."
     )
 
 
@@ -35,12 +99,34 @@ class Config(_Strict):
     )
     # data
     datasets: list[DatasetConfig] = Field(min_length=1)
+    val_datasets: list[DatasetConfig] = Field(
+        default_factory=list, description="Held-out data given as its own datasets (instead of val_set_size)."
+    )
     val_set_size: float = Field(
         0.0, ge=0, description="Held-out share (0 < x < 1) or count (x >= 1) of samples."
     )
     sequence_len: int = Field(2048, ge=16, le=1_048_576)
     sample_packing: bool = True
+    group_by_length: bool = Field(
+        False, description="Without packing: put rows of similar length in the same micro-batch (less padding)."
+    )
     train_on_inputs: bool = False
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="error: stop and list the bad records; skip: leave them out (each is written, "
+        "with its reason, to the rejects file named in the data report)."
+    )
+    on_too_long: Literal["drop", "truncate"] = Field(
+        "drop", description="Conversations longer than sequence_len: drop them, or truncate (keep the start "
+        "and cut inside the last assistant turn that fits). Counted either way. Texts are always split."
+    )
+    cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
+    dataset_cache: bool = Field(True, description="Keep tokenized datasets on disk and reuse them.")
+    dataset_cache_dir: str | None = Field(
+        None, description="Token cache folder; default $MISTRAL_TUNE_CACHE/datasets or ~/.cache/mistral-tune/datasets."
+    )
+    dataset_num_workers: int | None = Field(
+        None, ge=1, description="Processes that tokenize; default: the CPU count, at most 8."
+    )
     # adapter
     adapter: Literal["lora", "none"] = "lora"
     lora_r: int = Field(16, ge=1, le=4096)
@@ -85,6 +171,8 @@ class Config(_Strict):
             )
         if not self.lora_target_modules and self.adapter == "lora":
             raise ValueError("lora_target_modules: empty; name at least one projection")
+        if self.val_datasets and self.val_set_size:
+            raise ValueError("set val_set_size or val_datasets, not both")
         return self
 
 
@@ -109,7 +197,8 @@ def _format_error(exc: ValidationError, source: str) -> str:
         loc = err["loc"]
         key = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
-            owner = DatasetConfig if "datasets" in loc else Config
+            owner = (DatasetConfig if ("datasets" in loc or "val_datasets" in loc)
+                     else CleaningConfig if "cleaning" in loc else Config)
             lines.append(f"{source}: unknown key '{key}'{_nearest_key(str(loc[-1]), owner)}")
         elif err["type"] == "missing":
             lines.append(f"{source}: missing required key '{key}'")
@@ -183,7 +272,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         keys, value = parse_override(text)
         _apply_override(data, keys, value)
     base = path.resolve().parent
-    for ds in data.get("datasets") or []:
+    entries = [ds for key in ("datasets", "val_datasets") if isinstance(data.get(key), list) for ds in data[key]]
+    for ds in entries:
         if isinstance(ds, dict) and isinstance(ds.get("path"), str):
             ds["path"] = _resolve_near(ds["path"], base)
     for key in ("base_model", "tokenizer"):
@@ -196,5 +286,9 @@ def _resolve_near(value: str, base: Path) -> str:
     p = Path(value).expanduser()
     if p.is_absolute() or p.exists():
         return str(p)
+    if any(ch in value for ch in "*?["):  # a glob: resolve it where it matches something
+        import glob
+
+        return str(base / p) if not glob.glob(value) and glob.glob(str(base / p)) else value
     candidate = base / p
     return str(candidate) if candidate.exists() else value

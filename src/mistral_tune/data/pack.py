@@ -9,8 +9,10 @@ at 0 for each sample.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 IGNORE = -100
@@ -31,7 +33,50 @@ class Sample:
     @classmethod
     def from_ids(cls, ids: list[int], mask: list[bool]) -> Sample:
         """Shift ids by one: input ids[:-1], target ids[1:] where the mask allows loss."""
-        return cls(ids[:-1], [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])])
+        return cls(ids[:-1], [t if m else IGNORE for t, m in zip(ids[1:], mask[1:], strict=True)])
+
+
+class SampleStore(Sequence):
+    """Samples stored flat (ids, mask, offsets; e.g. memory-mapped from the token cache), indexed
+    lazily: a million samples cost a few arrays, not a million Python lists. Items are `Sample`s."""
+
+    def __init__(self, parts: list, part: np.ndarray, local: np.ndarray) -> None:
+        self.parts = parts  # objects with .tokens .mask .offsets .trained arrays
+        self.part = np.asarray(part, dtype=np.int32)
+        self.local = np.asarray(local, dtype=np.int64)
+        self.lengths = np.zeros(len(self.local), dtype=np.int64)  # len(Sample) = ids - 1
+        self.trained = np.zeros(len(self.local), dtype=np.int64)
+        for p_idx, p in enumerate(parts):
+            sel = self.part == p_idx
+            loc = self.local[sel]
+            self.lengths[sel] = p.offsets[loc + 1] - p.offsets[loc] - 1
+            self.trained[sel] = p.trained[loc]
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    def ids_and_mask(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        p = self.parts[self.part[k]]
+        i = self.local[k]
+        a, b = int(p.offsets[i]), int(p.offsets[i + 1])
+        return p.tokens[a:b], p.mask[a:b]
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return self.subset(np.arange(len(self))[k])
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        ids, mask = self.ids_and_mask(k)
+        return Sample.from_ids(ids.tolist(), mask.astype(bool).tolist())
+
+    def subset(self, indices) -> SampleStore:
+        idx = np.asarray(indices, dtype=np.int64)
+        out = SampleStore.__new__(SampleStore)
+        out.parts, out.part, out.local = self.parts, self.part[idx], self.local[idx]
+        out.lengths, out.trained = self.lengths[idx], self.trained[idx]
+        return out
 
 
 @dataclass
@@ -117,10 +162,23 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def make_rows(samples: list[Sample], capacity: int, packing: bool) -> list[list[int]]:
+def sample_lengths(samples) -> list[int]:
+    lengths = getattr(samples, "lengths", None)  # a SampleStore knows them without building samples
+    return lengths.tolist() if lengths is not None else [len(s) for s in samples]
+
+
+def make_rows(samples, capacity: int, packing: bool) -> list[list[int]]:
     if packing:
-        return pack_rows([len(s) for s in samples], capacity)
+        return pack_rows(sample_lengths(samples), capacity)
     return [[i] for i in range(len(samples))]
+
+
+def packing_stats(lengths: list[int], capacity: int) -> tuple[int, float]:
+    """(rows, share of padding) when samples of these lengths are packed into rows of capacity."""
+    if not lengths:
+        return 0, 0.0
+    rows = pack_rows(lengths, capacity)
+    return len(rows), 1.0 - sum(lengths) / (len(rows) * capacity)
 
 
 def collate(samples: list[Sample], rows: list[list[int]], pad_to: int | None = None, pad_id: int = 0) -> Batch:
@@ -147,9 +205,23 @@ def collate(samples: list[Sample], rows: list[list[int]], pad_to: int | None = N
     return Batch(input_ids, labels, position_ids, seq_ids)
 
 
-def group_rows(rows: list[list[int]], micro_batch_size: int, shuffle_seed: int | None) -> list[list[list[int]]]:
-    """Rows grouped into micro-batches, shuffled by seed (None keeps the order)."""
+def group_rows(rows: list[list[int]], micro_batch_size: int, shuffle_seed: int | None,
+               row_lengths: list[int] | None = None) -> list[list[list[int]]]:
+    """Rows grouped into micro-batches, shuffled by seed (None keeps the order).
+
+    With row_lengths (group_by_length), rows of similar length share a micro-batch so little of it
+    is padding: rows are shuffled, cut into mega-batches of 64 micro-batches, sorted by length
+    inside each, then the micro-batches are shuffled (the batch order stays random).
+    """
     order = list(range(len(rows)))
+    rng = random.Random(shuffle_seed)
     if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(order)
-    return [[rows[j] for j in order[k:k + micro_batch_size]] for k in range(0, len(order), micro_batch_size)]
+        rng.shuffle(order)
+    if row_lengths is not None:
+        mega = 64 * micro_batch_size
+        order = [j for k in range(0, len(order), mega)
+                 for j in sorted(order[k:k + mega], key=lambda j: -row_lengths[j])]
+    batches = [[rows[j] for j in order[k:k + micro_batch_size]] for k in range(0, len(order), micro_batch_size)]
+    if row_lengths is not None and shuffle_seed is not None:
+        rng.shuffle(batches)
+    return batches

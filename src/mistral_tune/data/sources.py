@@ -1,0 +1,315 @@
+"""Reading raw records from where a user keeps them, each with its origin (file:line or dataset:index).
+
+Local files: JSONL (also .jsonl.gz), JSON (an array of objects), Parquet and CSV; a glob or a directory
+expands to the supported files in it. A directory written by `datasets.Dataset.save_to_disk`, or a
+name that is not a local path, is a Hugging Face dataset read through the `datasets` library (which
+honours its own cache and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE).
+
+Records are streamed: JSONL and CSV line by line, Parquet batch by batch, HF datasets row by row from
+their memory-mapped Arrow files, so a file larger than memory is never loaded whole. A JSON array is
+the exception (one document; it is parsed whole) - use JSONL for big data.
+
+A record that cannot be read (bad JSON, not an object, invalid UTF-8) is yielded as a `RawRecord`
+with `error` set, so the caller decides whether to stop or to skip it.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+
+FILE_KINDS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".ndjson": "jsonl", ".json": "json",
+              ".parquet": "parquet", ".csv": "csv"}
+# CSV cells are strings; these columns usually hold a JSON list (a conversation) when present.
+_JSON_COLUMNS = ("messages", "conversations", "tools")
+
+
+@dataclass
+class RawRecord:
+    origin: str  # "path:line", "path:row N" or "dataset[split]:index"
+    record: dict | None
+    error: str | None = None
+    fixed_utf8: bool = False  # invalid UTF-8 bytes were replaced by U+FFFD (counted by the cleaner)
+
+
+@dataclass
+class Source:
+    """One concrete thing to read: a local file of a known kind, or an HF dataset."""
+
+    kind: str  # jsonl | json | parquet | csv | hf_disk | hf_hub
+    path: str
+    name: str | None = None  # HF subset
+    split: str | None = None
+
+    def label(self) -> str:
+        if self.kind == "hf_hub":
+            sub = f"/{self.name}" if self.name else ""
+            return f"{self.path}{sub}[{self.split}]"
+        if self.kind == "hf_disk" and self.split:
+            return f"{self.path}[{self.split}]"
+        return self.path
+
+
+def _kind_of(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix, kind in sorted(FILE_KINDS.items(), key=lambda kv: -len(kv[0])):
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
+def _is_hf_disk(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+def resolve_sources(path: str, kind: str = "auto", name: str | None = None, split: str | None = None,
+                    key: str = "path") -> list[Source]:
+    """Expand one dataset entry of the config into the sources to read, in a stable order."""
+    p = Path(path).expanduser()
+    if kind == "hf" or (kind == "auto" and _is_hf_disk(p)):
+        if p.exists():
+            return [Source("hf_disk", str(p), name, split)]
+        return [Source("hf_hub", path, name, split or "train")]
+    if any(ch in path for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+        if not files:
+            raise DataError(f"{key}: no file matches the pattern {path}")
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _kind_of(f))
+        if not files:
+            raise DataError(f"{key}: directory {path} has no .jsonl, .json, .parquet or .csv file")
+    elif p.is_file():
+        files = [p]
+    elif kind == "auto" and path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        # Looks like a hub id ("owner/name") and is not a local path.
+        return [Source("hf_hub", path, name, split or "train")]
+    else:
+        raise DataError(f"{key}: dataset file not found: {path}")
+    out = []
+    for f in files:
+        k = kind if kind != "auto" else _kind_of(f)
+        if k is None:
+            if len(files) == 1:
+                raise DataError(f"{key}: cannot tell the file type of {f}; name it .jsonl, .json, .parquet or "
+                                "'.csv', or set source:")
+            continue  # a glob may catch README files and the like
+        out.append(Source(k, str(f)))
+    return out
+
+
+def read_source(src: Source, fix_utf8: bool = False) -> Iterator[RawRecord]:
+    """Yield every record of a source in order, with its origin."""
+    readers = {"jsonl": _read_jsonl, "json": _read_json_array, "parquet": _read_parquet, "csv": _read_csv}
+    if src.kind in readers:
+        if not Path(src.path).is_file():
+            raise DataError(f"dataset file not found: {src.path}")
+        if src.kind in ("jsonl", "csv"):
+            yield from readers[src.kind](Path(src.path), fix_utf8)
+        else:
+            yield from readers[src.kind](Path(src.path))
+    elif src.kind in ("hf_disk", "hf_hub"):
+        yield from _read_hf(src)
+    else:
+        raise DataError(f"unknown source kind {src.kind!r}")
+
+
+def _decode(raw: bytes, fix_utf8: bool) -> tuple[str | None, str | None, bool]:
+    """(text, error, was_fixed). Invalid UTF-8 is an error unless fix_utf8 (then replaced by U+FFFD)."""
+    try:
+        return raw.decode("utf-8"), None, False
+    except UnicodeDecodeError as exc:
+        if fix_utf8:
+            return raw.decode("utf-8", errors="replace"), None, True
+        return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", False
+
+
+def _read_jsonl(path: Path, fix_utf8: bool) -> Iterator[RawRecord]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            origin = f"{path}:{lineno}"
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark some editors write
+            line, err, fixed = _decode(raw, fix_utf8)
+            if err:
+                yield RawRecord(origin, None, err)
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield RawRecord(origin, None, f"not valid JSON ({exc.msg}, column {exc.colno})")
+                continue
+            if not isinstance(record, dict):
+                yield RawRecord(origin, None, f"expected a JSON object, got {_json_type(record)}")
+                continue
+            yield RawRecord(origin, record, fixed_utf8=fixed)
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _read_json_array(path: Path) -> Iterator[RawRecord]:
+    """A JSON array of objects; origins give the line where each element starts."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    decoder = json.JSONDecoder()
+    pos = _skip_ws(text, 0)
+    if pos == len(text):
+        return
+    if text[pos] != "[":
+        # A .json file holding JSON lines is common enough to accept.
+        if text[pos] == "{":
+            tmp = text.encode("utf-8")
+            yield from _read_jsonl_bytes(path, tmp)
+            return
+        raise DataError(f"{path}:1: expected a JSON array of records")
+    pos = _skip_ws(text, pos + 1)
+    line, line_pos, index = 1, 0, 0
+    while pos < len(text) and text[pos] != "]":
+        line += text.count("\n", line_pos, pos)
+        line_pos = pos
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); "
+                            "the rest of the array cannot be read") from None
+        origin = f"{path}:{line}"
+        if isinstance(value, dict):
+            yield RawRecord(origin, value)
+        else:
+            yield RawRecord(origin, None, f"array element {index}: expected a JSON object, got {_json_type(value)}")
+        index += 1
+        pos = _skip_ws(text, end)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+        elif pos < len(text) and text[pos] != "]":
+            line += text.count("\n", line_pos, pos)
+            raise DataError(f"{path}:{line}: expected ',' or ']' between array elements")
+
+
+def _read_jsonl_bytes(path: Path, data: bytes) -> Iterator[RawRecord]:
+    for lineno, raw in enumerate(io.BytesIO(data), 1):
+        if raw.strip():
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                yield RawRecord(f"{path}:{lineno}", None, f"not valid JSON ({exc.msg}, column {exc.colno})")
+                continue
+            if isinstance(record, dict):
+                yield RawRecord(f"{path}:{lineno}", record)
+            else:
+                yield RawRecord(f"{path}:{lineno}", None, f"expected a JSON object, got {_json_type(record)}")
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _read_parquet(path: Path) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: cannot read as Parquet ({exc})") from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield RawRecord(f"{path}:row {row}", record)
+            row += 1
+
+
+def _read_csv(path: Path, fix_utf8: bool) -> Iterator[RawRecord]:
+    # Strict decoding: a CSV reader cannot say which row a replaced byte was in.
+    with path.open("r", encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 ({exc.reason})") from None
+            except csv.Error as exc:
+                raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+            origin = f"{path}:{reader.line_num}"
+            if None in record:
+                yield RawRecord(origin, None, f"{len(record[None])} more field(s) than the header has")
+                continue
+            for col in _JSON_COLUMNS:
+                value = record.get(col)
+                if isinstance(value, str) and value.lstrip().startswith(("[", "{")):
+                    try:
+                        record[col] = json.loads(value)
+                    except json.JSONDecodeError:
+                        pass  # left as a string: the format check reports it with a reason
+            yield RawRecord(origin, record)
+
+
+def load_hf(src: Source):
+    """The `datasets.Dataset` for an HF source (saved to disk, or by name through the hub/cache)."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise DataError("reading Hugging Face datasets needs the 'datasets' package: pip install datasets") from None
+    label = src.label()
+    try:
+        if src.kind == "hf_disk":
+            ds = datasets.load_from_disk(src.path)
+        else:
+            ds = datasets.load_dataset(src.path, src.name, split=src.split)
+    except Exception as exc:  # offline, missing repo, bad subset: one message for the user
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"{label}: cannot load the Hugging Face dataset ({type(exc).__name__}: {first})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = src.split or ("train" if "train" in ds else None)
+        if split not in ds:
+            raise DataError(f"{label}: no split {src.split!r}; the dataset has {sorted(ds)} (set split:)")
+        ds = ds[split]
+    return ds
+
+
+def _read_hf(src: Source) -> Iterator[RawRecord]:
+    ds = load_hf(src)
+    label = src.label()
+    for i, record in enumerate(ds):
+        yield RawRecord(f"{label}:{i}", dict(record))
+
+
+def fingerprint(src: Source) -> str:
+    """A digest that changes whenever the source's content does (for the token cache key)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{src.kind}\0{src.path}\0{src.name}\0{src.split}\0".encode())
+    if src.kind in ("hf_disk", "hf_hub"):
+        ds = load_hf(src)
+        h.update(str(getattr(ds, "_fingerprint", "")).encode())
+        for f in getattr(ds, "cache_files", []) or []:
+            _hash_file(h, Path(f["filename"]))
+    else:
+        _hash_file(h, Path(src.path))
+    return h.hexdigest()
+
+
+def _hash_file(h, path: Path) -> None:
+    # Content, not mtime: a copy of the same data hits the cache, an edit in place does not.
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)

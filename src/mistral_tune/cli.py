@@ -51,6 +51,51 @@ def _cmd_validate(args) -> None:
         print(line)
 
 
+def _data_setup(args):
+    """Config and tokenizer for the data commands: no model weights are loaded."""
+    from .chat import load_tokenizer
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    model_dir = None
+    if cfg.tokenizer is None:
+        from .models.load import resolve_model_dir
+
+        model_dir = resolve_model_dir(cfg.base_model)
+    return cfg, load_tokenizer(cfg.tokenizer, model_dir)
+
+
+def _cmd_data_inspect(args) -> None:
+    from .data.build import build_dataset
+    from .data.inspect import inspect_lines
+
+    cfg, tokenizer = _data_setup(args)
+    data = build_dataset(cfg, tokenizer)
+    color = sys.stdout.isatty() if args.color == "auto" else args.color == "always"
+    out = None if args.out == "" else Path(args.out)
+    for line in inspect_lines(data, tokenizer, cfg.sequence_len, args.samples, out, color, seed=cfg.seed):
+        print(line)
+
+
+def _cmd_data_validate(args) -> None:
+    from .data.build import build_dataset
+    from .errors import DataError
+
+    cfg, tokenizer = _data_setup(args)
+    # Skip bad records here so that every problem is listed, not only the first few.
+    data = build_dataset(cfg.model_copy(update={"on_bad_record": "skip"}), tokenizer)
+    for line in data.report.lines():
+        print(line)
+    r = data.report
+    if r.rejected:
+        for entry in data.entries:
+            for rej in entry.rejects(limit=args.max_errors, kind="bad"):
+                print(f"  {rej['origin']}: {rej['reason']}")
+        raise DataError(f"{r.rejected} bad record(s); the full list with reasons is in "
+                        + ", ".join(r.rejects_files))
+    print("data OK")
+
+
 def _cmd_init_model(args) -> None:
     from .quickstart import create_tiny_model
 
@@ -88,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="quickstart-output", help="working directory")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_quickstart)
+
+    data = sub.add_parser("data", help="look at and check the training data (no model is loaded)")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    p = dsub.add_parser("inspect", help="counts, length histogram and rendered samples (trained vs masked)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("-n", "--samples", type=int, default=3, help="how many samples to render (default 3)")
+    p.add_argument("--out", default="data-inspect",
+                   help="folder for lengths.png and samples.html (default ./data-inspect; '' for none)")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.set_defaults(func=_cmd_data_inspect)
+    p = dsub.add_parser("validate", help="read, check and tokenize the data; exit non-zero on any bad record")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--max-errors", type=int, default=20, help="bad records listed per dataset (default 20)")
+    p.set_defaults(func=_cmd_data_validate)
 
     p = sub.add_parser("init-model", help="write a tiny random-init Mistral model (for tests and trials)")
     p.add_argument("out")

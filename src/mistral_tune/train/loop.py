@@ -23,7 +23,7 @@ import yaml
 from ..chat import load_tokenizer
 from ..config import Config
 from ..data.build import Dataset, build_dataset
-from ..data.pack import collate, group_rows, make_rows
+from ..data.pack import collate, group_rows, make_rows, sample_lengths
 from ..errors import ConfigError, ModelError
 from ..lora import LoraSpec, apply_lora, save_adapter
 from ..models.load import load_model, save_model
@@ -164,8 +164,11 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     steps_per_epoch = max(1, micro_per_epoch_rank // cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
     warmup = warmup_steps(cfg, total_steps)
+    lengths = sample_lengths(data.train)
+    # group_by_length only matters without packing: packed rows are all padded to sequence_len.
+    row_lengths = [sum(lengths[i] for i in r) for r in rows] if cfg.group_by_length and not cfg.sample_packing else None
     if cfg.sample_packing:
-        fill = sum(len(s) for s in data.train) / max(1, len(rows) * cfg.sequence_len)
+        fill = sum(lengths) / max(1, len(rows) * cfg.sequence_len)
         echo(f"packed {len(data.train)} samples into {len(rows)} rows of {cfg.sequence_len} tokens "
              f"({100 * fill:.1f}% real tokens)")
     echo(f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), warm-up {warmup}, "
@@ -187,7 +190,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     def micro_batches():
         epoch = 0
         while True:
-            groups = group_rows(rows, cfg.micro_batch_size, cfg.seed + epoch)
+            groups = group_rows(rows, cfg.micro_batch_size, cfg.seed + epoch, row_lengths)
             for k in range(rt.rank, len(groups), rt.world_size):  # shard by rank
                 yield epoch, groups[k]
             epoch += 1

@@ -1,0 +1,186 @@
+"""A look inside the training data: counts, a length histogram, and samples rendered so that the
+tokens the model learns from (trained) and the ones it only reads (masked) look different.
+
+Output: terminal text (ANSI colour, or «guillemets» around trained text without colour), a PNG
+histogram and an HTML page with the same samples for the browser.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .build import Dataset
+
+GREEN, DIM, BOLD, RESET = "\x1b[32m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
+
+
+@dataclass
+class Span:
+    text: str
+    trained: bool
+
+
+_BYTE_PIECES = re.compile(r"(?:<0x[0-9A-F]{2}>)+")
+
+
+def _readable(tokenizer, ids: list[int]) -> str:
+    text = tokenizer.decode(ids, keep_special=True)
+    if not tokenizer.is_tekken:
+        # With special tokens kept, SentencePiece text comes back as raw pieces: "▁" for a space
+        # and <0xNN> for bytes outside the vocabulary (newlines, rare characters).
+        text = _BYTE_PIECES.sub(lambda m: bytes(int(b, 16) for b in re.findall(r"<0x(..)>", m.group(0)))
+                                .decode("utf-8", errors="replace"), text).replace("\u2581", " ")
+    return text
+
+
+def render_spans(tokenizer, ids: list[int], mask: list[bool]) -> list[Span]:
+    """Runs of trained / masked tokens as text, special tokens ([INST], </s>, ...) kept visible.
+
+    Each run is decoded as the difference of two prefix decodings, so the spaces a tokenizer puts
+    at a token's start (SentencePiece) survive the cut between runs.
+    """
+    spans: list[Span] = []
+    start = 0
+    prev_text = ""
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or mask[end] != mask[start]:
+            text = _readable(tokenizer, ids[:end])
+            piece = text[len(prev_text):] if text.startswith(prev_text) else _readable(tokenizer, ids[start:end])
+            spans.append(Span(piece, bool(mask[start])))
+            prev_text, start = text, end
+    return spans
+
+
+def histogram(lengths: np.ndarray, max_len: int, bins: int = 16) -> list[tuple[int, int, int]]:
+    """(low, high, count) over [0, max_len] in equal bins."""
+    edges = np.linspace(0, max_len, bins + 1).astype(int)
+    counts, _ = np.histogram(np.clip(lengths, 0, max_len), bins=edges)
+    return [(int(edges[i]), int(edges[i + 1]), int(counts[i])) for i in range(bins)]
+
+
+def histogram_lines(lengths: np.ndarray, max_len: int, width: int = 40) -> list[str]:
+    rows = histogram(lengths, max_len)
+    top = max((c for *_, c in rows), default=0) or 1
+    return [f"  {lo:>6}-{hi:<6} {'#' * max(int(round(width * c / top)), 1 if c else 0):<{width}} {c}"
+            for lo, hi, c in rows]
+
+
+def save_png(lengths: np.ndarray, max_len: int, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.hist(lengths, bins=np.linspace(0, max_len, 41), color="#4c72b0")
+    ax.axvline(max_len, color="#c44e52", linestyle="--", label=f"sequence_len {max_len}")
+    ax.set_xlabel("tokens per sample")
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class RenderedSample:
+    origin: str
+    n_tokens: int
+    n_trained: int
+    spans: list[Span]
+
+
+def pick_samples(data: Dataset, tokenizer, n: int, seed: int = 0) -> list[RenderedSample]:
+    """n training samples spread over the data (chosen by seed), with their origins."""
+    store = data.train
+    if len(store) == 0 or n <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    picks = sorted(rng.choice(len(store), size=min(n, len(store)), replace=False).tolist())
+    out = []
+    for k in picks:
+        ids, mask = store.ids_and_mask(k)
+        p, i = int(store.part[k]), int(store.local[k])
+        origin = data.entries[p].origins(limit=i + 1)[-1]
+        out.append(RenderedSample(origin, len(ids) - 1, int(store.trained[k]),
+                                  render_spans(tokenizer, ids.tolist(), mask.astype(bool).tolist())))
+    return out
+
+
+def summary_lines(data: Dataset, sequence_len: int) -> list[str]:
+    r = data.report
+    lengths = data.train.lengths
+    lines = [
+        f"samples: {r.samples} ({r.train_samples} train, {r.val_samples} held out)",
+        f"tokens: {r.tokens}; trained tokens: {r.trained_tokens} ({100 * r.trained_tokens / max(r.tokens, 1):.1f}%)",
+    ]
+    if len(lengths):
+        lines.append(f"sample length: min {int(lengths.min())}, median {int(np.median(lengths))}, "
+                     f"mean {lengths.mean():.0f}, max {int(lengths.max())} (sequence_len {sequence_len})")
+    lines.append(
+        f"rejected {r.rejected}, too long dropped {r.dropped_too_long}, truncated {r.truncated}, "
+        f"no trained token {r.dropped_no_trained_tokens}, deduplicated {r.dedup_exact} exact + {r.dedup_near} near, "
+        f"redacted {sum(r.redacted.values())}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(r.redacted.items()))})" if r.redacted else "")
+        + f", flagged {r.injection_flagged}, unicode fixed {r.unicode_fixed}"
+    )
+    return lines
+
+
+def render_terminal(sample: RenderedSample, color: bool) -> str:
+    parts = []
+    for s in sample.spans:
+        if color:
+            parts.append(f"{GREEN}{s.text}{RESET}" if s.trained else f"{DIM}{s.text}{RESET}")
+        else:
+            parts.append(f"«{s.text}»" if s.trained else s.text)
+    return "".join(parts)
+
+
+def write_html(samples: list[RenderedSample], header: list[str], path: Path, png_name: str | None) -> Path:
+    body = [
+        "<!doctype html><meta charset='utf-8'><title>mistral-tune data inspect</title>",
+        "<style>body{font-family:sans-serif;max-width:72em;margin:2em auto}"
+        "pre{white-space:pre-wrap;font-family:monospace;border:1px solid #ccc;padding:.6em;line-height:1.4}"
+        ".t{background:#d7f5d7;color:#064} .m{color:#888} .legend span{padding:0 .3em}</style>",
+        "<h1>Training data</h1><pre>" + html.escape("\n".join(header)) + "</pre>",
+    ]
+    if png_name:
+        body.append(f"<img src='{html.escape(png_name)}' alt='sample length histogram'>")
+    body.append("<p class='legend'><span class='t'>trained tokens</span> <span class='m'>masked tokens "
+                "(context only, no loss)</span></p>")
+    for k, s in enumerate(samples):
+        spans = "".join(f"<span class='{'t' if sp.trained else 'm'}'>{html.escape(sp.text)}</span>" for sp in s.spans)
+        body.append(f"<h3>sample {k + 1}: {html.escape(s.origin)} ({s.n_tokens} tokens, {s.n_trained} trained)"
+                    f"</h3><pre>{spans}</pre>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(body) + "\n", encoding="utf-8")
+    return path
+
+
+def inspect_lines(data: Dataset, tokenizer, sequence_len: int, n_samples: int, out_dir: Path | None,
+                  color: bool, seed: int = 0) -> list[str]:
+    """Everything `mistral-tune data inspect` prints; writes the PNG and HTML into out_dir."""
+    lines = ["== report", *data.report.lines(), "", "== summary", *summary_lines(data, sequence_len), ""]
+    lines += ["== sample lengths (tokens; train)", *histogram_lines(data.train.lengths, sequence_len), ""]
+    samples = pick_samples(data, tokenizer, n_samples, seed)
+    legend = (f"{GREEN}green{RESET}: trained, {DIM}dim{RESET}: masked" if color
+              else "«text» = trained tokens; the rest is masked (context only)")
+    lines.append(f"== {len(samples)} sample(s) ({legend})")
+    for k, s in enumerate(samples):
+        lines.append(f"-- sample {k + 1}: {s.origin} ({s.n_tokens} tokens, {s.n_trained} trained)")
+        lines.append(render_terminal(s, color))
+    if out_dir is not None:
+        png = save_png(data.train.lengths, sequence_len, out_dir / "lengths.png", "sample lengths (train)")
+        page = write_html(samples, [*data.report.lines(), "", *summary_lines(data, sequence_len)],
+                          out_dir / "samples.html", png.name)
+        lines += ["", f"histogram: {png}", f"samples page: {page}"]
+    return lines

@@ -372,6 +372,7 @@ def _build_entry(sources, ds, settings: _Settings, tokenizer, writer: CacheWrite
     flagged: list[str] = []
     bad: list[str] = []
     near = NearDuplicateIndex(cleaning.near_dedup_threshold) if cleaning.near_dedup else None
+    exact_seen: set[int] = set()
 
     def consume(out: _ChunkOut) -> None:
         for origin, kind, reason in out.rejects:
@@ -387,6 +388,9 @@ def _build_entry(sources, ds, settings: _Settings, tokenizer, writer: CacheWrite
         keep = np.ones(len(out.lengths), dtype=bool)
         if near is not None:
             for (a, b), sig in zip(out.records, out.signatures, strict=True):
+                if cleaning.dedup and out.hashes[a] in exact_seen:
+                    continue  # an exact duplicate: left to (and counted by) exact deduplication
+                exact_seen.add(out.hashes[a])
                 if near.add(sig):
                     keep[a:b] = False
                     counts["near_dup"] += 1

@@ -70,13 +70,14 @@ _SECRET_PATTERNS = [
 # (16+ characters with a digit or symbol), so "the password is required" stays.
 _ASSIGNED_SECRET = re.compile(
     r"(?i)\b((?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password|passwd)"
-    r"[\"']?\s*[:=]\s*[\"']?)((?=[A-Za-z0-9_\-/+=.]*[0-9_\-/+=])[A-Za-z0-9_\-/+=.]{16,})"
+    r"[\"']?\s*[:=]\s*[\"']?)((?=[^\s\"'`,;]*[^\sA-Za-z\"'`,;])[^\s\"'`,;]{16,})"
 )
 _EMAIL = re.compile(r"\b[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
 # 13-19 digits in groups separated by single spaces or hyphens; checked with Luhn afterwards.
 _CARD = re.compile(r"(?<![\d.-])\d(?:[ -]?\d){12,18}(?![\d.])")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\d.])(?:{_OCTET}\.){{3}}{_OCTET}(?![\d.])")
+# Not inside a longer dotted number (1.2.3.4.5), but a sentence's full stop may follow.
+_IPV4 = re.compile(rf"(?<!\d)(?<!\d\.)(?:{_OCTET}\.){{3}}{_OCTET}(?!\d|\.\d)")
 _IPV6 = re.compile(
     r"(?<![\w:])(?:(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}"
     r"|(?:[0-9A-Fa-f]{1,4}:){2,6}(?::[0-9A-Fa-f]{1,4}){1,5}"

@@ -10,7 +10,15 @@ import pytest
 from data_helpers import chat, write_jsonl
 
 from mistral_tune.data.build import build_dataset
-from mistral_tune.data.clean import Cleaner, NearDuplicateIndex, fix_unicode, injection_match, luhn_ok, minhash, redact_pii
+from mistral_tune.data.clean import (
+    Cleaner,
+    NearDuplicateIndex,
+    fix_unicode,
+    injection_match,
+    luhn_ok,
+    minhash,
+    redact_pii,
+)
 from mistral_tune.data.formats import Chat, Text
 
 

@@ -1,0 +1,217 @@
+"""The whole path config -> samples: length policies, splits, mixing, the cache, workers, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import chat, write_jsonl
+
+from mistral_tune.chat import ChatTokenizer
+from mistral_tune.cli import main
+from mistral_tune.data.build import build_dataset
+from mistral_tune.data.pack import IGNORE, pack_rows
+from mistral_tune.errors import DataError
+
+
+def words(n: int, tag: str = "w") -> str:
+    return " ".join(f"{tag}{i}" for i in range(n))
+
+
+def test_too_long_drop_and_truncate(tmp_path: Path, tok, make_cfg) -> None:
+    long = {"messages": [{"role": "user", "content": "start " + words(20)},
+                         {"role": "assistant", "content": "first answer"},
+                         {"role": "user", "content": "more"},
+                         {"role": "assistant", "content": words(300, "a")}]}
+    prompt_too_long = chat(words(300, "p"), "ok")
+    p = write_jsonl(tmp_path / "d.jsonl", [chat("hi", "hello"), long, prompt_too_long])
+
+    r = build_dataset(make_cfg([p]), tok).report  # default: drop, counted
+    assert (r.samples, r.dropped_too_long, r.truncated) == (1, 2, 0)
+    assert "dropped 2 conversation(s) longer than sequence_len" in r.lines()
+
+    data = build_dataset(make_cfg([p], on_too_long="truncate"), tok)
+    r = data.report
+    assert (r.samples, r.dropped_too_long, r.truncated) == (2, 1, 1)
+    full_ids, full_mask = tok.encode_chat(long["messages"])
+    ids, mask = data.train.ids_and_mask(1)
+    assert len(ids) - 1 <= 128 and list(ids) == full_ids[:len(ids)]  # the start is kept
+    assert mask[-1] and sum(mask[len(tok.encode_chat(long["messages"][:2])[0]):]) > 0  # ends inside the last answer
+    rejects = [json.loads(x) for x in Path(r.rejects_files[0]).read_text().splitlines()]
+    assert rejects == [{"origin": f"{p}:3", "kind": "too_long",
+                        "reason": "the prompt alone is longer than sequence_len 128"}]
+
+
+def test_long_text_is_chunked_without_losing_a_token(tmp_path: Path, tok, make_cfg) -> None:
+    text = words(20000) + " ünïcödé 😀 end"  # one very long line (~100k characters)
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": text}])
+    data = build_dataset(make_cfg([p], cleaning={"redact_pii": False}), tok)
+    ids = tok.encode_text(text)
+    samples = list(data.train)
+    assert all(len(s) <= 128 for s in samples)
+    assert data.report.text_chunks == len(samples) - 1
+    # Every token after the first is a target exactly once, in order.
+    targets = [t for s in samples for t in s.labels if t != IGNORE]
+    assert targets == ids[1:]
+    assert data.report.tokens == len(ids) - 1 + 0 and data.report.trained_tokens == len(ids) - 1
+
+
+def test_no_trained_token_refuses_to_train(tmp_path: Path, tok, make_cfg) -> None:
+    zero = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}
+    p = write_jsonl(tmp_path / "d.jsonl", [zero])
+    with pytest.raises(DataError, match="no usable sample in 1 record.*no assistant tokens to train on"):
+        build_dataset(make_cfg([p]), tok)
+    p2 = write_jsonl(tmp_path / "e.jsonl", [zero, chat("q", "b")])
+    r = build_dataset(make_cfg([p2]), tok).report
+    assert r.dropped_no_trained_tokens == 1
+    assert any(line.startswith("warning: dropped 1 sample(s) with no trained token") for line in r.lines())
+    # Records without an assistant turn at all are bad records; skipped, they explain the refusal.
+    p3 = write_jsonl(tmp_path / "f.jsonl", [{"messages": [{"role": "user", "content": "q"}]}])
+    with pytest.raises(DataError, match=r"1 bad record\(s\) skipped .*last turn is 'user'"):
+        build_dataset(make_cfg([p3], on_bad_record="skip"), tok)
+
+
+def test_validation_split_and_val_datasets(tmp_path: Path, tok, make_cfg) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", [chat(f"q{i}", f"a{i}") for i in range(20)])
+    data = build_dataset(make_cfg([a], val_set_size=0.25), tok)
+    assert (len(data.train), len(data.val)) == (15, 5)
+    train_ids = {tuple(s.tokens) for s in data.train}
+    assert not train_ids & {tuple(s.tokens) for s in data.val}
+
+    v = write_jsonl(tmp_path / "v.jsonl", [chat("q3", "a3"), chat("held", "out"), chat("held2", "out2")])
+    data = build_dataset(make_cfg([a], val_datasets=[{"path": str(v)}]), tok)
+    assert (len(data.train), len(data.val)) == (20, 2)
+    assert data.report.val_overlap_removed == 1  # q3/a3 is also a training record
+
+
+def test_mixing_weights_and_counts(tmp_path: Path, tok, make_cfg) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", [chat(f"a{i}", "x") for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [chat(f"b{i}", "y") for i in range(10)])
+    c = write_jsonl(tmp_path / "c.jsonl", [chat(f"c{i}", "z") for i in range(4)])
+    data = build_dataset(make_cfg([{"path": str(a), "weight": 2.5}, {"path": str(b), "weight": 0.3},
+                                   {"path": str(c), "num_samples": 6}]), tok)
+    assert len(data.train) == 25 + 3 + 6
+    assert list(data.report.mixed.values()) == [25, 3, 6]
+    origins = [data.entries[p].origins()[i].rsplit("/", 1)[1].split(":")[0]
+               for p, i in zip(data.train.part, data.train.local, strict=True)]
+    assert origins.count("a.jsonl") == 25 and origins.count("c.jsonl") == 6
+    with pytest.raises(Exception, match="weight or num_samples"):
+        make_cfg([{"path": str(a), "weight": 2, "num_samples": 3}])
+
+
+def test_exact_duplicates_across_datasets(tmp_path: Path, tok, make_cfg) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", [chat("same", "answer"), chat("x", "y")])
+    b = write_jsonl(tmp_path / "b.jsonl", [chat("same", "answer"), chat("same\u0000", "answer")])  # NUL stripped
+    r = build_dataset(make_cfg([a, b]), tok).report
+    assert (r.samples, r.dedup_exact) == (2, 2)
+
+
+class CountingTokenizer(ChatTokenizer):
+    """The real tokenizer, counting how often it encodes (to see that the cache skips it)."""
+
+    calls = 0
+
+    def encode_chat(self, messages, train_on_inputs=False):
+        CountingTokenizer.calls += 1
+        return super().encode_chat(messages, train_on_inputs)
+
+
+def test_cache_reuse_corruption_and_invalidation(tmp_path: Path, tok, make_cfg) -> None:
+    counting = CountingTokenizer(tok.source_file)
+    p = write_jsonl(tmp_path / "d.jsonl", [chat(f"q{i}", f"a{i}") for i in range(30)])
+    cfg = make_cfg([p])
+    first = build_dataset(cfg, counting)
+    assert CountingTokenizer.calls == 30 and first.report.cache == {str(p): "built"}
+    second = build_dataset(cfg, counting)
+    assert CountingTokenizer.calls == 30 and second.report.cache == {str(p): "reused"}
+    assert [s.tokens for s in second.train] == [s.tokens for s in first.train]
+
+    # Flip one byte in the cached token ids: detected, rebuilt, same samples.
+    tokens = second.entries[0].path / "tokens.bin"
+    raw = bytearray(tokens.read_bytes())
+    raw[5] ^= 0xFF
+    tokens.write_bytes(bytes(raw))
+    third = build_dataset(cfg, counting)
+    assert CountingTokenizer.calls == 60 and third.report.cache[str(p)].startswith("rebuilt: corrupt")
+    assert [s.labels for s in third.train] == [s.labels for s in first.train]
+
+    # A setting that changes the samples, or an edited file, is a new key.
+    build_dataset(make_cfg([p], train_on_inputs=True), counting)
+    assert CountingTokenizer.calls == 90
+    write_jsonl(p, [chat(f"q{i}", f"a{i}") for i in range(31)])
+    assert build_dataset(cfg, counting).report.cache == {str(p): "built"}
+
+    # dataset_cache: false builds every time and leaves no cache behind (only the rejects).
+    build_dataset(make_cfg([p], dataset_cache=False, dataset_cache_dir=str(tmp_path / "nocache")), counting)
+    assert not (tmp_path / "nocache").exists()
+
+
+def test_workers_give_the_same_samples(tmp_path: Path, tok, make_cfg) -> None:
+    records = [chat(f"question {i} " + words(i % 37), f"answer {i}") for i in range(1300)]
+    records[700] = "{broken"
+    p = write_jsonl(tmp_path / "d.jsonl", records)
+    one = build_dataset(make_cfg([p], on_bad_record="skip", dataset_cache=False), tok)
+    two = build_dataset(make_cfg([p], on_bad_record="skip", dataset_num_workers=2, dataset_cache=False), tok)
+    assert len(one.train) == len(two.train) == 1299
+    assert np.array_equal(one.train.lengths, two.train.lengths)
+    assert [s.labels for s in one.train[::97]] == [s.labels for s in two.train[::97]]
+    assert one.report.bad_examples == two.report.bad_examples == [f"{p}:701: not valid JSON (Expecting property "
+                                                                  "name enclosed in double quotes, column 2)"]
+
+
+def test_packing_fills_97_percent_on_mixed_lengths() -> None:
+    rng = np.random.default_rng(0)
+    # Chat-like mix: many short samples, a long tail up to 4,000 tokens.
+    lengths = np.clip(rng.lognormal(mean=6.0, sigma=1.0, size=5000), 20, 4000).astype(int).tolist()
+    rows = pack_rows(lengths, 4096)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 4096 for r in rows)
+    fill = sum(lengths) / (len(rows) * 4096)
+    assert fill >= 0.97, fill
+
+
+def test_cli_data_validate_and_inspect(tmp_path: Path, capsys) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", [chat("What is 2+2?", "It is 4."), chat("And 3+3?", "Six.")])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [chat("q", "a"), "not json", {"messages": []}])
+    config = tmp_path / "c.yaml"
+    common = f"base_model: unused\ntokenizer: v3\nsequence_len: 64\ndataset_cache_dir: {tmp_path / 'cache'}\n"
+    config.write_text(common + f"datasets:\n  - path: {good}\n")
+    assert main(["data", "validate", str(config)]) == 0
+    assert "data OK" in capsys.readouterr().out
+
+    config.write_text(common + f"datasets:\n  - path: {bad}\n")
+    assert main(["data", "validate", str(config)]) != 0
+    captured = capsys.readouterr()
+    assert f"{bad}:2: not valid JSON" in captured.out and f"{bad}:3: field 'messages'" in captured.out
+    assert "2 bad record(s)" in captured.err
+
+    config.write_text(common + f"datasets:\n  - path: {good}\n")
+    out_dir = tmp_path / "inspect"
+    assert main(["data", "inspect", str(config), "-n", "2", "--out", str(out_dir), "--color", "never"]) == 0
+    text = capsys.readouterr().out
+    assert "« It is 4.</s>»" in text  # the answer is trained, marked; the prompt is not
+    assert "[INST] What is 2+2?[/INST]" in text and "«[INST]" not in text
+    assert "trained tokens:" in text and "== sample lengths" in text
+    page = (out_dir / "samples.html").read_text()
+    assert "<span class='t'> It is 4.&lt;/s&gt;</span>" in page
+    assert (out_dir / "lengths.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["data", "inspect", str(config), "-n", "1", "--out", "", "--color", "always"]) == 0
+    assert "\x1b[32m It is 4.</s>\x1b[0m" in capsys.readouterr().out
+
+
+def test_group_by_length_batches_similar_rows() -> None:
+    from mistral_tune.data.pack import group_rows
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(10, 1000, size=512).tolist()
+    rows = [[i] for i in range(len(lengths))]
+    padded = {}
+    for name, by_len in (("random", None), ("grouped", lengths)):
+        batches = group_rows(rows, 8, shuffle_seed=3, row_lengths=by_len)
+        assert sorted(r[0] for b in batches for r in b) == list(range(512))  # every row once
+        padded[name] = sum(len(b) * max(lengths[r[0]] for r in b) - sum(lengths[r[0]] for r in b) for b in batches)
+    assert padded["grouped"] < 0.2 * padded["random"]
+    # Same seed, same batches (a resumed run sees the same order).
+    assert group_rows(rows, 8, 3, lengths) == group_rows(rows, 8, 3, lengths)

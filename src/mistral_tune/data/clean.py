@@ -54,18 +54,21 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+# (pattern, literal needles): a pattern is only run when one of its needles is in the text, which
+# keeps cleaning cheap next to tokenization (most texts contain none).
 _SECRET_PATTERNS = [
-    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S),
-    re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key id
-    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}\b"),  # GitHub tokens
-    re.compile(r"\bgithub_pat_[A-Za-z0-9_]{40,}\b"),
-    re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"),  # OpenAI / Anthropic style
-    re.compile(r"\b[rs]k_(?:live|test)_[A-Za-z0-9]{20,}\b"),  # Stripe
-    re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),  # Slack
-    re.compile(r"\bAIza[0-9A-Za-z_-]{35}"),  # Google API key
-    re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),  # Hugging Face token
-    re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),  # JWT
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S), ("-----BEGIN",)),
+    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), ("AKIA", "ASIA")),  # AWS access key id
+    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}\b"), ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),  # GitHub
+    (re.compile(r"\bgithub_pat_[A-Za-z0-9_]{40,}\b"), ("github_pat_",)),
+    (re.compile(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"), ("sk-",)),  # OpenAI / Anthropic style
+    (re.compile(r"\b[rs]k_(?:live|test)_[A-Za-z0-9]{20,}\b"), ("k_live_", "k_test_")),  # Stripe
+    (re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), ("xox",)),  # Slack
+    (re.compile(r"\bAIza[0-9A-Za-z_-]{35}"), ("AIza",)),  # Google API key
+    (re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), ("hf_",)),  # Hugging Face token
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), ("eyJ",)),  # JWT
 ]
+_ASSIGNED_NEEDLES = ("key", "secret", "token", "passw")
 # `password = "hunter2hunter2..."`: only the value is replaced, and only when it looks like a secret
 # (16+ characters with a digit or symbol), so "the password is required" stays.
 _ASSIGNED_SECRET = re.compile(
@@ -107,23 +110,28 @@ def redact_pii(text: str, kinds: tuple[str, ...] | list[str] = PII_KINDS, counts
         return pattern.sub(repl, s)
 
     if "secret" in kinds:
-        for pattern in _SECRET_PATTERNS:
-            text = sub("secret", pattern, text)
+        for pattern, needles in _SECRET_PATTERNS:
+            if any(n in text for n in needles):
+                text = sub("secret", pattern, text)
 
         def repl_assigned(m: re.Match) -> str:
             counts["secret"] += 1
             return m.group(1) + PLACEHOLDER["secret"]
 
-        text = _ASSIGNED_SECRET.sub(repl_assigned, text)
+        lower = text.lower()
+        if any(n in lower for n in _ASSIGNED_NEEDLES):
+            text = _ASSIGNED_SECRET.sub(repl_assigned, text)
     if "email" in kinds and "@" in text:
         text = sub("email", _EMAIL, text)
-    if "credit_card" in kinds:
+    digits = sum(map(text.count, "0123456789"))  # the numeric kinds need at least 4 digits
+    if "credit_card" in kinds and digits >= 13:
         text = sub("credit_card", _CARD, text, lambda s: luhn_ok(re.sub(r"\D", "", s)))
-    if "ip_address" in kinds:
-        text = sub("ip_address", _IPV4, text)
+    if "ip_address" in kinds and digits >= 4:
+        if text.count(".") >= 3:
+            text = sub("ip_address", _IPV4, text)
         if "::" in text or text.count(":") >= 7:
             text = sub("ip_address", _IPV6, text, lambda s: any(c.isdigit() for c in s) and s.count(":") >= 2)
-    if "phone" in kinds:
+    if "phone" in kinds and digits >= 10:
         text = sub("phone", _PHONE, text, lambda s: 10 <= sum(c.isdigit() for c in s) <= 15)
     return text
 
@@ -140,7 +148,14 @@ _INJECTION = re.compile(
 )
 
 
+_INJECTION_NEEDLES = ("ignore", "disregard", "forget", "you are now", "anything now", "system prompt",
+                      "instructions", "inst]", "system_prompt]", "<|", "<<sys", "<</sys")
+
+
 def injection_match(text: str) -> str | None:
+    lower = text.lower()
+    if not any(n in lower for n in _INJECTION_NEEDLES):
+        return None
     m = _INJECTION.search(text)
     return m.group(0) if m else None
 

@@ -40,6 +40,7 @@ class RawRecord:
     record: dict | None
     error: str | None = None
     fixed_utf8: bool = False  # invalid UTF-8 bytes were replaced by U+FFFD (counted by the cleaner)
+    line: bytes | None = None  # an unparsed JSONL line (parsed later, in a worker: see parse_line)
 
 
 @dataclass
@@ -107,14 +108,20 @@ def resolve_sources(path: str, kind: str = "auto", name: str | None = None, spli
     return out
 
 
-def read_source(src: Source, fix_utf8: bool = False) -> Iterator[RawRecord]:
-    """Yield every record of a source in order, with its origin."""
+def read_source(src: Source, fix_utf8: bool = False, lazy: bool = False) -> Iterator[RawRecord]:
+    """Yield every record of a source in order, with its origin.
+
+    lazy: JSONL lines come unparsed (`RawRecord.line`), so that parsing happens in the worker
+    processes instead of the one process that reads the file; `parse_line` finishes them.
+    """
     readers = {"jsonl": _read_jsonl, "json": _read_json_array, "parquet": _read_parquet, "csv": _read_csv}
     if src.kind in readers:
         if not Path(src.path).is_file():
             raise DataError(f"dataset file not found: {src.path}")
-        if src.kind in ("jsonl", "csv"):
-            yield from readers[src.kind](Path(src.path), fix_utf8)
+        if src.kind == "jsonl":
+            yield from _read_jsonl(Path(src.path), fix_utf8, lazy)
+        elif src.kind == "csv":
+            yield from _read_csv(Path(src.path), fix_utf8)
         else:
             yield from readers[src.kind](Path(src.path))
     elif src.kind in ("hf_disk", "hf_hub"):
@@ -133,28 +140,32 @@ def _decode(raw: bytes, fix_utf8: bool) -> tuple[str | None, str | None, bool]:
         return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", False
 
 
-def _read_jsonl(path: Path, fix_utf8: bool) -> Iterator[RawRecord]:
+def _read_jsonl(path: Path, fix_utf8: bool, lazy: bool = False) -> Iterator[RawRecord]:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            origin = f"{path}:{lineno}"
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte-order mark some editors write
-            line, err, fixed = _decode(raw, fix_utf8)
-            if err:
-                yield RawRecord(origin, None, err)
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield RawRecord(origin, None, f"not valid JSON ({exc.msg}, column {exc.colno})")
-                continue
-            if not isinstance(record, dict):
-                yield RawRecord(origin, None, f"expected a JSON object, got {_json_type(record)}")
-                continue
-            yield RawRecord(origin, record, fixed_utf8=fixed)
+            rec = RawRecord(f"{path}:{lineno}", None, line=raw)
+            yield rec if lazy else parse_line(rec, fix_utf8)
+
+
+def parse_line(rec: RawRecord, fix_utf8: bool) -> RawRecord:
+    """Decode and parse a lazily read JSONL line into a record (or an error)."""
+    if rec.line is None:
+        return rec
+    line, err, fixed = _decode(rec.line, fix_utf8)
+    if err:
+        return RawRecord(rec.origin, None, err)
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return RawRecord(rec.origin, None, f"not valid JSON ({exc.msg}, column {exc.colno})")
+    if not isinstance(record, dict):
+        return RawRecord(rec.origin, None, f"expected a JSON object, got {_json_type(record)}")
+    return RawRecord(rec.origin, record, fixed_utf8=fixed)
 
 
 def _json_type(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,9 @@ def test_long_text_is_chunked_without_losing_a_token(tmp_path: Path, tok, make_c
     # Every token after the first is a target exactly once, in order.
     targets = [t for s in samples for t in s.labels if t != IGNORE]
     assert targets == ids[1:]
-    assert data.report.tokens == len(ids) - 1 + 0 and data.report.trained_tokens == len(ids) - 1
+    assert data.report.tokens == len(ids) - 1 and data.report.trained_tokens == len(ids) - 1
+    # A window's first id is only an input (BOS, or the previous window's last target).
+    assert all(data.train.ids_and_mask(k)[1][0] == 0 for k in range(len(samples)))
 
 
 def test_no_trained_token_refuses_to_train(tmp_path: Path, tok, make_cfg) -> None:
@@ -198,7 +201,8 @@ def test_cli_data_validate_and_inspect(tmp_path: Path, capsys) -> None:
     assert "<span class='t'> It is 4.&lt;/s&gt;</span>" in page
     assert (out_dir / "lengths.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["data", "inspect", str(config), "-n", "1", "--out", "", "--color", "always"]) == 0
-    assert "\x1b[32m It is 4.</s>\x1b[0m" in capsys.readouterr().out
+    assert re.search(r"\x1b\[2m<s>\[INST\] [^\x1b]+\[/INST\]\x1b\[0m\x1b\[32m (It is 4\.|Six\.)</s>\x1b\[0m",
+                     capsys.readouterr().out)
 
 
 def test_group_by_length_batches_similar_rows() -> None:

@@ -254,7 +254,8 @@ def process_records(records: list[RawRecord], fmt: str, tokenizer, st: _Settings
                     out.counts["truncated"] += 1
             else:
                 ids = tokenizer.encode_text(example.text)
-                windows = [(w, [True] * len(w)) for w in _text_windows(ids, L)]
+                # The first id of a window is only an input there (the previous window trains on it).
+                windows = [(w, [False] + [True] * (len(w) - 1)) for w in _text_windows(ids, L)]
                 out.counts["text_chunks"] += len(windows) - 1
         except (ValueError, DataError) as exc:
             out.rejects.append((raw.origin, "bad", str(exc)))

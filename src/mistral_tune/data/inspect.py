@@ -99,12 +99,20 @@ class RenderedSample:
 
 
 def pick_samples(data: Dataset, tokenizer, n: int, seed: int = 0) -> list[RenderedSample]:
-    """n training samples spread over the data (chosen by seed), with their origins."""
+    """n distinct training samples chosen by seed, taking the datasets in turn so a mix shows each."""
     store = data.train
     if len(store) == 0 or n <= 0:
         return []
     rng = np.random.default_rng(seed)
-    picks = sorted(rng.choice(len(store), size=min(n, len(store)), replace=False).tolist())
+    by_part = [rng.permutation(np.flatnonzero(store.part == p)).tolist() for p in range(len(store.parts))]
+    by_part = [ks for ks in by_part if ks]
+    picks: list[int] = []
+    while len(picks) < min(n, len(store)) and any(by_part):
+        for ks in by_part:
+            while ks and ks[0] in picks:
+                ks.pop(0)  # mixing may repeat a sample; show each once
+            if ks and len(picks) < n:
+                picks.append(ks.pop(0))
     out = []
     for k in picks:
         ids, mask = store.ids_and_mask(k)
@@ -135,14 +143,32 @@ def summary_lines(data: Dataset, sequence_len: int) -> list[str]:
     return lines
 
 
-def render_terminal(sample: RenderedSample, color: bool) -> str:
+def render_terminal(sample: RenderedSample, color: bool, max_chars: int | None = None) -> str:
+    spans = sample.spans
+    total = sum(len(s.text) for s in spans)
+    if max_chars and total > max_chars:
+        # Keep the beginning and the end (where the answer closes), say how much is left out.
+        head, tail = _cut(spans, max_chars * 2 // 3, from_end=False), _cut(spans, max_chars // 3, from_end=True)
+        gap = Span(f" [... {total - max_chars} characters not shown ...] ", False)
+        spans = [*head, gap, *tail]
     parts = []
-    for s in sample.spans:
+    for s in spans:
         if color:
             parts.append(f"{GREEN}{s.text}{RESET}" if s.trained else f"{DIM}{s.text}{RESET}")
         else:
             parts.append(f"«{s.text}»" if s.trained else s.text)
     return "".join(parts)
+
+
+def _cut(spans: list[Span], budget: int, from_end: bool) -> list[Span]:
+    out: list[Span] = []
+    for s in reversed(spans) if from_end else spans:
+        if budget <= 0:
+            break
+        text = s.text[-budget:] if from_end else s.text[:budget]
+        out.append(Span(text, s.trained))
+        budget -= len(text)
+    return out[::-1] if from_end else out
 
 
 def write_html(samples: list[RenderedSample], header: list[str], path: Path, png_name: str | None) -> Path:
@@ -167,7 +193,7 @@ def write_html(samples: list[RenderedSample], header: list[str], path: Path, png
 
 
 def inspect_lines(data: Dataset, tokenizer, sequence_len: int, n_samples: int, out_dir: Path | None,
-                  color: bool, seed: int = 0) -> list[str]:
+                  color: bool, seed: int = 0, max_chars: int | None = 1500) -> list[str]:
     """Everything `mistral-tune data inspect` prints; writes the PNG and HTML into out_dir."""
     lines = ["== report", *data.report.lines(), "", "== summary", *summary_lines(data, sequence_len), ""]
     lines += ["== sample lengths (tokens; train)", *histogram_lines(data.train.lengths, sequence_len), ""]
@@ -177,7 +203,7 @@ def inspect_lines(data: Dataset, tokenizer, sequence_len: int, n_samples: int, o
     lines.append(f"== {len(samples)} sample(s) ({legend})")
     for k, s in enumerate(samples):
         lines.append(f"-- sample {k + 1}: {s.origin} ({s.n_tokens} tokens, {s.n_trained} trained)")
-        lines.append(render_terminal(s, color))
+        lines.append(render_terminal(s, color, max_chars))
     if out_dir is not None:
         png = save_png(data.train.lengths, sequence_len, out_dir / "lengths.png", "sample lengths (train)")
         page = write_html(samples, [*data.report.lines(), "", *summary_lines(data, sequence_len)],

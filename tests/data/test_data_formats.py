@@ -123,3 +123,11 @@ def test_tool_calls_on_v1_are_a_bad_record(tmp_path: Path, make_cfg) -> None:
         {"role": A, "content": "done"}]}])
     with pytest.raises(DataError, match=r"1 bad record\(s\): .*d\.jsonl:1: "):
         build_dataset(make_cfg([p]), load_tokenizer("v1"))
+
+
+def test_a_record_of_another_format_says_so(tmp_path: Path, tok, make_cfg) -> None:
+    p = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": U, "content": "q"}, {"role": A, "content": "a"}]},
+                                          {"instruction": "q", "output": "a"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: .*\(the record looks like alpaca, the dataset is read as "
+                                        r"messages\)"):
+        build_dataset(make_cfg([p]), tok)

@@ -205,6 +205,15 @@ def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
+def _other_format_hint(record: dict, fmt: str, fm: FieldMap) -> str:
+    # One format per dataset: a record of another layout is reported as such, not as a missing field.
+    try:
+        other = detect_format(record, fm)
+    except ValueError:
+        return ""
+    return f" (the record looks like {other}, the dataset is read as {fmt})" if other != fmt else ""
+
+
 def process_records(records: list[RawRecord], fmt: str, tokenizer, st: _Settings) -> _ChunkOut:
     """Format, clean and tokenize a chunk of records; nothing here depends on other chunks."""
     out = _ChunkOut()
@@ -218,7 +227,7 @@ def process_records(records: list[RawRecord], fmt: str, tokenizer, st: _Settings
         try:
             example = to_example(raw.record, fmt, fm)
         except ValueError as exc:
-            out.rejects.append((raw.origin, "bad", str(exc)))
+            out.rejects.append((raw.origin, "bad", str(exc) + _other_format_hint(raw.record, fmt, fm)))
             continue
         cleaned = st.cleaner.clean(example)
         out.counts["unicode_fixed"] += cleaned.unicode_fixed or raw.fixed_utf8

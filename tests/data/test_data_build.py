@@ -219,3 +219,23 @@ def test_group_by_length_batches_similar_rows() -> None:
     assert padded["grouped"] < 0.2 * padded["random"]
     # Same seed, same batches (a resumed run sees the same order).
     assert group_rows(rows, 8, 3, lengths) == group_rows(rows, 8, 3, lengths)
+
+
+def test_workers_read_ahead_a_bounded_number_of_chunks(tok) -> None:
+    """Streaming: the reader must not run ahead of the workers (a 1M-record file would fill RAM)."""
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.data.build import _run_pool, _settings
+    from mistral_tune.data.sources import RawRecord
+
+    pulled = []
+
+    def chunks():
+        for k in range(40):
+            pulled.append(k)
+            yield [RawRecord(f"mem:{k}", chat(f"q{k}", "a"))]
+
+    at_first_result = []
+    settings = _settings(config_from_dict({"base_model": "x", "datasets": [{"path": "x"}]}))
+    _run_pool(chunks(), [], ["messages"], tok, settings, 2, lambda out: at_first_result.append(len(pulled)))
+    assert len(at_first_result) == 40  # every chunk processed
+    assert at_first_result[0] <= 2 * 2 + 1, at_first_result[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -447,7 +448,7 @@ def _run_pool(chunks, head, fmt_box, tokenizer, settings, workers, consume) -> N
     ctx = multiprocessing.get_context(method)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, settings)) as pool:
         pending: collections.deque = collections.deque()
-        for chunk in (*head, *chunks):
+        for chunk in itertools.chain(head, chunks):  # lazily: the file is read as the workers keep up
             pending.append(pool.apply_async(_work, ((fmt_box[0], chunk),)))
             while len(pending) >= 2 * workers:
                 consume(pending.popleft().get())

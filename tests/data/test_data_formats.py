@@ -131,3 +131,23 @@ def test_a_record_of_another_format_says_so(tmp_path: Path, tok, make_cfg) -> No
     with pytest.raises(DataError, match=r"d\.jsonl:2: .*\(the record looks like alpaca, the dataset is read as "
                                         r"messages\)"):
         build_dataset(make_cfg([p]), tok)
+
+
+def test_data_config_keys_are_checked() -> None:
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.errors import ConfigError
+
+    base = {"base_model": "m", "datasets": [{"path": "d.jsonl"}]}
+    cfg = config_from_dict(base)
+    defaults = (cfg.on_bad_record, cfg.on_too_long, cfg.cleaning.dedup, cfg.cleaning.near_dedup)
+    assert defaults == ("error", "drop", True, False)
+    with pytest.raises(ConfigError, match="unknown key 'cleaning.redact_pi'; did you mean 'redact_pii'"):
+        config_from_dict({**base, "cleaning": {"redact_pi": False}})
+    with pytest.raises(ConfigError, match="unknown key 'datasets.0.weigth'; did you mean 'weight'"):
+        config_from_dict({**base, "datasets": [{"path": "d.jsonl", "weigth": 2}]})
+    with pytest.raises(ConfigError, match=r"field_map: unknown field name\(s\) \['question'\]"):
+        config_from_dict({**base, "datasets": [{"path": "d.jsonl", "field_map": {"question": "q"}}]})
+    with pytest.raises(ConfigError, match="val_set_size or val_datasets, not both"):
+        config_from_dict({**base, "val_set_size": 0.1, "val_datasets": [{"path": "v.jsonl"}]})
+    with pytest.raises(ConfigError, match="on_too_long"):
+        config_from_dict({**base, "on_too_long": "cut"})

@@ -17,7 +17,6 @@ import logging
 import multiprocessing
 import os
 import random
-import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -296,10 +295,10 @@ def process_records(records: list[RawRecord], fmt: str, tokenizer, st: _Settings
 # ---------------------------------------------------------------------- one dataset -> one cache entry
 
 
-def _settings(cfg) -> _Settings:
+def _settings(cfg, field_map: dict[str, str] | None = None) -> _Settings:
     c = cfg.cleaning
-    return _Settings(field_map={}, sequence_len=cfg.sequence_len, train_on_inputs=cfg.train_on_inputs,
-                     on_too_long=cfg.on_too_long,
+    return _Settings(field_map=dict(field_map or {}), sequence_len=cfg.sequence_len,
+                     train_on_inputs=cfg.train_on_inputs, on_too_long=cfg.on_too_long,
                      cleaner=Cleaner(unicode=c.unicode, redact_pii=c.redact_pii, pii_kinds=tuple(c.pii_kinds),
                                      prompt_injection=c.prompt_injection),
                      near_dedup=c.near_dedup)
@@ -322,7 +321,7 @@ def dataset_label(ds) -> str:
     return f"{ds.path}{extra}" + (f"[{ds.split}]" if ds.split else "")
 
 
-def load_or_build(ds, cfg, tokenizer, cache_root: Path | None, echo=None) -> tuple[CacheEntry, str]:
+def load_or_build(ds, cfg, tokenizer, cache_root: Path | None) -> tuple[CacheEntry, str]:
     """The cache entry of one dataset: reused when its key matches, else built (streaming)."""
     sources = resolve_sources(ds.path, ds.source, ds.name, ds.split, key=f"dataset {ds.path}")
     c = cfg.cleaning
@@ -345,9 +344,8 @@ def load_or_build(ds, cfg, tokenizer, cache_root: Path | None, echo=None) -> tup
         if why != "not cached":
             status = f"rebuilt: {why}"
             logger.warning("token cache %s: %s", root / key, why)
-    settings = _settings(cfg)
-    settings.field_map = dict(ds.field_map)
-    _build_entry(sources, ds, settings, tokenizer, CacheWriter(root, key), _num_workers(cfg), c, echo)
+    settings = _settings(cfg, ds.field_map)
+    _build_entry(sources, ds, settings, tokenizer, CacheWriter(root, key), _num_workers(cfg), c)
     entry, why = open_entry(root, key)
     if entry is None:  # cannot happen unless the disk fails under us
         raise DataError(f"token cache {root / key}: cannot read back what was just written ({why})")
@@ -381,7 +379,7 @@ def _record_chunks(sources, fix_utf8: bool, per_file: dict[str, int], fmt_box: l
 
 
 def _build_entry(sources, ds, settings: _Settings, tokenizer, writer: CacheWriter, workers: int,
-                 cleaning, echo) -> None:
+                 cleaning) -> None:
     per_file: dict[str, int] = {}
     fmt_box = [canonical_format(ds.format)]
     counts: Counter = Counter()
@@ -499,13 +497,18 @@ def _mix(indices: np.ndarray, weight: float, num_samples: int | None, rng: np.ra
     return np.concatenate([np.tile(indices, reps), np.sort(rng.choice(indices, size=rest, replace=False))])
 
 
-def build_dataset(cfg, tokenizer, echo=None) -> Dataset:
+def build_dataset(cfg, tokenizer) -> Dataset:
+    """Samples for training and evaluation from cfg.datasets / cfg.val_datasets, with a DataReport.
+
+    Raises DataError for bad records (on_bad_record: error), empty or missing data, and when no
+    sample with a trained token is left.
+    """
     report = DataReport()
     root = _cache_root(cfg)
     entries: list[CacheEntry] = []
     labels: list[str] = []
     for ds in [*cfg.datasets, *cfg.val_datasets]:
-        entry, status = load_or_build(ds, cfg, tokenizer, root, echo)
+        entry, status = load_or_build(ds, cfg, tokenizer, root)
         label = dataset_label(ds)
         if root is None:  # no cache: the arrays stay mapped; keep only the rejects for the user
             for f in entry.path.glob("*.bin"):
@@ -588,7 +591,3 @@ def _no_sample_reason(report: DataReport, cfg) -> str:
     if report.injection_dropped:
         why.append(f"{report.injection_dropped} dropped for prompt injection")
     return f"no usable sample in {report.records} record(s): " + (", ".join(why) or "nothing to train on")
-
-
-def clear_cache_entry(entry: CacheEntry) -> None:
-    shutil.rmtree(entry.path, ignore_errors=True)

@@ -136,3 +136,14 @@ def test_cleaning_counts_reach_the_report(tmp_path: Path, tok, make_cfg) -> None
                                              "prompt_injection": "drop"}), tok).report
     assert (r.dedup_exact, r.dedup_near, r.unicode_fixed, r.redacted, r.injection_dropped) == (0, 0, 0, {}, 1)
     assert r.samples == 5
+
+
+def test_unicode_edge_cases_survive_tokenization(tmp_path: Path, tok, make_cfg) -> None:
+    answer = "Emoji 👩‍💻🏳️‍🌈, RTL שלום עולם مرحبا, combining cafe\u0301 n\u0303, CJK 漢字."
+    p = write_jsonl(tmp_path / "d.jsonl", [chat("bell\x07 nul\x00 esc\x1b and \ufeffBOM", answer)])
+    data = build_dataset(make_cfg([p]), tok)
+    ids, mask = data.train.ids_and_mask(0)
+    trained = tok.decode([int(i) for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == unicodedata.normalize("NFC", answer)  # café, ñ precomposed; emoji and RTL intact
+    prompt = tok.decode([int(i) for i, m in zip(ids, mask, strict=True) if not m])
+    assert "bell nul esc and BOM" in prompt and data.report.unicode_fixed == 1

@@ -197,6 +197,15 @@ def inspect_lines(data: Dataset, tokenizer, sequence_len: int, n_samples: int, o
     """Everything `mistral-tune data inspect` prints; writes the PNG and HTML into out_dir."""
     lines = ["== report", *data.report.lines(), "", "== summary", *summary_lines(data, sequence_len), ""]
     lines += ["== sample lengths (tokens; train)", *histogram_lines(data.train.lengths, sequence_len), ""]
+    rejects = [r for e in data.entries for r in e.rejects(limit=10)][:10]
+    if rejects:
+        lines.append(f"== records left out (first {len(rejects)}; all of them, with reasons, in the rejects files)")
+        lines += [f"  {r['origin']}: [{r['kind']}] {r['reason']}" for r in rejects]
+        lines.append("")
+    if data.report.flagged:
+        lines.append("== flagged: possible prompt injection (kept; cleaning.prompt_injection: drop removes them)")
+        lines += [f"  {f}" for f in data.report.flagged[:10]]
+        lines.append("")
     samples = pick_samples(data, tokenizer, n_samples, seed)
     legend = (f"{GREEN}green{RESET}: trained, {DIM}dim{RESET}: masked" if color
               else "«text» = trained tokens; the rest is masked (context only)")

@@ -68,7 +68,8 @@ _SECRET_PATTERNS = [
     (re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), ("hf_",)),  # Hugging Face token
     (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), ("eyJ",)),  # JWT
 ]
-_ASSIGNED_NEEDLES = ("key", "secret", "token", "passw")
+# A cheaper test for "<...key|secret|token|password> =" run on lower-cased text before _ASSIGNED_SECRET.
+_ASSIGNED_HINT = re.compile(r"(?:key|secret|token|passw(?:or)?d)[\"']?\s*[:=]")
 # `password = "hunter2hunter2..."`: only the value is replaced, and only when it looks like a secret
 # (16+ characters with a digit or symbol), so "the password is required" stays.
 _ASSIGNED_SECRET = re.compile(
@@ -118,8 +119,7 @@ def redact_pii(text: str, kinds: tuple[str, ...] | list[str] = PII_KINDS, counts
             counts["secret"] += 1
             return m.group(1) + PLACEHOLDER["secret"]
 
-        lower = text.lower()
-        if any(n in lower for n in _ASSIGNED_NEEDLES):
+        if _ASSIGNED_HINT.search(text.lower()):
             text = _ASSIGNED_SECRET.sub(repl_assigned, text)
     if "email" in kinds and "@" in text:
         text = sub("email", _EMAIL, text)

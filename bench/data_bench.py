@@ -83,7 +83,8 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, {args.workers} workers; "
           f"python {sys.version.split()[0]}, mistral-common {mistral_common.__version__}, numpy {numpy.__version__}, "
           f"torch {torch.__version__}; tokenizer {args.tokenizer}; cleaning {'off' if args.no_clean else 'default'}")
-    print("| records | tokens/record | build s | records/s | tokens/s | pack s | rows | fill | cached load s | peak RSS MiB |")
+    print("| records | tokens/record | build s | records/s | tokens/s | pack s | rows | fill | cached load s "
+          "| peak RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.records} | {tokens / len(ds.train):.0f} | {t_build:.1f} | {args.records / t_build:,.0f} | "
           f"{tokens / t_build:,.0f} | {t_pack:.1f} | {len(rows)} | {100 * fill:.1f}% | {t_cached:.1f} | {peak:.0f} |")

@@ -250,3 +250,21 @@ def test_inspect_lists_what_was_left_out(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "== records left out (first 1;" in out and f"  {p}:2: [bad] not valid JSON" in out
     assert "== flagged: possible prompt injection" in out and f"  {p}:3: 'Ignore previous instructions'" in out
+
+
+def test_two_writers_of_one_cache_key(tmp_path: Path, tok, make_cfg) -> None:
+    """Ranks of one run may build the same entry at once: the second to finish keeps the first's."""
+    from mistral_tune.data.build import load_or_build
+    from mistral_tune.data.cache import CacheWriter, open_entry
+
+    p = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a")])
+    cfg = make_cfg([p])
+    entry, status = load_or_build(cfg.datasets[0], cfg, tok, tmp_path / "cache")
+    assert status == "built"
+    late = CacheWriter(tmp_path / "cache", entry.path.name)
+    late.append(np.array([1, 2], np.int32), np.array([0, 1], np.uint8), np.array([2]), np.array([1], np.int32),
+                np.array([7], np.uint64), ["late:1"])
+    assert late.finish(entry.manifest) == entry.path
+    again, why = open_entry(tmp_path / "cache", entry.path.name)
+    assert again is not None and again.origins() == [f"{p}:1"]  # the first entry, intact
+    assert not list((tmp_path / "cache").glob(".*tmp*"))

@@ -101,9 +101,14 @@ class CacheWriter:
                     "n_tokens": self.n_tokens, "files": files, **meta}
         (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
         final = self.root / self.key
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(self.tmp, final)
+        try:
+            os.rename(self.tmp, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():
+                raise
+            # Another process (e.g. another rank of the same run) published this key first; the
+            # content is the same by construction, and replacing it could pull files from under it.
+            shutil.rmtree(self.tmp, ignore_errors=True)
         return final
 
     def abort(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from pathlib import Path
 
@@ -81,6 +82,10 @@ def test_parquet_and_csv(tmp_path: Path) -> None:
     assert [r.origin.rsplit(":", 1)[1] for r in raws] == ["3", "4", "5"]  # line where each row ends
     assert "more field(s) than the header" in raws[2].error
 
+    with (tmp_path / "long.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["text"], ["x" * 300_000]])  # over csv's default 128 KiB cell limit
+    assert len(_read(tmp_path / "long.csv")[0].record["text"]) == 300_000
+
 
 def test_glob_and_directory(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "a.jsonl", RECORDS[:2])
@@ -89,6 +94,14 @@ def test_glob_and_directory(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("not data")
     by_dir = resolve_sources(str(tmp_path))
     assert [Path(s.path).name for s in by_dir] == ["a.jsonl", "b.jsonl"]
+    import datasets
+
+    datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "sub" / "hf"))  # not read as .json files
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps(RECORDS[0]) + "\n")
+    by_dir = resolve_sources(str(tmp_path))
+    assert [Path(s.path).name for s in by_dir] == ["a.jsonl", "c.jsonl.gz", "b.jsonl"]
+    assert [r.record for r in read_source(by_dir[1])] == RECORDS[:1]
     by_glob = resolve_sources(str(tmp_path / "**" / "*.jsonl"))
     assert [Path(s.path).name for s in by_glob] == ["a.jsonl", "b.jsonl"]
     with pytest.raises(DataError, match="no file matches"):

@@ -86,7 +86,10 @@ def resolve_sources(path: str, kind: str = "auto", name: str | None = None, spli
         if not files:
             raise DataError(f"{key}: no file matches the pattern {path}")
     elif p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and _kind_of(f))
+        # Files inside a save_to_disk folder (dataset_info.json, state.json) are not records.
+        hf_dirs = [d for d in p.rglob("*") if _is_hf_disk(d)]
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _kind_of(f)
+                       and not any(d in f.parents for d in hf_dirs))
         if not files:
             raise DataError(f"{key}: directory {path} has no .jsonl, .json, .parquet or .csv file")
     elif p.is_file():
@@ -249,6 +252,7 @@ def _read_parquet(path: Path) -> Iterator[RawRecord]:
 
 
 def _read_csv(path: Path, fix_utf8: bool) -> Iterator[RawRecord]:
+    csv.field_size_limit(1 << 30)  # the default 128 KiB per cell is too small for long documents
     # Strict decoding: a CSV reader cannot say which row a replaced byte was in.
     with path.open("r", encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)

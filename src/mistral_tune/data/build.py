@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import random
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ class DataReport:
         if self.packed_rows:
             out.append(f"packing: {self.train_samples} samples -> {self.packed_rows} rows, "
                        f"{100 * self.padding_share:.1f}% padding")
-        if len(self.mixed) > 1 or any(k for k in self.mixed if "x" in k):
+        if len(self.mixed) > 1 or any(re.search(r" x[\d.e+-]+$| \(\d+ samples\)$", k) for k in self.mixed):
             out.append("mix per epoch: " + ", ".join(f"{k}: {v}" for k, v in self.mixed.items()))
         if self.cache:
             out.append("token cache: " + ", ".join(f"{k} {v}" for k, v in self.cache.items()))

@@ -146,3 +146,15 @@ def test_hub_name_offline_fails_with_a_clear_message(tmp_path: Path, tok, make_c
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="nobody/no-such-dataset.*cannot load the Hugging Face dataset"):
         build_dataset(make_cfg([{"path": "nobody/no-such-dataset"}]), tok)
+
+
+def test_source_hf_on_a_plain_folder_uses_load_dataset(tmp_path: Path, tok, make_cfg, monkeypatch) -> None:
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # keep ~/.cache clean
+    (tmp_path / "repo").mkdir()
+    write_jsonl(tmp_path / "repo" / "train.jsonl", RECORDS)
+    data = build_dataset(make_cfg([{"path": str(tmp_path / "repo"), "source": "hf"}]), tok)
+    assert len(data.train) == len(RECORDS)
+    assert data.report.formats == {str(tmp_path / "repo"): "messages"}
+    assert data.report.per_file == {f"{tmp_path / 'repo'}[train]": len(RECORDS)}

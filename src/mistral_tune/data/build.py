@@ -324,7 +324,7 @@ def dataset_label(ds) -> str:
 
 def load_or_build(ds, cfg, tokenizer, cache_root: Path | None) -> tuple[CacheEntry, str]:
     """The cache entry of one dataset: reused when its key matches, else built (streaming)."""
-    sources = resolve_sources(ds.path, ds.source, ds.name, ds.split, key=f"dataset {ds.path}")
+    sources = resolve_sources(ds.path, ds.source, ds.name, ds.split)
     c = cfg.cleaning
     import mistral_common
 

@@ -74,38 +74,38 @@ def _is_hf_disk(path: Path) -> bool:
 
 
 def resolve_sources(path: str, kind: str = "auto", name: str | None = None, split: str | None = None,
-                    key: str = "path") -> list[Source]:
+                    key: str = "datasets") -> list[Source]:
     """Expand one dataset entry of the config into the sources to read, in a stable order."""
     p = Path(path).expanduser()
-    if kind == "hf" or (kind == "auto" and _is_hf_disk(p)):
-        if p.exists():
-            return [Source("hf_disk", str(p), name, split)]
+    if _is_hf_disk(p) and kind in ("auto", "hf"):
+        return [Source("hf_disk", str(p), name, split)]
+    if kind == "hf":  # a hub name, or a local folder that datasets.load_dataset understands
         return [Source("hf_hub", path, name, split or "train")]
     if any(ch in path for ch in "*?["):
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
         if not files:
-            raise DataError(f"{key}: no file matches the pattern {path}")
+            raise DataError(f"{key}: no file matches {path}")
     elif p.is_dir():
         # Files inside a save_to_disk folder (dataset_info.json, state.json) are not records.
         hf_dirs = [d for d in p.rglob("*") if _is_hf_disk(d)]
         files = sorted(f for f in p.rglob("*") if f.is_file() and _kind_of(f)
                        and not any(d in f.parents for d in hf_dirs))
         if not files:
-            raise DataError(f"{key}: directory {path} has no .jsonl, .json, .parquet or .csv file")
+            raise DataError(f"{key}: {path} has no .jsonl, .json, .parquet or .csv file")
     elif p.is_file():
         files = [p]
     elif kind == "auto" and path.count("/") == 1 and not path.startswith((".", "/", "~")):
         # Looks like a hub id ("owner/name") and is not a local path.
         return [Source("hf_hub", path, name, split or "train")]
     else:
-        raise DataError(f"{key}: dataset file not found: {path}")
+        raise DataError(f"{key}: dataset file not found: {path}")  # key: which config entry
     out = []
     for f in files:
         k = kind if kind != "auto" else _kind_of(f)
         if k is None:
             if len(files) == 1:
                 raise DataError(f"{key}: cannot tell the file type of {f}; name it .jsonl, .json, .parquet or "
-                                "'.csv', or set source:")
+                                ".csv, or set source:")
             continue  # a glob may catch README files and the like
         out.append(Source(k, str(f)))
     return out

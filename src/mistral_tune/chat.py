@@ -43,7 +43,7 @@ from mistral_common.protocol.instruct.messages import (
 )
 from mistral_common.protocol.instruct.normalize import get_normalizer
 from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
-from mistral_common.protocol.instruct.tool_calls import ToolCall
+from mistral_common.protocol.instruct.tool_calls import Tool, ToolCall
 from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -144,16 +144,20 @@ class ChatTokenizer:
 
     # ------------------------------------------------------------------ encoding
 
-    def encode_chat(self, messages: list[dict], train_on_inputs: bool = False) -> tuple[list[int], list[bool]]:
+    def encode_chat(self, messages: list[dict], train_on_inputs: bool = False,
+                    tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
         """Encode a training conversation (last message: assistant) into ids and a loss mask.
 
+        tools: OpenAI-style tool definitions ({"type": "function", "function": {...}}); the
+        tokenizer places them as [AVAILABLE_TOOLS] where its version does (never trained on).
         Raises DataError with a short reason if the conversation is malformed.
         """
         msgs = _build_messages(messages, training=True)
         if msgs[-1].role != "assistant":
             raise DataError(f"last message must be from the assistant, got {msgs[-1].role!r}")
         try:
-            request = ChatCompletionRequest(messages=msgs)
+            tool_defs = [Tool.model_validate(t) for t in tools] if tools else None
+            request = ChatCompletionRequest(messages=msgs, tools=tool_defs)
             self._ft_validator.validate_request(request)
             instruct = self._ft_normalizer.from_chat_completion_request(request)
             return self._encode_instruct(instruct, train_on_inputs)

@@ -18,7 +18,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-FIELD_NAMES = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion",
+FIELD_NAMES = ("messages", "conversations", "tools", "instruction", "input", "output", "prompt", "completion",
                "system", "text", "role", "content", "from", "value")
 
 

@@ -116,9 +116,9 @@ class CountingTokenizer(ChatTokenizer):
 
     calls = 0
 
-    def encode_chat(self, messages, train_on_inputs=False):
+    def encode_chat(self, messages, train_on_inputs=False, tools=None):
         CountingTokenizer.calls += 1
-        return super().encode_chat(messages, train_on_inputs)
+        return super().encode_chat(messages, train_on_inputs, tools)
 
 
 def test_cache_reuse_corruption_and_invalidation(tmp_path: Path, tok, make_cfg) -> None:

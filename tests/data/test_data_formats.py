@@ -151,3 +151,35 @@ def test_data_config_keys_are_checked() -> None:
         config_from_dict({**base, "val_set_size": 0.1, "val_datasets": [{"path": "v.jsonl"}]})
     with pytest.raises(ConfigError, match="on_too_long"):
         config_from_dict({**base, "on_too_long": "cut"})
+
+
+@pytest.mark.parametrize("version", ["v3", "tekken"])
+def test_tool_definitions_match_mistral_common(tmp_path: Path, make_cfg, version: str) -> None:
+    from mistral_common.protocol.instruct.messages import AssistantMessage, ToolMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.tool_calls import Tool, ToolCall
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from mistral_tune.chat import load_tokenizer
+
+    params = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tool = {"type": "function",
+            "function": {"name": "get_weather", "description": "Current weather", "parameters": params}}
+    call = {"id": "abcDEF123", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}
+    record = {"tools": [tool], "messages": [
+        {"role": U, "content": "Weather in Lyon?"}, {"role": A, "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "abcDEF123", "content": '{"temp": 18}'},
+        {"role": A, "content": "18 degrees."}]}
+    tok = load_tokenizer(version)
+    data = build_dataset(make_cfg([write_jsonl(tmp_path / "d.jsonl", [record])], sequence_len=512), tok)
+    ids, mask = data.train.ids_and_mask(0)
+
+    ref = MistralTokenizer.from_file(tok.source_file, mode=ValidationMode.finetuning)
+    expected = ref.encode_chat_completion(ChatCompletionRequest(tools=[Tool.model_validate(tool)], messages=[
+        UserMessage(content="Weather in Lyon?"), AssistantMessage(tool_calls=[ToolCall.model_validate(call)]),
+        ToolMessage(content='{"temp": 18}', tool_call_id="abcDEF123"), AssistantMessage(content="18 degrees.")])).tokens
+    assert list(ids) == expected
+    trained = tok.decode([int(i) for i, m in zip(ids, mask, strict=True) if m])
+    assert "18 degrees." in trained and "Current weather" not in trained  # definitions are never targets

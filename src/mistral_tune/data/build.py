@@ -244,7 +244,7 @@ def process_records(records: list[RawRecord], fmt: str, tokenizer, st: _Settings
         example = cleaned.example
         try:
             if isinstance(example, Chat):
-                ids, mask = tokenizer.encode_chat(example.messages, train_on_inputs=st.train_on_inputs)
+                ids, mask = tokenizer.encode_chat(example.messages, st.train_on_inputs, tools=example.tools)
                 windows = [(ids, mask)]
                 if len(ids) - 1 > L:
                     if st.on_too_long == "drop":
@@ -313,6 +313,16 @@ def _tokenizer_digest(tokenizer) -> str:
     return f"{tokenizer.version}:{h.hexdigest()}"
 
 
+def _code_digest() -> str:
+    """A digest of the code that turns records into samples: a changed pipeline never reuses a cache
+    written by the old one, even when the version number did not move."""
+    h = hashlib.blake2b(digest_size=8)
+    here = Path(__file__).resolve().parent
+    for f in sorted([*here.glob("*.py"), here.parent / "chat.py"]):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _num_workers(cfg) -> int:
     return cfg.dataset_num_workers or max(1, min(os.cpu_count() or 1, 8))
 
@@ -334,7 +344,7 @@ def load_or_build(ds, cfg, tokenizer, cache_root: Path | None) -> tuple[CacheEnt
         "format": ds.format, "field_map": ds.field_map,
         "sequence_len": cfg.sequence_len, "train_on_inputs": cfg.train_on_inputs, "on_too_long": cfg.on_too_long,
         "cleaning": {k: v for k, v in c.model_dump().items() if k != "dedup"},
-        "mistral_common": mistral_common.__version__, "mistral_tune": __version__,
+        "mistral_common": mistral_common.__version__, "mistral_tune": __version__, "code": _code_digest(),
     })
     root = cache_root if cache_root is not None else Path(tempfile.mkdtemp(prefix="mistral-tune-data-"))
     status = "built"

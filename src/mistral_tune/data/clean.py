@@ -203,7 +203,7 @@ class Cleaner:
             for m in example.messages:
                 content = m.get("content")
                 msgs.append({**m, "content": self._text(content, res)} if isinstance(content, str) else m)
-            res.example = Chat(msgs)
+            res.example = Chat(msgs, example.tools)
         if res.injection is not None and self.injection == "drop":
             res.reason = f"possible prompt injection: {res.injection!r}"
             res.example = None

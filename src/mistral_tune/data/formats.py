@@ -27,8 +27,8 @@ from ..errors import DataError
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 ALIASES = {"instruction": "alpaca"}
 #: Names a field map may rename (the record's own column name is the value).
-CANONICAL_FIELDS = ("messages", "conversations", "instruction", "input", "output", "prompt", "completion",
-                    "system", "text", "role", "content", "from", "value")
+CANONICAL_FIELDS = ("messages", "conversations", "tools", "instruction", "input", "output", "prompt",
+                    "completion", "system", "text", "role", "content", "from", "value")
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "bot": "assistant", "chatgpt": "assistant", "system": "system",
@@ -38,6 +38,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 @dataclass
 class Chat:
     messages: list[dict]
+    tools: list[dict] | None = None  # tool definitions offered to the model (messages format)
 
 
 @dataclass
@@ -125,7 +126,10 @@ def to_example(record: dict, fmt: str, fields: FieldMap | dict | None = None) ->
         messages = fm.get(record, key)
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"field '{fm.key(key)}' must be a non-empty list of messages")
-        return Chat(check_conversation([_openai_message(i, m, fm) for i, m in enumerate(messages)]))
+        tools = fm.get(record, "tools")
+        if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+            raise ValueError(f"field '{fm.key('tools')}' must be a list of tool definitions")
+        return Chat(check_conversation([_openai_message(i, m, fm) for i, m in enumerate(messages)]), tools or None)
     if fmt == "sharegpt":
         turns = fm.get(record, "conversations")
         if not isinstance(turns, list) or not turns:
@@ -241,5 +245,8 @@ def check_conversation(messages: list[dict]) -> list[dict]:
 
 def example_json(example: Chat | Text) -> str:
     """A canonical serialisation (for exact deduplication and the rejects file)."""
-    body = {"messages": example.messages} if isinstance(example, Chat) else {"text": example.text}
+    if isinstance(example, Text):
+        body: dict = {"text": example.text}
+    else:
+        body = {"messages": example.messages, "tools": example.tools}
     return json.dumps(body, ensure_ascii=False, sort_keys=True)

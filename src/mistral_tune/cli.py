@@ -74,7 +74,7 @@ def _cmd_data_inspect(args) -> None:
     color = sys.stdout.isatty() if args.color == "auto" else args.color == "always"
     out = None if args.out == "" else Path(args.out)
     for line in inspect_lines(data, tokenizer, cfg.sequence_len, args.samples, out, color, seed=cfg.seed,
-                              max_chars=args.max_chars or None):
+                              max_chars=args.max_chars or None, at=args.at):
         print(line)
 
 
@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     p.add_argument("--max-chars", type=int, default=1500,
                    help="show at most this many characters of a sample in the terminal (0: all; the HTML has all)")
+    p.add_argument("--at", action="append", default=[], metavar="FILE:LINE",
+                   help="also render the sample(s) made from this record (origin as the report prints it)")
     p.set_defaults(func=_cmd_data_inspect)
     p = dsub.add_parser("validate", help="read, check and tokenize the data; exit non-zero on any bad record")
     p.add_argument("config")

@@ -268,3 +268,15 @@ def test_two_writers_of_one_cache_key(tmp_path: Path, tok, make_cfg) -> None:
     again, why = open_entry(tmp_path / "cache", entry.path.name)
     assert again is not None and again.origins() == [f"{p}:1"]  # the first entry, intact
     assert not list((tmp_path / "cache").glob(".*tmp*"))
+
+
+def test_inspect_at_an_origin(tmp_path: Path, capsys) -> None:
+    p = write_jsonl(tmp_path / "d.jsonl", [chat(f"q{i}", f"answer {i}") for i in range(5)] + ["bad"])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"base_model: unused\ntokenizer: v3\ndataset_cache_dir: {tmp_path / 'cache'}\n"
+                      f"on_bad_record: skip\ndatasets:\n  - path: {p}\n")
+    assert main(["data", "inspect", str(config), "-n", "0", "--out", "", "--color", "never",
+                 "--at", f"{p}:4", "--at", f"{p}:6"]) == 0
+    out = capsys.readouterr().out
+    assert f"-- sample 1: {p}:4 (" in out and "[INST] q3[/INST]« answer 3</s>»" in out
+    assert f"no sample comes from {p}:6" in out and "-- sample 2" not in out

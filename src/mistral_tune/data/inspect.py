@@ -113,14 +113,37 @@ def pick_samples(data: Dataset, tokenizer, n: int, seed: int = 0) -> list[Render
                 ks.pop(0)  # mixing may repeat a sample; show each once
             if ks and len(picks) < n:
                 picks.append(ks.pop(0))
-    out = []
-    for k in picks:
-        ids, mask = store.ids_and_mask(k)
+    return [_render(data, store, k, tokenizer) for k in picks]
+
+
+def _render(data: Dataset, store, k: int, tokenizer, origin: str | None = None) -> RenderedSample:
+    ids, mask = store.ids_and_mask(k)
+    if origin is None:
         p, i = int(store.part[k]), int(store.local[k])
         origin = data.entries[p].origins(limit=i + 1)[-1]
-        out.append(RenderedSample(origin, len(ids) - 1, int(store.trained[k]),
-                                  render_spans(tokenizer, ids.tolist(), mask.astype(bool).tolist())))
-    return out
+    return RenderedSample(origin, len(ids) - 1, int(store.trained[k]),
+                          render_spans(tokenizer, ids.tolist(), mask.astype(bool).tolist()))
+
+
+def samples_at(data: Dataset, tokenizer, origins: list[str]) -> tuple[list[RenderedSample], list[str]]:
+    """The samples made from the records at the given origins ("file:line"), and the origins that
+    made no sample (rejected, deduplicated or not in the data)."""
+    found, missing = [], []
+    for want in origins:
+        hits = []
+        for p, entry in enumerate(data.entries):
+            for i, origin in enumerate(entry.origins()):
+                if origin != want:
+                    continue
+                for store in (data.train, data.val):  # a text record may have made several samples
+                    ks = np.flatnonzero((store.part == p) & (store.local == i))
+                    if len(ks):
+                        hits.append(_render(data, store, int(ks[0]), tokenizer, want))
+                        break
+        found += hits
+        if not hits:
+            missing.append(want)
+    return found, missing
 
 
 def summary_lines(data: Dataset, sequence_len: int) -> list[str]:
@@ -193,7 +216,7 @@ def write_html(samples: list[RenderedSample], header: list[str], path: Path, png
 
 
 def inspect_lines(data: Dataset, tokenizer, sequence_len: int, n_samples: int, out_dir: Path | None,
-                  color: bool, seed: int = 0, max_chars: int | None = 1500) -> list[str]:
+                  color: bool, seed: int = 0, max_chars: int | None = 1500, at: list[str] = ()) -> list[str]:
     """Everything `mistral-tune data inspect` prints; writes the PNG and HTML into out_dir."""
     lines = ["== report", *data.report.lines(), "", "== summary", *summary_lines(data, sequence_len), ""]
     lines += ["== sample lengths (tokens; train)", *histogram_lines(data.train.lengths, sequence_len), ""]
@@ -207,6 +230,11 @@ def inspect_lines(data: Dataset, tokenizer, sequence_len: int, n_samples: int, o
         lines += [f"  {f}" for f in data.report.flagged[:10]]
         lines.append("")
     samples = pick_samples(data, tokenizer, n_samples, seed)
+    if at:
+        chosen, missing = samples_at(data, tokenizer, list(at))
+        samples += chosen
+        for m in missing:
+            lines.append(f"no sample comes from {m} (rejected, deduplicated, or no such record; see above)")
     legend = (f"{GREEN}green{RESET}: trained, {DIM}dim{RESET}: masked" if color
               else "«text» = trained tokens; the rest is masked (context only)")
     lines.append(f"== {len(samples)} sample(s) ({legend})")

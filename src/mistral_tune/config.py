@@ -63,6 +63,14 @@ class Config(_Strict):
     num_epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Overrides num_epochs when set.")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer in backward to save memory.")
+    offload_activations: bool = Field(
+        False, description="With gradient_checkpointing on a GPU: keep the saved layer inputs in CPU memory."
+    )
+    fast_path: Literal["auto"] | bool = Field(
+        "auto",
+        description="FlexAttention, compiled decoder layers and the fused loss; auto: on with a GPU. "
+        "The maths is the plain path's.",
+    )
     # precision and run
     bf16: Literal["auto"] | bool = Field(
         "auto", description="auto: bf16 autocast on a GPU that supports it, float32 on CPU."
@@ -105,10 +113,19 @@ def _nearest_key(key: str, model: type[BaseModel]) -> str:
 
 def _format_error(exc: ValidationError, source: str) -> str:
     lines = []
+    unions: dict[str, tuple[int, list[str]]] = {}  # field -> (its line, what each member allows)
     for err in exc.errors():
         loc = err["loc"]
         key = ".".join(str(p) for p in loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
+        if len(loc) == 2 and loc[0] in Config.model_fields and loc[0] != "datasets" and isinstance(loc[1], str):
+            # A value that fits no member of a union (bf16: 'auto' | bool) gives one error per member,
+            # located at `field.<member>`; report the field once, listing what each member allows.
+            field_name = str(loc[0])
+            if field_name not in unions:
+                unions[field_name] = (len(lines), [])
+                lines.append(f"{source}: key '{field_name}' has value {err.get('input')!r}; allowed: ")
+            unions[field_name][1].append(str((err.get("ctx") or {}).get("expected", loc[1])))
+        elif err["type"] == "extra_forbidden":
             owner = DatasetConfig if "datasets" in loc else Config
             lines.append(f"{source}: unknown key '{key}'{_nearest_key(str(loc[-1]), owner)}")
         elif err["type"] == "missing":
@@ -118,6 +135,8 @@ def _format_error(exc: ValidationError, source: str) -> str:
         else:
             value = err.get("input")
             lines.append(f"{source}: key '{key}' has value {value!r}; {_describe_allowed(loc, err)}")
+    for i, allowed in unions.values():
+        lines[i] += " or ".join(allowed)
     return "; ".join(lines)
 
 
@@ -183,7 +202,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         keys, value = parse_override(text)
         _apply_override(data, keys, value)
     base = path.resolve().parent
-    for ds in data.get("datasets") or []:
+    datasets = data.get("datasets")
+    for ds in datasets if isinstance(datasets, list) else []:
         if isinstance(ds, dict) and isinstance(ds.get("path"), str):
             ds["path"] = _resolve_near(ds["path"], base)
     for key in ("base_model", "tokenizer"):

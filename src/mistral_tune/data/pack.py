@@ -123,10 +123,12 @@ def make_rows(samples: list[Sample], capacity: int, packing: bool) -> list[list[
     return [[i] for i in range(len(samples))]
 
 
-def collate(samples: list[Sample], rows: list[list[int]], pad_to: int | None = None, pad_id: int = 0) -> Batch:
-    """Tensors for the given rows; rows are padded to pad_to (or the longest row)."""
+def collate(samples: list[Sample], rows: list[list[int]], pad_to: int | None = None, pad_id: int = 0,
+            pad_multiple: int = 1) -> Batch:
+    """Tensors for the given rows; rows are padded to pad_to, or else to the longest row rounded up
+    to a multiple of pad_multiple (few distinct shapes keep compiled kernels from recompiling)."""
     lengths = [sum(len(samples[i]) for i in row) for row in rows]
-    L = pad_to or max(lengths)
+    L = pad_to or -(-max(lengths) // pad_multiple) * pad_multiple
     B = len(rows)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     labels = torch.full((B, L), IGNORE, dtype=torch.long)

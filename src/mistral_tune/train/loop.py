@@ -7,6 +7,7 @@ temporary directory and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import yaml
 from ..chat import load_tokenizer
 from ..config import Config
 from ..data.build import Dataset, build_dataset
-from ..data.pack import collate, group_rows, make_rows
+from ..data.pack import Batch, collate, group_rows, make_rows
 from ..errors import ConfigError, ModelError
 from ..lora import LoraSpec, apply_lora, save_adapter
 from ..models.load import load_model, save_model
@@ -99,12 +100,21 @@ def prepare(cfg: Config):
 
 
 @torch.no_grad()
-def evaluate(model, samples, rows, cfg: Config, rt: Runtime) -> tuple[float, int]:
+def row_padding(cfg: Config, fast: bool) -> dict:
+    """How collate pads rows: packed rows to sequence_len. Compiled layers recompile for every new
+    row length, so on the fast path unpacked rows round up to a quarter of sequence_len (at most
+    four shapes); the plain path pads to the longest row only."""
+    if cfg.sample_packing:
+        return {"pad_to": cfg.sequence_len}
+    return {"pad_multiple": max(128, cfg.sequence_len // 4) if fast else 1}
+
+
+def evaluate(model, samples, rows, cfg: Config, rt: Runtime, padding: dict | None = None) -> tuple[float, int]:
     """Token-weighted mean loss over held-out rows, and the number of tokens it covers."""
     model.eval()
     total, count = 0.0, 0
     for group in group_rows(rows, cfg.micro_batch_size, None):
-        batch = collate(samples, group, cfg.sequence_len if cfg.sample_packing else None).to(rt.device)
+        batch = collate(samples, group, **(padding or row_padding(cfg, False))).to(rt.device)
         with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
             total += float(token_loss_sum(model, batch))
         count += batch.n_trained
@@ -151,6 +161,15 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     for p in params:  # trainable weights stay float32 even when the frozen base is bf16
         p.data = p.data.float()
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    fast = rt.device.type == "cuda" if cfg.fast_path == "auto" else bool(cfg.fast_path)
+    if fast and rt.device.type != "cuda":
+        raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
+    if cfg.offload_activations and not (cfg.gradient_checkpointing and rt.device.type == "cuda"):
+        raise ConfigError("offload_activations: true needs gradient_checkpointing: true and a CUDA GPU")
+    if fast:
+        model.use_fast_path()
+    echo("fast path: FlexAttention block masks, compiled decoder layers, fused linear cross-entropy"
+         if fast else "plain path: SDPA with a dense mask, eager layers, cross-entropy on gathered logits")
     model.train()
     trainable, total = count_params(model)
     echo(f"device {rt.device}, {'bf16 autocast' if rt.autocast_dtype else 'float32'}; "
@@ -158,7 +177,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
 
     rows = make_rows(data.train, cfg.sequence_len, cfg.sample_packing)
     val_rows = make_rows(data.val, cfg.sequence_len, cfg.sample_packing) if data.val else []
-    pad_to = cfg.sequence_len if cfg.sample_packing else None
+    padding = row_padding(cfg, fast)
     micro_per_epoch = math.ceil(len(rows) / cfg.micro_batch_size)
     micro_per_epoch_rank = math.ceil(micro_per_epoch / rt.world_size)
     steps_per_epoch = max(1, micro_per_epoch_rank // cfg.gradient_accumulation_steps)
@@ -201,19 +220,10 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     log.start()
     for step in range(total_steps):
         window = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-        # Normalise by the trained tokens of the whole accumulation window, not per micro-batch.
-        batches = [collate(data.train, g, pad_to) for _, g in window]
-        n_tokens = sum(b.n_trained for b in batches)
-        n_tokens = _all_reduce_sum(n_tokens, rt)
-        loss_sum = 0.0
+        batches = [collate(data.train, g, **padding) for _, g in window]
         step_t = time.perf_counter()
-        for batch in batches:
-            batch = batch.to(rt.device)
-            with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
-                loss = token_loss_sum(model, batch)
-            (loss / max(n_tokens, 1)).backward()
-            loss_sum += float(loss.detach())
-            tokens_seen += batch.n_real
+        loss_sum, n_tokens, n_real = accumulate_gradients(model, batches, rt, cfg.offload_activations)
+        tokens_seen += n_real
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -237,12 +247,12 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
             record["mfu"] = tok_s * flops_tok / 989e12
         log.train_step(record, write=(step + 1) % cfg.logging_steps == 0 or step + 1 == total_steps)
         if val_rows and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < total_steps:
-            eval_loss, _ = evaluate(model, data.val, val_rows, cfg, rt)
+            eval_loss, _ = evaluate(model, data.val, val_rows, cfg, rt, padding)
             log.eval(step + 1, eval_loss)
         if rt.is_main and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total_steps:
             _save(cfg, model, spec, tokenizer, out / f"checkpoint-{step + 1}", model_dir)
     if val_rows:
-        eval_loss, _ = evaluate(model, data.val, val_rows, cfg, rt)
+        eval_loss, _ = evaluate(model, data.val, val_rows, cfg, rt, padding)
         log.eval(total_steps, eval_loss)
     log.close()
 
@@ -258,6 +268,31 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     return TrainResult(out, adapter_dir, merged_dir, total_steps, last_loss, eval_loss)
 
 
+def accumulate_gradients(
+    model, batches: list[Batch], rt: Runtime, offload: bool = False
+) -> tuple[float, float, int]:
+    """Forward and backward over the micro-batches of one optimizer step, adding into `.grad`.
+
+    Each micro-batch's summed token loss is divided by the trained tokens of the whole window
+    (summed over ranks), not averaged per micro-batch, so the accumulated gradient equals that of
+    one batch holding every row. Returns (this rank's summed loss, the window's trained tokens over
+    all ranks, this rank's real tokens).
+    """
+    n_tokens = _all_reduce_sum(sum(b.n_trained for b in batches), rt)
+    loss_sum, n_real = 0.0, 0
+    for batch in batches:
+        batch = batch.to(rt.device)
+        # Offloading moves what autograd saves (with checkpointing: each layer's input) to pinned
+        # CPU memory and back for backward.
+        with (torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None),
+              torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()):
+            loss = token_loss_sum(model, batch)
+        (loss / max(n_tokens, 1)).backward()
+        loss_sum += float(loss.detach())
+        n_real += batch.n_real
+    return loss_sum, n_tokens, n_real
+
+
 def _all_reduce_sum(value: float, rt: Runtime) -> float:
     if rt.world_size == 1:
         return value
@@ -271,7 +306,8 @@ def _all_reduce_sum(value: float, rt: Runtime) -> float:
 def _save(cfg: Config, model, spec: LoraSpec | None, tokenizer, final: Path, model_dir: Path) -> Path:
     def write(tmp: Path) -> None:
         if spec is not None:
-            save_adapter(model, spec, tmp, base_model=str(model_dir.resolve()) if model_dir.exists() else cfg.base_model)
+            base = str(model_dir.resolve()) if model_dir.exists() else cfg.base_model
+            save_adapter(model, spec, tmp, base_model=base)
         else:
             save_model(model, tmp, dtype="bfloat16" if model.lm_head.weight.dtype == torch.bfloat16 else "float32")
         tokenizer.save(tmp)

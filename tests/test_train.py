@@ -280,7 +280,7 @@ def test_gradient_accumulation_through_the_training_loop(tmp_path: Path, tiny_mo
         torch.testing.assert_close(accumulated[key], together[key], rtol=1e-4, atol=1e-7, msg=key)
 
     # The same comparison notices a loop that averages per micro-batch instead.
-    def mean_of_means(model, batches, rt):
+    def mean_of_means(model, batches, rt, offload=False):
         loss_sum = 0.0
         for b in batches:
             loss = token_loss_sum(model, b)
@@ -454,3 +454,24 @@ def test_same_seed_gives_identical_runs(tmp_path: Path, tiny_model_dir: Path, co
     assert first == second  # bit-identical losses and gradient norms
     assert all(torch.equal(first_adapter[k], second_adapter[k]) for k in first_adapter)
     assert [loss for loss, _ in other] != [loss for loss, _ in first]  # the seed does matter
+
+
+def test_overwrite_never_deletes_the_runs_own_inputs(tiny_model_dir, tmp_path):
+    """overwrite_output_dir wipes output_dir; one that holds the dataset must be refused, not wiped."""
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.errors import ConfigError
+    from mistral_tune.train.loop import check_output_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    data = run / "d.jsonl"
+    data.write_text(json.dumps({"text": "hello"}) + "\n")
+    cfg = config_from_dict({"base_model": str(tiny_model_dir), "datasets": [{"path": str(data)}],
+                            "output_dir": str(run), "overwrite_output_dir": True})
+    with pytest.raises(ConfigError, match="would delete"):
+        check_output_dir(cfg)
+    assert data.is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "old.txt").write_text("x")
+    check_output_dir(cfg.model_copy(update={"output_dir": str(other)}))  # a plain old run dir is fine

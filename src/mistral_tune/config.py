@@ -213,8 +213,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def _resolve_near(value: str, base: Path) -> str:
+    """A relative path that exists next to the config wins; otherwise it is left as written
+    (relative to the working directory, or a hub id / bundled tokenizer name)."""
     p = Path(value).expanduser()
-    if p.is_absolute() or p.exists():
+    if p.is_absolute():
         return str(p)
     candidate = base / p
     return str(candidate) if candidate.exists() else value

@@ -27,7 +27,7 @@ from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, make_rows
 from ..errors import ConfigError, ModelError
 from ..lora import LoraSpec, apply_lora, save_adapter
-from ..models.load import load_model, save_model
+from ..models.load import load_model, read_config, resolve_model_dir, save_model
 from ..models.mistral import count_params, flops_per_token
 from .logs import MetricsLog
 from .optim import lr_factor, make_optimizer, token_loss_sum, warmup_steps
@@ -75,31 +75,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare(cfg: Config):
-    """Load and check tokenizer, model and data. Writes nothing."""
-    out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite_output_dir:
+def check_output_dir(cfg: Config) -> None:
+    """Refuse to reuse a non-empty output_dir unless asked, and never to wipe one that holds inputs."""
+    out = Path(cfg.output_dir).resolve()
+    if not (out.exists() and any(out.iterdir())):
+        return
+    if not cfg.overwrite_output_dir:
         raise ConfigError(
-            f"output_dir: {out} exists and is not empty; choose another or set overwrite_output_dir: true"
+            f"output_dir: {cfg.output_dir} exists and is not empty; choose another or set overwrite_output_dir: true"
         )
-    rt = Runtime.detect(cfg)
-    from ..models.load import resolve_model_dir
+    inputs = [Path(ds.path) for ds in cfg.datasets] + [Path(cfg.base_model), Path.cwd()]
+    if cfg.tokenizer:
+        inputs.append(Path(cfg.tokenizer))
+    for path in inputs:
+        path = path.expanduser().resolve()
+        if path == out or out in path.parents:
+            raise ConfigError(
+                f"output_dir: {cfg.output_dir} contains {path}; overwrite_output_dir would delete it. "
+                "Choose an output_dir of its own"
+            )
 
+
+def prepare(cfg: Config, check_output: bool = True):
+    """Load and check tokenizer, model and data. Writes nothing.
+
+    Cheap checks come first (config.json, tokenizer, data) so a bad dataset is reported before
+    gigabytes of weights are read.
+    """
+    if check_output:
+        check_output_dir(cfg)
+    rt = Runtime.detect(cfg)
     model_dir = resolve_model_dir(cfg.base_model)
+    model_cfg = read_config(model_dir)
     tokenizer = load_tokenizer(cfg.tokenizer, model_dir)
-    weights_dtype = rt.autocast_dtype if (rt.autocast_dtype and cfg.adapter == "lora") else torch.float32
-    model, _ = load_model(str(model_dir), dtype=weights_dtype, device=rt.device)
-    if tokenizer.vocab_size != model.config.vocab_size:
+    if tokenizer.vocab_size != model_cfg.vocab_size:
         raise ModelError(
             f"tokenizer {tokenizer.source_file.name} has {tokenizer.vocab_size} tokens but the model's "
-            f"embedding has {model.config.vocab_size} rows; pick the tokenizer that matches the model "
+            f"embedding has {model_cfg.vocab_size} rows; pick the tokenizer that matches the model "
             "(v1: 32000, v3/v7: 32768, tekken: 131072)"
         )
     data = build_dataset(cfg, tokenizer)
+    weights_dtype = rt.autocast_dtype if (rt.autocast_dtype and cfg.adapter == "lora") else torch.float32
+    model, _ = load_model(str(model_dir), dtype=weights_dtype, device=rt.device)
     return rt, model_dir, tokenizer, model, data
 
 
-@torch.no_grad()
 def row_padding(cfg: Config, fast: bool) -> dict:
     """How collate pads rows: packed rows to sequence_len. Compiled layers recompile for every new
     row length, so on the fast path unpacked rows round up to a quarter of sequence_len (at most

@@ -49,7 +49,8 @@ class MetricsLog:
         if not self.enabled:
             return
         step = record["step"]
-        info = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
+        loss = "skipped" if record.get("skipped") else f"loss {record['loss']:.4f}"
+        info = (f"{loss}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
                 f"mem {record['peak_mem_gib']:.2f} GiB")
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
@@ -57,9 +58,15 @@ class MetricsLog:
             self._write(record)
             if self._tb is not None:
                 for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib"):
-                    self._tb.add_scalar(f"train/{key}", record[key], step)
+                    if record[key] is not None:  # a skipped step's non-finite loss is logged as null
+                        self._tb.add_scalar(f"train/{key}", record[key], step)
             if self._progress is None:
                 self.echo(f"step {step}/{self.total}  {info}")
+
+    def event(self, record: dict) -> None:
+        """A line for something that happened to the run (a rollback), not a training step."""
+        if self.enabled:
+            self._write(record)
 
     def eval(self, step: int, loss: float) -> None:
         if not self.enabled:

@@ -80,3 +80,19 @@ def test_auto_micro_batch_halves_until_it_fits_and_matches_the_smaller_run(asset
     train(cfg.model_copy(update={"resume": "auto"}), echo=again.append)
     assert set(memory_fits_one_row) == {1} and not any(e.startswith("out of memory") for e in again)
     assert metrics(tmp_path / "auto") == metrics(tmp_path / "small")
+
+
+def test_out_of_memory_outside_the_retried_step_is_reported_too(assets, tmp_path, monkeypatch):
+    """Evaluation is not retried with smaller batches; it still ends in the one-line report, not a traceback."""
+    model, data = assets
+    real = loop.token_loss_sum
+
+    def token_loss_sum(net, batch):
+        if not net.training:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(net, batch)
+
+    monkeypatch.setattr(loop, "token_loss_sum", token_loss_sum)
+    cfg = config(model, data, tmp_path / "run", val_set_size=8, max_steps=6, auto_micro_batch=True)
+    with pytest.raises(OutOfMemory, match="out of memory on cpu at optimizer step 5 .* To fit, try: "):
+        train(cfg, echo=lambda _: None)

@@ -11,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class MetricsLog:
-    def __init__(self, out_dir: Path, total_steps: int, enabled: bool = True, echo=print) -> None:
+    def __init__(self, out_dir: Path, total_steps: int, enabled: bool = True, echo=print,
+                 purge_after: int | None = None) -> None:
         self.enabled = enabled
         self.total = total_steps
         self.echo = echo
@@ -26,7 +27,9 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+            # On resume, hide the events a killed run wrote after its checkpoint (TensorBoard's purge_step).
+            purge = purge_after + 1 if purge_after is not None else None
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
         except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
             self.echo("tensorboard is not importable; writing metrics.jsonl only")
         self.interactive = sys.stdout.isatty()

@@ -277,7 +277,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         (out / "metrics.jsonl").write_text(resume_from.metrics_text() if resume_from else "")
         if resume_from is not None:
             _set_aside_newer(ckpts, resume_from, echo)
-    log = MetricsLog(out, total_steps, enabled=rt.is_main, echo=echo)
+    log = MetricsLog(out, total_steps, enabled=rt.is_main, echo=echo,
+                     purge_after=resume_from.step if resume_from is not None else None)
     if resume_from is not None:
         resume_from.restore_rng()
         echo(f"resumed from {resume_from.path} at step {resume_from.step} of {total_steps}")
@@ -377,6 +378,10 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 if stop.requested and not last:
                     stopped_by = stop.signal_name
                     break
+    except OOM_ERRORS:  # outside the retried forward/backward (optimizer state, evaluation): report, no retry
+        free_memory(rt.device)
+        raise OutOfMemory(oom_advice(rt.device, progress.micro_batch_size, progress.gradient_accumulation_steps,
+                                     cfg.sequence_len, cfg.gradient_checkpointing, cfg.adapter, step)) from None
     finally:
         log.close()
 

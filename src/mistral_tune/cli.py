@@ -20,8 +20,7 @@ def _cmd_train(args) -> None:
         # A requested stop is a success: the checkpoint is written and the run can go on from it.
         again = " ".join(["mistral-tune", "train", args.config, *args.overrides]
                          + ([] if cfg.resume == "auto" else ["resume=auto"]))
-        print(f"stopped by {result.stopped_by} after step {result.steps}; checkpoint {result.checkpoint_dir}")
-        print(f"to continue: {again}")
+        print(f"to continue: {again}")  # train() has said where it stopped and which checkpoint it wrote
         return
     print(f"trained {result.steps} steps; final train loss {result.final_train_loss:.4f}"
           + (f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))

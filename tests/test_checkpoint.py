@@ -262,3 +262,24 @@ def test_changed_config_is_refused_with_the_differences(lora_run, tmp_path):
     longer = train(cfg.model_copy(update={**resume, "logging_steps": 2, "max_steps": 24}), echo=lambda _: None,
                    force=True)
     assert longer.steps == 24 and metrics(out)[-1]["step"] == 24
+
+
+def test_full_disk_at_the_final_save_points_to_the_last_checkpoint(assets, tmp_path, monkeypatch):
+    import mistral_tune.lora as lora_mod
+
+    model, data = assets
+    out = tmp_path / "run"
+    real_save = lora_mod.save_file
+
+    def save_file(tensors_, filename, metadata=None):
+        if "/.adapter.tmp-" in filename:  # the final adapter's temporary directory, not a checkpoint's
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save(tensors_, filename, metadata=metadata)
+
+    monkeypatch.setattr(lora_mod, "save_file", save_file)
+    with pytest.raises(CheckpointError) as err:
+        train(config(model, data, out, max_steps=6), echo=lambda _: None)
+    assert f"{out / 'adapter'}: could not be written (No space left on device)" in str(err.value)
+    assert f"the trained state is in {out / 'checkpoint-6'}" in str(err.value)
+    CheckpointManager.validate(out / "checkpoint-6")
+    assert not (out / "adapter").exists() and not list(out.glob(".adapter*"))

@@ -94,6 +94,8 @@ def test_sigkill_then_resume_is_bit_identical(assets, reference, tmp_path):
     assert same_tensors(tensors(out / "adapter" / "adapter_model.safetensors"),
                         tensors(reference / "adapter" / "adapter_model.safetensors"))
     assert f"trained {STEPS} steps" in stdout
+    print(f"SIGKILL after step {killed_at} (target {kill_at}); {len(got)} metrics lines equal "
+          f"({sum('loss' in r for r in got)} steps, {sum('eval_loss' in r for r in got)} evaluations)")
 
 
 def test_sigterm_checkpoints_and_exits_zero(assets, reference, tmp_path):

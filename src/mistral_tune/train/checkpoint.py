@@ -260,11 +260,12 @@ class CheckpointManager:
     # -- writing
 
     def clean_partial(self) -> list[Path]:
-        """Remove temporary directories a killed save left behind (they were never renamed into place)."""
+        """Remove what a killed save left behind: temporary directories never renamed into place, and the
+        replaced copy of a re-saved step (`.old-`) if it died between the two renames."""
         removed = []
         if self.out.is_dir():
             for p in self.out.iterdir():
-                if p.is_dir() and p.name.startswith(".checkpoint-") and ".tmp-" in p.name:
+                if p.is_dir() and p.name.startswith(".checkpoint-") and (".tmp-" in p.name or ".old-" in p.name):
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p)
         return removed

@@ -392,7 +392,12 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                            stopped_by=stopped_by, checkpoint_dir=checkpoint_dir)
     adapter_dir = merged_dir = None
     if rt.is_main:
-        adapter_dir = _save(cfg, model, spec, tokenizer, out / ("adapter" if spec else "model"), model_dir)
+        final = out / ("adapter" if spec else "model")
+        try:
+            adapter_dir = _save(cfg, model, spec, tokenizer, final, model_dir)
+        except OSError as exc:  # _save removed its temporary directory; the last checkpoint has the result
+            raise CheckpointError(f"{final}: could not be written ({exc.strerror or exc}); the trained state is in "
+                                  f"{checkpoint_dir}. Free space and run again with resume=auto") from None
         if spec is None:
             adapter_dir, merged_dir = None, adapter_dir
         elif merge:

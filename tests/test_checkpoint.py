@@ -283,3 +283,9 @@ def test_full_disk_at_the_final_save_points_to_the_last_checkpoint(assets, tmp_p
     assert f"the trained state is in {out / 'checkpoint-6'}" in str(err.value)
     CheckpointManager.validate(out / "checkpoint-6")
     assert not (out / "adapter").exists() and not list(out.glob(".adapter*"))
+
+
+def test_resume_and_overwrite_cannot_be_combined(assets, tmp_path):
+    model, data = assets
+    with pytest.raises(ConfigError, match="set resume or overwrite_output_dir, not both"):
+        config(model, data, tmp_path / "run", resume="auto", overwrite_output_dir=True)

@@ -70,7 +70,10 @@ class Config(_Strict):
     seed: int = 42
     output_dir: str = "outputs/run"
     logging_steps: int = Field(1, ge=1)
-    eval_steps: int | None = Field(None, ge=1, description="None: evaluate only at the end.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate every this many steps; the held-out set is also evaluated at each "
+        "checkpoint (to keep the best) and at the end."
+    )
     save_steps: int | None = Field(
         None, ge=1,
         description="Write a checkpoint every this many optimizer steps; checkpoints are also written at "

@@ -15,7 +15,13 @@ def _cmd_train(args) -> None:
     from .train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, merge=args.merge)
+    result = train(cfg, merge=args.merge, force=args.force)
+    if result.stopped_by:
+        # A requested stop is a success: the checkpoint is written and the run can go on from it.
+        again = " ".join(["mistral-tune", "train", args.config, *args.overrides]
+                         + ([] if cfg.resume == "auto" else ["resume=auto"]))
+        print(f"to continue: {again}")  # train() has said where it stopped and which checkpoint it wrote
+        return
     print(f"trained {result.steps} steps; final train loss {result.final_train_loss:.4f}"
           + (f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
     if result.adapter_dir:
@@ -70,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     p.add_argument("--merge", action="store_true", help="also write the merged model (output_dir/merged)")
+    p.add_argument("--force", action="store_true",
+                   help="resume even though safe keys (logging, eval/save cadence, max_steps, ...) changed")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("validate", help="check a config, its model, tokenizer and data without training")

@@ -78,9 +78,47 @@ class Config(_Strict):
     seed: int = 42
     output_dir: str = "outputs/run"
     logging_steps: int = Field(1, ge=1)
-    eval_steps: int | None = Field(None, ge=1, description="None: evaluate only at the end.")
-    save_steps: int | None = Field(None, ge=1, description="None: save only at the end.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate every this many steps; the held-out set is also evaluated at each "
+        "checkpoint (to keep the best) and at the end."
+    )
+    save_steps: int | None = Field(
+        None, ge=1,
+        description="Write a checkpoint every this many optimizer steps; checkpoints are also written at "
+        "each epoch end and at the last step.",
+    )
+    save_total_limit: int = Field(
+        3, ge=1,
+        description="Keep this many newest checkpoints, plus the one with the best held-out loss.",
+    )
     overwrite_output_dir: bool = False
+    resume: str | None = Field(
+        None,
+        description="auto: continue from the newest valid checkpoint in output_dir (start fresh if there "
+        "is none); or the path of a checkpoint directory (or of a run's output_dir) to continue from.",
+    )
+    # reliability
+    bad_step_zscore: float | None = Field(
+        8.0, gt=0,
+        description="Skip a step whose loss is more than this many robust standard deviations (median/MAD "
+        "of recent good steps) above the median; null disables spike detection.",
+    )
+    bad_step_window: int = Field(32, ge=8, description="How many recent good losses the spike test looks at.")
+    bad_step_rollback_after: int = Field(
+        5, ge=1,
+        description="After this many consecutive skipped steps, roll back to the last good checkpoint.",
+    )
+    bad_step_lr_factor: float = Field(
+        0.5, gt=0, le=1, description="Multiply the learning rate by this at each rollback."
+    )
+    bad_step_max_rollbacks: int = Field(
+        3, ge=0, description="Stop the run with a report when one more rollback would be needed."
+    )
+    auto_micro_batch: bool = Field(
+        False,
+        description="On GPU out-of-memory, halve micro_batch_size and double gradient_accumulation_steps "
+        "(same effective batch) and retry, until it fits or micro_batch_size is 1.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -91,6 +129,8 @@ class Config(_Strict):
             raise ValueError(
                 f"lora_target_modules: unknown module(s) {unknown}; allowed: {ALL_PROJECTIONS}"
             )
+        if self.resume is not None and self.overwrite_output_dir:
+            raise ValueError("set resume or overwrite_output_dir, not both (overwriting would delete the checkpoints)")
         if not self.lora_target_modules and self.adapter == "lora":
             raise ValueError("lora_target_modules: empty; name at least one projection")
         return self

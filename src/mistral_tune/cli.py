@@ -25,12 +25,16 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_merge(args) -> None:
-    from .export.hf import find_adapter, merge_to_dir
+    from .export.hf import find_adapter, merge_to_dir, parse_size
 
     adapter = find_adapter(Path(args.run_or_adapter))
     out = Path(args.out) if args.out else adapter.parent / "merged"
-    merge_to_dir(adapter, out, base_model=args.base_model, dtype=args.dtype)
-    print(f"merged model written to {out}")
+    dtype = _DTYPE_ALIASES.get(args.dtype, args.dtype)
+    merge_to_dir(adapter, out, base_model=args.base_model, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size))
+    print(f"merged model ({dtype}) written to {out}")
+
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _cmd_quickstart(args) -> None:
@@ -81,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_or_adapter", help="a run's output_dir or an adapter directory")
     p.add_argument("--out", help="output directory (default: next to the adapter, merged/)")
     p.add_argument("--base-model", help="override the base model recorded in adapter_config.json")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"], default="bf16",
+                   help="weight dtype of the merged model (the merge itself is computed in float32)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")

@@ -43,6 +43,15 @@ def _cmd_quickstart(args) -> None:
     run_quickstart(Path(args.out), args.overrides)
 
 
+def _cmd_export_adapter(args) -> None:
+    from .export.adapter import export_adapter, min_max_lora_rank
+
+    adapter, cfg = export_adapter(Path(args.run_or_adapter), Path(args.out) if args.out else None)
+    print(f"adapter OK for PEFT and vLLM's LoRA loader: {adapter} (r={cfg['r']}, alpha={cfg['lora_alpha']})")
+    print(f"serve it: vllm serve {cfg.get('base_model_name_or_path') or 'BASE_MODEL'} --enable-lora "
+          f"--max-lora-rank {min_max_lora_rank(int(cfg['r']))} --lora-modules tuned={adapter.resolve()}")
+
+
 def _cmd_validate(args) -> None:
     from .config import load_config
     from .train.loop import prepare
@@ -89,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype of the merged model (the merge itself is computed in float32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     p.set_defaults(func=_cmd_merge)
+
+    export = sub.add_parser("export", help="adapter for vLLM, GGUF for llama.cpp, AWQ").add_subparsers(
+        dest="format", required=True, metavar="FORMAT")
+    p = export.add_parser("adapter", help="check a LoRA adapter against vLLM's loader (and copy it)")
+    p.add_argument("run_or_adapter", help="a run's output_dir or an adapter directory")
+    p.add_argument("--out", help="copy the checked adapter here")
+    p.set_defaults(func=_cmd_export_adapter)
 
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")
     p.add_argument("--out", default="quickstart-output", help="working directory")

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import MistralTuneError
+from .errors import ConfigError, MistralTuneError
 
 
 def _cmd_train(args) -> None:
@@ -50,6 +50,59 @@ def _cmd_export_adapter(args) -> None:
     print(f"adapter OK for PEFT and vLLM's LoRA loader: {adapter} (r={cfg['r']}, alpha={cfg['lora_alpha']})")
     print(f"serve it: vllm serve {cfg.get('base_model_name_or_path') or 'BASE_MODEL'} --enable-lora "
           f"--max-lora-rank {min_max_lora_rank(int(cfg['r']))} --lora-modules tuned={adapter.resolve()}")
+
+
+def _sampling(args):
+    from .serve.chat import Sampling
+
+    for name in ("temperature", "top_p", "max_tokens"):
+        value = getattr(args, name)
+        if value < 0 or (name == "top_p" and not 0 < value <= 1) or (name == "max_tokens" and value < 1):
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: out of range")
+    return Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def _load(args):
+    from .serve.load import load_for_inference
+
+    return load_for_inference(args.model, base_model=args.base_model, dtype=args.dtype, device=args.device)
+
+
+def _cmd_chat(args) -> None:
+    from .serve.chat import chat_loop
+
+    sampling = _sampling(args)
+    loaded = _load(args)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()  # stream token by token
+
+    chat_loop(loaded, sampling, system=args.system, write=write)
+
+
+def _cmd_generate(args) -> None:
+    from .serve.chat import generate_file
+
+    sampling = _sampling(args)
+    loaded = _load(args)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
+    n = generate_file(loaded, Path(args.prompts), Path(args.out), sampling, batch_size=args.batch_size,
+                      system=args.system, progress=lambda done, total: print(f"{done}/{total}", file=sys.stderr))
+    print(f"{n} completions written to {args.out}")
+
+
+def _add_model_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("model", help="a merged model, a run's output_dir, or an adapter directory")
+    p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9 if temperature else 1.0)
+    p.add_argument("--seed", type=int, help="sampling seed (reproducible answers)")
 
 
 def _cmd_validate(args) -> None:
@@ -105,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_or_adapter", help="a run's output_dir or an adapter directory")
     p.add_argument("--out", help="copy the checked adapter here")
     p.set_defaults(func=_cmd_export_adapter)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streamed, /reset, /system)")
+    _add_model_args(p, temperature=0.7)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("generate", help="answer a file of prompts in batches; write JSONL")
+    _add_model_args(p, temperature=0.0)
+    p.add_argument("prompts", help='JSONL ({"messages": [...]} or {"prompt": "..."} a line) or text (a prompt a line)')
+    p.add_argument("--out", required=True, help="output JSONL: the input record plus completion and token counts")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")
     p.add_argument("--out", default="quickstart-output", help="working directory")

@@ -93,11 +93,39 @@ def _cmd_generate(args) -> None:
     print(f"{n} completions written to {args.out}")
 
 
-def _add_model_args(p: argparse.ArgumentParser, temperature: float) -> None:
+def _cmd_serve(args) -> None:
+    from .serve.server import ServerConfig, make_server
+
+    api_key = args.api_key or os.environ.get("MISTRAL_TUNE_API_KEY") or None
+    if args.max_concurrent < 1 or args.max_input_tokens < 1 or args.max_tokens_limit < 1 or args.max_body_bytes < 1:
+        raise ConfigError("--max-concurrent, --max-input-tokens, --max-tokens-limit and --max-body-bytes must be >= 1")
+    cfg = ServerConfig(host=args.host, port=args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                       max_input_tokens=args.max_input_tokens, max_tokens_limit=args.max_tokens_limit,
+                       max_concurrent=args.max_concurrent)
+    loaded = _load(args)
+    if args.name:
+        loaded.name = args.name
+    try:
+        server = make_server(loaded, cfg)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    host, port = server.server_address[:2]
+    if host not in ("127.0.0.1", "::1", "localhost") and not api_key:
+        print(f"warning: listening on {host} without an API key; anyone who can reach it can use it", file=sys.stderr)
+    print(f"serving {loaded.name} at http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def _add_model_args(p: argparse.ArgumentParser, temperature: float | None) -> None:
     p.add_argument("model", help="a merged model, a run's output_dir, or an adapter directory")
     p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    if temperature is None:  # the server takes sampling settings per request
+        return
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer")
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
@@ -169,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL: the input record plus completion and token counts")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    _add_model_args(p, temperature=None)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MISTRAL_TUNE_API_KEY)")
+    p.add_argument("--name", help="model name clients use (default: the directory name)")
+    p.add_argument("--max-concurrent", type=int, default=4, help="requests in flight; more get 429")
+    p.add_argument("--max-input-tokens", type=int, default=8192)
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")
     p.add_argument("--out", default="quickstart-output", help="working directory")

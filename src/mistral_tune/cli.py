@@ -133,6 +133,16 @@ def _add_model_args(p: argparse.ArgumentParser, temperature: float | None) -> No
     p.add_argument("--seed", type=int, help="sampling seed (reproducible answers)")
 
 
+def _cmd_export_gguf(args) -> None:
+    from .export.gguf import export_gguf
+
+    src = Path(args.model)
+    out = Path(args.out) if args.out else src.resolve().parent / f"{src.resolve().name}-{args.quant}.gguf"
+    export_gguf(src, out, args.quant, base_model=args.base_model,
+                warn=lambda msg: print(msg, file=sys.stderr))
+    print(f"GGUF ({args.quant}) written to {out}")
+
+
 def _cmd_validate(args) -> None:
     from .config import load_config
     from .train.loop import prepare
@@ -209,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
     p.set_defaults(func=_cmd_serve)
+
+    p = export.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama / LM Studio")
+    p.add_argument("model", help="a merged model, a run's output_dir, or an adapter directory")
+    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"],
+                   help="k-quants need llama.cpp (llama-quantize on PATH, or llama-cpp-python)")
+    p.add_argument("--out", help="output file (default: beside the model, NAME-QUANT.gguf)")
+    p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
+    p.set_defaults(func=_cmd_export_gguf)
 
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")
     p.add_argument("--out", default="quickstart-output", help="working directory")

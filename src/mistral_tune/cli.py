@@ -143,6 +143,17 @@ def _cmd_export_gguf(args) -> None:
     print(f"GGUF ({args.quant}) written to {out}")
 
 
+def _cmd_export_awq(args) -> None:
+    from .export.awq import export_awq
+
+    src = Path(args.model)
+    out = Path(args.out) if args.out else src.resolve().parent / f"{src.resolve().name}-awq"
+    export_awq(src, out, Path(args.calibration_config) if args.calibration_config else None,
+               num_samples=args.num_samples, max_seq_len=args.max_seq_len, scheme=args.scheme,
+               base_model=args.base_model)
+    print(f"AWQ model (compressed-tensors, {args.scheme}) written to {out}")
+
+
 def _cmd_validate(args) -> None:
     from .config import load_config
     from .train.loop import prepare
@@ -227,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: beside the model, NAME-QUANT.gguf)")
     p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
     p.set_defaults(func=_cmd_export_gguf)
+
+    p = export.add_parser("awq", help="4-bit AWQ via llm-compressor (pip install 'mistral-tune[awq]'; GPU)")
+    p.add_argument("model", help="a run's output_dir, its merged model, or an adapter directory")
+    p.add_argument("--out", help="output directory (default: beside the model, NAME-awq)")
+    p.add_argument("--calibration-config", help="a config.yaml whose datasets calibrate (default: the run's)")
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--scheme", default="W4A16_ASYM", choices=["W4A16_ASYM", "W4A16"])
+    p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
+    p.set_defaults(func=_cmd_export_awq)
 
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")
     p.add_argument("--out", default="quickstart-output", help="working directory")

@@ -106,7 +106,8 @@ def test_chat_ends_on_end_of_input(loaded) -> None:
 def test_cli_generate_writes_jsonl_in_input_order(model_dir: Path, tmp_path: Path, capsys) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(r) for r in [
-        {"id": "a", "messages": PROMPTS[2]}, {"id": "b", "prompt": "Hi"}, {"id": "c", "messages": PROMPTS[1]},
+        {"id": "a", "messages": PROMPTS[2]}, {"id": "b", "prompt": "Hi"},
+        {"id": "c", "messages": [*PROMPTS[1], {"role": "assistant", "content": "4"}]},  # reference answer
     ]) + "\n")
     out = tmp_path / "out.jsonl"
     assert main(["generate", str(model_dir), str(prompts), "--out", str(out), "--batch-size", "2",

@@ -99,7 +99,8 @@ def _with_system(system: str | None, history: list[dict]) -> list[dict]:
 
 def read_prompts(path: Path, system: str | None = None) -> list[dict]:
     """Records from a JSONL file ({"messages": [...]} or {"prompt": "..."}) or a text file (one
-    user message per line). Each record keeps its original fields for the output."""
+    user message per line). Each record keeps its original fields for the output; a trailing
+    assistant message (a reference answer) is left out of the prompt."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -125,6 +126,10 @@ def read_prompts(path: Path, system: str | None = None) -> list[dict]:
             messages = [{"role": "user", "content": rec["prompt"]}]
         else:
             raise DataError(f"{path}:{n}: needs 'messages' (a list) or 'prompt' (a string)")
+        if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            # An evaluation set carries the reference answer last: answer the turn before it
+            # (the record, reference included, is copied to the output).
+            messages = messages[:-1]
         if system and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": system}, *messages]
         records.append({"line": n, "record": rec, "messages": messages})

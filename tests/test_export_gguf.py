@@ -159,3 +159,26 @@ def test_k_quant_through_llama_cpp(v3_model: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         ours = loaded.model(torch.tensor([ids]))[0].numpy()
     assert np.corrcoef(theirs.ravel(), ours.ravel())[0, 1] > 0.98
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["v1", "v3", "v7", "tekken"])
+def test_llama_cpp_chat_template_gives_mistral_common_ids(name: str, tmp_path: Path) -> None:
+    """The GGUF's chat template, rendered by llama-cpp-python's own chat formatter and tokenized
+    by llama.cpp, gives mistral-common's ids (as create_chat_completion would)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from test_export_hf import CONVERSATIONS, _mistral_common_ids
+
+    model = tiny_model(tmp_path / name, name)
+    out = export_gguf(model, tmp_path / "m.gguf", "q8_0" if name != "tekken" else "f16")
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    try:
+        formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
+        source = load_for_inference(model).tokenizer.source_file
+        for conv in CONVERSATIONS:
+            prompt = formatter(messages=conv).prompt
+            assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == _mistral_common_ids(source, conv)
+    finally:
+        llm.close()

@@ -177,6 +177,12 @@ class KVCache:
         self.k[layer], self.v[layer] = k, v
         return k, v
 
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions (a chat turn reuses the conversation's common prefix)."""
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            if k is not None:
+                self.k[i], self.v[i] = k[:, :, :length], v[:, :, :length]
+
 
 class MistralForCausalLM(nn.Module):
     def __init__(self, cfg: MistralConfig) -> None:
@@ -214,11 +220,14 @@ class MistralForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, L, hidden).
 
         seq_ids marks which sample each token belongs to (packed rows); without it the whole row
         is one sample. position_ids default to 0..L-1 (after the cache's length when decoding).
+        key_mask (B, past + L), False for keys no query may attend: the left padding of batched
+        generation while decoding with a cache (its prefill separates padding by seq_ids).
         """
         B, L = input_ids.shape
         cfg = self.config
@@ -228,6 +237,8 @@ class MistralForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
         mask = self._mask(seq_ids, position_ids, past, L, input_ids.device)
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, :]
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
@@ -256,9 +267,10 @@ class MistralForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, vocab) in float32."""
-        return self.lm_head(self.hidden_states(input_ids, position_ids, seq_ids, kv_cache)).float()
+        return self.lm_head(self.hidden_states(input_ids, position_ids, seq_ids, kv_cache, key_mask)).float()
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import MistralTuneError
+from .errors import ConfigError, MistralTuneError
 
 
 def _cmd_train(args) -> None:
@@ -15,7 +15,13 @@ def _cmd_train(args) -> None:
     from .train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, merge=args.merge)
+    result = train(cfg, merge=args.merge, force=args.force)
+    if result.stopped_by:
+        # A requested stop is a success: the checkpoint is written and the run can go on from it.
+        again = " ".join(["mistral-tune", "train", args.config, *args.overrides]
+                         + ([] if cfg.resume == "auto" else ["resume=auto"]))
+        print(f"to continue: {again}")  # train() has said where it stopped and which checkpoint it wrote
+        return
     print(f"trained {result.steps} steps; final train loss {result.final_train_loss:.4f}"
           + (f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
     if result.adapter_dir:
@@ -25,12 +31,16 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_merge(args) -> None:
-    from .export.hf import find_adapter, merge_to_dir
+    from .export.hf import find_adapter, merge_to_dir, parse_size
 
     adapter = find_adapter(Path(args.run_or_adapter))
     out = Path(args.out) if args.out else adapter.parent / "merged"
-    merge_to_dir(adapter, out, base_model=args.base_model, dtype=args.dtype)
-    print(f"merged model written to {out}")
+    dtype = _DTYPE_ALIASES.get(args.dtype, args.dtype)
+    merge_to_dir(adapter, out, base_model=args.base_model, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size))
+    print(f"merged model ({dtype}) written to {out}")
+
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _cmd_quickstart(args) -> None:
@@ -39,12 +49,123 @@ def _cmd_quickstart(args) -> None:
     run_quickstart(Path(args.out), args.overrides)
 
 
+def _cmd_export_adapter(args) -> None:
+    from .export.adapter import export_adapter, min_max_lora_rank
+
+    adapter, cfg = export_adapter(Path(args.run_or_adapter), Path(args.out) if args.out else None)
+    print(f"adapter OK for PEFT and vLLM's LoRA loader: {adapter} (r={cfg['r']}, alpha={cfg['lora_alpha']})")
+    print(f"serve it: vllm serve {cfg.get('base_model_name_or_path') or 'BASE_MODEL'} --enable-lora "
+          f"--max-lora-rank {min_max_lora_rank(int(cfg['r']))} --lora-modules tuned={adapter.resolve()}")
+
+
+def _sampling(args):
+    from .serve.chat import Sampling
+
+    for name in ("temperature", "top_p", "max_tokens"):
+        value = getattr(args, name)
+        if value < 0 or (name == "top_p" and not 0 < value <= 1) or (name == "max_tokens" and value < 1):
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: out of range")
+    return Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def _load(args):
+    from .serve.load import load_for_inference
+
+    return load_for_inference(args.model, base_model=args.base_model, dtype=args.dtype, device=args.device)
+
+
+def _cmd_chat(args) -> None:
+    from .serve.chat import chat_loop
+
+    sampling = _sampling(args)
+    loaded = _load(args)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()  # stream token by token
+
+    chat_loop(loaded, sampling, system=args.system, write=write)
+
+
+def _cmd_generate(args) -> None:
+    from .serve.chat import generate_file
+
+    sampling = _sampling(args)
+    loaded = _load(args)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
+    n = generate_file(loaded, Path(args.prompts), Path(args.out), sampling, batch_size=args.batch_size,
+                      system=args.system, progress=lambda done, total: print(f"{done}/{total}", file=sys.stderr))
+    print(f"{n} completions written to {args.out}")
+
+
+def _cmd_serve(args) -> None:
+    from .serve.server import ServerConfig, make_server
+
+    api_key = args.api_key or os.environ.get("MISTRAL_TUNE_API_KEY") or None
+    if args.max_concurrent < 1 or args.max_input_tokens < 1 or args.max_tokens_limit < 1 or args.max_body_bytes < 1:
+        raise ConfigError("--max-concurrent, --max-input-tokens, --max-tokens-limit and --max-body-bytes must be >= 1")
+    cfg = ServerConfig(host=args.host, port=args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
+                       max_input_tokens=args.max_input_tokens, max_tokens_limit=args.max_tokens_limit,
+                       max_concurrent=args.max_concurrent)
+    loaded = _load(args)
+    if args.name:
+        loaded.name = args.name
+    try:
+        server = make_server(loaded, cfg)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    host, port = server.server_address[:2]
+    if host not in ("127.0.0.1", "::1", "localhost") and not api_key:
+        print(f"warning: listening on {host} without an API key; anyone who can reach it can use it", file=sys.stderr)
+    print(f"serving {loaded.name} at http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def _add_model_args(p: argparse.ArgumentParser, temperature: float | None) -> None:
+    p.add_argument("model", help="a merged model, a run's output_dir, or an adapter directory")
+    p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    if temperature is None:  # the server takes sampling settings per request
+        return
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9 if temperature else 1.0)
+    p.add_argument("--seed", type=int, help="sampling seed (reproducible answers)")
+
+
+def _cmd_export_gguf(args) -> None:
+    from .export.gguf import export_gguf
+
+    src = Path(args.model)
+    out = Path(args.out) if args.out else src.resolve().parent / f"{src.resolve().name}-{args.quant}.gguf"
+    export_gguf(src, out, args.quant, base_model=args.base_model,
+                warn=lambda msg: print(msg, file=sys.stderr))
+    print(f"GGUF ({args.quant}) written to {out}")
+
+
+def _cmd_export_awq(args) -> None:
+    from .export.awq import export_awq
+
+    src = Path(args.model)
+    out = Path(args.out) if args.out else src.resolve().parent / f"{src.resolve().name}-awq"
+    export_awq(src, out, Path(args.calibration_config) if args.calibration_config else None,
+               num_samples=args.num_samples, max_seq_len=args.max_seq_len, scheme=args.scheme,
+               base_model=args.base_model)
+    print(f"AWQ model (compressed-tensors, {args.scheme}) written to {out}")
+
+
 def _cmd_validate(args) -> None:
     from .config import load_config
     from .train.loop import prepare
 
     cfg = load_config(args.config, args.overrides)
-    _, model_dir, tokenizer, model, data = prepare(cfg)
+    _, model_dir, tokenizer, model, data = prepare(cfg, check_output=False)
     print(f"config OK; model {model_dir} ({model.config.num_hidden_layers} layers, vocab "
           f"{model.config.vocab_size}); tokenizer {tokenizer.source_file.name}")
     for line in data.report.lines():
@@ -116,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     p.add_argument("--merge", action="store_true", help="also write the merged model (output_dir/merged)")
+    p.add_argument("--force", action="store_true",
+                   help="resume even though safe keys (logging, eval/save cadence, max_steps, ...) changed")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("validate", help="check a config, its model, tokenizer and data without training")
@@ -127,8 +250,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_or_adapter", help="a run's output_dir or an adapter directory")
     p.add_argument("--out", help="output directory (default: next to the adapter, merged/)")
     p.add_argument("--base-model", help="override the base model recorded in adapter_config.json")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"], default="bf16",
+                   help="weight dtype of the merged model (the merge itself is computed in float32)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     p.set_defaults(func=_cmd_merge)
+
+    export = sub.add_parser("export", help="adapter for vLLM, GGUF for llama.cpp, AWQ").add_subparsers(
+        dest="format", required=True, metavar="FORMAT")
+    p = export.add_parser("adapter", help="check a LoRA adapter against vLLM's loader (and copy it)")
+    p.add_argument("run_or_adapter", help="a run's output_dir or an adapter directory")
+    p.add_argument("--out", help="copy the checked adapter here")
+    p.set_defaults(func=_cmd_export_adapter)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streamed, /reset, /system)")
+    _add_model_args(p, temperature=0.7)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("generate", help="answer a file of prompts in batches; write JSONL")
+    _add_model_args(p, temperature=0.0)
+    p.add_argument("prompts", help='JSONL ({"messages": [...]} or {"prompt": "..."} a line) or text (a prompt a line)')
+    p.add_argument("--out", required=True, help="output JSONL: the input record plus completion and token counts")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    _add_model_args(p, temperature=None)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MISTRAL_TUNE_API_KEY)")
+    p.add_argument("--name", help="model name clients use (default: the directory name)")
+    p.add_argument("--max-concurrent", type=int, default=4, help="requests in flight; more get 429")
+    p.add_argument("--max-input-tokens", type=int, default=8192)
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.set_defaults(func=_cmd_serve)
+
+    p = export.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama / LM Studio")
+    p.add_argument("model", help="a merged model, a run's output_dir, or an adapter directory")
+    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"],
+                   help="k-quants need llama.cpp (llama-quantize on PATH, or llama-cpp-python)")
+    p.add_argument("--out", help="output file (default: beside the model, NAME-QUANT.gguf)")
+    p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
+    p.set_defaults(func=_cmd_export_gguf)
+
+    p = export.add_parser("awq", help="4-bit AWQ via llm-compressor (pip install 'mistral-tune[awq]'; GPU)")
+    p.add_argument("model", help="a run's output_dir, its merged model, or an adapter directory")
+    p.add_argument("--out", help="output directory (default: beside the model, NAME-awq)")
+    p.add_argument("--calibration-config", help="a config.yaml whose datasets calibrate (default: the run's)")
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--scheme", default="W4A16_ASYM", choices=["W4A16_ASYM", "W4A16"])
+    p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
+    p.set_defaults(func=_cmd_export_awq)
 
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")
     p.add_argument("--out", default="quickstart-output", help="working directory")
@@ -164,7 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # parse_args drops key=value overrides that follow an option (`train c.yaml --merge lr=1`):
+    # argparse fills a nargs="*" positional once, before the option. Take them back here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
     except MistralTuneError as exc:

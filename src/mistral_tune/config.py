@@ -149,6 +149,14 @@ class Config(_Strict):
     num_epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Overrides num_epochs when set.")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer in backward to save memory.")
+    offload_activations: bool = Field(
+        False, description="With gradient_checkpointing on a GPU: keep the saved layer inputs in CPU memory."
+    )
+    fast_path: Literal["auto"] | bool = Field(
+        "auto",
+        description="FlexAttention, compiled decoder layers and the fused loss; auto: on with a GPU. "
+        "The maths is the plain path's.",
+    )
     # precision and run
     bf16: Literal["auto"] | bool = Field(
         "auto", description="auto: bf16 autocast on a GPU that supports it, float32 on CPU."
@@ -156,9 +164,47 @@ class Config(_Strict):
     seed: int = 42
     output_dir: str = "outputs/run"
     logging_steps: int = Field(1, ge=1)
-    eval_steps: int | None = Field(None, ge=1, description="None: evaluate only at the end.")
-    save_steps: int | None = Field(None, ge=1, description="None: save only at the end.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate every this many steps; the held-out set is also evaluated at each "
+        "checkpoint (to keep the best) and at the end."
+    )
+    save_steps: int | None = Field(
+        None, ge=1,
+        description="Write a checkpoint every this many optimizer steps; checkpoints are also written at "
+        "each epoch end and at the last step.",
+    )
+    save_total_limit: int = Field(
+        3, ge=1,
+        description="Keep this many newest checkpoints, plus the one with the best held-out loss.",
+    )
     overwrite_output_dir: bool = False
+    resume: str | None = Field(
+        None,
+        description="auto: continue from the newest valid checkpoint in output_dir (start fresh if there "
+        "is none); or the path of a checkpoint directory (or of a run's output_dir) to continue from.",
+    )
+    # reliability
+    bad_step_zscore: float | None = Field(
+        8.0, gt=0,
+        description="Skip a step whose loss is more than this many robust standard deviations (median/MAD "
+        "of recent good steps) above the median; null disables spike detection.",
+    )
+    bad_step_window: int = Field(32, ge=8, description="How many recent good losses the spike test looks at.")
+    bad_step_rollback_after: int = Field(
+        5, ge=1,
+        description="After this many consecutive skipped steps, roll back to the last good checkpoint.",
+    )
+    bad_step_lr_factor: float = Field(
+        0.5, gt=0, le=1, description="Multiply the learning rate by this at each rollback."
+    )
+    bad_step_max_rollbacks: int = Field(
+        3, ge=0, description="Stop the run with a report when one more rollback would be needed."
+    )
+    auto_micro_batch: bool = Field(
+        False,
+        description="On GPU out-of-memory, halve micro_batch_size and double gradient_accumulation_steps "
+        "(same effective batch) and retry, until it fits or micro_batch_size is 1.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -169,6 +215,8 @@ class Config(_Strict):
             raise ValueError(
                 f"lora_target_modules: unknown module(s) {unknown}; allowed: {ALL_PROJECTIONS}"
             )
+        if self.resume is not None and self.overwrite_output_dir:
+            raise ValueError("set resume or overwrite_output_dir, not both (overwriting would delete the checkpoints)")
         if not self.lora_target_modules and self.adapter == "lora":
             raise ValueError("lora_target_modules: empty; name at least one projection")
         if self.val_datasets and self.val_set_size:
@@ -193,10 +241,20 @@ def _nearest_key(key: str, model: type[BaseModel]) -> str:
 
 def _format_error(exc: ValidationError, source: str) -> str:
     lines = []
+    unions: dict[str, tuple[int, list[str]]] = {}  # field -> (its line, what each member allows)
     for err in exc.errors():
         loc = err["loc"]
         key = ".".join(str(p) for p in loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
+        nested = ("datasets", "val_datasets", "cleaning")  # models of their own, not unions
+        if len(loc) == 2 and loc[0] in Config.model_fields and loc[0] not in nested and isinstance(loc[1], str):
+            # A value that fits no member of a union (bf16: 'auto' | bool) gives one error per member,
+            # located at `field.<member>`; report the field once, listing what each member allows.
+            field_name = str(loc[0])
+            if field_name not in unions:
+                unions[field_name] = (len(lines), [])
+                lines.append(f"{source}: key '{field_name}' has value {err.get('input')!r}; allowed: ")
+            unions[field_name][1].append(str((err.get("ctx") or {}).get("expected", loc[1])))
+        elif err["type"] == "extra_forbidden":
             owner = (DatasetConfig if ("datasets" in loc or "val_datasets" in loc)
                      else CleaningConfig if "cleaning" in loc else Config)
             lines.append(f"{source}: unknown key '{key}'{_nearest_key(str(loc[-1]), owner)}")
@@ -207,6 +265,8 @@ def _format_error(exc: ValidationError, source: str) -> str:
         else:
             value = err.get("input")
             lines.append(f"{source}: key '{key}' has value {value!r}; {_describe_allowed(loc, err)}")
+    for i, allowed in unions.values():
+        lines[i] += " or ".join(allowed)
     return "; ".join(lines)
 
 
@@ -283,8 +343,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def _resolve_near(value: str, base: Path) -> str:
+    """A relative path that exists next to the config wins; otherwise it is left as written
+    (relative to the working directory, or a hub id / bundled tokenizer name)."""
     p = Path(value).expanduser()
-    if p.is_absolute() or p.exists():
+    if p.is_absolute():
         return str(p)
     if any(ch in value for ch in "*?["):  # a glob: resolve it where it matches something
         import glob

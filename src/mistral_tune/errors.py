@@ -17,3 +17,15 @@ class DataError(MistralTuneError):
 
 class ModelError(MistralTuneError):
     """A model path, checkpoint or tokenizer does not fit."""
+
+
+class CheckpointError(MistralTuneError):
+    """A checkpoint is missing, damaged, does not fit the run, or could not be written."""
+
+
+class TrainingHalted(MistralTuneError):
+    """The run stopped itself (bad steps that rollbacks did not cure); the message says what happened."""
+
+
+class OutOfMemory(MistralTuneError):
+    """The accelerator ran out of memory; the message gives the figures and config changes that fit."""

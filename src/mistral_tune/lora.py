@@ -101,7 +101,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_adapter(model: nn.Module, spec: LoraSpec, out_dir: Path, base_model: str, dtype: torch.dtype | None = None) -> None:
+def save_adapter(
+    model: nn.Module, spec: LoraSpec, out_dir: Path, base_model: str, dtype: torch.dtype | None = None
+) -> None:
     """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = lora_state_dict(model)
@@ -154,6 +156,8 @@ def read_adapter_config(adapter_dir: Path) -> tuple[LoraSpec, str]:
 def load_adapter(model: nn.Module, adapter_dir: Path) -> LoraSpec:
     """Attach a saved PEFT adapter to a plain model (wraps the targets, then loads A/B)."""
     spec, _ = read_adapter_config(adapter_dir)
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise ModelError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
     apply_lora(model, spec)
     tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     state = {}
@@ -170,6 +174,13 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> LoraSpec:
             f"{adapter_dir / ADAPTER_WEIGHTS}: does not fit the model "
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. {example})"
         )
+    own_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in own}
+    for key in sorted(state):
+        if tuple(state[key].shape) != own_shapes[key]:
+            raise ModelError(
+                f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {key} has shape {tuple(state[key].shape)}, the model "
+                f"and adapter_config.json imply {own_shapes[key]} (adapter for another model or rank?)"
+            )
     model.load_state_dict(state, strict=False)
     return spec
 

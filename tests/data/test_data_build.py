@@ -72,7 +72,7 @@ def test_no_trained_token_refuses_to_train(tmp_path: Path, tok, make_cfg) -> Non
     assert any(line.startswith("warning: dropped 1 sample(s) with no trained token") for line in r.lines())
     # Records without an assistant turn at all are bad records; skipped, they explain the refusal.
     p3 = write_jsonl(tmp_path / "f.jsonl", [{"messages": [{"role": "user", "content": "q"}]}])
-    with pytest.raises(DataError, match=r"1 bad record\(s\) skipped .*last turn is 'user'"):
+    with pytest.raises(DataError, match=r"1 bad record\(s\) skipped .*last message must be from the assistant"):
         build_dataset(make_cfg([p3], on_bad_record="skip"), tok)
 
 
@@ -236,7 +236,7 @@ def test_workers_read_ahead_a_bounded_number_of_chunks(tok) -> None:
 
     at_first_result = []
     settings = _settings(config_from_dict({"base_model": "x", "datasets": [{"path": "x"}]}))
-    _run_pool(chunks(), [], ["messages"], tok, settings, 2, lambda out: at_first_result.append(len(pulled)))
+    _run_pool(chunks(), [], "messages", tok, settings, 2, lambda out: at_first_result.append(len(pulled)))
     assert len(at_first_result) == 40  # every chunk processed
     assert at_first_result[0] <= 2 * 2 + 1, at_first_result[0]
 

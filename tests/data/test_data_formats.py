@@ -76,7 +76,7 @@ def test_tool_calls_pass_through(tok) -> None:
                    {"role": A, "content": "a"}]}, "tool result that follows no tool call"),
     ({"messages": [{"role": U, "content": "q"}, {"role": A, "content": "  "}]}, "empty assistant message"),
     ({"messages": [{"role": U, "content": "q"}, {"role": A, "content": "a"}, {"role": U, "content": "?"}]},
-     "last turn is 'user', not assistant"),
+     "last message must be from the assistant, got 'user'"),
     ({"messages": [{"role": "bot", "content": "q"}]}, "unknown role 'bot'"),
     ({"conversations": [{"from": "alien", "value": "q"}]}, "unknown speaker 'alien'"),
     ({"instruction": 3, "output": "a"}, "field 'instruction' must be a string"),
@@ -102,7 +102,7 @@ def test_bad_records_are_listed_with_file_and_line(tmp_path: Path, tok, make_cfg
     text = str(err.value)
     assert text.startswith("3 bad record(s): ")
     assert f"{p}:2: not valid JSON" in text
-    assert f"{p}:3: last turn is 'user'" in text
+    assert f"{p}:3: last message must be from the assistant, got 'user'" in text
     assert f"{p}:4: message 1: content part of type 'str' is not supported" in text
 
     data = build_dataset(make_cfg([p], on_bad_record="skip"), tok)
@@ -125,12 +125,15 @@ def test_tool_calls_on_v1_are_a_bad_record(tmp_path: Path, make_cfg) -> None:
         build_dataset(make_cfg([p]), load_tokenizer("v1"))
 
 
-def test_a_record_of_another_format_says_so(tmp_path: Path, tok, make_cfg) -> None:
+def test_auto_reads_each_record_by_its_keys_a_set_format_says_what_a_record_looks_like(
+        tmp_path: Path, tok, make_cfg) -> None:
     p = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": U, "content": "q"}, {"role": A, "content": "a"}]},
-                                          {"instruction": "q", "output": "a"}])
+                                          {"instruction": "q2", "output": "a2"}, {"instruction": "q3", "output": "a3"}])
+    r = build_dataset(make_cfg([p]), tok).report
+    assert r.samples == 3 and r.formats == {str(p): "alpaca (2), messages (1)"}
     with pytest.raises(DataError, match=r"d\.jsonl:2: .*\(the record looks like alpaca, the dataset is read as "
                                         r"messages\)"):
-        build_dataset(make_cfg([p]), tok)
+        build_dataset(make_cfg([{"path": str(p), "format": "messages"}]), tok)
 
 
 def test_data_config_keys_are_checked() -> None:

@@ -226,10 +226,15 @@ def process_records(records: list[RawRecord], fmt: str, tokenizer, st: _Settings
             out.rejects.append((raw.origin, "bad", raw.error))
             continue
         try:
-            example = to_example(raw.record, fmt, fm)
+            # auto: each record by its own keys, so a file mixing layouts works; a set format is
+            # applied to every record, and one in another layout is reported as such.
+            used = detect_format(raw.record, fm) if fmt == "auto" else fmt
+            example = to_example(raw.record, used, fm)
         except ValueError as exc:
-            out.rejects.append((raw.origin, "bad", str(exc) + _other_format_hint(raw.record, fmt, fm)))
+            hint = _other_format_hint(raw.record, fmt, fm) if fmt != "auto" else ""
+            out.rejects.append((raw.origin, "bad", str(exc) + hint))
             continue
+        out.counts[f"format:{used}"] += 1
         cleaned = st.cleaner.clean(example)
         out.counts["unicode_fixed"] += cleaned.unicode_fixed or raw.fixed_utf8
         out.pii.update(cleaned.pii)
@@ -363,23 +368,15 @@ def load_or_build(ds, cfg, tokenizer, cache_root: Path | None) -> tuple[CacheEnt
     return entry, status
 
 
-def _record_chunks(sources, fix_utf8: bool, per_file: dict[str, int], fmt_box: list, ds):
-    """Chunks of raw records across the dataset's sources; detects the format on the first good one."""
-    fm = FieldMap(ds.field_map)
+def _record_chunks(sources, fix_utf8: bool, per_file: dict[str, int]):
+    """Chunks of raw (unparsed) records across the dataset's sources, read as they are consumed."""
     chunk: list[RawRecord] = []
     for src in sources:
         n = 0
         for raw in read_source(src, fix_utf8=fix_utf8, lazy=True):
             n += 1
-            if fmt_box[0] == "auto":
-                raw = parse_line(raw, fix_utf8)
-            if fmt_box[0] == "auto" and raw.record is not None:
-                try:
-                    fmt_box[0] = detect_format(raw.record, fm)
-                except ValueError as exc:
-                    raise DataError(f"{raw.origin}: {exc}") from None
             chunk.append(raw)
-            if len(chunk) >= CHUNK_RECORDS and fmt_box[0] != "auto":
+            if len(chunk) >= CHUNK_RECORDS:
                 yield chunk
                 chunk = []
         if n == 0:
@@ -389,10 +386,21 @@ def _record_chunks(sources, fix_utf8: bool, per_file: dict[str, int], fmt_box: l
         yield chunk
 
 
+def _format_summary(fmt: str, counts: Counter) -> str:
+    """The dataset's format for the report: the one set, or what auto found (with counts if mixed)."""
+    if fmt != "auto":
+        return fmt
+    found = sorted(((k.split(":", 1)[1], n) for k, n in counts.items() if k.startswith("format:")),
+                   key=lambda kv: -kv[1])
+    if len(found) == 1:
+        return found[0][0]
+    return ", ".join(f"{f} ({n})" for f, n in found) or "auto (no readable record)"
+
+
 def _build_entry(sources, ds, settings: _Settings, tokenizer, writer: CacheWriter, workers: int,
                  cleaning) -> None:
     per_file: dict[str, int] = {}
-    fmt_box = [canonical_format(ds.format)]
+    fmt = canonical_format(ds.format)
     counts: Counter = Counter()
     pii: Counter = Counter()
     flagged: list[str] = []
@@ -430,35 +438,35 @@ def _build_entry(sources, ds, settings: _Settings, tokenizer, writer: CacheWrite
                       np.asarray(out.hashes, np.uint64)[keep], [o for o, k in zip(out.origins, keep, strict=True) if k])
 
     try:
-        chunks = _record_chunks(sources, settings.cleaner.unicode, per_file, fmt_box, ds)
+        chunks = _record_chunks(sources, settings.cleaner.unicode, per_file)
         first = next(chunks, None)
         second = next(chunks, None) if first is not None else None
         if second is None or workers <= 1:
             # Small data (or one worker): no process start-up cost.
             for chunk in (c for c in (first, second) if c is not None):
-                consume(process_records(chunk, fmt_box[0], tokenizer, settings))
+                consume(process_records(chunk, fmt, tokenizer, settings))
             for chunk in chunks:
-                consume(process_records(chunk, fmt_box[0], tokenizer, settings))
+                consume(process_records(chunk, fmt, tokenizer, settings))
         else:
-            _run_pool(chunks, [first, second], fmt_box, tokenizer, settings, workers, consume)
+            _run_pool(chunks, [first, second], fmt, tokenizer, settings, workers, consume)
     except BaseException:
         writer.abort()
         raise
     meta = {
-        "dataset": dataset_label(ds), "format": fmt_box[0], "per_file": per_file,
+        "dataset": dataset_label(ds), "format": _format_summary(fmt, counts), "per_file": per_file,
         "counts": dict(counts), "redacted": dict(pii), "flagged": flagged, "bad_examples": bad,
     }
     writer.finish(meta)
 
 
-def _run_pool(chunks, head, fmt_box, tokenizer, settings, workers, consume) -> None:
+def _run_pool(chunks, head, fmt: str, tokenizer, settings, workers, consume) -> None:
     # Bounded in-flight window (not Pool.imap, which would read the whole file ahead into memory).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, settings)) as pool:
         pending: collections.deque = collections.deque()
         for chunk in itertools.chain(head, chunks):  # lazily: the file is read as the workers keep up
-            pending.append(pool.apply_async(_work, ((fmt_box[0], chunk),)))
+            pending.append(pool.apply_async(_work, ((fmt, chunk),)))
             while len(pending) >= 2 * workers:
                 consume(pending.popleft().get())
         while pending:

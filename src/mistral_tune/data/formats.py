@@ -239,7 +239,7 @@ def check_conversation(messages: list[dict]) -> list[dict]:
             raise ValueError(f"message {i}: {role} content must be a string")
     last = messages[-1]["role"]
     if last != "assistant":
-        raise ValueError(f"last turn is {last!r}, not assistant: nothing to learn at the end")
+        raise ValueError(f"last message must be from the assistant, got {last!r} (nothing to learn at the end)")
     return messages
 
 

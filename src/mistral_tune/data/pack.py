@@ -181,10 +181,13 @@ def packing_stats(lengths: list[int], capacity: int) -> tuple[int, float]:
     return len(rows), 1.0 - sum(lengths) / (len(rows) * capacity)
 
 
-def collate(samples: list[Sample], rows: list[list[int]], pad_to: int | None = None, pad_id: int = 0) -> Batch:
-    """Tensors for the given rows; rows are padded to pad_to (or the longest row)."""
-    lengths = [sum(len(samples[i]) for i in row) for row in rows]
-    L = pad_to or max(lengths)
+def collate(samples: list[Sample], rows: list[list[int]], pad_to: int | None = None, pad_id: int = 0,
+            pad_multiple: int = 1) -> Batch:
+    """Tensors for the given rows; rows are padded to pad_to, or else to the longest row rounded up
+    to a multiple of pad_multiple (few distinct shapes keep compiled kernels from recompiling)."""
+    known = getattr(samples, "lengths", None)  # a SampleStore: no need to build each sample twice
+    lengths = [sum(int(known[i]) if known is not None else len(samples[i]) for i in row) for row in rows]
+    L = pad_to or -(-max(lengths) // pad_multiple) * pad_multiple
     B = len(rows)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     labels = torch.full((B, L), IGNORE, dtype=torch.long)
@@ -205,23 +208,27 @@ def collate(samples: list[Sample], rows: list[list[int]], pad_to: int | None = N
     return Batch(input_ids, labels, position_ids, seq_ids)
 
 
+def length_grouped(order: list[int], lengths: list[int], group: int, rng: random.Random) -> list[int]:
+    """Reorder rows so that each run of `group` consecutive rows (one micro-batch) has similar lengths:
+    cut the order into mega-batches of 64 groups, sort each by length, then shuffle the groups so
+    that the batch order stays random. Only the last group may be short, and it stays last, so
+    groups keep starting at multiples of `group` (ranks take their micro-batches that way)."""
+    mega = 64 * group
+    order = [j for k in range(0, len(order), mega) for j in sorted(order[k:k + mega], key=lambda j: -lengths[j])]
+    groups = [order[k:k + group] for k in range(0, len(order), group)]
+    tail = [groups.pop()] if groups and len(groups[-1]) < group else []
+    rng.shuffle(groups)
+    return [j for g in groups + tail for j in g]
+
+
 def group_rows(rows: list[list[int]], micro_batch_size: int, shuffle_seed: int | None,
                row_lengths: list[int] | None = None) -> list[list[list[int]]]:
-    """Rows grouped into micro-batches, shuffled by seed (None keeps the order).
-
-    With row_lengths (group_by_length), rows of similar length share a micro-batch so little of it
-    is padding: rows are shuffled, cut into mega-batches of 64 micro-batches, sorted by length
-    inside each, then the micro-batches are shuffled (the batch order stays random).
-    """
+    """Rows grouped into micro-batches, shuffled by seed (None keeps the order); with row_lengths
+    (group_by_length), rows of similar length share a micro-batch (see length_grouped)."""
     order = list(range(len(rows)))
     rng = random.Random(shuffle_seed)
     if shuffle_seed is not None:
         rng.shuffle(order)
     if row_lengths is not None:
-        mega = 64 * micro_batch_size
-        order = [j for k in range(0, len(order), mega)
-                 for j in sorted(order[k:k + mega], key=lambda j: -row_lengths[j])]
-    batches = [[rows[j] for j in order[k:k + micro_batch_size]] for k in range(0, len(order), micro_batch_size)]
-    if row_lengths is not None and shuffle_seed is not None:
-        rng.shuffle(batches)
-    return batches
+        order = length_grouped(order, row_lengths, micro_batch_size, rng)
+    return [[rows[j] for j in order[k:k + micro_batch_size]] for k in range(0, len(order), micro_batch_size)]

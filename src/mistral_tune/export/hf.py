@@ -1,4 +1,10 @@
-"""Merging a LoRA adapter into its base model and writing an HF model directory."""
+"""Merging a LoRA adapter into its base model and writing an HF model directory.
+
+The directory is what transformers, vLLM and TGI load: config.json, generation_config.json,
+safetensors (sharded with model.safetensors.index.json above max_shard_bytes), the mistral-common
+tokenizer file (for our own tools and mistral-common users) and HF tokenizer files with a chat
+template that renders mistral-common's ids (export/hf_tokenizer.py).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,9 @@ from ..chat import load_tokenizer
 from ..errors import ModelError
 from ..lora import load_adapter, merge_lora, read_adapter_config
 from ..models.load import load_model, save_model
+from .hf_tokenizer import save_hf_tokenizer
+
+MERGE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def find_adapter(run_or_adapter: Path) -> Path:
@@ -23,11 +32,22 @@ def find_adapter(run_or_adapter: Path) -> Path:
     raise ModelError(f"{run_or_adapter}: neither an adapter directory nor a run directory with adapter/")
 
 
-def merge_to_dir(adapter_dir: Path, out_dir: Path, base_model: str | None = None, dtype: str = "float32") -> Path:
+def merge_to_dir(
+    adapter_dir: Path,
+    out_dir: Path,
+    base_model: str | None = None,
+    dtype: str = "float32",
+    max_shard_bytes: int = 5_000_000_000,  # HF's "5GB"
+) -> Path:
     """Base model + adapter -> merged HF model directory (weights, config, tokenizer files).
 
-    Written to a temporary sibling directory first, then renamed, so a failure leaves nothing.
+    The merge itself runs in float32 (W + scaling * B @ A), then the weights are cast to dtype
+    once. Written to a temporary sibling directory first, then renamed, so a failure leaves nothing.
     """
+    if dtype not in MERGE_DTYPES:
+        raise ModelError(f"merge dtype {dtype!r}: expected one of {', '.join(MERGE_DTYPES)}")
+    if max_shard_bytes <= 0:
+        raise ModelError(f"max shard size must be positive, got {max_shard_bytes}")
     adapter_dir = find_adapter(Path(adapter_dir))
     _, recorded_base = read_adapter_config(adapter_dir)
     base = base_model or recorded_base
@@ -44,11 +64,27 @@ def merge_to_dir(adapter_dir: Path, out_dir: Path, base_model: str | None = None
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_model(model, tmp, dtype=dtype)
+        save_model(model, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
         tokenizer.save(tmp)
+        save_hf_tokenizer(tokenizer, tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes (HF's max_shard_size spelling)."""
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    t = text.strip().upper()
+    unit = next((u for u in units if t.endswith(u)), "B")
+    number, factor = t.removesuffix(unit).strip(), units[unit]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ModelError(f"size {text!r}: expected a number with an optional unit, e.g. 5GB or 500MB") from None
+    if value <= 0:
+        raise ModelError(f"size {text!r} must be positive")
+    return int(value * factor)

@@ -102,6 +102,9 @@ def load_model(
     if missing:
         raise ModelError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     model.load_state_dict(tensors, assign=True)
+    if cfg.tie_word_embeddings:
+        # assign=True gives each key its own Parameter; re-tie so they are one (one grad, one optimizer slot).
+        model.lm_head.weight = model.model.embed_tokens.weight
     return model, model_dir
 
 

@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels.attention import attend, dense_mask, flex_block_mask
+
+attention_mask = dense_mask  # the mask every backend must agree with
+
 
 @dataclass
 class MistralConfig:
@@ -94,20 +98,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
-def attention_mask(seq_ids: torch.Tensor, position_ids: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean (B, 1, L, L) mask: causal, same sample only, and within the sliding window.
-
-    Rows are left-to-right token order; a packed row holds several samples, each with its own
-    sequence id. Positions count from each sample's start, so the window is measured in them.
-    """
-    L = seq_ids.shape[1]
-    idx = torch.arange(L, device=seq_ids.device)
-    mask = (idx[None, :, None] >= idx[None, None, :]) & (seq_ids[:, :, None] == seq_ids[:, None, :])
-    if window is not None:
-        mask &= (position_ids[:, :, None] - position_ids[:, None, :]) < window
-    return mask[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: MistralConfig) -> None:
         super().__init__()
@@ -133,12 +123,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        # Grouped-query attention: each KV head serves n_heads / n_kv query heads.
-        rep = self.n_heads // self.n_kv
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        out = attend(q, k, v, mask, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
 
@@ -192,6 +177,12 @@ class KVCache:
         self.k[layer], self.v[layer] = k, v
         return k, v
 
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions (a chat turn reuses the conversation's common prefix)."""
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            if k is not None:
+                self.k[i], self.v[i] = k[:, :, :length], v[:, :, :length]
+
 
 class MistralForCausalLM(nn.Module):
     def __init__(self, cfg: MistralConfig) -> None:
@@ -202,6 +193,18 @@ class MistralForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        # "sdpa": dense boolean mask, any device. "flex": FlexAttention block mask (GPU fast path).
+        self.attn_impl = "sdpa"
+        self.fused_loss = False  # see kernels/loss.py
+
+    def use_fast_path(self, compile_layers: bool = True) -> None:
+        """GPU fast path: FlexAttention block masks, the fused linear + cross-entropy loss, and each
+        decoder layer compiled (fused norms, RoPE, SwiGLU and LoRA adds). The maths is unchanged."""
+        self.attn_impl = "flex"
+        self.fused_loss = True
+        if compile_layers:
+            for layer in self.model.layers:
+                layer.compile(dynamic=False)
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random init for a fresh model (HF's normal(0, 0.02), norms at one)."""
@@ -217,11 +220,14 @@ class MistralForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, L, hidden).
 
         seq_ids marks which sample each token belongs to (packed rows); without it the whole row
         is one sample. position_ids default to 0..L-1 (after the cache's length when decoding).
+        key_mask (B, past + L), False for keys no query may attend: the left padding of batched
+        generation while decoding with a cache (its prefill separates padding by seq_ids).
         """
         B, L = input_ids.shape
         cfg = self.config
@@ -231,6 +237,8 @@ class MistralForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
         mask = self._mask(seq_ids, position_ids, past, L, input_ids.device)
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, :]
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
@@ -249,7 +257,9 @@ class MistralForCausalLM(nn.Module):
             return mask[None, None]
         if seq_ids is None:
             seq_ids = torch.zeros_like(position_ids)
-        return attention_mask(seq_ids, position_ids, window)
+        if self.attn_impl == "flex":
+            return flex_block_mask(seq_ids, window)
+        return dense_mask(seq_ids, position_ids, window)
 
     def forward(
         self,
@@ -257,9 +267,10 @@ class MistralForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, vocab) in float32."""
-        return self.lm_head(self.hidden_states(input_ids, position_ids, seq_ids, kv_cache)).float()
+        return self.lm_head(self.hidden_states(input_ids, position_ids, seq_ids, kv_cache, key_mask)).float()
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

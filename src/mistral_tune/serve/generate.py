@@ -1,6 +1,15 @@
-"""Token generation with a KV cache: greedy or sampled (temperature, top-p)."""
+"""Token generation with a KV cache: greedy or sampled (temperature, top-p), one prompt or a batch.
+
+`generate` streams one sequence; `generate_batch` runs several prompts together (left-padded:
+padding is its own sample in the prefill and a masked key while decoding, so each row's tokens
+equal what it would get alone); `CachedGenerator` keeps one conversation's cache between chat
+turns and reuses the longest common prefix; `TextStream` turns ids into text deltas for
+streaming without splitting a multi-byte character.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -16,17 +25,22 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-):
-    """Yield new token ids one at a time; stops at eos_id (not yielded) or max_new_tokens."""
+    cache: KVCache | None = None,
+) -> Iterator[int]:
+    """Yield new token ids one at a time; stops at eos_id (not yielded) or max_new_tokens.
+
+    With a `cache` already holding a prefix of the sequence, prompt_ids are only the tokens after
+    it; the cache is extended in place (CachedGenerator relies on that).
+    """
     was_training = model.training
     model.eval()
     device = model.lm_head.weight.device
-    cache = KVCache(model.config.num_hidden_layers)
+    cache = cache if cache is not None else KVCache(model.config.num_hidden_layers)
     ids = torch.tensor([prompt_ids], device=device)
     try:
         for _ in range(max_new_tokens):
             logits = model(ids, kv_cache=cache)[0, -1]
-            token = _pick(logits, temperature, top_p, generator)
+            token = int(_pick(logits[None], temperature, top_p, generator)[0])
             if token == eos_id:
                 return
             yield token
@@ -35,15 +49,123 @@ def generate(
         model.train(was_training)
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+@torch.no_grad()
+def generate_batch(
+    model: MistralForCausalLM,
+    prompts: list[list[int]],
+    max_new_tokens: int = 64,
+    eos_id: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt (eos not included), decoded together in one batch."""
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    device = model.lm_head.weight.device
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    pad = [longest - len(p) for p in prompts]
+    ids = torch.tensor([[0] * n + p for n, p in zip(pad, prompts, strict=True)], device=device)
+    real = torch.tensor([[False] * n + [True] * len(p) for n, p in zip(pad, prompts, strict=True)], device=device)
+    # Positions count from each prompt's first real token; padding is sample 0, the prompt sample 1.
+    positions = (real.long().cumsum(1) - 1).clamp(min=0)
+    cache = KVCache(model.config.num_hidden_layers)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    try:
+        logits = model(ids, position_ids=positions, seq_ids=real.long(), kv_cache=cache)[:, -1]
+        next_pos = positions[:, -1] + 1
+        key_mask = real
+        for step in range(max_new_tokens):
+            tokens = _pick(logits, temperature, top_p, generator).to(device)
+            finished = tokens == eos_id if eos_id is not None else torch.zeros_like(done)
+            for i in range(B):
+                if not done[i] and not finished[i]:
+                    out[i].append(int(tokens[i]))
+            done |= finished
+            if bool(done.all()) or step + 1 == max_new_tokens:
+                break
+            key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+            logits = model(tokens[:, None], position_ids=next_pos[:, None], kv_cache=cache, key_mask=key_mask)[:, -1]
+            next_pos = next_pos + 1
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """One token per row of (B, vocab) logits."""
     if temperature <= 0:
-        return int(logits.argmax())
+        return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
+
+
+class CachedGenerator:
+    """One conversation's KV cache, reused across turns where the new prompt shares a prefix.
+
+    mistral-common may re-render earlier turns (v2/v3 move the system prompt to the last user
+    message), so the reusable part is the longest common prefix of the cached and new ids.
+    """
+
+    def __init__(self, model: MistralForCausalLM) -> None:
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = KVCache(self.model.config.num_hidden_layers)
+        self.ids: list[int] = []
+
+    def stream(self, prompt_ids: list[int], **kwargs) -> Iterator[int]:
+        common = 0
+        for a, b in zip(self.ids, prompt_ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt_ids) - 1)  # feed at least one token to get logits
+        self.cache.crop(common)
+        self.ids = list(prompt_ids)
+        try:
+            for token in generate(self.model, prompt_ids[common:], cache=self.cache, **kwargs):
+                self.ids.append(token)
+                yield token
+        finally:
+            # The last token generated may not have been fed (max tokens, or the caller stopped):
+            # ids must describe exactly what the cache holds.
+            self.ids = self.ids[: self.cache.length]
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.cache.length
+
+
+class TextStream:
+    """Text deltas for a growing list of ids; holds back an incomplete multi-byte character."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent = text
+        return delta
 
 
 def complete(model, tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:

@@ -11,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class MetricsLog:
-    def __init__(self, out_dir: Path, total_steps: int, enabled: bool = True, echo=print) -> None:
+    def __init__(self, out_dir: Path, total_steps: int, enabled: bool = True, echo=print,
+                 purge_after: int | None = None) -> None:
         self.enabled = enabled
         self.total = total_steps
         self.echo = echo
@@ -26,7 +27,9 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+            # On resume, hide the events a killed run wrote after its checkpoint (TensorBoard's purge_step).
+            purge = purge_after + 1 if purge_after is not None else None
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
         except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
             self.echo("tensorboard is not importable; writing metrics.jsonl only")
         self.interactive = sys.stdout.isatty()
@@ -49,7 +52,8 @@ class MetricsLog:
         if not self.enabled:
             return
         step = record["step"]
-        info = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
+        loss = "skipped" if record.get("skipped") else f"loss {record['loss']:.4f}"
+        info = (f"{loss}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
                 f"mem {record['peak_mem_gib']:.2f} GiB")
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=info)
@@ -57,9 +61,15 @@ class MetricsLog:
             self._write(record)
             if self._tb is not None:
                 for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib"):
-                    self._tb.add_scalar(f"train/{key}", record[key], step)
+                    if record[key] is not None:  # a skipped step's non-finite loss is logged as null
+                        self._tb.add_scalar(f"train/{key}", record[key], step)
             if self._progress is None:
                 self.echo(f"step {step}/{self.total}  {info}")
+
+    def event(self, record: dict) -> None:
+        """A line for something that happened to the run (a rollback), not a training step."""
+        if self.enabled:
+            self._write(record)
 
     def eval(self, step: int, loss: float) -> None:
         if not self.enabled:

@@ -1,12 +1,16 @@
-"""The training run, top to bottom: check inputs, build, loop, evaluate, save.
+"""The training run, top to bottom: check inputs, build, resume, loop, evaluate, checkpoint, save.
 
 Everything a user can get wrong (config, model path, tokenizer, data) is checked before anything
 is written, so a bad run leaves no output directory behind. Final artifacts are written to a
-temporary directory and renamed into place.
+temporary directory and renamed into place. What makes a run survive (exact resume, stop on
+SIGTERM/SIGINT, the bad-step guard, out-of-memory handling) is called from the loop in plain sight;
+docs/reliability.md lists the guarantees and the tests that prove them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -14,22 +18,28 @@ import random
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from array import array
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from ..chat import load_tokenizer
 from ..config import Config
 from ..data.build import Dataset, build_dataset
-from ..data.pack import collate, group_rows, make_rows, sample_lengths
-from ..errors import ConfigError, ModelError
+from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, sample_lengths
+from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, TrainingHalted
 from ..lora import LoraSpec, apply_lora, save_adapter
-from ..models.load import load_model, save_model
+from ..models.load import load_model, read_config, resolve_model_dir, save_model
 from ..models.mistral import count_params, flops_per_token
+from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step
+from .guard import StepGuard
 from .logs import MetricsLog
+from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
 from .optim import lr_factor, make_optimizer, token_loss_sum, warmup_steps
+from .signals import StopRequest
 
 
 @dataclass
@@ -67,44 +77,145 @@ class TrainResult:
     steps: int
     final_train_loss: float
     eval_loss: float | None
+    stopped_by: str | None = None  # SIGTERM / SIGINT when the run stopped early on request
+    checkpoint_dir: Path | None = None  # the last checkpoint written
+
+
+class RowStream:
+    """The training rows in a per-epoch shuffled order (seed + epoch), taken a micro-batch at a time.
+
+    Its whole state is the position (epoch, offset into that epoch's order): a resumed run goes on
+    with exactly the rows an uninterrupted run would see, without replaying. For one process the
+    micro-batches equal group_rows(rows, size, seed + epoch); the last one of an epoch may be short.
+    """
+
+    def __init__(self, rows: list[list[int]], seed: int, rank: int = 0, world_size: int = 1,
+                 row_lengths: list[int] | None = None, group_size: int = 1) -> None:
+        self.rows, self.seed, self.rank, self.world_size = rows, seed, rank, world_size
+        self.row_lengths, self.group_size = row_lengths, group_size  # group_by_length
+        self.epoch, self.offset = 0, 0
+        self._order: tuple[int, list[int]] | None = None
+
+    def order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            order = list(range(len(self.rows)))
+            rng = random.Random(self.seed + epoch)
+            rng.shuffle(order)
+            if self.row_lengths is not None:
+                order = length_grouped(order, self.row_lengths, self.group_size, rng)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def next(self, size: int) -> tuple[int, list[list[int]]]:
+        """(epoch, rows) of this rank's next micro-batch of at most `size` rows."""
+        order, epoch = self.order(self.epoch), self.epoch
+        start = self.offset + self.rank * size
+        picked = [self.rows[j] for j in order[start:min(start + size, len(order))]]
+        self.offset += size * self.world_size
+        if self.offset >= len(order):
+            self.epoch, self.offset = self.epoch + 1, 0
+        return epoch, picked
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "rows": len(self.rows)}
+
+    def load_state_dict(self, state: dict, source: Path) -> None:
+        if state["rows"] != len(self.rows) or state["seed"] != self.seed:
+            raise CheckpointError(f"{source}: data position is for {state['rows']} rows shuffled with seed "
+                                  f"{state['seed']}, this run has {len(self.rows)} rows and seed {self.seed}")
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+@dataclass
+class Progress:
+    """Counters a checkpoint carries besides weights, optimizer, data position and guard."""
+
+    micro_batch_size: int  # may be smaller than the config's after auto_micro_batch
+    gradient_accumulation_steps: int
+    step: int = 0
+    tokens_seen: int = 0
+    train_loss: float = float("nan")
+    eval_loss: float | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["train_loss"] = _finite(self.train_loss)
+        d["eval_loss"] = _finite(self.eval_loss) if self.eval_loss is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Progress:
+        return cls(**{**d, "train_loss": float("nan") if d["train_loss"] is None else d["train_loss"]})
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def prepare(cfg: Config):
-    """Load and check tokenizer, model and data. Writes nothing."""
-    out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite_output_dir:
+def check_output_dir(cfg: Config) -> None:
+    """Refuse to reuse a non-empty output_dir unless asked, and never to wipe one that holds inputs."""
+    out = Path(cfg.output_dir).resolve()
+    if not (out.exists() and any(out.iterdir())) or cfg.resume is not None:
+        return
+    if not cfg.overwrite_output_dir:
         raise ConfigError(
-            f"output_dir: {out} exists and is not empty; choose another or set overwrite_output_dir: true"
+            f"output_dir: {cfg.output_dir} exists and is not empty; choose another, continue it with "
+            "resume: auto, or set overwrite_output_dir: true"
         )
-    rt = Runtime.detect(cfg)
-    from ..models.load import resolve_model_dir
+    inputs = [Path(ds.path) for ds in cfg.datasets] + [Path(cfg.base_model), Path.cwd()]
+    if cfg.tokenizer:
+        inputs.append(Path(cfg.tokenizer))
+    for path in inputs:
+        path = path.expanduser().resolve()
+        if path == out or out in path.parents:
+            raise ConfigError(
+                f"output_dir: {cfg.output_dir} contains {path}; overwrite_output_dir would delete it. "
+                "Choose an output_dir of its own"
+            )
 
+
+def prepare(cfg: Config, check_output: bool = True):
+    """Load and check tokenizer, model and data. Writes nothing.
+
+    Cheap checks come first (config.json, tokenizer, data) so a bad dataset is reported before
+    gigabytes of weights are read.
+    """
+    if check_output:
+        check_output_dir(cfg)
+    rt = Runtime.detect(cfg)
     model_dir = resolve_model_dir(cfg.base_model)
+    model_cfg = read_config(model_dir)
     tokenizer = load_tokenizer(cfg.tokenizer, model_dir)
-    weights_dtype = rt.autocast_dtype if (rt.autocast_dtype and cfg.adapter == "lora") else torch.float32
-    model, _ = load_model(str(model_dir), dtype=weights_dtype, device=rt.device)
-    if tokenizer.vocab_size != model.config.vocab_size:
+    if tokenizer.vocab_size != model_cfg.vocab_size:
         raise ModelError(
             f"tokenizer {tokenizer.source_file.name} has {tokenizer.vocab_size} tokens but the model's "
-            f"embedding has {model.config.vocab_size} rows; pick the tokenizer that matches the model "
+            f"embedding has {model_cfg.vocab_size} rows; pick the tokenizer that matches the model "
             "(v1: 32000, v3/v7: 32768, tekken: 131072)"
         )
     data = build_dataset(cfg, tokenizer)
+    weights_dtype = rt.autocast_dtype if (rt.autocast_dtype and cfg.adapter == "lora") else torch.float32
+    model, _ = load_model(str(model_dir), dtype=weights_dtype, device=rt.device)
     return rt, model_dir, tokenizer, model, data
 
 
+def row_padding(cfg: Config, fast: bool) -> dict:
+    """How collate pads rows: packed rows to sequence_len. Compiled layers recompile for every new
+    row length, so on the fast path unpacked rows round up to a quarter of sequence_len (at most
+    four shapes); the plain path pads to the longest row only."""
+    if cfg.sample_packing:
+        return {"pad_to": cfg.sequence_len}
+    return {"pad_multiple": max(128, cfg.sequence_len // 4) if fast else 1}
+
+
 @torch.no_grad()
-def evaluate(model, samples, rows, cfg: Config, rt: Runtime) -> tuple[float, int]:
+def evaluate(model, samples, rows, cfg: Config, rt: Runtime, padding: dict | None = None) -> tuple[float, int]:
     """Token-weighted mean loss over held-out rows, and the number of tokens it covers."""
     model.eval()
     total, count = 0.0, 0
     for group in group_rows(rows, cfg.micro_batch_size, None):
-        batch = collate(samples, group, cfg.sequence_len if cfg.sample_packing else None).to(rt.device)
+        batch = collate(samples, group, **(padding or row_padding(cfg, False))).to(rt.device)
         with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
             total += float(token_loss_sum(model, batch))
         count += batch.n_trained
@@ -133,24 +244,35 @@ def _atomic_dir(final: Path, write) -> Path:
     return final
 
 
-def train(cfg: Config, echo=print, merge: bool = False) -> TrainResult:
+def train(cfg: Config, echo=print, merge: bool = False, force: bool = False) -> TrainResult:
+    """Run training as cfg says. force: resume even though safe keys (SAFE_TO_CHANGE) differ."""
     rt, model_dir, tokenizer, model, data = prepare(cfg)
     for line in data.report.lines():
         echo(line)
-    return run_training(cfg, rt, model_dir, tokenizer, model, data, echo, merge)
+    return run_training(cfg, rt, model_dir, tokenizer, model, data, echo, merge, force)
 
 
 def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, data: Dataset,
-                 echo=print, merge: bool = False) -> TrainResult:
+                 echo=print, merge: bool = False, force: bool = False) -> TrainResult:
     seed_everything(cfg.seed)
     spec = None
     if cfg.adapter == "lora":
         spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules), cfg.use_rslora)
         apply_lora(model, spec, seed=cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     for p in params:  # trainable weights stay float32 even when the frozen base is bf16
         p.data = p.data.float()
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    fast = rt.device.type == "cuda" if cfg.fast_path == "auto" else bool(cfg.fast_path)
+    if fast and rt.device.type != "cuda":
+        raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
+    if cfg.offload_activations and not (cfg.gradient_checkpointing and rt.device.type == "cuda"):
+        raise ConfigError("offload_activations: true needs gradient_checkpointing: true and a CUDA GPU")
+    if fast:
+        model.use_fast_path()
+    echo("fast path: FlexAttention block masks, compiled decoder layers, fused linear cross-entropy"
+         if fast else "plain path: SDPA with a dense mask, eager layers, cross-entropy on gathered logits")
     model.train()
     trainable, total = count_params(model)
     echo(f"device {rt.device}, {'bf16 autocast' if rt.autocast_dtype else 'float32'}; "
@@ -158,15 +280,13 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
 
     rows = make_rows(data.train, cfg.sequence_len, cfg.sample_packing)
     val_rows = make_rows(data.val, cfg.sequence_len, cfg.sample_packing) if data.val else []
-    pad_to = cfg.sequence_len if cfg.sample_packing else None
+    padding = row_padding(cfg, fast)
     micro_per_epoch = math.ceil(len(rows) / cfg.micro_batch_size)
     micro_per_epoch_rank = math.ceil(micro_per_epoch / rt.world_size)
     steps_per_epoch = max(1, micro_per_epoch_rank // cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
     warmup = warmup_steps(cfg, total_steps)
     lengths = sample_lengths(data.train)
-    # group_by_length only matters without packing: packed rows are all padded to sequence_len.
-    row_lengths = [sum(lengths[i] for i in r) for r in rows] if cfg.group_by_length and not cfg.sample_packing else None
     if cfg.sample_packing:
         fill = sum(lengths) / max(1, len(rows) * cfg.sequence_len)
         echo(f"packed {len(data.train)} samples into {len(rows)} rows of {cfg.sequence_len} tokens "
@@ -175,90 +295,305 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
          f"effective batch {cfg.micro_batch_size * cfg.gradient_accumulation_steps * rt.world_size} rows")
 
     optimizer = make_optimizer(params, cfg, rt.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.lr_scheduler)
-    )
     out = Path(cfg.output_dir)
+    ckpts = CheckpointManager(out, cfg.save_total_limit, echo)
+    # group_by_length only matters without packing: packed rows are all padded to sequence_len.
+    by_length = cfg.group_by_length and not cfg.sample_packing
+    row_lengths = [sum(lengths[i] for i in r) for r in rows] if by_length else None
+    stream = RowStream(rows, cfg.seed, rt.rank, rt.world_size, row_lengths, cfg.micro_batch_size)
+    guard = StepGuard.from_config(cfg)
+    progress = Progress(cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+    fingerprint = data_fingerprint(data.train)
+
+    # Resume: weights, optimizer, data position, guard and progress now; the RNG last, just before the loop.
+    resume_from = find_resume_checkpoint(cfg, ckpts, echo) if cfg.resume else None
+    if resume_from is not None:
+        check_resume_config(resume_from, cfg, fingerprint, force)
+        resume_from.load_weights(named)
+        resume_from.load_optimizer(optimizer, named)
+        stream.load_state_dict(resume_from.state["data"], resume_from.path / "state.json")
+        guard.load_state_dict(resume_from.state["guard"])
+        progress = Progress.from_dict(resume_from.state["progress"])
+
     if rt.is_main:
         if out.exists() and cfg.overwrite_output_dir:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         (out / "data_report.json").write_text(json.dumps(data.report.__dict__, indent=2) + "\n")
-    log = MetricsLog(out, total_steps, enabled=rt.is_main, echo=echo)
+        ckpts.clean_partial()
+        # The metrics log is the one the checkpoint saw, so a resumed run's log has each step once.
+        (out / "metrics.jsonl").write_text(resume_from.metrics_text() if resume_from else "")
+        if resume_from is not None:
+            _set_aside_newer(ckpts, resume_from, echo)
+    log = MetricsLog(out, total_steps, enabled=rt.is_main, echo=echo,
+                     purge_after=resume_from.step if resume_from is not None else None)
+    if resume_from is not None:
+        resume_from.restore_rng()
+        echo(f"resumed from {resume_from.path} at step {resume_from.step} of {total_steps}")
 
-    def micro_batches():
-        epoch = 0
-        while True:
-            groups = group_rows(rows, cfg.micro_batch_size, cfg.seed + epoch, row_lengths)
-            for k in range(rt.rank, len(groups), rt.world_size):  # shard by rank
-                yield epoch, groups[k]
-            epoch += 1
-
-    stream = micro_batches()
-    flops_tok = flops_per_token(model.config)
-    eval_loss = None
-    last_loss = float("nan")
-    t0 = time.perf_counter()
-    tokens_seen = 0
-    log.start()
-    for step in range(total_steps):
-        window = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-        # Normalise by the trained tokens of the whole accumulation window, not per micro-batch.
-        batches = [collate(data.train, g, pad_to) for _, g in window]
-        n_tokens = sum(b.n_trained for b in batches)
-        n_tokens = _all_reduce_sum(n_tokens, rt)
-        loss_sum = 0.0
-        step_t = time.perf_counter()
-        for batch in batches:
-            batch = batch.to(rt.device)
-            with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
-                loss = token_loss_sum(model, batch)
-            (loss / max(n_tokens, 1)).backward()
-            loss_sum += float(loss.detach())
-            tokens_seen += batch.n_real
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        last_loss = _all_reduce_sum(loss_sum, rt) / max(n_tokens, 1)
-        elapsed = time.perf_counter() - t0
-        tok_s = tokens_seen * rt.world_size / max(elapsed, 1e-9)
-        record = {
-            "step": step + 1,
-            "epoch": window[-1][0] + 1,
-            "loss": last_loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "trained_tokens": n_tokens,
-            "tokens_per_s": tok_s,
-            "step_s": time.perf_counter() - step_t,
-            "peak_mem_gib": _peak_memory_gib(rt),
+    def save_checkpoint(step: int, eval_loss_now: float | None) -> Path:
+        state = {
+            "progress": progress.to_dict(),
+            "data": stream.state_dict(),
+            "guard": guard.state_dict(),
+            "data_fingerprint": fingerprint,
+            "eval_loss": eval_loss_now,  # measured at this step; picks the best checkpoint to keep
         }
-        if rt.device.type == "cuda":
-            record["mfu"] = tok_s * flops_tok / 989e12
-        log.train_step(record, write=(step + 1) % cfg.logging_steps == 0 or step + 1 == total_steps)
-        if val_rows and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < total_steps:
-            eval_loss, _ = evaluate(model, data.val, val_rows, cfg, rt)
-            log.eval(step + 1, eval_loss)
-        if rt.is_main and cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < total_steps:
-            _save(cfg, model, spec, tokenizer, out / f"checkpoint-{step + 1}", model_dir)
-    if val_rows:
-        eval_loss, _ = evaluate(model, data.val, val_rows, cfg, rt)
-        log.eval(total_steps, eval_loss)
-    log.close()
+        write_adapter = None
+        if spec is not None:
+            base = str(model_dir.resolve()) if model_dir.exists() else cfg.base_model
+            write_adapter = lambda d: save_adapter(model, spec, d, base_model=base)
+        path = ckpts.save(step, named, optimizer, state, cfg.model_dump(mode="json"), log.path, write_adapter)
+        ckpts.prune()
+        return path
 
+    flops_tok = flops_per_token(model.config)
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    t0 = time.perf_counter()
+    tokens_at_start = progress.tokens_seen
+    stopped_by, checkpoint_dir, step = None, None, progress.step
+    log.start()
+    try:
+        with StopRequest() as stop:
+            for step in range(progress.step, total_steps):
+                epoch_before = stream.epoch
+                window = [stream.next(progress.micro_batch_size) for _ in range(progress.gradient_accumulation_steps)]
+                groups = [g for _, g in window]
+                lr = cfg.learning_rate * lr_factor(step, total_steps, warmup, cfg.lr_scheduler) * guard.lr_scale
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_t = time.perf_counter()
+                while True:
+                    try:
+                        batches = [collate(data.train, g, **padding) for g in groups]
+                        loss_sum, n_tokens, n_real = accumulate_gradients(model, batches, rt, cfg.offload_activations)
+                        break
+                    except OOM_ERRORS:
+                        optimizer.zero_grad(set_to_none=True)
+                        free_memory(rt.device)
+                        smaller = smaller_micro_batch(progress.micro_batch_size, progress.gradient_accumulation_steps)
+                        if not (cfg.auto_micro_batch and smaller):
+                            raise OutOfMemory(oom_advice(
+                                rt.device, progress.micro_batch_size, progress.gradient_accumulation_steps,
+                                cfg.sequence_len, cfg.gradient_checkpointing, cfg.adapter, step)) from None
+                        echo(f"out of memory at micro_batch_size {progress.micro_batch_size}; auto_micro_batch: "
+                             f"retrying step {step + 1} with micro_batch_size {smaller[0]} x "
+                             f"gradient_accumulation_steps {smaller[1]}")
+                        progress.micro_batch_size, progress.gradient_accumulation_steps = smaller
+                        # The same rows, in smaller micro-batches: the step's effective batch is unchanged.
+                        groups = [g[i:i + smaller[0]] for g in groups for i in range(0, len(g), smaller[0])]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                loss = _all_reduce_sum(loss_sum, rt) / max(n_tokens, 1)
+                bad = guard.check(loss, grad_norm)
+                if bad is None:  # a bad step leaves weights and optimizer state exactly as they were
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                guard.record(step + 1, loss, grad_norm, bad)
+                progress.step, progress.train_loss = step + 1, loss
+                progress.tokens_seen += n_real
+                elapsed = time.perf_counter() - t0
+                tok_s = (progress.tokens_seen - tokens_at_start) * rt.world_size / max(elapsed, 1e-9)
+                record = {
+                    "step": step + 1,
+                    "epoch": window[-1][0] + 1,
+                    "loss": _finite(loss),
+                    "lr": lr,
+                    "grad_norm": _finite(grad_norm),
+                    "trained_tokens": n_tokens,
+                    "tokens_per_s": tok_s,
+                    "step_s": time.perf_counter() - step_t,
+                    "peak_mem_gib": _peak_memory_gib(rt),
+                }
+                if rt.device.type == "cuda":
+                    record["mfu"] = tok_s * flops_tok / 989e12
+                if bad is not None:
+                    record["skipped"] = bad
+                    echo(f"step {step + 1}: skipped, {bad}")
+                log.train_step(record, write=(step + 1) % cfg.logging_steps == 0 or step + 1 == total_steps
+                               or bad is not None)
+                if guard.needs_rollback:
+                    _roll_back(guard, ckpts, named, optimizer, step + 1, log, out, echo)
+
+                last = step + 1 == total_steps
+                scheduled = (last or stream.epoch != epoch_before
+                             or bool(cfg.save_steps and (step + 1) % cfg.save_steps == 0))
+                evaluated = None
+                if val_rows and (scheduled or (cfg.eval_steps and (step + 1) % cfg.eval_steps == 0)):
+                    evaluated, _ = evaluate(model, data.val, val_rows, cfg, rt, padding)
+                    progress.eval_loss = evaluated
+                    log.eval(step + 1, evaluated)
+                if rt.is_main and (scheduled or stop.requested):
+                    checkpoint_dir = save_checkpoint(step + 1, _finite(evaluated) if evaluated is not None else None)
+                if stop.requested and not last:
+                    stopped_by = stop.signal_name
+                    break
+    except OOM_ERRORS:  # outside the retried forward/backward (optimizer state, evaluation): report, no retry
+        free_memory(rt.device)
+        raise OutOfMemory(oom_advice(rt.device, progress.micro_batch_size, progress.gradient_accumulation_steps,
+                                     cfg.sequence_len, cfg.gradient_checkpointing, cfg.adapter, step)) from None
+    finally:
+        log.close()
+
+    steps_done = progress.step
+    if stopped_by is not None:
+        echo(f"stopped by {stopped_by} after step {steps_done} of {total_steps}; checkpoint: {checkpoint_dir}")
+        return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
+                           stopped_by=stopped_by, checkpoint_dir=checkpoint_dir)
     adapter_dir = merged_dir = None
     if rt.is_main:
-        adapter_dir = _save(cfg, model, spec, tokenizer, out / ("adapter" if spec else "model"), model_dir)
+        final = out / ("adapter" if spec else "model")
+        try:
+            adapter_dir = _save(cfg, model, spec, tokenizer, final, model_dir)
+        except OSError as exc:  # _save removed its temporary directory; the last checkpoint has the result
+            raise CheckpointError(f"{final}: could not be written ({exc.strerror or exc}); the trained state is in "
+                                  f"{checkpoint_dir}. Free space and run again with resume=auto") from None
         if spec is None:
             adapter_dir, merged_dir = None, adapter_dir
         elif merge:
             from ..export.hf import merge_to_dir
 
             merged_dir = merge_to_dir(adapter_dir, out / "merged", base_model=str(model_dir))
-    return TrainResult(out, adapter_dir, merged_dir, total_steps, last_loss, eval_loss)
+    return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
+                       checkpoint_dir=checkpoint_dir)
+
+
+def _roll_back(guard: StepGuard, ckpts: CheckpointManager, named, optimizer, step: int, log: MetricsLog,
+               out: Path, echo) -> None:
+    """Back to the newest valid checkpoint written before the bad streak, with a lower learning rate; the
+    data position is kept, so the stretch of data that caused the streak is not met again."""
+    target = None
+    if guard.may_roll_back:
+        target, _ = ckpts.newest_valid(before=guard.streak_start, quiet=True)
+    if target is None:
+        why = (f"stopped at step {step} after {guard.consecutive} bad steps in a row: "
+               + (f"{guard.rollbacks} rollback(s) did not help (bad_step_max_rollbacks: {guard.max_rollbacks})"
+                  if not guard.may_roll_back else "no checkpoint from before them to roll back to (set save_steps)"))
+        report = guard.report(why)
+        if log.enabled:
+            details = {"report": report, "events": guard.events}
+            (out / "guard_report.json").write_text(json.dumps(details, indent=1) + "\n")
+            report += f"; details in {out / 'guard_report.json'}"
+        raise TrainingHalted(report)
+    target.load_weights(named)
+    target.load_optimizer(optimizer, named)
+    guard.rolled_back(step, target.step)
+    echo(f"step {step}: {guard.rollback_after} bad steps in a row; rolled back to {target.path.name} "
+         f"(weights and optimizer state), learning rate now x{guard.lr_scale:g}")
+    log.event({"step": step, "event": "rollback", "to_checkpoint": target.path.name, "lr_scale": guard.lr_scale})
+
+
+def _set_aside_newer(ckpts: CheckpointManager, resumed: Checkpoint, echo) -> None:
+    """Checkpoints newer than the one resumed from belong to a future this run will not have (or are
+    damaged): rename them so they are neither resumed from nor counted when pruning. Nothing is deleted."""
+    for path in ckpts.checkpoints():
+        if path.resolve() == resumed.path.resolve() or checkpoint_step(path) <= resumed.step:
+            continue
+        try:
+            CheckpointManager.validate(path)
+            why = "superseded"
+        except CheckpointError:
+            why = "corrupt"
+        echo(f"{path.name} is newer than {resumed.path.name}; renamed to {ckpts.set_aside(path, why).name}")
+
+
+def find_resume_checkpoint(cfg: Config, ckpts: CheckpointManager, echo) -> Checkpoint | None:
+    """The checkpoint `resume` names: auto -> the newest valid one in output_dir (None when there is
+    none at all), a checkpoint directory -> it, a run directory -> its newest valid one."""
+    if cfg.resume == "auto":
+        if not ckpts.checkpoints():
+            echo(f"resume: auto: no checkpoint in {ckpts.out}; starting from step 0")
+            return None
+        ckpt, problems = ckpts.newest_valid()
+        if ckpt is None:
+            raise CheckpointError(f"resume: auto: no usable checkpoint in {ckpts.out}: " + "; ".join(problems))
+        if problems:
+            echo(f"resume: auto: falling back to {ckpt.path.name}, the newest valid checkpoint")
+        return ckpt
+    path = Path(cfg.resume).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"resume: {path} does not exist")
+    if checkpoint_step(path) is not None or (path / MANIFEST).exists():
+        return CheckpointManager.validate(path)
+    ckpt, problems = CheckpointManager(path, 1, echo).newest_valid()
+    if ckpt is None:
+        why = (": " + "; ".join(problems)) if problems else ""
+        raise CheckpointError(f"resume: {path}: no usable checkpoint{why}")
+    return ckpt
+
+
+# Keys that change how a run is observed or how long it lasts, not the steps it takes. --force accepts
+# changes to these only. (max_steps and num_epochs also reshape the learning-rate schedule after the
+# resume point; that is the point of changing them.)
+SAFE_TO_CHANGE = frozenset({
+    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_steps", "num_epochs", "auto_micro_batch",
+    "bad_step_zscore", "bad_step_window", "bad_step_rollback_after", "bad_step_lr_factor", "bad_step_max_rollbacks",
+})
+# Where the run lives and how it was started say nothing about the steps it takes (a run directory may be moved).
+_NOT_COMPARED = frozenset({"resume", "overwrite_output_dir", "output_dir"})
+
+
+def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    keys = sorted((set(old) | set(new)) - _NOT_COMPARED)
+    return [(k, old.get(k, "(absent)"), new.get(k, "(absent)")) for k in keys if old.get(k) != new.get(k)]
+
+
+def check_resume_config(ckpt: Checkpoint, cfg: Config, fingerprint: str, force: bool) -> None:
+    """Refuse to resume under a different config (or data) unless forced, and then only for safe keys."""
+    changes = config_changes(ckpt.config, cfg.model_dump(mode="json"))
+    if ckpt.state.get("data_fingerprint") != fingerprint:
+        changes.append(("training data", "the checkpoint's", "different tokenized samples"))
+    if not changes:
+        return
+    listing = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes)
+    safe = ", ".join(sorted(SAFE_TO_CHANGE))
+    unsafe = [k for k, _, _ in changes if k not in SAFE_TO_CHANGE]
+    where = ckpt.path / "config.json"
+    if not force:
+        raise ConfigError(f"{where}: the run's config differs from the checkpoint's: {listing}. Resume with the "
+                          f"checkpoint's values, or pass --force to accept changes to {safe}")
+    if unsafe:
+        raise ConfigError(f"{where}: --force accepts changes only to {safe}; these "
+                          f"cannot change in a resumed run: {', '.join(unsafe)} ({listing})")
+
+
+def data_fingerprint(samples) -> str:
+    """SHA-256 over the tokenized training samples: a resumed run must see the same data."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(array("q", s.tokens).tobytes())
+        h.update(array("q", s.labels).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def accumulate_gradients(
+    model, batches: list[Batch], rt: Runtime, offload: bool = False
+) -> tuple[float, float, int]:
+    """Forward and backward over the micro-batches of one optimizer step, adding into `.grad`.
+
+    Each micro-batch's summed token loss is divided by the trained tokens of the whole window
+    (summed over ranks), not averaged per micro-batch, so the accumulated gradient equals that of
+    one batch holding every row. Returns (this rank's summed loss, the window's trained tokens over
+    all ranks, this rank's real tokens).
+    """
+    n_tokens = _all_reduce_sum(sum(b.n_trained for b in batches), rt)
+    loss_sum, n_real = 0.0, 0
+    for batch in batches:
+        batch = batch.to(rt.device)
+        # Offloading moves what autograd saves (with checkpointing: each layer's input) to pinned
+        # CPU memory and back for backward.
+        with (torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None),
+              torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()):
+            loss = token_loss_sum(model, batch)
+        (loss / max(n_tokens, 1)).backward()
+        loss_sum += float(loss.detach())
+        n_real += batch.n_real
+    return loss_sum, n_tokens, n_real
 
 
 def _all_reduce_sum(value: float, rt: Runtime) -> float:
@@ -274,7 +609,8 @@ def _all_reduce_sum(value: float, rt: Runtime) -> float:
 def _save(cfg: Config, model, spec: LoraSpec | None, tokenizer, final: Path, model_dir: Path) -> Path:
     def write(tmp: Path) -> None:
         if spec is not None:
-            save_adapter(model, spec, tmp, base_model=str(model_dir.resolve()) if model_dir.exists() else cfg.base_model)
+            base = str(model_dir.resolve()) if model_dir.exists() else cfg.base_model
+            save_adapter(model, spec, tmp, base_model=base)
         else:
             save_model(model, tmp, dtype="bfloat16" if model.lm_head.weight.dtype == torch.bfloat16 else "float32")
         tokenizer.save(tmp)

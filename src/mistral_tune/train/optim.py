@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.pack import IGNORE
+from ..kernels.loss import linear_cross_entropy_sum
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -49,7 +50,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg, device: torch.device) 
 def token_loss_sum(model, batch) -> torch.Tensor:
     """Sum of next-token cross-entropy over the trained tokens of a batch (float32).
 
-    Only trained positions go through lm_head, so masked prompts cost no logits memory.
+    Only trained positions go through lm_head, so masked prompts cost no logits memory; with
+    `model.fused_loss` the logits are never kept at all (kernels/loss.py).
     """
     hidden = model.hidden_states(batch.input_ids, batch.position_ids, batch.seq_ids)
     keep = batch.labels != IGNORE
@@ -57,5 +59,7 @@ def token_loss_sum(model, batch) -> torch.Tensor:
     targets = batch.labels[keep]
     if targets.numel() == 0:
         return hidden.sum() * 0.0
+    if getattr(model, "fused_loss", False):
+        return linear_cross_entropy_sum(h, model.lm_head.weight, targets)
     logits = model.lm_head(h).float()
     return F.cross_entropy(logits, targets, reduction="sum")

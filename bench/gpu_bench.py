@@ -1,0 +1,277 @@
+"""LoRA training throughput and peak memory on one GPU: ours and the peer stacks, side by side.
+
+Every variant runs in its own process (clean peak-memory counters) on the same setting: a
+Mistral-7B-v0.3-shaped model with random weights, random tokens, `--seq` tokens per row,
+`--bs` rows per step, LoRA r=16 alpha=16 on all seven projections, fused AdamW, `--warm`
+warm-up steps, then the median of `--steps` timed steps. Useful MFU counts 4N + 3x causal
+attention forward FLOPs per token (no recompute) against `--peak-tflops` (the bf16 matmul rate
+measured on the H100 machine).
+
+    python bench/gpu_bench.py --variants parity,ours_fast,ours_ac,ours_lean,ours_packed \
+        --peers hf_sdpa,hf_liger,unsloth_lora --out "$OUT"
+
+Ours: `ours_fast` (FlexAttention + compiled layers + fused loss, no recompute: uses the GPU's
+memory instead of recomputing), `ours_ac` (the same with per-layer activation checkpointing),
+`ours_lean` (checkpointing with the saved layer inputs offloaded to pinned CPU memory),
+`ours_packed` (ours_fast on packed variable-length chat rows, 20..4000 tokens, mean ~350),
+`ours_eager` (the plain CPU path run on the GPU: dense SDPA mask, no compile, checkpointing).
+`parity` checks on a 2-layer slice of the same shapes that the fast path's loss and LoRA gradients
+equal the plain path's within bf16 tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+SHAPE = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+             rope_theta=1e6, sliding_window=None)
+N_PARAMS = 7.248e9  # Mistral-7B-v0.3
+
+
+def useful_flops_per_token(seq: int) -> float:
+    attn_fwd = 4 * (seq / 2) * SHAPE["hidden_size"] * SHAPE["num_hidden_layers"]
+    return 4 * N_PARAMS + 3 * attn_fwd
+
+
+# --------------------------------------------------------------------------- our stack
+def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0):
+    import torch
+
+    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
+
+    shape = dict(SHAPE)
+    if n_layers:
+        shape["num_hidden_layers"] = n_layers
+    cfg = MistralConfig(**shape)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = MistralForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    model.init_weights(std=0.02)
+    apply_lora(model, LoraSpec(r=16, alpha=16))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # as the trainer does: LoRA weights and their optimizer state in float32
+        p.data = p.data.float()
+    if lora_b_std:
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, 0.0, lora_b_std)
+    model.train()
+    return model, params
+
+
+def _random_rows(bs: int, seq: int, packed: bool, gen):
+    """A Batch of random tokens, every position trained; packed rows hold chat-like lengths."""
+    import random
+
+    import torch
+
+    from mistral_tune.data.pack import Sample, collate, pack_rows
+
+    if not packed:
+        ids = torch.randint(0, SHAPE["vocab_size"], (bs, seq + 1), generator=gen)
+        samples = [Sample(ids[i, :-1].tolist(), ids[i, 1:].tolist()) for i in range(bs)]
+        return collate(samples, [[i] for i in range(bs)], seq)
+    rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    samples, total = [], 0
+    while total < 8 * bs * seq:  # enough samples that best-fit packing has choices to make
+        n = min(4000, seq, max(20, int(rng.lognormvariate(math.log(250), 0.9))))
+        toks = [rng.randrange(SHAPE["vocab_size"]) for _ in range(n + 1)]
+        samples.append(Sample(toks[:-1], toks[1:]))
+        total += n
+    rows = pack_rows([len(s) for s in samples], seq)
+    rows = sorted(rows, key=lambda r: -sum(len(samples[i]) for i in r))[bs:2 * bs]  # typical, not the best
+    return collate(samples, rows, seq)
+
+
+def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
+    import torch
+
+    from mistral_tune.train.optim import token_loss_sum
+
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    model, params = _build_ours()
+    if variant == "ours_eager":
+        model.gradient_checkpointing = True
+    else:
+        model.use_fast_path()
+        model.gradient_checkpointing = variant in ("ours_ac", "ours_lean")
+    opt = torch.optim.AdamW(params, lr=2e-5, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    packed = variant == "ours_packed"
+    batches = [_random_rows(bs, seq, packed, gen) for _ in range(4)]
+    load_s = time.time() - t0
+    times, real_tokens, losses = [], [], []
+    offload = variant == "ours_lean"
+    prof = None
+    for step in range(warm + steps):
+        batch = batches[step % len(batches)].to("cuda")
+        if PROFILE and step == warm:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
+                loss = token_loss_sum(model, batch)
+        n = batch.n_trained
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= warm:
+            times.append(time.perf_counter() - t)
+            real_tokens.append(batch.n_real)
+            losses.append(float(loss) / n)
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+        Path(ARGS.out, f"{variant}_profile.txt").write_text(table)
+        print(table[-6000:], flush=True)
+    med = sorted(times)[len(times) // 2]
+    tok_s = sorted(r / t for r, t in zip(real_tokens, times))[len(times) // 2]
+    return dict(variant=variant, seq=seq, bs=bs, step_s=round(med, 4), tokens_per_s=round(tok_s),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), load_s=round(load_s, 1),
+                mfu_useful=round(tok_s * useful_flops_per_token(seq) / (ARGS.peak_tflops * 1e12), 3),
+                loss=round(losses[-1], 3), real_token_share=round(sum(real_tokens) / (len(times) * bs * seq), 3))
+
+
+def run_parity(seq: int, bs: int) -> dict:
+    """Fast path vs plain path on the same batch, both in bf16 autocast, and each against a
+    float32 reference of the plain path: loss and every LoRA gradient (relative L2 norm)."""
+    import copy
+
+    import torch
+
+    from mistral_tune.train.optim import token_loss_sum
+
+    torch.manual_seed(0)
+    model, params = _build_ours(n_layers=2, lora_b_std=0.02)
+    ref = copy.deepcopy(model).float()
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(1)
+
+    def grads(m, ps, fast: bool, autocast: bool, batch):
+        m.attn_impl, m.fused_loss = ("flex", True) if fast else ("sdpa", False)
+        for p in ps:
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = token_loss_sum(m, batch) / batch.n_trained
+        loss.backward()
+        return float(loss), [p.grad.float().clone() for p in ps]
+
+    def rel(a, b):
+        return max(float((x - y).norm() / y.norm().clamp_min(1e-12)) for x, y in zip(a, b))
+
+    out = {}
+    for name, packed in (("fixed", False), ("packed", True)):
+        batch = _random_rows(bs, seq, packed, gen).to("cuda")
+        l_ref, g_ref = grads(ref, ref_params, False, False, batch)
+        l_plain, g_plain = grads(model, params, False, True, batch)
+        l_fast, g_fast = grads(model, params, True, True, batch)
+        out[name] = dict(
+            loss_fp32=round(l_ref, 5), loss_plain=round(l_plain, 5), loss_fast=round(l_fast, 5),
+            grad_fast_vs_plain=round(rel(g_fast, g_plain), 4),
+            grad_plain_vs_fp32=round(rel(g_plain, g_ref), 4), grad_fast_vs_fp32=round(rel(g_fast, g_ref), 4),
+            ok=abs(l_fast - l_plain) / abs(l_plain) < 1e-2
+            and rel(g_fast, g_ref) <= max(1e-2, 1.25 * rel(g_plain, g_ref)),
+        )
+    return dict(variant="parity", **out)
+
+
+# --------------------------------------------------------------------------- driver
+def main() -> None:
+    global ARGS
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="parity,ours_fast,ours_ac,ours_lean,ours_packed")
+    parser.add_argument("--peers", default="", help="hf_sdpa,hf_liger,hf_qlora,unsloth_lora,unsloth_qlora")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--bs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warm", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=798.0)
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per variant")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our variants")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    ARGS = parser.parse_args()
+    global PROFILE
+    PROFILE = ARGS.profile
+
+    if ARGS.worker:
+        if ARGS.worker == "parity":
+            res = run_parity(min(ARGS.seq, 2048), ARGS.bs)
+        elif ARGS.worker.startswith("ours"):
+            res = run_ours(ARGS.worker, ARGS.seq, ARGS.bs, ARGS.steps, ARGS.warm)
+        else:
+            from peers import run_peer
+
+            res = run_peer(ARGS.worker, ARGS.seq, ARGS.bs, ARGS.steps, ARGS.warm, ARGS.peak_tflops,
+                           useful_flops_per_token(ARGS.seq))
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    out = Path(ARGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [v for v in (ARGS.variants.split(",") + ARGS.peers.split(",")) if v]
+    results = []
+    for name in names:
+        cmd = [sys.executable, __file__, "--worker", name, "--seq", str(ARGS.seq), "--bs", str(ARGS.bs),
+               "--steps", str(ARGS.steps), "--warm", str(ARGS.warm), "--peak-tflops", str(ARGS.peak_tflops),
+               "--out", str(out)] + (["--profile"] if ARGS.profile else [])
+        t = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ARGS.timeout,
+                                  env={**os.environ, "PYTHONPATH": f"{ROOT / 'bench'}:{ROOT / 'src'}:"
+                                       + os.environ.get("PYTHONPATH", "")})
+            log = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            log = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {ARGS.timeout}s"
+        (out / f"{name}.log").write_text(log if isinstance(log, str) else log.decode())
+        line = next((ln for ln in str(log).splitlines() if ln.startswith("RESULT ")), None)
+        res = json.loads(line[7:]) if line else dict(variant=name, error=str(log).strip().splitlines()[-1:])
+        res["wall_s"] = round(time.time() - t, 1)
+        results.append(res)
+        print(json.dumps(res), flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))  # kept if a later variant hangs
+    print_table(results)
+
+
+def print_table(results: list[dict]) -> None:
+    import torch
+
+    ref = {r["variant"]: r.get("tokens_per_s") for r in results}
+    base = ref.get("unsloth_lora")
+    print(f"\n{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}")
+    print("| stack | tokens/s | peak GiB | useful MFU | vs Unsloth LoRA |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        if r["variant"] == "parity":
+            print(f"parity: {json.dumps({k: v for k, v in r.items() if k != 'variant'})}")
+            continue
+        if "tokens_per_s" not in r:
+            print(f"| {r['variant']} | error: {r.get('error')} | | | |")
+            continue
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+        print(f"| {r['variant']} | {r['tokens_per_s']:,} | {r['peak_gib']} | {r['mfu_useful']} | {ratio} |")
+
+
+ARGS: argparse.Namespace
+PROFILE = False
+
+if __name__ == "__main__":
+    main()

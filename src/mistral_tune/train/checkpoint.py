@@ -1,0 +1,361 @@
+"""Training checkpoints: everything a run needs to continue exactly, written atomically, checked on read.
+
+A checkpoint is a directory `checkpoint-<step>` in output_dir:
+
+  trainable.safetensors  the trainable parameters under their model names (LoRA A/B, or all weights)
+  optimizer.safetensors  optimizer state tensors per parameter: `<name>::exp_avg`, `::exp_avg_sq`, `::step`
+  rng.safetensors        torch CPU (and CUDA) generator states
+  state.json             step, data position, micro-batch shape, guard state, Python and NumPy RNG states
+  config.json            the resolved config of the run
+  metrics.jsonl          the run's metrics.jsonl as it was at this step
+  adapter_*              (LoRA) the adapter in PEFT format, usable as is
+  manifest.json          size and SHA-256 of every file above; written last
+
+It is written into a hidden temporary directory, every file fsync'ed, then renamed into place, so a
+crash, a full disk or a second Ctrl-C leaves either the whole checkpoint or none of it. Reading
+never unpickles: tensors come from safetensors, everything else from JSON, so loading a checkpoint
+cannot execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+
+FORMAT = "mistral-tune-checkpoint/1"
+MANIFEST = "manifest.json"
+REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
+            "config.json", "metrics.jsonl")
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+_SEP = "::"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    m = _NAME.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data) -> None:
+    # allow_nan=False: state must stay readable by strict JSON parsers; non-finite values are stored as null
+    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
+    """Every generator the run draws from: Python, NumPy (as JSON), torch CPU and CUDA (as tensors)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    as_json = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+    }
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = state
+    return as_json, tensors
+
+
+def restore_rng(as_json: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = as_json["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = as_json["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda_")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:  # a different GPU count: the CPU stream is still exact; say what is not
+            print(f"warning: checkpoint has {len(cuda)} CUDA generator state(s), this machine "
+                  f"{torch.cuda.device_count()}; CUDA random streams restart from the seed")
+
+
+# ---------------------------------------------------------------------------------------- optimizer
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter]) -> tuple[dict, dict]:
+    """(tensors, json) holding the optimizer's per-parameter state keyed by parameter name."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict] = {}
+    for name, p in named.items():
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}{_SEP}{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                plain.setdefault(name, {})[key] = value
+    return tensors, plain
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter],
+                         tensors: dict[str, torch.Tensor], plain: dict, source: Path) -> None:
+    per_param: dict[str, dict] = {}
+    for key, value in tensors.items():
+        name, _, field = key.partition(_SEP)
+        per_param.setdefault(name, {})[field] = value
+    for name, extra in plain.items():
+        per_param.setdefault(name, {}).update(extra)
+    unknown = sorted(set(per_param) - set(named))
+    if unknown:
+        raise CheckpointError(f"{source}: optimizer state for {len(unknown)} parameter(s) this model does not "
+                              f"train, e.g. {unknown[0]}")
+    # Through load_state_dict so torch puts each tensor on the device and dtype its optimizer expects.
+    current = optimizer.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    state = {index[id(named[name])]: value for name, value in per_param.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint that passed validation, with its JSON parts read."""
+
+    path: Path
+    step: int
+    state: dict
+    config: dict
+
+    def metrics_text(self) -> str:
+        return (self.path / "metrics.jsonl").read_text(encoding="utf-8")
+
+    def _tensors(self, name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(self.path / name))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.path / name}: not a readable safetensors file ({exc})") from None
+
+    def load_weights(self, named: dict[str, torch.nn.Parameter]) -> None:
+        tensors = self._tensors("trainable.safetensors")
+        missing, unexpected = set(named) - set(tensors), set(tensors) - set(named)
+        if missing or unexpected:
+            example = sorted(missing or unexpected)[0]
+            raise CheckpointError(
+                f"{self.path / 'trainable.safetensors'}: does not fit this model's trainable parameters "
+                f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {example})"
+            )
+        with torch.no_grad():
+            for name, p in named.items():
+                t = tensors[name]
+                if t.shape != p.shape:
+                    raise CheckpointError(f"{self.path / 'trainable.safetensors'}: {name} has shape "
+                                          f"{tuple(t.shape)}, the model {tuple(p.shape)}")
+                p.copy_(t)
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter]) -> None:
+        load_optimizer_state(optimizer, named, self._tensors("optimizer.safetensors"),
+                             self.state.get("optimizer_plain", {}), self.path / "optimizer.safetensors")
+
+    def restore_rng(self) -> None:
+        restore_rng(self.state["rng"], self._tensors("rng.safetensors"))
+
+
+class CheckpointManager:
+    """Writes, lists, validates, prunes and loads the checkpoints of one output_dir."""
+
+    def __init__(self, out_dir: Path, keep_last: int, echo: Callable[[str], None] = print) -> None:
+        self.out = Path(out_dir)
+        self.keep_last = keep_last
+        self.echo = echo
+
+    # -- listing and validation
+
+    def checkpoints(self) -> list[Path]:
+        """checkpoint-<step> directories, newest (highest step) first."""
+        if not self.out.is_dir():
+            return []
+        found = [p for p in self.out.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+        return sorted(found, key=checkpoint_step, reverse=True)
+
+    @staticmethod
+    def validate(path: Path) -> Checkpoint:
+        """Check the manifest, every file's size and SHA-256, and the JSON parts; raise naming the file."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a directory")
+        if not manifest_path.is_file():
+            raise CheckpointError(f"{manifest_path}: missing (the checkpoint was never completed)")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            files = manifest["files"]
+            step = int(manifest["step"])
+            if manifest.get("format") != FORMAT or not isinstance(files, dict):
+                raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{manifest_path}: unreadable ({exc})") from None
+        for name in REQUIRED:
+            if name not in files:
+                raise CheckpointError(f"{path / name}: not listed in {MANIFEST}")
+        for name, entry in files.items():
+            file = path / name
+            if "/" in name or name.startswith("."):
+                raise CheckpointError(f"{manifest_path}: lists a path outside the checkpoint: {name!r}")
+            if not file.is_file():
+                raise CheckpointError(f"{file}: missing")
+            size = file.stat().st_size
+            if size != entry["size"]:
+                raise CheckpointError(
+                    f"{file}: {size} bytes, the manifest says {entry['size']} (truncated or modified)")
+            if _sha256(file) != entry["sha256"]:
+                raise CheckpointError(f"{file}: SHA-256 does not match the manifest (modified or damaged)")
+        parts = {}
+        for name in ("state.json", "config.json"):
+            try:
+                parts[name] = json.loads((path / name).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{path / name}: not valid JSON ({exc})") from None
+        return Checkpoint(path, step, parts["state.json"], parts["config.json"])
+
+    def newest_valid(self, before: int | None = None, quiet: bool = False) -> tuple[Checkpoint | None, list[str]]:
+        """The newest checkpoint that validates (optionally with step < before), and why newer ones did not."""
+        problems = []
+        for path in self.checkpoints():
+            if before is not None and checkpoint_step(path) >= before:
+                continue
+            try:
+                ckpt = self.validate(path)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+                if not quiet:
+                    self.echo(f"checkpoint {path.name} is not usable: {exc}")
+                continue
+            return ckpt, problems
+        return None, problems
+
+    # -- writing
+
+    def clean_partial(self) -> list[Path]:
+        """Remove what a killed save left behind: temporary directories never renamed into place, and the
+        replaced copy of a re-saved step (`.old-`) if it died between the two renames."""
+        removed = []
+        if self.out.is_dir():
+            for p in self.out.iterdir():
+                if p.is_dir() and p.name.startswith(".checkpoint-") and (".tmp-" in p.name or ".old-" in p.name):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+        return removed
+
+    def save(self, step: int, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+             state: dict, config: dict, metrics_file: Path,
+             write_extra: Callable[[Path], None] | None = None) -> Path:
+        """Write checkpoint-<step> atomically. On any failure the temporary directory is removed, an
+        existing checkpoint of the same step is left as it was, and CheckpointError says why."""
+        final = self.out / f"checkpoint-{step}"
+        tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        current = "the temporary directory"
+        try:
+            tmp.mkdir(parents=True)
+            rng_json, rng_tensors = capture_rng()
+            opt_tensors, opt_plain = optimizer_tensors(optimizer, named)
+            full_state = {**state, "step": step, "rng": rng_json, "optimizer_plain": opt_plain}
+            writers: list[tuple[str, Callable[[Path], None]]] = [
+                ("trainable.safetensors", lambda f: save_file(
+                    {n: p.detach().to("cpu").contiguous() for n, p in named.items()}, str(f))),
+                ("optimizer.safetensors", lambda f: save_file(opt_tensors, str(f))),
+                ("rng.safetensors", lambda f: save_file(rng_tensors, str(f))),
+                ("state.json", lambda f: _write_json(f, full_state)),
+                ("config.json", lambda f: _write_json(f, config)),
+                ("metrics.jsonl", lambda f: shutil.copyfile(metrics_file, f) if metrics_file.is_file()
+                 else f.write_text("")),
+            ]
+            for name, write in writers:
+                current = name
+                write(tmp / name)
+            if write_extra is not None:
+                current = "adapter files"
+                write_extra(tmp)
+            files = {}
+            for f in sorted(tmp.iterdir()):
+                current = f.name
+                _fsync(f)
+                files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            current = MANIFEST
+            _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})
+            _fsync(tmp / MANIFEST)
+            _fsync(tmp)
+            current = "the rename into place"
+            if final.exists():  # re-saving a step (after a rollback or a resume): swap, then drop the old one
+                old = self.out / f".checkpoint-{step}.old-{os.getpid()}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync(self.out)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            newest, _ = self.newest_valid(quiet=True)
+            kept = f"{newest.path.name} is intact" if newest else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"{final}: could not write {current} ({exc.strerror or exc}); {kept}. Training stopped so it "
+                "does not go on without a checkpoint; free space and resume with resume=auto"
+            ) from None
+        except BaseException:  # KeyboardInterrupt (second Ctrl-C) included: never leave half a checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def prune(self) -> list[Path]:
+        """Delete all but the newest keep_last checkpoints and the one with the best held-out loss."""
+        paths = self.checkpoints()
+        keep = set(paths[: self.keep_last])
+        scored = []
+        for p in paths:
+            try:
+                loss = json.loads((p / "state.json").read_text()).get("eval_loss")
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(loss, (int, float)):
+                scored.append((loss, -checkpoint_step(p), p))
+        if scored:
+            keep.add(min(scored)[2])
+        removed = [p for p in paths if p not in keep]
+        for p in removed:
+            shutil.rmtree(p, ignore_errors=True)
+        return removed
+
+    def set_aside(self, path: Path, why: str) -> Path:
+        """Rename a checkpoint so it is no longer picked (nothing is deleted): checkpoint-8 -> checkpoint-8.<why>."""
+        target = path.with_name(f"{path.name}.{why}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.{why}{n}")
+        os.replace(path, target)
+        return target

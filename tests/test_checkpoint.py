@@ -1,0 +1,291 @@
+"""Checkpoints: contents, exact resume (LoRA and full), damaged files, pruning, no unpickling, full disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from _runs import config, make_assets, metrics, same_tensors, tensors
+from mistral_tune.errors import CheckpointError, ConfigError
+from mistral_tune.train import checkpoint as ckpt_mod
+from mistral_tune.train.checkpoint import REQUIRED, CheckpointManager
+from mistral_tune.train.loop import train
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "mistral_tune"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="module")
+def lora_run(assets, tmp_path_factory):
+    """A finished LoRA run: dropout (so torch's RNG matters), a held-out set, checkpoints kept."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    model, data = assets
+    cfg = config(model, data, out, lora_dropout=0.1, val_set_size=8, save_total_limit=20)
+    result = train(cfg, echo=lambda _: None)
+    return cfg, result
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _steps(out: Path) -> list[int]:
+    names = [p.name for p in out.glob("checkpoint-*")]
+    return sorted(int(n.split("-")[1]) for n in names if re.fullmatch(r"checkpoint-\d+", n))
+
+
+def test_checkpoints_hold_everything_and_validate(lora_run):
+    cfg, result = lora_run
+    out = result.output_dir
+    # every save_steps (5), each epoch end (56 train samples -> 8 steps per epoch), and the last step
+    assert _steps(out) == [5, 8, 10, 15, 16, 20]
+    ck = CheckpointManager.validate(out / "checkpoint-10")
+    manifest = json.loads((out / "checkpoint-10" / "manifest.json").read_text())
+    assert set(REQUIRED) | {"adapter_config.json", "adapter_model.safetensors"} == set(manifest["files"])
+    assert ck.step == 10 and ck.state["progress"]["step"] == 10
+    assert ck.config == cfg.model_dump(mode="json")
+    assert set(ck.state["rng"]) == {"python", "numpy"} and "torch_cpu" in tensors(ck.path / "rng.safetensors")
+    assert ck.state["data"]["epoch"] == 1 and ck.state["data"]["offset"] == 4  # 10 steps x 2 rows, 16 per epoch
+    opt = tensors(ck.path / "optimizer.safetensors")
+    trainable = tensors(ck.path / "trainable.safetensors")
+    assert {f"{n}::{k}" for n in trainable for k in ("exp_avg", "exp_avg_sq", "step")} == set(opt)
+    # metrics so far: the run's log, byte for byte, up to step 10's lines (its eval line included)
+    log = (out / "metrics.jsonl").read_text()
+    assert log.startswith(ck.metrics_text())
+    assert '"step": 10, "eval_loss"' in ck.metrics_text().splitlines()[-1]
+    assert ck.state["eval_loss"] is not None
+
+
+def test_resume_from_a_checkpoint_repeats_the_run_exactly(lora_run, tmp_path):
+    cfg, result = lora_run
+    out = _copy_run(result.output_dir, tmp_path / "run")
+    echoed = []
+    again = train(cfg.model_copy(update={"output_dir": str(out), "resume": str(out / "checkpoint-10")}),
+                  echo=echoed.append)
+    assert again.steps == 20
+    assert any("resumed from" in e and "checkpoint-10" in e for e in echoed)
+    # newer checkpoints of the original future were renamed, not deleted, then written anew
+    assert sorted(p.name for p in out.glob("checkpoint-*.superseded")) == [
+        "checkpoint-15.superseded", "checkpoint-16.superseded", "checkpoint-20.superseded"]
+    assert metrics(out) == metrics(result.output_dir)  # loss, lr, grad_norm, eval loss: bit-identical
+    assert same_tensors(tensors(out / "adapter" / "adapter_model.safetensors"),
+                        tensors(result.adapter_dir / "adapter_model.safetensors"))
+
+
+def test_full_finetune_resumes_exactly(assets, tmp_path):
+    model, data = assets
+    out = tmp_path / "full"
+    cfg = config(model, data, out, adapter="none", learning_rate=1e-3, max_steps=8, save_steps=4)
+    first = train(cfg, echo=lambda _: None)
+    copy = _copy_run(out, tmp_path / "copy")
+    train(cfg.model_copy(update={"output_dir": str(copy), "resume": "auto"}), echo=lambda _: None)  # nothing left
+    again = train(cfg.model_copy(update={"output_dir": str(copy), "resume": str(copy / "checkpoint-4")}),
+                  echo=lambda _: None)
+    assert again.steps == first.steps == 8
+    trainable = tensors(copy / "checkpoint-8" / "trainable.safetensors")
+    assert "model.embed_tokens.weight" in trainable and "lm_head.weight" in trainable  # all weights trained
+    assert metrics(copy) == metrics(out)
+    assert same_tensors(trainable, tensors(out / "checkpoint-8" / "trainable.safetensors"))
+    assert same_tensors(tensors(copy / "checkpoint-8" / "optimizer.safetensors"),
+                        tensors(out / "checkpoint-8" / "optimizer.safetensors"))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated optimizer": ("optimizer.safetensors", _truncate, "truncated or modified"),
+    "modified weights": ("trainable.safetensors", _flip_byte, "SHA-256 does not match"),
+    "missing rng": ("rng.safetensors", Path.unlink, "missing"),
+    "unreadable manifest": ("manifest.json", lambda p: p.write_text("{not json"), "unreadable"),
+    "no manifest (save never finished)": ("manifest.json", Path.unlink, "never completed"),
+    "modified state": ("state.json", lambda p: p.write_text(p.read_text().replace('"step": 20', '"step": 19')),
+                       "does not match"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_damaged_checkpoint_is_detected_naming_the_file(lora_run, tmp_path, kind):
+    name, damage, says = CORRUPTIONS[kind]
+    ck = _copy_run(lora_run[1].output_dir / "checkpoint-20", tmp_path / "checkpoint-20")
+    damage(ck / name)
+    with pytest.raises(CheckpointError) as err:
+        CheckpointManager.validate(ck)
+    assert str(ck / name) in str(err.value) and says in str(err.value)
+
+
+def test_auto_falls_back_to_the_newest_valid_checkpoint_and_says_so(lora_run, tmp_path):
+    cfg, result = lora_run
+    out = _copy_run(result.output_dir, tmp_path / "run")
+    _truncate(out / "checkpoint-20" / "optimizer.safetensors")
+    _flip_byte(out / "checkpoint-16" / "trainable.safetensors")
+    echoed = []
+    train(cfg.model_copy(update={"output_dir": str(out), "resume": "auto"}), echo=echoed.append)
+    text = "\n".join(echoed)
+    assert str(out / "checkpoint-20" / "optimizer.safetensors") in text
+    assert str(out / "checkpoint-16" / "trainable.safetensors") in text
+    assert "falling back to checkpoint-15" in text
+    assert (out / "checkpoint-20.corrupt").is_dir() and (out / "checkpoint-16.corrupt").is_dir()
+    assert metrics(out) == metrics(result.output_dir)  # steps 16-20 done again, identically
+    CheckpointManager.validate(out / "checkpoint-20")
+
+
+def test_resume_path_to_a_damaged_checkpoint_refuses(lora_run, tmp_path):
+    cfg, result = lora_run
+    out = _copy_run(result.output_dir, tmp_path / "run")
+    (out / "checkpoint-15" / "state.json").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(str(out / "checkpoint-15" / "state.json"))):
+        train(cfg.model_copy(update={"output_dir": str(out), "resume": str(out / "checkpoint-15")}),
+              echo=lambda _: None)
+
+
+def test_prune_keeps_the_newest_and_the_best(lora_run, tmp_path):
+    out = _copy_run(lora_run[1].output_dir, tmp_path / "run")
+    evals = {p: json.loads((p / "state.json").read_text())["eval_loss"] for p in out.glob("checkpoint-*")}
+    best = min(evals, key=evals.get)
+    CheckpointManager(out, keep_last=2).prune()
+    assert set(out.glob("checkpoint-*")) == {out / "checkpoint-20", out / "checkpoint-16", best}
+
+
+class _Payload:
+    """Unpickling this runs code (creates a file): what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_loading_a_checkpoint_cannot_run_code(lora_run, tmp_path):
+    cfg, result = lora_run
+    out = _copy_run(result.output_dir, tmp_path / "run")
+    marker = tmp_path / "code-ran"
+    target = out / "checkpoint-20" / "optimizer.safetensors"
+    target.write_bytes(pickle.dumps(_Payload(marker)))  # a torch.save-style pickle in place of the tensors
+    manifest_path = out / "checkpoint-20" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["optimizer.safetensors"] = {"size": target.stat().st_size, "sha256": ckpt_mod._sha256(target)}
+    manifest_path.write_text(json.dumps(manifest))  # the attacker fixes the checksums too
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        train(cfg.model_copy(update={"output_dir": str(out), "resume": str(out / "checkpoint-20")}),
+              echo=lambda _: None)
+    assert not marker.exists()
+
+
+def test_no_pickle_in_loading_code():
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text and "trust_remote_code=True" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{path}: {call}"
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_stops(assets, tmp_path, monkeypatch):
+    model, data = assets
+    out = tmp_path / "run"
+    real_save = ckpt_mod.save_file
+    calls = []
+
+    def save_file_on_a_full_disk(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) > 3:  # the first checkpoint's three tensor files fit; then the disk is full
+            Path(filename).write_bytes(b"\0" * 100)  # what a partial write leaves
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", save_file_on_a_full_disk)
+    with pytest.raises(CheckpointError) as err:
+        train(config(model, data, out, max_steps=12, save_steps=5), echo=lambda _: None)
+    msg = str(err.value)
+    # 17 packed rows in micro-batches of 2: the epoch ends at step 9, whose checkpoint hits the full disk
+    assert str(out / "checkpoint-9") in msg and "No space left on device" in msg
+    assert "checkpoint-5 is intact" in msg and "resume=auto" in msg
+    assert _steps(out) == [5]  # the failed checkpoint left nothing
+    assert not list(out.glob(".checkpoint-*"))
+    CheckpointManager.validate(out / "checkpoint-5")
+    assert not (out / "adapter").exists()  # training stopped; it did not go on without checkpoints
+    assert metrics(out)[-1]["step"] == 9
+
+
+def test_interrupt_while_saving_leaves_no_partial_checkpoint(tmp_path):
+    layer = torch.nn.Linear(4, 4)
+    named = dict(layer.named_parameters())
+    opt = torch.optim.AdamW(layer.parameters())
+    layer(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(1, named, opt, {"progress": {}}, {}, tmp_path / "metrics.jsonl")
+
+    def second_ctrl_c(directory: Path) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(2, named, opt, {"progress": {}}, {}, tmp_path / "metrics.jsonl", write_extra=second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):  # re-saving an existing step: the old one must survive
+        manager.save(1, named, opt, {"progress": {}}, {}, tmp_path / "metrics.jsonl", write_extra=second_ctrl_c)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+    CheckpointManager.validate(tmp_path / "checkpoint-1")
+
+
+def test_changed_config_is_refused_with_the_differences(lora_run, tmp_path):
+    cfg, result = lora_run
+    out = _copy_run(result.output_dir, tmp_path / "run")
+    resume = {"output_dir": str(out), "resume": str(out / "checkpoint-15")}
+    with pytest.raises(ConfigError) as err:
+        train(cfg.model_copy(update={**resume, "learning_rate": 0.02, "logging_steps": 2}), echo=lambda _: None)
+    assert "learning_rate: 0.01 -> 0.02" in str(err.value) and "logging_steps: 1 -> 2" in str(err.value)
+    assert "--force" in str(err.value)
+    with pytest.raises(ConfigError, match="cannot change in a resumed run: learning_rate"):
+        train(cfg.model_copy(update={**resume, "learning_rate": 0.02}), echo=lambda _: None, force=True)
+    # safe keys with --force: the steps up to the old end are the same run, then it goes on to 24
+    longer = train(cfg.model_copy(update={**resume, "logging_steps": 2, "max_steps": 24}), echo=lambda _: None,
+                   force=True)
+    assert longer.steps == 24 and metrics(out)[-1]["step"] == 24
+
+
+def test_full_disk_at_the_final_save_points_to_the_last_checkpoint(assets, tmp_path, monkeypatch):
+    import mistral_tune.lora as lora_mod
+
+    model, data = assets
+    out = tmp_path / "run"
+    real_save = lora_mod.save_file
+
+    def save_file(tensors_, filename, metadata=None):
+        if "/.adapter.tmp-" in filename:  # the final adapter's temporary directory, not a checkpoint's
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save(tensors_, filename, metadata=metadata)
+
+    monkeypatch.setattr(lora_mod, "save_file", save_file)
+    with pytest.raises(CheckpointError) as err:
+        train(config(model, data, out, max_steps=6), echo=lambda _: None)
+    assert f"{out / 'adapter'}: could not be written (No space left on device)" in str(err.value)
+    assert f"the trained state is in {out / 'checkpoint-6'}" in str(err.value)
+    CheckpointManager.validate(out / "checkpoint-6")
+    assert not (out / "adapter").exists() and not list(out.glob(".adapter*"))
+
+
+def test_resume_and_overwrite_cannot_be_combined(assets, tmp_path):
+    model, data = assets
+    with pytest.raises(ConfigError, match="set resume or overwrite_output_dir, not both"):
+        config(model, data, tmp_path / "run", resume="auto", overwrite_output_dir=True)

@@ -1,0 +1,85 @@
+"""The PEFT adapter we write loads in PEFT and passes vLLM's LoRA-loader rules."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from export_fixtures import tiny_adapter, tiny_model
+from mistral_tune.cli import main
+from mistral_tune.errors import ModelError
+from mistral_tune.export.adapter import export_adapter, min_max_lora_rank, vllm_adapter_problems
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("adapter")
+    base = tiny_model(root / "base")
+    return tiny_adapter(base, root / "adapter", r=4, alpha=8)
+
+
+@torch.no_grad()
+def test_adapter_loads_in_peft_with_its_rank_alpha_and_targets(adapter: Path) -> None:
+    cfg = peft.LoraConfig.from_pretrained(adapter)
+    assert (cfg.r, cfg.lora_alpha, cfg.modules_to_save, cfg.use_dora, cfg.bias) == (4, 8, None, False, "none")
+    assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    base_dir = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), adapter)
+    # Every tensor we wrote was loaded (PEFT warns, not fails, on missing keys; check ourselves).
+    ours = load_file(str(adapter / "adapter_model.safetensors"))
+    state = model.state_dict()
+    for key, value in ours.items():
+        peft_key = re.sub(r"\.lora_([AB])\.weight$", r".lora_\1.default.weight", key)
+        torch.testing.assert_close(state[peft_key], value)
+    assert vllm_adapter_problems(adapter) == []
+
+
+def _broken(adapter: Path, tmp_path: Path, **changes) -> Path:
+    out = tmp_path / "broken"
+    shutil.copytree(adapter, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"use_dora": True}, "DoRA"),
+        ({"bias": "all"}, "bias"),
+        ({"target_modules": ["q_proj", "embed_tokens"]}, "embed_tokens"),
+        ({"r": 8}, "does not match r=8"),
+    ],
+)
+def test_vllm_rules_are_enforced(adapter: Path, tmp_path: Path, changes: dict, message: str) -> None:
+    broken = _broken(adapter, tmp_path, **changes)
+    assert any(message in p for p in vllm_adapter_problems(broken))
+    with pytest.raises(ModelError, match="vLLM would not load"):
+        export_adapter(broken)
+
+
+def test_non_peft_tensor_names_are_refused(adapter: Path, tmp_path: Path) -> None:
+    broken = _broken(adapter, tmp_path)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    save_file({k.replace(".lora_A.", ".lora_A.default."): v for k, v in tensors.items()},
+              str(broken / "adapter_model.safetensors"))
+    assert any("not a PEFT LoRA key" in p for p in vllm_adapter_problems(broken))
+
+
+def test_cli_export_adapter_copies_and_prints_the_vllm_command(adapter: Path, tmp_path: Path, capsys) -> None:
+    assert main(["export", "adapter", str(adapter), "--out", str(tmp_path / "shipped")]) == 0
+    out = capsys.readouterr().out
+    assert "--enable-lora --max-lora-rank 8" in out and "--lora-modules tuned=" in out
+    assert (tmp_path / "shipped" / "adapter_model.safetensors").is_file()
+    assert min_max_lora_rank(16) == 16 and min_max_lora_rank(17) == 32 and min_max_lora_rank(1) == 1

@@ -1,0 +1,125 @@
+"""The fast-path pieces compute the plain path's function: the fused linear + cross-entropy
+against torch's cross_entropy, FlexAttention block masks against the dense mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mistral_tune.data.pack import Sample, collate
+from mistral_tune.kernels.attention import dense_mask
+from mistral_tune.kernels.loss import linear_cross_entropy_sum
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+@pytest.mark.parametrize("weight_trainable", [False, True])
+def test_linear_cross_entropy_matches_torch(chunk, weight_trainable):
+    gen = torch.Generator().manual_seed(chunk)
+    h = torch.randn(150, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(400, 32, generator=gen, dtype=torch.float64, requires_grad=weight_trainable)
+    targets = torch.randint(0, 400, (150,), generator=gen)
+
+    ours = linear_cross_entropy_sum(h, w, targets, chunk=chunk)
+    (ours * 0.37).backward()  # a non-unit upstream gradient must scale the stored gradients
+    g_h = h.grad.clone()
+    g_w = w.grad.clone() if weight_trainable else None
+    h.grad = None
+    w.grad = None
+
+    ref = F.cross_entropy(h @ w.t(), targets, reduction="sum")
+    (ref * 0.37).backward()
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-10)
+    assert torch.allclose(g_h, h.grad, rtol=1e-10, atol=1e-12)
+    if weight_trainable:
+        assert torch.allclose(g_w, w.grad, rtol=1e-10, atol=1e-12)
+    else:
+        assert w.grad is None
+
+
+def test_fused_loss_gives_the_models_loss_and_grads(make_tiny_mistral):
+    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.train.optim import token_loss_sum
+
+    model = make_tiny_mistral(seed=3).train()
+    apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, 0, 0.05)
+    gen = torch.Generator().manual_seed(0)
+    samples = [Sample.from_ids(torch.randint(3, 1000, (n,), generator=gen).tolist(), [i % 3 != 0 for i in range(n)])
+               for n in (30, 17, 9)]
+    batch = collate(samples, [[0, 1], [2]], pad_to=64)
+    results = []
+    for fused in (False, True):
+        model.fused_loss = fused
+        model.zero_grad(set_to_none=True)
+        loss = token_loss_sum(model, batch)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    for name in g0:
+        assert (g0[name] - g1[name]).norm() <= 1e-5 * g0[name].norm(), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", [None, 7])
+def test_flex_block_mask_equals_dense_mask(make_tiny_mistral, window):
+    """FlexAttention (compiled on the CPU, forward only: it has no CPU backward) sees exactly what
+    the dense mask lets through: packed samples, padding, and the sliding window."""
+    model = make_tiny_mistral(seed=1, sliding_window=window)
+    gen = torch.Generator().manual_seed(2)
+    lengths = [[90, 40, 60], [120, 70]]  # row 2 ends in padding
+    samples, rows = [], []
+    for row in lengths:
+        rows.append([])
+        for n in row:
+            rows[-1].append(len(samples))
+            samples.append(Sample(torch.randint(0, 1000, (n,), generator=gen).tolist(), [-100] * n))
+    batch = collate(samples, rows, pad_to=256)
+    with torch.no_grad():
+        model.attn_impl = "sdpa"
+        dense = model(batch.input_ids, batch.position_ids, batch.seq_ids)
+        model.attn_impl = "flex"
+        flex = model(batch.input_ids, batch.position_ids, batch.seq_ids)
+    real = batch.seq_ids >= 0
+    assert torch.allclose(flex[real], dense[real], rtol=1e-4, atol=1e-5)
+
+
+def test_dense_mask_is_causal_per_sample_and_windowed():
+    seq = torch.tensor([[0, 0, 0, 1, 1, -1]])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    m = dense_mask(seq, pos, window=2)[0, 0]
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0],  # token 2 no longer sees token 0: window 2
+        [0, 0, 0, 1, 0, 0],  # a new sample starts: nothing earlier is visible
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],  # padding sees only itself
+    ], dtype=torch.bool)
+    assert torch.equal(m, expected)
+
+
+def test_collate_pads_to_a_multiple():
+    samples = [Sample([1] * 130, [-100] * 130), Sample([2] * 20, [-100] * 20)]
+    assert collate(samples, [[0], [1]], pad_multiple=128).input_ids.shape == (2, 256)
+    assert collate(samples, [[1]], pad_multiple=128).input_ids.shape == (1, 128)
+    assert collate(samples, [[1]]).input_ids.shape == (1, 20)
+
+
+def test_fast_path_true_on_cpu_is_a_config_error(tiny_model_dir, tmp_path):
+    import json
+
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.errors import ConfigError
+    from mistral_tune.train.loop import train
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    cfg = config_from_dict({"base_model": str(tiny_model_dir), "datasets": [{"path": str(data)}],
+                            "output_dir": str(tmp_path / "out"), "fast_path": True, "max_steps": 1})
+    with pytest.raises(ConfigError, match="fast_path"):
+        train(cfg, echo=lambda *_: None)

@@ -1,0 +1,189 @@
+"""A run killed (SIGKILL), stopped (SIGTERM / SIGINT) or interrupted twice, then resumed: the metrics must
+be the uninterrupted run's, line by line, bit for bit (CPU, one thread)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from _runs import base_config, cli, config, make_assets, metrics, same_tensors, tensors, write_yaml
+from mistral_tune.train import checkpoint as ckpt_mod
+from mistral_tune.train.checkpoint import CheckpointManager
+from mistral_tune.train.loop import prepare, run_training, train
+from mistral_tune.train.signals import StopRequest
+
+STEPS, SAVE = 60, 10
+SETTINGS = dict(max_steps=STEPS, save_steps=SAVE, eval_steps=25, val_set_size=8, lora_dropout=0.1,
+                learning_rate=3e-3, save_total_limit=2)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("assets"))
+
+
+def _yaml(assets, root: Path, name: str) -> Path:
+    model, data = assets
+    return write_yaml(root / f"{name}.yaml", base_config(model, data, root / name, **SETTINGS))
+
+
+def _last_step(out: Path) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    steps = [json.loads(line)["step"] for line in lines if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def _wait_for(predicate, proc, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.communicate()}"
+        assert time.monotonic() < end, "timed out waiting for the run"
+        time.sleep(0.002)
+
+
+def _finish(proc, expect_rc: int = 0) -> str:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == expect_rc, stderr[-2000:]
+    return stdout
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """The uninterrupted run, through the CLI like the interrupted ones; started here, run alongside them."""
+    root = tmp_path_factory.mktemp("reference")
+    proc = cli("train", str(_yaml(assets, root, "run")))
+
+    def finished() -> Path:
+        if proc.returncode is None:
+            _finish(proc)
+        return root / "run"
+
+    yield finished
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_sigkill_then_resume_is_bit_identical(assets, reference, tmp_path):
+    config_path = _yaml(assets, tmp_path, "run")
+    out = tmp_path / "run"
+    kill_at = random.Random().randint(SAVE + 1, STEPS // 2)  # any step after the first checkpoint
+    proc = cli("train", str(config_path))
+    _wait_for(lambda: _last_step(out) >= kill_at, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _last_step(out)
+    assert killed_at < STEPS, "the run was not interrupted"
+    resumed = cli("train", str(config_path), "resume=auto")
+    stdout = _finish(resumed)
+    reference = reference()
+    got, want = metrics(out), metrics(reference)
+    # line by line: every logged step and eval once, with the same loss, lr and grad norm (floats via JSON repr)
+    assert [r["step"] for r in got if "loss" in r] == list(range(1, STEPS + 1))
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine == theirs, f"killed after step {killed_at}, resumed: {mine} != {theirs}"
+    assert same_tensors(tensors(out / "adapter" / "adapter_model.safetensors"),
+                        tensors(reference / "adapter" / "adapter_model.safetensors"))
+    assert f"trained {STEPS} steps" in stdout
+    print(f"SIGKILL after step {killed_at} (target {kill_at}); {len(got)} metrics lines equal "
+          f"({sum('loss' in r for r in got)} steps, {sum('eval_loss' in r for r in got)} evaluations)")
+
+
+def test_sigterm_checkpoints_and_exits_zero(assets, reference, tmp_path):
+    """What a scheduler does before it preempts: SIGTERM, then (later) SIGKILL."""
+    config_path = _yaml(assets, tmp_path, "run")
+    out = tmp_path / "run"
+    proc = cli("train", str(config_path))
+    _wait_for(lambda: _last_step(out) >= SAVE + 3, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout = _finish(proc, expect_rc=0)
+    stopped_at = _last_step(out)
+    assert stopped_at < STEPS
+    assert f"stopped by SIGTERM after step {stopped_at}" in stdout
+    assert f"to continue: mistral-tune train {config_path} resume=auto" in stdout
+    CheckpointManager.validate(out / f"checkpoint-{stopped_at}")  # the step it was on, finished and saved
+    assert not (out / "adapter").exists()
+    _finish(cli("train", str(config_path), "resume=auto"))
+    assert metrics(out) == metrics(reference())
+
+
+class _CtrlC:
+    """Presses Ctrl-C (SIGINT to this process) during the forward pass of the n-th training step."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step, self.steps = at_step, 0
+
+    def __call__(self, module, args, output) -> None:
+        if module.training:
+            self.steps += 1
+            if self.steps == self.at_step:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(assets, tmp_path):
+    model, data = assets
+    cfg = config(model, data, tmp_path / "reference", max_steps=16, lora_dropout=0.1)
+    train(cfg, echo=lambda _: None)
+    out = tmp_path / "run"
+    cfg = cfg.model_copy(update={"output_dir": str(out)})
+    rt, model_dir, tokenizer, net, dataset = prepare(cfg)
+    net.model.norm.register_forward_hook(_CtrlC(at_step=7))
+    result = run_training(cfg, rt, model_dir, tokenizer, net, dataset, echo=lambda _: None)
+    assert result.stopped_by == "SIGINT" and result.steps == 7
+    assert result.checkpoint_dir == out / "checkpoint-7"
+    CheckpointManager.validate(out / "checkpoint-7")
+    train(cfg.model_copy(update={"resume": "auto"}), echo=lambda _: None)
+    assert metrics(out) == metrics(tmp_path / "reference")
+
+
+def test_second_ctrl_c_while_saving_quits_at_once_without_a_partial_checkpoint(assets, tmp_path, monkeypatch):
+    """First Ctrl-C during a step; the second arrives while the stop checkpoint is being written."""
+    model, data = assets
+    out = tmp_path / "run"
+    real_save = ckpt_mod.save_file
+
+    def save_file(tensors_, filename, metadata=None):
+        if filename.endswith("trainable.safetensors") and "-7.tmp" in filename:
+            os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C
+        return real_save(tensors_, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", save_file)
+    cfg = config(model, data, out, max_steps=20, save_steps=5)
+    rt, model_dir, tokenizer, net, dataset = prepare(cfg)
+    net.model.norm.register_forward_hook(_CtrlC(at_step=7))
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, rt, model_dir, tokenizer, net, dataset, echo=lambda _: None)
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-5"]
+    CheckpointManager.validate(out / "checkpoint-5")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
+def test_stop_request_flags_the_first_signal_and_raises_on_the_second_ctrl_c():
+    with StopRequest() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGTERM)  # a repeated SIGTERM keeps stopping gracefully
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs before this returns
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(assets, tmp_path):
+    model, data = assets
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')  # left by a run killed before its first save
+    echoed = []
+    train(config(model, data, out, max_steps=3, resume="auto"), echo=echoed.append)
+    assert any("no checkpoint" in e and "starting from step 0" in e for e in echoed)
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]

@@ -280,3 +280,22 @@ def test_inspect_at_an_origin(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert f"-- sample 1: {p}:4 (" in out and "[INST] q3[/INST]« answer 3</s>»" in out
     assert f"no sample comes from {p}:6" in out and "-- sample 2" not in out
+
+
+def test_row_stream_groups_by_length_and_covers_every_row() -> None:
+    from mistral_tune.train.loop import RowStream
+
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(10, 1000, size=300).tolist()
+    rows = [[i] for i in range(300)]
+    for world in (1, 2):
+        streams = [RowStream(rows, 5, rank, world, lengths, group_size=4) for rank in range(world)]
+        batches = []
+        while streams[0].epoch == 0:
+            for s in streams:
+                batches.append(s.next(4)[1])
+        seen = sorted(r[0] for b in batches for r in b)
+        assert seen == list(range(300))  # each row once per epoch, across ranks
+        spread = np.mean([max(lengths[r[0]] for r in b) - min(lengths[r[0]] for r in b) for b in batches if b])
+        assert spread < 100  # random batches of 4 from 10..1000 spread ~ 500
+    assert RowStream(rows, 5, row_lengths=lengths, group_size=4).order(0) != RowStream(rows, 5).order(0)

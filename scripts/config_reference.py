@@ -3,14 +3,16 @@
 import sys
 from pathlib import Path
 
+from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from mistral_tune.config import Config, DatasetConfig
+from mistral_tune.config import CleaningConfig, Config, DatasetConfig
 
 
 def _default(field) -> str:
     if field.default_factory is not None:
-        return f"`{field.default_factory()}`"
+        value = field.default_factory()
+        return "see below" if isinstance(value, BaseModel) else f"`{value}`"
     if field.default is PydanticUndefined:
         return "**required**"
     return f"`{field.default}`"
@@ -26,7 +28,9 @@ def render() -> str:
              "Generated from `src/mistral_tune/config.py` by `python scripts/config_reference.py`.",
              "Any key can be overridden on the command line: `mistral-tune train cfg.yaml key=value`",
              "(nested: `datasets.0.path=other.jsonl`).", ""]
-    for title, model in (("Run keys", Config), ("Each entry of `datasets`", DatasetConfig)):
+    sections = (("Run keys", Config), ("Each entry of `datasets` (and `val_datasets`)", DatasetConfig),
+                ("`cleaning`", CleaningConfig))
+    for title, model in sections:
         lines += [f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
             desc = (field.description or "").replace("|", "\\|")

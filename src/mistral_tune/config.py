@@ -119,7 +119,9 @@ class Config(_Strict):
         "drop", description="Conversations longer than sequence_len: drop them, or truncate (keep the start "
         "and cut inside the last assistant turn that fits). Counted either way. Texts are always split."
     )
-    cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
+    cleaning: CleaningConfig = Field(
+        default_factory=CleaningConfig, description="Cleaning steps, each on/off (see docs/data.md)."
+    )
     dataset_cache: bool = Field(True, description="Keep tokenized datasets on disk and reuse them.")
     dataset_cache_dir: str | None = Field(
         None, description="Token cache folder; default $MISTRAL_TUNE_CACHE/datasets or ~/.cache/mistral-tune/datasets."

@@ -43,7 +43,7 @@ def calibration_ids(run_dir: Path, tokenizer, n: int, max_len: int) -> list[list
         raise ConfigError(f"{run_dir}: no config.yaml, so the run's dataset is unknown; pass --calibration-config")
     cfg = load_config(cfg_path)
     data = build_dataset(cfg, tokenizer)
-    samples = [list(s.tokens)[:max_len] for s in list(data.train)[:n]]
+    samples = [list(s.tokens)[:max_len] for s in data.train[:n]]  # a slice: no need to build every sample
     if not samples:
         raise ConfigError(f"{cfg_path}: the run's datasets give no samples to calibrate on")
     return samples

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -85,8 +86,17 @@ def test_cli_export_gguf_from_a_run(v3_model: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- real llama.cpp
 
 
+def _require_llama_cpp():
+    """The binding, or a skip; CI sets MISTRAL_TUNE_REQUIRE_LLAMA=1 so a missing build fails loudly."""
+    if os.environ.get("MISTRAL_TUNE_REQUIRE_LLAMA") == "1":
+        import llama_cpp
+
+        return llama_cpp
+    return pytest.importorskip("llama_cpp")
+
+
 def _llama(path: Path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = _require_llama_cpp()
     return llama_cpp.Llama(str(path), n_ctx=256, n_gpu_layers=0, logits_all=True, verbose=False)
 
 
@@ -130,7 +140,7 @@ def _check_against_llama_cpp(model_dir: Path, gguf_path: Path, logit_atol: float
 @pytest.mark.parametrize(("quant", "atol", "exact"), [("f16", 3e-3, True), ("bf16", 1.5e-2, False),
                                                       ("q8_0", 3e-2, False)])
 def test_llama_cpp_runs_the_file_like_we_run_the_model(v3_model: Path, tmp_path: Path, quant, atol, exact) -> None:
-    pytest.importorskip("llama_cpp")
+    _require_llama_cpp()
     out = export_gguf(v3_model, tmp_path / f"m-{quant}.gguf", quant)
     _check_against_llama_cpp(v3_model, out, atol, exact)
 
@@ -138,14 +148,14 @@ def test_llama_cpp_runs_the_file_like_we_run_the_model(v3_model: Path, tmp_path:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tekken", "v1"])
 def test_llama_cpp_other_tokenizers(name: str, tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
+    _require_llama_cpp()
     model = tiny_model(tmp_path / name, name)
     _check_against_llama_cpp(model, export_gguf(model, tmp_path / "m.gguf", "f16"), 3e-3, True)
 
 
 @pytest.mark.slow
 def test_k_quant_through_llama_cpp(v3_model: Path, tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
+    _require_llama_cpp()
     out = export_gguf(v3_model, tmp_path / "m-q4km.gguf", "q4_k_m")
     assert _fields(out)[0]["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
     loaded = load_for_inference(v3_model)
@@ -166,7 +176,7 @@ def test_k_quant_through_llama_cpp(v3_model: Path, tmp_path: Path) -> None:
 def test_llama_cpp_chat_template_gives_mistral_common_ids(name: str, tmp_path: Path) -> None:
     """The GGUF's chat template, rendered by llama-cpp-python's own chat formatter and tokenized
     by llama.cpp, gives mistral-common's ids (as create_chat_completion would)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = _require_llama_cpp()
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     from test_export_hf import CONVERSATIONS, _mistral_common_ids

@@ -309,3 +309,14 @@ def test_overridden_dataset_path_is_resolved_too(tmp_path: Path, monkeypatch) ->
 def test_config_from_dict_uses_the_source_name() -> None:
     with pytest.raises(ConfigError, match=r"^my-source: missing required key 'base_model'"):
         config_from_dict({"datasets": [{"path": "x"}]}, source="my-source")
+
+
+def test_docs_config_reference_is_current():
+    """docs/config.md is generated from the schema; a key added without regenerating it fails here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "config_reference.py"), "--check"], cwd=root)
+    assert proc.returncode == 0, "run: python scripts/config_reference.py"

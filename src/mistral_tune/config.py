@@ -18,8 +18,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-FIELD_NAMES = ("messages", "conversations", "tools", "instruction", "input", "output", "prompt", "completion",
-               "system", "text", "role", "content", "from", "value")
+FIELD_NAMES = (
+    "messages",
+    "conversations",
+    "tools",
+    "instruction",
+    "input",
+    "output",
+    "prompt",
+    "completion",
+    "system",
+    "text",
+    "role",
+    "content",
+    "from",
+    "value",
+)
 
 
 class DatasetConfig(_Strict):
@@ -43,12 +57,15 @@ class DatasetConfig(_Strict):
         f"Canonical names: {', '.join(FIELD_NAMES)}.",
     )
     weight: float = Field(
-        1.0, gt=0, description="Mixing weight: the share of this dataset's samples in each epoch "
-        "(2.0 repeats every sample twice, 0.5 takes a random half)."
+        1.0,
+        gt=0,
+        description="Mixing weight: the share of this dataset's samples in each epoch "
+        "(2.0 repeats every sample twice, 0.5 takes a random half).",
     )
     num_samples: int | None = Field(
-        None, ge=1, description="Take exactly this many samples per epoch (repeating if there are fewer); "
-        "instead of weight."
+        None,
+        ge=1,
+        description="Take exactly this many samples per epoch (repeating if there are fewer); instead of weight.",
     )
 
     @model_validator(mode="after")
@@ -65,27 +82,28 @@ PII_KINDS = ("email", "phone", "ip_address", "credit_card", "secret")
 
 
 class CleaningConfig(_Strict):
-    unicode: bool = Field(
-        True, description="Remove control characters, replace invalid Unicode, normalise to NFC."
-    )
+    unicode: bool = Field(True, description="Remove control characters, replace invalid Unicode, normalise to NFC.")
     dedup: bool = Field(True, description="Drop exact duplicate samples (after cleaning), across all datasets.")
     near_dedup: bool = Field(
-        False, description="Drop near-duplicates (MinHash/LSH over word 5-grams) within each dataset; off by "
-        "default because it also removes templated records that differ only in a few words."
+        False,
+        description="Drop near-duplicates (MinHash/LSH over word 5-grams) within each dataset; off by "
+        "default because it also removes templated records that differ only in a few words.",
     )
     near_dedup_threshold: float = Field(
         0.85, gt=0, le=1, description="Estimated Jaccard similarity at or above which a record is a near-duplicate."
     )
     redact_pii: bool = Field(
-        True, description="Replace e-mails, phone numbers, IPs, Luhn-valid card numbers and API keys/secrets "
-        "by placeholders like [EMAIL]."
+        True,
+        description="Replace e-mails, phone numbers, IPs, Luhn-valid card numbers and API keys/secrets "
+        "by placeholders like [EMAIL].",
     )
     pii_kinds: list[Literal["email", "phone", "ip_address", "credit_card", "secret"]] = Field(
         default_factory=lambda: list(PII_KINDS), description="Which kinds redact_pii replaces."
     )
     prompt_injection: Literal["flag", "drop", "off"] = Field(
-        "flag", description="Records with prompt-injection phrases or chat-template markers as text: flag "
-        "(count and list them), drop (reject them), off."
+        "flag",
+        description="Records with prompt-injection phrases or chat-template markers as text: flag "
+        "(count and list them), drop (reject them), off.",
     )
 
 
@@ -98,26 +116,28 @@ class Config(_Strict):
         "a directory; default: the base model's own tokenizer file.",
     )
     # data
-    datasets: list[DatasetConfig] = Field(min_length=1)
+    datasets: list[DatasetConfig] = Field(min_length=1, description="Training data; see the dataset keys below.")
     val_datasets: list[DatasetConfig] = Field(
         default_factory=list, description="Held-out data given as its own datasets (instead of val_set_size)."
     )
-    val_set_size: float = Field(
-        0.0, ge=0, description="Held-out share (0 < x < 1) or count (x >= 1) of samples."
-    )
-    sequence_len: int = Field(2048, ge=16, le=1_048_576)
-    sample_packing: bool = True
+    val_set_size: float = Field(0.0, ge=0, description="Held-out share (0 < x < 1) or count (x >= 1) of samples.")
+    sequence_len: int = Field(2048, ge=16, le=1_048_576, description="Tokens per row (a packed row or one sample).")
+    sample_packing: bool = Field(True, description="Pack samples into full rows; they never attend to each other.")
     group_by_length: bool = Field(
         False, description="Without packing: put rows of similar length in the same micro-batch (less padding)."
     )
-    train_on_inputs: bool = False
+    train_on_inputs: bool = Field(
+        False, description="Also train on user/system tokens (default: assistant tokens only)."
+    )
     on_bad_record: Literal["error", "skip"] = Field(
-        "error", description="error: stop and list the bad records; skip: leave them out (each is written, "
-        "with its reason, to the rejects file named in the data report)."
+        "error",
+        description="error: stop and list the bad records; skip: leave them out (each is written, "
+        "with its reason, to the rejects file named in the data report).",
     )
     on_too_long: Literal["drop", "truncate"] = Field(
-        "drop", description="Conversations longer than sequence_len: drop them, or truncate (keep the start "
-        "and cut inside the last assistant turn that fits). Counted either way. Texts are always split."
+        "drop",
+        description="Conversations longer than sequence_len: drop them, or truncate (keep the start "
+        "and cut inside the last assistant turn that fits). Counted either way. Texts are always split.",
     )
     cleaning: CleaningConfig = Field(
         default_factory=CleaningConfig, description="Cleaning steps, each on/off (see docs/data.md)."
@@ -130,25 +150,35 @@ class Config(_Strict):
         None, ge=1, description="Processes that tokenize; default: the CPU count, at most 8."
     )
     # adapter
-    adapter: Literal["lora", "none"] = "lora"
-    lora_r: int = Field(16, ge=1, le=4096)
-    lora_alpha: float = Field(16, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
-    use_rslora: bool = False
+    adapter: Literal["lora", "none"] = Field("lora", description="lora: train adapters; none: full fine-tuning.")
+    lora_r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
+    lora_alpha: float = Field(
+        16, gt=0, description="LoRA scale numerator: scaling = alpha / r (alpha / sqrt(r) with rsLoRA)."
+    )
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: list(ALL_PROJECTIONS), description="Projections that get adapters (default: all seven)."
+    )
+    use_rslora: bool = Field(False, description="Scale adapters by alpha/sqrt(r) (rank-stabilised LoRA).")
     # optimisation
-    learning_rate: float = Field(2e-4, gt=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices (not on norms or biases).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping.")
-    lr_scheduler: Literal["cosine", "constant", "linear"] = "cosine"
-    warmup_steps: int | None = Field(None, ge=0)
-    warmup_ratio: float | None = Field(None, ge=0, lt=1)
-    micro_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    num_epochs: float = Field(1.0, gt=0)
+    lr_scheduler: Literal["cosine", "constant", "linear"] = Field("cosine", description="Decay after warm-up.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up length in optimizer steps.")
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Warm-up as a share of all steps (instead of warmup_steps)."
+    )
+    micro_batch_size: int = Field(1, ge=1, description="Rows per forward/backward pass.")
+    gradient_accumulation_steps: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimizer step; the loss is normalised by the trained tokens of all of them.",
+    )
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the training rows (fractions allowed).")
     max_steps: int | None = Field(None, ge=1, description="Overrides num_epochs when set.")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer in backward to save memory.")
     offload_activations: bool = Field(
@@ -163,23 +193,31 @@ class Config(_Strict):
     bf16: Literal["auto"] | bool = Field(
         "auto", description="auto: bf16 autocast on a GPU that supports it, float32 on CPU."
     )
-    seed: int = 42
-    output_dir: str = "outputs/run"
-    logging_steps: int = Field(1, ge=1)
+    seed: int = Field(42, description="Seeds LoRA init, dropout, the validation split and the row order.")
+    output_dir: str = Field(
+        "outputs/run", description="Where metrics, checkpoints, the adapter and the merged model go."
+    )
+    logging_steps: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
     eval_steps: int | None = Field(
-        None, ge=1, description="Evaluate every this many steps; the held-out set is also evaluated at each "
-        "checkpoint (to keep the best) and at the end."
+        None,
+        ge=1,
+        description="Evaluate every this many steps; the held-out set is also evaluated at each "
+        "checkpoint (to keep the best) and at the end.",
     )
     save_steps: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Write a checkpoint every this many optimizer steps; checkpoints are also written at "
         "each epoch end and at the last step.",
     )
     save_total_limit: int = Field(
-        3, ge=1,
+        3,
+        ge=1,
         description="Keep this many newest checkpoints, plus the one with the best held-out loss.",
     )
-    overwrite_output_dir: bool = False
+    overwrite_output_dir: bool = Field(
+        False, description="Replace a non-empty output_dir (never one holding the run's inputs)."
+    )
     resume: str | None = Field(
         None,
         description="auto: continue from the newest valid checkpoint in output_dir (start fresh if there "
@@ -187,13 +225,15 @@ class Config(_Strict):
     )
     # reliability
     bad_step_zscore: float | None = Field(
-        8.0, gt=0,
+        8.0,
+        gt=0,
         description="Skip a step whose loss is more than this many robust standard deviations (median/MAD "
         "of recent good steps) above the median; null disables spike detection.",
     )
     bad_step_window: int = Field(32, ge=8, description="How many recent good losses the spike test looks at.")
     bad_step_rollback_after: int = Field(
-        5, ge=1,
+        5,
+        ge=1,
         description="After this many consecutive skipped steps, roll back to the last good checkpoint.",
     )
     bad_step_lr_factor: float = Field(
@@ -214,9 +254,7 @@ class Config(_Strict):
             raise ValueError("set warmup_steps or warmup_ratio, not both")
         unknown = sorted(set(self.lora_target_modules) - set(ALL_PROJECTIONS))
         if unknown:
-            raise ValueError(
-                f"lora_target_modules: unknown module(s) {unknown}; allowed: {ALL_PROJECTIONS}"
-            )
+            raise ValueError(f"lora_target_modules: unknown module(s) {unknown}; allowed: {ALL_PROJECTIONS}")
         if self.resume is not None and self.overwrite_output_dir:
             raise ValueError("set resume or overwrite_output_dir, not both (overwriting would delete the checkpoints)")
         if not self.lora_target_modules and self.adapter == "lora":
@@ -257,8 +295,13 @@ def _format_error(exc: ValidationError, source: str) -> str:
                 lines.append(f"{source}: key '{field_name}' has value {err.get('input')!r}; allowed: ")
             unions[field_name][1].append(str((err.get("ctx") or {}).get("expected", loc[1])))
         elif err["type"] == "extra_forbidden":
-            owner = (DatasetConfig if ("datasets" in loc or "val_datasets" in loc)
-                     else CleaningConfig if "cleaning" in loc else Config)
+            owner = (
+                DatasetConfig
+                if ("datasets" in loc or "val_datasets" in loc)
+                else CleaningConfig
+                if "cleaning" in loc
+                else Config
+            )
             lines.append(f"{source}: unknown key '{key}'{_nearest_key(str(loc[-1]), owner)}")
         elif err["type"] == "missing":
             lines.append(f"{source}: missing required key '{key}'")

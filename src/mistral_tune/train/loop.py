@@ -286,11 +286,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     steps_per_epoch = max(1, micro_per_epoch_rank // cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
     warmup = warmup_steps(cfg, total_steps)
-    lengths = sample_lengths(data.train)
-    if cfg.sample_packing:
-        fill = sum(lengths) / max(1, len(rows) * cfg.sequence_len)
-        echo(f"packed {len(data.train)} samples into {len(rows)} rows of {cfg.sequence_len} tokens "
-             f"({100 * fill:.1f}% real tokens)")
+    lengths = sample_lengths(data.train)  # the data report already gave the packing's fill
     echo(f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), warm-up {warmup}, "
          f"effective batch {cfg.micro_batch_size * cfg.gradient_accumulation_steps * rt.world_size} rows")
 

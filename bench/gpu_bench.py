@@ -14,7 +14,9 @@ Ours: `ours_fast` (FlexAttention + compiled layers + fused loss, no recompute: u
 memory instead of recomputing), `ours_ac` (the same with per-layer activation checkpointing),
 `ours_lean` (checkpointing with the saved layer inputs offloaded to pinned CPU memory),
 `ours_packed` (ours_fast on packed variable-length chat rows, 20..4000 tokens, mean ~350),
-`ours_eager` (the plain CPU path run on the GPU: dense SDPA mask, no compile, checkpointing).
+`ours_eager` (the plain CPU path run on the GPU: dense SDPA mask, no compile, checkpointing),
+`ours_qlora` / `ours_qlora_lean` (NF4 base as `adapter: qlora`, eager layers; the lean one with
+checkpointing and offload; not yet run on the GPU as of 2026-11-23).
 `parity` checks on a 2-layer slice of the same shapes that the fast path's loss and LoRA gradients
 equal the plain path's within bf16 tolerance.
 """
@@ -46,11 +48,12 @@ def useful_flops_per_token(seq: int) -> float:
 
 
 # --------------------------------------------------------------------------- our stack
-def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0):
+def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: bool = False):
     import torch
 
     from mistral_tune.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
+    from mistral_tune.models.quant import quantize_model
 
     shape = dict(SHAPE)
     if n_layers:
@@ -61,6 +64,9 @@ def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0):
         model = MistralForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     model.init_weights(std=0.02)
+    if qlora:  # NF4 base, as `adapter: qlora` trains it
+        quantize_model(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "cuda")
+        torch.cuda.empty_cache()
     apply_lora(model, LoraSpec(r=16, alpha=16))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # as the trainer does: LoRA weights and their optimizer state in float32
@@ -104,19 +110,21 @@ def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model, params = _build_ours()
+    qlora = variant.startswith("ours_qlora")
+    model, params = _build_ours(qlora=qlora)
+    torch.cuda.reset_peak_memory_stats()  # the bf16 weights existed only until quantized
     if variant == "ours_eager":
         model.gradient_checkpointing = True
     else:
-        model.use_fast_path()
-        model.gradient_checkpointing = variant in ("ours_ac", "ours_lean")
+        model.use_fast_path(compile_layers=not qlora)  # as the trainer does for qlora
+        model.gradient_checkpointing = variant in ("ours_ac", "ours_lean", "ours_qlora_lean")
     opt = torch.optim.AdamW(params, lr=2e-5, fused=True)
     gen = torch.Generator().manual_seed(0)
     packed = variant == "ours_packed"
     batches = [_random_rows(bs, seq, packed, gen) for _ in range(4)]
     load_s = time.time() - t0
     times, real_tokens, losses = [], [], []
-    offload = variant == "ours_lean"
+    offload = variant in ("ours_lean", "ours_qlora_lean")
     prof = None
     for step in range(warm + steps):
         batch = batches[step % len(batches)].to("cuda")

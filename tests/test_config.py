@@ -98,7 +98,7 @@ def test_unknown_key_with_no_close_match_suggests_nothing(tmp_path: Path) -> Non
         ("learning_rate: 0", "learning_rate", "0", "> 0"),
         ("sequence_len: 8", "sequence_len", "8", ">= 16"),
         ("lr_scheduler: foo", "lr_scheduler", "'foo'", "'cosine', 'constant' or 'linear'"),
-        ("adapter: qlora", "adapter", "'qlora'", "'lora' or 'none'"),
+        ("adapter: dora", "adapter", "'dora'", "'lora', 'qlora' or 'none'"),
         ("micro_batch_size: abc", "micro_batch_size", "'abc'", "integer"),
         ("train_on_inputs: maybe", "train_on_inputs", "'maybe'", "boolean"),
         ("bf16: maybe", "bf16", "'maybe'", "'auto' or bool"),

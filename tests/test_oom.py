@@ -52,7 +52,7 @@ def test_out_of_memory_is_one_message_with_figures_and_fixes(assets, tmp_path, m
     assert "out of memory on cpu at optimizer step 1 with micro_batch_size 4 x gradient_accumulation_steps 1" in msg
     assert " GiB of " in msg and "peak " in msg
     for fix in ("micro_batch_size: 2 with gradient_accumulation_steps: 2", "auto_micro_batch: true",
-                "gradient_checkpointing: true", "QLoRA", "sequence_len: 32"):
+                "gradient_checkpointing: true", "adapter: qlora", "sequence_len: 32"):
         assert fix in msg
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 

@@ -150,7 +150,10 @@ class Config(_Strict):
         None, ge=1, description="Processes that tokenize; default: the CPU count, at most 8."
     )
     # adapter
-    adapter: Literal["lora", "none"] = Field("lora", description="lora: train adapters; none: full fine-tuning.")
+    adapter: Literal["lora", "qlora", "none"] = Field(
+        "lora",
+        description="lora: train adapters; qlora: adapters over an NF4 base (bitsandbytes); none: full fine-tuning.",
+    )
     lora_r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
     lora_alpha: float = Field(
         16, gt=0, description="LoRA scale numerator: scaling = alpha / r (alpha / sqrt(r) with rsLoRA)."
@@ -257,7 +260,7 @@ class Config(_Strict):
             raise ValueError(f"lora_target_modules: unknown module(s) {unknown}; allowed: {ALL_PROJECTIONS}")
         if self.resume is not None and self.overwrite_output_dir:
             raise ValueError("set resume or overwrite_output_dir, not both (overwriting would delete the checkpoints)")
-        if not self.lora_target_modules and self.adapter == "lora":
+        if not self.lora_target_modules and self.adapter in ("lora", "qlora"):
             raise ValueError("lora_target_modules: empty; name at least one projection")
         if self.val_datasets and self.val_set_size:
             raise ValueError("set val_set_size or val_datasets, not both")

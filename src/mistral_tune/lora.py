@@ -17,9 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ModelError
+from .models.quant import NF4Linear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Written beside a QLoRA adapter: the base it was trained on was NF4, so a merge must use the
+# dequantized NF4 weights to give the trained model. (PEFT's config has no field for it.)
+BASE_QUANTIZATION = "base_quantization.json"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -40,15 +44,24 @@ class LoraSpec:
 
 
 class LoraLinear(nn.Linear):
-    """y = x W^T + scaling * dropout(x) A^T B^T, with W frozen and B initialised to zero."""
+    """y = x W^T + scaling * dropout(x) A^T B^T, with W frozen and B initialised to zero.
 
-    def __init__(self, base: nn.Linear, spec: LoraSpec) -> None:
+    W is the adapted nn.Linear's own weight, or (QLoRA) a frozen NF4 layer from models/quant.py.
+    """
+
+    def __init__(self, base: nn.Module, spec: LoraSpec) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
+        if isinstance(base, nn.Linear):
+            self.weight = base.weight
+            self.weight.requires_grad_(False)
+            self.quantized = None
+            dev, dt = base.weight.device, base.weight.dtype
+        else:
+            self.register_parameter("weight", None)
+            self.quantized = base
+            dev, dt = base.device, torch.float32
         self.register_parameter("bias", None)
-        dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.Linear(self.in_features, spec.r, bias=False, device=dev, dtype=dt)
         self.lora_B = nn.Linear(spec.r, self.out_features, bias=False, device=dev, dtype=dt)
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
@@ -63,7 +76,7 @@ class LoraLinear(nn.Linear):
             self.lora_B.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.linear(x, self.weight)
+        out = nn.functional.linear(x, self.weight) if self.quantized is None else self.quantized(x)
         return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
@@ -81,7 +94,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int | None = None) -> lis
     wrapped = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in spec.target_modules and type(child) is nn.Linear:
+            if child_name in spec.target_modules and type(child) in (nn.Linear, NF4Linear):
                 lora = LoraLinear(child, spec)
                 if generator is not None and lora.lora_A.weight.device.type == "cpu":
                     lora.reset_lora(generator)
@@ -110,6 +123,11 @@ def save_adapter(
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    if any(isinstance(m, LoraLinear) and m.quantized is not None for m in model.modules()):
+        from .models.quant import BLOCKSIZE
+
+        info = {"quant_type": "nf4", "blocksize": BLOCKSIZE, "double_quant": True, "library": "bitsandbytes"}
+        (out_dir / BASE_QUANTIZATION).write_text(json.dumps(info, indent=2) + "\n")
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -192,9 +210,11 @@ def merge_lora(model: nn.Module) -> int:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoraLinear):
+                # A QLoRA base is dequantized first: the merge is the model that was trained.
+                base = child.weight if child.quantized is None else child.quantized.dequantized(torch.float32)
                 plain = nn.Linear(child.in_features, child.out_features, bias=False,
-                                  device=child.weight.device, dtype=child.weight.dtype)
-                plain.weight.copy_((child.weight.float() + child.delta_weight()).to(child.weight.dtype))
+                                  device=base.device, dtype=base.dtype)
+                plain.weight.copy_((base.float() + child.delta_weight()).to(base.dtype))
                 setattr(module, child_name, plain)
                 merged += 1
     return merged

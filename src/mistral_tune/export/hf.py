@@ -16,8 +16,9 @@ import torch
 
 from ..chat import load_tokenizer
 from ..errors import ModelError
-from ..lora import load_adapter, merge_lora, read_adapter_config
+from ..lora import BASE_QUANTIZATION, load_adapter, merge_lora, read_adapter_config
 from ..models.load import load_model, save_model
+from ..models.quant import nf4_round_trip
 from .hf_tokenizer import save_hf_tokenizer
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
@@ -38,6 +39,7 @@ def merge_to_dir(
     base_model: str | None = None,
     dtype: str = "float32",
     max_shard_bytes: int = 5_000_000_000,  # HF's "5GB"
+    echo=print,
 ) -> Path:
     """Base model + adapter -> merged HF model directory (weights, config, tokenizer files).
 
@@ -54,6 +56,11 @@ def merge_to_dir(
     if not base:
         raise ModelError(f"{adapter_dir}: adapter_config.json names no base model; pass --base-model")
     model, model_dir = load_model(base, dtype=torch.float32)
+    spec, _ = read_adapter_config(adapter_dir)
+    if (adapter_dir / BASE_QUANTIZATION).is_file():
+        n = nf4_round_trip(model, spec.target_modules)
+        echo(f"QLoRA adapter: dequantizing the NF4 base ({n} projections) before merging, so the merged "
+             "model is the one that was trained")
     load_adapter(model, adapter_dir)
     merge_lora(model)
     try:

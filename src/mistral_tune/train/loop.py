@@ -34,6 +34,7 @@ from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, Trai
 from ..lora import LoraSpec, apply_lora, save_adapter
 from ..models.load import load_model, read_config, resolve_model_dir, save_model
 from ..models.mistral import count_params, flops_per_token
+from ..models.quant import quantize_model
 from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step
 from .guard import StepGuard
 from .logs import MetricsLog
@@ -195,8 +196,14 @@ def prepare(cfg: Config, check_output: bool = True):
             "(v1: 32000, v3/v7: 32768, tekken: 131072)"
         )
     data = build_dataset(cfg, tokenizer)
-    weights_dtype = rt.autocast_dtype if (rt.autocast_dtype and cfg.adapter == "lora") else torch.float32
-    model, _ = load_model(str(model_dir), dtype=weights_dtype, device=rt.device)
+    weights_dtype = rt.autocast_dtype if (rt.autocast_dtype and cfg.adapter != "none") else torch.float32
+    if cfg.adapter == "qlora":
+        # Read to host memory, then quantize one projection at a time onto the device: the device
+        # never holds the full-precision model.
+        model, _ = load_model(str(model_dir), dtype=weights_dtype, device="cpu")
+        quantize_model(model, list(cfg.lora_target_modules), rt.device)
+    else:
+        model, _ = load_model(str(model_dir), dtype=weights_dtype, device=rt.device)
     return rt, model_dir, tokenizer, model, data
 
 
@@ -256,7 +263,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                  echo=print, merge: bool = False, force: bool = False) -> TrainResult:
     seed_everything(cfg.seed)
     spec = None
-    if cfg.adapter == "lora":
+    if cfg.adapter in ("lora", "qlora"):
         spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules), cfg.use_rslora)
         apply_lora(model, spec, seed=cfg.seed)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -270,7 +277,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     if cfg.offload_activations and not (cfg.gradient_checkpointing and rt.device.type == "cuda"):
         raise ConfigError("offload_activations: true needs gradient_checkpointing: true and a CUDA GPU")
     if fast:
-        model.use_fast_path()
+        # QLoRA's dequantizing matmul has not been measured under torch.compile: layers stay eager.
+        model.use_fast_path(compile_layers=cfg.adapter != "qlora")
     echo("fast path: FlexAttention block masks, compiled decoder layers, fused linear cross-entropy"
          if fast else "plain path: SDPA with a dense mask, eager layers, cross-entropy on gathered logits")
     model.train()

@@ -53,8 +53,8 @@ def oom_advice(device: torch.device, micro_batch_size: int, accumulation: int, s
         fixes.append("gradient_checkpointing: true (recompute activations in backward)")
     if adapter == "none":
         fixes.append("adapter: lora (trains ~1% of the weights; no full-size gradients or optimizer state)")
-    else:
-        fixes.append("QLoRA: a 4-bit quantized base model (e.g. a bnb-4bit checkpoint) under the LoRA adapter")
+    elif adapter == "lora":
+        fixes.append("adapter: qlora (the frozen base in 4-bit NF4: about a quarter of its bf16 memory)")
     if sequence_len >= 32:  # the config's floor is 16
         fixes.append(f"sequence_len: {sequence_len // 2} (activations grow with it)")
     return (f"out of memory on {device} at optimizer step {step + 1} with micro_batch_size {micro_batch_size} x "

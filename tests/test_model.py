@@ -243,3 +243,24 @@ def test_kv_cache_matches_transformers_decoding(make_tiny_mistral, make_hf_mistr
             theirs.append(out.logits)
             past = out.past_key_values
     assert rel_diff(torch.cat(ours, 1), torch.cat(theirs, 1).float()) <= RTOL
+
+
+def test_checkpoint_saved_by_transformers_loads_with_its_rope_theta(make_tiny_mistral, make_hf_mistral, tmp_path):
+    """transformers >= 5 writes rope_theta inside rope_parameters; reading only the top-level key
+    would silently fall back to the default theta and change every logit."""
+    ours = make_tiny_mistral(seed=4, rope_theta=12345.0)
+    hf = make_hf_mistral(ours.config, ours.state_dict())
+    hf.save_pretrained(tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "rope_theta" in saved or saved.get("rope_parameters", {}).get("rope_theta") == 12345.0
+    loaded, _ = load_model(str(tmp_path / "hf"))
+    assert loaded.config.rope_theta == 12345.0
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = loaded.eval()(ids), hf(ids).logits
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+    saved["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 12345.0, "factor": 4.0}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ModelError, match="yarn"):
+        load_model(str(tmp_path / "hf"))

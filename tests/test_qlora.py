@@ -91,3 +91,45 @@ def test_qlora_without_bitsandbytes_says_how_to_install(tiny_model_dir, tmp_path
     with pytest.raises(ConfigError, match=r"mistral-tune\[qlora\]"):
         train(cfg, echo=lambda *_: None)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def bnb_4bit_dir(tmp_path_factory):
+    """A bnb-4bit checkpoint written by transformers + bitsandbytes (like the *-bnb-4bit hub repos)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from mistral_tune.quickstart import create_tiny_model
+
+    root = tmp_path_factory.mktemp("bnb")
+    plain = create_tiny_model(root / "plain", "v3", hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(plain), quantization_config=quant, device_map={"": "cpu"})
+    out = root / "bnb-4bit"
+    hf.save_pretrained(out)
+    (out / "tokenizer.model.v3").write_bytes((plain / "tokenizer.model.v3").read_bytes())
+    return out, hf
+
+
+def test_bnb_4bit_checkpoint_loads_as_nf4_and_matches_transformers(bnb_4bit_dir):
+    path, hf = bnb_4bit_dir
+    ours, _ = load_model(str(path))
+    nf4 = [m for m in ours.modules() if isinstance(m, NF4Linear)]
+    assert len(nf4) == 7  # every projection of the one layer stayed 4-bit
+    ids = torch.randint(3, 32768, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf.eval()(ids).logits
+        got = ours.eval()(ids)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_bnb_4bit_checkpoint_trains_with_qlora_and_refuses_plain_lora(bnb_4bit_dir, tmp_path):
+    path, _ = bnb_4bit_dir
+    base = {"base_model": str(path), "datasets": [{"path": str(_data(tmp_path))}], "max_steps": 3,
+            "sequence_len": 64, "dataset_cache": False, "lora_r": 4}
+    with pytest.raises(ConfigError, match="adapter: qlora"):
+        train(config_from_dict({**base, "output_dir": str(tmp_path / "lora")}), echo=lambda *_: None)
+    assert not (tmp_path / "lora").exists()
+    result = train(config_from_dict({**base, "output_dir": str(tmp_path / "q"), "adapter": "qlora"}),
+                   echo=lambda *_: None)
+    assert result.steps == 3 and (result.adapter_dir / "adapter_model.safetensors").is_file()

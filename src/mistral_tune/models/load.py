@@ -56,6 +56,12 @@ def read_config(model_dir: Path) -> MistralConfig:
             f"{path}: model_type '{data.get('model_type')}' / {arch} is not supported; "
             "expected a dense Mistral model (MistralForCausalLM)"
         )
+    # transformers >= 5 writes rope_theta inside rope_parameters; older files have it at the top.
+    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ModelError(f"{path}: RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    if "rope_theta" not in data and "rope_theta" in rope:
+        data = {**data, "rope_theta": rope["rope_theta"]}
     return MistralConfig.from_hf(data)
 
 
@@ -74,22 +80,51 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def is_bnb_4bit(model_dir: Path) -> bool:
+    """Whether config.json says the checkpoint is pre-quantized with bitsandbytes 4-bit (e.g. *-bnb-4bit)."""
+    data = json.loads((model_dir / "config.json").read_text())
+    quant = data.get("quantization_config") or {}
+    if not quant:
+        return False
+    if quant.get("quant_method") != "bitsandbytes" or not (quant.get("load_in_4bit") or quant.get("_load_in_4bit")):
+        raise ModelError(
+            f"{model_dir / 'config.json'}: quantization {quant.get('quant_method')!r} is not supported; "
+            "only bitsandbytes 4-bit (NF4) checkpoints or unquantized ones are read"
+        )
+    if quant.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        raise ModelError(f"{model_dir / 'config.json'}: bnb_4bit_quant_type must be nf4")
+    return True
+
+
 def load_model(
     name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[MistralForCausalLM, Path]:
-    """Build the model from an HF checkpoint; every parameter must be present with its shape."""
+    """Build the model from an HF checkpoint; every parameter must be present with its shape.
+
+    A bitsandbytes 4-bit checkpoint keeps its quantized projections as frozen NF4 layers (the
+    base of `adapter: qlora`); everything else is read at `dtype`.
+    """
     model_dir = resolve_model_dir(name_or_path)
     cfg = read_config(model_dir)
+    prequantized = is_bnb_4bit(model_dir)
     with torch.device("meta"):
         model = MistralForCausalLM(cfg)
     expected = dict(model.state_dict())
     tensors: dict[str, torch.Tensor] = {}
+    quant_parts: dict[str, dict[str, torch.Tensor]] = {}  # "<module>.weight" -> its quant-state tensors
     for file in weight_files(model_dir):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for key in f.keys():
+                if prequantized and key not in expected and ".weight." in key:
+                    weight_key, _, part = key.partition(".weight.")
+                    quant_parts.setdefault(weight_key + ".weight", {})[part] = f.get_tensor(key)
+                    continue
                 if key not in expected:
                     continue  # e.g. rotary inv_freq buffers written by old exporters
                 t = f.get_tensor(key)
+                if prequantized and t.dtype == torch.uint8:
+                    tensors[key] = t  # packed 4-bit data; its quant state is read above
+                    continue
                 if tuple(t.shape) != tuple(expected[key].shape):
                     raise ModelError(
                         f"{file}: tensor {key} has shape {tuple(t.shape)}, config.json implies "
@@ -101,11 +136,40 @@ def load_model(
     missing = sorted(k for k in expected if k not in tensors or tensors[k] is None)
     if missing:
         raise ModelError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    if quant_parts:
+        _install_nf4(model, tensors, quant_parts, device, model_dir)
     model.load_state_dict(tensors, assign=True)
     if cfg.tie_word_embeddings:
         # assign=True gives each key its own Parameter; re-tie so they are one (one grad, one optimizer slot).
         model.lm_head.weight = model.model.embed_tokens.weight
     return model, model_dir
+
+
+def _install_nf4(model: MistralForCausalLM, tensors: dict, quant_parts: dict, device, model_dir: Path) -> None:
+    """Swap each pre-quantized projection's nn.Linear for an NF4 layer holding the packed weight."""
+    from bitsandbytes.functional import QuantState
+
+    from .quant import NF4Linear
+
+    modules = dict(model.named_modules())
+    for weight_key, parts in quant_parts.items():
+        module_name = weight_key.removesuffix(".weight")
+        linear = modules.get(module_name)
+        packed = tensors.pop(weight_key, None)
+        if linear is None or packed is None:
+            raise ModelError(f"{model_dir}: quantization state for {weight_key} but no matching weight")
+        try:
+            state = QuantState.from_dict(dict(parts), device=torch.device(device))
+        except (ValueError, AssertionError, KeyError) as exc:
+            raise ModelError(f"{model_dir}: unreadable 4-bit state for {weight_key} ({exc})") from None
+        if tuple(state.shape) != (linear.out_features, linear.in_features):
+            raise ModelError(
+                f"{model_dir}: {weight_key} is quantized with shape {tuple(state.shape)}, config.json implies "
+                f"{(linear.out_features, linear.in_features)}"
+            )
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(modules[parent_name], child,
+                NF4Linear(packed.to(device), state, linear.in_features, linear.out_features))
 
 
 def save_model(

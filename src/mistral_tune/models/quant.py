@@ -61,6 +61,12 @@ class NF4Linear(nn.Module):
         packed, state = bnbf.quantize_4bit(weight, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
         return cls(packed, state, linear.in_features, linear.out_features)
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the packed buffer; the quantization state (block scales, code book) follows.
+        super()._apply(fn, recurse)
+        self.quant_state.to(self.packed.device)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.packed.device

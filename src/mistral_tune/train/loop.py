@@ -32,7 +32,7 @@ from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, sample_lengths
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, TrainingHalted
 from ..lora import LoraSpec, apply_lora, save_adapter
-from ..models.load import load_model, read_config, resolve_model_dir, save_model
+from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir, save_model
 from ..models.mistral import count_params, flops_per_token
 from ..models.quant import quantize_model
 from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step
@@ -188,6 +188,10 @@ def prepare(cfg: Config, check_output: bool = True):
     rt = Runtime.detect(cfg)
     model_dir = resolve_model_dir(cfg.base_model)
     model_cfg = read_config(model_dir)
+    if is_bnb_4bit(model_dir) and cfg.adapter != "qlora":
+        raise ConfigError(
+            f"base_model: {cfg.base_model} is a bitsandbytes 4-bit checkpoint; train it with adapter: qlora"
+        )
     tokenizer = load_tokenizer(cfg.tokenizer, model_dir)
     if tokenizer.vocab_size != model_cfg.vocab_size:
         raise ModelError(
@@ -199,7 +203,7 @@ def prepare(cfg: Config, check_output: bool = True):
     weights_dtype = rt.autocast_dtype if (rt.autocast_dtype and cfg.adapter != "none") else torch.float32
     if cfg.adapter == "qlora":
         # Read to host memory, then quantize one projection at a time onto the device: the device
-        # never holds the full-precision model.
+        # never holds the full-precision model. A bnb-4bit checkpoint arrives quantized already.
         model, _ = load_model(str(model_dir), dtype=weights_dtype, device="cpu")
         quantize_model(model, list(cfg.lora_target_modules), rt.device)
     else:

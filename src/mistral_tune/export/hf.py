@@ -8,14 +8,13 @@ template that renders mistral-common's ids (export/hf_tokenizer.py).
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..chat import load_tokenizer
 from ..errors import ModelError
+from ..fsutil import replace_dir
 from ..lora import BASE_QUANTIZATION, load_adapter, merge_lora, read_adapter_config
 from ..models.load import load_model, save_model
 from ..models.quant import nf4_round_trip
@@ -51,12 +50,11 @@ def merge_to_dir(
     if max_shard_bytes <= 0:
         raise ModelError(f"max shard size must be positive, got {max_shard_bytes}")
     adapter_dir = find_adapter(Path(adapter_dir))
-    _, recorded_base = read_adapter_config(adapter_dir)
+    spec, recorded_base = read_adapter_config(adapter_dir)
     base = base_model or recorded_base
     if not base:
         raise ModelError(f"{adapter_dir}: adapter_config.json names no base model; pass --base-model")
     model, model_dir = load_model(base, dtype=torch.float32)
-    spec, _ = read_adapter_config(adapter_dir)
     if (adapter_dir / BASE_QUANTIZATION).is_file():
         n = nf4_round_trip(model, spec.target_modules)
         echo(f"QLoRA adapter: dequantizing the NF4 base ({n} projections) before merging, so the merged "
@@ -67,19 +65,13 @@ def merge_to_dir(
         tokenizer = load_tokenizer(None, adapter_dir)
     except ModelError:
         tokenizer = load_tokenizer(None, model_dir)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp: Path) -> None:
         save_model(model, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
         tokenizer.save(tmp)
         save_hf_tokenizer(tokenizer, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+
+    return replace_dir(Path(out_dir), write)
 
 
 def parse_size(text: str) -> int:

@@ -31,6 +31,7 @@ from ..config import Config
 from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, sample_lengths
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, TrainingHalted
+from ..fsutil import replace_dir
 from ..lora import LoraSpec, apply_lora, save_adapter
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir, save_model
 from ..models.mistral import count_params, flops_per_token
@@ -238,21 +239,6 @@ def _peak_memory_gib(rt: Runtime) -> float:
     if rt.device.type == "cuda":
         return torch.cuda.max_memory_allocated(rt.device) / 1024**3
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB -> GiB (Linux)
-
-
-def _atomic_dir(final: Path, write) -> Path:
-    """Call write(tmp_dir), then move tmp_dir to final, replacing what was there."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def train(cfg: Config, echo=print, merge: bool = False, force: bool = False) -> TrainResult:
@@ -623,4 +609,4 @@ def _save(cfg: Config, model, spec: LoraSpec | None, tokenizer, final: Path, mod
             save_model(model, tmp, dtype="bfloat16" if model.lm_head.weight.dtype == torch.bfloat16 else "float32")
         tokenizer.save(tmp)
 
-    return _atomic_dir(final, write)
+    return replace_dir(final, write)

@@ -15,8 +15,9 @@ memory instead of recomputing), `ours_ac` (the same with per-layer activation ch
 `ours_lean` (checkpointing with the saved layer inputs offloaded to pinned CPU memory),
 `ours_packed` (ours_fast on packed variable-length chat rows, 20..4000 tokens, mean ~350),
 `ours_eager` (the plain CPU path run on the GPU: dense SDPA mask, no compile, checkpointing),
-`ours_qlora` / `ours_qlora_lean` (NF4 base as `adapter: qlora`, eager layers; the lean one with
-checkpointing and offload; not yet run on the GPU as of 2026-11-23).
+`ours_qlora` (NF4 base as `adapter: qlora`, compiled layers around bitsandbytes' dequantizing
+matmuls, checkpointing + offload), `ours_qlora_ac` (no offload), `ours_qlora_eager` (eager layers).
+The table `OURS` below lists what each variant turns on.
 `parity` checks on a 2-layer slice of the same shapes that the fast path's loss and LoRA gradients
 equal the plain path's within bf16 tolerance.
 """
@@ -24,7 +25,6 @@ equal the plain path's within bf16 tolerance.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -103,28 +103,38 @@ def _random_rows(bs: int, seq: int, packed: bool, gen):
     return collate(samples, rows, seq)
 
 
+# variant: (NF4 base, compiled layers, checkpointing, offload to host, packed rows)
+OURS = {
+    "ours_fast": (False, True, False, False, False),
+    "ours_ac": (False, True, True, False, False),
+    "ours_lean": (False, True, True, True, False),
+    "ours_packed": (False, True, False, False, True),
+    "ours_eager": (False, False, True, False, False),
+    "ours_qlora": (True, True, True, True, False),
+    "ours_qlora_ac": (True, True, True, False, False),
+    "ours_qlora_eager": (True, False, True, True, False),
+}
+
+
 def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
     import torch
 
     from mistral_tune.train.optim import token_loss_sum
 
+    qlora, compiled, ckpt, offload, packed = OURS[variant]
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    qlora = variant.startswith("ours_qlora")
     model, params = _build_ours(qlora=qlora)
     torch.cuda.reset_peak_memory_stats()  # the bf16 weights existed only until quantized
-    if variant == "ours_eager":
-        model.gradient_checkpointing = True
-    else:
-        model.use_fast_path(compile_layers=not qlora)  # as the trainer does for qlora
-        model.gradient_checkpointing = variant in ("ours_ac", "ours_lean", "ours_qlora_lean")
+    if variant != "ours_eager":
+        model.use_fast_path(compile_layers=compiled)
+    model.gradient_checkpointing = ckpt
+    model.offload_activations = offload
     opt = torch.optim.AdamW(params, lr=2e-5, fused=True)
     gen = torch.Generator().manual_seed(0)
-    packed = variant == "ours_packed"
     batches = [_random_rows(bs, seq, packed, gen) for _ in range(4)]
     load_s = time.time() - t0
     times, real_tokens, losses = [], [], []
-    offload = variant in ("ours_lean", "ours_qlora_lean")
     prof = None
     for step in range(warm + steps):
         batch = batches[step % len(batches)].to("cuda")
@@ -134,8 +144,7 @@ def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
-                loss = token_loss_sum(model, batch)
+            loss = token_loss_sum(model, batch)
         n = batch.n_trained
         (loss / n).backward()
         opt.step()
@@ -160,21 +169,18 @@ def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
 
 def run_parity(seq: int, bs: int) -> dict:
     """Fast path vs plain path on the same batch, both in bf16 autocast, and each against a
-    float32 reference of the plain path: loss and every LoRA gradient (relative L2 norm)."""
+    float32 reference of the plain path: loss and every LoRA gradient (relative L2 norm). Also
+    the fast path with checkpointing + host offload against the fast path, and the same checks
+    on an NF4 (QLoRA) base."""
     import copy
 
     import torch
 
     from mistral_tune.train.optim import token_loss_sum
 
-    torch.manual_seed(0)
-    model, params = _build_ours(n_layers=2, lora_b_std=0.02)
-    ref = copy.deepcopy(model).float()
-    ref_params = [p for p in ref.parameters() if p.requires_grad]
-    gen = torch.Generator().manual_seed(1)
-
-    def grads(m, ps, fast: bool, autocast: bool, batch):
+    def grads(m, ps, fast: bool, autocast: bool, batch, lean: bool = False):
         m.attn_impl, m.fused_loss = ("flex", True) if fast else ("sdpa", False)
+        m.gradient_checkpointing = m.offload_activations = lean
         for p in ps:
             p.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -186,18 +192,29 @@ def run_parity(seq: int, bs: int) -> dict:
         return max(float((x - y).norm() / y.norm().clamp_min(1e-12)) for x, y in zip(a, b))
 
     out = {}
-    for name, packed in (("fixed", False), ("packed", True)):
-        batch = _random_rows(bs, seq, packed, gen).to("cuda")
-        l_ref, g_ref = grads(ref, ref_params, False, False, batch)
-        l_plain, g_plain = grads(model, params, False, True, batch)
-        l_fast, g_fast = grads(model, params, True, True, batch)
-        out[name] = dict(
-            loss_fp32=round(l_ref, 5), loss_plain=round(l_plain, 5), loss_fast=round(l_fast, 5),
-            grad_fast_vs_plain=round(rel(g_fast, g_plain), 4),
-            grad_plain_vs_fp32=round(rel(g_plain, g_ref), 4), grad_fast_vs_fp32=round(rel(g_fast, g_ref), 4),
-            ok=abs(l_fast - l_plain) / abs(l_plain) < 1e-2
-            and rel(g_fast, g_ref) <= max(1e-2, 1.25 * rel(g_plain, g_ref)),
-        )
+    for qlora in (False, True):
+        torch.manual_seed(0)
+        model, params = _build_ours(n_layers=2, lora_b_std=0.02, qlora=qlora)
+        ref = copy.deepcopy(model).float()  # an NF4 base stays NF4 (dequantized in float32)
+        ref_params = [p for p in ref.parameters() if p.requires_grad]
+        gen = torch.Generator().manual_seed(1)
+        for name, packed in (("fixed", False), ("packed", True)):
+            batch = _random_rows(bs, seq, packed, gen).to("cuda")
+            l_ref, g_ref = grads(ref, ref_params, False, False, batch)
+            l_plain, g_plain = grads(model, params, False, True, batch)
+            l_fast, g_fast = grads(model, params, True, True, batch)
+            l_lean, g_lean = grads(model, params, True, True, batch, lean=True)
+            out[("qlora_" if qlora else "") + name] = dict(
+                loss_fp32=round(l_ref, 5), loss_plain=round(l_plain, 5), loss_fast=round(l_fast, 5),
+                grad_fast_vs_plain=round(rel(g_fast, g_plain), 4),
+                grad_plain_vs_fp32=round(rel(g_plain, g_ref), 4), grad_fast_vs_fp32=round(rel(g_fast, g_ref), 4),
+                loss_lean_vs_fast=abs(l_lean - l_fast), grad_lean_vs_fast=round(rel(g_lean, g_fast), 6),
+                ok=abs(l_fast - l_plain) / abs(l_plain) < 1e-2
+                and rel(g_fast, g_ref) <= max(1e-2, 1.25 * rel(g_plain, g_ref))
+                and rel(g_lean, g_fast) < 1e-3,
+            )
+        del model, ref
+        torch.cuda.empty_cache()
     return dict(variant="parity", **out)
 
 
@@ -205,7 +222,7 @@ def run_parity(seq: int, bs: int) -> dict:
 def main() -> None:
     global ARGS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="parity,ours_fast,ours_ac,ours_lean,ours_packed")
+    parser.add_argument("--variants", default="parity,ours_fast,ours_ac,ours_lean,ours_packed,ours_qlora")
     parser.add_argument("--peers", default="", help="hf_sdpa,hf_liger,hf_qlora,unsloth_lora,unsloth_qlora")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--bs", type=int, default=2)

@@ -281,7 +281,7 @@ def test_gradient_accumulation_through_the_training_loop(tmp_path: Path, tiny_mo
         torch.testing.assert_close(accumulated[key], together[key], rtol=1e-4, atol=1e-7, msg=key)
 
     # The same comparison notices a loop that averages per micro-batch instead.
-    def mean_of_means(model, batches, rt, offload=False):
+    def mean_of_means(model, batches, rt):
         loss_sum = 0.0
         for b in batches:
             loss = token_loss_sum(model, b)

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..kernels.attention import attend, dense_mask, flex_block_mask
+from .recompute import LayerInputs, recompute_layer
 
 attention_mask = dense_mask  # the mask every backend must agree with
 
@@ -193,6 +193,8 @@ class MistralForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        # With checkpointing on a GPU: the kept layer inputs wait in pinned host memory (recompute.py).
+        self.offload_activations = False
         # "sdpa": dense boolean mask, any device. "flex": FlexAttention block mask (GPU fast path).
         self.attn_impl = "sdpa"
         self.fused_loss = False  # see kernels/loss.py
@@ -239,9 +241,12 @@ class MistralForCausalLM(nn.Module):
         mask = self._mask(seq_ids, position_ids, past, L, input_ids.device)
         if key_mask is not None:
             mask = mask & key_mask[:, None, None, :]
+        store = None
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            store = LayerInputs(offload=self.offload_activations and x.is_cuda)
         for i, layer in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            if store is not None:
+                x = recompute_layer(layer, x, store, i, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, i)
         return self.model.norm(x)

@@ -74,6 +74,9 @@ class NF4Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _bnb().dequantize_4bit(self.packed, self.quant_state).to(dtype)
 
+    # Compiled decoder layers call this eagerly (a graph break on each side): bitsandbytes'
+    # dequantization runs as its own kernels, everything around it still fuses.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _NF4Matmul.apply(x, self)
 

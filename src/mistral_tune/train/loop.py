@@ -9,7 +9,6 @@ docs/reliability.md lists the guarantees and the tests that prove them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -261,14 +260,14 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     for p in params:  # trainable weights stay float32 even when the frozen base is bf16
         p.data = p.data.float()
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.offload_activations = cfg.offload_activations
     fast = rt.device.type == "cuda" if cfg.fast_path == "auto" else bool(cfg.fast_path)
     if fast and rt.device.type != "cuda":
         raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
     if cfg.offload_activations and not (cfg.gradient_checkpointing and rt.device.type == "cuda"):
         raise ConfigError("offload_activations: true needs gradient_checkpointing: true and a CUDA GPU")
     if fast:
-        # QLoRA's dequantizing matmul has not been measured under torch.compile: layers stay eager.
-        model.use_fast_path(compile_layers=cfg.adapter != "qlora")
+        model.use_fast_path()
     echo("fast path: FlexAttention block masks, compiled decoder layers, fused linear cross-entropy"
          if fast else "plain path: SDPA with a dense mask, eager layers, cross-entropy on gathered logits")
     model.train()
@@ -361,7 +360,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 while True:
                     try:
                         batches = [collate(data.train, g, **padding) for g in groups]
-                        loss_sum, n_tokens, n_real = accumulate_gradients(model, batches, rt, cfg.offload_activations)
+                        loss_sum, n_tokens, n_real = accumulate_gradients(model, batches, rt)
                         break
                     except OOM_ERRORS:
                         optimizer.zero_grad(set_to_none=True)
@@ -566,7 +565,7 @@ def _finite(x: float) -> float | None:
 
 
 def accumulate_gradients(
-    model, batches: list[Batch], rt: Runtime, offload: bool = False
+    model, batches: list[Batch], rt: Runtime
 ) -> tuple[float, float, int]:
     """Forward and backward over the micro-batches of one optimizer step, adding into `.grad`.
 
@@ -579,10 +578,7 @@ def accumulate_gradients(
     loss_sum, n_real = 0.0, 0
     for batch in batches:
         batch = batch.to(rt.device)
-        # Offloading moves what autograd saves (with checkpointing: each layer's input) to pinned
-        # CPU memory and back for backward.
-        with (torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None),
-              torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext()):
+        with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
             loss = token_loss_sum(model, batch)
         (loss / max(n_tokens, 1)).backward()
         loss_sum += float(loss.detach())

@@ -12,11 +12,12 @@ measured on the H100 machine).
 
 Ours: `ours_fast` (FlexAttention + compiled layers + fused loss, no recompute: uses the GPU's
 memory instead of recomputing), `ours_ac` (the same with per-layer activation checkpointing),
-`ours_lean` (checkpointing with the saved layer inputs offloaded to pinned CPU memory),
+`ours_lean` (checkpointing with the saved layer inputs offloaded to pinned CPU memory, backward
+one batch row at a time; `ours_lean_batched` the whole batch at once),
 `ours_packed` (ours_fast on packed variable-length chat rows, 20..4000 tokens, mean ~350),
 `ours_eager` (the plain CPU path run on the GPU: dense SDPA mask, no compile, checkpointing),
-`ours_qlora` (NF4 base as `adapter: qlora`, compiled layers around bitsandbytes' dequantizing
-matmuls, checkpointing + offload), `ours_qlora_ac` (no offload), `ours_qlora_eager` (eager layers).
+`ours_qlora` (NF4 base as `adapter: qlora`, compiled layers that trace bitsandbytes'
+dequantization ops, checkpointing + offload), `ours_qlora_ac` (no offload), `ours_qlora_eager` (eager layers).
 The table `OURS` below lists what each variant turns on.
 `parity` checks on a 2-layer slice of the same shapes that the fast path's loss and LoRA gradients
 equal the plain path's within bf16 tolerance.
@@ -103,16 +104,19 @@ def _random_rows(bs: int, seq: int, packed: bool, gen):
     return collate(samples, rows, seq)
 
 
-# variant: (NF4 base, compiled layers, checkpointing, offload to host, packed rows)
+# What each of our variants turns on: NF4 base, compiled layers, checkpointing, host offload of
+# the kept layer inputs, checkpointed backward one row at a time, packed chat rows.
+_V = dict(qlora=False, compiled=True, ckpt=False, offload=False, by_row=True, packed=False)
 OURS = {
-    "ours_fast": (False, True, False, False, False),
-    "ours_ac": (False, True, True, False, False),
-    "ours_lean": (False, True, True, True, False),
-    "ours_packed": (False, True, False, False, True),
-    "ours_eager": (False, False, True, False, False),
-    "ours_qlora": (True, True, True, True, False),
-    "ours_qlora_ac": (True, True, True, False, False),
-    "ours_qlora_eager": (True, False, True, True, False),
+    "ours_fast": _V,
+    "ours_ac": {**_V, "ckpt": True},
+    "ours_lean": {**_V, "ckpt": True, "offload": True},
+    "ours_lean_batched": {**_V, "ckpt": True, "offload": True, "by_row": False},
+    "ours_packed": {**_V, "packed": True},
+    "ours_eager": {**_V, "compiled": False, "ckpt": True},
+    "ours_qlora": {**_V, "qlora": True, "ckpt": True, "offload": True},
+    "ours_qlora_ac": {**_V, "qlora": True, "ckpt": True},
+    "ours_qlora_eager": {**_V, "qlora": True, "compiled": False, "ckpt": True, "offload": True},
 }
 
 
@@ -121,15 +125,17 @@ def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
 
     from mistral_tune.train.optim import token_loss_sum
 
-    qlora, compiled, ckpt, offload, packed = OURS[variant]
+    v = OURS[variant]
+    packed = v["packed"]
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model, params = _build_ours(qlora=qlora)
+    model, params = _build_ours(qlora=v["qlora"])
     torch.cuda.reset_peak_memory_stats()  # the bf16 weights existed only until quantized
     if variant != "ours_eager":
-        model.use_fast_path(compile_layers=compiled)
-    model.gradient_checkpointing = ckpt
-    model.offload_activations = offload
+        model.use_fast_path(compile_layers=v["compiled"])
+    model.gradient_checkpointing = v["ckpt"]
+    model.offload_activations = v["offload"]
+    model.recompute_by_row = v["by_row"]
     opt = torch.optim.AdamW(params, lr=2e-5, fused=True)
     gen = torch.Generator().manual_seed(0)
     batches = [_random_rows(bs, seq, packed, gen) for _ in range(4)]

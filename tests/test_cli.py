@@ -332,3 +332,18 @@ def test_init_model_writes_a_loadable_model(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert (tmp_path / "m" / "tokenizer.model.v3").is_file()
     assert read_config(tmp_path / "m").vocab_size == 32768
+
+
+def test_quickstart_stopped_by_a_signal_says_so_and_evaluates_nothing(tmp_path, monkeypatch):
+    from mistral_tune.quickstart import run_quickstart
+    from mistral_tune.train import loop
+
+    def stopped(cfg, echo=print, merge=False, force=False):
+        return loop.TrainResult(Path(cfg.output_dir), None, None, 3, 1.0, None, stopped_by="SIGTERM",
+                                checkpoint_dir=Path(cfg.output_dir) / "checkpoint-3")
+
+    monkeypatch.setattr(loop, "train", stopped)
+    lines = []
+    summary = run_quickstart(tmp_path, echo=lines.append)
+    assert summary == {"stopped_by": "SIGTERM", "checkpoint_dir": str(tmp_path / "run" / "checkpoint-3")}
+    assert "stopped by SIGTERM" in lines[-1]

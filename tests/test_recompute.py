@@ -23,6 +23,14 @@ def _batch(seed: int = 0, packed: bool = False):
     return collate(samples, [list(range(k)), list(range(k, 2 * k))], 24)
 
 
+def _close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    # Float32 summation order differs (per-row backward accumulates row by row): relative to the
+    # tensor's scale, not element by element.
+    scale = float(want.abs().max())
+    assert scale > 0, name
+    assert float((got - want).abs().max()) <= 1e-5 * scale, name
+
+
 def _grads(model, batch, checkpointing: bool, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
     model.train()
     model.gradient_checkpointing = checkpointing
@@ -33,16 +41,18 @@ def _grads(model, batch, checkpointing: bool, seed: int = 0) -> tuple[float, dic
     return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("by_row", [True, False])
 @pytest.mark.parametrize("packed", [False, True])
-def test_full_finetune_gradients_equal_without_checkpointing(packed: bool, make_tiny_mistral) -> None:
+def test_full_finetune_gradients_equal_without_checkpointing(packed: bool, by_row: bool, make_tiny_mistral) -> None:
     model = make_tiny_mistral(sliding_window=6)
     batch = _batch(packed=packed)
     loss_a, plain = _grads(model, batch, False)
+    model.recompute_by_row = by_row  # backward one row at a time, or the whole batch at once
     loss_b, ckpt = _grads(model, batch, True)
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert "model.embed_tokens.weight" in ckpt  # the gradient reaches through every layer's input
     for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+        _close(ckpt[name], plain[name], name)
 
 
 def test_lora_with_dropout_recomputes_the_same_masks(make_tiny_mistral) -> None:
@@ -58,7 +68,7 @@ def test_lora_with_dropout_recomputes_the_same_masks(make_tiny_mistral) -> None:
     _, other_masks = _grads(model, batch, False, seed=6)
     assert len(plain) == 2 * 7 * 2
     for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+        _close(ckpt[name], plain[name], name)
     # Non-vacuous: different dropout masks do give different gradients.
     assert any(not torch.allclose(other_masks[n], plain[n]) for n in plain)
 
@@ -80,7 +90,7 @@ def test_accumulating_two_micro_batches_adds_gradients(make_tiny_mistral) -> Non
         if not checkpointing:
             want = got
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+        _close(got[name], want[name], name)
 
 
 def _saved_elements(model, batch) -> int:

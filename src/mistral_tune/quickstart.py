@@ -79,6 +79,9 @@ def run_quickstart(work: Path, overrides: list[str] = (), echo=print) -> dict:
     del base
 
     result = train(cfg, echo=echo, merge=True)
+    if result.stopped_by:  # train() has said where it stopped; the quickstart itself starts over
+        echo(f"quickstart stopped by {result.stopped_by} before the end of training; nothing was evaluated")
+        return {"stopped_by": result.stopped_by, "checkpoint_dir": str(result.checkpoint_dir)}
     tuned, _ = load_model(str(result.model_dir))
     after = exact_match(tuned, tokenizer, heldout)
     example = heldout[0]["messages"]

@@ -195,6 +195,7 @@ class MistralForCausalLM(nn.Module):
         self.gradient_checkpointing = False
         # With checkpointing on a GPU: the kept layer inputs wait in pinned host memory (recompute.py).
         self.offload_activations = False
+        self.recompute_by_row = True  # with checkpointing: backward one batch row at a time
         # "sdpa": dense boolean mask, any device. "flex": FlexAttention block mask (GPU fast path).
         self.attn_impl = "sdpa"
         self.fused_loss = False  # see kernels/loss.py
@@ -244,12 +245,33 @@ class MistralForCausalLM(nn.Module):
         store = None
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             store = LayerInputs(offload=self.offload_activations and x.is_cuda)
+            store.row_args = self._row_args(seq_ids, position_ids, cos, sin, mask)
         for i, layer in enumerate(self.model.layers):
             if store is not None:
                 x = recompute_layer(layer, x, store, i, cos, sin, mask)
+            elif kv_cache is None:  # no layer index: a compiled layer would guard on it
+                x = layer(x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, i)
         return self.model.norm(x)
+
+    def _row_args(self, seq_ids, position_ids, cos, sin, mask) -> list[tuple] | None:
+        """Per-row (cos, sin, mask) for a checkpointed backward taken one row at a time, which holds
+        one row's activations instead of the whole batch's; the same FLOPs. Not with active
+        dropout: its masks are drawn for the whole batch in the forward."""
+        B, L = position_ids.shape
+        if not self.recompute_by_row or B == 1:
+            return None
+        if any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules()):
+            return None
+        if seq_ids is None:
+            seq_ids = torch.zeros_like(position_ids)
+        rows = []
+        for b in range(B):
+            row_mask = mask[b:b + 1] if isinstance(mask, torch.Tensor) else self._mask(
+                seq_ids[b:b + 1], position_ids[b:b + 1], 0, L, position_ids.device)
+            rows.append((cos[b:b + 1], sin[b:b + 1], row_mask))
+        return rows
 
     def _mask(self, seq_ids, position_ids, past: int, L: int, device) -> torch.Tensor | None:
         window = self.config.sliding_window

@@ -26,19 +26,28 @@ def _bnb():
     return bnbf
 
 
+def _dequantize(packed, absmax, absmax2, code2, offset, meta) -> torch.Tensor:
+    """bitsandbytes' NF4 dequantization (double-quantized block scales first), written with its
+    registered torch ops only, so torch.compile traces through it without a graph break."""
+    shape, dtype, blocksize, blocksize2 = meta
+    if absmax2 is not None:
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, absmax2, code2, blocksize2, torch.float32)
+        absmax = absmax + offset
+    return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax, blocksize, "nf4", shape, dtype)
+
+
 class _NF4Matmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
-        ctx.layer = layer
-        ctx.x_dtype = x.dtype
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return F.linear(x.to(dtype), layer.dequantized(dtype))
+    def forward(ctx, x, packed, absmax, absmax2, code2, offset, meta):
+        ctx.save_for_backward(packed, absmax, absmax2, code2, offset)
+        ctx.meta = meta
+        return F.linear(x, _dequantize(packed, absmax, absmax2, code2, offset, meta).to(x.dtype))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad):
         # The frozen weight gets no gradient; the input's needs the weight once more.
-        grad_x = grad @ ctx.layer.dequantized(grad.dtype)
-        return grad_x.to(ctx.x_dtype), None
+        w = _dequantize(*ctx.saved_tensors, ctx.meta).to(grad.dtype)
+        return grad @ w, None, None, None, None, None, None
 
 
 class NF4Linear(nn.Module):
@@ -47,8 +56,17 @@ class NF4Linear(nn.Module):
     def __init__(self, packed: torch.Tensor, quant_state, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        if quant_state.quant_type != "nf4":
+            raise ValueError(f"4-bit type {quant_state.quant_type!r} is not nf4")
+        nested = quant_state.nested
         self.register_buffer("packed", packed, persistent=False)
-        self.quant_state = quant_state
+        self.register_buffer("absmax", quant_state.absmax, persistent=False)
+        self.register_buffer("absmax2", quant_state.state2.absmax if nested else None, persistent=False)
+        self.register_buffer("code2", quant_state.state2.code if nested else None, persistent=False)
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32) if nested else None
+        self.register_buffer("offset", offset, persistent=False)
+        self.meta = (list(quant_state.shape), quant_state.dtype, quant_state.blocksize,
+                     quant_state.state2.blocksize if nested else 0)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None) -> NF4Linear:
@@ -62,26 +80,34 @@ class NF4Linear(nn.Module):
         return cls(packed, state, linear.in_features, linear.out_features)
 
     def _apply(self, fn, recurse=True):
-        # .to(device) moves the packed buffer; the quantization state (block scales, code book) follows.
-        super()._apply(fn, recurse)
-        self.quant_state.to(self.packed.device)
+        # Only moves: the packed codes and block scales keep their dtypes (float32 scales stay float32).
+        for name in ("packed", "absmax", "absmax2", "code2", "offset"):
+            t = getattr(self, name)
+            if t is not None:
+                moved = fn(t)
+                setattr(self, name, t.to(moved.device) if moved.dtype != t.dtype else moved)
         return self
 
     @property
     def device(self) -> torch.device:
         return self.packed.device
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return _bnb().dequantize_4bit(self.packed, self.quant_state).to(dtype)
+    def _tensors(self):
+        return self.packed, self.absmax, self.absmax2, self.code2, self.offset
 
-    # Compiled decoder layers call this eagerly (a graph break on each side): bitsandbytes'
-    # dequantization runs as its own kernels, everything around it still fuses.
-    @torch.compiler.disable
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        _bnb()
+        with torch.no_grad():
+            return _dequantize(*self._tensors(), self.meta).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _NF4Matmul.apply(x, self)
+        # As nn.Linear under autocast: the matmul runs in the autocast dtype.
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return _NF4Matmul.apply(x, *self._tensors(), self.meta)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, nf4, blocksize={BLOCKSIZE}, double quant"
+        return f"in={self.in_features}, out={self.out_features}, nf4, blocksize={self.meta[2]}"
 
 
 def quantize_model(model: nn.Module, targets: list[str], device: torch.device | str | None = None) -> int:

@@ -25,6 +25,8 @@ class LayerInputs:
         self.kept: dict[int, torch.Tensor] = {}
         self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.stream = torch.cuda.Stream() if offload else None
+        # Per-row (cos, sin, mask) when backward goes one batch row at a time (set by the model).
+        self.row_args: list[tuple] | None = None
 
     def keep(self, i: int, x: torch.Tensor) -> None:
         if not self.offload:
@@ -74,23 +76,36 @@ class _Recompute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x = ctx.store.take(ctx.i, ctx.device).detach().requires_grad_(ctx.needs_input_grad[0])
+        x = ctx.store.take(ctx.i, ctx.device)
         # The same autocast and random state as the forward, so dropout draws the same masks.
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
             torch.set_rng_state(ctx.rng[0])
             if ctx.rng[1] is not None:
                 torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
-            with torch.enable_grad():
-                autocasts = [torch.autocast(d, dtype=dt, enabled=on) for d, on, dt in ctx.autocast]
-                for a in autocasts:
-                    a.__enter__()
-                try:
-                    out = ctx.layer(x, *ctx.args)
-                finally:
-                    for a in reversed(autocasts):
-                        a.__exit__(None, None, None)
-            torch.autograd.backward(out, grad_out)
-        return x.grad if ctx.needs_input_grad[0] else None, None, None, None, None, None
+            rows = ctx.store.row_args
+            if rows is None:
+                grad_x = _layer_backward(ctx, x, ctx.args, grad_out)
+            else:  # one row at a time: one row's activations alive instead of the batch's
+                grads = [_layer_backward(ctx, x[b:b + 1], args, grad_out[b:b + 1]) for b, args in enumerate(rows)]
+                grad_x = torch.cat(grads) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, None
+
+
+def _layer_backward(ctx, x: torch.Tensor, args: tuple, grad_out: torch.Tensor) -> torch.Tensor | None:
+    """Run the layer on x with autograd (under the forward's autocast) and back-propagate grad_out:
+    the LoRA/weight gradients accumulate in .grad; returns the gradient of x."""
+    x = x.detach().requires_grad_(ctx.needs_input_grad[0])
+    with torch.enable_grad():
+        autocasts = [torch.autocast(d, dtype=dt, enabled=on) for d, on, dt in ctx.autocast]
+        for a in autocasts:
+            a.__enter__()
+        try:
+            out = ctx.layer(x, *args)
+        finally:
+            for a in reversed(autocasts):
+                a.__exit__(None, None, None)
+    torch.autograd.backward(out, grad_out)
+    return x.grad
 
 
 # Gives every checkpointed layer's output a grad_fn even when its input needs no gradient (the

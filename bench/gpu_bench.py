@@ -214,10 +214,11 @@ def run_parity(seq: int, bs: int) -> dict:
                 loss_fp32=round(l_ref, 5), loss_plain=round(l_plain, 5), loss_fast=round(l_fast, 5),
                 grad_fast_vs_plain=round(rel(g_fast, g_plain), 4),
                 grad_plain_vs_fp32=round(rel(g_plain, g_ref), 4), grad_fast_vs_fp32=round(rel(g_fast, g_ref), 4),
-                loss_lean_vs_fast=abs(l_lean - l_fast), grad_lean_vs_fast=round(rel(g_lean, g_fast), 6),
-                ok=abs(l_fast - l_plain) / abs(l_plain) < 1e-2
-                and rel(g_fast, g_ref) <= max(1e-2, 1.25 * rel(g_plain, g_ref))
-                and rel(g_lean, g_fast) < 1e-3,
+                loss_lean_vs_fast=abs(l_lean - l_fast), grad_lean_vs_fast=round(rel(g_lean, g_fast), 4),
+                grad_lean_vs_fp32=round(rel(g_lean, g_ref), 4),
+                # Each bf16 path no further from float32 than the plain bf16 path (or within 1e-2).
+                ok=abs(l_fast - l_plain) / abs(l_plain) < 1e-2 and abs(l_lean - l_plain) / abs(l_plain) < 1e-2
+                and max(rel(g_fast, g_ref), rel(g_lean, g_ref)) <= max(1e-2, 1.25 * rel(g_plain, g_ref)),
             )
         del model, ref
         torch.cuda.empty_cache()

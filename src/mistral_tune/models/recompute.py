@@ -70,7 +70,8 @@ class _Recompute(torch.autograd.Function):
         ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
                         for d in {x.device.type, "cpu"}]
         ctx.rng = torch.get_rng_state(), (torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
-        store.keep(i, x.detach())
+        x = x.detach()  # one compiled no-grad graph whatever the input's requires_grad
+        store.keep(i, x)
         with torch.no_grad():
             return layer(x, *args)
 

@@ -106,17 +106,17 @@ def _random_rows(bs: int, seq: int, packed: bool, gen):
 
 # What each of our variants turns on: NF4 base, compiled layers, checkpointing, host offload of
 # the kept layer inputs, checkpointed backward one row at a time, packed chat rows.
-_V = dict(qlora=False, compiled=True, ckpt=False, offload=False, by_row=True, packed=False)
+_V = dict(qlora=False, compiled=True, ckpt=False, offload=False, by_row=False, packed=False)
 OURS = {
     "ours_fast": _V,
     "ours_ac": {**_V, "ckpt": True},
-    "ours_lean": {**_V, "ckpt": True, "offload": True},
-    "ours_lean_batched": {**_V, "ckpt": True, "offload": True, "by_row": False},
+    "ours_lean": {**_V, "ckpt": True, "offload": True, "by_row": True},  # as offload_activations: true
+    "ours_lean_batched": {**_V, "ckpt": True, "offload": True},
     "ours_packed": {**_V, "packed": True},
     "ours_eager": {**_V, "compiled": False, "ckpt": True},
-    "ours_qlora": {**_V, "qlora": True, "ckpt": True, "offload": True},
+    "ours_qlora": {**_V, "qlora": True, "ckpt": True, "offload": True, "by_row": True},
     "ours_qlora_ac": {**_V, "qlora": True, "ckpt": True},
-    "ours_qlora_eager": {**_V, "qlora": True, "compiled": False, "ckpt": True, "offload": True},
+    "ours_qlora_eager": {**_V, "qlora": True, "compiled": False, "ckpt": True, "offload": True, "by_row": True},
 }
 
 
@@ -186,7 +186,7 @@ def run_parity(seq: int, bs: int) -> dict:
 
     def grads(m, ps, fast: bool, autocast: bool, batch, lean: bool = False):
         m.attn_impl, m.fused_loss = ("flex", True) if fast else ("sdpa", False)
-        m.gradient_checkpointing = m.offload_activations = lean
+        m.gradient_checkpointing = m.offload_activations = m.recompute_by_row = lean
         for p in ps:
             p.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):

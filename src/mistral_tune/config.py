@@ -185,7 +185,10 @@ class Config(_Strict):
     max_steps: int | None = Field(None, ge=1, description="Overrides num_epochs when set.")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer in backward to save memory.")
     offload_activations: bool = Field(
-        False, description="With gradient_checkpointing on a GPU: keep the saved layer inputs in CPU memory."
+        False,
+        description="With gradient_checkpointing on a GPU: keep the saved layer inputs in CPU memory (copied "
+        "while the GPU computes) and run each layer's backward one batch row at a time; about 1 GiB less at 8k "
+        "tokens a step, a few percent slower.",
     )
     fast_path: Literal["auto"] | bool = Field(
         "auto",

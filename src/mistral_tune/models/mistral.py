@@ -195,7 +195,7 @@ class MistralForCausalLM(nn.Module):
         self.gradient_checkpointing = False
         # With checkpointing on a GPU: the kept layer inputs wait in pinned host memory (recompute.py).
         self.offload_activations = False
-        self.recompute_by_row = True  # with checkpointing: backward one batch row at a time
+        self.recompute_by_row = False  # with checkpointing: backward one batch row at a time
         # "sdpa": dense boolean mask, any device. "flex": FlexAttention block mask (GPU fast path).
         self.attn_impl = "sdpa"
         self.fused_loss = False  # see kernels/loss.py

@@ -260,7 +260,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     for p in params:  # trainable weights stay float32 even when the frozen base is bf16
         p.data = p.data.float()
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.offload_activations = cfg.offload_activations
+    model.offload_activations = model.recompute_by_row = cfg.offload_activations
     fast = rt.device.type == "cuda" if cfg.fast_path == "auto" else bool(cfg.fast_path)
     if fast and rt.device.type != "cuda":
         raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")

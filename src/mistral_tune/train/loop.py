@@ -59,6 +59,11 @@ class Runtime:
     @classmethod
     def detect(cls, cfg: Config) -> Runtime:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if world > 1:
+            # The data sharding is there, but no process group or gradient all-reduce yet: each
+            # process would train its own copy. Refuse rather than crash mid-run or diverge.
+            raise ConfigError(f"WORLD_SIZE={world}: training on several processes (torchrun) is not supported "
+                              "yet; run one process per job")
         if torch.cuda.is_available():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             bf16_ok = torch.cuda.is_bf16_supported()

@@ -103,6 +103,11 @@ def test_train_end_to_end_writes_every_artifact(tmp_path: Path, tiny_model_dir: 
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
         assert r["lr"] == pytest.approx(0.02)
     assert train_records[-1]["loss"] < train_records[0]["loss"]
+    # Throughput is over recent steps' own time: the first step's rate times its duration is its
+    # tokens (at least the trained ones), whatever happened before the loop started.
+    first = train_records[0]
+    assert first["tokens_per_s"] * first["step_s"] >= first["trained_tokens"] * (1 - 1e-9)
+    assert first["tokens_per_s"] * first["step_s"] <= 2 * 64 * (1 + 1e-9)  # micro-batch 2 rows of <= 64
     # Held-out loss is measured at every checkpoint (each epoch end here) and at the last step.
     assert eval_records[-1]["step"] == 6
     assert all(r["eval_ppl"] == pytest.approx(math.exp(r["eval_loss"])) for r in eval_records)

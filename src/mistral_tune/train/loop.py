@@ -9,6 +9,7 @@ docs/reliability.md lists the guarantees and the tests that prove them.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -348,8 +349,9 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
 
     flops_tok = flops_per_token(model.config)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    t0 = time.perf_counter()
-    tokens_at_start = progress.tokens_seen
+    # Throughput over the last steps only, so compilation, evaluation and checkpoints do not
+    # drag the figure for the rest of the run: (seconds, real tokens) of each recent step.
+    recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=10)
     stopped_by, checkpoint_dir, step = None, None, progress.step
     log.start()
     try:
@@ -390,8 +392,9 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 guard.record(step + 1, loss, grad_norm, bad)
                 progress.step, progress.train_loss = step + 1, loss
                 progress.tokens_seen += n_real
-                elapsed = time.perf_counter() - t0
-                tok_s = (progress.tokens_seen - tokens_at_start) * rt.world_size / max(elapsed, 1e-9)
+                step_s = time.perf_counter() - step_t
+                recent.append((step_s, n_real))
+                tok_s = sum(n for _, n in recent) * rt.world_size / max(sum(t for t, _ in recent), 1e-9)
                 record = {
                     "step": step + 1,
                     "epoch": window[-1][0] + 1,
@@ -400,7 +403,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     "grad_norm": _finite(grad_norm),
                     "trained_tokens": n_tokens,
                     "tokens_per_s": tok_s,
-                    "step_s": time.perf_counter() - step_t,
+                    "step_s": step_s,
                     "peak_mem_gib": _peak_memory_gib(rt),
                 }
                 if rt.device.type == "cuda":

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral_tune.data.pack import Sample, collate
-from mistral_tune.kernels.attention import dense_mask
+from mistral_tune.kernels.attention import CAUSAL, dense_mask, one_sample_per_row
 from mistral_tune.kernels.loss import linear_cross_entropy_sum
 
 
@@ -85,6 +85,52 @@ def test_flex_block_mask_equals_dense_mask(make_tiny_mistral, window):
         flex = model(batch.input_ids, batch.position_ids, batch.seq_ids)
     real = batch.seq_ids >= 0
     assert torch.allclose(flex[real], dense[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("seq_ids", "single"), [
+    ([[0, 0, 0, 0], [1, 1, -1, -1]], True),  # trailing padding is allowed
+    ([[0, 0, 1, 1], [2, 2, 2, 2]], False),  # two samples in one row
+    ([[-1, 0, 0, 0]], False),  # leading padding: real tokens would see it
+    ([[0, -1, 0, 0]], False),  # padding inside a row
+    ([[-1, -1, -1, -1]], True),  # nothing but padding: no loss, nothing to see
+])
+def test_one_sample_per_row(seq_ids, single):
+    assert one_sample_per_row(torch.tensor(seq_ids)) is single
+
+
+@pytest.mark.parametrize("window", [None, 40, 64])
+def test_rows_of_one_sample_take_the_causal_kernel_with_the_same_loss_and_grads(make_tiny_mistral, window):
+    """With one sample per row the fast path uses SDPA's causal kernel instead of a block mask:
+    the same loss and gradients as the dense mask, trailing padding included. A window shorter
+    than the row keeps the block mask (it cuts inside the row)."""
+    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.train.optim import token_loss_sum
+
+    model = make_tiny_mistral(seed=4, sliding_window=window).train()
+    apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, 0, 0.05)
+    gen = torch.Generator().manual_seed(5)
+    samples = [Sample.from_ids(torch.randint(3, 1000, (n,), generator=gen).tolist(), [i % 4 != 0 for i in range(n)])
+               for n in (64, 37)]
+    batch = collate(samples, [[0], [1]], pad_to=64)
+    model.attn_impl = "flex"
+    mask = model._mask(batch.seq_ids, batch.position_ids, 0, 64, batch.input_ids.device)
+    assert (mask == CAUSAL) is (window != 40)
+    if window == 40:
+        return  # the block mask path is checked against the dense mask on the GPU and above
+    results = []
+    for impl in ("sdpa", "flex"):
+        model.attn_impl = impl
+        model.zero_grad(set_to_none=True)
+        loss = token_loss_sum(model, batch)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    for name in g0:
+        assert (g0[name] - g1[name]).norm() <= 1e-5 * g0[name].norm(), name
 
 
 def test_dense_mask_is_causal_per_sample_and_windowed():

@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import ModelError
 from .models.quant import NF4Linear
+from .models.recompute import linear_grad_only
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -77,7 +78,16 @@ class LoraLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = nn.functional.linear(x, self.weight) if self.quantized is None else self.quantized(x)
-        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return out + self._lora(x)
+
+    def grad_only(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) when the result is only back-propagated through (models/recompute.py): the
+        frozen product is skipped, the low-rank branch runs as usual."""
+        base = self.quantized.grad_only(x) if self.quantized is not None else linear_grad_only(x, self.weight)
+        return base + self._lora(x)
+
+    def _lora(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling

@@ -3,6 +3,12 @@ block mask (GPU), both expressing causal + same-sample + sliding window.
 
 The block mask is built once per batch and shared by every layer; fully masked 128x128 blocks
 (other samples, outside the window) are skipped by the kernel, so packing costs no wasted FLOPs.
+
+When every row holds a single sample (trailing padding allowed) and no sliding window cuts
+inside it, the mask is plain causal: `CAUSAL` stands for it, and attention runs SDPA's causal
+kernel (cuDNN's fused attention on Hopper, else flash), which is faster than FlexAttention's
+general kernel. Padding at a row's end sees the real tokens before it; no real token sees the
+padding, and padding carries no loss, so real outputs and gradients are the same.
 """
 
 from __future__ import annotations
@@ -24,6 +30,46 @@ def dense_mask(seq_ids: torch.Tensor, position_ids: torch.Tensor, window: int | 
     if window is not None:
         mask &= (position_ids[:, :, None] - position_ids[:, None, :]) < window
     return mask[:, None]
+
+
+CAUSAL = "causal"
+
+
+def one_sample_per_row(seq_ids: torch.Tensor) -> bool:
+    """Whether each row is one sample followed only by padding (id -1). One host sync."""
+    real = seq_ids >= 0
+    same = (seq_ids == seq_ids[:, :1]) | ~real
+    trailing_pad = (real[:, 1:] <= real[:, :-1]).all() if seq_ids.shape[1] > 1 else True
+    return bool(same.all() & trailing_pad)
+
+
+_CAUSAL_BACKENDS: dict[torch.device, list] = {}
+
+
+def causal_backends(device: torch.device) -> list:
+    """SDPA backends for the causal kernel on `device`: cuDNN where it runs (Hopper and later),
+    else flash; probed once with a small forward and backward. An empty list leaves SDPA's choice."""
+    if device.type != "cuda":
+        return []
+    if device not in _CAUSAL_BACKENDS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        choice = []
+        order = [SDPBackend.FLASH_ATTENTION]
+        if torch.cuda.get_device_capability(device)[0] >= 9:
+            order.insert(0, SDPBackend.CUDNN_ATTENTION)
+        for backend in order:
+            try:
+                q = torch.randn(1, 4, 256, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+                kv = torch.randn(1, 2, 256, 128, device=device, dtype=torch.bfloat16)
+                with sdpa_kernel([backend]):
+                    F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True).sum().backward()
+                choice = [backend]
+                break
+            except RuntimeError:
+                continue
+        _CAUSAL_BACKENDS[device] = choice
+    return _CAUSAL_BACKENDS[device]
 
 
 def flex_block_mask(seq_ids: torch.Tensor, window: int | None):
@@ -56,7 +102,16 @@ def _compiled_flex():
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
-    """q (B, Hq, L, D), k/v (B, Hkv, S, D) -> (B, Hq, L, D). mask: dense bool tensor or BlockMask."""
+    """q (B, Hq, L, D), k/v (B, Hkv, S, D) -> (B, Hq, L, D).
+    mask: dense bool tensor, BlockMask, or CAUSAL (one sample per row, L == S)."""
+    if isinstance(mask, str):
+        backends = causal_backends(q.device)
+        if not backends:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(backends):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     if mask is not None and not isinstance(mask, torch.Tensor):
         return _compiled_flex()(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
     rep = q.shape[1] // k.shape[1]

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.attention import attend, dense_mask, flex_block_mask
-from .recompute import LayerInputs, recompute_layer
+from ..kernels.attention import CAUSAL, attend, causal_backends, dense_mask, flex_block_mask, one_sample_per_row
+from .recompute import LayerInputs, grad_only, recompute_layer
 
 attention_mask = dense_mask  # the mask every backend must agree with
 
@@ -134,8 +134,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, grad_only_out: bool = False) -> torch.Tensor:
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        # grad_only_out: the output is only back-propagated through (recompute.py)
+        return grad_only(self.down_proj, h) if grad_only_out else self.down_proj(h)
 
 
 class DecoderLayer(nn.Module):
@@ -146,9 +148,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0, grad_only=False):
+        """grad_only: the returned value will only be back-propagated through, never read
+        (a checkpointed layer's backward), so the last projection's product is skipped."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), grad_only)
 
 
 class MistralModel(nn.Module):
@@ -196,12 +200,14 @@ class MistralForCausalLM(nn.Module):
         # With checkpointing on a GPU: the kept layer inputs wait in pinned host memory (recompute.py).
         self.offload_activations = False
         self.recompute_by_row = False  # with checkpointing: backward one batch row at a time
-        # "sdpa": dense boolean mask, any device. "flex": FlexAttention block mask (GPU fast path).
+        # "sdpa": dense boolean mask, any device. "flex": FlexAttention block mask (GPU fast path),
+        # or SDPA's causal kernel when each row holds one sample (kernels/attention.py).
         self.attn_impl = "sdpa"
         self.fused_loss = False  # see kernels/loss.py
 
     def use_fast_path(self, compile_layers: bool = True) -> None:
-        """GPU fast path: FlexAttention block masks, the fused linear + cross-entropy loss, and each
+        """GPU fast path: FlexAttention block masks (SDPA's causal kernel for rows of one sample),
+        the fused linear + cross-entropy loss, and each
         decoder layer compiled (fused norms, RoPE, SwiGLU and LoRA adds). The maths is unchanged."""
         self.attn_impl = "flex"
         self.fused_loss = True
@@ -268,8 +274,12 @@ class MistralForCausalLM(nn.Module):
             seq_ids = torch.zeros_like(position_ids)
         rows = []
         for b in range(B):
-            row_mask = mask[b:b + 1] if isinstance(mask, torch.Tensor) else self._mask(
-                seq_ids[b:b + 1], position_ids[b:b + 1], 0, L, position_ids.device)
+            if isinstance(mask, torch.Tensor):
+                row_mask = mask[b:b + 1]
+            elif mask == CAUSAL:
+                row_mask = CAUSAL
+            else:
+                row_mask = self._mask(seq_ids[b:b + 1], position_ids[b:b + 1], 0, L, position_ids.device)
             rows.append((cos[b:b + 1], sin[b:b + 1], row_mask))
         return rows
 
@@ -285,6 +295,9 @@ class MistralForCausalLM(nn.Module):
         if seq_ids is None:
             seq_ids = torch.zeros_like(position_ids)
         if self.attn_impl == "flex":
+            if (window is None or L <= window) and one_sample_per_row(seq_ids):
+                causal_backends(device)  # probed here, outside any compiled layer
+                return CAUSAL
             return flex_block_mask(seq_ids, window)
         return dense_mask(seq_ids, position_ids, window)
 

@@ -50,6 +50,19 @@ class _NF4Matmul(torch.autograd.Function):
         return grad @ w, None, None, None, None, None, None
 
 
+class _NF4GradOnly(torch.autograd.Function):
+    """The NF4 product for a pass that only back-propagates through it (models/recompute.py):
+    no dequantization or matmul in forward, one of each in backward."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, absmax2, code2, offset, meta):
+        ctx.save_for_backward(packed, absmax, absmax2, code2, offset)
+        ctx.meta = meta
+        return x.new_zeros(()).expand(*x.shape[:-1], meta[0][0])
+
+    backward = _NF4Matmul.backward
+
+
 class NF4Linear(nn.Module):
     """A frozen, bias-free linear layer held in NF4."""
 
@@ -101,10 +114,18 @@ class NF4Linear(nn.Module):
             return _dequantize(*self._tensors(), self.meta).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _NF4Matmul.apply(self._autocast(x), *self._tensors(), self.meta)
+
+    def grad_only(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x) when the result is only back-propagated through (models/recompute.py)."""
+        return _NF4GradOnly.apply(self._autocast(x), *self._tensors(), self.meta)
+
+    @staticmethod
+    def _autocast(x: torch.Tensor) -> torch.Tensor:
         # As nn.Linear under autocast: the matmul runs in the autocast dtype.
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        return _NF4Matmul.apply(x, *self._tensors(), self.meta)
+        return x
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, nf4, blocksize={self.meta[2]}"

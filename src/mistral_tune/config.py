@@ -192,7 +192,8 @@ class Config(_Strict):
     )
     fast_path: Literal["auto"] | bool = Field(
         "auto",
-        description="FlexAttention, compiled decoder layers and the fused loss; auto: on with a GPU. "
+        description="FlexAttention block masks (cuDNN causal attention for rows of one sample), compiled "
+        "decoder layers and the fused loss; auto: on with a GPU. "
         "The maths is the plain path's.",
     )
     # precision and run

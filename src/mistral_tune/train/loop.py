@@ -274,7 +274,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         raise ConfigError("offload_activations: true needs gradient_checkpointing: true and a CUDA GPU")
     if fast:
         model.use_fast_path()
-    echo("fast path: FlexAttention block masks, compiled decoder layers, fused linear cross-entropy"
+    echo("fast path: FlexAttention block masks (cuDNN causal attention for rows of one sample), compiled "
+         "decoder layers, fused linear cross-entropy"
          if fast else "plain path: SDPA with a dense mask, eager layers, cross-entropy on gathered logits")
     model.train()
     trainable, total = count_params(model)

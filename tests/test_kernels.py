@@ -37,22 +37,24 @@ def test_linear_cross_entropy_matches_torch(chunk, weight_trainable):
         assert w.grad is None
 
 
-def test_fused_loss_gives_the_models_loss_and_grads(make_tiny_mistral):
+def _lora_model(make_tiny_mistral, **overrides):
     from mistral_tune.lora import LoraSpec, apply_lora
-    from mistral_tune.train.optim import token_loss_sum
 
-    model = make_tiny_mistral(seed=3).train()
+    model = make_tiny_mistral(**overrides).train()
     apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, 0, 0.05)
-    gen = torch.Generator().manual_seed(0)
-    samples = [Sample.from_ids(torch.randint(3, 1000, (n,), generator=gen).tolist(), [i % 3 != 0 for i in range(n)])
-               for n in (30, 17, 9)]
-    batch = collate(samples, [[0, 1], [2]], pad_to=64)
+    return model
+
+
+def _assert_same_loss_and_grads(model, batch, setting: str, values) -> None:
+    """The loss and every trainable gradient agree (float32) for each value of model.<setting>."""
+    from mistral_tune.train.optim import token_loss_sum
+
     results = []
-    for fused in (False, True):
-        model.fused_loss = fused
+    for value in values:
+        setattr(model, setting, value)
         model.zero_grad(set_to_none=True)
         loss = token_loss_sum(model, batch)
         loss.backward()
@@ -61,6 +63,15 @@ def test_fused_loss_gives_the_models_loss_and_grads(make_tiny_mistral):
     assert l1 == pytest.approx(l0, rel=1e-5)
     for name in g0:
         assert (g0[name] - g1[name]).norm() <= 1e-5 * g0[name].norm(), name
+
+
+def test_fused_loss_gives_the_models_loss_and_grads(make_tiny_mistral):
+    model = _lora_model(make_tiny_mistral, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    samples = [Sample.from_ids(torch.randint(3, 1000, (n,), generator=gen).tolist(), [i % 3 != 0 for i in range(n)])
+               for n in (30, 17, 9)]
+    batch = collate(samples, [[0, 1], [2]], pad_to=64)
+    _assert_same_loss_and_grads(model, batch, "fused_loss", (False, True))
 
 
 @pytest.mark.slow
@@ -103,14 +114,7 @@ def test_rows_of_one_sample_take_the_causal_kernel_with_the_same_loss_and_grads(
     """With one sample per row the fast path uses SDPA's causal kernel instead of a block mask:
     the same loss and gradients as the dense mask, trailing padding included. A window shorter
     than the row keeps the block mask (it cuts inside the row)."""
-    from mistral_tune.lora import LoraSpec, apply_lora
-    from mistral_tune.train.optim import token_loss_sum
-
-    model = make_tiny_mistral(seed=4, sliding_window=window).train()
-    apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, 0, 0.05)
+    model = _lora_model(make_tiny_mistral, seed=4, sliding_window=window)
     gen = torch.Generator().manual_seed(5)
     samples = [Sample.from_ids(torch.randint(3, 1000, (n,), generator=gen).tolist(), [i % 4 != 0 for i in range(n)])
                for n in (64, 37)]
@@ -120,17 +124,7 @@ def test_rows_of_one_sample_take_the_causal_kernel_with_the_same_loss_and_grads(
     assert (mask == CAUSAL) is (window != 40)
     if window == 40:
         return  # the block mask path is checked against the dense mask on the GPU and above
-    results = []
-    for impl in ("sdpa", "flex"):
-        model.attn_impl = impl
-        model.zero_grad(set_to_none=True)
-        loss = token_loss_sum(model, batch)
-        loss.backward()
-        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-    (l0, g0), (l1, g1) = results
-    assert l1 == pytest.approx(l0, rel=1e-5)
-    for name in g0:
-        assert (g0[name] - g1[name]).norm() <= 1e-5 * g0[name].norm(), name
+    _assert_same_loss_and_grads(model, batch, "attn_impl", ("sdpa", "flex"))
 
 
 def test_dense_mask_is_causal_per_sample_and_windowed():

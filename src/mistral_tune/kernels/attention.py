@@ -39,8 +39,8 @@ def one_sample_per_row(seq_ids: torch.Tensor) -> bool:
     """Whether each row is one sample followed only by padding (id -1). One host sync."""
     real = seq_ids >= 0
     same = (seq_ids == seq_ids[:, :1]) | ~real
-    trailing_pad = (real[:, 1:] <= real[:, :-1]).all() if seq_ids.shape[1] > 1 else True
-    return bool(same.all() & trailing_pad)
+    trailing_pad = real[:, 1:] <= real[:, :-1]  # once padding starts, it runs to the row's end
+    return bool(same.all() & trailing_pad.all())
 
 
 _CAUSAL_BACKENDS: dict[torch.device, list] = {}

@@ -207,8 +207,8 @@ class MistralForCausalLM(nn.Module):
 
     def use_fast_path(self, compile_layers: bool = True) -> None:
         """GPU fast path: FlexAttention block masks (SDPA's causal kernel for rows of one sample),
-        the fused linear + cross-entropy loss, and each
-        decoder layer compiled (fused norms, RoPE, SwiGLU and LoRA adds). The maths is unchanged."""
+        the fused linear + cross-entropy loss, and each decoder layer compiled (fused norms, RoPE,
+        SwiGLU and LoRA adds). The maths is unchanged."""
         self.attn_impl = "flex"
         self.fused_loss = True
         if compile_layers:
@@ -276,8 +276,8 @@ class MistralForCausalLM(nn.Module):
         for b in range(B):
             if isinstance(mask, torch.Tensor):
                 row_mask = mask[b:b + 1]
-            elif mask == CAUSAL:
-                row_mask = CAUSAL
+            elif isinstance(mask, str):  # CAUSAL holds for every row
+                row_mask = mask
             else:
                 row_mask = self._mask(seq_ids[b:b + 1], position_ids[b:b + 1], 0, L, position_ids.device)
             rows.append((cos[b:b + 1], sin[b:b + 1], row_mask))

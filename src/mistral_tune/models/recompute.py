@@ -137,7 +137,7 @@ class _LinearGradOnly(torch.autograd.Function):
         # The dtype the product would have had: autocast's, or the usual promotion.
         ctx.dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(
             x.dtype, weight.dtype)
-        return x.new_zeros(()).to(ctx.dtype).expand(*x.shape[:-1], weight.shape[0])
+        return x.new_zeros((), dtype=ctx.dtype).expand(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):

@@ -315,7 +315,7 @@ def test_validate_prints_the_data_report_and_writes_nothing(ws: Workspace, capsy
     assert code == 0, err
     assert err == ""
     assert "config OK" in out
-    assert "1 layers, vocab 32768" in out
+    assert "Mistral (1 layers, hidden 64" in out and "vocab 32768" in out
     assert "4 records from 1 file(s) -> 3 samples (3 train, 0 held out)" in out
     assert "dropped 1 conversation(s) longer than sequence_len" in out
     assert "trained (" in out

@@ -192,3 +192,19 @@ def test_llama_cpp_chat_template_gives_mistral_common_ids(name: str, tmp_path: P
             assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == _mistral_common_ids(source, conv)
     finally:
         llm.close()
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_a_mixtral_file_like_we_run_the_model(tmp_path: Path) -> None:
+    """Mixtral: the router and the stacked experts as llama.cpp's ffn_*_exps tensors, checked by llama.cpp."""
+    _require_llama_cpp()
+    model_dir = tiny_model(tmp_path / "tiny-mixtral", "v3", num_hidden_layers=2, intermediate_size=96,
+                           architecture="MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2)
+    out = export_gguf(model_dir, tmp_path / "mixtral-f16.gguf", "f16")
+    meta, reader = _fields(out)
+    assert meta["llama.expert_count"] == 4 and meta["llama.expert_used_count"] == 2
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    assert shapes["blk.0.ffn_gate_exps.weight"] == (64, 96, 4)  # GGUF lists dimensions innermost first
+    assert shapes["blk.0.ffn_down_exps.weight"] == (96, 64, 4)
+    assert shapes["blk.1.ffn_gate_inp.weight"] == (64, 4)
+    _check_against_llama_cpp(model_dir, out, 3e-3, True)

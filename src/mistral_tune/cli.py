@@ -162,12 +162,12 @@ def _cmd_export_awq(args) -> None:
 
 def _cmd_validate(args) -> None:
     from .config import load_config
+    from .models.families import describe
     from .train.loop import prepare
 
     cfg = load_config(args.config, args.overrides)
     _, model_dir, tokenizer, model, data = prepare(cfg, check_output=False)
-    print(f"config OK; model {model_dir} ({model.config.num_hidden_layers} layers, vocab "
-          f"{model.config.vocab_size}); tokenizer {tokenizer.source_file.name}")
+    print(f"config OK; model {model_dir}: {describe(model.config)}; tokenizer {tokenizer.source_file.name}")
     for line in data.report.lines():
         print(line)
 

@@ -110,9 +110,25 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int | None = None) -> lis
                     lora.reset_lora(generator)
                 setattr(module, child_name, lora)
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
-    if not wrapped:
-        raise ModelError(f"lora_target_modules {spec.target_modules} matched no linear layer")
+    unmatched = sorted(set(spec.target_modules) - {name.rpartition(".")[2] for name in wrapped})
+    if unmatched:
+        raise ModelError(_unmatched_targets(model, unmatched))
     return wrapped
+
+
+def _unmatched_targets(model: nn.Module, unmatched: list[str]) -> str:
+    from .models.families import family_of
+
+    cfg = getattr(model, "config", None)
+    family = family_of({"architectures": [cfg.architecture]}) if cfg is not None else None
+    if family is None:
+        return f"lora_target_modules {unmatched} matched no linear layer"
+    message = (f"lora_target_modules {unmatched}: {family.name} has no such projection "
+               f"(its projections: {', '.join(family.projections)})")
+    if family.moe:
+        message += ("; LoRA on the experts (w1, w2, w3) is not supported yet: set lora_target_modules to "
+                    "[q_proj, k_proj, v_proj, o_proj]")
+    return message
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -71,6 +71,30 @@ def _tensor_name(hf: str) -> str:
     return f"blk.{layer}.{per_layer[module]}.weight"
 
 
+def _gguf_tensors(state: dict[str, torch.Tensor], n_head: int, n_kv: int):
+    """(GGUF name, float32 tensor) for each weight: q/k rows permuted to GGML's RoPE layout, and
+    Mixtral's stacked experts split into llama.cpp's ffn_{gate,up,down}_exps (E, rows, cols)."""
+    for key, value in state.items():
+        t = value.detach().float()
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        if key.endswith("self_attn.q_proj.weight"):
+            t = _permute(t, n_head)
+        elif key.endswith("self_attn.k_proj.weight"):
+            t = _permute(t, n_kv)
+        elif key.endswith("mlp.gate.weight"):  # Mixtral's router
+            yield f"blk.{layer}.ffn_gate_inp.weight", t
+            continue
+        elif key.endswith("mlp.experts.gate_up_proj"):
+            gate, up = t.chunk(2, dim=1)
+            yield f"blk.{layer}.ffn_gate_exps.weight", gate.contiguous()
+            yield f"blk.{layer}.ffn_up_exps.weight", up.contiguous()
+            continue
+        elif key.endswith("mlp.experts.down_proj"):
+            yield f"blk.{layer}.ffn_down_exps.weight", t
+            continue
+        yield _tensor_name(key), t
+
+
 def export_gguf(
     source: Path, out: Path, quant: str = "f16", base_model: str | None = None, warn=print
 ) -> Path:
@@ -125,6 +149,9 @@ def export_gguf(
             w.add_value_length(cfg.head_dim)
         if cfg.sliding_window is not None:
             w.add_sliding_window(cfg.sliding_window)
+        if cfg.moe:
+            w.add_expert_count(cfg.num_local_experts)
+            w.add_expert_used_count(cfg.num_experts_per_tok)
 
         if vocab.kind == "spm":
             w.add_tokenizer_model("llama")
@@ -149,14 +176,8 @@ def export_gguf(
         state = model.state_dict()
         if cfg.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd
-        for key, value in state.items():
-            t = value.detach().float()
-            if key.endswith("self_attn.q_proj.weight"):
-                t = _permute(t, n_head)
-            elif key.endswith("self_attn.k_proj.weight"):
-                t = _permute(t, n_kv)
+        for name, t in _gguf_tensors(state, n_head, n_kv):
             arr = t.numpy()
-            name = _tensor_name(key)
             if arr.ndim == 1:  # norms stay F32, as llama.cpp's converter writes them
                 w.add_tensor(name, arr.astype(np.float32))
                 continue

@@ -1,9 +1,16 @@
-"""Reading and writing HF-format Mistral checkpoints (config.json + safetensors, sharded or not)."""
+"""Reading and writing HF-format Mistral and Mixtral checkpoints (config.json + safetensors, sharded or not).
+
+Mixtral's experts are read from either layout: the hub's (one w1/w2/w3 matrix per expert under
+`block_sparse_moe`) or the stacked 3D tensors transformers 5 writes (`mlp.experts.gate_up_proj`,
+`mlp.experts.down_proj`). They are written in the hub's layout, which every consumer reads
+(transformers 4 and 5, vLLM, llama.cpp's converter).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -11,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import ModelError
+from .families import family_of
 from .mistral import MistralConfig, MistralForCausalLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -50,12 +58,8 @@ def read_config(model_dir: Path) -> MistralConfig:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    arch = (data.get("architectures") or ["MistralForCausalLM"])[0]
-    if data.get("model_type", "mistral") != "mistral" or arch != "MistralForCausalLM":
-        raise ModelError(
-            f"{path}: model_type '{data.get('model_type')}' / {arch} is not supported; "
-            "expected a dense Mistral model (MistralForCausalLM)"
-        )
+    family = family_of(data, str(path))
+    data = {**data, "architectures": [family.architecture]}
     # transformers >= 5 writes rope_theta inside rope_parameters; older files have it at the top.
     rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -112,16 +116,23 @@ def load_model(
     expected = dict(model.state_dict())
     tensors: dict[str, torch.Tensor] = {}
     quant_parts: dict[str, dict[str, torch.Tensor]] = {}  # "<module>.weight" -> its quant-state tensors
+    expert_parts: dict[tuple[str, int, str], torch.Tensor] = {}  # hub layout: (layer, expert, w1|w2|w3)
+    if cfg.moe and prequantized:
+        raise ModelError(f"{model_dir}: 4-bit Mixtral checkpoints are not read yet; use the unquantized model")
     for file in weight_files(model_dir):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for key in f.keys():
+                if cfg.moe and (hub := _HUB_EXPERT.match(key)):
+                    expert_parts[hub["layer"], int(hub["expert"]), hub["w"]] = f.get_tensor(key).to(dtype)
+                    continue
+                key_in_file, key = key, key.replace(".block_sparse_moe.gate.", ".mlp.gate.")
                 if prequantized and key not in expected and ".weight." in key:
                     weight_key, _, part = key.partition(".weight.")
                     quant_parts.setdefault(weight_key + ".weight", {})[part] = f.get_tensor(key)
                     continue
                 if key not in expected:
                     continue  # e.g. rotary inv_freq buffers written by old exporters
-                t = f.get_tensor(key)
+                t = f.get_tensor(key_in_file)
                 if prequantized and t.dtype == torch.uint8:
                     tensors[key] = t  # packed 4-bit data; its quant state is read above
                     continue
@@ -131,6 +142,8 @@ def load_model(
                         f"{tuple(expected[key].shape)}"
                     )
                 tensors[key] = t.to(dtype)
+    if expert_parts:
+        tensors.update(_stack_experts(expert_parts, cfg, model_dir))
     if cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
         tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
     missing = sorted(k for k in expected if k not in tensors or tensors[k] is None)
@@ -143,6 +156,48 @@ def load_model(
         # assign=True gives each key its own Parameter; re-tie so they are one (one grad, one optimizer slot).
         model.lm_head.weight = model.model.embed_tokens.weight
     return model, model_dir
+
+
+_HUB_EXPERT = re.compile(r"^(?P<layer>model\.layers\.\d+)\.block_sparse_moe\.experts\.(?P<expert>\d+)\."
+                         r"(?P<w>w[123])\.weight$")
+
+
+def _stack_experts(parts: dict, cfg: MistralConfig, model_dir: Path) -> dict[str, torch.Tensor]:
+    """Hub-layout expert matrices -> our stacked gate_up_proj (E, 2I, H) and down_proj (E, H, I)."""
+    out = {}
+    for layer in sorted({layer for layer, _, _ in parts}):
+        def get(e: int, w: str, layer=layer) -> torch.Tensor:
+            t = parts.get((layer, e, w))
+            if t is None:
+                raise ModelError(f"{model_dir}: checkpoint lacks {layer}.block_sparse_moe.experts.{e}.{w}.weight")
+            return t
+        experts = range(cfg.num_local_experts)
+        gate_up = [torch.cat([get(e, "w1"), get(e, "w3")]) for e in experts]
+        out[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(gate_up)
+        out[f"{layer}.mlp.experts.down_proj"] = torch.stack([get(e, "w2") for e in experts])
+    return out
+
+
+def _hub_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our stacked expert tensors -> the hub's per-expert w1/w3/w2 matrices under block_sparse_moe."""
+    out = {}
+    for key, t in state.items():
+        layer, sep, name = key.partition(".mlp.")
+        if not sep:
+            out[key] = t
+        elif name == "gate.weight":
+            out[f"{layer}.block_sparse_moe.gate.weight"] = t
+        elif name == "experts.gate_up_proj":
+            gate, up = t.chunk(2, dim=1)
+            for e in range(t.shape[0]):
+                out[f"{layer}.block_sparse_moe.experts.{e}.w1.weight"] = gate[e].contiguous()
+                out[f"{layer}.block_sparse_moe.experts.{e}.w3.weight"] = up[e].contiguous()
+        elif name == "experts.down_proj":
+            for e, w2 in enumerate(t):
+                out[f"{layer}.block_sparse_moe.experts.{e}.w2.weight"] = w2.contiguous()
+        else:
+            out[key] = t
+    return out
 
 
 def _install_nf4(model: MistralForCausalLM, tensors: dict, quant_parts: dict, device, model_dir: Path) -> None:
@@ -185,6 +240,8 @@ def save_model(
     state = {k: v.detach().to(torch_dtype).contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    if cfg.moe:
+        state = _hub_layout(state)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(state):

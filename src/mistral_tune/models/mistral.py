@@ -1,7 +1,8 @@
 """A compact Mistral decoder in plain PyTorch.
 
-Parameter names equal transformers' `MistralForCausalLM`, so HF checkpoints load and save
-unchanged and PEFT/vLLM read our adapters. Attention takes per-token sequence ids so packed
+Parameter names equal transformers' `MistralForCausalLM` (and, for Mixtral's sparse mixture of
+experts, transformers' `MixtralForCausalLM` with its experts stacked in 3D tensors), so HF
+checkpoints load and save unchanged and PEFT/vLLM read our adapters. Attention takes per-token sequence ids so packed
 samples never see each other; the sliding window (Mistral 7B v0.1) applies inside each sample.
 """
 
@@ -35,6 +36,9 @@ class MistralConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
+    architecture: str = "MistralForCausalLM"  # or "MixtralForCausalLM" (models/families.py)
+    num_local_experts: int | None = None  # Mixtral: experts per layer (each intermediate_size wide)
+    num_experts_per_tok: int = 2  # Mixtral: experts each token is routed to
 
     def __post_init__(self) -> None:
         # Nemo and Small set head_dim=128 explicitly where hidden/heads would give 160.
@@ -45,14 +49,24 @@ class MistralConfig:
 
     @classmethod
     def from_hf(cls, data: dict) -> MistralConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        known = {f.name for f in fields(cls)} - {"architecture"}
+        arch = (data.get("architectures") or ["MistralForCausalLM"])[0]
+        return cls(architecture=arch, **{k: v for k, v in data.items() if k in known})
+
+    @property
+    def moe(self) -> bool:
+        return self.num_local_experts is not None
 
     def to_hf(self, dtype: str = "float32") -> dict:
+        from .families import family_of
+
         out = asdict(self)
+        del out["architecture"]
+        if not self.moe:
+            del out["num_local_experts"], out["num_experts_per_tok"]
         out.update(
-            architectures=["MistralForCausalLM"],
-            model_type="mistral",
+            architectures=[self.architecture],
+            model_type=family_of({"architectures": [self.architecture]}).model_type,
             hidden_act="silu",
             attention_dropout=0.0,
             initializer_range=0.02,
@@ -140,11 +154,56 @@ class MLP(nn.Module):
         return grad_only(self.down_proj, h) if grad_only_out else self.down_proj(h)
 
 
+class Experts(nn.Module):
+    """Mixtral's experts, stacked: gate and up products in one (E, 2I, H) tensor, down in (E, H, I)."""
+
+    def __init__(self, cfg: MistralConfig) -> None:
+        super().__init__()
+        n, hidden, width = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * width, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, width))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (T, H); index, weights (T, k): each token's experts and their mixing weights."""
+        out = torch.zeros_like(x)
+        for e in range(self.gate_up_proj.shape[0]):
+            token, slot = torch.where(index == e)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+class SparseMoE(nn.Module):
+    """Top-k routing (softmax over all experts, the k largest renormalised) to SwiGLU experts."""
+
+    def __init__(self, cfg: MistralConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)  # the router
+        self.experts = Experts(cfg)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits (T, E), expert index (T, k), mixing weights (T, k) in float32)."""
+        logits = self.gate(x)
+        probs = F.softmax(logits.float(), dim=-1)
+        weights, index = probs.topk(self.top_k, dim=-1)
+        return logits, index, weights / weights.sum(-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor, grad_only_out: bool = False) -> torch.Tensor:
+        B, L, H = x.shape
+        flat = x.reshape(B * L, H)
+        _, index, weights = self.route(flat)
+        return self.experts(flat, index, weights).view(B, L, H)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: MistralConfig) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoE(cfg) if cfg.moe else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -220,6 +279,9 @@ class MistralForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, std, generator=generator)
+            elif isinstance(module, Experts):
+                for p in module.parameters():
+                    nn.init.normal_(p, 0.0, std, generator=generator)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -323,7 +385,9 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 def flops_per_token(cfg: MistralConfig) -> float:
     """Approximate forward+backward FLOPs per token (6N), for throughput reports."""
     d, h = cfg.hidden_size, cfg.head_dim
-    per_layer = d * h * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2) + 3 * d * cfg.intermediate_size
+    active_mlps = cfg.num_experts_per_tok if cfg.moe else 1  # a token runs through k experts
+    per_layer = (d * h * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2)
+                 + 3 * d * cfg.intermediate_size * active_mlps + (d * cfg.num_local_experts if cfg.moe else 0))
     n = cfg.num_hidden_layers * per_layer + cfg.vocab_size * d
     return 6.0 * n
 

@@ -1,0 +1,63 @@
+"""The facts that differ between Mistral model families, stated once.
+
+The loader reads a checkpoint's family from its config.json here; LoRA targeting, the exporters,
+the benchmark and `validate` ask the family instead of restating projection names or layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ModelError
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architecture: str  # config.json "architectures"[0]
+    model_type: str  # config.json "model_type"
+    feed_forward: tuple[str, ...]  # the feed-forward projections LoRA may target, by their HF names
+    moe: bool = False
+    gguf_arch: str = "llama"  # llama.cpp's converter writes every Mistral text model as "llama"
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return ATTENTION_PROJECTIONS + self.feed_forward
+
+
+MISTRAL = Family("Mistral", "MistralForCausalLM", "mistral", ("gate_proj", "up_proj", "down_proj"))
+# Mixtral's experts hold w1 (gate), w3 (up) and w2 (down) in the hub's checkpoints; the router is
+# "gate". Our model keeps the experts as stacked 3D tensors (one grouped product per layer).
+MIXTRAL = Family("Mixtral", "MixtralForCausalLM", "mixtral", ("w1", "w2", "w3"), moe=True)
+
+FAMILIES = (MISTRAL, MIXTRAL)
+
+
+def family_of(config: dict, where: str = "config.json") -> Family:
+    """The family a config.json describes, or a ModelError naming what is supported."""
+    arch = (config.get("architectures") or [None])[0]
+    model_type = config.get("model_type")
+    for family in FAMILIES:
+        if arch == family.architecture or (arch is None and model_type == family.model_type):
+            if model_type not in (None, family.model_type):
+                break
+            return family
+    supported = ", ".join(f.architecture for f in FAMILIES)
+    raise ModelError(f"{where}: model_type {model_type!r} / {arch} is not supported; supported: {supported}")
+
+
+def describe(cfg) -> str:
+    """One line naming the family and the shape, as `validate` prints it."""
+    family = family_of({"architectures": [cfg.architecture]})
+    parts = [f"{cfg.num_hidden_layers} layers", f"hidden {cfg.hidden_size}",
+             f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads", f"head_dim {cfg.head_dim}"]
+    if family.moe:
+        parts.append(f"{cfg.num_local_experts} experts, top-{cfg.num_experts_per_tok}, "
+                     f"expert width {cfg.intermediate_size}")
+    else:
+        parts.append(f"MLP width {cfg.intermediate_size}")
+    parts.append(f"vocab {cfg.vocab_size}")
+    parts.append(f"sliding window {cfg.sliding_window}" if cfg.sliding_window else "no sliding window")
+    return f"{family.name} ({', '.join(parts)})"

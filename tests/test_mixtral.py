@@ -1,0 +1,205 @@
+"""Mixtral (sparse mixture of experts): logits equal transformers' MixtralForCausalLM, both checkpoint
+layouts load, what we write transformers reads, and the family table recognises it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from mistral_tune.errors import ModelError
+from mistral_tune.models.families import MISTRAL, MIXTRAL, describe, family_of
+from mistral_tune.models.load import load_model, save_model
+from mistral_tune.models.mistral import KVCache, MistralConfig, MistralForCausalLM
+
+TINY_MOE = dict(vocab_size=1000, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, architecture="MixtralForCausalLM",
+                num_local_experts=4, num_experts_per_tok=2)
+CONFIGS = {
+    "full": {},
+    "window5": dict(sliding_window=5),
+    "top1_8experts": dict(num_local_experts=8, num_experts_per_tok=1),
+    "head_dim24_kv1": dict(head_dim=24, num_key_value_heads=1),
+}
+
+
+def tiny_mixtral(seed: int = 0, **overrides) -> MistralForCausalLM:
+    model = MistralForCausalLM(MistralConfig(**{**TINY_MOE, **overrides}))
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(seed))  # wide: routes differ per token
+    return model.eval()
+
+
+def hf_mixtral(model: MistralForCausalLM, attn: str) -> transformers.MixtralForCausalLM:
+    cfg = transformers.MixtralConfig(**model.config.to_hf(), attn_implementation=attn)
+    ref = transformers.MixtralForCausalLM(cfg).eval()
+    missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
+    return ref
+
+
+def ids(batch=2, seq=24, seed=1):
+    return torch.randint(0, 1000, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_equal_transformers(name, attn):
+    model = tiny_mixtral(**CONFIGS[name])
+    ref = hf_mixtral(model, attn)
+    x = ids()
+    with torch.no_grad():
+        ours, theirs = model(x), ref(input_ids=x, use_cache=False).logits.float()
+    rel = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+    assert rel <= 1e-5, f"{name}/{attn}: {rel:.2e}"
+
+
+def test_every_expert_is_used_so_the_routing_is_really_compared():
+    model = tiny_mixtral()
+    moe = model.model.layers[0].mlp
+    with torch.no_grad():
+        x = model.model.embed_tokens(ids(seq=64))
+        _, index, weights = moe.route(model.model.layers[0].post_attention_layernorm(x).reshape(-1, 64))
+    assert set(index.flatten().tolist()) == set(range(4))
+    assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[0]))
+
+
+def test_packed_rows_equal_separate_samples():
+    """Routing is per token, so packing with sequence ids gives each sample its own logits."""
+    model = tiny_mixtral(sliding_window=5)
+    a, b = ids(1, 9, seed=2), ids(1, 13, seed=3)
+    packed = torch.cat([a, b], dim=1)
+    seq_ids = torch.tensor([[0] * 9 + [1] * 13])
+    pos = torch.cat([torch.arange(9), torch.arange(13)])[None]
+    with torch.no_grad():
+        together = model(packed, position_ids=pos, seq_ids=seq_ids)
+        apart = torch.cat([model(a), model(b)], dim=1)
+    assert torch.allclose(together, apart, atol=1e-5)
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    model = tiny_mixtral()
+    x = ids(1, 12)
+    cache = KVCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        full = model(x)
+        steps = [model(x[:, :8], kv_cache=cache)] + [model(x[:, i:i + 1], kv_cache=cache) for i in range(8, 12)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_hub_layout_round_trip_and_transformers_reads_what_we_write(tmp_path):
+    model = tiny_mixtral(sliding_window=5)
+    save_model(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in keys  # the hub's per-expert layout
+    assert not any(".experts.gate_up_proj" in k for k in keys)
+
+    loaded, _ = load_model(str(tmp_path / "ours"))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), dtype=torch.float32).eval()
+    x = ids()
+    with torch.no_grad():
+        want = model(x)
+        assert torch.equal(loaded.eval()(x), want)
+        assert torch.allclose(ref(input_ids=x).logits, want, atol=1e-5)
+
+
+def test_reads_the_stacked_layout_transformers_5_keeps_in_memory(tmp_path):
+    """A checkpoint holding mlp.experts.gate_up_proj / down_proj (3D) loads to the same model."""
+    model = tiny_mixtral()
+    ref = hf_mixtral(model, "sdpa")
+    out = tmp_path / "stacked"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(model.config.to_hf()))
+    loaded, _ = load_model(str(out))
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+
+
+def test_a_missing_expert_is_named(tmp_path):
+    model = tiny_mixtral()
+    save_model(model, tmp_path / "m")
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    del state["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(ModelError, match=r"layers\.1\.block_sparse_moe\.experts\.2\.w3"):
+        load_model(str(tmp_path / "m"))
+
+
+def test_family_table():
+    assert family_of({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}) is MIXTRAL
+    assert family_of({"model_type": "mistral"}) is MISTRAL
+    with pytest.raises(ModelError, match="LlamaForCausalLM.*supported: MistralForCausalLM, MixtralForCausalLM"):
+        family_of({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    with pytest.raises(ModelError):  # a mislabelled config is not guessed at
+        family_of({"architectures": ["MixtralForCausalLM"], "model_type": "mistral"})
+    line = describe(tiny_mixtral().config)
+    assert line.startswith("Mixtral (") and "4 experts, top-2" in line
+
+
+def test_lora_on_attention_equals_peft_on_transformers_mixtral(tmp_path):
+    from peft import PeftModel
+
+    from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
+
+    model = tiny_mixtral(sliding_window=5)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = LoraSpec(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    apply_lora(model, spec, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(model, spec, tmp_path, base_model="tiny")
+    base = tiny_mixtral(sliding_window=5)
+    base.load_state_dict(base_state)
+    ref = PeftModel.from_pretrained(hf_mixtral(base, "sdpa"), str(tmp_path)).eval()
+    x = ids()
+    with torch.no_grad():
+        ours, theirs = model.eval()(x), ref(input_ids=x, use_cache=False).logits.float()
+        assert (ours - base(x)).abs().max() > 1e-3  # the adapter matters
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5
+
+
+def test_lora_targets_that_mixtral_lacks_are_refused_by_name():
+    from mistral_tune.lora import LoraSpec, apply_lora
+
+    with pytest.raises(ModelError, match=r"\['down_proj', 'gate_proj', 'up_proj'\]: Mixtral has no such.*w1, w2, w3"):
+        apply_lora(tiny_mixtral(), LoraSpec(r=4))
+
+
+def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.export.hf import merge_to_dir
+    from mistral_tune.lora import load_adapter
+    from mistral_tune.quickstart import create_tiny_model
+    from mistral_tune.train.loop import train
+
+    base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                                     {"role": "assistant", "content": w}]}) + "\n"
+                            for w in ["apple", "river", "stone", "cloud", "tiger", "maple"]))
+    cfg = config_from_dict({"base_model": str(base_dir), "datasets": [{"path": str(data)}], "max_steps": 4,
+                            "output_dir": str(tmp_path / "run"), "sequence_len": 64, "dataset_cache": False,
+                            "lora_r": 4, "learning_rate": 0.05,
+                            "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    result = train(cfg, echo=lambda *_: None)
+    trained, _ = load_model(str(base_dir))
+    load_adapter(trained, result.adapter_dir)
+    merged = merge_to_dir(result.adapter_dir, tmp_path / "merged", echo=lambda *_: None)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    x = torch.randint(3, 32768, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trained.eval()(x)
+        assert torch.allclose(ref(input_ids=x).logits, want, atol=1e-4)

@@ -28,11 +28,13 @@ class Family:
 
 
 MISTRAL = Family("Mistral", "MistralForCausalLM", "mistral", ("gate_proj", "up_proj", "down_proj"))
+# Ministral: Mistral's layers, each with its own attention type (layer_types: sliding or full).
+MINISTRAL = Family("Ministral", "MinistralForCausalLM", "ministral", MISTRAL.feed_forward)
 # Mixtral's experts hold w1 (gate), w3 (up) and w2 (down) in the hub's checkpoints; the router is
 # "gate". Our model keeps the experts as stacked 3D tensors (one grouped product per layer).
 MIXTRAL = Family("Mixtral", "MixtralForCausalLM", "mixtral", ("w1", "w2", "w3"), moe=True)
 
-FAMILIES = (MISTRAL, MIXTRAL)
+FAMILIES = (MISTRAL, MINISTRAL, MIXTRAL)
 
 
 def family_of(config: dict, where: str = "config.json") -> Family:
@@ -59,5 +61,9 @@ def describe(cfg) -> str:
     else:
         parts.append(f"MLP width {cfg.intermediate_size}")
     parts.append(f"vocab {cfg.vocab_size}")
-    parts.append(f"sliding window {cfg.sliding_window}" if cfg.sliding_window else "no sliding window")
+    if cfg.layer_types is not None and cfg.sliding_window:
+        n = cfg.layer_types.count("sliding_attention")
+        parts.append(f"sliding window {cfg.sliding_window} in {n} of {cfg.num_hidden_layers} layers")
+    else:
+        parts.append(f"sliding window {cfg.sliding_window}" if cfg.sliding_window else "no sliding window")
     return f"{family.name} ({', '.join(parts)})"

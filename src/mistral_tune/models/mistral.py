@@ -39,6 +39,8 @@ class MistralConfig:
     architecture: str = "MistralForCausalLM"  # or "MixtralForCausalLM" (models/families.py)
     num_local_experts: int | None = None  # Mixtral: experts per layer (each intermediate_size wide)
     num_experts_per_tok: int = 2  # Mixtral: experts each token is routed to
+    # Ministral: "sliding_attention" or "full_attention" per layer; None: every layer alike
+    layer_types: list[str] | None = None
 
     def __post_init__(self) -> None:
         # Nemo and Small set head_dim=128 explicitly where hidden/heads would give 160.
@@ -46,11 +48,25 @@ class MistralConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            unknown = set(self.layer_types) - {"sliding_attention", "full_attention"}
+            if unknown:
+                raise ValueError(f"layer_types: unknown attention type(s) {sorted(unknown)}")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: full attention)."""
+        if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf(cls, data: dict) -> MistralConfig:
         known = {f.name for f in fields(cls)} - {"architecture"}
         arch = (data.get("architectures") or ["MistralForCausalLM"])[0]
+        if arch != "MinistralForCausalLM":
+            known.discard("layer_types")  # only Ministral's attention reads them (as in transformers)
         return cls(architecture=arch, **{k: v for k, v in data.items() if k in known})
 
     @property
@@ -64,6 +80,8 @@ class MistralConfig:
         del out["architecture"]
         if not self.moe:
             del out["num_local_experts"], out["num_experts_per_tok"]
+        if self.layer_types is None:
+            del out["layer_types"]
         out.update(
             architectures=[self.architecture],
             model_type=family_of({"architectures": [self.architecture]}).model_type,
@@ -307,14 +325,17 @@ class MistralForCausalLM(nn.Module):
             position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
-        mask = self._mask(seq_ids, position_ids, past, L, input_ids.device)
+        windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
+        masks = {w: self._mask(seq_ids, position_ids, past, L, input_ids.device, w) for w in set(windows)}
         if key_mask is not None:
-            mask = mask & key_mask[:, None, None, :]
+            masks = {w: m & key_mask[:, None, None, :] for w, m in masks.items()}
         store = None
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             store = LayerInputs(offload=self.offload_activations and x.is_cuda)
-            store.row_args = self._row_args(seq_ids, position_ids, cos, sin, mask)
+            rows = {w: self._row_args(seq_ids, position_ids, cos, sin, m, w) for w, m in masks.items()}
+            store.row_args = [rows[w] for w in windows]
         for i, layer in enumerate(self.model.layers):
+            mask = masks[windows[i]]
             if store is not None:
                 x = recompute_layer(layer, x, store, i, cos, sin, mask)
             elif kv_cache is None:  # no layer index: a compiled layer would guard on it
@@ -323,7 +344,7 @@ class MistralForCausalLM(nn.Module):
                 x = layer(x, cos, sin, mask, kv_cache, i)
         return self.model.norm(x)
 
-    def _row_args(self, seq_ids, position_ids, cos, sin, mask) -> list[tuple] | None:
+    def _row_args(self, seq_ids, position_ids, cos, sin, mask, window) -> list[tuple] | None:
         """Per-row (cos, sin, mask) for a checkpointed backward taken one row at a time, which holds
         one row's activations instead of the whole batch's; the same FLOPs. Not with active
         dropout: its masks are drawn for the whole batch in the forward."""
@@ -341,12 +362,11 @@ class MistralForCausalLM(nn.Module):
             elif isinstance(mask, str):  # CAUSAL holds for every row
                 row_mask = mask
             else:
-                row_mask = self._mask(seq_ids[b:b + 1], position_ids[b:b + 1], 0, L, position_ids.device)
+                row_mask = self._mask(seq_ids[b:b + 1], position_ids[b:b + 1], 0, L, position_ids.device, window)
             rows.append((cos[b:b + 1], sin[b:b + 1], row_mask))
         return rows
 
-    def _mask(self, seq_ids, position_ids, past: int, L: int, device) -> torch.Tensor | None:
-        window = self.config.sliding_window
+    def _mask(self, seq_ids, position_ids, past: int, L: int, device, window: int | None) -> torch.Tensor | None:
         if past:  # decoding with a cache: one sample per row, keys 0..past+L-1
             q = torch.arange(past, past + L, device=device)[:, None]
             kpos = torch.arange(past + L, device=device)[None, :]

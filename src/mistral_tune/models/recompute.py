@@ -30,8 +30,9 @@ class LayerInputs:
         self.kept: dict[int, torch.Tensor] = {}
         self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.stream = torch.cuda.Stream() if offload else None
-        # Per-row (cos, sin, mask) when backward goes one batch row at a time (set by the model).
-        self.row_args: list[tuple] | None = None
+        # Per layer: its per-row (cos, sin, mask) when backward goes one batch row at a time, else
+        # None (set by the model; layers differ where their sliding windows do).
+        self.row_args: list[list[tuple] | None] | None = None
 
     def keep(self, i: int, x: torch.Tensor) -> None:
         if not self.offload:
@@ -88,7 +89,7 @@ class _Recompute(torch.autograd.Function):
             torch.set_rng_state(ctx.rng[0])
             if ctx.rng[1] is not None:
                 torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
-            rows = ctx.store.row_args
+            rows = ctx.store.row_args[ctx.i] if ctx.store.row_args is not None else None
             if rows is None:
                 grad_x = _layer_backward(ctx, x, ctx.args, grad_out)
             else:  # one row at a time: one row's activations alive instead of the batch's

@@ -1,5 +1,5 @@
 """The one loader of a tuned model (models/tuned.py): every consumer of a QLoRA run gets the model
-that was trained."""
+that was trained, and a full fine-tune's model folder is a complete HF model folder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from mistral_tune.chat import load_tokenizer
 from mistral_tune.cli import _load, build_parser, main
 from mistral_tune.config import config_from_dict
 from mistral_tune.errors import ModelError
@@ -143,3 +146,38 @@ def test_resolve_source_prefers_a_model_then_merged_then_model_then_an_adapter(p
     found = tmp_path / first.rpartition("/")[0] if "/" in first else tmp_path
     adapter = found if first.endswith("adapter_config.json") else None
     assert resolve_source(tmp_path) == (found, adapter)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("full")
+    cfg = config_from_dict({
+        "base_model": str(tiny_model_dir), "datasets": [{"path": str(_data(root))}],
+        "output_dir": str(root / "run"), "adapter": "none", "learning_rate": 1e-3,
+        "max_steps": 2, "sequence_len": 64, "micro_batch_size": 2, "dataset_cache": False,
+    })
+    result = train(cfg, echo=lambda *_: None)
+    assert result.model_dir == result.output_dir / "model"
+    return result.model_dir
+
+
+def test_full_fine_tune_folder_loads_in_transformers(full_run: Path) -> None:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(full_run, dtype=torch.float32)
+    ours = load_tuned(full_run.parent)  # the run directory resolves to its model/
+    assert ours.model_dir == full_run and ours.adapter_dir is None and not ours.qlora
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(IDS).logits, _logits(ours.model), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def full_run_tokenizers(full_run: Path):
+    return transformers.AutoTokenizer.from_pretrained(full_run), load_tokenizer(None, full_run)
+
+
+@settings(max_examples=40, deadline=None)
+# No "<" or "[": HF tokenizers read control-token strings ("</s>", "[INST]") in text as control
+# tokens, mistral-common as text.
+@given(text=st.text(st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="<["), max_size=60))
+def test_full_fine_tune_folder_tokenizes_like_mistral_common(full_run_tokenizers, text: str) -> None:
+    hf, ours = full_run_tokenizers
+    assert hf(text).input_ids == ours.encode_text(text, eos=False)

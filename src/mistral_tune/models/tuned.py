@@ -24,7 +24,7 @@ from .load import load_model
 from .mistral import MistralForCausalLM
 from .quant import nf4_round_trip
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -74,8 +74,8 @@ def load_tuned(
     merge=True folds an adapter into the weights (in float32, before the cast), so decoding costs
     what a merged model costs; merge=False keeps the LoRA layers on top of the base.
     """
-    if dtype not in DTYPES:
-        raise ModelError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype not in _DTYPES:
+        raise ModelError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
     source = Path(path).expanduser()
     model_dir, adapter = resolve_source(source)
     qlora = False
@@ -98,7 +98,7 @@ def load_tuned(
             tokenizer = load_tokenizer(None, adapter)
         except ModelError:
             tokenizer = load_tokenizer(None, model_dir)
-    model = model.to(DTYPES[dtype]).eval()
+    model = model.to(_DTYPES[dtype]).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return TunedModel(model, tokenizer, source.resolve().name, source, model_dir, adapter, qlora)

@@ -15,8 +15,8 @@ from export_fixtures import tiny_adapter, tiny_model
 from mistral_tune.cli import main
 from mistral_tune.errors import ModelError
 from mistral_tune.export.gguf import export_gguf
+from mistral_tune.models.tuned import load_tuned
 from mistral_tune.serve.generate import generate
-from mistral_tune.serve.load import load_for_inference
 
 gguf = pytest.importorskip("gguf")
 
@@ -37,7 +37,7 @@ def _fields(path: Path) -> dict:
 def test_metadata_follows_llama_cpp_converter(v3_model: Path, tmp_path: Path) -> None:
     out = export_gguf(v3_model, tmp_path / "m.gguf", "q8_0")
     meta, reader = _fields(out)
-    cfg = load_for_inference(v3_model).model.config
+    cfg = load_tuned(v3_model).model.config
     assert meta["general.architecture"] == "llama"
     assert meta["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
     expected = {
@@ -104,7 +104,7 @@ def _check_against_llama_cpp(model_dir: Path, gguf_path: Path, logit_atol: float
     """Tokens equal; logits along our greedy continuation within logit_atol; llama.cpp's greedy
     choice equal to ours at every step where our top-2 margin exceeds what the format's rounding
     can flip (2 * logit_atol); with free_running, llama.cpp's own greedy continuation equals ours."""
-    loaded = load_for_inference(model_dir)
+    loaded = load_tuned(model_dir)
     tok = loaded.tokenizer
     llm = _llama(gguf_path)
     try:
@@ -158,7 +158,7 @@ def test_k_quant_through_llama_cpp(v3_model: Path, tmp_path: Path) -> None:
     _require_llama_cpp()
     out = export_gguf(v3_model, tmp_path / "m-q4km.gguf", "q4_k_m")
     assert _fields(out)[0]["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    loaded = load_for_inference(v3_model)
+    loaded = load_tuned(v3_model)
     ids = loaded.tokenizer.encode_prompt(CHAT)
     llm = _llama(out)
     try:
@@ -186,7 +186,7 @@ def test_llama_cpp_chat_template_gives_mistral_common_ids(name: str, tmp_path: P
     llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
     try:
         formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
-        source = load_for_inference(model).tokenizer.source_file
+        source = load_tuned(model).tokenizer.source_file
         for conv in CONVERSATIONS:
             prompt = formatter(messages=conv).prompt
             assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == _mistral_common_ids(source, conv)

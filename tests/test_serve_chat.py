@@ -10,9 +10,9 @@ import torch
 
 from export_fixtures import tiny_adapter, tiny_model
 from mistral_tune.cli import main
+from mistral_tune.models.tuned import load_tuned
 from mistral_tune.serve.chat import Sampling, chat_loop
 from mistral_tune.serve.generate import CachedGenerator, TextStream, generate, generate_batch
-from mistral_tune.serve.load import load_for_inference
 
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
@@ -28,7 +28,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(model_dir: Path):
-    return load_for_inference(model_dir)
+    return load_tuned(model_dir)
 
 
 def test_batched_greedy_equals_one_at_a_time(loaded) -> None:
@@ -114,7 +114,7 @@ def test_cli_generate_writes_jsonl_in_input_order(model_dir: Path, tmp_path: Pat
                  "--max-tokens", "7"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b", "c"]
-    loaded = load_for_inference(model_dir)
+    loaded = load_tuned(model_dir)
     for row, conv in zip(rows, [PROMPTS[2], PROMPTS[0], PROMPTS[1]], strict=True):
         ids = loaded.tokenizer.encode_prompt(conv)
         want = list(generate(loaded.model, ids, 7, eos_id=loaded.tokenizer.eos_id))
@@ -137,5 +137,5 @@ def test_adapter_and_run_directories_load_merged_in_memory(model_dir: Path, tmp_
 
     merged = merge_to_dir(adapter, tmp_path / "merged")
     ids = torch.tensor([[1, 3, 23325, 4]])
-    a, b = load_for_inference(tmp_path / "run"), load_for_inference(merged)
+    a, b = load_tuned(tmp_path / "run"), load_tuned(merged)
     torch.testing.assert_close(a.model(ids), b.model(ids))

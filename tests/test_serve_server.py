@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from export_fixtures import tiny_model
+from mistral_tune.models.tuned import load_tuned
 from mistral_tune.serve.generate import generate
-from mistral_tune.serve.load import load_for_inference
 from mistral_tune.serve.server import App, ChatRequest, ServerConfig, clean_text, make_server
 
 openai = pytest.importorskip("openai")
@@ -29,7 +29,7 @@ KEY = "test-key-123"
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory):
-    return load_for_inference(tiny_model(tmp_path_factory.mktemp("server") / "tiny-v3", "v3"))
+    return load_tuned(tiny_model(tmp_path_factory.mktemp("server") / "tiny-v3", "v3"))
 
 
 def _running(loaded, **cfg) -> Iterator[tuple[str, int]]:

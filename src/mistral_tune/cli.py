@@ -69,9 +69,9 @@ def _sampling(args):
 
 
 def _load(args):
-    from .serve.load import load_for_inference
+    from .models.tuned import load_tuned
 
-    return load_for_inference(args.model, base_model=args.base_model, dtype=args.dtype, device=args.device)
+    return load_tuned(args.model, args.base_model, dtype=args.dtype, device=args.device)
 
 
 def _cmd_chat(args) -> None:

@@ -16,8 +16,9 @@ import yaml
 
 from .chat import load_tokenizer
 from .config import load_config
-from .models.load import load_model, save_model
+from .models.load import save_model
 from .models.mistral import MistralConfig, MistralForCausalLM
+from .models.tuned import load_tuned
 from .serve.generate import complete
 
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -71,10 +72,10 @@ def run_quickstart(work: Path, overrides: list[str] = (), echo=print) -> dict:
     cfg = load_config(config_path, list(overrides) + ["overwrite_output_dir=true"])
     heldout = [json.loads(line) for line in (data_dir() / "heldout.jsonl").read_text().splitlines()]
 
-    base, _ = load_model(str(base_dir))
-    tokenizer = load_tokenizer(None, base_dir)
+    base = load_tuned(base_dir)
+    tokenizer = base.tokenizer
     torch.manual_seed(0)
-    before = exact_match(base, tokenizer, heldout)
+    before = exact_match(base.model, tokenizer, heldout)
     echo(f"base model exact match on {len(heldout)} held-out prompts: {100 * before:.1f}%")
     del base
 
@@ -82,7 +83,7 @@ def run_quickstart(work: Path, overrides: list[str] = (), echo=print) -> dict:
     if result.stopped_by:  # train() has said where it stopped; the quickstart itself starts over
         echo(f"quickstart stopped by {result.stopped_by} before the end of training; nothing was evaluated")
         return {"stopped_by": result.stopped_by, "checkpoint_dir": str(result.checkpoint_dir)}
-    tuned, _ = load_model(str(result.model_dir))
+    tuned = load_tuned(result.model_dir).model
     after = exact_match(tuned, tokenizer, heldout)
     example = heldout[0]["messages"]
     answer = complete(tuned, tokenizer, example[:-1], max_new_tokens=12)

@@ -73,7 +73,7 @@ def export_awq(
     from transformers import AutoModelForCausalLM
 
     from ..chat import load_tokenizer
-    from ..serve.load import resolve_source
+    from ..models.tuned import resolve_source
     from .hf import merge_to_dir
 
     source = Path(source)

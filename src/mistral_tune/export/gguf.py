@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
-from ..serve.load import load_for_inference
+from ..models.tuned import load_tuned
 from .vocab import chat_template, extract_vocab
 
 DIRECT = ("f16", "bf16", "q8_0", "q4_0")
@@ -111,7 +111,7 @@ def export_gguf(
             quantizer(f16, out, quant)
         return out
 
-    loaded = load_for_inference(source, base_model=base_model, dtype="float32")
+    loaded = load_tuned(source, base_model)
     model, tok = loaded.model, loaded.tokenizer
     cfg = model.config
     if cfg.sliding_window is not None and cfg.sliding_window < cfg.max_position_embeddings:

@@ -1,4 +1,4 @@
-"""Merging a LoRA adapter into its base model and writing an HF model directory.
+"""Writing an HF model directory: a LoRA adapter merged into its base, or a full fine-tune.
 
 The directory is what transformers, vLLM and TGI load: config.json, generation_config.json,
 safetensors (sharded with model.safetensors.index.json above max_shard_bytes), the mistral-common
@@ -10,14 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from ..chat import load_tokenizer
 from ..errors import ModelError
 from ..fsutil import replace_dir
-from ..lora import BASE_QUANTIZATION, load_adapter, merge_lora, read_adapter_config
-from ..models.load import load_model, save_model
-from ..models.quant import nf4_round_trip
+from ..models.load import save_model
+from ..models.tuned import adapter_in, load_tuned
 from .hf_tokenizer import save_hf_tokenizer
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
@@ -25,11 +21,19 @@ MERGE_DTYPES = ("bfloat16", "float16", "float32")
 
 def find_adapter(run_or_adapter: Path) -> Path:
     """Accept an adapter directory or a run's output directory (which holds adapter/)."""
-    if (run_or_adapter / "adapter_config.json").is_file():
-        return run_or_adapter
-    if (run_or_adapter / "adapter" / "adapter_config.json").is_file():
-        return run_or_adapter / "adapter"
-    raise ModelError(f"{run_or_adapter}: neither an adapter directory nor a run directory with adapter/")
+    adapter = adapter_in(Path(run_or_adapter))
+    if adapter is None:
+        raise ModelError(f"{run_or_adapter}: neither an adapter directory nor a run directory with adapter/")
+    return adapter
+
+
+def write_hf_model(model, tokenizer, out_dir: Path, dtype: str = "float32",
+                   max_shard_bytes: int = 5_000_000_000) -> None:
+    """Weights, config and both tokenizers (mistral-common's file, HF's files) into out_dir: the
+    model directory of a merge and of a full fine-tune alike."""
+    save_model(model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    tokenizer.save(out_dir)
+    save_hf_tokenizer(tokenizer, out_dir)
 
 
 def merge_to_dir(
@@ -49,29 +53,12 @@ def merge_to_dir(
         raise ModelError(f"merge dtype {dtype!r}: expected one of {', '.join(MERGE_DTYPES)}")
     if max_shard_bytes <= 0:
         raise ModelError(f"max shard size must be positive, got {max_shard_bytes}")
-    adapter_dir = find_adapter(Path(adapter_dir))
-    spec, recorded_base = read_adapter_config(adapter_dir)
-    base = base_model or recorded_base
-    if not base:
-        raise ModelError(f"{adapter_dir}: adapter_config.json names no base model; pass --base-model")
-    model, model_dir = load_model(base, dtype=torch.float32)
-    if (adapter_dir / BASE_QUANTIZATION).is_file():
-        n = nf4_round_trip(model, spec.target_modules)
-        echo(f"QLoRA adapter: dequantizing the NF4 base ({n} projections) before merging, so the merged "
-             "model is the one that was trained")
-    load_adapter(model, adapter_dir)
-    merge_lora(model)
-    try:
-        tokenizer = load_tokenizer(None, adapter_dir)
-    except ModelError:
-        tokenizer = load_tokenizer(None, model_dir)
-
-    def write(tmp: Path) -> None:
-        save_model(model, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes)
-        tokenizer.save(tmp)
-        save_hf_tokenizer(tokenizer, tmp)
-
-    return replace_dir(Path(out_dir), write)
+    tuned = load_tuned(find_adapter(Path(adapter_dir)), base_model)
+    if tuned.qlora:
+        echo("QLoRA adapter: merged after dequantizing the NF4 base it was trained on, so the merged model is the "
+             "one that was trained")
+    return replace_dir(Path(out_dir), lambda tmp: write_hf_model(tuned.model, tuned.tokenizer, tmp, dtype,
+                                                                   max_shard_bytes))
 
 
 def parse_size(text: str) -> int:

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from ..models.tuned import TunedModel
 from .generate import CachedGenerator, TextStream, generate_batch
-from .load import LoadedModel
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set; /system alone clears), /exit"
 
@@ -34,7 +34,7 @@ class Sampling:
 
 
 def chat_loop(
-    loaded: LoadedModel,
+    loaded: TunedModel,
     sampling: Sampling,
     system: str | None = None,
     read: Callable[[str], str] = input,
@@ -139,7 +139,7 @@ def read_prompts(path: Path, system: str | None = None) -> list[dict]:
 
 
 def generate_file(
-    loaded: LoadedModel, prompts_path: Path, out_path: Path, sampling: Sampling, batch_size: int = 8,
+    loaded: TunedModel, prompts_path: Path, out_path: Path, sampling: Sampling, batch_size: int = 8,
     system: str | None = None, progress: Callable[[int, int], object] | None = None,
 ) -> int:
     """Answer every prompt of a file in batches; write one JSON line per prompt. Returns the count."""

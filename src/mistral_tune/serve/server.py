@@ -32,8 +32,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import DataError
+from ..models.tuned import TunedModel
 from .generate import TextStream, generate
-from .load import LoadedModel
 
 # C0 and C1 control characters except tab, newline and carriage return.
 _CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -149,7 +149,7 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
 class App:
     """Request handling independent of HTTP: validated request in, response dict or chunks out."""
 
-    def __init__(self, loaded: LoadedModel, cfg: ServerConfig) -> None:
+    def __init__(self, loaded: TunedModel, cfg: ServerConfig) -> None:
         self.loaded, self.cfg = loaded, cfg
         self.model_lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(cfg.max_concurrent)
@@ -386,7 +386,7 @@ class Handler(BaseHTTPRequestHandler):
             tokens.close()  # releases the model lock now, not when garbage-collected
 
 
-def make_server(loaded: LoadedModel, cfg: ServerConfig) -> ThreadingHTTPServer:
+def make_server(loaded: TunedModel, cfg: ServerConfig) -> ThreadingHTTPServer:
     app = App(loaded, cfg)
     handler = type("BoundHandler", (Handler,), {"app": app})
     server = ThreadingHTTPServer((cfg.host, cfg.port), handler)

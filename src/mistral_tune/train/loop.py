@@ -33,7 +33,7 @@ from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, s
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, TrainingHalted
 from ..fsutil import replace_dir
 from ..lora import LoraSpec, apply_lora, save_adapter
-from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir, save_model
+from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
 from ..models.mistral import count_params, flops_per_token
 from ..models.quant import quantize_model
 from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step
@@ -610,8 +610,11 @@ def _save(cfg: Config, model, spec: LoraSpec | None, tokenizer, final: Path, mod
         if spec is not None:
             base = str(model_dir.resolve()) if model_dir.exists() else cfg.base_model
             save_adapter(model, spec, tmp, base_model=base)
-        else:
-            save_model(model, tmp, dtype="bfloat16" if model.lm_head.weight.dtype == torch.bfloat16 else "float32")
-        tokenizer.save(tmp)
+            tokenizer.save(tmp)
+        else:  # a model directory like a merge's: transformers, vLLM and our tools load it as it is
+            from ..export.hf import write_hf_model
+
+            write_hf_model(model, tokenizer, tmp,
+                           dtype="bfloat16" if model.lm_head.weight.dtype == torch.bfloat16 else "float32")
 
     return replace_dir(final, write)

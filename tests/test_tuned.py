@@ -181,3 +181,36 @@ def full_run_tokenizers(full_run: Path):
 def test_full_fine_tune_folder_tokenizes_like_mistral_common(full_run_tokenizers, text: str) -> None:
     hf, ours = full_run_tokenizers
     assert hf(text).input_ids == ours.encode_text(text, eos=False)
+
+
+def test_a_qlora_base_quantized_from_bf16_is_rebuilt_from_bf16(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """On a GPU, training quantizes the base from bf16; the loader must quantize the same values, not
+    the float32 checkpoint's (whose NF4 codes and block scales differ)."""
+    pytest.importorskip("bitsandbytes")
+    from torch import nn
+
+    from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
+    from mistral_tune.models.quant import NF4Linear
+
+    trained, _ = load_model(str(tiny_model_dir))
+    for module in list(trained.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and name.endswith("_proj"):
+                setattr(module, name, NF4Linear.from_linear(child.to(torch.bfloat16)))  # as the GPU path does
+    spec = LoraSpec(r=4, alpha=8)
+    apply_lora(trained, spec, seed=0)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(trained, spec, tmp_path / "adapter", base_model=str(tiny_model_dir))
+    load_tokenizer(None, tiny_model_dir).save(tmp_path / "adapter")
+    info = json.loads((tmp_path / "adapter" / "base_quantization.json").read_text())
+    assert info["quantized_from"] == "bfloat16"
+
+    want = _logits(trained)
+    got = _logits(load_tuned(tmp_path / "adapter").model)
+    assert torch.allclose(got, want, **TIGHT)
+    info.pop("quantized_from")  # an adapter that does not say: read as quantized from float32
+    (tmp_path / "adapter" / "base_quantization.json").write_text(json.dumps(info))
+    assert not torch.allclose(_logits(load_tuned(tmp_path / "adapter").model), want, **TIGHT)

@@ -149,10 +149,13 @@ def save_adapter(
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    if any(isinstance(m, LoraLinear) and m.quantized is not None for m in model.modules()):
+    quantized = [m.quantized for m in model.modules() if isinstance(m, LoraLinear) and m.quantized is not None]
+    if quantized:
         from .models.quant import BLOCKSIZE
 
         info = {"quant_type": "nf4", "blocksize": BLOCKSIZE, "double_quant": True, "library": "bitsandbytes"}
+        if quantized[0].quantized_from is not None:  # None: the base was read quantized (bnb-4bit)
+            info["quantized_from"] = str(quantized[0].quantized_from).removeprefix("torch.")
         (out_dir / BASE_QUANTIZATION).write_text(json.dumps(info, indent=2) + "\n")
     config = {
         "peft_type": "LORA",

@@ -72,6 +72,7 @@ class NF4Linear(nn.Module):
         if quant_state.quant_type != "nf4":
             raise ValueError(f"4-bit type {quant_state.quant_type!r} is not nf4")
         nested = quant_state.nested
+        self.quantized_from: torch.dtype | None = None  # set by from_linear; None when read quantized
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("absmax", quant_state.absmax, persistent=False)
         self.register_buffer("absmax2", quant_state.state2.absmax if nested else None, persistent=False)
@@ -90,7 +91,9 @@ class NF4Linear(nn.Module):
         if weight.dtype == torch.float32 and weight.is_cuda:
             weight = weight.to(torch.bfloat16)  # what a bf16 checkpoint would hold; halves the transient
         packed, state = bnbf.quantize_4bit(weight, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
-        return cls(packed, state, linear.in_features, linear.out_features)
+        q = cls(packed, state, linear.in_features, linear.out_features)
+        q.quantized_from = weight.dtype  # the codes depend on it: a merge must quantize the same values
+        return q
 
     def _apply(self, fn, recurse=True):
         # Only moves: the packed codes and block scales keep their dtypes (float32 scales stay float32).
@@ -146,15 +149,19 @@ def quantize_model(model: nn.Module, targets: list[str], device: torch.device | 
     return count
 
 
-def nf4_round_trip(model: nn.Module, targets: list[str]) -> int:
-    """Put into each target projection the weight that QLoRA training saw: quantized to NF4 and
-    dequantized back. Merging a QLoRA adapter into these reproduces the trained model."""
+def nf4_round_trip(model: nn.Module, targets: list[str], quantized_from: torch.dtype = torch.float32) -> int:
+    """Put into each target projection the weight that QLoRA training saw: quantized to NF4 (from
+    the dtype training quantized from: bf16 on a GPU) and dequantized back. Merging a QLoRA adapter
+    into these reproduces the trained model."""
     count = 0
     with torch.no_grad():
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
                 if name in targets and isinstance(child, nn.Linear):
-                    q = NF4Linear.from_linear(child)
+                    source = nn.Linear(child.in_features, child.out_features, bias=False,
+                                       dtype=quantized_from, device=child.weight.device)
+                    source.weight.copy_(child.weight)
+                    q = NF4Linear.from_linear(source)
                     child.weight.copy_(q.dequantized(child.weight.dtype))
                     count += 1
     return count

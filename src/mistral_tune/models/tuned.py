@@ -12,6 +12,7 @@ model loaded is the one that was trained, not the full-precision base with its a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def load_tuned(
         model, model_dir = load_model(base, dtype=torch.float32, device=device)
         qlora = (adapter / BASE_QUANTIZATION).is_file()
         if qlora:  # a bnb-4bit base is NF4 already: its projections are not nn.Linear, so left as they are
-            nf4_round_trip(model, spec.target_modules)
+            nf4_round_trip(model, spec.target_modules, _quantized_from(adapter / BASE_QUANTIZATION))
         load_adapter(model, adapter)
         if merge:
             merge_lora(model)
@@ -102,3 +103,14 @@ def load_tuned(
     for p in model.parameters():
         p.requires_grad_(False)
     return TunedModel(model, tokenizer, source.resolve().name, source, model_dir, adapter, qlora)
+
+
+def _quantized_from(info_file: Path) -> torch.dtype:
+    """The dtype a QLoRA base was quantized from (adapters written before this was recorded: float32)."""
+    try:
+        name = json.loads(info_file.read_text()).get("quantized_from", "float32")
+    except (json.JSONDecodeError, AttributeError):
+        raise ModelError(f"{info_file}: not a JSON object") from None
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ModelError(f"{info_file}: quantized_from {name!r} is not float32, bfloat16 or float16")
+    return getattr(torch, name)

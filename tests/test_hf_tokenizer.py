@@ -110,6 +110,7 @@ class Exported:
     def free_of_controls(self, text: str) -> bool:
         return not any(c in text for c in self.controls)
 
+    @property
     def raw(self):
         return self.reference.instruct_tokenizer.tokenizer
 
@@ -140,7 +141,7 @@ def _template_ids(hf, conv: list[dict], generation_prompt: bool) -> list[int]:
 
 def _text_problem(ex: Exported, text: str) -> str | None:
     """What differs between the HF tokenizer and mistral-common on `text` (None: nothing)."""
-    raw = ex.raw()
+    raw = ex.raw
     want = raw.encode(text, bos=True, eos=False)
     got = ex.hf(text).input_ids
     if got != want:
@@ -189,7 +190,7 @@ def test_generated_corpus_gives_mistral_common_ids(exported: Exported) -> None:
     r = random.Random(1)
     conversations = [_conversation(r, texts) for _ in range(N_CONVERSATIONS)]
     chat_problems = [(c, p) for c in conversations if (p := _chat_problem(exported, c))]
-    round_trips = sum(exported.raw().decode(exported.raw().encode(t, bos=False, eos=False)) == t for t in texts)
+    round_trips = sum(exported.raw.decode(exported.raw.encode(t, bos=False, eos=False)) == t for t in texts)
     print(f"{exported.name}: {len(problems)} of {len(texts)} texts differ ({round_trips} round-trip in "
           f"mistral-common), {len(chat_problems)} of {len(conversations)} conversations differ")
     assert not problems, f"{len(problems)} of {len(texts)} texts differ, e.g. {problems[:3]}"

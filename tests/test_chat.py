@@ -9,6 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, note, settings
+from hypothesis import strategies as st
+from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.messages import (
     AssistantMessage,
     FinetuningAssistantMessage,
@@ -21,7 +24,7 @@ from mistral_common.protocol.instruct.tool_calls import ToolCall
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from mistral_tune.chat import BUNDLED, ChatTokenizer, load_tokenizer
+from mistral_tune.chat import BUNDLED, BUNDLED_DIR, ChatTokenizer, load_tokenizer
 from mistral_tune.errors import DataError, ModelError
 
 # "tekken_v7" is the bundled tekken file relabelled as version v7: the wheel ships no
@@ -268,6 +271,93 @@ def test_tool_conversation(name: str, tok: ChatTokenizer, ref_ft: MistralTokeniz
     assert tok.decode(spans[1][:-1]) == "It is 21°C in Paris."
     results = tok.mistral_tokenizer.instruct_tokenizer.tokenizer.get_special_token("[TOOL_RESULTS]")
     assert not mask[ids.index(results)]
+
+
+# Tool conversations, generated: whatever mistral-common rejects we reject, and what it accepts
+# gives its ids. v2 is the version with a rule of its own (one tool result per assistant turn).
+TOOL_NAMES = ["v2", "v3", "v7", "tekken"]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL_IDS = ["abc123XYZ", "def456UVW", "ghi789RST"]
+
+
+def _call(call_id: str, city: str) -> dict:
+    arguments = json.dumps({"city": city})
+    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+
+
+@st.composite
+def tool_conversations(draw) -> list[dict]:
+    """Turns of user question, maybe tool calls and their results, answer; the results sometimes
+    do not match the calls, and one message may be swapped, dropped or repeated."""
+    conv: list[dict] = []
+    for turn in range(draw(st.integers(1, 3))):
+        if draw(st.integers(0, 3)) == 0:
+            conv.append({"role": "system", "content": "Answer in French."})
+        conv.append({"role": "user", "content": f"Weather, question {turn}?"})
+        if draw(st.booleans()):
+            ids = draw(st.lists(st.sampled_from(CALL_IDS), min_size=1, max_size=3, unique=True))
+            conv.append({"role": "assistant", "tool_calls": [_call(i, "Paris") for i in ids]})
+            if draw(st.integers(0, 3)) == 0:
+                ids = draw(st.lists(st.sampled_from(CALL_IDS), max_size=3))
+            conv += [{"role": "tool", "tool_call_id": i, "name": "get_weather", "content": '{"temp": 21}'} for i in ids]
+        conv.append({"role": "assistant", "content": f"Answer {turn}."})
+    i = draw(st.integers(0, len(conv) - 2))
+    change = draw(st.sampled_from(["none", "none", "swap", "drop", "repeat"]))
+    if change == "swap":
+        conv[i], conv[i + 1] = conv[i + 1], conv[i]
+    elif change == "drop":
+        del conv[i]
+    elif change == "repeat":
+        conv.insert(i, conv[i])
+    if conv[-1]["role"] != "assistant":
+        conv.append({"role": "assistant", "content": "Done."})
+    return conv
+
+
+@pytest.fixture(scope="module", params=TOOL_NAMES)
+def tool_tokenizers(request: pytest.FixtureRequest) -> tuple[ChatTokenizer, MistralTokenizer]:
+    source = BUNDLED_DIR / "mistral_instruct_tokenizer_240216.model.v2" if request.param == "v2" else request.param
+    tok = load_tokenizer(str(source))
+    return tok, MistralTokenizer.from_file(tok.source_file, mode=ValidationMode.finetuning)
+
+
+SEVERAL_RESULTS = [
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "tool_calls": [_call("abc123XYZ", "Paris"), _call("def456UVW", "Rome")]},
+    {"role": "tool", "tool_call_id": "abc123XYZ", "name": "get_weather", "content": '{"temp": 21}'},
+    {"role": "tool", "tool_call_id": "def456UVW", "name": "get_weather", "content": '{"temp": 25}'},
+    {"role": "assistant", "content": "21°C and 25°C."},
+]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(conv=SEVERAL_RESULTS)
+@given(conv=tool_conversations())
+def test_tool_conversations_accepted_like_mistral_common(tool_tokenizers, conv: list[dict]) -> None:
+    tok, reference = tool_tokenizers
+    request = ChatCompletionRequest(messages=reference_messages(conv), tools=[WEATHER_TOOL])
+    try:
+        expected = reference.encode_chat_completion(request).tokens
+    except (MistralCommonException, ValueError, AssertionError) as e:
+        with pytest.raises(DataError):
+            tok.encode_chat(conv, tools=[WEATHER_TOOL])
+        note(f"rejected by mistral-common: {e}")
+        return
+    assert tok.encode_chat(conv, tools=[WEATHER_TOOL])[0] == expected
+
+
+def test_v2_rejects_several_tool_results_for_one_turn() -> None:
+    tok = load_tokenizer(str(BUNDLED_DIR / "mistral_instruct_tokenizer_240216.model.v2"))
+    with pytest.raises(DataError, match="multiple tool results"):
+        tok.encode_chat(SEVERAL_RESULTS, tools=[WEATHER_TOOL])
+    assert tok.encode_chat(TOOL_CONVERSATION, tools=[WEATHER_TOOL])  # one call, one result: fine
 
 
 # ---------------------------------------------------------------------- text, prompt, decode

@@ -2,9 +2,10 @@
 
 mistral-common is the ground truth for the prompt format of every tokenizer version (v1 SPM,
 v3 SPM, v3-Tekken, v7, ...).  It has no loss-mask API, so `ChatTokenizer.encode_chat` runs the
-same steps as `MistralTokenizer.encode_chat_completion` (validate -> normalize -> start() + one
-encode call per message) and records which tokens each message produced.  The tests check that
-the ids are identical to `encode_chat_completion`'s for the same request.
+same steps as `MistralTokenizer.encode_chat_completion` (validate -> normalize -> the instruct
+tokenizer's own checks -> start() + one encode call per message) and records which tokens each
+message produced.  The tests check that the ids, and which conversations are rejected, are
+identical to `encode_chat_completion`'s for the same request.
 
 Messages are OpenAI-style dicts::
 
@@ -169,6 +170,11 @@ class ChatTokenizer:
         # keeping each message's token span so it can be masked.
         it = self._instruct
         it.validate_messages(req.messages)
+        # The request-level check encode_instruct runs first: v2 allows one tool result per
+        # assistant turn (its encoding of tool results holds only one); v3 and later accept more.
+        validate_tool_results = getattr(it, "_validate_tool_results", None)
+        if validate_tool_results is not None:
+            validate_tool_results(req)
         first_user, last_user = it.find_first_last_user(req)
         ids: list[int] = list(it.start())
         mask: list[bool] = [False] * len(ids)

@@ -9,7 +9,8 @@ program if it is on PATH, else the same function through llama-cpp-python if ins
 
 Tokenizer metadata: SentencePiece vocabularies as `llama` (pieces, scores, types), tekken as
 `gpt2` BPE with pre-tokenizer `tekken` (byte-level tokens and merges), plus bos/eos/unk/pad
-ids and mistral-common's chat template.
+ids and the chat template of export/vocab.py (mistral-common's, adapted to llama.cpp encoding each
+text between control tokens on its own, with SentencePiece's "▁" in front).
 
 Mistral 7B v0.1's 4096-token sliding window has no llama-architecture key in llama.cpp, so
 llama.cpp attends over the full context; we record it (`llama.attention.sliding_window`, read
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -170,7 +170,7 @@ def export_gguf(
             w.add_pad_token_id(vocab.pad_id)
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
-        w.add_chat_template(gguf_chat_template(tok))
+        w.add_chat_template(chat_template(tok))
 
         n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         state = model.state_dict()
@@ -198,24 +198,6 @@ def export_gguf(
         w.close()
         tmp.unlink(missing_ok=True)
     return out
-
-
-def gguf_chat_template(tok) -> str:
-    """mistral-common's template, adapted to how llama.cpp tokenizes a rendered SentencePiece prompt.
-
-    llama.cpp's SPM tokenizer puts a space before every text fragment that follows a control
-    token (add_space_prefix), which is what mistral-common's per-message encoding produces; the
-    HF template writes that space itself ("[INST] Hi"), so llama.cpp would get two. Dropping the
-    template's own space after control tokens gives mistral-common's ids in llama.cpp (tested
-    through llama-cpp-python's chat formatter). Tekken (BPE) adds no space: unchanged.
-    """
-    template = chat_template(tok)
-    if tok.is_tekken:
-        return template
-    if tok.version == "v1":  # [INST] is text; only <s> and </s> are control tokens
-        return template.replace("{{- ' [INST] ' }}", "{{- '[INST] ' }}")
-    template = re.sub(r"'\[(INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_RESULTS|TOOL_CONTENT)\] '", r"'[\1]'", template)
-    return re.sub(r"\{\{- ' ' ?\}\}", "", template)
 
 
 def _k_quantizer():

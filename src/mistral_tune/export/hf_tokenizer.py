@@ -1,18 +1,22 @@
 """HF tokenizer files (tokenizer.json, tokenizer_config.json, chat template) for a merged model.
 
 transformers, vLLM and TGI read these instead of mistral-common's file. They are built with the
-`tokenizers` library from the vocabulary mistral-common loaded (export/vocab.py):
+`tokenizers` library from the vocabulary mistral-common loaded (export/vocab.py), so that they
+give mistral-common's ids:
 
-- SentencePiece: byte-fallback BPE behind a Metaspace pre-tokenizer that splits at every "▁"
-  (SentencePiece's split_by_whitespace) and prepends "▁" only at the start of the text, so a
-  segment after a control token ("[INST] Hi") is not given a second "▁".
+- SentencePiece: what its normalizer does (a "▁" in front of the text, every space written "▁",
+  nothing collapsed), then its byte-fallback BPE over the whole text, with no pre-tokenizer:
+  SentencePiece does not split at spaces when it encodes, and its whitespace runs merge last.
+  Each text between two control tokens gets its own "▁", as each of mistral-common's per-message
+  encode calls does; user-defined pieces ([REF], ...) are matched inside the text like
+  SentencePiece matches them, after the normalizer.
 - Tekken: byte-level BPE with tekken's split regex and `ignore_merges` (tiktoken takes a whole
   pre-token when it is in the vocabulary).
 
-The chat template is mistral-common's own. Tests check that `apply_chat_template` in
-transformers gives exactly mistral-common's ids. One difference is inherent to HF tokenizers:
-they turn the *text* "[INST]" inside user content into the control token; mistral-common (and
-our chat/serve code) encodes it as text.
+The chat template is mistral-common's own, adapted to that per-segment "▁" (export/vocab.py).
+Tests check on generated text and conversations that transformers gives exactly mistral-common's
+ids. One difference is inherent to HF tokenizers: they turn the *text* "[INST]" inside user
+content into the control token; mistral-common (and our chat/serve code) encodes it as text.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ import json
 import os
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from ..chat import ChatTokenizer
-from .vocab import Vocab, chat_template, extract_vocab
+from .vocab import USER_DEFINED, Vocab, chat_template, extract_vocab
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -34,10 +38,13 @@ def build_tokenizer(vocab: Vocab) -> Tokenizer:
     ids = {t: i for i, t in enumerate(vocab.tokens)}
     if vocab.kind == "spm":
         tok = Tokenizer(BPE(ids, vocab.merges, unk_token=vocab.tokens[vocab.unk_id], fuse_unk=True, byte_fallback=True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        # Decoding drops the "▁" of the first piece only, as SentencePiece does.
         tok.decoder = decoders.Sequence(
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
         )
+        user_defined = [t for i, t in enumerate(vocab.tokens) if vocab.types[i] == USER_DEFINED]
+        tok.add_tokens([AddedToken(t, normalized=True, special=False) for t in user_defined])
     else:
         tok = Tokenizer(BPE(ids, vocab.merges, fuse_unk=False, ignore_merges=True))
         tok.pre_tokenizer = pre_tokenizers.Sequence(

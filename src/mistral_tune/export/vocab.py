@@ -5,21 +5,26 @@ Two consumers need the same facts: HF `tokenizer.json` (transformers, vLLM, TGI)
 so this module derives them once from the loaded mistral-common tokenizer, never from a second
 copy of the file format:
 
-- SentencePiece (v1/v2/v3/v7): pieces, scores and piece types from the SentencePiece model;
-  text is byte-fallback BPE over "▁"-prefixed words.
+- SentencePiece (v1/v2/v3/v7): pieces, scores and piece types from the SentencePiece model.
+  Its BPE merges, over the whole text at once (no splitting at spaces), the adjacent pair whose
+  result has the highest score, the leftmost on a tie; the merge list reproduces that order.
 - Tekken: tiktoken byte-level BPE ranks offset by the number of special tokens (1000); tokens
   are written with GPT-2's byte-to-unicode alphabet, as HF and llama.cpp expect.
 
-The chat template comes from mistral-common's own generator, so it renders what
-`encode_chat_completion` encodes (tests compare the ids through transformers).
+The chat template comes from mistral-common's own generator, adapted to runtimes that encode each
+text between two control tokens on its own, as mistral-common does (see `chat_template`).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..chat import ChatTokenizer
+
+logger = logging.getLogger(__name__)
 
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -57,20 +62,23 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
-def _merges(ranks: dict, key=lambda t: t) -> list[tuple]:
-    """BPE merges implied by an ordered vocabulary: a token of rank r is the merge of any split
-    whose halves are both tokens; merges are ordered by the rank of their result."""
+def _merges(priority: dict, key=lambda t: t) -> list[tuple]:
+    """BPE merges implied by a vocabulary in merge order (`priority`: token -> number, lower merges
+    first): a token is the merge of any split whose halves are both tokens.
+
+    Merges are ordered by the priority of their result. Where several merges share a priority
+    (the splits of one token; SentencePiece's whitespace pieces, which all have the same score),
+    SentencePiece and tiktoken merge the leftmost pair; a BPE with merge ranks reproduces that by
+    listing the split with the longer left part first (a run grows from its left end), then the
+    shorter result."""
     out = []
-    for token, rank in ranks.items():
-        local = []
+    for token, p in priority.items():
         for i in range(1, len(token)):
             left, right = token[:i], token[i:]
-            if left in ranks and right in ranks:
-                local.append((ranks[left], ranks[right], left, right))
-        local.sort()
-        out.extend((rank, key(a), key(b)) for _, _, a, b in local)
-    out.sort(key=lambda m: m[0])
-    return [(a, b) for _, a, b in out]
+            if left in priority and right in priority:
+                out.append((p, -i, len(token), key(left), key(right)))
+    out.sort(key=lambda m: m[:3])
+    return [(a, b) for *_, a, b in out]
 
 
 def extract_vocab(tok: ChatTokenizer) -> Vocab:
@@ -97,9 +105,10 @@ def _spm_vocab(tok: ChatTokenizer, raw) -> Vocab:
             types.append(UNUSED)
         else:
             types.append(NORMAL)
-    # Only ordinary pieces take part in merging; control and byte pieces are matched whole.
-    ranks = {t: i for i, t in enumerate(tokens) if types[i] == NORMAL}
-    return Vocab("spm", tokens, scores, types, _merges(ranks), None, tok.bos_id, tok.eos_id, sp.unk_id())
+    # Only ordinary pieces take part in merging; control, user-defined and byte pieces are
+    # matched whole. A higher score merges first.
+    priority = {t: -scores[i] for i, t in enumerate(tokens) if types[i] == NORMAL}
+    return Vocab("spm", tokens, scores, types, _merges(priority), None, tok.bos_id, tok.eos_id, sp.unk_id())
 
 
 def _tekken_vocab(tok: ChatTokenizer, raw) -> Vocab:
@@ -107,13 +116,13 @@ def _tekken_vocab(tok: ChatTokenizer, raw) -> Vocab:
     specials = sorted(raw._all_special_tokens, key=lambda t: t["rank"])
     byte_ranks: dict[bytes, int] = raw._tekken_token2id_nospecial  # bytes -> rank (without offset)
     enc = bytes_to_unicode()
-    text = lambda b: "".join(enc[x] for x in b)
+    text = {b: "".join(enc[x] for x in b) for b in byte_ranks}
     tokens = [""] * (n_special + len(byte_ranks))
     types = [CONTROL] * n_special + [NORMAL] * len(byte_ranks)
     for t in specials:
         tokens[t["rank"]] = str(getattr(t["token_str"], "value", t["token_str"]))
     for b, r in byte_ranks.items():
-        tokens[n_special + r] = text(b)
+        tokens[n_special + r] = text[b]
     unk = raw.unk_id
     types[unk] = UNKNOWN
     pad = next((t["rank"] for t in specials if str(t["token_str"]) == "<pad>"), None)
@@ -122,7 +131,7 @@ def _tekken_vocab(tok: ChatTokenizer, raw) -> Vocab:
         tokens,
         [0.0] * len(tokens),
         types,
-        _merges(byte_ranks, key=text),
+        _merges(byte_ranks, key=text.__getitem__),
         raw._model._pat_str,
         tok.bos_id,
         tok.eos_id,
@@ -131,8 +140,39 @@ def _tekken_vocab(tok: ChatTokenizer, raw) -> Vocab:
     )
 
 
+# Where mistral-common's templates (v2 and later, text only) write an assistant message's text.
+_ASSISTANT_TEXT = "render_content(content=message['content'], context_name='assistant message contents'"
+# A space written on its own ({{- ' ' }}): the "▁" of the text that follows a control token.
+_LONE_SPACE = re.compile(r"\{\{-?\s*(['\"]) \1\s*-?\}\}")
+
+
 def chat_template(tok: ChatTokenizer) -> str:
-    """mistral-common's Jinja chat template for this tokenizer (bos/eos as variables)."""
+    """mistral-common's Jinja chat template for this tokenizer (bos/eos as variables), adapted to
+    a tokenizer that encodes each text between two control tokens on its own, as mistral-common's
+    per-message encode calls do (our tokenizer.json; llama.cpp):
+
+    - SentencePiece: mistral-common writes its template for a tokenizer that puts "▁" only at the
+      start of the whole text, so it writes a space after each control token ("[INST] Hi") to
+      stand for the "▁" SentencePiece puts in front of the next text. Here every such text gets
+      that "▁" from the tokenizer, so the template's spaces go. In v1 only <s> and </s> are
+      control tokens ("[INST] Hi [/INST]" is one text): only the space before "[INST]" goes.
+    - v2 and later encode an assistant's text without its trailing spaces (`rstrip(" ")`), which
+      mistral-common's template does not do: ours does, so history turns match training.
+    """
     from mistral_common.integrations.chat_templates.chat_templates import convert_tokenizer_to_chat_template
 
-    return convert_tokenizer_to_chat_template(tok.source_file)
+    template = convert_tokenizer_to_chat_template(tok.source_file)
+    if tok.version == "v1":
+        return template.replace("{{- ' [INST] ' }}", "{{- '[INST] ' }}")
+    if not tok.is_tekken:
+        raw = tok._raw
+        for control in {raw.id_to_piece(i) for i in raw.special_ids}:
+            template = template.replace(control + " ", control)
+        template = _LONE_SPACE.sub("", template)
+    if template.count(_ASSISTANT_TEXT) == 1:
+        stripped = "(message['content'].rstrip(' ') if message['content'] is string else message['content'])"
+        template = template.replace(_ASSISTANT_TEXT, _ASSISTANT_TEXT.replace("message['content']", stripped))
+    else:
+        logger.warning("chat template: could not find where mistral-common's template writes assistant text; "
+                       "an assistant turn ending in spaces keeps them there (mistral-common drops them)")
+    return template

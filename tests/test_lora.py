@@ -128,8 +128,11 @@ def test_only_lora_parameters_train(make_tiny_mistral):
 
 
 def test_apply_lora_no_match_raises(make_tiny_mistral):
-    with pytest.raises(ModelError, match="matched no linear layer"):
+    with pytest.raises(ModelError, match=r"\['wq'\]: Mistral has no such projection \(its projections: q_proj"):
         apply_lora(make_tiny_mistral(), LoraSpec(target_modules=["wq"]))
+    # one unmatched name among matched ones is refused too, not silently skipped
+    with pytest.raises(ModelError, match=r"\['wq'\]"):
+        apply_lora(make_tiny_mistral(), LoraSpec(target_modules=["q_proj", "wq"]))
 
 
 def test_fresh_adapter_is_identity(make_tiny_mistral):

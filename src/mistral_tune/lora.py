@@ -131,10 +131,29 @@ def _unmatched_targets(model: nn.Module, unmatched: list[str]) -> str:
     return message
 
 
+def _text_model_path(model: nn.Module) -> str:
+    """Where transformers (and so PEFT) holds our `model.` decoder: under model.language_model for the
+    text model of a vision-language checkpoint (Mistral3ForConditionalGeneration)."""
+    return "model.language_model." if getattr(getattr(model, "config", None), "wrapper", None) else "model."
+
+
+def _peft_key(model: nn.Module, name: str) -> str:
+    if name.startswith("model."):
+        name = _text_model_path(model) + name.removeprefix("model.")
+    return _PEFT_PREFIX + name
+
+
+def _own_key(model: nn.Module, key: str) -> str:
+    name = key.removeprefix(_PEFT_PREFIX)
+    name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    inner = _text_model_path(model)
+    return "model." + name.removeprefix(inner) if name.startswith(inner) else name
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors under PEFT's key names (base_model.model.<module>.lora_A.weight)."""
     return {
-        _PEFT_PREFIX + k: v.detach().contiguous()
+        _peft_key(model, k): v.detach().contiguous()
         for k, v in model.state_dict().items()
         if ".lora_A." in k or ".lora_B." in k
     }
@@ -207,12 +226,7 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> LoraSpec:
         raise ModelError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
     apply_lora(model, spec)
     tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-    state = {}
-    for key, value in tensors.items():
-        name = key.removeprefix(_PEFT_PREFIX).replace(".lora_A.default.", ".lora_A.").replace(
-            ".lora_B.default.", ".lora_B."
-        )
-        state[name] = value
+    state = {_own_key(model, key): value for key, value in tensors.items()}
     own = {k for k in model.state_dict() if ".lora_" in k}
     missing, unexpected = own - set(state), set(state) - own
     if missing or unexpected:

@@ -21,6 +21,9 @@ class Family:
     feed_forward: tuple[str, ...]  # the feed-forward projections LoRA may target, by their HF names
     moe: bool = False
     gguf_arch: str = "llama"  # llama.cpp's converter writes every Mistral text model as "llama"
+    # A vision-language checkpoint whose text model we train: its config.json nests the text
+    # model's in text_config; the other towers are carried through unchanged.
+    wraps_text_model: bool = False
 
     @property
     def projections(self) -> tuple[str, ...]:
@@ -34,7 +37,11 @@ MINISTRAL = Family("Ministral", "MinistralForCausalLM", "ministral", MISTRAL.fee
 # "gate". Our model keeps the experts as stacked 3D tensors (one grouped product per layer).
 MIXTRAL = Family("Mixtral", "MixtralForCausalLM", "mixtral", ("w1", "w2", "w3"), moe=True)
 
-FAMILIES = (MISTRAL, MINISTRAL, MIXTRAL)
+# Mistral Small 3.x, Magistral Small: a Mistral text model beside a Pixtral vision tower.
+MISTRAL3 = Family("Mistral 3 (text model of a vision-language checkpoint)", "Mistral3ForConditionalGeneration",
+                  "mistral3", MISTRAL.feed_forward, wraps_text_model=True)
+
+FAMILIES = (MISTRAL, MINISTRAL, MIXTRAL, MISTRAL3)
 
 
 def family_of(config: dict, where: str = "config.json") -> Family:
@@ -52,7 +59,7 @@ def family_of(config: dict, where: str = "config.json") -> Family:
 
 def describe(cfg) -> str:
     """One line naming the family and the shape, as `validate` prints it."""
-    family = family_of({"architectures": [cfg.architecture]})
+    family = family_of({"architectures": [cfg.wrapper["architectures"][0] if cfg.wrapper else cfg.architecture]})
     parts = [f"{cfg.num_hidden_layers} layers", f"hidden {cfg.hidden_size}",
              f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads", f"head_dim {cfg.head_dim}"]
     if family.moe:

@@ -59,14 +59,25 @@ def read_config(model_dir: Path) -> MistralConfig:
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     family = family_of(data, str(path))
-    data = {**data, "architectures": [family.architecture]}
+    wrapper = None
+    if family.wraps_text_model:
+        text = data.get("text_config")
+        if not isinstance(text, dict):
+            raise ModelError(f"{path}: {family.architecture} without a text_config object")
+        # transformers ties the text model's head to its embeddings by the outer flag (default true).
+        wrapper, data = data, {**text, "tie_word_embeddings": data.get("tie_word_embeddings", True)}
+        family_of({"model_type": text.get("model_type")}, f"{path} (text_config)")
+    else:
+        data = {**data, "architectures": [family.architecture]}
     # transformers >= 5 writes rope_theta inside rope_parameters; older files have it at the top.
     rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ModelError(f"{path}: RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
     if "rope_theta" not in data and "rope_theta" in rope:
         data = {**data, "rope_theta": rope["rope_theta"]}
-    return MistralConfig.from_hf(data)
+    cfg = MistralConfig.from_hf(data)
+    cfg.wrapper = wrapper
+    return cfg
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -117,6 +128,7 @@ def load_model(
     tensors: dict[str, torch.Tensor] = {}
     quant_parts: dict[str, dict[str, torch.Tensor]] = {}  # "<module>.weight" -> its quant-state tensors
     expert_parts: dict[tuple[str, int, str], torch.Tensor] = {}  # hub layout: (layer, expert, w1|w2|w3)
+    passthrough: dict[str, torch.Tensor] = {}  # a vision-language checkpoint's other tensors
     if cfg.moe and prequantized:
         raise ModelError(f"{model_dir}: 4-bit Mixtral checkpoints are not read yet; use the unquantized model")
     for file in weight_files(model_dir):
@@ -126,6 +138,11 @@ def load_model(
                     expert_parts[hub["layer"], int(hub["expert"]), hub["w"]] = f.get_tensor(key).to(dtype)
                     continue
                 key_in_file, key = key, key.replace(".block_sparse_moe.gate.", ".mlp.gate.")
+                if cfg.wrapper is not None:
+                    key = _text_key(key)
+                    if key is None:  # the vision tower and projector: carried through as they are
+                        passthrough[key_in_file] = f.get_tensor(key_in_file)
+                        continue
                 if prequantized and key not in expected and ".weight." in key:
                     weight_key, _, part = key.partition(".weight.")
                     quant_parts.setdefault(weight_key + ".weight", {})[part] = f.get_tensor(key)
@@ -152,10 +169,28 @@ def load_model(
     if quant_parts:
         _install_nf4(model, tensors, quant_parts, device, model_dir)
     model.load_state_dict(tensors, assign=True)
+    model.passthrough = passthrough
     if cfg.tie_word_embeddings:
         # assign=True gives each key its own Parameter; re-tie so they are one (one grad, one optimizer slot).
         model.lm_head.weight = model.model.embed_tokens.weight
     return model, model_dir
+
+
+def _text_key(key: str) -> str | None:
+    """A vision-language checkpoint's key -> our text model's key (None: not the text model's).
+    Both layouts are read: transformers 4's (language_model.model.*, language_model.lm_head) and the
+    one transformers 5 holds in memory (model.language_model.*, lm_head)."""
+    for prefix in ("language_model.model.", "model.language_model."):
+        if key.startswith(prefix):
+            return "model." + key.removeprefix(prefix)
+    if key in ("language_model.lm_head.weight", "lm_head.weight"):
+        return "lm_head.weight"
+    return None
+
+
+def _wrapped_key(key: str) -> str:
+    """The inverse of _text_key, in the layout transformers writes (and so every reader takes)."""
+    return "language_model." + key
 
 
 _HUB_EXPERT = re.compile(r"^(?P<layer>model\.layers\.\d+)\.block_sparse_moe\.experts\.(?P<expert>\d+)\."
@@ -242,6 +277,9 @@ def save_model(
         state.pop("lm_head.weight", None)
     if cfg.moe:
         state = _hub_layout(state)
+    if cfg.wrapper is not None:  # the text model under the checkpoint's names, the rest unchanged
+        state = {_wrapped_key(k): v for k, v in state.items()}
+        state.update({k: v.contiguous() for k, v in getattr(model, "passthrough", {}).items()})
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(state):

@@ -41,6 +41,9 @@ class MistralConfig:
     num_experts_per_tok: int = 2  # Mixtral: experts each token is routed to
     # Ministral: "sliding_attention" or "full_attention" per layer; None: every layer alike
     layer_types: list[str] | None = None
+    # A vision-language checkpoint's config.json (Mistral3ForConditionalGeneration) when this is its
+    # text model: written back around the text model's config, so the output keeps the architecture.
+    wrapper: dict | None = None
 
     def __post_init__(self) -> None:
         # Nemo and Small set head_dim=128 explicitly where hidden/heads would give 160.
@@ -63,7 +66,7 @@ class MistralConfig:
 
     @classmethod
     def from_hf(cls, data: dict) -> MistralConfig:
-        known = {f.name for f in fields(cls)} - {"architecture"}
+        known = {f.name for f in fields(cls)} - {"architecture", "wrapper"}
         arch = (data.get("architectures") or ["MistralForCausalLM"])[0]
         if arch != "MinistralForCausalLM":
             known.discard("layer_types")  # only Ministral's attention reads them (as in transformers)
@@ -77,7 +80,7 @@ class MistralConfig:
         from .families import family_of
 
         out = asdict(self)
-        del out["architecture"]
+        del out["architecture"], out["wrapper"]
         if not self.moe:
             del out["num_local_experts"], out["num_experts_per_tok"]
         if self.layer_types is None:
@@ -91,6 +94,11 @@ class MistralConfig:
             use_cache=True,
             torch_dtype=dtype,
         )
+        if self.wrapper is not None:
+            text = {k: v for k, v in out.items() if k not in ("architectures", "torch_dtype", "use_cache")}
+            wrapper = {k: v for k, v in self.wrapper.items() if k != "dtype"}
+            return {**wrapper, "text_config": {**wrapper.get("text_config", {}), **text},
+                    "tie_word_embeddings": self.tie_word_embeddings, "torch_dtype": dtype}
         return out
 
 

@@ -317,7 +317,8 @@ def test_thinking_rejected_by_older_versions(name: str) -> None:
 
 def test_tools_rejected_by_v1() -> None:
     conv = THINKING_TOOLS[0][1:4] + [{"role": "assistant", "content": "21 C."}]
-    with pytest.raises(DataError, match="tool calls and tool results need tokenizer v2 or later; this tokenizer is v1"):
+    conv[1] = {k: x for k, x in conv[1].items() if k != "content"}
+    with pytest.raises(DataError, match="Tools not implemented for tokenizer V1"):  # mistral-common's words
         load_tokenizer("v1").encode_chat(conv)
 
 

@@ -161,20 +161,16 @@ class ChatTokenizer:
         """Whether this tokenizer writes thinking parts ([THINK] ... [/THINK]: v13+ with those tokens)."""
         return getattr(self._instruct, "BEGIN_THINK", None) is not None
 
-    def _check_expressible(self, msgs: list[Message], tools: list[dict] | None) -> None:
-        # What a version's format has no way to write, named before mistral-common's own (terser) error.
-        if not self.supports_thinking:
-            for i, m in enumerate(msgs):
-                if isinstance(m.content, list) and any(isinstance(c, ThinkChunk) for c in m.content):
-                    raise DataError(
-                        f"message {i}: thinking content needs a tokenizer with [THINK] tokens (v13 or later, "
-                        f"as reasoning models ship); this tokenizer is {self.version}"
-                    )
-        uses_tools = tools or any(
-            isinstance(m, ToolMessage) or getattr(m, "tool_calls", None) for m in msgs
-        )
-        if uses_tools and self.version == "v1":
-            raise DataError("tool calls and tool results need tokenizer v2 or later; this tokenizer is v1")
+    def _check_thinking(self, msgs: list[Message]) -> None:
+        # Named before mistral-common's own errors, which say only that a chunk type is unexpected.
+        if self.supports_thinking:
+            return
+        for i, m in enumerate(msgs):
+            if isinstance(m.content, list) and any(isinstance(c, ThinkChunk) for c in m.content):
+                raise DataError(
+                    f"message {i}: thinking content needs a tokenizer with [THINK] tokens (v13 or later, "
+                    f"as reasoning models ship); this tokenizer is {self.version}"
+                )
 
     def encode_chat(self, messages: list[dict], train_on_inputs: bool = False,
                     tools: list[dict] | None = None,
@@ -190,7 +186,7 @@ class ChatTokenizer:
         msgs = _build_messages(messages, training=True)
         if msgs[-1].role != "assistant":
             raise DataError(f"last message must be from the assistant, got {msgs[-1].role!r}")
-        self._check_expressible(msgs, tools)
+        self._check_thinking(msgs)
         try:
             tool_defs = [Tool.model_validate(t) for t in tools] if tools else None
             request = ChatCompletionRequest(messages=msgs, tools=tool_defs)
@@ -275,7 +271,7 @@ class ChatTokenizer:
         msgs = _build_messages(messages, training=False)
         if msgs[-1].role not in ("user", "tool"):
             raise DataError(f"a prompt must end with a user message, got {msgs[-1].role!r}")
-        self._check_expressible(msgs, None)
+        self._check_thinking(msgs)
         try:
             return list(self._prompt_mt.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens)
         except _LIBRARY_ERRORS as e:

@@ -12,14 +12,22 @@ Messages are OpenAI-style dicts::
     {"role": "system" | "user" | "assistant" | "tool", "content": str}
 
 An assistant message may carry ``"weight": 0 | 1`` (0 = keep as context, do not train) and
-OpenAI-style ``"tool_calls"``; a tool message needs ``"tool_call_id"``.
+OpenAI-style ``"tool_calls"``; a tool message needs ``"tool_call_id"``.  Assistant and system
+content may also be a list of parts, ``{"type": "text", "text": str}`` and
+``{"type": "thinking", "thinking": str}`` (mistral-common's ThinkChunk, written
+``[THINK]...[/THINK]``); an assistant's ``"reasoning_content"`` (or ``"reasoning"``) string is a
+leading thinking part, as in the exported chat template.  Thinking needs a tokenizer with
+[THINK] tokens (v13 and later reasoning models): other versions reject it with a DataError, as
+they reject any content their format cannot write.
 
 Mask convention: ``mask[i]`` says whether ``ids[i]`` is a training target (the caller shifts
 for next-token prediction).  It is True exactly on the tokens of assistant messages whose weight
 is not 0, including their closing ``</s>``; never on BOS, ``[INST]``/``[/INST]``, user, system or
 tool tokens.  With ``train_on_inputs=True`` every token is a target except the leading BOS
 (nothing precedes it, so it can never be predicted) and except weight-0 assistant turns (an
-explicit per-turn "do not train" is more specific than the global flag).
+explicit per-turn "do not train" is more specific than the global flag).  With
+``train_on_thinking=False`` the tokens of thinking parts (from ``[THINK]`` to ``[/THINK]``) are
+context, never targets; the rest of the assistant turn is trained as usual.
 
 mistral-common's normalizer merges consecutive messages of the same role (and, for assistants,
 the same weight) into one, joined by a blank line; for versions <= v3 it also folds all system
@@ -35,6 +43,7 @@ from typing import Any
 
 import mistral_common
 from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.chunk import TextChunk, ThinkChunk
 from mistral_common.protocol.instruct.messages import (
     AssistantMessage,
     FinetuningAssistantMessage,
@@ -46,7 +55,7 @@ from mistral_common.protocol.instruct.normalize import get_normalizer
 from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
 from mistral_common.protocol.instruct.tool_calls import Tool, ToolCall
 from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
-from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
@@ -65,6 +74,8 @@ BUNDLED: dict[str, Path] = {
     "v7": BUNDLED_DIR / "mistral_instruct_tokenizer_241114.model.v7",
     "tekken": BUNDLED_DIR / "tekken_240718.json",
 }
+#: Versions mistral-common encodes but ships no file for: they come inside a model's tekken.json.
+_UNSHIPPED = tuple(v.value for v in TokenizerVersion if v > TokenizerVersion.v7)
 
 _ROLES = ("system", "user", "assistant", "tool")
 
@@ -145,27 +156,48 @@ class ChatTokenizer:
 
     # ------------------------------------------------------------------ encoding
 
+    @property
+    def supports_thinking(self) -> bool:
+        """Whether this tokenizer writes thinking parts ([THINK] ... [/THINK]: v13+ with those tokens)."""
+        return getattr(self._instruct, "BEGIN_THINK", None) is not None
+
+    def _check_thinking(self, msgs: list[Message]) -> None:
+        # Named before mistral-common's own errors, which say only that a chunk type is unexpected.
+        if self.supports_thinking:
+            return
+        for i, m in enumerate(msgs):
+            if isinstance(m.content, list) and any(isinstance(c, ThinkChunk) for c in m.content):
+                raise DataError(
+                    f"message {i}: thinking content needs a tokenizer with [THINK] tokens (v13 or later, "
+                    f"as reasoning models ship); this tokenizer is {self.version}"
+                )
+
     def encode_chat(self, messages: list[dict], train_on_inputs: bool = False,
-                    tools: list[dict] | None = None) -> tuple[list[int], list[bool]]:
+                    tools: list[dict] | None = None,
+                    train_on_thinking: bool = True) -> tuple[list[int], list[bool]]:
         """Encode a training conversation (last message: assistant) into ids and a loss mask.
 
         tools: OpenAI-style tool definitions ({"type": "function", "function": {...}}); the
         tokenizer places them as [AVAILABLE_TOOLS] where its version does (never trained on).
-        Raises DataError with a short reason if the conversation is malformed.
+        train_on_thinking: whether the assistant's thinking parts are targets (see the module doc).
+        Raises DataError with a short reason if the conversation is malformed or holds content
+        this tokenizer version cannot express.
         """
         msgs = _build_messages(messages, training=True)
         if msgs[-1].role != "assistant":
             raise DataError(f"last message must be from the assistant, got {msgs[-1].role!r}")
+        self._check_thinking(msgs)
         try:
             tool_defs = [Tool.model_validate(t) for t in tools] if tools else None
             request = ChatCompletionRequest(messages=msgs, tools=tool_defs)
             self._ft_validator.validate_request(request)
             instruct = self._ft_normalizer.from_chat_completion_request(request)
-            return self._encode_instruct(instruct, train_on_inputs)
+            return self._encode_instruct(instruct, train_on_inputs, train_on_thinking)
         except _LIBRARY_ERRORS as e:
             raise DataError(_reason(e)) from e
 
-    def _encode_instruct(self, req: InstructRequest, train_on_inputs: bool) -> tuple[list[int], list[bool]]:
+    def _encode_instruct(self, req: InstructRequest, train_on_inputs: bool,
+                         train_on_thinking: bool = True) -> tuple[list[int], list[bool]]:
         # Mirrors InstructTokenizerBase.encode_instruct (minus truncation, never requested here),
         # keeping each message's token span so it can be masked.
         it = self._instruct
@@ -193,6 +225,10 @@ class ChatTokenizer:
             elif isinstance(msg, AssistantMessage):  # includes its closing </s>
                 toks = it.encode_assistant_message(msg, is_before_last_user_message=i < last_user)
                 target = getattr(msg, "weight", None) != 0
+                if target and not train_on_thinking and isinstance(msg.content, list):
+                    ids.extend(toks)
+                    mask.extend(self._thinking_mask(msg.content, toks))
+                    continue
             elif isinstance(msg, SystemMessage):  # only v7+; older versions fold it into a user turn
                 toks, _ = it.encode_system_message(msg)
                 target = train_on_inputs
@@ -204,6 +240,21 @@ class ChatTokenizer:
             ids.extend(toks)
             mask.extend([target] * len(toks))
         return ids, mask
+
+    def _thinking_mask(self, content: list, toks: list[int]) -> list[bool]:
+        """An assistant turn's mask with its thinking parts as context.  v7+ write an assistant's
+        parts first, each with its own encode call, then tool calls and </s>; the spans are
+        re-encoded here and checked against the turn's ids."""
+        mask = [True] * len(toks)
+        pos = 0
+        for chunk in content:
+            part = self._instruct._encode_content_chunk(chunk)[0]
+            if toks[pos:pos + len(part)] != part:
+                raise ModelError(f"tokenizer {self.version}: cannot locate the thinking part of an assistant turn")
+            if isinstance(chunk, ThinkChunk):
+                mask[pos:pos + len(part)] = [False] * len(part)
+            pos += len(part)
+        return mask
 
     def encode_text(self, text: str, bos: bool = True, eos: bool = True) -> list[int]:
         """Encode raw continuation text (pretraining-style), optionally wrapped in BOS/EOS."""
@@ -220,6 +271,7 @@ class ChatTokenizer:
         msgs = _build_messages(messages, training=False)
         if msgs[-1].role not in ("user", "tool"):
             raise DataError(f"a prompt must end with a user message, got {msgs[-1].role!r}")
+        self._check_thinking(msgs)
         try:
             return list(self._prompt_mt.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens)
         except _LIBRARY_ERRORS as e:
@@ -280,12 +332,12 @@ def _build_messages(messages: Any, *, training: bool) -> list[Message]:
         try:
             if role == "assistant":
                 out.append(_assistant(i, m, content, training))
+            elif role == "system":
+                out.append(SystemMessage(content=_parts(i, role, content)))
             elif not isinstance(content, str):
                 raise DataError(f"message {i}: {role} content must be a string, got {type(content).__name__}")
             elif role == "user":
                 out.append(UserMessage(content=content))
-            elif role == "system":
-                out.append(SystemMessage(content=content))
             else:
                 call_id = m.get("tool_call_id")
                 if not isinstance(call_id, str) or not call_id:
@@ -296,6 +348,34 @@ def _build_messages(messages: Any, *, training: bool) -> list[Message]:
     return out
 
 
+def _parts(i: int, role: str, content: Any) -> str | list[TextChunk | ThinkChunk]:
+    """System/assistant content: a string, or a list of text and thinking parts."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DataError(f"message {i}: {role} content must be a string or a list of parts, "
+                        f"got {type(content).__name__}")
+    out: list[TextChunk | ThinkChunk] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind == "text" and isinstance(part.get("text"), str):
+            out.append(TextChunk(text=part["text"]))
+        elif kind == "thinking" and isinstance(part.get("thinking"), str):
+            if part.get("closed", True) is not True:
+                raise DataError(f"message {i}: an unclosed thinking part cannot be trained or templated")
+            out.append(ThinkChunk(thinking=part["thinking"]))
+        else:
+            raise DataError(f"message {i}: {role} content part {kind!r} is not supported "
+                            "(text: {'type': 'text', 'text': ...}; thinking: {'type': 'thinking', 'thinking': ...})")
+    return out
+
+
+def _has_text(content: str | list | None) -> bool:
+    if isinstance(content, list):
+        return any(isinstance(c, ThinkChunk) or c.text.strip() for c in content)
+    return bool(content and content.strip())
+
+
 def _assistant(i: int, m: dict, content: Any, training: bool) -> AssistantMessage:
     raw_calls = m.get("tool_calls")
     tool_calls = None
@@ -303,9 +383,18 @@ def _assistant(i: int, m: dict, content: Any, training: bool) -> AssistantMessag
         if not isinstance(raw_calls, list):
             raise DataError(f"message {i}: 'tool_calls' must be a list")
         tool_calls = [ToolCall.model_validate(tc) for tc in raw_calls]
-    if content is not None and not isinstance(content, str):
-        raise DataError(f"message {i}: assistant content must be a string, got {type(content).__name__}")
-    if content is not None and not content.strip():
+    if content is not None:
+        content = _parts(i, "assistant", content)
+    reasoning = m.get("reasoning_content", m.get("reasoning"))
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise DataError(f"message {i}: 'reasoning_content' must be a string, got {type(reasoning).__name__}")
+        if isinstance(content, list) and any(isinstance(c, ThinkChunk) for c in content):
+            raise DataError(f"message {i}: thinking given both as a content part and as 'reasoning_content'")
+        if reasoning:  # a leading thinking part, as the chat template writes it
+            rest = [TextChunk(text=content)] if isinstance(content, str) and content else content or []
+            content = [ThinkChunk(thinking=reasoning), *rest]
+    if not _has_text(content):
         content = None  # whitespace-only text would train on a bare </s>
     if content is None and not tool_calls:
         raise DataError(f"message {i}: assistant message has empty content")
@@ -341,7 +430,8 @@ def _find_in_dir(d: Path) -> Path:
 def load_tokenizer(spec: str | None, model_dir: Path | None = None) -> ChatTokenizer:
     """Load a tokenizer from a bundled name, a file or directory path, or (spec None) model_dir.
 
-    Bundled names: v1, v3, v7, tekken.  A directory is searched for tekken.json, then
+    Bundled names: v1, v3, v7, tekken (v11, v13 and v15 come only inside a model's tekken.json,
+    whose config names its version).  A directory is searched for tekken.json, then
     tokenizer.model.v*, then tokenizer.model (which mistral-common always treats as v1).
     Raises ModelError if nothing loadable is found.
     """
@@ -357,6 +447,11 @@ def load_tokenizer(spec: str | None, model_dir: Path | None = None) -> ChatToken
             path = _find_in_dir(p)
         elif p.is_file():
             path = p
+        elif spec in _UNSHIPPED:
+            raise ModelError(
+                f"tokenizer {spec!r}: mistral-common ships no {spec} tokenizer file (bundled: {', '.join(BUNDLED)}); "
+                "pass the model's tekken.json or its directory (the version is read from the file)"
+            )
         else:
             raise ModelError(
                 f"tokenizer {spec!r}: no such file or directory, and not a bundled name ({', '.join(BUNDLED)})"

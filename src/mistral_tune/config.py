@@ -112,8 +112,9 @@ class Config(_Strict):
     base_model: str = Field(description="Local HF model directory or a hub id.")
     tokenizer: str | None = Field(
         None,
-        description="v1 | v3 | v7 | tekken (bundled with mistral-common), a tokenizer file, or "
-        "a directory; default: the base model's own tokenizer file.",
+        description="v1 | v3 | v7 | tekken (bundled with mistral-common), a tokenizer file (any version "
+        "mistral-common knows, up to v15: tekken.json names its own), or a directory; default: the base "
+        "model's own tokenizer file.",
     )
     # data
     datasets: list[DatasetConfig] = Field(min_length=1, description="Training data; see the dataset keys below.")
@@ -128,6 +129,10 @@ class Config(_Strict):
     )
     train_on_inputs: bool = Field(
         False, description="Also train on user/system tokens (default: assistant tokens only)."
+    )
+    train_on_thinking: bool = Field(
+        True, description="Train on the assistant's thinking ([THINK]...[/THINK], v13+ tokenizers); "
+        "false: keep it as context only."
     )
     on_bad_record: Literal["error", "skip"] = Field(
         "error",

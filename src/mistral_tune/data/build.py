@@ -167,6 +167,7 @@ class _Settings:
     field_map: dict[str, str]
     sequence_len: int
     train_on_inputs: bool
+    train_on_thinking: bool
     on_too_long: str
     cleaner: Cleaner
     near_dedup: bool
@@ -249,7 +250,8 @@ def process_records(records: list[RawRecord], fmt: str, tokenizer, st: _Settings
         example = cleaned.example
         try:
             if isinstance(example, Chat):
-                ids, mask = tokenizer.encode_chat(example.messages, st.train_on_inputs, tools=example.tools)
+                ids, mask = tokenizer.encode_chat(example.messages, st.train_on_inputs, tools=example.tools,
+                                                 train_on_thinking=st.train_on_thinking)
                 windows = [(ids, mask)]
                 if len(ids) - 1 > L:
                     if st.on_too_long == "drop":
@@ -304,7 +306,8 @@ def process_records(records: list[RawRecord], fmt: str, tokenizer, st: _Settings
 def _settings(cfg, field_map: dict[str, str] | None = None) -> _Settings:
     c = cfg.cleaning
     return _Settings(field_map=dict(field_map or {}), sequence_len=cfg.sequence_len,
-                     train_on_inputs=cfg.train_on_inputs, on_too_long=cfg.on_too_long,
+                     train_on_inputs=cfg.train_on_inputs, train_on_thinking=cfg.train_on_thinking,
+                     on_too_long=cfg.on_too_long,
                      cleaner=Cleaner(unicode=c.unicode, redact_pii=c.redact_pii, pii_kinds=tuple(c.pii_kinds),
                                      prompt_injection=c.prompt_injection),
                      near_dedup=c.near_dedup)
@@ -347,7 +350,8 @@ def load_or_build(ds, cfg, tokenizer, cache_root: Path | None) -> tuple[CacheEnt
         "sources": [fingerprint(s) for s in sources],
         "tokenizer": _tokenizer_digest(tokenizer),
         "format": ds.format, "field_map": ds.field_map,
-        "sequence_len": cfg.sequence_len, "train_on_inputs": cfg.train_on_inputs, "on_too_long": cfg.on_too_long,
+        "sequence_len": cfg.sequence_len, "train_on_inputs": cfg.train_on_inputs,
+        "train_on_thinking": cfg.train_on_thinking, "on_too_long": cfg.on_too_long,
         "cleaning": {k: v for k, v in c.model_dump().items() if k != "dedup"},
         "mistral_common": mistral_common.__version__, "mistral_tune": __version__, "code": _code_digest(),
     })

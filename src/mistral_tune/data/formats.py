@@ -3,7 +3,8 @@
 Formats (detected per dataset from its first record, or set in the config):
 
 - ``messages``: OpenAI ``{"messages": [{"role", "content"}, ...]}``, including assistant
-  ``tool_calls`` and ``tool`` messages with ``tool_call_id``;
+  ``tool_calls``, ``tool`` messages with ``tool_call_id``, and thinking (assistant/system content
+  parts ``{"type": "thinking", "thinking": ...}``, or an assistant's ``reasoning_content``);
 - ``sharegpt``: ``{"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]}``;
 - ``alpaca`` (alias ``instruction``): ``instruction``, optional ``input``, ``output``, optional ``system``;
 - ``prompt_completion``: ``prompt`` + ``completion`` (strings, or lists of messages), optional ``system``;
@@ -182,7 +183,10 @@ def _openai_message(i: int, m: Any, fm: FieldMap) -> dict:
     out = {k: v for k, v in m.items() if k not in (rk, ck)}
     out["role"] = role
     content = m.get(ck)
-    if isinstance(content, list):  # OpenAI content parts: keep the text ones, refuse others
+    thinking = isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "thinking" for p in content)
+    if thinking and role in ("assistant", "system"):
+        pass  # text and thinking parts stay parts; the tokenizer checks them (chat.py)
+    elif isinstance(content, list):  # OpenAI content parts: keep the text ones, refuse others
         texts = []
         for part in content:
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
@@ -191,7 +195,7 @@ def _openai_message(i: int, m: Any, fm: FieldMap) -> dict:
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise ValueError(f"message {i}: content part of type {kind!r} is not supported (text only)")
         content = "".join(texts)
-    if content is not None and not isinstance(content, str):
+    if content is not None and not isinstance(content, str) and not thinking:
         raise ValueError(f"message {i}: '{ck}' must be a string, got {type(content).__name__}")
     out["content"] = content
     return out
@@ -235,7 +239,7 @@ def check_conversation(messages: list[dict]) -> list[dict]:
             prev = messages[i - 1] if i else None
             if prev is None or not (prev["role"] == "tool" or (prev["role"] == "assistant" and prev.get("tool_calls"))):
                 raise ValueError(f"wrong role order: message {i} is a tool result that follows no tool call")
-        if role != "assistant" and not isinstance(content, str):
+        if role not in ("assistant", "system") and not isinstance(content, str):
             raise ValueError(f"message {i}: {role} content must be a string")
     last = messages[-1]["role"]
     if last != "assistant":

@@ -17,6 +17,9 @@ The chat template is mistral-common's own, adapted to that per-segment "▁" (ex
 Tests check on generated text and conversations that transformers gives exactly mistral-common's
 ids. One difference is inherent to HF tokenizers: they turn the *text* "[INST]" inside user
 content into the control token; mistral-common (and our chat/serve code) encodes it as text.
+Two more come from Jinja (docs/data.md): tool-call arguments given as a string are written as
+given (mistral-common re-serializes them), and v13+ tool results out of call order stay in
+the given order (mistral-common sorts them).
 """
 
 from __future__ import annotations

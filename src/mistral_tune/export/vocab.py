@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..chat import ChatTokenizer
+from ..errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,13 @@ def chat_template(tok: ChatTokenizer) -> str:
     """
     from mistral_common.integrations.chat_templates.chat_templates import convert_tokenizer_to_chat_template
 
-    template = convert_tokenizer_to_chat_template(tok.source_file)
+    # mistral-common guesses that a v11 model reasons in plain "<think>" text; its tokenizer
+    # writes no thinking for v11 (neither does our chat encoding), so the template writes none.
+    plain_thinking = False if tok.version == "v11" else None
+    try:
+        template = convert_tokenizer_to_chat_template(tok.source_file, plain_thinking_support=plain_thinking)
+    except ValueError as e:  # e.g. a v11 file with [THINK] tokens, a v15 file without settings
+        raise ModelError(f"{tok.source_file}: mistral-common writes no chat template for this tokenizer: {e}") from e
     if tok.version == "v1":
         return template.replace("{{- ' [INST] ' }}", "{{- '[INST] ' }}")
     if not tok.is_tekken:

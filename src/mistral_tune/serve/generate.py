@@ -96,13 +96,20 @@ def generate_batch(
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """One token per row of (B, vocab) logits."""
+    """One token per row of (B, vocab) logits.
+
+    Any temperature > 0 and top_p > 0 is usable: in float64 and measured from the row's maximum,
+    scaled logits are at most 0 (no overflow), and the most likely token always keeps its share,
+    so a temperature or top_p too small to leave other tokens any probability samples greedily.
+    """
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        keep[:, 0] = True  # the most likely token, however small top_p is
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
     return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
 

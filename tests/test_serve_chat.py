@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from export_fixtures import tiny_adapter, tiny_model
 from mistral_tune.cli import main
 from mistral_tune.models.tuned import load_tuned
 from mistral_tune.serve.chat import Sampling, chat_loop
-from mistral_tune.serve.generate import CachedGenerator, TextStream, generate, generate_batch
+from mistral_tune.serve.generate import CachedGenerator, TextStream, _pick, generate, generate_batch
 
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
@@ -58,6 +60,18 @@ def test_sampling_is_reproducible_with_a_seed_and_top_p_restricts(loaded) -> Non
     assert run(3) == run(3)
     greedy = list(generate(loaded.model, ids, 8))
     assert run(5, top_p=1e-6) == greedy  # top-p that small keeps only the most likely token
+
+
+@settings(max_examples=200, deadline=None)
+@given(rest=st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=50), where=st.integers(0, 50),
+       temperature=st.sampled_from([1e-40, 1e-300, 5e-324]) | st.floats(5e-324, 1e-30),
+       top_p=st.sampled_from([1e-300, 5e-324]) | st.floats(5e-324, 1e-6), seed=st.integers(0, 2**32))
+def test_vanishing_temperature_or_top_p_samples_the_most_likely_token(rest, where, temperature, top_p, seed) -> None:
+    top = min(where, len(rest))
+    row = torch.tensor([rest[:top] + [max(rest) + 0.01] + rest[top:]])  # float32, as the model's logits
+    gen = torch.Generator().manual_seed(seed)
+    assert int(_pick(row, temperature, 1.0, gen)[0]) == top
+    assert int(_pick(row, 2.0, top_p, gen)[0]) == top
 
 
 def test_cached_generator_reuses_the_conversation_prefix(loaded) -> None:

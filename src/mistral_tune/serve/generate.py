@@ -4,11 +4,13 @@
 padding is its own sample in the prefill and a masked key while decoding, so each row's tokens
 equal what it would get alone); `CachedGenerator` keeps one conversation's cache between chat
 turns and reuses the longest common prefix; `TextStream` turns ids into text deltas for
-streaming without splitting a multi-byte character.
+streaming without splitting a multi-byte character; `StopMatcher` cuts streamed text at stop
+strings.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 
 import torch
@@ -96,13 +98,20 @@ def generate_batch(
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """One token per row of (B, vocab) logits."""
+    """One token per row of (B, vocab) logits.
+
+    Any temperature > 0 and top_p > 0 is usable: in float64 and measured from the row's maximum,
+    scaled logits are at most 0 (no overflow), and the most likely token always keeps its share,
+    so a temperature or top_p too small to leave other tokens any probability samples greedily.
+    """
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        keep[:, 0] = True  # the most likely token, however small top_p is
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
     return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
 
@@ -166,6 +175,66 @@ class TextStream:
         delta = text[len(self.sent):] if text.startswith(self.sent) else ""
         self.sent = text
         return delta
+
+
+class StopMatcher:
+    """Finds the first stop string in text that arrives in pieces, holding back what may begin one.
+
+    Each stop string has a Knuth-Morris-Pratt automaton whose state is the length of the longest
+    prefix of the stop string that ends the text so far; that is also how much text must be held
+    back. Work per piece is proportional to the piece's length (amortized), however long the stop
+    strings are, and the result does not depend on how the text is cut into pieces: the text ends
+    before the first stop string to be completed (of those completed at the same character, the
+    one that starts first). Empty stop strings are ignored.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.fallback = [self._failure(s) for s in self.stops]
+        self.state = [0] * len(self.stops)
+        self.held: deque[str] = deque()
+        self.stopped = False
+
+    @staticmethod
+    def _failure(stop: str) -> list[int]:
+        """fail[k]: the length of the longest proper prefix of stop[:k] that is also its suffix."""
+        fail, k = [0, 0], 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = fail[k]
+            k += stop[i] == stop[k]
+            fail.append(k)
+        return fail
+
+    def push(self, text: str) -> str:
+        """The text that is now known to come before any stop string (possibly empty)."""
+        if self.stopped:
+            return ""
+        held, stops, fallback, state = self.held, self.stops, self.fallback, self.state
+        for ch in text:
+            held.append(ch)
+            found = 0
+            for i, stop in enumerate(stops):
+                k = state[i]  # < len(stop): a whole match ends the text
+                while k and stop[k] != ch:
+                    k = fallback[i][k]
+                k += stop[k] == ch
+                state[i] = k
+                if k == len(stop):
+                    found = max(found, k)
+            if found:
+                self.stopped = True
+                return "".join(held.popleft() for _ in range(len(held) - found))
+        keep = max(state, default=0)
+        return "".join(held.popleft() for _ in range(len(held) - keep))
+
+    def flush(self) -> str:
+        """At the end of the text: what was held back (no stop string followed)."""
+        if self.stopped:
+            return ""
+        rest = "".join(self.held)
+        self.held.clear()
+        return rest
 
 
 def complete(model, tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:

@@ -4,8 +4,10 @@ Endpoints: POST /v1/chat/completions (streaming as server-sent events), POST /v1
 GET /v1/models, GET /health. Safe defaults, because a model server is easy to expose by
 accident: it binds 127.0.0.1; an optional API key (Bearer) guards every /v1 route; bodies,
 input tokens, max_tokens and requests in flight are limited (over the in-flight limit a
-request gets 429 at once instead of queueing without bound); request bodies are validated by
-schema and every refusal is a JSON error in OpenAI's shape with a 4xx status.
+request gets 429 at once instead of queueing without bound); headers and body must arrive
+within deadlines (a client trickling bytes is cut off with 408); request bodies are validated by
+schema (protocol.py) and every refusal is a JSON error in OpenAI's shape with a 4xx status. Once a
+stream has begun, a failure is sent as a last `data: {"error": ...}` event before `[DONE]`.
 
 Prompt safety: chat messages are formatted by mistral-common, which encodes message *text* as
 text, so "[INST]" or "</s>" typed by a user are ordinary characters, never control tokens
@@ -18,29 +20,25 @@ and evaluating a fine-tune and for small deployments. For throughput use vLLM (d
 from __future__ import annotations
 
 import hmac
+import io
 import json
-import re
+import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import DataError
 from ..models.tuned import TunedModel
-from .generate import TextStream, generate
-
-# C0 and C1 control characters except tab, newline and carriage return.
-_CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-def clean_text(text: str) -> str:
-    return _CONTROL_CHARS.sub("", text)
+from .generate import StopMatcher, TextStream, generate
+from .protocol import ApiError, ChatRequest, CompletionRequest, Sampling, clean_text, parse_body, parse_request
 
 
 @dataclass
@@ -53,94 +51,13 @@ class ServerConfig:
     max_tokens_limit: int = 2048
     default_max_tokens: int = 256
     max_concurrent: int = 4
-    socket_timeout_s: float = 30.0
-
-
-# ---------------------------------------------------------------------- request schemas
-
-
-class _Request(BaseModel):
-    # OpenAI clients send fields we do not use (user, presence_penalty, ...): accept, ignore.
-    model_config = ConfigDict(extra="ignore")
-
-
-class TextPart(_Request):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        raw = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return clean_text(raw)
-
-
-class StreamOptions(_Request):
-    include_usage: bool = False
-
-
-class _Sampling(_Request):
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)  # one choice per request
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("at most 4 non-empty stop strings")
-        return stops
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("exactly one prompt per request")
-            v = v[0]
-        return v
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    socket_timeout_s: float = 30.0  # any one write (reads have the deadlines below)
+    header_timeout_s: float = 10.0  # the request line and headers, from the start of the wait
+    body_timeout_s: float = 30.0  # the whole body
 
 
 def _unauthorized() -> ApiError:
     return ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
-
-
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    parts, param = [], None
-    for err in exc.errors()[:3]:
-        loc = ".".join(str(x) for x in err["loc"])
-        param = param or loc
-        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
-    return "; ".join(parts), param
 
 
 # ---------------------------------------------------------------------- the application
@@ -174,7 +91,7 @@ class App:
     def encode_completion(self, req: CompletionRequest) -> list[int]:
         return self.loaded.tokenizer.encode_text(clean_text(req.prompt), bos=True, eos=False)
 
-    def budget(self, req: _Sampling, prompt_ids: list[int], requested: int | None) -> int:
+    def budget(self, prompt_ids: list[int], requested: int | None) -> int:
         if len(prompt_ids) > self.max_input_tokens:
             raise ApiError(400, f"the input is {len(prompt_ids)} tokens; this server accepts at most "
                                 f"{self.max_input_tokens}", param="messages", code="context_length_exceeded")
@@ -184,36 +101,63 @@ class App:
         wanted = requested or self.cfg.default_max_tokens
         return max(1, min(wanted, self.max_positions - len(prompt_ids)))
 
-    def tokens(self, prompt_ids: list[int], max_tokens: int, req: _Sampling):
+    def tokens(self, prompt_ids: list[int], max_tokens: int, req: Sampling):
         """Yield (text_delta, finish_reason or None, tokens so far); holds the model meanwhile.
 
         Callers must close() the generator if they stop early, which releases the model.
         """
         tok = self.loaded.tokenizer
         gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
-        stream, produced, sent, n = TextStream(tok), "", 0, 0
+        text, stops, n = TextStream(tok), StopMatcher(req.stop), 0
         with self.model_lock:
             for token in generate(self.loaded.model, prompt_ids, max_tokens, eos_id=tok.eos_id,
                                   temperature=req.temperature, top_p=req.top_p, generator=gen):
                 n += 1
-                delta = stream.push(token)
-                if not req.stop:
-                    yield delta, None, n
-                    continue
-                produced += delta
-                hit = min((produced.find(s) for s in req.stop if s in produced), default=-1)
-                if hit >= 0:  # send only what precedes the stop string
-                    yield produced[sent:hit], "stop", n
+                delta = stops.push(text.push(token))
+                if stops.stopped:  # only what precedes the stop string was sent
+                    yield delta, "stop", n
                     return
-                # Hold back a tail that may be the start of a stop string split across tokens.
-                held = max((k for s in req.stop for k in range(1, len(s)) if produced.endswith(s[:k])), default=0)
-                yield produced[sent:len(produced) - held], None, n
-                sent = len(produced) - held
-            tail = stream.flush()
-        yield produced[sent:] + tail, "length" if n >= max_tokens else "stop", n
+                yield delta, None, n
+        tail = stops.push(text.flush())
+        yield tail + stops.flush(), "stop" if stops.stopped or n < max_tokens else "length", n
 
 
 # ---------------------------------------------------------------------- HTTP
+
+# Route -> the one method it takes.
+_ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+_HEADERS = "request line and headers"  # what the header deadline covers
+
+
+def _route_method(path: str) -> str | None:
+    return _ROUTES.get(path) or ("GET" if path.startswith("/v1/models/") else None)
+
+
+class _DeadlineInput(io.RawIOBase):
+    """A connection's input whose reads all end by a deadline, so that a client trickling bytes
+    cannot hold a thread longer than the deadline. Writes keep the socket's own timeout."""
+
+    def __init__(self, sock: socket.socket, write_timeout: float) -> None:
+        self.sock, self.write_timeout = sock, write_timeout
+        self.deadline, self.what, self.received, self.expired = 0.0, "", 0, ""
+
+    def start(self, seconds: float, what: str) -> None:
+        self.deadline, self.what, self.received, self.expired = time.monotonic() + seconds, what, 0, ""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self.sock.settimeout(max(self.deadline - time.monotonic(), 1e-3))
+        try:
+            n = self.sock.recv_into(buffer)
+        except TimeoutError:
+            self.expired = self.what
+            raise
+        finally:
+            self.sock.settimeout(self.write_timeout)
+        self.received += n
+        return n
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -223,25 +167,51 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.connection.settimeout(self.app.cfg.socket_timeout_s)  # no slow-loris hold on a thread
+        cfg = self.app.cfg
+        self.connection.settimeout(cfg.socket_timeout_s)
+        self.rfile.close()
+        self.input = _DeadlineInput(self.connection, cfg.socket_timeout_s)
+        self.rfile = io.BufferedReader(self.input)
+
+    def handle_one_request(self) -> None:
+        # Defaults until the request line is parsed (a 408 may come before it is).
+        self.command, self.requestline, self.request_version = None, "", "HTTP/1.1"
+        timeout = self.app.cfg.header_timeout_s
+        self.input.start(timeout, _HEADERS)
+        super().handle_one_request()  # a read past the deadline ends it with close_connection set
+        if self.input.expired == _HEADERS and self.input.received:  # part of a request came, too slowly
+            self._error(ApiError(408, f"the {self.input.what} did not arrive within {timeout:g} s",
+                                 code="request_timeout"))
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
     # -- plumbing
 
-    def _send_json(self, status: int, body: dict) -> None:
+    def _send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
-    def _error(self, err: ApiError) -> None:
-        self._send_json(err.status, err.body())
+    def _error(self, err: ApiError, headers: dict | None = None) -> None:
+        try:
+            self._send_json(err.status, err.body(), headers)
+        except OSError:  # the client is gone
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib's own refusals (bad request line or headers, unknown method) in our JSON shape."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        self._error(ApiError(code, message or HTTPStatus(code).phrase))
 
     def _authorized(self) -> bool:
         key = self.app.cfg.api_key
@@ -254,25 +224,36 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             self.close_connection = True
             raise ApiError(411, "send the body with a Content-Length, not chunked")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(411, "a Content-Length header is required") from None
-        if length < 0 or length > self.app.cfg.max_body_bytes:
+        length = self.headers.get("Content-Length", "").strip()
+        if not length.isdigit() or not length.isascii():
             self.close_connection = True  # the unread body must not be taken for the next request
-            raise ApiError(413, f"the request body is {length} bytes; the limit is {self.app.cfg.max_body_bytes}",
+            if not length:
+                raise ApiError(411, "a Content-Length header is required")
+            raise ApiError(400, f"Content-Length {length[:40]!r} is not a number of bytes")
+        limit = self.app.cfg.max_body_bytes
+        if len(length) > 15 or int(length) > limit:
+            self.close_connection = True
+            raise ApiError(413, f"the request body is {length[:20]} bytes; the limit is {limit}",
                            code="request_too_large")
-        raw = self.rfile.read(length)
+        timeout = self.app.cfg.body_timeout_s
+        self.input.start(timeout, "request body")
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the body is not valid JSON ({exc})") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        return body
+            raw = self.rfile.read(int(length))
+        except TimeoutError:
+            self.close_connection = True
+            raise ApiError(408, f"the request body did not arrive within {timeout:g} s",
+                           code="request_timeout") from None
+        return parse_body(raw)
 
     # -- routes
+
+    def _wrong_route(self, path: str) -> None:
+        """404 for an unknown path; 405 (with Allow) for a known one asked with the wrong method."""
+        method = _route_method(path)
+        if method is None:
+            return self._error(ApiError(404, f"no route {path}"))
+        self._error(ApiError(405, f"{path} takes {method}, not {self.command}", code="method_not_allowed"),
+                    {"Allow": method})
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -286,46 +267,58 @@ class Handler(BaseHTTPRequestHandler):
             if path.removeprefix("/v1/models/") == self.app.loaded.name:
                 return self._send_json(200, self.app.models()["data"][0])
             return self._error(ApiError(404, "no such model", code="model_not_found"))
-        if path in ("/v1/chat/completions", "/v1/completions"):
-            return self._error(ApiError(405, f"{path} takes POST"))
-        self._error(ApiError(404, f"no route {path}"))
+        self._wrong_route(path)
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True  # a body, if any, is left unread
+        self._wrong_route(self.path.split("?", 1)[0])
+
+    do_PUT = do_DELETE = do_PATCH = _not_allowed
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         try:
-            if path not in ("/v1/chat/completions", "/v1/completions"):
+            if _route_method(path) != "POST":
                 self.close_connection = True
-                raise ApiError(404 if path not in ("/health", "/v1/models") else 405, f"no POST route {path}")
+                return self._wrong_route(path)
             if not self._authorized():
                 self.close_connection = True
                 raise _unauthorized()
-            body = self._read_json()
+            req = parse_request(self._read_json(), chat=path == "/v1/chat/completions")
             if not self.app.slots.acquire(blocking=False):
                 raise ApiError(429, "too many requests in flight; retry shortly", "rate_limit_error",
                                code="rate_limit_exceeded")
         except ApiError as err:
             return self._error(err)
+        self._slot_held = True
         try:
-            self._complete(path, body)
+            self._complete(req)
         except ApiError as err:
+            self._release_slot()
             self._error(err)
+        except Exception:  # a bug or the engine failing (out of memory): still an answer
+            self.log_error("failed: %s", traceback.format_exc())
+            self.close_connection = True
+            self._release_slot()
+            self._error(_internal_error())
         finally:
+            self._release_slot()
+
+    def _release_slot(self) -> None:
+        """Free the request's slot before its last bytes are sent: a client that sends its next
+        request as soon as it has the answer must not find the slot still taken."""
+        if self._slot_held:
+            self._slot_held = False
             self.app.slots.release()
 
-    def _complete(self, path: str, body: dict) -> None:
+    def _complete(self, req: ChatRequest | CompletionRequest) -> None:
         app = self.app
-        chat = path == "/v1/chat/completions"
-        try:
-            req = ChatRequest.model_validate(body) if chat else CompletionRequest.model_validate(body)
-        except ValidationError as exc:
-            message, param = _validation_message(exc)
-            raise ApiError(400, message, param=param) from None
+        chat = isinstance(req, ChatRequest)
         if req.model not in (None, app.loaded.name):
             raise ApiError(404, f"model {req.model!r} is not served here (this server has {app.loaded.name!r})",
                            param="model", code="model_not_found")
         prompt = app.encode_chat(req) if chat else app.encode_completion(req)
-        requested = (req.max_completion_tokens or req.max_tokens) if chat else req.max_tokens
-        max_tokens = app.budget(req, prompt, requested)
+        max_tokens = app.budget(prompt, req.requested_tokens())
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if req.stream:
@@ -342,10 +335,14 @@ class Handler(BaseHTTPRequestHandler):
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
             obj = "text_completion"
+        self._release_slot()
         self._send_json(200, {"id": rid, "object": obj, "created": created, "model": app.loaded.name,
                               "choices": [choice], "usage": usage})
 
     def _stream(self, req, rid: str, created: int, chat: bool, prompt: list[int], max_tokens: int) -> None:
+        """Server-sent events. Once the 200 is sent, a failure is reported as a last event
+        `data: {"error": {...}}` (the openai client raises it), and every stream ends with
+        `data: [DONE]` unless the client is gone."""
         app = self.app
         self.close_connection = True  # the event stream ends with the connection
         self.send_response(200)
@@ -368,7 +365,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {payload}\n\n".encode())
             self.wfile.flush()
 
-        tokens, count = app.tokens(prompt, max_tokens, req), 0
+        tokens, count, failed = app.tokens(prompt, max_tokens, req), 0, False
         try:
             if chat:
                 send(chunk(None, None, first=True))
@@ -379,11 +376,24 @@ class Handler(BaseHTTPRequestHandler):
                 usage = {"prompt_tokens": len(prompt), "completion_tokens": count, "total_tokens": len(prompt) + count}
                 send({"id": rid, "object": obj, "created": created, "model": app.loaded.name, "choices": [],
                       "usage": usage})
-            send("[DONE]")
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            pass  # the client went away: stop generating
+        except OSError:
+            return  # the client went away (or stopped reading): stop generating
+        except Exception:
+            self.log_error("failed while streaming: %s", traceback.format_exc())
+            failed = True
         finally:
             tokens.close()  # releases the model lock now, not when garbage-collected
+            self._release_slot()
+        try:
+            if failed:
+                send(_internal_error().body())
+            send("[DONE]")
+        except OSError:
+            pass
+
+
+def _internal_error() -> ApiError:
+    return ApiError(500, "the server failed while answering; its log has the details", code="internal_error")
 
 
 def make_server(loaded: TunedModel, cfg: ServerConfig) -> ThreadingHTTPServer:

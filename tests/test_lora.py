@@ -139,6 +139,31 @@ def test_gradients_equal_peft(name, tmp_path: Path, make_tiny_mistral, make_hf_m
         assert rel_diff(ours[n], theirs[n]) <= 1e-4, f"{n}: {rel_diff(ours[n], theirs[n]):.2e}"
 
 
+def test_loraplus_learning_rates_equal_peft(tmp_path: Path, make_tiny_mistral, make_hf_mistral):
+    """LoRA+ gives each trained tensor the learning rate PEFT's create_loraplus_optimizer gives it
+    (lora_B and vectors such as DoRA's magnitudes: lr x ratio; the rest lr)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.train.optim import make_optimizer
+
+    spec = SPECS["dora_lm_head_tokens"]
+    model, base_state = adapted(make_tiny_mistral, spec)
+    save_adapter(model, spec, tmp_path, base_model="tiny")
+    cfg = config_from_dict({"base_model": "tiny", "datasets": [{"path": "d.jsonl"}], "learning_rate": 1e-4,
+                            "loraplus_lr_ratio": 16})
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = {id(p): n for n, p in named.items()}
+    ours = {names[id(p)]: cfg.learning_rate * g["lr_scale"]
+            for g in make_optimizer(named, cfg, torch.device("cpu")).param_groups for p in g["params"]}
+    ref = PeftModel.from_pretrained(make_hf_mistral(model.config, base_state), str(tmp_path), is_trainable=True)
+    ref_names = {id(p): _peft_name(n) for n, p in ref.named_parameters()}
+    theirs = {ref_names[id(p)]: g["lr"] for g in create_loraplus_optimizer(
+        ref, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16).param_groups for p in g["params"]}
+    assert ours == pytest.approx(theirs)
+    assert [v for k, v in ours.items() if ".lora_B." in k] == pytest.approx([1.6e-3] * 2 * 7)
+
+
 def test_adapter_files_are_peft_format(tmp_path: Path, make_tiny_mistral):
     spec = SPECS["default"]
     model, _ = adapted(make_tiny_mistral, spec)

@@ -14,11 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from _runs import config, make_assets, metrics, same_tensors, tensors
+from _runs import base_config, config, make_assets, metrics, same_tensors, tensors, write_yaml
 from mistral_tune.chat import ADDED_TOKENS, BUNDLED, load_tokenizer
+from mistral_tune.cli import main
 from mistral_tune.errors import ConfigError, ModelError
 from mistral_tune.export.adapter import export_adapter, vllm_adapter_problems
 from mistral_tune.export.hf_tokenizer import save_hf_tokenizer
+from mistral_tune.models.load import load_model
+from mistral_tune.models.quant import nf4_round_trip
 from mistral_tune.models.tuned import load_tuned
 from mistral_tune.train.loop import train
 
@@ -28,6 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:Fu
 
 VARIANTS = {
     "dora": dict(use_dora=True),
+    "qlora_dora": dict(adapter="qlora", use_dora=True),
     "loraplus": dict(loraplus_lr_ratio=16.0),
     "modules_to_save": dict(lora_modules_to_save=["embed_tokens", "lm_head"]),
     "new_special_tokens": dict(new_special_tokens=["<think>", "</think>"]),
@@ -68,6 +72,10 @@ def test_variant_trains_resumes_and_loads_in_peft(name, assets, tmp_path):
     ids = torch.randint(3, 32768, (2, 20), generator=torch.Generator().manual_seed(0))
     ids[:, 5] = 14  # the first reserved slot of v3: <think> in the new_special_tokens run
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if cfg.adapter == "qlora":  # PEFT gets the NF4 weights the adapter was trained on
+        trained_base, _ = load_model(str(model_dir))
+        nf4_round_trip(trained_base, list(cfg.lora_target_modules))
+        base.load_state_dict(trained_base.state_dict())
     ref = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
     unmerged, merged = load_tuned(out, merge=False), load_tuned(out)
     with torch.no_grad():
@@ -140,6 +148,21 @@ def test_new_special_tokens_refused_clearly(assets, tmp_path):
     (bad / ADDED_TOKENS).write_text("[1, 2]")
     with pytest.raises(ModelError, match=ADDED_TOKENS):
         load_tokenizer(str(bad))
+
+
+def test_data_commands_read_the_new_tokens(assets, tmp_path, capsys, monkeypatch):
+    model_dir, _ = assets
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(THINK[0]) + "\n")
+    settings = base_config(model_dir, data, tmp_path / "out", **VARIANTS["new_special_tokens"])
+    cfg = write_yaml(tmp_path / "c.yaml", settings)
+    assert main(["data", "inspect", str(cfg)]) == 0
+    assert "<think>1 is small</think>" in capsys.readouterr().out
+    cfg = write_yaml(cfg, {**settings, "tokenizer": "v1"})
+    assert main(["data", "validate", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: new_special_tokens:") and "cannot add tokens" in err and len(err.splitlines()) == 1
 
 
 # ------------------------------------------------------------------------- tokens against references

@@ -442,8 +442,9 @@ def _find_in_dir(d: Path) -> Path:
     raise ModelError(f"{d}: no mistral-common tokenizer file found (looked for {looked_for})")
 
 
-def load_tokenizer(spec: str | None, model_dir: Path | None = None) -> ChatTokenizer:
-    """Load a tokenizer from a bundled name, a file or directory path, or (spec None) model_dir.
+def load_tokenizer(spec: str | None, model_dir: Path | None = None, new_tokens: list[str] = ()) -> ChatTokenizer:
+    """Load a tokenizer from a bundled name, a file or directory path, or (spec None) model_dir,
+    with the added token names saved beside its file and `new_tokens` (a run's new_special_tokens).
 
     Bundled names: v1, v3, v7, tekken.  A directory is searched for tekken.json, then
     tokenizer.model.v*, then tokenizer.model (which mistral-common always treats as v1).
@@ -465,7 +466,8 @@ def load_tokenizer(spec: str | None, model_dir: Path | None = None) -> ChatToken
             raise ModelError(
                 f"tokenizer {spec!r}: no such file or directory, and not a bundled name ({', '.join(BUNDLED)})"
             )
-    return ChatTokenizer(path, _read_added(path.parent / ADDED_TOKENS))
+    tokenizer = ChatTokenizer(path, _read_added(path.parent / ADDED_TOKENS))
+    return tokenizer.with_added_tokens(list(new_tokens)) if new_tokens else tokenizer
 
 
 def _read_added(path: Path) -> dict[str, int]:

@@ -183,7 +183,7 @@ class Config(_Strict):
         default_factory=list,
         description="Names for the tokenizer's reserved control-token slots (v3+ and tekken; not v1), e.g. "
         "['<think>', '</think>']: read out of the data's text as one token each, with their embedding and "
-        "output rows trained. See docs/config.md.",
+        "output rows trained (README: adapter variants).",
     )
     neftune_noise_alpha: float | None = Field(
         None,

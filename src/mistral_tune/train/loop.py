@@ -198,9 +198,7 @@ def prepare(cfg: Config, check_output: bool = True):
         raise ConfigError(
             f"base_model: {cfg.base_model} is a bitsandbytes 4-bit checkpoint; train it with adapter: qlora"
         )
-    tokenizer = load_tokenizer(cfg.tokenizer, model_dir)
-    if cfg.new_special_tokens:
-        tokenizer = tokenizer.with_added_tokens(cfg.new_special_tokens)
+    tokenizer = load_tokenizer(cfg.tokenizer, model_dir, cfg.new_special_tokens)
     if tokenizer.vocab_size != model_cfg.vocab_size:
         raise ModelError(
             f"tokenizer {tokenizer.source_file.name} has {tokenizer.vocab_size} tokens but the model's "

@@ -82,6 +82,32 @@ def test_fused_loss_gives_the_models_loss_and_grads(make_tiny_mistral, variant):
 
 
 @pytest.mark.slow
+def test_dora_layer_compiles_to_one_graph(make_tiny_mistral):
+    """The fast path compiles each decoder layer: a DoRA layer traces whole (no graph break) and
+    gives the eager layer's output and gradients. (aot_eager: Dynamo's tracing without a C++ compiler.)"""
+    from mistral_tune.lora import LoraSpec
+    from mistral_tune.models.mistral import attention_mask, rope_tables
+
+    model = _lora_model(make_tiny_mistral, LoraSpec(r=4, alpha=8, use_dora=True), seed=3)
+    layer = model.model.layers[0]
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).expand(2, 16)
+    cos, sin = rope_tables(pos, model.config.head_dim, model.config.rope_theta, x.dtype)
+    args = (cos, sin, attention_mask(torch.zeros_like(pos), pos, None))
+    results = []
+    for run in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)):
+        layer.zero_grad(set_to_none=True)
+        out = run(x, *args)
+        out.square().sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}))
+    (eager, g_eager), (compiled, g_compiled) = results
+    assert torch.allclose(compiled, eager, atol=1e-6)
+    assert any(".lora_magnitude_vector" in n for n in g_eager)
+    for n in g_eager:
+        assert torch.allclose(g_compiled[n], g_eager[n], atol=1e-6), n
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("window", [None, 7])
 def test_flex_block_mask_equals_dense_mask(make_tiny_mistral, window):
     """FlexAttention (compiled on the CPU, forward only: it has no CPU backward) sees exactly what

@@ -200,10 +200,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int | None = None) -> lis
 
 def _train_embeddings(model: nn.Module, spec: LoraSpec) -> None:
     """modules_to_save train whole; trainable tokens wrap their module in TrainableTokens."""
-    names = set(spec.modules_to_save) | set(spec.trainable_tokens)
-    unknown = sorted(names - set(WHOLE_MODULES))
-    if unknown:
-        raise ModelError(f"modules_to_save / trainable tokens {unknown}: only {', '.join(WHOLE_MODULES)} can train")
+    names = set(spec.modules_to_save) | set(spec.trainable_tokens)  # of WHOLE_MODULES (config, adapter_config)
     both = sorted(set(spec.modules_to_save) & set(spec.trainable_tokens))
     if both:
         raise ModelError(f"{both}: trained whole (modules_to_save) and by rows (trainable tokens) at once")

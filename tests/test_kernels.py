@@ -37,13 +37,13 @@ def test_linear_cross_entropy_matches_torch(chunk, weight_trainable):
         assert w.grad is None
 
 
-def _lora_model(make_tiny_mistral, **overrides):
+def _lora_model(make_tiny_mistral, spec=None, **overrides):
     from mistral_tune.lora import LoraSpec, apply_lora
 
     model = make_tiny_mistral(**overrides).train()
-    apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)
+    apply_lora(model, spec or LoraSpec(r=4, alpha=8), seed=0)
     for name, p in model.named_parameters():
-        if "lora_B" in name:
+        if "lora_B" in name or "trainable_tokens" in name:  # (trained rows: away from the base's)
             torch.nn.init.normal_(p, 0, 0.05)
     return model
 
@@ -65,13 +65,46 @@ def _assert_same_loss_and_grads(model, batch, setting: str, values) -> None:
         assert (g0[name] - g1[name]).norm() <= 1e-5 * g0[name].norm(), name
 
 
-def test_fused_loss_gives_the_models_loss_and_grads(make_tiny_mistral):
-    model = _lora_model(make_tiny_mistral, seed=3)
+@pytest.mark.parametrize("variant", ["lora", "dora", "lm_head_tokens", "lm_head_whole"])
+def test_fused_loss_gives_the_models_loss_and_grads(make_tiny_mistral, variant):
+    """Also where lm_head trains (whole, or some rows): the fused loss takes the weight the model applies."""
+    from mistral_tune.lora import LoraSpec
+
+    spec = {"lora": None, "dora": LoraSpec(r=4, alpha=8, use_dora=True),
+            "lm_head_tokens": LoraSpec(r=4, alpha=8, trainable_tokens={"lm_head": [5, 9, 700]}),
+            "lm_head_whole": LoraSpec(r=4, alpha=8, modules_to_save=["lm_head"])}[variant]
+    model = _lora_model(make_tiny_mistral, spec, seed=3)
     gen = torch.Generator().manual_seed(0)
     samples = [Sample.from_ids(torch.randint(3, 1000, (n,), generator=gen).tolist(), [i % 3 != 0 for i in range(n)])
                for n in (30, 17, 9)]
     batch = collate(samples, [[0, 1], [2]], pad_to=64)
     _assert_same_loss_and_grads(model, batch, "fused_loss", (False, True))
+
+
+@pytest.mark.slow
+def test_dora_layer_compiles_to_one_graph(make_tiny_mistral):
+    """The fast path compiles each decoder layer: a DoRA layer traces whole (no graph break) and
+    gives the eager layer's output and gradients. (aot_eager: Dynamo's tracing without a C++ compiler.)"""
+    from mistral_tune.lora import LoraSpec
+    from mistral_tune.models.mistral import attention_mask, rope_tables
+
+    model = _lora_model(make_tiny_mistral, LoraSpec(r=4, alpha=8, use_dora=True), seed=3)
+    layer = model.model.layers[0]
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).expand(2, 16)
+    cos, sin = rope_tables(pos, model.config.head_dim, model.config.rope_theta, x.dtype)
+    args = (cos, sin, attention_mask(torch.zeros_like(pos), pos, None))
+    results = []
+    for run in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=False)):
+        layer.zero_grad(set_to_none=True)
+        out = run(x, *args)
+        out.square().sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}))
+    (eager, g_eager), (compiled, g_compiled) = results
+    assert torch.allclose(compiled, eager, atol=1e-6)
+    assert any(".lora_magnitude_vector" in n for n in g_eager)
+    for n in g_eager:
+        assert torch.allclose(g_compiled[n], g_eager[n], atol=1e-6), n
 
 
 @pytest.mark.slow

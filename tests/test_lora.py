@@ -19,6 +19,7 @@ from mistral_tune.lora import (
     ADAPTER_WEIGHTS,
     LoraLinear,
     LoraSpec,
+    TrainableTokens,
     apply_lora,
     load_adapter,
     merge_lora,
@@ -39,16 +40,26 @@ def rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def ids(batch: int = 2, seq: int = 16, seed: int = 1, vocab: int = 1000) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    x = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    x[:, 3:8] = torch.tensor([3, 17, 999, 5, 6]) % vocab  # the rows SPECS train as tokens
+    return x
 
 
 def randomize_b(model: torch.nn.Module, seed: int = 5, std: float = 0.1) -> None:
-    """PEFT and we both start lora_B at zero (adapter = no-op); make it non-zero so it matters."""
+    """PEFT and we both start every adapter part at the base model (lora_B zero, DoRA magnitudes at
+    the base norms, trained rows and modules as the base's); move each off it so it matters."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoraLinear):
                 m.lora_B.weight.normal_(0.0, std, generator=gen)
+                if m.lora_magnitude_vector is not None:
+                    m.lora_magnitude_vector.mul_(torch.rand(m.out_features, generator=gen) + 0.5)
+            elif isinstance(m, TrainableTokens):
+                m.trainable_tokens_delta.normal_(0.0, 1.0, generator=gen)
+        for p in model.parameters():  # modules trained whole: every other trainable weight
+            if p.requires_grad and p.ndim == 2 and p.shape[0] == model.config.vocab_size:
+                p.add_(torch.randn(p.shape, generator=gen) * std)
 
 
 def adapted(make_tiny_mistral, spec: LoraSpec, **overrides):
@@ -65,6 +76,13 @@ SPECS = {
     "rslora": LoraSpec(r=4, alpha=8, use_rslora=True),
     "dropout": LoraSpec(r=4, alpha=16, dropout=0.1),
     "attn_only_r8": LoraSpec(r=8, alpha=4, target_modules=["q_proj", "v_proj"]),
+    "dora": LoraSpec(r=4, alpha=8, use_dora=True),
+    "dora_rslora_attn": LoraSpec(r=8, alpha=4, use_dora=True, use_rslora=True, target_modules=["q_proj", "o_proj"]),
+    "modules_to_save": LoraSpec(r=4, alpha=8, modules_to_save=["embed_tokens", "lm_head"]),
+    "trainable_tokens": LoraSpec(r=4, alpha=8,
+                                 trainable_tokens={"embed_tokens": [3, 17, 999], "lm_head": [3, 17, 999]}),
+    "dora_lm_head_tokens": LoraSpec(r=4, alpha=8, use_dora=True, modules_to_save=["lm_head"],
+                                    trainable_tokens={"embed_tokens": [5, 6]}),
 }
 
 
@@ -90,6 +108,60 @@ def test_peft_loads_our_adapter(name, tmp_path: Path, make_tiny_mistral, make_hf
     peft_scaling = [m.scaling["default"] for m in ref.modules() if isinstance(getattr(m, "scaling", None), dict)]
     assert len(peft_scaling) == sum(isinstance(m, LoraLinear) for m in model.modules())
     assert peft_scaling == pytest.approx([spec.scaling] * len(peft_scaling))
+
+
+def _peft_name(name: str) -> str:
+    """A PEFT model's parameter name -> ours."""
+    name = name.removeprefix("base_model.model.").replace(".default", "")
+    name = name.replace("modules_to_save.", "").replace("token_adapter.", "")
+    return name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+
+
+@pytest.mark.parametrize("name", ["default", "dora", "modules_to_save", "trainable_tokens", "dora_lm_head_tokens"])
+def test_gradients_equal_peft(name, tmp_path: Path, make_tiny_mistral, make_hf_mistral):
+    """Training sees what PEFT trains: the same loss gives every trained tensor PEFT's gradient
+    (DoRA's row norm is a constant in backward, as in PEFT; trained token rows get only their rows')."""
+    spec = SPECS[name]
+    model, base_state = adapted(make_tiny_mistral, spec)
+    save_adapter(model, spec, tmp_path, base_model="tiny")
+    ref = PeftModel.from_pretrained(make_hf_mistral(model.config, base_state), str(tmp_path), is_trainable=True)
+    x, targets = ids(), ids(seed=2)
+    loss = torch.nn.functional.cross_entropy(model.train()(x).flatten(0, 1), targets.flatten())
+    ref_logits = ref.train()(input_ids=x, use_cache=False).logits.float()
+    ref_loss = torch.nn.functional.cross_entropy(ref_logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    ref_loss.backward()
+    ours = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    theirs = {_peft_name(n): p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys()
+    for n in ours:
+        assert theirs[n].abs().max() > 0, n
+        assert rel_diff(ours[n], theirs[n]) <= 1e-4, f"{n}: {rel_diff(ours[n], theirs[n]):.2e}"
+
+
+def test_loraplus_learning_rates_equal_peft(tmp_path: Path, make_tiny_mistral, make_hf_mistral):
+    """LoRA+ gives each trained tensor the learning rate PEFT's create_loraplus_optimizer gives it
+    (lora_B and vectors such as DoRA's magnitudes: lr x ratio; the rest lr)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.train.optim import make_optimizer
+
+    spec = SPECS["dora_lm_head_tokens"]
+    model, base_state = adapted(make_tiny_mistral, spec)
+    save_adapter(model, spec, tmp_path, base_model="tiny")
+    cfg = config_from_dict({"base_model": "tiny", "datasets": [{"path": "d.jsonl"}], "learning_rate": 1e-4,
+                            "loraplus_lr_ratio": 16})
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = {id(p): n for n, p in named.items()}
+    ours = {names[id(p)]: cfg.learning_rate * g["lr_scale"]
+            for g in make_optimizer(named, cfg, torch.device("cpu")).param_groups for p in g["params"]}
+    ref = PeftModel.from_pretrained(make_hf_mistral(model.config, base_state), str(tmp_path), is_trainable=True)
+    ref_names = {id(p): _peft_name(n) for n, p in ref.named_parameters()}
+    theirs = {ref_names[id(p)]: g["lr"] for g in create_loraplus_optimizer(
+        ref, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16).param_groups for p in g["params"]}
+    assert ours == pytest.approx(theirs)
+    assert [v for k, v in ours.items() if ".lora_B." in k] == pytest.approx([1.6e-3] * 2 * 7)
 
 
 def test_adapter_files_are_peft_format(tmp_path: Path, make_tiny_mistral):
@@ -160,22 +232,41 @@ def test_load_adapter_round_trip(name, tmp_path: Path, make_tiny_mistral):
         torch.testing.assert_close(fresh.eval()(x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["default", "rslora", "dropout"])
+@pytest.mark.parametrize("name", ["default", "rslora", "dropout", "dora", "trainable_tokens", "modules_to_save"])
 def test_merge_lora_equals_unmerged(name, make_tiny_mistral, make_hf_mistral):
     spec = SPECS[name]
     model, _ = adapted(make_tiny_mistral, spec)
     x = ids()
     with torch.no_grad():
         unmerged = model(x)
-        assert merge_lora(model) == 7 * model.config.num_hidden_layers
+        layers = 7 * model.config.num_hidden_layers + len(spec.trainable_tokens)
+        assert merge_lora(model) == layers
         merged = model(x)
-    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    assert not any(isinstance(m, (LoraLinear, TrainableTokens)) for m in model.modules())
     assert not any(".lora_" in k for k in model.state_dict())
     assert rel_diff(merged, unmerged) <= RTOL
     # The merged weights are plain HF weights: transformers agrees.
     ref = make_hf_mistral(model.config, model.state_dict())
     with torch.no_grad():
         assert rel_diff(merged, ref(input_ids=x, use_cache=False).logits) <= RTOL
+
+
+@pytest.mark.parametrize("name", ["default", "dora", "dora_rslora_attn", "modules_to_save", "trainable_tokens",
+                                  "dora_lm_head_tokens"])
+def test_merge_equals_peft_merge_and_unload(name, tmp_path: Path, make_tiny_mistral, make_hf_mistral):
+    spec = SPECS[name]
+    model, base_state = adapted(make_tiny_mistral, spec)
+    save_adapter(model, spec, tmp_path, base_model="tiny")
+    ref = PeftModel.from_pretrained(make_hf_mistral(model.config, base_state), str(tmp_path))
+    theirs = ref.merge_and_unload().state_dict()
+    merge_lora(model)
+    ours = model.state_dict()
+    assert ours.keys() == theirs.keys()
+    changed = [k for k in ours if not torch.equal(ours[k], base_state[k])]
+    assert len(changed) == len(spec.target_modules) * model.config.num_hidden_layers + len(
+        set(spec.modules_to_save) | set(spec.trainable_tokens))
+    worst = max(rel_diff(ours[k], theirs[k]) for k in ours)
+    assert worst <= 1e-6, f"{name}: merged weights differ from PEFT's by {worst:.2e}"
 
 
 def test_merge_to_dir_loads_in_transformers(tmp_path: Path):

@@ -139,7 +139,7 @@ def test_a_missing_expert_is_named(tmp_path):
 def test_family_table():
     assert family_of({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}) is MIXTRAL
     assert family_of({"model_type": "mistral"}) is MISTRAL
-    with pytest.raises(ModelError, match="LlamaForCausalLM.*supported: MistralForCausalLM, MixtralForCausalLM"):
+    with pytest.raises(ModelError, match="LlamaForCausalLM is not supported; supported: Mistral.*MixtralForCausalLM"):
         family_of({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
     with pytest.raises(ModelError):  # a mislabelled config is not guessed at
         family_of({"architectures": ["MixtralForCausalLM"], "model_type": "mistral"})

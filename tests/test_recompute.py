@@ -74,6 +74,26 @@ def test_lora_with_dropout_recomputes_the_same_masks(make_tiny_mistral) -> None:
     assert any(not torch.allclose(other_masks[n], plain[n]) for n in plain)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_and_trained_embeddings_checkpoint_to_the_same_gradients(make_tiny_mistral, dropout: float) -> None:
+    """DoRA's magnitude gradient needs the frozen product's value, which the re-run layer would
+    otherwise skip; trained rows and modules lie outside the layers."""
+    model = make_tiny_mistral()
+    batch = _batch(1)
+    spec = LoraSpec(r=4, alpha=8, dropout=dropout, use_dora=True, modules_to_save=["lm_head"],
+                    trainable_tokens={"embed_tokens": batch.input_ids[0, :3].tolist()})
+    apply_lora(model, spec, seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    _, plain = _grads(model, batch, False, seed=5)
+    _, ckpt = _grads(model, batch, True, seed=5)
+    assert sum(".lora_magnitude_vector" in n for n in plain) == 7 * 2
+    for name in plain:
+        _close(ckpt[name], plain[name], name)
+
+
 def test_accumulating_two_micro_batches_adds_gradients(make_tiny_mistral) -> None:
     model = make_tiny_mistral()
     apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)

@@ -29,6 +29,16 @@ explicit per-turn "do not train" is more specific than the global flag).  With
 ``train_on_thinking=False`` the tokens of thinking parts (from ``[THINK]`` to ``[/THINK]``) are
 context, never targets; the rest of the assistant turn is trained as usual.
 
+Added special tokens (``new_special_tokens``): mistral-common cannot add tokens to a tokenizer
+(its vocabulary is fixed by the file, and tekken never produces a special id from text), but v3+
+SentencePiece files and tekken files reserve unused control-token slots (``[control_N]``,
+``<SPECIAL_N>``). A name given to such a slot is read out of message text as that one id and
+decoded back to the name; the names live in ``added_tokens.json`` beside the tokenizer file (the
+file itself is unchanged, so mistral-common alone still calls the slot ``<SPECIAL_20>``). The text
+between added tokens is encoded piece by piece, as mistral-common encodes the text between its own
+control tokens: with SentencePiece each piece gets its dummy prefix ("▁"). The exported HF
+tokenizer (with its chat template) gives the same ids.
+
 mistral-common's normalizer merges consecutive messages of the same role (and, for assistants,
 the same weight) into one, joined by a blank line; for versions <= v3 it also folds all system
 messages into one system prompt.  The ids follow whatever it does.
@@ -36,7 +46,10 @@ messages into one system prompt.  The ids follow whatever it does.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -61,7 +74,7 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
 from mistral_tune.errors import DataError, ModelError
 
-__all__ = ["BUNDLED", "BUNDLED_DIR", "ChatTokenizer", "load_tokenizer"]
+__all__ = ["ADDED_TOKENS", "BUNDLED", "BUNDLED_DIR", "ChatTokenizer", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +91,11 @@ BUNDLED: dict[str, Path] = {
 _UNSHIPPED = tuple(v.value for v in TokenizerVersion if v > TokenizerVersion.v7)
 
 _ROLES = ("system", "user", "assistant", "tool")
+
+#: Beside a tokenizer file: {name: id} of the reserved control-token slots a run named.
+ADDED_TOKENS = "added_tokens.json"
+# The reserved slots' own names: tekken's fillers and SentencePiece's unused control pieces.
+_FREE_SLOT = re.compile(r"<SPECIAL_\d+>|\[control_\d+\]")
 
 # What mistral-common (and pydantic, whose ValidationError is a ValueError) raises for a bad
 # conversation.  It also validates some inputs with bare `assert`s, hence AssertionError.
@@ -96,7 +114,7 @@ class ChatTokenizer:
     eos_id: int
     source_file: Path
 
-    def __init__(self, source_file: Path) -> None:
+    def __init__(self, source_file: Path, added: dict[str, int] | None = None) -> None:
         source_file = Path(source_file)
         try:
             # Finetuning mode: the conversation must end with an assistant message.
@@ -114,6 +132,14 @@ class ChatTokenizer:
         self.vocab_size = int(raw.n_words)
         self.bos_id = int(raw.bos_id)
         self.eos_id = int(raw.eos_id)
+        self.added = dict(added or {})  # name -> id of the named reserved slots
+        for name, i in self.added.items():
+            if not (raw.is_special(i) and _FREE_SLOT.fullmatch(raw.id_to_piece(i))):
+                raise ModelError(f"added token {name!r}: id {i} is not a reserved control-token slot of {source_file}")
+        if self.added:
+            # Every encode and decode of the instruct tokenizer (hence of the prompt tokenizer built
+            # on it below) goes through its text tokenizer: read and write the added names there.
+            self._instruct.tokenizer = _AddedTokens(raw, self.added)
 
         version = raw.version
         builder = getattr(raw, "model_settings_builder", None)
@@ -141,9 +167,30 @@ class ChatTokenizer:
                 self.vocab_size,
             )
 
-    def __reduce__(self) -> tuple[type[ChatTokenizer], tuple[Path]]:
+    def __reduce__(self) -> tuple[type[ChatTokenizer], tuple[Path, dict[str, int]]]:
         # Pickle (e.g. for DataLoader workers) as "reload from the file", not as internal state.
-        return (ChatTokenizer, (self.source_file,))
+        return (ChatTokenizer, (self.source_file, self.added))
+
+    def with_added_tokens(self, names: list[str]) -> ChatTokenizer:
+        """This tokenizer with `names` given to the lowest free reserved control-token slots (names
+        it has already keep their ids)."""
+        raw = self._raw
+        taken = set(self.added.values())
+        free = (i for i in sorted(raw.special_ids) if i not in taken and _FREE_SLOT.fullmatch(raw.id_to_piece(i)))
+        added = dict(self.added)
+        for name in names:
+            if name in added:
+                continue
+            if any(raw.id_to_piece(i) == name for i in raw.special_ids):
+                raise ModelError(f"new_special_tokens: {name!r} is already a control token of {self.source_file.name}")
+            slot = next(free, None)
+            if slot is None:
+                raise ModelError(
+                    f"new_special_tokens: {self.source_file.name} has no free reserved control-token slot for "
+                    f"{name!r} (mistral-common cannot add tokens to a vocabulary; v1 has no reserved slots, "
+                    "v3+ and tekken have hundreds)")
+            added[name] = slot
+        return ChatTokenizer(self.source_file, added)
 
     def __repr__(self) -> str:
         kind = "tekken" if self.is_tekken else "spm"
@@ -260,7 +307,7 @@ class ChatTokenizer:
         """Encode raw continuation text (pretraining-style), optionally wrapped in BOS/EOS."""
         if not isinstance(text, str):
             raise DataError(f"text must be a string, got {type(text).__name__}")
-        return list(self._raw.encode(text, bos=bos, eos=eos))
+        return list(self._instruct.tokenizer.encode(text, bos=bos, eos=eos))
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         """Encode a conversation for generation: it must end with a user (or tool) message.
@@ -295,13 +342,55 @@ class ChatTokenizer:
         return f"tokenizer.model.{suffix}"
 
     def save(self, out_dir: Path) -> list[Path]:
-        """Copy the tokenizer file into out_dir (see save_name); return the written paths."""
+        """Copy the tokenizer file into out_dir (see save_name), and the added token names beside it;
+        return the written paths."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         dest = out_dir / self.save_name()
         if not (dest.exists() and dest.samefile(self.source_file)):
             shutil.copyfile(self.source_file, dest)
-        return [dest]
+        if not self.added:
+            return [dest]
+        tmp = out_dir / (ADDED_TOKENS + ".tmp")
+        tmp.write_text(json.dumps(self.added, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, out_dir / ADDED_TOKENS)
+        return [dest, out_dir / ADDED_TOKENS]
+
+
+class _AddedTokens:
+    """mistral-common's text tokenizer with the added names read out of text as their ids and
+    decoded back to the names; everything else is the tokenizer's own."""
+
+    def __init__(self, raw, added: dict[str, int]) -> None:
+        self._raw, self._ids = raw, dict(added)
+        self._names = {i: name for name, i in added.items()}
+        longest_first = sorted(added, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(re.escape(n) for n in longest_first) + ")")
+
+    def __getattr__(self, name: str):
+        return getattr(self._raw, name)
+
+    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
+        ids = [self._raw.bos_id] if bos else []
+        for k, part in enumerate(self._split.split(s)):
+            if k % 2:  # re.split puts the matched names at the odd places
+                ids.append(self._ids[part])
+            elif part:
+                ids.extend(self._raw.encode(part, bos=False, eos=False))
+        return ids + [self._raw.eos_id] if eos else ids
+
+    def decode(self, tokens: list[int], special_token_policy: SpecialTokenPolicy = SpecialTokenPolicy.IGNORE) -> str:
+        out: list[str] = []
+        run: list[int] = []
+        for t in [*tokens, None]:
+            if t is not None and int(t) not in self._names:
+                run.append(t)
+                continue
+            out.append(self._raw.decode(run, special_token_policy))  # each piece drops its dummy prefix
+            if t is not None:
+                out.append(self._names[int(t)])
+            run = []
+        return "".join(out)
 
 
 # ---------------------------------------------------------------------- messages
@@ -427,8 +516,9 @@ def _find_in_dir(d: Path) -> Path:
     raise ModelError(f"{d}: no mistral-common tokenizer file found (looked for {looked_for})")
 
 
-def load_tokenizer(spec: str | None, model_dir: Path | None = None) -> ChatTokenizer:
-    """Load a tokenizer from a bundled name, a file or directory path, or (spec None) model_dir.
+def load_tokenizer(spec: str | None, model_dir: Path | None = None, new_tokens: list[str] = ()) -> ChatTokenizer:
+    """Load a tokenizer from a bundled name, a file or directory path, or (spec None) model_dir,
+    with the added token names saved beside its file and `new_tokens` (a run's new_special_tokens).
 
     Bundled names: v1, v3, v7, tekken (v11, v13 and v15 come only inside a model's tekken.json,
     whose config names its version).  A directory is searched for tekken.json, then
@@ -456,4 +546,18 @@ def load_tokenizer(spec: str | None, model_dir: Path | None = None) -> ChatToken
             raise ModelError(
                 f"tokenizer {spec!r}: no such file or directory, and not a bundled name ({', '.join(BUNDLED)})"
             )
-    return ChatTokenizer(path)
+    tokenizer = ChatTokenizer(path, _read_added(path.parent / ADDED_TOKENS))
+    return tokenizer.with_added_tokens(list(new_tokens)) if new_tokens else tokenizer
+
+
+def _read_added(path: Path) -> dict[str, int]:
+    """The added token names beside a tokenizer file ({} when there is no such file)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+    if not (isinstance(data, dict) and all(isinstance(k, str) and type(v) is int for k, v in data.items())):
+        raise ModelError(f"{path}: expected an object of token names to ids")
+    return data

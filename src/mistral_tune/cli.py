@@ -183,7 +183,7 @@ def _data_setup(args):
         from .models.load import resolve_model_dir
 
         model_dir = resolve_model_dir(cfg.base_model)
-    return cfg, load_tokenizer(cfg.tokenizer, model_dir)
+    return cfg, load_tokenizer(cfg.tokenizer, model_dir, cfg.new_special_tokens)
 
 
 def _cmd_data_inspect(args) -> None:

@@ -168,6 +168,34 @@ class Config(_Strict):
         default_factory=lambda: list(ALL_PROJECTIONS), description="Projections that get adapters (default: all seven)."
     )
     use_rslora: bool = Field(False, description="Scale adapters by alpha/sqrt(r) (rank-stabilised LoRA).")
+    use_dora: bool = Field(
+        False,
+        description="DoRA: a trained magnitude per output row rescales each adapted weight (Liu et al., 2024). "
+        "PEFT loads it; vLLM does not, so merge it for vLLM.",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: lora_B (and DoRA magnitudes) learn at learning_rate times this, as PEFT's "
+        "create_loraplus_optimizer does (the paper suggests 16); null: one learning rate.",
+    )
+    lora_modules_to_save: list[Literal["embed_tokens", "lm_head"]] = Field(
+        default_factory=list,
+        description="Also train these whole; the adapter holds them in full (PEFT's modules_to_save). vLLM "
+        "does not load such adapters, so merge it for vLLM.",
+    )
+    new_special_tokens: list[str] = Field(
+        default_factory=list,
+        description="Names for the tokenizer's reserved control-token slots (v3+ and tekken; not v1), e.g. "
+        "['<think>', '</think>']: read out of the data's text as one token each, with their embedding and "
+        "output rows trained (README: adapter variants).",
+    )
+    neftune_noise_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="NEFTune: while training, add uniform noise of size alpha/sqrt(tokens x hidden) to the "
+        "input embeddings of each row (Jain et al., 2023; 5 is usual); null: off.",
+    )
     # optimisation
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices (not on norms or biases).")
@@ -271,6 +299,14 @@ class Config(_Strict):
             raise ValueError("set resume or overwrite_output_dir, not both (overwriting would delete the checkpoints)")
         if not self.lora_target_modules and self.adapter in ("lora", "qlora"):
             raise ValueError("lora_target_modules: empty; name at least one projection")
+        if self.adapter == "none":
+            lora_only = [k for k in ("use_dora", "loraplus_lr_ratio", "lora_modules_to_save") if getattr(self, k)]
+            if lora_only:
+                raise ValueError(f"{', '.join(lora_only)}: for adapter lora or qlora; with adapter: none every "
+                                 "weight trains at learning_rate")
+        names = self.new_special_tokens
+        if len(set(names)) != len(names) or not all(n.strip() == n and n for n in names):
+            raise ValueError(f"new_special_tokens: {names}: expected distinct names without surrounding spaces")
         if self.val_datasets and self.val_set_size:
             raise ValueError("set val_set_size or val_datasets, not both")
         return self

@@ -2,6 +2,12 @@
 
 A `LoraLinear` *is* the frozen `nn.Linear` it adapts (same `weight` parameter, same name), plus
 `lora_A` / `lora_B`, so state-dict keys match transformers for the base and PEFT for the adapter.
+
+Variants, each in PEFT's format and with PEFT's maths (tests compare logits with PEFT):
+- DoRA (`use_dora`): a trained magnitude per output row rescales the adapted weight to that norm.
+- Whole modules trained (`modules_to_save`: embed_tokens, lm_head), saved in full.
+- Trainable tokens (`trainable_token_indices`): only some rows of embed_tokens / lm_head train,
+  e.g. the reserved control tokens a run gives new names (chat.py); only those rows are saved.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # dequantized NF4 weights to give the trained model. (PEFT's config has no field for it.)
 BASE_QUANTIZATION = "base_quantization.json"
 _PEFT_PREFIX = "base_model.model."
+#: Modules that can train whole (modules_to_save) or by rows (trainable tokens): their paths in the model.
+WHOLE_MODULES = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}
 
 
 @dataclass
@@ -37,6 +45,10 @@ class LoraSpec:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] = field(default_factory=list)  # of WHOLE_MODULES: trained in full
+    # Rows of embed_tokens / lm_head that train (PEFT's trainable_token_indices), by module name.
+    trainable_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def scaling(self) -> float:
@@ -68,6 +80,9 @@ class LoraLinear(nn.Linear):
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.scaling = spec.scaling
         self.reset_lora(None)
+        self.register_parameter("lora_magnitude_vector", None)
+        if spec.use_dora:  # starts at the base rows' norms: training starts at the base model
+            self.lora_magnitude_vector = nn.Parameter(self._adapted_norm().to(dt))
 
     def reset_lora(self, generator: torch.Generator | None) -> None:
         # Same init as PEFT's default: A kaiming-uniform, B zero, so training starts at the base model.
@@ -77,23 +92,90 @@ class LoraLinear(nn.Linear):
             self.lora_B.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.linear(x, self.weight) if self.quantized is None else self.quantized(x)
-        return out + self._lora(x)
+        out = self._base(x)
+        if self.lora_magnitude_vector is None:
+            return out + self._lora(self.lora_dropout(x))
+        return out + self._dora(x, out)
 
     def grad_only(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) when the result is only back-propagated through (models/recompute.py): the
-        frozen product is skipped, the low-rank branch runs as usual."""
+        frozen product is skipped, the low-rank branch runs as usual. (DoRA's magnitude gradient
+        needs the frozen product's value, so DoRA runs its whole forward.)"""
+        if self.lora_magnitude_vector is not None:
+            return self.forward(x)
         base = self.quantized.grad_only(x) if self.quantized is not None else linear_grad_only(x, self.weight)
-        return base + self._lora(x)
+        return base + self._lora(self.lora_dropout(x))
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight) if self.quantized is None else self.quantized(x)
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        return self.lora_B(self.lora_A(x)) * self.scaling
+
+    def _dora(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """DoRA's addition to base_out: m / |W + s BA| * (W + s BA) x - W x, row by row. The norm is
+        a constant in the backward pass (DoRA paper section 4.3, as PEFT does)."""
+        scale = self.lora_magnitude_vector / self._adapted_norm()
+        dropped = self.lora_dropout(x)
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):  # the base product of the dropped input
+            base_out = self._base(dropped)
+        return ((scale - 1) * base_out + scale * self._lora(dropped)).to(base_out.dtype)
+
+    @torch.no_grad()
+    def _adapted_norm(self) -> torch.Tensor:
+        """The norm of each output row of W + scaling * B A, in float32."""
+        return torch.linalg.vector_norm(self._dense_weight() + self.delta_weight(), dim=1)
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The frozen weight in float32 (a QLoRA base dequantized)."""
+        return self.weight.float() if self.quantized is None else self.quantized.dequantized(torch.float32)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def merged_weight(self) -> torch.Tensor:
+        """The weight this layer applies, in float32: W + s BA, rescaled row by row for DoRA."""
+        w = self._dense_weight() + self.delta_weight()
+        if self.lora_magnitude_vector is not None:
+            w = w * (self.lora_magnitude_vector.float() / torch.linalg.vector_norm(w, dim=1))[:, None]
+        return w
+
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.out_features}, scaling={self.scaling:g}"
+        dora = ", dora" if self.lora_magnitude_vector is not None else ""
+        return (f"in={self.in_features}, out={self.out_features}, r={self.lora_A.out_features}, "
+                f"scaling={self.scaling:g}{dora}")
+
+
+class TrainableTokens(nn.Module):
+    """An embedding or output head of which only the rows `token_ids` train (PEFT's trainable
+    tokens). It holds the frozen module's own `weight` (same name); the trained rows replace its
+    rows in every forward, so they start as the base rows and are saved as values, not differences."""
+
+    def __init__(self, base: nn.Embedding | nn.Linear, token_ids: list[int]) -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.is_embedding = isinstance(base, nn.Embedding)
+        ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=self.weight.device)
+        self.register_buffer("token_indices", ids, persistent=False)
+        self.trainable_tokens_delta = nn.Parameter(self.weight.detach()[ids].clone())
+
+    def merged_weight(self) -> torch.Tensor:
+        delta = self.trainable_tokens_delta.to(self.weight.dtype)
+        return self.weight.index_copy(0, self.token_indices, delta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.merged_weight()
+        return nn.functional.embedding(x, w) if self.is_embedding else nn.functional.linear(x, w)
+
+    def plain(self) -> nn.Module:
+        """The plain module with the trained rows folded into its weight."""
+        vocab, dim = self.weight.shape
+        w = self.weight
+        module = (nn.Embedding(vocab, dim, device=w.device, dtype=w.dtype) if self.is_embedding
+                  else nn.Linear(dim, vocab, bias=False, device=w.device, dtype=w.dtype))
+        with torch.no_grad():
+            module.weight.copy_(self.merged_weight())
+        return module
 
 
 def apply_lora(model: nn.Module, spec: LoraSpec, seed: int | None = None) -> list[str]:
@@ -113,6 +195,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int | None = None) -> lis
     unmatched = sorted(set(spec.target_modules) - {name.rpartition(".")[2] for name in wrapped})
     if unmatched:
         raise ModelError(_unmatched_targets(model, unmatched))
+    _train_embeddings(model, spec)
     return wrapped
 
 
@@ -131,6 +214,41 @@ def _unmatched_targets(model: nn.Module, unmatched: list[str]) -> str:
     return message
 
 
+def _train_embeddings(model: nn.Module, spec: LoraSpec) -> None:
+    """modules_to_save train whole; trainable tokens wrap their module in TrainableTokens."""
+    names = set(spec.modules_to_save) | set(spec.trainable_tokens)  # of WHOLE_MODULES (config, adapter_config)
+    both = sorted(set(spec.modules_to_save) & set(spec.trainable_tokens))
+    if both:
+        raise ModelError(f"{both}: trained whole (modules_to_save) and by rows (trainable tokens) at once")
+    if names and getattr(model.config, "tie_word_embeddings", False):
+        raise ModelError("modules_to_save / trainable tokens on a model with tied embeddings are not supported")
+    for name in spec.modules_to_save:
+        model.get_submodule(WHOLE_MODULES[name]).weight.requires_grad_(True)
+    for name, ids in spec.trainable_tokens.items():
+        parent, _, child = WHOLE_MODULES[name].rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        module = getattr(owner, child)
+        bad = [i for i in ids if not 0 <= i < module.weight.shape[0]]
+        if bad:
+            raise ModelError(f"trainable tokens {bad}: outside {name}'s {module.weight.shape[0]} rows")
+        setattr(owner, child, TrainableTokens(module, ids))
+
+
+def output_weight(model: nn.Module) -> torch.Tensor:
+    """The lm_head weight the model applies (its trained rows in, with trainable tokens)."""
+    head = model.lm_head
+    return head.merged_weight() if isinstance(head, TrainableTokens) else head.weight
+
+
+def adapter_state(model: nn.Module, spec: LoraSpec) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under our parameter names: LoRA A/B, DoRA magnitudes, trained token
+    rows, and the modules trained whole."""
+    whole = {f"{WHOLE_MODULES[m]}.weight" for m in spec.modules_to_save}
+    return {k: v for k, v in model.state_dict().items()
+            if k in whole or ".lora_A." in k or ".lora_B." in k
+            or k.endswith((".lora_magnitude_vector", ".trainable_tokens_delta"))}
+
+
 def _text_model_path(model: nn.Module) -> str:
     """Where transformers (and so PEFT) holds our `model.` decoder: under model.language_model for the
     text model of a vision-language checkpoint (Mistral3ForConditionalGeneration)."""
@@ -138,25 +256,18 @@ def _text_model_path(model: nn.Module) -> str:
 
 
 def _peft_key(model: nn.Module, name: str) -> str:
+    """Our parameter name -> PEFT's saved key (base_model.model.<module>.lora_A.weight, ...)."""
     if name.startswith("model."):
         name = _text_model_path(model) + name.removeprefix("model.")
-    return _PEFT_PREFIX + name
+    return _PEFT_PREFIX + name.replace(".trainable_tokens_delta", ".token_adapter.trainable_tokens_delta")
 
 
-def _own_key(model: nn.Module, key: str) -> str:
-    name = key.removeprefix(_PEFT_PREFIX)
+def _our_key(model: nn.Module, key: str) -> str:
+    """PEFT's saved key (also in its in-memory form, with the adapter name) -> our parameter name."""
+    name = key.removeprefix(_PEFT_PREFIX).replace(".token_adapter.", ".")
     name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
     inner = _text_model_path(model)
     return "model." + name.removeprefix(inner) if name.startswith(inner) else name
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors under PEFT's key names (base_model.model.<module>.lora_A.weight)."""
-    return {
-        _peft_key(model, k): v.detach().contiguous()
-        for k, v in model.state_dict().items()
-        if ".lora_A." in k or ".lora_B." in k
-    }
 
 
 def save_adapter(
@@ -164,7 +275,7 @@ def save_adapter(
 ) -> None:
     """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = lora_state_dict(model)
+    tensors = {_peft_key(model, k): v.detach().contiguous() for k, v in adapter_state(model, spec).items()}
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -189,8 +300,9 @@ def save_adapter(
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
-        "use_dora": False,
+        "modules_to_save": sorted(spec.modules_to_save) or None,
+        "use_dora": spec.use_dora,
+        "trainable_token_indices": {k: sorted(v) for k, v in spec.trainable_tokens.items()} or None,
     }
     tmp = out_dir / (ADAPTER_CONFIG + ".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
@@ -209,25 +321,35 @@ def read_adapter_config(adapter_dir: Path) -> tuple[LoraSpec, str]:
     if data.get("peft_type") != "LORA":
         raise ModelError(f"{path}: peft_type {data.get('peft_type')!r} is not LORA")
     targets = data.get("target_modules") or []
+    tokens = data.get("trainable_token_indices") or {}
+    if isinstance(tokens, list):  # PEFT: a plain list means the input embedding
+        tokens = {"embed_tokens": tokens}
+    whole = list(data.get("modules_to_save") or [])
+    unknown = sorted((set(whole) | set(tokens)) - set(WHOLE_MODULES))
+    if unknown:
+        raise ModelError(f"{path}: modules_to_save / trainable_token_indices name {unknown}; "
+                         f"only {', '.join(WHOLE_MODULES)} are supported")
     spec = LoraSpec(
         r=int(data["r"]),
         alpha=float(data.get("lora_alpha", data["r"])),
         dropout=float(data.get("lora_dropout", 0.0)),
         target_modules=list(targets) if isinstance(targets, list) else [targets],
         use_rslora=bool(data.get("use_rslora", False)),
+        use_dora=bool(data.get("use_dora", False)),
+        modules_to_save=whole,
+        trainable_tokens={k: [int(i) for i in v] for k, v in tokens.items()},
     )
     return spec, data.get("base_model_name_or_path", "")
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> LoraSpec:
-    """Attach a saved PEFT adapter to a plain model (wraps the targets, then loads A/B)."""
+    """Attach a saved PEFT adapter to a plain model (wraps the targets, then loads its tensors)."""
     spec, _ = read_adapter_config(adapter_dir)
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise ModelError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
     apply_lora(model, spec)
-    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-    state = {_own_key(model, key): value for key, value in tensors.items()}
-    own = {k for k in model.state_dict() if ".lora_" in k}
+    state = {_our_key(model, k): v for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()}
+    own = set(adapter_state(model, spec))
     missing, unexpected = own - set(state), set(state) - own
     if missing or unexpected:
         example = sorted(missing or unexpected)[0]
@@ -248,16 +370,21 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> LoraSpec:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> int:
-    """Fold every adapter into its base weight and put plain nn.Linear layers back. Returns the count."""
+    """Fold every adapter into its base weight and put plain nn.Linear / nn.Embedding layers back
+    (modules trained whole hold their weights already). Returns how many layers were folded."""
     merged = 0
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoraLinear):
                 # A QLoRA base is dequantized first: the merge is the model that was trained.
-                base = child.weight if child.quantized is None else child.quantized.dequantized(torch.float32)
+                dtype = child.weight.dtype if child.quantized is None else torch.float32
                 plain = nn.Linear(child.in_features, child.out_features, bias=False,
-                                  device=base.device, dtype=base.dtype)
-                plain.weight.copy_((base.float() + child.delta_weight()).to(base.dtype))
-                setattr(module, child_name, plain)
-                merged += 1
+                                  device=child.lora_A.weight.device, dtype=dtype)
+                plain.weight.copy_(child.merged_weight().to(dtype))
+            elif isinstance(child, TrainableTokens):
+                plain = child.plain()
+            else:
+                continue
+            setattr(module, child_name, plain)
+            merged += 1
     return merged

@@ -318,7 +318,8 @@ def _tokenizer_digest(tokenizer) -> str:
     with Path(tokenizer.source_file).open("rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
-    return f"{tokenizer.version}:{h.hexdigest()}"
+    added = f":{sorted(tokenizer.added.items())}" if tokenizer.added else ""  # names read out of the text
+    return f"{tokenizer.version}:{h.hexdigest()}{added}"
 
 
 def _code_digest() -> str:

@@ -3,8 +3,9 @@
 vLLM reads adapter_config.json through its `PEFTHelper` and the tensors by PEFT key name
 (`base_model.model.<module>.lora_A.weight`). What it refuses, it refuses at request time on
 the GPU server, so we check here: no modules_to_save (vLLM: "only supports modules_to_save
-being None"), no DoRA, bias "none", r and lora_alpha present, every adapted module one of the
-projections vLLM can adapt in a Mistral model, and a rank within --max-lora-rank.
+being None"), no DoRA, no trainable tokens (only LoRA A/B tensors load), bias "none", r and
+lora_alpha present, every adapted module one of the projections vLLM can adapt in a Mistral
+model, and a rank within --max-lora-rank. Adapters it refuses serve in vLLM once merged.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def vllm_adapter_problems(adapter_dir: Path) -> list[str]:
         problems.append(f"modules_to_save {cfg['modules_to_save']}: vLLM only supports modules_to_save being None")
     if cfg.get("use_dora"):
         problems.append("use_dora: vLLM does not support DoRA")
+    if cfg.get("trainable_token_indices"):
+        problems.append(f"trainable tokens {cfg['trainable_token_indices']} (new special tokens): vLLM loads "
+                        "LoRA A/B tensors only")
     if cfg.get("bias", "none") != "none":
         problems.append(f"bias {cfg['bias']!r}: vLLM needs bias 'none' (unless started with bias support)")
     r = cfg.get("r")
@@ -83,7 +87,8 @@ def export_adapter(run_or_adapter: Path, out_dir: Path | None = None) -> tuple[P
     adapter = find_adapter(Path(run_or_adapter))
     problems = vllm_adapter_problems(adapter)
     if problems:
-        raise ModelError(f"{adapter}: vLLM would not load this adapter: " + "; ".join(problems))
+        raise ModelError(f"{adapter}: vLLM would not load this adapter: " + "; ".join(problems)
+                         + ". Merge it (mistral-tune merge) and serve the merged model instead")
     cfg = json.loads((adapter / ADAPTER_CONFIG).read_text())
     if out_dir is not None:
         out_dir = Path(out_dir)

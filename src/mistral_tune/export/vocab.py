@@ -84,9 +84,10 @@ def _merges(priority: dict, key=lambda t: t) -> list[tuple]:
 
 def extract_vocab(tok: ChatTokenizer) -> Vocab:
     raw = tok._raw
-    if tok.is_tekken:
-        return _tekken_vocab(tok, raw)
-    return _spm_vocab(tok, raw)
+    vocab = _tekken_vocab(tok, raw) if tok.is_tekken else _spm_vocab(tok, raw)
+    for name, i in tok.added.items():  # reserved slots under the names a run gave them (chat.py)
+        vocab.tokens[i] = name
+    return vocab
 
 
 def _spm_vocab(tok: ChatTokenizer, raw) -> Vocab:

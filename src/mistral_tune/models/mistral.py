@@ -8,6 +8,7 @@ samples never see each other; the sliding window (Mistral 7B v0.1) applies insid
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -289,6 +290,7 @@ class MistralForCausalLM(nn.Module):
         # or SDPA's causal kernel when each row holds one sample (kernels/attention.py).
         self.attn_impl = "sdpa"
         self.fused_loss = False  # see kernels/loss.py
+        self.neftune_alpha = 0.0  # NEFTune: noise on the input embeddings while training
 
     def use_fast_path(self, compile_layers: bool = True) -> None:
         """GPU fast path: FlexAttention block masks (SDPA's causal kernel for rows of one sample),
@@ -332,6 +334,10 @@ class MistralForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
         x = self.model.embed_tokens(input_ids)
+        if self.neftune_alpha and self.training:
+            # NEFTune (Jain et al., 2023), sized as transformers' hook: alpha / sqrt(row length x hidden).
+            size = self.neftune_alpha / math.sqrt(L * x.shape[-1])
+            x = x + torch.empty_like(x).uniform_(-size, size)
         cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
         windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
         masks = {w: self._mask(seq_ids, position_ids, past, L, input_ids.device, w) for w in set(windows)}

@@ -32,7 +32,7 @@ from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, sample_lengths
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, TrainingHalted
 from ..fsutil import replace_dir
-from ..lora import LoraSpec, apply_lora, save_adapter
+from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
 from ..models.mistral import count_params, flops_per_token
 from ..models.quant import quantize_model
@@ -198,7 +198,7 @@ def prepare(cfg: Config, check_output: bool = True):
         raise ConfigError(
             f"base_model: {cfg.base_model} is a bitsandbytes 4-bit checkpoint; train it with adapter: qlora"
         )
-    tokenizer = load_tokenizer(cfg.tokenizer, model_dir)
+    tokenizer = load_tokenizer(cfg.tokenizer, model_dir, cfg.new_special_tokens)
     if tokenizer.vocab_size != model_cfg.vocab_size:
         raise ModelError(
             f"tokenizer {tokenizer.source_file.name} has {tokenizer.vocab_size} tokens but the model's "
@@ -258,8 +258,14 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                  echo=print, merge: bool = False, force: bool = False) -> TrainResult:
     seed_everything(cfg.seed)
     spec = None
+    if cfg.new_special_tokens:
+        echo("new special tokens: " + ", ".join(f"{n} = id {tokenizer.added[n]}" for n in cfg.new_special_tokens)
+             + " (reserved control-token slots); their embedding and lm_head rows train")
     if cfg.adapter in ("lora", "qlora"):
-        spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules), cfg.use_rslora)
+        new_ids = sorted(tokenizer.added[n] for n in cfg.new_special_tokens)
+        rows = {m: new_ids for m in WHOLE_MODULES if new_ids and m not in cfg.lora_modules_to_save}
+        spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules), cfg.use_rslora,
+                        cfg.use_dora, list(cfg.lora_modules_to_save), rows)
         apply_lora(model, spec, seed=cfg.seed)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
@@ -267,6 +273,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         p.data = p.data.float()
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_activations = model.recompute_by_row = cfg.offload_activations
+    model.neftune_alpha = cfg.neftune_noise_alpha or 0.0
     fast = rt.device.type == "cuda" if cfg.fast_path == "auto" else bool(cfg.fast_path)
     if fast and rt.device.type != "cuda":
         raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
@@ -294,7 +301,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     echo(f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), warm-up {warmup}, "
          f"effective batch {cfg.micro_batch_size * cfg.gradient_accumulation_steps * rt.world_size} rows")
 
-    optimizer = make_optimizer(params, cfg, rt.device)
+    optimizer = make_optimizer(named, cfg, rt.device)
     out = Path(cfg.output_dir)
     ckpts = CheckpointManager(out, cfg.save_total_limit, echo)
     # group_by_length only matters without packing: packed rows are all padded to sequence_len.
@@ -363,7 +370,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 groups = [g for _, g in window]
                 lr = cfg.learning_rate * lr_factor(step, total_steps, warmup, cfg.lr_scheduler) * guard.lr_scale
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group["lr_scale"]
                 step_t = time.perf_counter()
                 while True:
                     try:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..data.pack import IGNORE
 from ..kernels.loss import linear_cross_entropy_sum
+from ..lora import output_weight
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -32,14 +33,18 @@ def warmup_steps(cfg, total_steps: int) -> int:
     return 0
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+def make_optimizer(named: dict[str, torch.nn.Parameter], cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only. Each group's "lr_scale" multiplies the scheduled
+    learning rate: LoRA+ (loraplus_lr_ratio) gives lora_B and the other vectors (DoRA magnitudes) the
+    ratio, as PEFT's create_loraplus_optimizer does; everything else 1."""
+    ratio = cfg.loraplus_lr_ratio or 1.0
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    for name, p in named.items():
+        scale = ratio if (".lora_B." in name or p.ndim == 1) else 1.0
+        groups.setdefault((p.ndim >= 2, scale), []).append(p)
     return torch.optim.AdamW(
-        groups,
+        [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
+         for (decay, scale), ps in groups.items()],
         lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
@@ -60,6 +65,6 @@ def token_loss_sum(model, batch) -> torch.Tensor:
     if targets.numel() == 0:
         return hidden.sum() * 0.0
     if getattr(model, "fused_loss", False):
-        return linear_cross_entropy_sum(h, model.lm_head.weight, targets)
+        return linear_cross_entropy_sum(h, output_weight(model), targets)
     logits = model.lm_head(h).float()
     return F.cross_entropy(logits, targets, reduction="sum")

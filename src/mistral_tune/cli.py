@@ -180,6 +180,9 @@ def _data_setup(args):
     cfg = load_config(args.config, args.overrides)
     model_dir = None
     if cfg.tokenizer is None:
+        if cfg.base_model is None:
+            raise ConfigError(f"{args.config}: set tokenizer (v1, v3, v7, tekken or a tokenizer file), or base_model "
+                              "to use its tokenizer")
         from .models.load import resolve_model_dir
 
         model_dir = resolve_model_dir(cfg.base_model)

@@ -87,7 +87,8 @@ class CacheWriter:
         for name, arr in (("tokens", ids), ("mask", mask), ("offsets", offsets), ("trained", trained),
                           ("hashes", hashes)):
             self.files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
-        self.files["origins.txt"].write("".join(o.replace("\n", " ") + "\n" for o in origins).encode("utf-8"))
+        text = "".join(o.replace("\n", " ") + "\n" for o in origins)
+        self.files["origins.txt"].write(text.encode("utf-8", "backslashreplace"))  # a file name's odd bytes
         self.n_samples += len(lengths)
         self.n_tokens += int(np.sum(lengths))
 
@@ -99,7 +100,8 @@ class CacheWriter:
         files = {name + (".bin" if name in ARRAYS else ""): f.close() for name, f in self.files.items()}
         manifest = {"version": CACHE_VERSION, "key": self.key, "n_samples": self.n_samples,
                     "n_tokens": self.n_tokens, "files": files, **meta}
-        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
+                                                encoding="utf-8", errors="backslashreplace")
         final = self.root / self.key
         try:
             os.rename(self.tmp, final)

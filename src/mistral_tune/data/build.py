@@ -15,6 +15,7 @@ tokenized in pieces straight into arrays.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import itertools
 import json
@@ -426,6 +427,7 @@ def _settings(cfg, tokenizer, field_map: dict[str, str] | None = None) -> _Setti
                      near_dedup=c.near_dedup, max_chars=(cfg.sequence_len + 1) * _longest_token_chars(tokenizer))
 
 
+@functools.lru_cache(maxsize=4)  # 1 s for tekken's 131k entries: once per tokenizer
 def _longest_token_chars(tokenizer) -> int:
     """An upper bound on the characters of text one token stands for: the UTF-8 length of the
     longest vocabulary entry (neither tokenizer normalises text, so n characters need at least

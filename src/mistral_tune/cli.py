@@ -340,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):  # a file name with undecodable bytes prints escaped, not as a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     # parse_args drops key=value overrides that follow an option (`train c.yaml --merge lr=1`):
     # argparse fills a nargs="*" positional once, before the option. Take them back here.

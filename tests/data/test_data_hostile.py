@@ -307,3 +307,37 @@ def test_every_hostile_kind_once(tok) -> None:
     specs = ([("use", n) for n in USE] + [("bad", n) for n in BAD] + [("too_long", n) for n in TOO_LONG]
              + [("dup", "chat")] + [("blank", i) for i in range(len(BLANKS))])
     run_once(tok, [("use", "chat"), *specs], compact=True)
+
+
+def test_nesting_just_under_the_parse_limit_is_a_bad_record_too(tmp_path: Path, tok) -> None:
+    """Nesting that json.loads still takes can fail later, where the record is walked with a deeper
+    stack (tool definitions re-encoded by mistral-common): that record is bad, not a crash. Where
+    exactly depends on the stack, so depths around the limit run under a deeper stack."""
+    lines = [_j(chat("q", "a"))]
+    for depth in range(550, 850):
+        params = b'{"type": "object", "properties": ' + b'{"a": ' * depth + b"1" + b"}" * depth + b"}"
+        lines.append(b'{"messages": [{"role": "user", "content": "q%d"}, {"role": "assistant", "content": "a"}], '
+                     b'"tools": [{"type": "function", "function": {"name": "f", "description": "d", '
+                     b'"parameters": %s}}]}' % (depth, params))
+    p = tmp_path / "deep.jsonl"
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    cfg = config_from_dict({**_config_dict([p], tmp_path / "cache"), "sequence_len": 1_048_576})
+
+    def under(frames: int):
+        return under(frames - 1) if frames else build_dataset(cfg, tok)
+
+    r = under(250).report
+    assert r.records == len(lines) and r.records == r.records_used + r.rejected
+    assert r.rejected and any("nested too deeply" in b for b in r.bad_examples)
+
+
+def test_a_file_name_with_undecodable_bytes(tmp_path: Path, tok) -> None:
+    """Origins hold the file name; its odd bytes (U+DCxx in Python) reach the rejects, duplicates
+    and origins files and the printed report escaped, not as an encoding error."""
+    p = tmp_path / "caf\udce9.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "ok"}\nnot json\n')
+    r = build_dataset(config_from_dict(_config_dict([p], tmp_path / "cache")), tok).report
+    assert (r.records, r.records_used, r.rejected, r.dedup_exact) == (3, 1, 1, 1)
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(_config_dict([p], tmp_path / "cache")), errors="surrogateescape")
+    assert main(["data", "inspect", str(config), "--out", "", "--color", "never"]) == 0

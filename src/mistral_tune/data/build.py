@@ -733,7 +733,8 @@ def _deduplicate(entries: list[CacheEntry], part: np.ndarray, local: np.ndarray,
                              digest_size=8).hexdigest()
     path = root / f"duplicates-{digest}.jsonl"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8",
+                   errors="backslashreplace")
     os.replace(tmp, path)
     report.rejects_files.append(str(path))
     return keep

@@ -43,7 +43,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(parts: dict) -> str:
     blob = json.dumps({"cache_version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
-    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(blob.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 class _HashingFile:
@@ -94,7 +94,7 @@ class CacheWriter:
 
     def reject(self, origin: str, kind: str, reason: str) -> None:
         line = json.dumps({"origin": origin, "kind": kind, "reason": reason}, ensure_ascii=False)
-        self.files["rejects.jsonl"].write((line + "\n").encode("utf-8"))
+        self.files["rejects.jsonl"].write((line + "\n").encode("utf-8", "backslashreplace"))
 
     def finish(self, meta: dict) -> Path:
         files = {name + (".bin" if name in ARRAYS else ""): f.close() for name, f in self.files.items()}

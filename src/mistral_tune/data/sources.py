@@ -371,7 +371,7 @@ def _read_hf(src: Source) -> Iterator[RawRecord]:
 def fingerprint(src: Source) -> str:
     """A digest that changes whenever the source's content does (for the token cache key)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{src.kind}\0{src.path}\0{src.name}\0{src.split}\0".encode())
+    h.update(f"{src.kind}\0{src.path}\0{src.name}\0{src.split}\0".encode("utf-8", "surrogateescape"))
     if src.kind in ("hf_disk", "hf_hub"):
         ds = load_hf(src)
         h.update(str(getattr(ds, "_fingerprint", "")).encode())

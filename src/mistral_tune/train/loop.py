@@ -195,7 +195,9 @@ def model_fit_warnings(cfg: Config, model_dir: Path, model_cfg, tokenizer) -> li
             own = ChatTokenizer(find_tokenizer_file(model_dir))
         except ModelError:  # the folder ships none (or several): nothing to compare with
             return out
-        kind = lambda t: f"{'tekken' if t.is_tekken else 'SentencePiece'} {t.version}"  # noqa: E731
+        def kind(t: ChatTokenizer) -> str:
+            return f"{'tekken' if t.is_tekken else 'SentencePiece'} {t.version}"
+
         if kind(own) != kind(tokenizer):
             out.append(f"tokenizer: {cfg.tokenizer} is {kind(tokenizer)}, but the model folder ships "
                        f"{own.source_file.name} ({kind(own)}): the prompt format differs from the one the model "

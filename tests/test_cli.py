@@ -237,6 +237,16 @@ def test_dataset_file_not_found(ws: Workspace, capsys) -> None:
     assert not ws.out.exists()
 
 
+def test_mistyped_dataset_path_is_file_not_found(ws: Workspace, capsys, monkeypatch) -> None:
+    (ws.root / "data").mkdir()
+    write_jsonl(ws.root / "data" / "alpaca.json", [chat("a", "b")])
+    monkeypatch.chdir(ws.root)
+    ws.write_config(datasets=[{"path": "data/alpaka.json"}])  # "owner/name" in form, but a file's name
+    code, _, err = run_cli(capsys, "train", ws.config)
+    assert_one_line_error(code, err, "dataset file not found: data/alpaka.json", "did you mean data/alpaca.json?")
+    assert not ws.out.exists()
+
+
 def test_every_sample_longer_than_sequence_len(ws: Workspace, capsys) -> None:
     ws.dataset([chat("word " * 40, "fine " * 10)] * 3)
     code, _, err = run_cli(capsys, "train", ws.config, "sequence_len=32")
@@ -304,7 +314,37 @@ def test_merge_of_a_directory_without_an_adapter(ws: Workspace, capsys) -> None:
     assert not (ws.root / "merged").exists()
 
 
+def test_train_without_base_model(ws: Workspace, capsys) -> None:
+    ws.settings.pop("base_model")
+    ws.write_config(tokenizer="v3")
+    code, _, err = run_cli(capsys, "train", ws.config)
+    assert_one_line_error(code, err, "missing key 'base_model'")
+    assert not ws.out.exists()
+
+
+def test_data_commands_need_only_a_tokenizer(ws: Workspace, capsys) -> None:
+    ws.settings.pop("base_model")
+    ws.write_config(tokenizer="v3", dataset_cache_dir=str(ws.root / "cache"))
+    code, out, err = run_cli(capsys, "data", "validate", ws.config)
+    assert (code, err) == (0, "") and "data OK" in out
+    code, out, err = run_cli(capsys, "data", "inspect", ws.config, "--out", "", "--color", "never")
+    assert (code, err) == (0, "") and "== 3 sample(s)" in out
+    ws.write_config()  # neither a tokenizer nor a model
+    code, _, err = run_cli(capsys, "data", "validate", ws.config)
+    assert_one_line_error(code, err, "set tokenizer", "or base_model")
+
+
 # ---------------------------------------------------------------------- validate
+
+
+def test_validate_warns_about_positions_and_the_tokenizer_version(ws: Workspace, capsys) -> None:
+    code, out, err = run_cli(capsys, "validate", ws.config)
+    assert code == 0 and "warning" not in out
+    code, out, err = run_cli(capsys, "validate", ws.config, "sequence_len=8192", "tokenizer=v7")
+    assert code == 0, err
+    assert "warning: sequence_len 8192 is more than the model's max_position_embeddings 4096" in out
+    assert ("warning: tokenizer: v7 is SentencePiece v7, but the model folder ships tokenizer.model.v3 "
+            "(SentencePiece v3)") in out
 
 
 def test_validate_prints_the_data_report_and_writes_nothing(ws: Workspace, capsys) -> None:

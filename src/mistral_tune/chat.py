@@ -74,7 +74,7 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
 from mistral_tune.errors import DataError, ModelError
 
-__all__ = ["ADDED_TOKENS", "BUNDLED", "BUNDLED_DIR", "ChatTokenizer", "load_tokenizer"]
+__all__ = ["ADDED_TOKENS", "BUNDLED", "BUNDLED_DIR", "ChatTokenizer", "find_tokenizer_file", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -498,7 +498,7 @@ def _assistant(i: int, m: dict, content: Any, training: bool) -> AssistantMessag
 # ---------------------------------------------------------------------- loading
 
 
-def _find_in_dir(d: Path) -> Path:
+def find_tokenizer_file(d: Path) -> Path:
     """Pick the tokenizer file in a model directory: tekken.json, tokenizer.model.v*, tokenizer.model."""
     looked_for = "tekken.json, tokenizer.model.v*, tokenizer.model"
     if not d.is_dir():
@@ -528,13 +528,13 @@ def load_tokenizer(spec: str | None, model_dir: Path | None = None, new_tokens: 
     if spec is None:
         if model_dir is None:
             raise ModelError("no tokenizer given: set a tokenizer (bundled name or path) or a model directory")
-        path = _find_in_dir(Path(model_dir))
+        path = find_tokenizer_file(Path(model_dir))
     elif spec in BUNDLED:
         path = BUNDLED[spec]
     else:
         p = Path(spec).expanduser()
         if p.is_dir():
-            path = _find_in_dir(p)
+            path = find_tokenizer_file(p)
         elif p.is_file():
             path = p
         elif spec in _UNSHIPPED:

@@ -180,6 +180,9 @@ def _data_setup(args):
     cfg = load_config(args.config, args.overrides)
     model_dir = None
     if cfg.tokenizer is None:
+        if cfg.base_model is None:
+            raise ConfigError(f"{args.config}: set tokenizer (v1, v3, v7, tekken or a tokenizer file), or base_model "
+                              "to use its tokenizer")
         from .models.load import resolve_model_dir
 
         model_dir = resolve_model_dir(cfg.base_model)
@@ -337,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):  # a file name with undecodable bytes prints escaped, not as a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     # parse_args drops key=value overrides that follow an option (`train c.yaml --merge lr=1`):
     # argparse fills a nargs="*" positional once, before the option. Take them back here.

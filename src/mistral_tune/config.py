@@ -82,7 +82,11 @@ PII_KINDS = ("email", "phone", "ip_address", "credit_card", "secret")
 
 
 class CleaningConfig(_Strict):
-    unicode: bool = Field(True, description="Remove control characters, replace invalid Unicode, normalise to NFC.")
+    unicode: bool = Field(
+        True,
+        description="Repair text: undo mojibake (ftfy), replace lone surrogates, remove control characters, "
+        "normalise to NFC; each repair is counted.",
+    )
     dedup: bool = Field(True, description="Drop exact duplicate samples (after cleaning), across all datasets.")
     near_dedup: bool = Field(
         False,
@@ -93,9 +97,10 @@ class CleaningConfig(_Strict):
         0.85, gt=0, le=1, description="Estimated Jaccard similarity at or above which a record is a near-duplicate."
     )
     redact_pii: bool = Field(
-        True,
-        description="Replace e-mails, phone numbers, IPs, Luhn-valid card numbers and API keys/secrets "
-        "by placeholders like [EMAIL].",
+        False,
+        description="Replace e-mails, phone numbers, public IP addresses, card numbers and API keys/secrets "
+        "by placeholders like [EMAIL] (versions, URLs, git remotes and code keep theirs; secrets are "
+        "replaced everywhere).",
     )
     pii_kinds: list[Literal["email", "phone", "ip_address", "credit_card", "secret"]] = Field(
         default_factory=lambda: list(PII_KINDS), description="Which kinds redact_pii replaces."
@@ -109,7 +114,11 @@ class CleaningConfig(_Strict):
 
 class Config(_Strict):
     # model and tokenizer
-    base_model: str = Field(description="Local HF model directory or a hub id.")
+    base_model: str | None = Field(
+        None,
+        description="Local HF model directory or a hub id; needed to train and by validate (the data "
+        "commands need only tokenizer).",
+    )
     tokenizer: str | None = Field(
         None,
         description="v1 | v3 | v7 | tekken (bundled with mistral-common), a tokenizer file (any version "

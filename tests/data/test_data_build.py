@@ -61,6 +61,100 @@ def test_long_text_is_chunked_without_losing_a_token(tmp_path: Path, tok, make_c
     assert all(data.train.ids_and_mask(k)[1][0] == 0 for k in range(len(samples)))
 
 
+class SpyTokenizer(ChatTokenizer):
+    """The real tokenizer, noting the most characters of text it was given at once."""
+
+    most_chars = 0
+
+    def encode_chat(self, messages, train_on_inputs=False, tools=None, **options):
+        chars = sum(len(m.get("content") or "") for m in messages)
+        SpyTokenizer.most_chars = max(SpyTokenizer.most_chars, chars)
+        return super().encode_chat(messages, train_on_inputs, tools, **options)
+
+    def encode_text(self, text, bos=True, eos=True):
+        SpyTokenizer.most_chars = max(SpyTokenizer.most_chars, len(text))
+        return super().encode_text(text, bos, eos)
+
+
+def test_a_huge_conversation_is_dropped_or_cut_before_tokenizing(tmp_path: Path, tok, make_cfg) -> None:
+    spy = SpyTokenizer(tok.source_file)
+    huge = chat("summarise: " + "lorem ipsum dolor " * 200_000, "ok")  # 3.6 M characters on one line
+    long_answer = {"messages": [{"role": "user", "content": "tell me"},
+                                {"role": "assistant", "content": words(20_000, "a")}]}  # ~130k characters
+    p = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a"), huge, long_answer])
+    SpyTokenizer.most_chars = 0
+    data = build_dataset(make_cfg([p]), spy)
+    assert data.report.dropped_too_long == 2 and SpyTokenizer.most_chars < 50_000  # neither was tokenized
+    rejects = {x["origin"]: x["reason"] for x in data.entries[0].rejects()}
+    assert rejects[f"{p}:2"].startswith("3600013 characters of text: more than sequence_len 128 tokens can hold")
+
+    # truncate: the answer is cut before tokenizing, and the sample is the one the whole record gives.
+    SpyTokenizer.most_chars = 0
+    data = build_dataset(make_cfg([p], on_too_long="truncate"), spy)
+    assert SpyTokenizer.most_chars < 50_000 and data.report.truncated == 1 and data.report.dropped_too_long == 1
+    ids, mask = data.train.ids_and_mask(1)
+    full_ids, full_mask = tok.encode_chat(long_answer["messages"])
+    assert list(ids) == full_ids[:len(ids)] and len(ids) == 129 and list(mask) == full_mask[:129]
+
+
+@pytest.mark.parametrize("version", ["v1", "v3", "v7", "tekken"])
+def test_a_long_text_tokenized_in_pieces_gives_the_ids_of_the_whole(version: str) -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from mistral_tune.chat import load_tokenizer
+    from mistral_tune.data.build import encode_text_pieces
+
+    t = load_tokenizer(version)
+    letters = st.characters(codec="utf-8", categories=["L", "N"]).filter(str.isalnum)
+    word = st.text(letters, min_size=1, max_size=8) | st.sampled_from(["the", "ünïcödé", "漢字", "42", "x1"])
+    other = st.sampled_from(["😀", "e\u0301", "--", "...", "\t", "\n\n", "  ", "\r\n"])
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(word, min_size=1, max_size=60), st.lists(st.tuples(st.integers(0, 59), other), max_size=8),
+           st.integers(20, 60))
+    def check(words_, extras, piece_chars):
+        # Words joined by single spaces give a place to cut in every half piece: the ids are the whole's.
+        text = " ".join(words_)
+        assert encode_text_pieces(t, text, piece_chars).tolist() == t.encode_text(text)
+        # Anything else: pieces may be cut inside a word, the text stays the same.
+        for at, extra in extras:
+            words_.insert(at, extra)
+        text = "".join(w + (" " if i % 3 else "") for i, w in enumerate(words_))
+        assert t.decode(encode_text_pieces(t, text, piece_chars).tolist()) == t.decode(t.encode_text(text))
+
+    check()
+
+
+def test_a_long_text_costs_memory_by_its_ids(tmp_path: Path, tok, make_cfg, monkeypatch) -> None:
+    import tracemalloc
+
+    import mistral_tune.data.build as build
+
+    monkeypatch.setattr(build, "TEXT_PIECE_CHARS", 20_000, raising=False)
+    text = " ".join(f"w{i % 997}x" for i in range(50_000))  # 290k characters, 240k tokens
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": text}])
+    tracemalloc.start()
+    try:
+        data = build_dataset(make_cfg([p], sequence_len=2048), tok)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data.report.tokens == len(tok.encode_text(text)) - 1
+    # ids and mask as arrays (5 bytes a token) and the text itself, not lists of Python ints (~40 bytes a token)
+    assert peak < 5 * 2**20, peak
+
+
+def test_a_dataset_that_gives_no_sample_is_an_error(tmp_path: Path, tok, make_cfg) -> None:
+    ok = write_jsonl(tmp_path / "ok.jsonl", [chat("q", "a")])
+    long = write_jsonl(tmp_path / "long.jsonl", [chat(words(40), "fine " * 10), chat(words(60), "fine")])
+    longest = len(tok.encode_chat(chat(words(60), "fine")["messages"])[0]) - 1
+    with pytest.raises(DataError, match=rf"long\.jsonl: no usable sample in 2 record\(s\): 2 longer than "
+                                        rf"sequence_len=16 \(the longest has {longest} tokens: sequence_len: 256 fits "
+                                        r"it, or set on_too_long: truncate\)"):
+        build_dataset(make_cfg([ok, long], sequence_len=16), tok)
+
+
 def test_no_trained_token_refuses_to_train(tmp_path: Path, tok, make_cfg) -> None:
     zero = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]}
     p = write_jsonl(tmp_path / "d.jsonl", [zero])
@@ -104,11 +198,20 @@ def test_mixing_weights_and_counts(tmp_path: Path, tok, make_cfg) -> None:
         make_cfg([{"path": str(a), "weight": 2, "num_samples": 3}])
 
 
-def test_exact_duplicates_across_datasets(tmp_path: Path, tok, make_cfg) -> None:
+def test_exact_duplicates_across_datasets_are_listed(tmp_path: Path, tok, make_cfg) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", [chat("same", "answer"), chat("x", "y")])
-    b = write_jsonl(tmp_path / "b.jsonl", [chat("same", "answer"), chat("same\u0000", "answer")])  # NUL stripped
+    b = write_jsonl(tmp_path / "b.jsonl", [chat("same", "answer"), chat("same\u0000", "answer"),  # NUL stripped
+                                           chat("own", "one")])
     r = build_dataset(make_cfg([a, b]), tok).report
-    assert (r.samples, r.dedup_exact) == (2, 2)
+    assert (r.samples, r.dedup_exact, r.records_used) == (3, 2, 3)
+    (dups,) = [f for f in r.rejects_files if "duplicates-" in f]
+    rows = [json.loads(line) for line in Path(dups).read_text().splitlines()]
+    assert [(x["origin"], x["reason"]) for x in rows] == [
+        (f"{b}:1", f"exact duplicate of {a}:1"), (f"{b}:2", f"exact duplicate of {a}:1")]
+    assert "records: 5 read = 3 used + 2 exact duplicates" in r.accounting()
+    # A dataset left with nothing is an error, not a quiet part of the mix.
+    with pytest.raises(DataError, match=r"b\.jsonl: all its samples are exact duplicates .* cleaning\.dedup: false"):
+        build_dataset(make_cfg([a, write_jsonl(b, [chat("x", "y")])]), tok)
 
 
 class CountingTokenizer(ChatTokenizer):
@@ -116,9 +219,9 @@ class CountingTokenizer(ChatTokenizer):
 
     calls = 0
 
-    def encode_chat(self, messages, train_on_inputs=False, tools=None):
+    def encode_chat(self, messages, train_on_inputs=False, tools=None, **options):
         CountingTokenizer.calls += 1
-        return super().encode_chat(messages, train_on_inputs, tools)
+        return super().encode_chat(messages, train_on_inputs, tools, **options)
 
 
 def test_cache_reuse_corruption_and_invalidation(tmp_path: Path, tok, make_cfg) -> None:
@@ -235,7 +338,7 @@ def test_workers_read_ahead_a_bounded_number_of_chunks(tok) -> None:
             yield [RawRecord(f"mem:{k}", chat(f"q{k}", "a"))]
 
     at_first_result = []
-    settings = _settings(config_from_dict({"base_model": "x", "datasets": [{"path": "x"}]}))
+    settings = _settings(config_from_dict({"base_model": "x", "datasets": [{"path": "x"}]}), tok)
     _run_pool(chunks(), [], "messages", tok, settings, 2, lambda out: at_first_result.append(len(pulled)))
     assert len(at_first_result) == 40  # every chunk processed
     assert at_first_result[0] <= 2 * 2 + 1, at_first_result[0]

@@ -19,7 +19,7 @@ RECORDS = [chat(f"question {i}", f"answer {i}") for i in range(5)]
 
 def _read(path: Path, kind: str | None = None) -> list:
     (src,) = resolve_sources(str(path), kind or "auto")
-    return list(read_source(src))
+    return [r for r in read_source(src) if not r.blank]
 
 
 def test_jsonl_origins_and_bad_lines(tmp_path: Path) -> None:
@@ -38,9 +38,7 @@ def test_jsonl_origins_and_bad_lines(tmp_path: Path) -> None:
     assert "expected a JSON object, got an array" in raws[2].error
     assert "not valid UTF-8" in raws[3].error
     assert raws[4].record == RECORDS[1]
-    # With fixing on, the bad byte becomes U+FFFD and the record is kept (and marked as fixed).
-    fixed = list(read_source(Source("jsonl", str(p)), fix_utf8=True))[3]
-    assert fixed.record == {"messages": "caf\ufffd"} and fixed.fixed_utf8
+    assert [r.origin for r in read_source(Source("jsonl", str(p))) if r.blank] == [f"{p}:2"]  # counted
 
 
 def test_json_array_gives_line_numbers(tmp_path: Path) -> None:
@@ -49,15 +47,22 @@ def test_json_array_gives_line_numbers(tmp_path: Path) -> None:
     raws = _read(p)
     assert [r.record for r in raws[:2]] == RECORDS[:2]
     first_len = json.dumps(RECORDS[0], indent=1).count("\n") + 1
-    assert raws[0].origin == f"{p}:2"
-    assert raws[1].origin == f"{p}:{2 + first_len}"
+    assert raws[0].origin == f"{p}:2 (record 0)"
+    assert raws[1].origin == f"{p}:{2 + first_len} (record 1)"
     assert "got a number" in raws[2].error
+    # A compact array: one line, told apart by the record index.
+    p.write_text(json.dumps(RECORDS[:3], separators=(",", ":")))
+    assert [r.origin for r in _read(p)] == [f"{p}:1 (record {i})" for i in range(3)]
 
 
 def test_json_array_syntax_error_names_the_line(tmp_path: Path) -> None:
     p = tmp_path / "d.json"
-    p.write_text('[\n{"text": "a"},\n{"text": "b",,}\n]')
-    with pytest.raises(DataError, match=r"d\.json:3: not valid JSON"):
+    p.write_text('[\n{"text": "a"},\n{"text": "b",,},\n{"text": "c"}\n]')
+    raws = _read(p)  # an element whose brackets close is one bad record; the others are read
+    assert [r.origin for r in raws] == [f"{p}:{n} (record {n - 2})" for n in (2, 3, 4)]
+    assert raws[1].error.startswith("not valid JSON") and raws[2].record == {"text": "c"}
+    p.write_text('[\n{"text": "a"},\n{"text": "b"\n')
+    with pytest.raises(DataError, match=r"d\.json:4: not valid JSON.*the rest of the array cannot be read"):
         _read(p)
 
 
@@ -158,3 +163,33 @@ def test_source_hf_on_a_plain_folder_uses_load_dataset(tmp_path: Path, tok, make
     assert len(data.train) == len(RECORDS)
     assert data.report.formats == {str(tmp_path / "repo"): "messages"}
     assert data.report.per_file == {f"{tmp_path / 'repo'}[train]": len(RECORDS)}
+
+
+def test_a_mistyped_local_path_is_file_not_found_not_a_hub_name(tmp_path: Path, monkeypatch) -> None:
+    from hypothesis import assume, given, settings
+    from hypothesis import strategies as st
+
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "alpaca.json", RECORDS)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"dataset file not found: data/alpaka\.json; did you mean data/alpaca\.json\?"):
+        resolve_sources("data/alpaka.json")
+    with pytest.raises(DataError, match=r"not found: dat/alpaca\.json; did you mean data\?"):
+        resolve_sources("dat/alpaca.json")
+
+    part = st.text("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789_-", min_size=1, max_size=12)
+
+    @settings(max_examples=100, deadline=None)
+    @given(owner=part | st.just("data"), name=part,
+           suffix=st.sampled_from(["", "", ".json", ".jsonl", ".jsonl.gz", ".ndjson", ".parquet", ".csv", ".JSON"]))
+    def check(owner: str, name: str, suffix: str) -> None:
+        path = f"{owner}/{name}{suffix}"
+        assume(not Path(path).exists())
+        if suffix or owner == "data":  # a data file's name, or a folder that is here: a local path
+            with pytest.raises(DataError, match="dataset file not found"):
+                resolve_sources(path)
+        else:  # "owner/name" and nothing local by that name: a hub dataset
+            (src,) = resolve_sources(path)
+            assert (src.kind, src.path) == ("hf_hub", path)
+
+    check()

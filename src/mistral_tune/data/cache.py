@@ -43,7 +43,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(parts: dict) -> str:
     blob = json.dumps({"cache_version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
-    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(blob.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 class _HashingFile:
@@ -87,19 +87,21 @@ class CacheWriter:
         for name, arr in (("tokens", ids), ("mask", mask), ("offsets", offsets), ("trained", trained),
                           ("hashes", hashes)):
             self.files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
-        self.files["origins.txt"].write("".join(o.replace("\n", " ") + "\n" for o in origins).encode("utf-8"))
+        text = "".join(o.replace("\n", " ") + "\n" for o in origins)
+        self.files["origins.txt"].write(text.encode("utf-8", "backslashreplace"))  # a file name's odd bytes
         self.n_samples += len(lengths)
         self.n_tokens += int(np.sum(lengths))
 
     def reject(self, origin: str, kind: str, reason: str) -> None:
         line = json.dumps({"origin": origin, "kind": kind, "reason": reason}, ensure_ascii=False)
-        self.files["rejects.jsonl"].write((line + "\n").encode("utf-8"))
+        self.files["rejects.jsonl"].write((line + "\n").encode("utf-8", "backslashreplace"))
 
     def finish(self, meta: dict) -> Path:
         files = {name + (".bin" if name in ARRAYS else ""): f.close() for name, f in self.files.items()}
         manifest = {"version": CACHE_VERSION, "key": self.key, "n_samples": self.n_samples,
                     "n_tokens": self.n_tokens, "files": files, **meta}
-        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
+                                                encoding="utf-8", errors="backslashreplace")
         final = self.root / self.key
         try:
             os.rename(self.tmp, final)

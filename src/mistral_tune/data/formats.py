@@ -18,19 +18,11 @@ the same way. Reasons for a bad record are short; the caller adds file:line.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from ..errors import DataError
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 ALIASES = {"instruction": "alpaca"}
-#: Names a field map may rename (the record's own column name is the value).
-CANONICAL_FIELDS = ("messages", "conversations", "tools", "instruction", "input", "output", "prompt",
-                    "completion", "system", "text", "role", "content", "from", "value")
-
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "bot": "assistant", "chatgpt": "assistant", "system": "system",
                   "tool": "tool"}
@@ -45,19 +37,6 @@ class Chat:
 @dataclass
 class Text:
     text: str
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-blank line; a line that is not a JSON object is a DataError."""
-    from .sources import _read_jsonl
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"dataset file not found: {path}")
-    for raw in _read_jsonl(path, fix_utf8=False):
-        if raw.error:
-            raise DataError(f"{raw.origin}: {raw.error}")
-        yield int(raw.origin.rsplit(":", 1)[1]), raw.record
 
 
 class FieldMap:

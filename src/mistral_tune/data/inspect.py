@@ -156,12 +156,12 @@ def summary_lines(data: Dataset, sequence_len: int) -> list[str]:
     if len(lengths):
         lines.append(f"sample length: min {int(lengths.min())}, median {int(np.median(lengths))}, "
                      f"mean {lengths.mean():.0f}, max {int(lengths.max())} (sequence_len {sequence_len})")
+    lines.append(r.accounting())
     lines.append(
-        f"rejected {r.rejected}, too long dropped {r.dropped_too_long}, truncated {r.truncated}, "
-        f"no trained token {r.dropped_no_trained_tokens}, deduplicated {r.dedup_exact} exact + {r.dedup_near} near, "
-        f"redacted {sum(r.redacted.values())}"
+        f"truncated {r.truncated}, redacted {sum(r.redacted.values())}"
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(r.redacted.items()))})" if r.redacted else "")
-        + f", flagged {r.injection_flagged}, unicode fixed {r.unicode_fixed}"
+        + f", flagged {r.injection_flagged}, Unicode repaired in {r.unicode_fixed} record(s)"
+        + (f" ({', '.join(f'{k} {v}' for k, v in r.unicode_repairs.items())})" if r.unicode_repairs else "")
     )
     return lines
 
@@ -224,6 +224,14 @@ def inspect_lines(data: Dataset, tokenizer, sequence_len: int, n_samples: int, o
     if rejects:
         lines.append(f"== records left out (first {len(rejects)}; all of them, with reasons, in the rejects files)")
         lines += [f"  {r['origin']}: [{r['kind']}] {r['reason']}" for r in rejects]
+        lines.append("")
+    if data.report.duplicate_examples:
+        lines.append("== duplicates left out (first few; all of them in the duplicates file)")
+        lines += [f"  {d}" for d in data.report.duplicate_examples]
+        lines.append("")
+    if data.report.redacted_examples:
+        lines.append("== PII redacted (first few, in context; cleaning.redact_pii: false keeps the text as it is)")
+        lines += [f"  {x}" for x in data.report.redacted_examples[:10]]
         lines.append("")
     if data.report.flagged:
         lines.append("== flagged: possible prompt injection (kept; cleaning.prompt_injection: drop removes them)")

@@ -9,19 +9,23 @@ Records are streamed: JSONL and CSV line by line, Parquet batch by batch, HF dat
 their memory-mapped Arrow files, so a file larger than memory is never loaded whole. A JSON array is
 the exception (one document; it is parsed whole) - use JSONL for big data.
 
-A record that cannot be read (bad JSON, not an object, invalid UTF-8) is yielded as a `RawRecord`
-with `error` set, so the caller decides whether to stop or to skip it.
+A record that cannot be read (bad JSON, a number or nesting Python cannot parse, not an object,
+invalid UTF-8) is yielded as a `RawRecord` with `error` set, so the caller decides whether to stop or
+to skip it; a blank line is yielded with `blank` set, so that it is counted. Invalid UTF-8 is never
+repaired here: a replaced byte would be a silent change to the data.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import glob
 import gzip
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +40,11 @@ _JSON_COLUMNS = ("messages", "conversations", "tools")
 
 @dataclass
 class RawRecord:
-    origin: str  # "path:line", "path:row N" or "dataset[split]:index"
+    origin: str  # "path:line", "path:line (record N)" (JSON array), "path:row N" or "dataset[split]:index"
     record: dict | None
     error: str | None = None
-    fixed_utf8: bool = False  # invalid UTF-8 bytes were replaced by U+FFFD (counted by the cleaner)
     line: bytes | None = None  # an unparsed JSONL line (parsed later, in a worker: see parse_line)
+    blank: bool = False  # a blank line: no record, only counted
 
 
 @dataclass
@@ -94,11 +98,10 @@ def resolve_sources(path: str, kind: str = "auto", name: str | None = None, spli
             raise DataError(f"{key}: {path} has no .jsonl, .json, .parquet or .csv file")
     elif p.is_file():
         files = [p]
-    elif kind == "auto" and path.count("/") == 1 and not path.startswith((".", "/", "~")):
-        # Looks like a hub id ("owner/name") and is not a local path.
+    elif kind == "auto" and _looks_like_hub_id(path):
         return [Source("hf_hub", path, name, split or "train")]
     else:
-        raise DataError(f"{key}: dataset file not found: {path}")  # key: which config entry
+        raise DataError(f"{key}: dataset file not found: {path}{_closest(p)}")  # key: which config entry
     out = []
     for f in files:
         k = kind if kind != "auto" else _kind_of(f)
@@ -111,7 +114,26 @@ def resolve_sources(path: str, kind: str = "auto", name: str | None = None, spli
     return out
 
 
-def read_source(src: Source, fix_utf8: bool = False, lazy: bool = False) -> Iterator[RawRecord]:
+def _looks_like_hub_id(path: str) -> bool:
+    """"owner/name" that is not a local path: no data-file suffix, no local folder "owner"."""
+    p = Path(path)
+    return (path.count("/") == 1 and not path.startswith((".", "/", "~")) and _kind_of(p) is None
+            and not p.parent.is_dir())
+
+
+def _closest(p: Path) -> str:
+    """"; did you mean ..." with the names nearest to the first missing part of a path."""
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        missing, parent = parent, parent.parent
+    if not parent.is_dir() or parent == p:
+        return ""
+    names = [c.name for c in parent.iterdir()]
+    close = difflib.get_close_matches(missing.name, names, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(str(parent / c) for c in close)}?" if close else ""
+
+
+def read_source(src: Source, lazy: bool = False) -> Iterator[RawRecord]:
     """Yield every record of a source in order, with its origin.
 
     lazy: JSONL lines come unparsed (`RawRecord.line`), so that parsing happens in the worker
@@ -122,9 +144,7 @@ def read_source(src: Source, fix_utf8: bool = False, lazy: bool = False) -> Iter
         if not Path(src.path).is_file():
             raise DataError(f"dataset file not found: {src.path}")
         if src.kind == "jsonl":
-            yield from _read_jsonl(Path(src.path), fix_utf8, lazy)
-        elif src.kind == "csv":
-            yield from _read_csv(Path(src.path), fix_utf8)
+            yield from _read_jsonl(Path(src.path), lazy)
         else:
             yield from readers[src.kind](Path(src.path))
     elif src.kind in ("hf_disk", "hf_hub"):
@@ -133,42 +153,50 @@ def read_source(src: Source, fix_utf8: bool = False, lazy: bool = False) -> Iter
         raise DataError(f"unknown source kind {src.kind!r}")
 
 
-def _decode(raw: bytes, fix_utf8: bool) -> tuple[str | None, str | None, bool]:
-    """(text, error, was_fixed). Invalid UTF-8 is an error unless fix_utf8 (then replaced by U+FFFD)."""
-    try:
-        return raw.decode("utf-8"), None, False
-    except UnicodeDecodeError as exc:
-        if fix_utf8:
-            return raw.decode("utf-8", errors="replace"), None, True
-        return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})", False
-
-
-def _read_jsonl(path: Path, fix_utf8: bool, lazy: bool = False) -> Iterator[RawRecord]:
+def _read_jsonl(path: Path, lazy: bool = False) -> Iterator[RawRecord]:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte-order mark some editors write
-            rec = RawRecord(f"{path}:{lineno}", None, line=raw)
-            yield rec if lazy else parse_line(rec, fix_utf8)
+        yield from _jsonl_records(path, f, lazy)
 
 
-def parse_line(rec: RawRecord, fix_utf8: bool) -> RawRecord:
+def _jsonl_records(path: Path, lines: Iterable[bytes], lazy: bool) -> Iterator[RawRecord]:
+    for lineno, raw in enumerate(lines, 1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark some editors write
+        if not raw.strip():
+            yield RawRecord(f"{path}:{lineno}", None, blank=True)
+            continue
+        rec = RawRecord(f"{path}:{lineno}", None, line=raw)
+        yield rec if lazy else parse_line(rec)
+
+
+def parse_line(rec: RawRecord) -> RawRecord:
     """Decode and parse a lazily read JSONL line into a record (or an error)."""
     if rec.line is None:
         return rec
-    line, err, fixed = _decode(rec.line, fix_utf8)
+    try:
+        line = rec.line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return RawRecord(rec.origin, None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
+    record, err = _loads(line)
     if err:
         return RawRecord(rec.origin, None, err)
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return RawRecord(rec.origin, None, f"not valid JSON ({exc.msg}, column {exc.colno})")
     if not isinstance(record, dict):
         return RawRecord(rec.origin, None, f"expected a JSON object, got {_json_type(record)}")
-    return RawRecord(rec.origin, record, fixed_utf8=fixed)
+    return RawRecord(rec.origin, record)
+
+
+def _loads(text: str) -> tuple[Any, str | None]:
+    """(value, None), or (None, a reason) for text that is not JSON or that Python cannot read:
+    an integer past Python's digit limit, nesting deeper than its recursion limit."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg}, column {exc.colno})"
+    except ValueError as exc:  # int-string conversion limit
+        return None, f"not readable JSON ({str(exc).split(':')[0]})"
+    except RecursionError:
+        return None, "not readable JSON (nested too deeply)"
 
 
 def _json_type(value: Any) -> str:
@@ -176,38 +204,72 @@ def _json_type(value: Any) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
+# Bytes that are not UTF-8 decode (surrogateescape) to U+DC80..U+DCFF; JSON escapes of such code
+# points are six ASCII characters in the text, so a raw one in the text is always an invalid byte.
+_INVALID_UTF8 = re.compile("[\udc80-\udcff]")
+# A JSON string, or one structural character: enough to find where an array element ends.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
+
+
+def _element_end(text: str, pos: int) -> int | None:
+    """Where the array element starting at pos ends (just past it), found by bracket matching; None
+    when it never closes. Used only when the decoder failed on the element, to step over it."""
+    depth = 0
+    for m in _JSON_TOKEN.finditer(text, pos):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+        elif tok in "]}":
+            if depth == 0:
+                return m.start()
+            depth -= 1
+            if depth == 0:
+                return m.end()
+        elif tok == "," and depth == 0:
+            return m.start()
+    return None
+
+
 def _read_json_array(path: Path) -> Iterator[RawRecord]:
-    """A JSON array of objects; origins give the line where each element starts."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    decoder = json.JSONDecoder()
+    """A JSON array of objects; origins give the line where each element starts and its index."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    text = data.decode("utf-8", errors="surrogateescape")
     pos = _skip_ws(text, 0)
     if pos == len(text):
         return
     if text[pos] != "[":
-        # A .json file holding JSON lines is common enough to accept.
-        if text[pos] == "{":
-            tmp = text.encode("utf-8")
-            yield from _read_jsonl_bytes(path, tmp)
+        if text[pos] == "{":  # a .json file holding JSON lines is common enough to accept
+            yield from _jsonl_records(path, io.BytesIO(data), lazy=False)
             return
         raise DataError(f"{path}:1: expected a JSON array of records")
+    invalid = _INVALID_UTF8.search(text) is not None
+    decoder = json.JSONDecoder()
     pos = _skip_ws(text, pos + 1)
     line, line_pos, index = 1, 0, 0
     while pos < len(text) and text[pos] != "]":
         line += text.count("\n", line_pos, pos)
         line_pos = pos
+        origin = f"{path}:{line} (record {index})"
+        error = None
         try:
             value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); "
-                            "the rest of the array cannot be read") from None
-        origin = f"{path}:{line}"
-        if isinstance(value, dict):
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            end = _element_end(text, pos)  # step over the element, if its brackets close
+            if not end or end == pos:
+                where = f"{path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else origin
+                raise DataError(f"{where}: not valid JSON ({getattr(exc, 'msg', exc)}); the rest of the array "
+                                "cannot be read") from None
+            value, error = _loads(text[pos:end])
+        if invalid and _INVALID_UTF8.search(text, pos, end):
+            error = "not valid UTF-8"
+        if error:
+            yield RawRecord(origin, None, error)
+        elif isinstance(value, dict):
             yield RawRecord(origin, value)
         else:
-            yield RawRecord(origin, None, f"array element {index}: expected a JSON object, got {_json_type(value)}")
+            yield RawRecord(origin, None, f"expected a JSON object, got {_json_type(value)}")
         index += 1
         pos = _skip_ws(text, end)
         if pos < len(text) and text[pos] == ",":
@@ -215,20 +277,6 @@ def _read_json_array(path: Path) -> Iterator[RawRecord]:
         elif pos < len(text) and text[pos] != "]":
             line += text.count("\n", line_pos, pos)
             raise DataError(f"{path}:{line}: expected ',' or ']' between array elements")
-
-
-def _read_jsonl_bytes(path: Path, data: bytes) -> Iterator[RawRecord]:
-    for lineno, raw in enumerate(io.BytesIO(data), 1):
-        if raw.strip():
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                yield RawRecord(f"{path}:{lineno}", None, f"not valid JSON ({exc.msg}, column {exc.colno})")
-                continue
-            if isinstance(record, dict):
-                yield RawRecord(f"{path}:{lineno}", record)
-            else:
-                yield RawRecord(f"{path}:{lineno}", None, f"expected a JSON object, got {_json_type(record)}")
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -251,32 +299,43 @@ def _read_parquet(path: Path) -> Iterator[RawRecord]:
             row += 1
 
 
-def _read_csv(path: Path, fix_utf8: bool) -> Iterator[RawRecord]:
+def _read_csv(path: Path) -> Iterator[RawRecord]:
     csv.field_size_limit(1 << 30)  # the default 128 KiB per cell is too small for long documents
-    # Strict decoding: a CSV reader cannot say which row a replaced byte was in.
-    with path.open("r", encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
+    # Invalid bytes are kept as U+DC80..U+DCFF so that the row holding them is the bad record.
+    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f)
+        header = None
         while True:
             try:
-                record = next(reader)
+                row = next(reader)
             except StopIteration:
                 return
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{reader.line_num + 1}: not valid UTF-8 ({exc.reason})") from None
             except csv.Error as exc:
                 raise DataError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
             origin = f"{path}:{reader.line_num}"
-            if None in record:
-                yield RawRecord(origin, None, f"{len(record[None])} more field(s) than the header has")
-                continue
-            for col in _JSON_COLUMNS:
-                value = record.get(col)
-                if isinstance(value, str) and value.lstrip().startswith(("[", "{")):
-                    try:
-                        record[col] = json.loads(value)
-                    except json.JSONDecodeError:
-                        pass  # left as a string: the format check reports it with a reason
-            yield RawRecord(origin, record)
+            if not row:
+                yield RawRecord(origin, None, blank=True)
+            elif header is None:
+                header = row
+            elif any(_INVALID_UTF8.search(cell) for cell in row):
+                yield RawRecord(origin, None, "not valid UTF-8")
+            elif len(row) > len(header):
+                yield RawRecord(origin, None, f"{len(row) - len(header)} more field(s) than the header has")
+            else:
+                yield _csv_record(origin, dict(zip(header, row)))
+
+
+def _csv_record(origin: str, record: dict) -> RawRecord:
+    for col in _JSON_COLUMNS:
+        value = record.get(col)
+        if isinstance(value, str) and value.lstrip().startswith(("[", "{")):
+            parsed, err = _loads(value)
+            if err is None:
+                record[col] = parsed
+            elif not err.startswith("not valid JSON"):
+                return RawRecord(origin, None, f"column '{col}': {err}")
+            # else left as a string: the format check reports it with a reason
+    return RawRecord(origin, record)
 
 
 def load_hf(src: Source):
@@ -312,7 +371,7 @@ def _read_hf(src: Source) -> Iterator[RawRecord]:
 def fingerprint(src: Source) -> str:
     """A digest that changes whenever the source's content does (for the token cache key)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{src.kind}\0{src.path}\0{src.name}\0{src.split}\0".encode())
+    h.update(f"{src.kind}\0{src.path}\0{src.name}\0{src.split}\0".encode("utf-8", "surrogateescape"))
     if src.kind in ("hf_disk", "hf_hub"):
         ds = load_hf(src)
         h.update(str(getattr(ds, "_fingerprint", "")).encode())

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..chat import load_tokenizer
+from ..chat import ChatTokenizer, find_tokenizer_file, load_tokenizer
 from ..config import Config
 from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, sample_lengths
@@ -183,12 +183,36 @@ def check_output_dir(cfg: Config) -> None:
             )
 
 
+def model_fit_warnings(cfg: Config, model_dir: Path, model_cfg, tokenizer) -> list[str]:
+    """What in the config fits the model badly without being an error (printed by validate and train)."""
+    out = []
+    if cfg.sequence_len > model_cfg.max_position_embeddings:
+        out.append(f"sequence_len {cfg.sequence_len} is more than the model's max_position_embeddings "
+                   f"{model_cfg.max_position_embeddings} ({model_dir / 'config.json'}): it has not learnt positions "
+                   "that far")
+    if cfg.tokenizer is not None:
+        try:
+            own = ChatTokenizer(find_tokenizer_file(model_dir))
+        except ModelError:  # the folder ships none (or several): nothing to compare with
+            return out
+        def kind(t: ChatTokenizer) -> str:
+            return f"{'tekken' if t.is_tekken else 'SentencePiece'} {t.version}"
+
+        if kind(own) != kind(tokenizer):
+            out.append(f"tokenizer: {cfg.tokenizer} is {kind(tokenizer)}, but the model folder ships "
+                       f"{own.source_file.name} ({kind(own)}): the prompt format differs from the one the model "
+                       "knows; leave tokenizer out to use the model's own")
+    return out
+
+
 def prepare(cfg: Config, check_output: bool = True):
     """Load and check tokenizer, model and data. Writes nothing.
 
     Cheap checks come first (config.json, tokenizer, data) so a bad dataset is reported before
     gigabytes of weights are read.
     """
+    if cfg.base_model is None:
+        raise ConfigError("missing key 'base_model': the model to train (a local HF model directory or a hub id)")
     if check_output:
         check_output_dir(cfg)
     rt = Runtime.detect(cfg)
@@ -206,6 +230,7 @@ def prepare(cfg: Config, check_output: bool = True):
             "(v1: 32000, v3/v7: 32768, tekken: 131072)"
         )
     data = build_dataset(cfg, tokenizer)
+    data.report.warnings += model_fit_warnings(cfg, model_dir, model_cfg, tokenizer)
     weights_dtype = rt.autocast_dtype if (rt.autocast_dtype and cfg.adapter != "none") else torch.float32
     if cfg.adapter == "qlora":
         # Read to host memory, then quantize one projection at a time onto the device: the device

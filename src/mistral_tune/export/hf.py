@@ -14,7 +14,7 @@ import torch
 
 from ..chat import load_tokenizer
 from ..errors import ModelError
-from ..fsutil import replace_dir
+from ..fsutil import check_target, replace_dir
 from ..lora import BASE_QUANTIZATION, load_adapter, merge_lora, read_adapter_config
 from ..models.load import load_model, save_model
 from ..models.quant import nf4_round_trip
@@ -39,11 +39,13 @@ def merge_to_dir(
     dtype: str = "float32",
     max_shard_bytes: int = 5_000_000_000,  # HF's "5GB"
     echo=print,
+    overwrite: bool = False,
 ) -> Path:
     """Base model + adapter -> merged HF model directory (weights, config, tokenizer files).
 
     The merge itself runs in float32 (W + scaling * B @ A), then the weights are cast to dtype
     once. Written to a temporary sibling directory first, then renamed, so a failure leaves nothing.
+    out_dir must be new or empty, or (overwrite) an earlier merged model (fsutil.check_target).
     """
     if dtype not in MERGE_DTYPES:
         raise ModelError(f"merge dtype {dtype!r}: expected one of {', '.join(MERGE_DTYPES)}")
@@ -54,6 +56,7 @@ def merge_to_dir(
     base = base_model or recorded_base
     if not base:
         raise ModelError(f"{adapter_dir}: adapter_config.json names no base model; pass --base-model")
+    out_dir = check_target(out_dir, "merged", sources=[adapter_dir, base], overwrite=overwrite)
     model, model_dir = load_model(base, dtype=torch.float32)
     if (adapter_dir / BASE_QUANTIZATION).is_file():
         n = nf4_round_trip(model, spec.target_modules)
@@ -71,7 +74,7 @@ def merge_to_dir(
         tokenizer.save(tmp)
         save_hf_tokenizer(tokenizer, tmp)
 
-    return replace_dir(Path(out_dir), write)
+    return replace_dir(out_dir, write, "merged", [adapter_dir, base])
 
 
 def parse_size(text: str) -> int:

@@ -435,19 +435,21 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
                            stopped_by=stopped_by, checkpoint_dir=checkpoint_dir)
     adapter_dir = merged_dir = None
-    if rt.is_main:
-        final = out / ("adapter" if spec else "model")
-        try:
-            adapter_dir = _save(cfg, model, spec, tokenizer, final, model_dir)
-        except OSError as exc:  # _save removed its temporary directory; the last checkpoint has the result
-            raise CheckpointError(f"{final}: could not be written ({exc.strerror or exc}); the trained state is in "
-                                  f"{checkpoint_dir}. Free space and run again with resume=auto") from None
-        if spec is None:
-            adapter_dir, merged_dir = None, adapter_dir
-        elif merge:
-            from ..export.hf import merge_to_dir
+    # The stop handler stays on: a SIGTERM now lets the final save finish, and the run ends complete.
+    with stop:
+        if rt.is_main:
+            final = out / ("adapter" if spec else "model")
+            try:
+                adapter_dir = _save(cfg, model, spec, tokenizer, final, model_dir)
+            except OSError as exc:  # _save removed its temporary directory; the last checkpoint has the result
+                raise CheckpointError(f"{final}: could not be written ({exc.strerror or exc}); the trained state is in "
+                                      f"{checkpoint_dir}. Free space and run again with resume=auto") from None
+            if spec is None:
+                adapter_dir, merged_dir = None, adapter_dir
+            elif merge:
+                from ..export.hf import merge_to_dir
 
-            merged_dir = merge_to_dir(adapter_dir, out / "merged", base_model=str(model_dir), overwrite=True)
+                merged_dir = merge_to_dir(adapter_dir, out / "merged", base_model=str(model_dir), overwrite=True)
     return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
                        checkpoint_dir=checkpoint_dir)
 

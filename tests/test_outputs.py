@@ -265,8 +265,8 @@ def test_resume_continues_our_run_and_refuses_anything_else(assets, tmp_path):
 
 
 def test_outputs_of_versions_without_the_marker(assets, tmp_path):
-    """A run directory with our checkpoints (and what the run wrote in it) counts as ours; a merged model
-    without a marker does not, even with --overwrite; an output_dir that is a file is an error."""
+    """A run directory (its config.yaml, data_report.json, metrics.jsonl) and what the run wrote in it count
+    as ours; a merged model without a marker does not, even with --overwrite; a file is no output_dir."""
     _, _, _, prev = assets
     run = tmp_path / "run"
     shutil.copytree(prev / "run", run)

@@ -238,7 +238,10 @@ def test_resume_auto_without_checkpoints_starts_fresh(assets, tmp_path):
     model, data = assets
     out = tmp_path / "run"
     out.mkdir()
-    (out / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')  # left by a run killed before its first save
+    # left by a run of a version without the output marker, killed before its first save
+    (out / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    (out / "config.yaml").write_text("{}\n")
+    (out / "data_report.json").write_text("{}\n")
     echoed = []
     train(config(model, data, out, max_steps=3, resume="auto"), echo=echoed.append)
     assert any("no checkpoint" in e and "starting from step 0" in e for e in echoed)

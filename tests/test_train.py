@@ -17,6 +17,7 @@ from mistral_tune.cli import main
 from mistral_tune.config import config_from_dict, load_config
 from mistral_tune.data.build import build_dataset
 from mistral_tune.data.pack import IGNORE, Sample, collate
+from mistral_tune.fsutil import output_kind
 from mistral_tune.lora import LoraSpec, apply_lora
 from mistral_tune.models.load import load_model
 from mistral_tune.train import loop
@@ -149,7 +150,9 @@ def test_train_end_to_end_writes_every_artifact(tmp_path: Path, tiny_model_dir: 
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(base_w[key], merged_w[key])
     assert torch.equal(base_w["model.embed_tokens.weight"], merged_w["model.embed_tokens.weight"])
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary directories left
+    for d in (out, out / "adapter", merged):  # no temporary directories left; each output marked as ours
+        assert [p.name for p in d.iterdir() if p.name.startswith(".")] == [".mistral-tune.json"]
+    assert [output_kind(d) for d in (out, out / "adapter", merged)] == ["run", "adapter", "merged"]
 
 
 @pytest.mark.slow

@@ -11,8 +11,9 @@ and never when it is, lies inside or contains a source (symlinks resolved), cont
 current directory, is the filesystem root, or is a file where a directory goes (or the reverse).
 
 Outputs of versions that wrote no marker count as ours where the layout is unmistakable: a run
-directory (config.yaml beside a checkpoint-N whose manifest has our format), the adapter/, model/
-and merged/ inside a run of ours, and the quickstart's directory (quickstart.yaml beside such a run).
+directory (the config.yaml, data_report.json and metrics.jsonl every run writes first), the
+adapter/, model/ and merged/ inside a run of ours, and the quickstart's directory (quickstart.yaml
+beside such a run).
 Anything else without a marker is never replaced; the error says to choose another path.
 """
 
@@ -35,6 +36,7 @@ KINDS = {"run": "training run", "adapter": "LoRA adapter", "model": "fine-tuned 
          "awq": "AWQ model", "gguf": "GGUF file", "quickstart": "quickstart directory"}
 FILE_KINDS = {"gguf": b"GGUF"}  # single-file outputs: no room for a marker; recognised by their magic bytes
 _RUN_PARTS = ("adapter", "model", "merged")  # what a run writes into its own directory
+_RUN_FILES = ("config.yaml", "data_report.json", "metrics.jsonl")  # what every run writes first
 _VAR = re.compile(r"\$(\w+|\{[^}]*\})")
 
 
@@ -65,18 +67,9 @@ def output_kind(path: Path) -> str | None:
 
 def _unmarked_kind(path: Path) -> str | None:
     """Outputs of versions before the marker, by layout."""
-    from .train.checkpoint import FORMAT, MANIFEST
-
-    def our_manifest(p: Path) -> bool:
-        try:
-            manifest = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
-            return False
-        return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-
     if not path.is_dir():
         return None
-    if (path / "config.yaml").is_file() and any(our_manifest(c / MANIFEST) for c in path.glob("checkpoint-*")):
+    if all((path / name).is_file() for name in _RUN_FILES):
         return "run"
     if path.name in _RUN_PARTS and output_kind(path.parent) == "run":
         return path.name

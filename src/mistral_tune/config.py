@@ -267,7 +267,7 @@ class Config(_Strict):
         try:
             return str(expand_path(value))  # `~` and $VARS, as a shell would (not a literal ./~ directory)
         except OutputError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(f"output_dir: {exc}") from None
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -13,8 +13,8 @@ current directory, is the filesystem root, or is a file where a directory goes (
 Outputs of versions that wrote no marker count as ours where the layout is unmistakable: a run
 directory (the config.yaml, data_report.json and metrics.jsonl every run writes first), the
 adapter/, model/ and merged/ inside a run of ours, and the quickstart's directory (quickstart.yaml
-beside such a run).
-Anything else without a marker is never replaced; the error says to choose another path.
+beside such a run). Anything else without a marker is never replaced; the error says to choose
+another path.
 """
 
 from __future__ import annotations

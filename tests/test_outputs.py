@@ -227,19 +227,19 @@ test_train_output_dir = _property("train", 20)
 
 
 def test_merge_into_the_run_through_the_installed_command(assets, tmp_path):
-    """`mistral-tune merge RUN --out RUN` (and --out RUN/adapter) used to delete the run and exit 0."""
+    """`mistral-tune merge RUN --out RUN` used to delete the run and exit 0; --out RUN/adapter to replace the
+    adapter with the merged model."""
     run = tmp_path / "run"
     shutil.copytree(assets[2].parent, run)
     before = _snapshot(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    for out in (run, run / "adapter", run / "adapter" / "merged"):
-        for extra in ([], ["--overwrite"]):
-            proc = subprocess.run([sys.executable, "-m", "mistral_tune.cli", "merge", str(run), "--out", str(out),
-                                   *extra], capture_output=True, text=True, env=env, cwd=tmp_path)
-            assert proc.returncode == 2, proc.stderr
-            assert proc.stderr.startswith("error: --out ") and proc.stderr.count("\n") == 1, proc.stderr
-            assert "input" in proc.stderr
-            assert _snapshot(tmp_path) == before
+    for out, extra in ((run, []), (run / "adapter", ["--overwrite"])):  # more layouts: the properties above
+        proc = subprocess.run([sys.executable, "-m", "mistral_tune.cli", "merge", str(run), "--out", str(out),
+                               *extra], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: --out ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert "input" in proc.stderr
+        assert _snapshot(tmp_path) == before
 
 
 def test_resume_continues_our_run_and_refuses_anything_else(assets, tmp_path):

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import pickle
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _runs import config, make_assets, metrics, same_tensors, tensors
 from mistral_tune.errors import CheckpointError, ConfigError
 from mistral_tune.train import checkpoint as ckpt_mod
-from mistral_tune.train.checkpoint import REQUIRED, CheckpointManager
-from mistral_tune.train.loop import train
+from mistral_tune.train.checkpoint import FORMAT, MANIFEST, REQUIRED, CheckpointManager
+from mistral_tune.train.loop import find_resume_checkpoint, train
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "mistral_tune"
 
@@ -148,6 +152,82 @@ def test_auto_falls_back_to_the_newest_valid_checkpoint_and_says_so(lora_run, tm
     assert (out / "checkpoint-20.corrupt").is_dir() and (out / "checkpoint-16.corrupt").is_dir()
     assert metrics(out) == metrics(result.output_dir)  # steps 16-20 done again, identically
     CheckpointManager.validate(out / "checkpoint-20")
+
+
+# Any JSON value: what a damaged or hand-edited manifest can hold where a field should be.
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _newest_two(lora_run, root: Path) -> tuple[Path, Path, Path]:
+    """A run directory holding copies of the two newest checkpoints: (run, newest, the one before)."""
+    out = lora_run[1].output_dir
+    newest, before = sorted(out.glob("checkpoint-*"), key=ckpt_mod.checkpoint_step)[-1:-3:-1]
+    run = root / "run"
+    for ck in (newest, before):
+        shutil.copytree(ck, run / ck.name)
+    return run, run / newest.name, run / before.name
+
+
+def _falls_back(lora_run, run: Path, damaged: Path, fallback: Path) -> None:
+    echoed = []
+    cfg = lora_run[0].model_copy(update={"output_dir": str(run), "resume": "auto"})
+    ckpt = find_resume_checkpoint(cfg, CheckpointManager(run, 3, echoed.append), echoed.append)
+    assert ckpt.path == fallback
+    assert f"checkpoint {damaged.name} is not usable: {damaged}" in echoed[0]
+    assert f"falling back to {fallback.name}" in echoed[-1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_wrong_typed_manifest_is_a_damaged_checkpoint(lora_run, data):
+    """Valid JSON with a field of the wrong type, or missing, at every level of the manifest: the checkpoint
+    is reported as damaged (naming it) and resume: auto falls back to the one before; never an exception."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run, newest, before = _newest_two(lora_run, Path(tmp))
+        manifest = json.loads((newest / MANIFEST).read_text())
+        broken = copy.deepcopy(manifest)
+        name = data.draw(st.sampled_from(sorted(manifest["files"])), label="file")
+        entry = manifest["files"][name]
+        field = data.draw(st.sampled_from(["manifest", "format", "step", "files", "entry", "size", "sha256"]))
+        holder, key, right = {
+            "format": (broken, "format", FORMAT), "step": (broken, "step", manifest["step"]),
+            "files": (broken, "files", manifest["files"]), "entry": (broken["files"], name, entry),
+            "size": (broken["files"][name], "size", entry["size"]),
+            "sha256": (broken["files"][name], "sha256", entry["sha256"]), "manifest": (None, None, manifest),
+        }[field]
+        if field != "manifest" and data.draw(st.booleans(), label="delete it"):
+            del holder[key]
+        else:
+            valid_step = field == "step" and (lambda v: type(v) is int and v >= 0)
+            value = data.draw(JSON.filter(lambda v: v != right and not (valid_step and valid_step(v))), label="value")
+            if field == "manifest":
+                broken = value
+            else:
+                holder[key] = value
+        (newest / MANIFEST).write_text(json.dumps(broken))
+        with pytest.raises(CheckpointError):
+            CheckpointManager.validate(newest)
+        _falls_back(lora_run, run, newest, before)
+
+
+@settings(max_examples=30, deadline=None)
+@given(part=st.sampled_from(["state.json", "config.json"]), value=JSON.filter(lambda v: not isinstance(v, dict)))
+def test_state_or_config_that_is_not_an_object_is_a_damaged_checkpoint(lora_run, part, value):
+    """Even with the manifest's checksums fixed to match, a state.json or config.json that is a JSON list,
+    number, ... cannot be resumed from: damaged, and resume: auto falls back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run, newest, before = _newest_two(lora_run, Path(tmp))
+        (newest / part).write_text(json.dumps(value))
+        manifest = json.loads((newest / MANIFEST).read_text())
+        manifest["files"][part] = {"size": (newest / part).stat().st_size, "sha256": ckpt_mod._sha256(newest / part)}
+        (newest / MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(CheckpointError, match=re.escape(str(newest / part))):
+            CheckpointManager.validate(newest)
+        _falls_back(lora_run, run, newest, before)
 
 
 def test_resume_path_to_a_damaged_checkpoint_refuses(lora_run, tmp_path):

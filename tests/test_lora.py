@@ -12,7 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from mistral_tune.chat import load_tokenizer
-from mistral_tune.errors import ModelError
+from mistral_tune.errors import ModelError, OutputError
 from mistral_tune.export.hf import merge_to_dir
 from mistral_tune.lora import (
     ADAPTER_CONFIG,
@@ -296,8 +296,10 @@ def test_merge_to_dir_loads_in_transformers(tmp_path: Path):
     with torch.no_grad():
         theirs = ref(input_ids=x, use_cache=False).logits.float()
     assert rel_diff(ours, theirs) <= RTOL, f"rel diff {rel_diff(ours, theirs):.2e}"
-    # Merging again over the existing directory replaces it.
-    assert merge_to_dir(adapter_dir, out) == out
+    # Merging again over the earlier merged model replaces it, when asked to.
+    with pytest.raises(OutputError, match="holds an earlier merged model; pass --overwrite"):
+        merge_to_dir(adapter_dir, out)
+    assert merge_to_dir(adapter_dir, out, overwrite=True) == out
 
 
 def _saved_adapter(tmp_path: Path, make_tiny_mistral, **overrides) -> Path:

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from _runs import base_config, cli, config, make_assets, metrics, same_tensors, tensors, write_yaml
 from mistral_tune.train import checkpoint as ckpt_mod
+from mistral_tune.train import loop as loop_mod
 from mistral_tune.train.checkpoint import CheckpointManager
 from mistral_tune.train.loop import prepare, run_training, train
 from mistral_tune.train.signals import StopRequest
@@ -21,6 +23,14 @@ from mistral_tune.train.signals import StopRequest
 STEPS, SAVE = 60, 10
 SETTINGS = dict(max_steps=STEPS, save_steps=SAVE, eval_steps=25, val_set_size=8, lora_dropout=0.1,
                 learning_rate=3e-3, save_total_limit=2)
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_handler_restored():
+    """A stop by SIGTERM leaves SIGTERM ignored in this process (by design); not for the next test."""
+    saved = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, saved)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +126,52 @@ def test_sigterm_checkpoints_and_exits_zero(assets, reference, tmp_path):
     assert metrics(out) == metrics(reference())
 
 
+def test_repeated_sigterm_still_stops_gracefully(assets, tmp_path):
+    """Schedulers repeat SIGTERM. Here one every 2 ms from the first until the process has exited: during
+    the step, the checkpoint save, the way out of the loop and the interpreter's shutdown."""
+    config_path = _yaml(assets, tmp_path, "run")
+    out = tmp_path / "run"
+    proc = cli("train", str(config_path))
+    _wait_for(lambda: _last_step(out) >= 3, proc)
+    sent = 0
+
+    def pester() -> None:
+        nonlocal sent
+        while proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)  # a zombie not yet reaped takes it without complaint
+            sent += 1
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=pester)
+    thread.start()
+    stdout = _finish(proc, expect_rc=0)
+    thread.join()
+    stopped_at = _last_step(out)
+    assert sent > 10 and f"stopped by SIGTERM after step {stopped_at}" in stdout
+    CheckpointManager.validate(out / f"checkpoint-{stopped_at}")
+    assert not (out / "adapter").exists()
+
+
+def test_sigterm_while_the_final_adapter_is_written_lets_it_finish(assets, tmp_path, monkeypatch):
+    """Two SIGTERMs while the last step's adapter is being saved: the run ends complete, nothing is killed."""
+    model, data = assets
+    leaked = []
+    signal.signal(signal.SIGTERM, lambda *_: leaked.append("SIGTERM"))  # stands in for the default: death
+    real_save = loop_mod.save_adapter
+
+    def save_adapter(net, spec, directory, **kw):
+        if Path(directory).name.startswith(".adapter.tmp"):  # the final adapter, not a checkpoint's
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(net, spec, directory, **kw)
+
+    monkeypatch.setattr(loop_mod, "save_adapter", save_adapter)
+    result = train(config(model, data, tmp_path / "run", max_steps=4), echo=lambda _: None)
+    assert leaked == [] and result.stopped_by is None and result.steps == 4
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    CheckpointManager.validate(tmp_path / "run" / "checkpoint-4")
+
+
 class _CtrlC:
     """Presses Ctrl-C (SIGINT to this process) during the forward pass of the n-th training step."""
 
@@ -182,7 +238,10 @@ def test_resume_auto_without_checkpoints_starts_fresh(assets, tmp_path):
     model, data = assets
     out = tmp_path / "run"
     out.mkdir()
-    (out / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')  # left by a run killed before its first save
+    # left by a run of a version without the output marker, killed before its first save
+    (out / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    (out / "config.yaml").write_text("{}\n")
+    (out / "data_report.json").write_text("{}\n")
     echoed = []
     train(config(model, data, out, max_steps=3, resume="auto"), echo=echoed.append)
     assert any("no checkpoint" in e and "starting from step 0" in e for e in echoed)

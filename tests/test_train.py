@@ -17,6 +17,7 @@ from mistral_tune.cli import main
 from mistral_tune.config import config_from_dict, load_config
 from mistral_tune.data.build import build_dataset
 from mistral_tune.data.pack import IGNORE, Sample, collate
+from mistral_tune.fsutil import output_kind
 from mistral_tune.lora import LoraSpec, apply_lora
 from mistral_tune.models.load import load_model
 from mistral_tune.train import loop
@@ -149,7 +150,9 @@ def test_train_end_to_end_writes_every_artifact(tmp_path: Path, tiny_model_dir: 
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(base_w[key], merged_w[key])
     assert torch.equal(base_w["model.embed_tokens.weight"], merged_w["model.embed_tokens.weight"])
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary directories left
+    for d in (out, out / "adapter", merged):  # no temporary directories left; each output marked as ours
+        assert [p.name for p in d.iterdir() if p.name.startswith(".")] == [".mistral-tune.json"]
+    assert [output_kind(d) for d in (out, out / "adapter", merged)] == ["run", "adapter", "merged"]
 
 
 @pytest.mark.slow
@@ -463,24 +466,27 @@ def test_same_seed_gives_identical_runs(tmp_path: Path, tiny_model_dir: Path, co
 
 
 def test_overwrite_never_deletes_the_runs_own_inputs(tiny_model_dir, tmp_path):
-    """overwrite_output_dir wipes output_dir; one that holds the dataset must be refused, not wiped."""
+    """overwrite_output_dir replaces a run of ours; one that holds the dataset must be refused, not wiped."""
     from mistral_tune.config import config_from_dict
-    from mistral_tune.errors import ConfigError
+    from mistral_tune.errors import OutputError
+    from mistral_tune.fsutil import mark_output
     from mistral_tune.train.loop import check_output_dir
 
     run = tmp_path / "run"
     run.mkdir()
+    mark_output(run, "run")
     data = run / "d.jsonl"
     data.write_text(json.dumps({"text": "hello"}) + "\n")
     cfg = config_from_dict({"base_model": str(tiny_model_dir), "datasets": [{"path": str(data)}],
                             "output_dir": str(run), "overwrite_output_dir": True})
-    with pytest.raises(ConfigError, match="would delete"):
+    with pytest.raises(OutputError, match="contains the input"):
         check_output_dir(cfg)
     assert data.is_file()
     other = tmp_path / "other"
     other.mkdir()
     (other / "old.txt").write_text("x")
-    check_output_dir(cfg.model_copy(update={"output_dir": str(other)}))  # a plain old run dir is fine
+    mark_output(other, "run")
+    assert check_output_dir(cfg.model_copy(update={"output_dir": str(other)})) == other  # a run of ours is fine
 
 
 def test_several_processes_are_refused_before_anything_loads(monkeypatch):

@@ -36,7 +36,8 @@ def _cmd_merge(args) -> None:
     adapter = find_adapter(Path(args.run_or_adapter))
     out = Path(args.out) if args.out else adapter.parent / "merged"
     dtype = _DTYPE_ALIASES.get(args.dtype, args.dtype)
-    merge_to_dir(adapter, out, base_model=args.base_model, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size))
+    out = merge_to_dir(adapter, out, base_model=args.base_model, dtype=dtype,
+                       max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite)
     print(f"merged model ({dtype}) written to {out}")
 
 
@@ -52,7 +53,7 @@ def _cmd_quickstart(args) -> None:
 def _cmd_export_adapter(args) -> None:
     from .export.adapter import export_adapter, min_max_lora_rank
 
-    adapter, cfg = export_adapter(Path(args.run_or_adapter), Path(args.out) if args.out else None)
+    adapter, cfg = export_adapter(Path(args.run_or_adapter), Path(args.out) if args.out else None, args.overwrite)
     print(f"adapter OK for PEFT and vLLM's LoRA loader: {adapter} (r={cfg['r']}, alpha={cfg['lora_alpha']})")
     print(f"serve it: vllm serve {cfg.get('base_model_name_or_path') or 'BASE_MODEL'} --enable-lora "
           f"--max-lora-rank {min_max_lora_rank(int(cfg['r']))} --lora-modules tuned={adapter.resolve()}")
@@ -139,13 +140,19 @@ def _add_model_args(p: argparse.ArgumentParser, temperature: float | None) -> No
     p.add_argument("--seed", type=int, help="sampling seed (reproducible answers)")
 
 
+def _add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it holds an earlier output of this kind written by mistral-tune "
+                        "(anything else is never replaced)")
+
+
 def _cmd_export_gguf(args) -> None:
     from .export.gguf import export_gguf
 
     src = Path(args.model)
     out = Path(args.out) if args.out else src.resolve().parent / f"{src.resolve().name}-{args.quant}.gguf"
-    export_gguf(src, out, args.quant, base_model=args.base_model,
-                warn=lambda msg: print(msg, file=sys.stderr))
+    out = export_gguf(src, out, args.quant, base_model=args.base_model,
+                      warn=lambda msg: print(msg, file=sys.stderr), overwrite=args.overwrite)
     print(f"GGUF ({args.quant}) written to {out}")
 
 
@@ -154,9 +161,9 @@ def _cmd_export_awq(args) -> None:
 
     src = Path(args.model)
     out = Path(args.out) if args.out else src.resolve().parent / f"{src.resolve().name}-awq"
-    export_awq(src, out, Path(args.calibration_config) if args.calibration_config else None,
-               num_samples=args.num_samples, max_seq_len=args.max_seq_len, scheme=args.scheme,
-               base_model=args.base_model)
+    out = export_awq(src, out, Path(args.calibration_config) if args.calibration_config else None,
+                     num_samples=args.num_samples, max_seq_len=args.max_seq_len, scheme=args.scheme,
+                     base_model=args.base_model, overwrite=args.overwrite)
     print(f"AWQ model (compressed-tensors, {args.scheme}) written to {out}")
 
 
@@ -256,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"], default="bf16",
                    help="weight dtype of the merged model (the merge itself is computed in float32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_merge)
 
     export = sub.add_parser("export", help="adapter for vLLM, GGUF for llama.cpp, AWQ").add_subparsers(
@@ -263,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = export.add_parser("adapter", help="check a LoRA adapter against vLLM's loader (and copy it)")
     p.add_argument("run_or_adapter", help="a run's output_dir or an adapter directory")
     p.add_argument("--out", help="copy the checked adapter here")
+    _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_export_adapter)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (streamed, /reset, /system)")
@@ -294,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="k-quants need llama.cpp (llama-quantize on PATH, or llama-cpp-python)")
     p.add_argument("--out", help="output file (default: beside the model, NAME-QUANT.gguf)")
     p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
+    _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_export_gguf)
 
     p = export.add_parser("awq", help="4-bit AWQ via llm-compressor (pip install 'mistral-tune[awq]'; GPU)")
@@ -304,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--scheme", default="W4A16_ASYM", choices=["W4A16_ASYM", "W4A16"])
     p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
+    _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_export_awq)
 
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
+from .fsutil import expand_path
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -244,7 +245,10 @@ class Config(_Strict):
     )
     seed: int = Field(42, description="Seeds LoRA init, dropout, the validation split and the row order.")
     output_dir: str = Field(
-        "outputs/run", description="Where metrics, checkpoints, the adapter and the merged model go."
+        "outputs/run",
+        description="Where metrics, checkpoints, the adapter and the merged model go (`~` and $VARIABLES "
+        "expanded): a new or empty directory, or a run of mistral-tune's to continue (resume) or replace "
+        "(overwrite_output_dir).",
     )
     logging_steps: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
     eval_steps: int | None = Field(
@@ -265,7 +269,9 @@ class Config(_Strict):
         description="Keep this many newest checkpoints, plus the one with the best held-out loss.",
     )
     overwrite_output_dir: bool = Field(
-        False, description="Replace a non-empty output_dir (never one holding the run's inputs)."
+        False,
+        description="Replace an output_dir that holds an earlier run of mistral-tune's (never another "
+        "directory, nor one holding the run's inputs).",
     )
     resume: str | None = Field(
         None,
@@ -296,6 +302,14 @@ class Config(_Strict):
         description="On GPU out-of-memory, halve micro_batch_size and double gradient_accumulation_steps "
         "(same effective batch) and retry, until it fits or micro_batch_size is 1.",
     )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _expand_output_dir(cls, value: str) -> str:
+        try:
+            return str(expand_path(value))  # `~` and $VARS, as a shell would (not a literal ./~ directory)
+        except OutputError as exc:
+            raise ValueError(f"output_dir: {exc}") from None
 
     @model_validator(mode="after")
     def _check(self) -> Config:

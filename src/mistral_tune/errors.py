@@ -29,3 +29,8 @@ class TrainingHalted(MistralTuneError):
 
 class OutOfMemory(MistralTuneError):
     """The accelerator ran out of memory; the message gives the figures and config changes that fit."""
+
+
+class OutputError(MistralTuneError):
+    """An output path mistral-tune may not write: it holds data mistral-tune did not create, an input,
+    or the working directory (fsutil.check_target states the rule)."""

@@ -16,6 +16,7 @@ import yaml
 
 from .chat import load_tokenizer
 from .config import load_config
+from .fsutil import check_target, mark_output
 from .models.load import save_model
 from .models.mistral import MistralConfig, MistralForCausalLM
 from .models.tuned import load_tuned
@@ -63,7 +64,10 @@ def write_config(work: Path, base_dir: Path) -> Path:
 def run_quickstart(work: Path, overrides: list[str] = (), echo=print) -> dict:
     from .train.loop import train
 
+    # Its own directory from an earlier quickstart is reused (the run in it replaced); nothing else is.
+    work = check_target(work, "quickstart", overwrite=True)
     work.mkdir(parents=True, exist_ok=True)
+    mark_output(work, "quickstart")
     base_dir = work / "base-model"
     if not (base_dir / "config.json").is_file():
         echo(f"creating a tiny random-init Mistral model in {base_dir}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..errors import ModelError
+from ..fsutil import check_target, replace_dir
 from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .hf import find_adapter
 
@@ -82,8 +83,9 @@ def min_max_lora_rank(r: int) -> int:
     return next(v for v in VLLM_MAX_LORA_RANKS if v >= r)
 
 
-def export_adapter(run_or_adapter: Path, out_dir: Path | None = None) -> tuple[Path, dict]:
-    """Check the adapter for vLLM; optionally copy it (config, weights, tokenizer) to out_dir."""
+def export_adapter(run_or_adapter: Path, out_dir: Path | None = None, overwrite: bool = False) -> tuple[Path, dict]:
+    """Check the adapter for vLLM; optionally copy it (config, weights, tokenizer) to out_dir, which must be
+    new or empty, or (overwrite) an earlier exported adapter (fsutil.check_target)."""
     adapter = find_adapter(Path(run_or_adapter))
     problems = vllm_adapter_problems(adapter)
     if problems:
@@ -91,12 +93,8 @@ def export_adapter(run_or_adapter: Path, out_dir: Path | None = None) -> tuple[P
                          + ". Merge it (mistral-tune merge) and serve the merged model instead")
     cfg = json.loads((adapter / ADAPTER_CONFIG).read_text())
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(adapter, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-        adapter = out_dir
+        out_dir = check_target(out_dir, "adapter", sources=[adapter], overwrite=overwrite)
+        source = adapter
+        adapter = replace_dir(out_dir, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True), "adapter",
+                              [source])
     return adapter, cfg

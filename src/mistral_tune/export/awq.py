@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError, ModelError
+from ..fsutil import check_target, replace_dir
 from .hf_tokenizer import TOKENIZER_FILES
 
 SCHEMES = ("W4A16_ASYM", "W4A16")
@@ -57,10 +58,13 @@ def export_awq(
     max_seq_len: int = 512,
     scheme: str = "W4A16_ASYM",
     base_model: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Quantize a merged model (or a run, merged first) with AWQ into out_dir."""
+    """Quantize a merged model (or a run, merged first) with AWQ into out_dir, which must be new or empty,
+    or (overwrite) an earlier AWQ model (fsutil.check_target)."""
     if scheme not in SCHEMES:
         raise ConfigError(f"--scheme {scheme!r}: expected one of {', '.join(SCHEMES)}")
+    out_dir = check_target(out_dir, "awq", sources=[source, base_model, calibration_config], overwrite=overwrite)
     oneshot, AWQModifier = _require_llmcompressor()  # noqa: N806 (a class)
     import torch
 
@@ -94,15 +98,12 @@ def export_awq(
         recipe = [AWQModifier(ignore=["lm_head"], scheme=scheme, targets=["Linear"])]
         oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=max_seq_len,
                 num_calibration_samples=len(ids))
-        out_dir = Path(out_dir)
-        staging = out_dir.with_name(f".{out_dir.name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging, save_compressed=True)
-        # Our tokenizer files (HF + mistral-common), not a re-save through transformers.
-        for name in (*TOKENIZER_FILES, tokenizer.save_name(), "generation_config.json"):
-            if (model_dir / name).is_file():
-                shutil.copy(model_dir / name, staging / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    return out_dir
+
+        def write(staging: Path) -> None:
+            model.save_pretrained(staging, save_compressed=True)
+            # Our tokenizer files (HF + mistral-common), not a re-save through transformers.
+            for name in (*TOKENIZER_FILES, tokenizer.save_name(), "generation_config.json"):
+                if (model_dir / name).is_file():
+                    shutil.copy(model_dir / name, staging / name)
+
+        return replace_dir(out_dir, write, "awq", [source, base_model])

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
+from ..fsutil import check_target
 from ..models.tuned import load_tuned
 from .vocab import chat_template, extract_vocab
 
@@ -96,19 +97,22 @@ def _gguf_tensors(state: dict[str, torch.Tensor], n_head: int, n_kv: int):
 
 
 def export_gguf(
-    source: Path, out: Path, quant: str = "f16", base_model: str | None = None, warn=print
+    source: Path, out: Path, quant: str = "f16", base_model: str | None = None, warn=print, overwrite: bool = False
 ) -> Path:
-    """Write `out` (a .gguf file) from a merged model, run or adapter directory."""
+    """Write `out` (a .gguf file) from a merged model, run or adapter directory. `out` must be new, or
+    (overwrite) a GGUF file (fsutil.check_target); it is written beside and renamed into place."""
     if quant not in QUANTS:
         raise ModelError(f"--quant {quant!r}: expected one of {', '.join(QUANTS)}")
     gguf = _require_gguf()
-    out = Path(out)
+    out = check_target(out, "gguf", sources=[source, base_model], overwrite=overwrite)
     if quant in K_QUANTS:
         quantizer = _k_quantizer()  # fail before the slow part
-        with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-            f16 = Path(tmp) / "f16.gguf"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+            f16, quantized = Path(tmp) / "f16.gguf", Path(tmp) / "quantized.gguf"
             export_gguf(source, f16, "f16", base_model, warn)
-            quantizer(f16, out, quant)
+            quantizer(f16, quantized, quant)
+            os.replace(quantized, out)
         return out
 
     loaded = load_tuned(source, base_model)
@@ -224,12 +228,7 @@ def _k_quantizer():
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
                         "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K}[quant]
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        try:
-            code = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-            if code != 0:
-                raise ModelError(f"llama.cpp's quantizer failed with code {code} for {quant}")
-            os.replace(tmp, dst)
-        finally:
-            tmp.unlink(missing_ok=True)
+        code = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        if code != 0:
+            raise ModelError(f"llama.cpp's quantizer failed with code {code} for {quant}")
     return run_library

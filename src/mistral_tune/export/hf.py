@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ModelError
-from ..fsutil import replace_dir
+from ..fsutil import check_target, replace_dir
+from ..lora import read_adapter_config
 from ..models.load import save_model
 from ..models.tuned import adapter_in, load_tuned
 from .hf_tokenizer import save_hf_tokenizer
@@ -43,22 +44,30 @@ def merge_to_dir(
     dtype: str = "float32",
     max_shard_bytes: int = 5_000_000_000,  # HF's "5GB"
     echo=print,
+    overwrite: bool = False,
 ) -> Path:
     """Base model + adapter -> merged HF model directory (weights, config, tokenizer files).
 
     The merge itself runs in float32 (W + scaling * B @ A), then the weights are cast to dtype
     once. Written to a temporary sibling directory first, then renamed, so a failure leaves nothing.
+    out_dir must be new or empty, or (overwrite) an earlier merged model (fsutil.check_target).
     """
     if dtype not in MERGE_DTYPES:
         raise ModelError(f"merge dtype {dtype!r}: expected one of {', '.join(MERGE_DTYPES)}")
     if max_shard_bytes <= 0:
         raise ModelError(f"max shard size must be positive, got {max_shard_bytes}")
-    tuned = load_tuned(find_adapter(Path(adapter_dir)), base_model)
+    adapter_dir = find_adapter(Path(adapter_dir))
+    _, recorded_base = read_adapter_config(adapter_dir)
+    base = base_model or recorded_base
+    if not base:
+        raise ModelError(f"{adapter_dir}: adapter_config.json names no base model; pass --base-model")
+    out_dir = check_target(out_dir, "merged", sources=[adapter_dir, base], overwrite=overwrite)
+    tuned = load_tuned(adapter_dir, base_model)
     if tuned.qlora:
         echo("QLoRA adapter: merged after dequantizing the NF4 base it was trained on, so the merged model is the "
              "one that was trained")
-    return replace_dir(Path(out_dir), lambda tmp: write_hf_model(tuned.model, tuned.tokenizer, tmp, dtype,
-                                                                   max_shard_bytes))
+    return replace_dir(out_dir, lambda tmp: write_hf_model(tuned.model, tuned.tokenizer, tmp, dtype, max_shard_bytes),
+                       "merged", [adapter_dir, base])
 
 
 def parse_size(text: str) -> int:

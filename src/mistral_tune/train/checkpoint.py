@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"
 REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
             "config.json", "metrics.jsonl")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_FILE_NAME = re.compile(r"[\w][\w.-]{0,200}", re.ASCII)  # a file in the checkpoint directory, no path
 _SEP = "::"
 
 
@@ -141,6 +142,34 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, named: dict[str, torc
 # ------------------------------------------------------------------------------------- checkpoints
 
 
+def _read_manifest(path: Path) -> tuple[int, dict[str, tuple[int, str]]]:
+    """(step, {file name: (size, sha256)}); ValueError naming the first field of the wrong type or missing."""
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict):
+        raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
+    step, files = manifest.get("step"), manifest.get("files")
+    if type(step) is not int or step < 0:  # bool is an int subclass: not a step
+        raise ValueError(f"step is {_short(step)}, expected a step number")
+    if not isinstance(files, dict):
+        raise ValueError(f"files is {_short(files)}, expected an object")
+    entries = {}
+    for name, entry in files.items():
+        if not _FILE_NAME.fullmatch(name):
+            raise ValueError(f"lists {_short(name)}, not a file name inside the checkpoint")
+        size, sha256 = (entry.get("size"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
+        if type(size) is not int or not isinstance(sha256, str):
+            raise ValueError(f"files[{name!r}] is {_short(entry)}, expected {{\"size\": bytes, \"sha256\": digest}}")
+        entries[name] = (size, sha256)
+    return step, entries
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint that passed validation, with its JSON parts read."""
@@ -211,27 +240,21 @@ class CheckpointManager:
         if not manifest_path.is_file():
             raise CheckpointError(f"{manifest_path}: missing (the checkpoint was never completed)")
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            files = manifest["files"]
-            step = int(manifest["step"])
-            if manifest.get("format") != FORMAT or not isinstance(files, dict):
-                raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+            step, files = _read_manifest(manifest_path)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
             raise CheckpointError(f"{manifest_path}: unreadable ({exc})") from None
-        for name in REQUIRED:
-            if name not in files:
+        for name in sorted({*REQUIRED, *(p.name for p in path.iterdir() if p.name != MANIFEST)}):
+            if name not in files:  # every file is verified before it is read: one not listed is not trusted
                 raise CheckpointError(f"{path / name}: not listed in {MANIFEST}")
         for name, entry in files.items():
             file = path / name
-            if "/" in name or name.startswith("."):
-                raise CheckpointError(f"{manifest_path}: lists a path outside the checkpoint: {name!r}")
             if not file.is_file():
                 raise CheckpointError(f"{file}: missing")
-            size = file.stat().st_size
-            if size != entry["size"]:
+            size, sha256 = entry
+            if file.stat().st_size != size:
                 raise CheckpointError(
-                    f"{file}: {size} bytes, the manifest says {entry['size']} (truncated or modified)")
-            if _sha256(file) != entry["sha256"]:
+                    f"{file}: {file.stat().st_size} bytes, the manifest says {size} (truncated or modified)")
+            if _sha256(file) != sha256:
                 raise CheckpointError(f"{file}: SHA-256 does not match the manifest (modified or damaged)")
         parts = {}
         for name in ("state.json", "config.json"):
@@ -239,6 +262,8 @@ class CheckpointManager:
                 parts[name] = json.loads((path / name).read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise CheckpointError(f"{path / name}: not valid JSON ({exc})") from None
+            if not isinstance(parts[name], dict):
+                raise CheckpointError(f"{path / name}: a JSON {type(parts[name]).__name__}, not an object")
         return Checkpoint(path, step, parts["state.json"], parts["config.json"])
 
     def newest_valid(self, before: int | None = None, quiet: bool = False) -> tuple[Checkpoint | None, list[str]]:

@@ -31,7 +31,7 @@ from ..config import Config
 from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, sample_lengths
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, TrainingHalted
-from ..fsutil import replace_dir
+from ..fsutil import check_target, mark_output, replace_dir
 from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
 from ..models.mistral import count_params, flops_per_token
@@ -161,26 +161,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_output_dir(cfg: Config) -> None:
-    """Refuse to reuse a non-empty output_dir unless asked, and never to wipe one that holds inputs."""
-    out = Path(cfg.output_dir).resolve()
-    if not (out.exists() and any(out.iterdir())) or cfg.resume is not None:
-        return
-    if not cfg.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir: {cfg.output_dir} exists and is not empty; choose another, continue it with "
-            "resume: auto, or set overwrite_output_dir: true"
-        )
-    inputs = [Path(ds.path) for ds in cfg.datasets] + [Path(cfg.base_model), Path.cwd()]
-    if cfg.tokenizer:
-        inputs.append(Path(cfg.tokenizer))
-    for path in inputs:
-        path = path.expanduser().resolve()
-        if path == out or out in path.parents:
-            raise ConfigError(
-                f"output_dir: {cfg.output_dir} contains {path}; overwrite_output_dir would delete it. "
-                "Choose an output_dir of its own"
-            )
+def check_output_dir(cfg: Config) -> Path:
+    """output_dir must be new, empty, or a run of ours (continued by resume, replaced by
+    overwrite_output_dir), and never hold the run's inputs or the working directory (fsutil's rule)."""
+    return check_target(cfg.output_dir, "run", sources=run_inputs(cfg),
+                        overwrite=cfg.overwrite_output_dir or cfg.resume is not None, label="output_dir",
+                        hint="continue it with resume: auto, or set overwrite_output_dir: true")
+
+
+def run_inputs(cfg: Config) -> list[str | None]:
+    return [ds.path for ds in [*cfg.datasets, *cfg.val_datasets]] + [cfg.base_model, cfg.tokenizer]
 
 
 def model_fit_warnings(cfg: Config, model_dir: Path, model_cfg, tokenizer) -> list[str]:
@@ -348,9 +338,11 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         progress = Progress.from_dict(resume_from.state["progress"])
 
     if rt.is_main:
-        if out.exists() and cfg.overwrite_output_dir:
-            shutil.rmtree(out)
+        target = check_output_dir(cfg)  # again, at the moment it matters
+        if cfg.overwrite_output_dir and target.exists():
+            shutil.rmtree(target)
         out.mkdir(parents=True, exist_ok=True)
+        mark_output(out, "run", run_inputs(cfg))
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         (out / "data_report.json").write_text(json.dumps(data.report.__dict__, indent=2) + "\n")
         ckpts.clean_partial()
@@ -475,19 +467,21 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
                            stopped_by=stopped_by, checkpoint_dir=checkpoint_dir)
     adapter_dir = merged_dir = None
-    if rt.is_main:
-        final = out / ("adapter" if spec else "model")
-        try:
-            adapter_dir = _save(cfg, model, spec, tokenizer, final, model_dir)
-        except OSError as exc:  # _save removed its temporary directory; the last checkpoint has the result
-            raise CheckpointError(f"{final}: could not be written ({exc.strerror or exc}); the trained state is in "
-                                  f"{checkpoint_dir}. Free space and run again with resume=auto") from None
-        if spec is None:
-            adapter_dir, merged_dir = None, adapter_dir
-        elif merge:
-            from ..export.hf import merge_to_dir
+    # The stop handler stays on: a SIGTERM now lets the final save finish, and the run ends complete.
+    with stop:
+        if rt.is_main:
+            final = out / ("adapter" if spec else "model")
+            try:
+                adapter_dir = _save(cfg, model, spec, tokenizer, final, model_dir)
+            except OSError as exc:  # _save removed its temporary directory; the last checkpoint has the result
+                raise CheckpointError(f"{final}: could not be written ({exc.strerror or exc}); the trained state is in "
+                                      f"{checkpoint_dir}. Free space and run again with resume=auto") from None
+            if spec is None:
+                adapter_dir, merged_dir = None, adapter_dir
+            elif merge:
+                from ..export.hf import merge_to_dir
 
-            merged_dir = merge_to_dir(adapter_dir, out / "merged", base_model=str(model_dir))
+                merged_dir = merge_to_dir(adapter_dir, out / "merged", base_model=str(model_dir), overwrite=True)
     return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
                        checkpoint_dir=checkpoint_dir)
 
@@ -649,4 +643,4 @@ def _save(cfg: Config, model, spec: LoraSpec | None, tokenizer, final: Path, mod
             write_hf_model(model, tokenizer, tmp,
                            dtype="bfloat16" if model.lm_head.weight.dtype == torch.bfloat16 else "float32")
 
-    return replace_dir(final, write)
+    return replace_dir(final, write, "adapter" if spec is not None else "model", [model_dir])

@@ -1,5 +1,10 @@
 """Stop requests: SIGTERM or SIGINT asks the loop to finish its step, checkpoint and exit; a second
-Ctrl-C stops at once (the checkpoint writer removes its temporary directory on the way out)."""
+Ctrl-C stops at once (the checkpoint writer removes its temporary directory on the way out).
+
+Repeated SIGTERMs are ignored, also after the loop: a scheduler may send several while the process
+writes its checkpoint and exits, and the default action (die with 143) would turn a completed
+graceful stop into a failed job. So once a stop was requested, SIGTERM stays ignored (where it had
+the default action) for the rest of the process, and processes it starts later inherit that."""
 
 from __future__ import annotations
 
@@ -38,5 +43,9 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
+            if sig == signal.SIGTERM and self.requested and handler is signal.SIG_DFL:
+                # The process is on its way out; a repeat must not kill it there (see above). SIG_IGN, not
+                # a Python handler: the interpreter puts SIG_DFL back for those while it shuts down.
+                handler = signal.SIG_IGN
             signal.signal(sig, handler)
         self._previous.clear()

@@ -192,7 +192,7 @@ class Config(_Strict):
     )
     fast_path: Literal["auto"] | bool = Field(
         "auto",
-        description="FlexAttention block masks (cuDNN causal attention for rows of one sample), compiled "
+        description="FlexAttention block masks (SDPA's causal kernel for unpacked rows), compiled "
         "decoder layers and the fused loss; auto: on with a GPU. "
         "The maths is the plain path's.",
     )

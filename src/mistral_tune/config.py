@@ -204,7 +204,9 @@ class Config(_Strict):
     output_dir: str = Field(
         "outputs/run", description="Where metrics, checkpoints, the adapter and the merged model go."
     )
-    logging_steps: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
+    logging_steps: int = Field(
+        1, ge=1, description="Write a metrics line every N optimizer steps: the token-weighted mean loss and the "
+        "mean gradient norm of those steps.")
     eval_steps: int | None = Field(
         None,
         ge=1,

@@ -340,6 +340,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     log = MetricsLog(out, total_steps, enabled=rt.is_main, echo=echo,
                      purge_after=resume_from.step if resume_from is not None else None)
     if resume_from is not None:
+        log.load_window_state(resume_from.state.get("log_window"))
         resume_from.restore_rng()
         echo(f"resumed from {resume_from.path} at step {resume_from.step} of {total_steps}")
 
@@ -350,6 +351,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
             "guard": guard.state_dict(),
             "data_fingerprint": fingerprint,
             "eval_loss": eval_loss_now,  # measured at this step; picks the best checkpoint to keep
+            "log_window": log.window_state(),  # the steps the next metrics line averages so far
         }
         write_adapter = None
         if spec is not None:

@@ -210,8 +210,8 @@ class Config(_Strict):
     eval_steps: int | None = Field(
         None,
         ge=1,
-        description="Evaluate every this many steps; the held-out set is also evaluated at each "
-        "checkpoint (to keep the best) and at the end.",
+        description="Evaluate the held-out set every this many steps and at the end. Unset: at each "
+        "checkpoint and at the end. Pruning keeps the best of the checkpoints evaluated at their step.",
     )
     save_steps: int | None = Field(
         None,

@@ -434,8 +434,12 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 last = step + 1 == total_steps
                 scheduled = (last or stream.epoch != epoch_before
                              or bool(cfg.save_steps and (step + 1) % cfg.save_steps == 0))
+                # Held-out loss: every eval_steps and at the end; without eval_steps, at each checkpoint
+                # (pruning keeps the best). Not at a checkpoint off that grid too, which would evaluate
+                # again a step or two after an eval_steps one (an epoch ending at step 26 after eval at 25).
+                due = (step + 1) % cfg.eval_steps == 0 if cfg.eval_steps else scheduled
                 evaluated = None
-                if val_rows and (scheduled or (cfg.eval_steps and (step + 1) % cfg.eval_steps == 0)):
+                if val_rows and (last or due):
                     evaluated, _ = evaluate(model, data.val, val_rows, cfg, rt, padding)
                     progress.eval_loss = evaluated
                     log.eval(step + 1, evaluated)

@@ -253,7 +253,7 @@ def main() -> None:
         else:
             from peers import run_peer
 
-            res = run_peer(ARGS.worker, ARGS.seq, ARGS.bs, ARGS.steps, ARGS.warm, ARGS.peak_tflops,
+            res = run_peer(ARGS.worker, SHAPE, ARGS.seq, ARGS.bs, ARGS.steps, ARGS.warm, ARGS.peak_tflops,
                            useful_flops_per_token(ARGS.seq))
         print("RESULT " + json.dumps(res), flush=True)
         return

@@ -132,7 +132,7 @@ def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
     model, params = _build_ours(qlora=v["qlora"])
     torch.cuda.reset_peak_memory_stats()  # the bf16 weights existed only until quantized
     if variant != "ours_eager":
-        model.use_fast_path(compile_layers=v["compiled"])
+        model.use_fast_path(compile_layers=v["compiled"], one_sample_rows=not packed)
     model.gradient_checkpointing = v["ckpt"]
     model.offload_activations = v["offload"]
     model.recompute_by_row = v["by_row"]
@@ -186,6 +186,7 @@ def run_parity(seq: int, bs: int) -> dict:
 
     def grads(m, ps, fast: bool, autocast: bool, batch, lean: bool = False):
         m.attn_impl, m.fused_loss = ("flex", True) if fast else ("sdpa", False)
+        m.one_sample_rows = fast  # fixed rows take the causal kernel, packed ones the block mask
         m.gradient_checkpointing = m.offload_activations = m.recompute_by_row = lean
         for p in ps:
             p.grad = None
@@ -252,7 +253,7 @@ def main() -> None:
         else:
             from peers import run_peer
 
-            res = run_peer(ARGS.worker, ARGS.seq, ARGS.bs, ARGS.steps, ARGS.warm, ARGS.peak_tflops,
+            res = run_peer(ARGS.worker, SHAPE, ARGS.seq, ARGS.bs, ARGS.steps, ARGS.warm, ARGS.peak_tflops,
                            useful_flops_per_token(ARGS.seq))
         print("RESULT " + json.dumps(res), flush=True)
         return

@@ -1,4 +1,5 @@
-"""The peer stacks for bench/gpu_bench.py, each timed on the same shapes, batch and loop as ours.
+"""The peer stacks for bench/gpu_bench.py, each timed on the same shapes (gpu_bench passes them), batch
+and loop as ours.
 
 hf_sdpa: transformers + PEFT LoRA, SDPA attention, gradient checkpointing.
 hf_liger: the same with Liger's Mistral kernels (RoPE, RMSNorm, SwiGLU, fused linear CE).
@@ -16,21 +17,20 @@ CKPT = os.environ.get("BENCH_CKPT", "/tmp/bench-rand-7b")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _hf_config():
-    from gpu_bench import SHAPE
+def _hf_config(shape: dict):
     from transformers import MistralConfig
 
-    return MistralConfig(**SHAPE, tie_word_embeddings=False)
+    return MistralConfig(**shape, tie_word_embeddings=False)
 
 
-def _ensure_checkpoint() -> None:
+def _ensure_checkpoint(shape: dict) -> None:
     """Random bf16 weights plus a throwaway word-level tokenizer (Unsloth wants one beside them)."""
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     if not os.path.exists(f"{CKPT}/config.json"):
         with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(_hf_config(), dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(_hf_config(shape), dtype=torch.bfloat16)
         model.save_pretrained(CKPT)
         del model
         torch.cuda.empty_cache()
@@ -43,7 +43,7 @@ def _ensure_checkpoint() -> None:
                                 pad_token="w3").save_pretrained(CKPT)
 
 
-def _load_hf(name: str):
+def _load_hf(name: str, shape: dict):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -61,7 +61,8 @@ def _load_hf(name: str):
                                                      attn_implementation="sdpa", device_map={"": 0})
     else:
         with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(_hf_config(), dtype=torch.bfloat16, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(_hf_config(shape), dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.config.use_cache = False
@@ -85,7 +86,8 @@ def _load_unsloth(name: str):
     return model
 
 
-def run_peer(name: str, seq: int, bs: int, steps: int, warm: int, peak_tflops: float, flops_tok: float) -> dict:
+def run_peer(name: str, shape: dict, seq: int, bs: int, steps: int, warm: int, peak_tflops: float,
+             flops_tok: float) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     os.environ["BENCH_SEQ"] = str(seq)
@@ -94,10 +96,10 @@ def run_peer(name: str, seq: int, bs: int, steps: int, warm: int, peak_tflops: f
     import torch
 
     if "qlora" in name or name.startswith("unsloth"):
-        _ensure_checkpoint()
+        _ensure_checkpoint(shape)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model = _load_unsloth(name) if name.startswith("unsloth") else _load_hf(name)
+    model = _load_unsloth(name) if name.startswith("unsloth") else _load_hf(name, shape)
     load_s = time.time() - t0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5, fused=True)

@@ -369,3 +369,31 @@ def test_resume_and_overwrite_cannot_be_combined(assets, tmp_path):
     model, data = assets
     with pytest.raises(ConfigError, match="set resume or overwrite_output_dir, not both"):
         config(model, data, tmp_path / "run", resume="auto", overwrite_output_dir=True)
+
+
+def test_resume_inside_a_logging_window_writes_the_same_lines(assets, tmp_path):
+    """logging_steps 4, checkpoints every 5: checkpoint-5 holds step 5, which the line at step 8
+    averages with steps 6-8. A run resumed there writes that line as the uninterrupted run did."""
+    model, data = assets
+    out = tmp_path / "run"
+    cfg = config(model, data, out, logging_steps=4, save_steps=5, max_steps=12, save_total_limit=10)
+    train(cfg, echo=lambda _: None)
+    copy = _copy_run(out, tmp_path / "copy")
+    train(cfg.model_copy(update={"output_dir": str(copy), "resume": str(copy / "checkpoint-5")}), echo=lambda _: None)
+    assert [r["step"] for r in metrics(out)] == [4, 8, 12]
+    assert metrics(copy) == metrics(out)
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[1])["window_steps"] == 4
+
+
+def test_evaluation_follows_eval_steps_and_not_a_checkpoint_a_step_later(assets, tmp_path):
+    """eval_steps 7 and an epoch (so a checkpoint) ending at step 8: the held-out set is evaluated at
+    7, 14 and the last step, not again at 8; without eval_steps, at every checkpoint."""
+    model, data = assets
+    cfg = config(model, data, tmp_path / "grid", val_set_size=8, eval_steps=7, save_steps=None, max_steps=16)
+    out = train(cfg, echo=lambda _: None).output_dir
+    assert _steps(out) == [8, 16]  # epoch ends (56 training samples: 8 steps each)
+    assert [r["step"] for r in metrics(out) if "eval_loss" in r] == [7, 14, 16]
+    assert json.loads((out / "checkpoint-8" / "state.json").read_text())["eval_loss"] is None
+    cfg = cfg.model_copy(update={"output_dir": str(tmp_path / "ckpt"), "eval_steps": None})
+    out = train(cfg, echo=lambda _: None).output_dir
+    assert [r["step"] for r in metrics(out) if "eval_loss" in r] == [8, 16]

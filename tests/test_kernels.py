@@ -152,11 +152,38 @@ def test_rows_of_one_sample_take_the_causal_kernel_with_the_same_loss_and_grads(
     samples = [Sample.from_ids(torch.randint(3, 1000, (n,), generator=gen).tolist(), [i % 4 != 0 for i in range(n)])
                for n in (64, 37)]
     batch = collate(samples, [[0], [1]], pad_to=64)
-    model.attn_impl = "flex"
+    model.attn_impl, model.one_sample_rows = "flex", True
     mask = model._mask(batch.seq_ids, batch.position_ids, 0, 64, batch.input_ids.device, window)
     assert (mask == CAUSAL) is (window != 40)
     if window == 40:
         return  # the block mask path is checked against the dense mask on the GPU and above
+    _assert_same_loss_and_grads(model, batch, "attn_impl", ("sdpa", "flex"))
+
+
+def test_packed_rows_keep_the_block_mask_when_a_batch_holds_one_sample_per_row(make_tiny_mistral):
+    """With packing, a batch whose rows happen to hold one sample each still takes the block mask,
+    so the compiled layers never meet a second kind of mask (and compile again) mid-run."""
+    model = make_tiny_mistral()
+    model.attn_impl = "flex"
+    seq_ids = torch.tensor([[0, 0, 0, -1], [0, 0, 0, 0]])
+    assert not model.takes_causal_kernel(seq_ids, 4, None)
+    model.one_sample_rows = True
+    assert model.takes_causal_kernel(seq_ids, 4, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_causal_kernel_runs_in_float32_after_bf16_on_the_gpu(make_tiny_mistral):
+    """bf16: false on a GPU: rows of one sample in float32 take a kernel that runs in float32, also
+    after a bf16 step probed the kernels (each dtype gets its own), with the dense mask's result."""
+    model = _lora_model(make_tiny_mistral, seed=8).cuda()
+    gen = torch.Generator().manual_seed(9)
+    samples = [Sample.from_ids(torch.randint(3, 1000, (n,), generator=gen).tolist(), [True] * n) for n in (64, 40)]
+    batch = collate(samples, [[0], [1]], pad_to=64).to("cuda")
+    from mistral_tune.train.optim import token_loss_sum
+
+    model.attn_impl, model.one_sample_rows = "flex", True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        token_loss_sum(model, batch).backward()
     _assert_same_loss_and_grads(model, batch, "attn_impl", ("sdpa", "flex"))
 
 
@@ -196,3 +223,40 @@ def test_fast_path_true_on_cpu_is_a_config_error(tiny_model_dir, tmp_path):
                             "output_dir": str(tmp_path / "out"), "fast_path": True, "max_steps": 1})
     with pytest.raises(ConfigError, match="fast_path"):
         train(cfg, echo=lambda *_: None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_rows_of_varying_length_compile_a_fixed_number_of_graphs(make_tiny_mistral, checkpointing):
+    """Unpacked rows of many lengths, short micro-batches, training steps and evaluations: the
+    compiled layers make one graph per autograd situation (no grad; input without and with a
+    gradient) and none for a new row length or batch size, far from dynamo's recompile limit
+    (past which it would fall back to eager layers). Counted by dynamo itself, on the CPU."""
+    from torch._dynamo.testing import CompileCounter
+
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.train.loop import row_padding
+    from mistral_tune.train.optim import token_loss_sum
+
+    torch._dynamo.reset()
+    model = _lora_model(make_tiny_mistral, seed=6)
+    model.gradient_checkpointing = checkpointing
+    counter = CompileCounter()
+    model.use_fast_path(one_sample_rows=True, dynamic=True, backend=counter)
+    cfg = config_from_dict({"base_model": "x", "datasets": [{"path": "x"}], "sample_packing": False,
+                            "sequence_len": 512, "micro_batch_size": 3})
+    padding = row_padding(cfg, True, True, cfg.micro_batch_size)
+    gen = torch.Generator().manual_seed(7)
+    samples = [Sample.from_ids(torch.randint(3, 1000, (n,), generator=gen).tolist(), [True] * n)
+               for n in (20, 150, 300, 500, 90, 260, 400, 33)]
+    groups = [[[0], [1], [2]], [[3], [4]], [[5]], [[6], [7], [0]], [[2], [3], [4]]]  # 128 ... 512 tokens
+    for k, group in enumerate(groups):
+        batch = collate(samples, group, **padding)
+        assert batch.input_ids.shape[0] == 3
+        token_loss_sum(model, batch).backward()
+        if k % 2:
+            with torch.no_grad():
+                token_loss_sum(model.eval(), batch)
+            model.train()
+    assert counter.frame_count == 3
+    torch._dynamo.reset()

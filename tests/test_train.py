@@ -497,3 +497,34 @@ def test_several_processes_are_refused_before_anything_loads(monkeypatch):
     cfg = config_from_dict({"base_model": "/nonexistent", "datasets": [{"path": "x.jsonl"}]})
     with pytest.raises(ConfigError, match="WORLD_SIZE=2"):
         Runtime.detect(cfg)
+
+
+# ---------------------------------------------------------------------- metrics lines
+
+
+def test_logged_loss_is_the_token_weighted_mean_of_its_window(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """logging_steps: 4 writes, at steps 4 and 6, the token-weighted mean loss and the mean gradient
+    norm of the steps since the previous line, as the same run logging every step shows them; the
+    printed line (no TTY here) carries the gradient norm, the elapsed time and an ETA."""
+    story = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    records = [chat(f"Q{i}?", " ".join(story.split()[: 1 + 3 * i])) for i in range(6)]
+    data = write_jsonl(tmp_path / "varied.jsonl", records)
+    settings = dict(sample_packing=False, micro_batch_size=1, max_steps=6, learning_rate=1e-2, seed=5)
+    every = read_metrics(train(make_config(tmp_path, tiny_model_dir, data, "every", **settings), echo=quiet)
+                         .output_dir)[0]
+    echoed: list[str] = []
+    windows = read_metrics(train(make_config(tmp_path, tiny_model_dir, data, "window", logging_steps=4, **settings),
+                                 echo=echoed.append).output_dir)[0]
+    assert [r["step"] for r in every] == [1, 2, 3, 4, 5, 6] and [r["step"] for r in windows] == [4, 6]
+    assert len({r["trained_tokens"] for r in every}) > 1  # the weights matter
+    for line, steps in zip(windows, ([1, 2, 3, 4], [5, 6]), strict=True):
+        part = [r for r in every if r["step"] in steps]
+        tokens = sum(r["trained_tokens"] for r in part)
+        assert line["trained_tokens"] == tokens and line["window_steps"] == len(steps)
+        assert line["loss"] == pytest.approx(sum(r["loss"] * r["trained_tokens"] for r in part) / tokens, rel=1e-12)
+        assert line["grad_norm"] == pytest.approx(sum(r["grad_norm"] for r in part) / len(part), rel=1e-12)
+        assert line["loss"] != pytest.approx(part[-1]["loss"], rel=1e-6)  # not the last step's alone
+    step_lines = [e for e in echoed if e.startswith("step ")]
+    assert [e.split()[1] for e in step_lines] == ["4/6", "6/6"]
+    assert all("grad norm" in e and "elapsed 0:00:" in e and " eta " in e for e in step_lines)
+    assert "eta ?" not in step_lines[-1]

@@ -235,7 +235,7 @@ class Config(_Strict):
     )
     fast_path: Literal["auto"] | bool = Field(
         "auto",
-        description="FlexAttention block masks (cuDNN causal attention for rows of one sample), compiled "
+        description="FlexAttention block masks (SDPA's causal kernel for unpacked rows), compiled "
         "decoder layers and the fused loss; auto: on with a GPU. "
         "The maths is the plain path's.",
     )
@@ -250,12 +250,14 @@ class Config(_Strict):
         "expanded): a new or empty directory, or a run of mistral-tune's to continue (resume) or replace "
         "(overwrite_output_dir).",
     )
-    logging_steps: int = Field(1, ge=1, description="Write a metrics line every N optimizer steps.")
+    logging_steps: int = Field(
+        1, ge=1, description="Write a metrics line every N optimizer steps: the token-weighted mean loss and the "
+        "mean gradient norm of those steps.")
     eval_steps: int | None = Field(
         None,
         ge=1,
-        description="Evaluate every this many steps; the held-out set is also evaluated at each "
-        "checkpoint (to keep the best) and at the end.",
+        description="Evaluate the held-out set every this many steps and at the end. Unset: at each "
+        "checkpoint and at the end. Pruning keeps the best of the checkpoints evaluated at their step.",
     )
     save_steps: int | None = Field(
         None,

@@ -182,9 +182,11 @@ def packing_stats(lengths: list[int], capacity: int) -> tuple[int, float]:
 
 
 def collate(samples: list[Sample], rows: list[list[int]], pad_to: int | None = None, pad_id: int = 0,
-            pad_multiple: int = 1) -> Batch:
+            pad_multiple: int = 1, min_rows: int = 0) -> Batch:
     """Tensors for the given rows; rows are padded to pad_to, or else to the longest row rounded up
-    to a multiple of pad_multiple (few distinct shapes keep compiled kernels from recompiling)."""
+    to a multiple of pad_multiple, and the batch to min_rows rows with rows of padding (few
+    distinct shapes keep compiled kernels from recompiling; padding carries no loss)."""
+    rows = list(rows) + [[]] * (min_rows - len(rows))
     known = getattr(samples, "lengths", None)  # a SampleStore: no need to build each sample twice
     lengths = [sum(int(known[i]) if known is not None else len(samples[i]) for i in row) for row in rows]
     L = pad_to or -(-max(lengths) // pad_multiple) * pad_multiple

@@ -4,16 +4,18 @@ block mask (GPU), both expressing causal + same-sample + sliding window.
 The block mask is built once per batch and shared by every layer; fully masked 128x128 blocks
 (other samples, outside the window) are skipped by the kernel, so packing costs no wasted FLOPs.
 
-When every row holds a single sample (trailing padding allowed) and no sliding window cuts
-inside it, the mask is plain causal: `CAUSAL` stands for it, and attention runs SDPA's causal
-kernel (cuDNN's fused attention on Hopper, else flash), which is faster than FlexAttention's
-general kernel. Padding at a row's end sees the real tokens before it; no real token sees the
-padding, and padding carries no loss, so real outputs and gradients are the same.
+When rows hold a single sample each (no packing; trailing padding allowed) and no sliding window
+cuts inside them, the mask is plain causal: `CAUSAL` stands for it, and attention runs SDPA's
+causal kernel (cuDNN's fused attention on Hopper, else flash; in float32, the memory-efficient
+kernel), which is faster than FlexAttention's general kernel. Padding at a row's end sees the
+real tokens before it; no real token sees the padding, and padding carries no loss, so real
+outputs and gradients are the same.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -43,33 +45,42 @@ def one_sample_per_row(seq_ids: torch.Tensor) -> bool:
     return bool(same.all() & trailing_pad.all())
 
 
-_CAUSAL_BACKENDS: dict[torch.device, list] = {}
+# (device, dtype, head_dim) -> SDPA backends for the causal kernel; filled by probe_causal_backends.
+_CAUSAL_BACKENDS: dict[tuple[torch.device, torch.dtype, int], list] = {}
 
 
-def causal_backends(device: torch.device) -> list:
-    """SDPA backends for the causal kernel on `device`: cuDNN where it runs (Hopper and later),
-    else flash; probed once with a small forward and backward. An empty list leaves SDPA's choice."""
-    if device.type != "cuda":
-        return []
-    if device not in _CAUSAL_BACKENDS:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+def probe_causal_backends(device: torch.device, head_dim: int) -> None:
+    """Find, once per device and head size, the SDPA backend the causal kernel takes for each
+    floating dtype: cuDNN where it runs (Hopper and later; bf16/fp16), else flash (bf16/fp16),
+    else the memory-efficient kernel (float32 too), each tried with a small forward and backward.
+    A dtype none of them runs gets an empty list: SDPA's own choice. Call it outside compiled code."""
+    if device.type != "cuda" or (device, torch.float32, head_dim) in _CAUSAL_BACKENDS:
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    if torch.cuda.get_device_capability(device)[0] >= 9:
+        order.insert(0, SDPBackend.CUDNN_ATTENTION)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         choice = []
-        order = [SDPBackend.FLASH_ATTENTION]
-        if torch.cuda.get_device_capability(device)[0] >= 9:
-            order.insert(0, SDPBackend.CUDNN_ATTENTION)
         for backend in order:
             try:
-                q = torch.randn(1, 4, 256, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
-                kv = torch.randn(1, 2, 256, 128, device=device, dtype=torch.bfloat16)
-                with sdpa_kernel([backend]):
+                q = torch.randn(1, 4, 256, head_dim, device=device, dtype=dtype, requires_grad=True)
+                kv = torch.randn(1, 2, 256, head_dim, device=device, dtype=dtype)
+                # Not under the caller's autocast, which would hand every probe bf16 inputs.
+                with warnings.catch_warnings(), torch.autocast("cuda", enabled=False), sdpa_kernel([backend]):
+                    warnings.simplefilter("ignore")  # each refusal explains itself in a warning
                     F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True).sum().backward()
                 choice = [backend]
                 break
             except RuntimeError:
                 continue
-        _CAUSAL_BACKENDS[device] = choice
-    return _CAUSAL_BACKENDS[device]
+        _CAUSAL_BACKENDS[(device, dtype, head_dim)] = choice
+
+
+def causal_backends(device: torch.device, dtype: torch.dtype, head_dim: int) -> list:
+    """The probed backends for the causal kernel; empty: SDPA's own choice."""
+    return _CAUSAL_BACKENDS.get((device, dtype, head_dim), [])
 
 
 def flex_block_mask(seq_ids: torch.Tensor, window: int | None):
@@ -105,7 +116,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float
     """q (B, Hq, L, D), k/v (B, Hkv, S, D) -> (B, Hq, L, D).
     mask: dense bool tensor, BlockMask, or CAUSAL (one sample per row, L == S)."""
     if isinstance(mask, str):
-        backends = causal_backends(q.device)
+        dev = q.device.type  # SDPA autocasts its inputs: the kernel sees autocast's dtype
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+        backends = causal_backends(q.device, dtype, q.shape[-1])
         if not backends:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         from torch.nn.attention import sdpa_kernel

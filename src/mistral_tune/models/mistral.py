@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.attention import CAUSAL, attend, causal_backends, dense_mask, flex_block_mask, one_sample_per_row
+from ..kernels.attention import (
+    CAUSAL,
+    attend,
+    dense_mask,
+    flex_block_mask,
+    one_sample_per_row,
+    probe_causal_backends,
+)
 from .recompute import LayerInputs, grad_only, recompute_layer
 
 attention_mask = dense_mask  # the mask every backend must agree with
@@ -287,20 +294,28 @@ class MistralForCausalLM(nn.Module):
         self.offload_activations = False
         self.recompute_by_row = False  # with checkpointing: backward one batch row at a time
         # "sdpa": dense boolean mask, any device. "flex": FlexAttention block mask (GPU fast path),
-        # or SDPA's causal kernel when each row holds one sample (kernels/attention.py).
+        # or SDPA's causal kernel when rows hold one sample each (one_sample_rows; kernels/attention.py).
         self.attn_impl = "sdpa"
+        self.one_sample_rows = False
         self.fused_loss = False  # see kernels/loss.py
         self.neftune_alpha = 0.0  # NEFTune: noise on the input embeddings while training
 
-    def use_fast_path(self, compile_layers: bool = True) -> None:
-        """GPU fast path: FlexAttention block masks (SDPA's causal kernel for rows of one sample),
-        the fused linear + cross-entropy loss, and each decoder layer compiled (fused norms, RoPE,
-        SwiGLU and LoRA adds). The maths is unchanged."""
+    def use_fast_path(self, compile_layers: bool = True, one_sample_rows: bool = False, dynamic: bool = False,
+                      backend: str = "inductor") -> None:
+        """GPU fast path: FlexAttention block masks, the fused linear + cross-entropy loss, and each
+        decoder layer compiled (fused norms, RoPE, SwiGLU and LoRA adds). The maths is unchanged.
+
+        one_sample_rows: the rows hold one sample each (no packing), so attention takes SDPA's
+        causal kernel. Otherwise every batch takes the block mask, even one that happens to hold a
+        single sample per row: the compiled layers then meet one kind of mask in the whole run.
+        dynamic: compile for any batch size and row length (rows of varying length); otherwise
+        each new shape compiles its own graphs."""
         self.attn_impl = "flex"
+        self.one_sample_rows = one_sample_rows
         self.fused_loss = True
         if compile_layers:
             for layer in self.model.layers:
-                layer.compile(dynamic=False)
+                layer.compile(dynamic=dynamic, backend=backend)
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random init for a fresh model (HF's normal(0, 0.02), norms at one)."""
@@ -391,11 +406,16 @@ class MistralForCausalLM(nn.Module):
         if seq_ids is None:
             seq_ids = torch.zeros_like(position_ids)
         if self.attn_impl == "flex":
-            if (window is None or L <= window) and one_sample_per_row(seq_ids):
-                causal_backends(device)  # probed here, outside any compiled layer
+            if self.takes_causal_kernel(seq_ids, L, window):
+                probe_causal_backends(device, self.config.head_dim)  # here, outside any compiled layer
                 return CAUSAL
             return flex_block_mask(seq_ids, window)
         return dense_mask(seq_ids, position_ids, window)
+
+    def takes_causal_kernel(self, seq_ids: torch.Tensor, L: int, window: int | None) -> bool:
+        """Whether the fast path attends with the causal kernel: rows of one sample each (the model is
+        told so, and the batch shows it) that the layer's sliding window does not cut."""
+        return self.one_sample_rows and (window is None or L <= window) and one_sample_per_row(seq_ids)
 
     def forward(
         self,

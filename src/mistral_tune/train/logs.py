@@ -1,13 +1,28 @@
-"""Run logs: a JSONL metrics file, TensorBoard event files, and a live progress bar."""
+"""Run logs: a JSONL metrics file, TensorBoard event files, and a live progress bar.
+
+A step line is written every `logging_steps` steps. Its `loss` is the mean over the steps since
+the previous line, weighted by trained tokens (the window's summed token loss over its trained
+tokens), `grad_norm` the mean of those steps' norms, `trained_tokens` their sum and `window_steps`
+their number; `lr`, the throughput and the memory are the last step's. A skipped step gets a line of
+its own, with its own values, and stays out of the window.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 class MetricsLog:
@@ -21,6 +36,9 @@ class MetricsLog:
         self._tb = None
         self._progress = None
         self._task = None
+        self._window = _empty_window()
+        self._started = time.monotonic()
+        self._clock: tuple[float, int] | None = None  # (time, step) at this process's first step
         if not enabled:
             return
         self._file = self.path.open("a", encoding="utf-8")
@@ -39,7 +57,7 @@ class MetricsLog:
             return
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         )
         self._task = self._progress.add_task("train", total=self.total, info="")
         self._progress.start()
@@ -52,19 +70,47 @@ class MetricsLog:
         if not self.enabled:
             return
         step = record["step"]
-        loss = "skipped" if record.get("skipped") else f"loss {record['loss']:.4f}"
-        info = (f"{loss}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
-                f"mem {record['peak_mem_gib']:.2f} GiB")
+        if self._clock is None:
+            self._clock = (time.monotonic(), step)
+        skipped = bool(record.get("skipped"))
+        if not skipped:  # running means: a window of one step holds exactly that step's values
+            w = self._window
+            w["tokens"] += record["trained_tokens"]
+            w["steps"] += 1
+            w["loss"] += (record["loss"] - w["loss"]) * (record["trained_tokens"] / max(w["tokens"], 1))
+            w["grad_norm"] += (record["grad_norm"] - w["grad_norm"]) / w["steps"]
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, info=info)
-        if write:
-            self._write(record)
-            if self._tb is not None:
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib"):
-                    if record[key] is not None:  # a skipped step's non-finite loss is logged as null
-                        self._tb.add_scalar(f"train/{key}", record[key], step)
-            if self._progress is None:
-                self.echo(f"step {step}/{self.total}  {info}")
+            self._progress.update(self._task, completed=step, info=_info(record))
+        if not write:
+            return
+        if not skipped:
+            w = self._window
+            record = {**record, "loss": w["loss"], "grad_norm": w["grad_norm"], "trained_tokens": w["tokens"],
+                      "window_steps": w["steps"]}
+            self._window = _empty_window()
+        self._write(record)
+        if self._tb is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib"):
+                if record[key] is not None:  # a skipped step's non-finite loss is logged as null
+                    self._tb.add_scalar(f"train/{key}", record[key], step)
+        if self._progress is None:
+            self.echo(f"step {step}/{self.total}  {_info(record)}  {self._times(step)}")
+
+    def _times(self, step: int) -> str:
+        """Time since the start, and the time left at the pace since this process's first step (which
+        carries the compilation)."""
+        t0, first = self._clock
+        now = time.monotonic()
+        eta = _clock((now - t0) / (step - first) * (self.total - step)) if step > first else "?"
+        return f"elapsed {_clock(now - self._started)}  eta {eta}"
+
+    def window_state(self) -> dict:
+        """The steps since the last written line (a checkpoint keeps them, so a resumed run's next line
+        averages the same steps)."""
+        return dict(self._window)
+
+    def load_window_state(self, state: dict | None) -> None:
+        self._window = {**_empty_window(), **(state or {})}
 
     def event(self, record: dict) -> None:
         """A line for something that happened to the run (a rollback), not a training step."""
@@ -92,3 +138,19 @@ class MetricsLog:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+
+
+def _info(record: dict) -> str:
+    loss = "skipped" if record.get("skipped") else f"loss {record['loss']:.4f}  grad norm {record['grad_norm']:.3g}"
+    return (f"{loss}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s  "
+            f"mem {record['peak_mem_gib']:.2f} GiB")
+
+
+def _empty_window() -> dict:
+    return {"loss": 0.0, "tokens": 0, "grad_norm": 0.0, "steps": 0}
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"

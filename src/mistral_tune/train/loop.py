@@ -232,22 +232,31 @@ def prepare(cfg: Config, check_output: bool = True):
     return rt, model_dir, tokenizer, model, data
 
 
-def row_padding(cfg: Config, fast: bool) -> dict:
-    """How collate pads rows: packed rows to sequence_len. Compiled layers recompile for every new
-    row length, so on the fast path unpacked rows round up to a quarter of sequence_len (at most
-    four shapes); the plain path pads to the longest row only."""
-    if cfg.sample_packing:
-        return {"pad_to": cfg.sequence_len}
-    return {"pad_multiple": max(128, cfg.sequence_len // 4) if fast else 1}
+def one_sample_rows(cfg: Config, model) -> bool:
+    """Whether the fast path's rows hold one sample each that no sliding window cuts: no packing,
+    and rows no longer than the window. Such rows take the causal kernel and vary in length."""
+    window = model.config.sliding_window
+    return not cfg.sample_packing and (window is None or cfg.sequence_len <= window)
+
+
+def row_padding(cfg: Config, fast: bool, one_sample: bool, micro_batch_size: int) -> dict:
+    """How collate pads rows: packed rows to sequence_len, others to the longest row. The fast path's
+    compiled layers make a graph per shape, so there rows of one sample (compiled for dynamic
+    shapes) round up to a multiple of 128, rows a sliding window cuts go to sequence_len too, and a
+    short micro-batch gets rows of padding."""
+    if not fast:
+        return {"pad_to": cfg.sequence_len} if cfg.sample_packing else {}
+    rows = {"pad_multiple": 128} if one_sample else {"pad_to": cfg.sequence_len}
+    return {**rows, "min_rows": micro_batch_size}
 
 
 @torch.no_grad()
-def evaluate(model, samples, rows, cfg: Config, rt: Runtime, padding: dict | None = None) -> tuple[float, int]:
+def evaluate(model, samples, rows, cfg: Config, rt: Runtime, padding: dict) -> tuple[float, int]:
     """Token-weighted mean loss over held-out rows, and the number of tokens it covers."""
     model.eval()
     total, count = 0.0, 0
     for group in group_rows(rows, cfg.micro_batch_size, None):
-        batch = collate(samples, group, **(padding or row_padding(cfg, False))).to(rt.device)
+        batch = collate(samples, group, **padding).to(rt.device)
         with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
             total += float(token_loss_sum(model, batch))
         count += batch.n_trained
@@ -294,10 +303,12 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
     if cfg.offload_activations and not (cfg.gradient_checkpointing and rt.device.type == "cuda"):
         raise ConfigError("offload_activations: true needs gradient_checkpointing: true and a CUDA GPU")
-    if fast:
-        model.use_fast_path()
-    echo("fast path: FlexAttention block masks (cuDNN causal attention for rows of one sample), compiled "
-         "decoder layers, fused linear cross-entropy"
+    one_sample = fast and one_sample_rows(cfg, model)
+    if fast:  # rows of one sample vary in length: their layers compile for dynamic shapes
+        model.use_fast_path(one_sample_rows=one_sample, dynamic=one_sample)
+    attention = ("SDPA's causal kernel (rows of one sample), decoder layers compiled for any row length"
+                 if one_sample else "FlexAttention block masks, compiled decoder layers")
+    echo(f"fast path: {attention}, fused linear cross-entropy"
          if fast else "plain path: SDPA with a dense mask, eager layers, cross-entropy on gathered logits")
     model.train()
     trainable, total = count_params(model)
@@ -306,7 +317,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
 
     rows = make_rows(data.train, cfg.sequence_len, cfg.sample_packing)
     val_rows = make_rows(data.val, cfg.sequence_len, cfg.sample_packing) if data.val else []
-    padding = row_padding(cfg, fast)
+    padding = row_padding(cfg, fast, one_sample, cfg.micro_batch_size)
     micro_per_epoch = math.ceil(len(rows) / cfg.micro_batch_size)
     micro_per_epoch_rank = math.ceil(micro_per_epoch / rt.world_size)
     steps_per_epoch = max(1, micro_per_epoch_rank // cfg.gradient_accumulation_steps)
@@ -353,6 +364,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     log = MetricsLog(out, total_steps, enabled=rt.is_main, echo=echo,
                      purge_after=resume_from.step if resume_from is not None else None)
     if resume_from is not None:
+        log.load_window_state(resume_from.state.get("log_window"))
         resume_from.restore_rng()
         echo(f"resumed from {resume_from.path} at step {resume_from.step} of {total_steps}")
 
@@ -363,6 +375,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
             "guard": guard.state_dict(),
             "data_fingerprint": fingerprint,
             "eval_loss": eval_loss_now,  # measured at this step; picks the best checkpoint to keep
+            "log_window": log.window_state(),  # the steps the next metrics line averages so far
         }
         write_adapter = None
         if spec is not None:
@@ -406,6 +419,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                              f"retrying step {step + 1} with micro_batch_size {smaller[0]} x "
                              f"gradient_accumulation_steps {smaller[1]}")
                         progress.micro_batch_size, progress.gradient_accumulation_steps = smaller
+                        padding = row_padding(cfg, fast, one_sample, smaller[0])
                         # The same rows, in smaller micro-batches: the step's effective batch is unchanged.
                         groups = [g[i:i + smaller[0]] for g in groups for i in range(0, len(g), smaller[0])]
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -444,8 +458,12 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 last = step + 1 == total_steps
                 scheduled = (last or stream.epoch != epoch_before
                              or bool(cfg.save_steps and (step + 1) % cfg.save_steps == 0))
+                # Held-out loss: every eval_steps and at the end; without eval_steps, at each checkpoint
+                # (pruning keeps the best). Not at a checkpoint off that grid too, which would evaluate
+                # again a step or two after an eval_steps one (an epoch ending at step 26 after eval at 25).
+                due = (step + 1) % cfg.eval_steps == 0 if cfg.eval_steps else scheduled
                 evaluated = None
-                if val_rows and (scheduled or (cfg.eval_steps and (step + 1) % cfg.eval_steps == 0)):
+                if val_rows and (last or due):
                     evaluated, _ = evaluate(model, data.val, val_rows, cfg, rt, padding)
                     progress.eval_loss = evaluated
                     log.eval(step + 1, evaluated)

@@ -29,3 +29,7 @@ class TrainingHalted(MistralTuneError):
 
 class OutOfMemory(MistralTuneError):
     """The accelerator ran out of memory; the message gives the figures and config changes that fit."""
+
+
+class DistributedError(MistralTuneError):
+    """Another process of a multi-process run failed, was killed, or stopped answering."""

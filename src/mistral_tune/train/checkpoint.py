@@ -4,7 +4,7 @@ A checkpoint is a directory `checkpoint-<step>` in output_dir:
 
   trainable.safetensors  the trainable parameters under their model names (LoRA A/B, or all weights)
   optimizer.safetensors  optimizer state tensors per parameter: `<name>::exp_avg`, `::exp_avg_sq`, `::step`
-  rng.safetensors        torch CPU (and CUDA) generator states
+  rng.safetensors        torch CPU (and CUDA) generator states; of a multi-process run, every rank's
   state.json             step, data position, micro-batch shape, guard state, Python and NumPy RNG states
   config.json            the resolved config of the run
   metrics.jsonl          the run's metrics.jsonl as it was at this step
@@ -180,8 +180,11 @@ class Checkpoint:
         load_optimizer_state(optimizer, named, self._tensors("optimizer.safetensors"),
                              self.state.get("optimizer_plain", {}), self.path / "optimizer.safetensors")
 
+    def rng_tensors(self) -> dict[str, torch.Tensor]:
+        return self._tensors("rng.safetensors")
+
     def restore_rng(self) -> None:
-        restore_rng(self.state["rng"], self._tensors("rng.safetensors"))
+        restore_rng(self.state["rng"], self.rng_tensors())
 
 
 class CheckpointManager:
@@ -272,9 +275,11 @@ class CheckpointManager:
 
     def save(self, step: int, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
              state: dict, config: dict, metrics_file: Path,
-             write_extra: Callable[[Path], None] | None = None) -> Path:
+             write_extra: Callable[[Path], None] | None = None,
+             more_rng: dict[str, torch.Tensor] | None = None) -> Path:
         """Write checkpoint-<step> atomically. On any failure the temporary directory is removed, an
-        existing checkpoint of the same step is left as it was, and CheckpointError says why."""
+        existing checkpoint of the same step is left as it was, and CheckpointError says why.
+        more_rng: the other processes' generator states, stored beside this one's."""
         final = self.out / f"checkpoint-{step}"
         tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -282,6 +287,7 @@ class CheckpointManager:
         try:
             tmp.mkdir(parents=True)
             rng_json, rng_tensors = capture_rng()
+            rng_tensors.update(more_rng or {})
             opt_tensors, opt_plain = optimizer_tensors(optimizer, named)
             full_state = {**state, "step": step, "rng": rng_json, "optimizer_plain": opt_plain}
             writers: list[tuple[str, Callable[[Path], None]]] = [

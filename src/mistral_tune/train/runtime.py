@@ -1,0 +1,407 @@
+"""Where the run executes: the process, its device, and everything that passes between processes.
+
+One process is the default and pays for nothing here: every collective below returns its input
+when the world size is 1. Several processes are started by torchrun (or `mistral-tune train
+--gpus N`, which calls it); torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address,
+and this module joins the process group (NCCL on GPUs, gloo on CPU).
+
+Data parallel training of a replicated model (`distributed: ddp`, adapters): every process runs
+forward and backward over its own micro-batches with no communication at all, then the gradients
+are summed across processes in bucketed all-reduces, once per optimizer step. Summing after the
+local backward, rather than from hooks inside it, is what lets every decision be taken together
+before a gradient leaves a process: an out-of-memory retry, a stop request, and robust aggregation,
+which needs every process's whole gradient. For adapters the gradients are ~1% of the weights, so
+the all-reduce costs little next to the step (docs/benchmarks.md has the figure).
+
+Robust aggregation (`gradient_aggregation`): the flat adapter gradients are all-gathered and every
+process computes the same coordinate-wise median, trimmed mean or centred clipping of them, so a
+process that sends corrupt gradients (a bad GPU, a bit flip) cannot steer the run. Each step's
+outlier ranks are named; a rank that is an outlier repeatedly is reported.
+
+`MISTRAL_TUNE_FAULTS` is a test tool: `1:scale,3:nan` makes rank 1 send its gradient times 1e4 and
+rank 3 send NaN (kinds: scale, signflip, nan, noise). It exists to prove the above; never set it
+in a real run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .. import errors
+from ..errors import ConfigError, DistributedError
+
+BUCKET_BYTES = 64 * 2**20  # all-reduce bucket: large enough for bandwidth, small enough to copy cheaply
+OUTLIER_FACTOR = 5.0  # a rank whose gradient is this many times further out than the median rank's
+REPORT_OUTLIER_AFTER = 3  # steps as an outlier before a rank is reported by name
+FAULT_KINDS = ("scale", "signflip", "nan", "noise")
+FAULTS_ENV = "MISTRAL_TUNE_FAULTS"
+
+
+@dataclass
+class StepSync:
+    """What the processes agreed on after one step's local forward and backward passes."""
+
+    loss_sum: float  # summed token loss over every process
+    n_real: int  # real (non-padding) tokens over every process
+    out_of_memory: bool  # some process ran out of memory: every process retries with smaller micro-batches
+    stop: bool  # some process was asked to stop: every process stops after this step
+
+
+@dataclass
+class Runtime:
+    """This process: its device, precision, and place among the processes of the run."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    rank: int = 0
+    world_size: int = 1
+    aggregation: str = "mean"
+    byzantine_tolerance: int = 0
+    faults: dict[int, str] = field(default_factory=dict)  # rank -> injected fault (test tool)
+    owns_group: bool = False  # this Runtime started the process group and closes it
+    outlier_steps: Counter = field(default_factory=Counter)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def detect(cls, cfg) -> Runtime:
+        """This process's runtime from torchrun's environment; joins the process group when there are several."""
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        check_distributed_config(cfg, world)
+        faults = parse_faults(os.environ.get(FAULTS_ENV, ""), world)
+        if torch.cuda.is_available():
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} GPU(s): "
+                                  "start at most one process per GPU (--nproc_per_node / --gpus)")
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            bf16_ok = torch.cuda.is_bf16_supported()
+            use_bf16 = bf16_ok if cfg.bf16 == "auto" else bool(cfg.bf16)
+            if use_bf16 and not bf16_ok:
+                raise ConfigError("bf16: true but this GPU does not support bfloat16; set bf16: false")
+            autocast = torch.bfloat16 if use_bf16 else None
+        else:  # CPU: float32 throughout (bf16 autocast on CPU is slow and changes the numbers)
+            device, autocast = torch.device("cpu"), None
+        owns = False
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(seconds=cfg.distributed_timeout),
+                                    device_id=device if device.type == "cuda" else None)
+            owns = True
+        return cls(device, autocast, rank, world, cfg.gradient_aggregation, cfg.byzantine_tolerance, faults, owns)
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    # ------------------------------------------------------------------ agreeing
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over every process, in float64 (exact for counts and flags)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self._collective(dist.all_reduce, t)
+        return t.tolist()
+
+    def sync_step(self, loss_sum: float, n_real: int, out_of_memory: bool, stop: bool) -> StepSync:
+        """One small all-reduce after the local passes: loss and token totals, and the flags every
+        process must act on at the same step."""
+        total_loss, total_real, oom, stopping = self.all_sum([loss_sum, n_real, float(out_of_memory), float(stop)])
+        return StepSync(total_loss, int(total_real), oom > 0, stopping > 0)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            self._collective(dist.barrier)
+
+    def main_first(self, fn: Callable[[], object]):
+        """fn() on rank 0, then (when it succeeded) on the others: rank 0 builds the token cache
+        while the others wait, then they read it. An error on rank 0 is raised on every rank."""
+        if not self.distributed:
+            return fn()
+        if self.is_main:
+            result = self._run_and_share(fn, share_result=False)
+            return result
+        self._receive_outcome()
+        return fn()
+
+    def on_main(self, fn: Callable[[], object]):
+        """fn() on rank 0 only; its JSON-able result (or its error) is returned (raised) on every rank."""
+        if not self.distributed:
+            return fn()
+        if self.is_main:
+            return self._run_and_share(fn, share_result=True)
+        return self._receive_outcome()
+
+    def _run_and_share(self, fn, share_result: bool):
+        try:
+            result = fn()
+        except errors.MistralTuneError as exc:
+            self._broadcast_json({"error": type(exc).__name__, "message": str(exc)})
+            raise
+        except BaseException as exc:  # a bug or an interrupt: the others must not wait for a timeout
+            self._broadcast_json({"error": "DistributedError", "message": f"rank 0 failed: {exc!r}"})
+            raise
+        self._broadcast_json({"result": result if share_result else None})
+        return result
+
+    def _receive_outcome(self):
+        outcome = self._broadcast_json(None)
+        if "error" in outcome:
+            kind = getattr(errors, outcome["error"], DistributedError)
+            raise kind(outcome["message"])
+        return outcome["result"]
+
+    def _broadcast_json(self, obj):
+        """Rank 0's JSON value on every rank (length first, then the bytes; no pickle)."""
+        data = json.dumps(obj).encode() if self.is_main else b""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        self._collective(dist.broadcast, size, src=0)
+        buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
+        if self.is_main:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        self._collective(dist.broadcast, buf, src=0)
+        return obj if self.is_main else json.loads(buf.cpu().numpy().tobytes().decode())
+
+    def broadcast_parameters(self, params: list[torch.Tensor]) -> None:
+        """Rank 0's values into every rank's copy (the replicas start equal whatever their init)."""
+        if not self.distributed:
+            return
+        with torch.no_grad():
+            for p in params:
+                self._collective(dist.broadcast, p.data, src=0)
+
+    def gather_states(self, state: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's copy of a same-sized uint8 state tensor (random generator states), on the CPU."""
+        if not self.distributed:
+            return [state]
+        local = state.to(self.device)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        self._collective(dist.all_gather, parts, local)
+        return [p.cpu() for p in parts]
+
+    def rank_rng_states(self) -> dict[str, torch.Tensor]:
+        """The torch generator states of ranks 1..N-1 (rank 0's are the checkpoint's own), collected on
+        every rank: `rank<r>.torch_cpu` and, on GPUs, `rank<r>.cuda` (its own device's)."""
+        if not self.distributed:
+            return {}
+        states = {"torch_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {f"rank{r}.{name}": state for name, local in states.items()
+                for r, state in enumerate(self.gather_states(local)) if r}
+
+    def restore_rng(self, tensors: dict[str, torch.Tensor], restore_main: Callable[[], None]) -> None:
+        """Rank 0's generators (restore_main), then this rank's own where the checkpoint has them. A rank
+        the checkpoint has none for (it was written by fewer processes) keeps its seed + rank stream."""
+        if self.rank and f"rank{self.rank}.torch_cpu" not in tensors:
+            return
+        restore_main()
+        if not self.rank:
+            return
+        torch.set_rng_state(tensors[f"rank{self.rank}.torch_cpu"])
+        if self.device.type == "cuda" and f"rank{self.rank}.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rank{self.rank}.cuda"], self.device)
+
+    def _collective(self, op, *args, **kwargs):
+        try:
+            return op(*args, **kwargs)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise DistributedError(
+                f"rank {self.rank}: lost contact with the other processes ({str(exc).splitlines()[0][:200]}); "
+                "another rank failed or was killed, see its message above. Continue with resume=auto"
+            ) from None
+
+    # ------------------------------------------------------------------ gradients
+
+    def sync_gradients(self, params: list[torch.Tensor], step: int) -> list[int]:
+        """Sum the step's gradients over every process (or aggregate them robustly), in place.
+        Returns the ranks whose gradients were outliers this step."""
+        if not self.distributed:
+            return []
+        grads = []
+        for p in params:  # a process whose micro-batches were empty (an epoch's end) adds zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        if self.rank in self.faults:
+            inject_fault(grads, self.faults[self.rank], step)
+        if self.aggregation == "mean":
+            sq_norm = float(sum(g.float().pow(2).sum() for g in grads))
+            norms = self.all_sum([sq_norm if r == self.rank else 0.0 for r in range(self.world_size)])
+            self._all_reduce_buckets(grads)
+            return outlier_ranks([math.sqrt(max(n, 0.0)) if math.isfinite(n) else n for n in norms])
+        return self._robust(grads)
+
+    def _all_reduce_buckets(self, grads: list[torch.Tensor]) -> None:
+        pending = []
+        for bucket in _buckets(grads, BUCKET_BYTES):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            pending.append((bucket, flat, self._collective(dist.all_reduce, flat, async_op=True)))
+        for bucket, flat, work in pending:
+            self._collective(work.wait)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def _robust(self, grads: list[torch.Tensor]) -> list[int]:
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        gathered = torch.empty((self.world_size, flat.numel()), dtype=flat.dtype, device=flat.device)
+        self._collective(dist.all_gather, list(gathered.unbind(0)), flat)
+        mean, distances = aggregate(gathered, self.aggregation, self.byzantine_tolerance)
+        total = mean * self.world_size  # the loss is normalised over all processes: the gradient is a sum
+        offset = 0
+        for g in grads:
+            g.copy_(total[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return outlier_ranks(distances)
+
+    def tally_outliers(self, ranks: list[int]) -> list[int]:
+        """Count outlier steps per rank; the ranks that have just reached the reporting threshold."""
+        reached = []
+        for r in ranks:
+            self.outlier_steps[r] += 1
+            if self.outlier_steps[r] == REPORT_OUTLIER_AFTER:
+                reached.append(r)
+        return reached
+
+
+def _buckets(grads: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if not buckets or size + nbytes > limit or buckets[-1][0].dtype != g.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
+        size += nbytes
+    return buckets
+
+
+# ---------------------------------------------------------------------- robust aggregation
+
+
+def aggregate(grads: torch.Tensor, method: str, tolerance: int) -> tuple[torch.Tensor, list[float]]:
+    """A robust estimate of the mean of the rows of `grads` (one per process) and each row's distance to it.
+
+    A row with a non-finite value is left out (it counts against the tolerance); when more rows are
+    non-finite than `tolerance`, the result is NaN, and the bad-step guard skips the step.
+      median:        coordinate-wise median (the mean of the two middle values for an even count)
+      trimmed_mean:  coordinate-wise mean after dropping the `tolerance` largest and smallest values
+      centered_clip: starting from the median, three rounds of v += mean((x_i - v) * min(1, tau / |x_i - v|)),
+                     tau the median distance of the rows to v (Karimireddy et al., 2021)
+    """
+    finite = torch.isfinite(grads).all(dim=1)
+    n_bad = int((~finite).sum())
+    if n_bad > tolerance:
+        return torch.full_like(grads[0], float("nan")), [0.0 if ok else math.inf for ok in finite.tolist()]
+    good = grads[finite]
+    f = tolerance - n_bad  # faults that may still hide among the finite rows
+    if method == "median":
+        mean = _median(good)
+    elif method == "trimmed_mean":
+        ordered = good.sort(dim=0).values
+        mean = ordered[f:good.shape[0] - f].mean(dim=0)
+    elif method == "centered_clip":
+        mean = _median(good)
+        for _ in range(3):
+            diff = good - mean
+            norms = torch.linalg.vector_norm(diff, dim=1)
+            tau = norms.median()
+            scale = torch.where(norms > tau, tau / norms.clamp_min(1e-30), torch.ones_like(norms))
+            mean = mean + (diff * scale[:, None]).mean(dim=0)
+    else:
+        raise ValueError(f"unknown gradient_aggregation {method!r}")
+    distances = torch.linalg.vector_norm(torch.nan_to_num(grads - mean, nan=float("inf")), dim=1)
+    return mean, distances.tolist()
+
+
+def _median(x: torch.Tensor) -> torch.Tensor:
+    ordered = x.sort(dim=0).values
+    n = x.shape[0]
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def outlier_ranks(figures: list[float]) -> list[int]:
+    """Ranks whose figure (gradient norm, or distance to the aggregate) is non-finite or more than
+    OUTLIER_FACTOR times the median rank's."""
+    finite = sorted(x for x in figures if math.isfinite(x))
+    median = finite[len(finite) // 2] if finite else 0.0
+    return [r for r, x in enumerate(figures) if not math.isfinite(x) or (median > 0 and x > OUTLIER_FACTOR * median)]
+
+
+# ---------------------------------------------------------------------- checks and the fault injector
+
+
+def check_distributed_config(cfg, world: int) -> None:
+    """Refuse, before anything loads, what several processes cannot do (yet) with this config."""
+    if cfg.gradient_aggregation != "mean":
+        if cfg.adapter == "none":
+            raise ConfigError(f"gradient_aggregation: {cfg.gradient_aggregation} gathers every process's gradient; "
+                              "it is for adapters (lora, qlora), not full fine-tuning; use mean")
+        need = 2 * cfg.byzantine_tolerance + 1
+        if world < need:
+            raise ConfigError(f"gradient_aggregation: {cfg.gradient_aggregation} with byzantine_tolerance: "
+                              f"{cfg.byzantine_tolerance} needs at least {need} processes (2f + 1), this run has "
+                              f"{world}; start more processes or lower byzantine_tolerance")
+    if world == 1:
+        return
+    strategy = resolve_strategy(cfg)
+    if strategy == "fsdp":
+        raise ConfigError("distributed: fsdp (sharded parameters) is not supported yet; use distributed: ddp "
+                          "(replicated model, for adapters and for full fine-tuning of models that fit one device)")
+
+
+def resolve_strategy(cfg) -> str:
+    """ddp (replicated model, summed gradients) or fsdp (sharded); auto picks ddp for now."""
+    return "ddp" if cfg.distributed == "auto" else cfg.distributed
+
+
+def parse_faults(text: str, world: int) -> dict[int, str]:
+    """`1:scale,3:nan` -> {1: 'scale', 3: 'nan'} (the fault injector; a test tool)."""
+    faults: dict[int, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        rank, _, kind = part.partition(":")
+        if not rank.isdigit() or kind not in FAULT_KINDS:
+            raise ConfigError(f"{FAULTS_ENV}={text!r}: expected RANK:KIND[,RANK:KIND], KIND one of {FAULT_KINDS}")
+        if int(rank) >= world:
+            raise ConfigError(f"{FAULTS_ENV}={text!r}: rank {rank} but the run has {world} process(es)")
+        faults[int(rank)] = kind
+    return faults
+
+
+def inject_fault(grads: list[torch.Tensor], kind: str, step: int) -> None:
+    """Corrupt this process's gradients in place, as a faulty worker would (test tool)."""
+    with torch.no_grad():
+        norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
+        numel = sum(g.numel() for g in grads)
+        gen = torch.Generator().manual_seed(step)
+        for g in grads:
+            if kind == "scale":
+                g.mul_(1e4)
+            elif kind == "signflip":
+                g.neg_()
+            elif kind == "nan":
+                g.fill_(float("nan"))
+            else:  # noise: random directions, 100 times the gradient's norm
+                noise = torch.randn(g.shape, generator=gen).to(g.device, g.dtype)
+                g.copy_(noise * (100 * norm / math.sqrt(numel)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _runs import SRC, base_config, make_assets, metrics, tensors, write_yaml
+from _runs import SRC, base_config, make_assets, metrics, same_tensors, tensors, write_yaml
 from mistral_tune.config import config_from_dict
 from mistral_tune.errors import ConfigError
 from mistral_tune.train.checkpoint import CheckpointManager
@@ -107,96 +109,233 @@ def test_every_process_count_trains_the_one_process_rows_and_each_row_once_per_e
 # ---------------------------------------------------------------------- 1, 2 and 4 processes
 
 
-def test_one_two_and_four_processes_give_the_same_steps(assets, tmp_path):
-    """The same global batch (micro-batch 3 x accumulation x processes = 12 rows; epochs end mid-step, with a
-    one-row micro-batch) on 1, 2 and 4 gloo processes: per-step losses within 1e-6 relative, held-out
-    losses too, checkpoints at the same steps (every 3, and at each epoch's end), final adapters within 1e-5."""
+SAME_BATCH = dict(max_steps=6, micro_batch_size=3, save_steps=3, eval_steps=2, val_set_size=4, warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def same_batch(assets, tmp_path_factory):
+    """The same global batch (micro-batch 3 x accumulation x processes = 12 rows; epochs end mid-step, with
+    a one-row micro-batch) trained by 1 (in this process), 2 and 4 gloo processes: {world: output_dir}."""
     model, data = assets
-    settings_ = dict(max_steps=6, micro_batch_size=3, save_steps=3, eval_steps=2, val_set_size=4, warmup_steps=2)
+    root = tmp_path_factory.mktemp("same_batch")
     launches = {}
     for world in (2, 4):
-        cfg = base_config(model, data, tmp_path / f"w{world}", gradient_accumulation_steps=4 // world, **settings_)
-        launches[world] = train_cli(world, write_yaml(tmp_path / f"w{world}.yaml", cfg))
-    one = config_from_dict(base_config(model, data, tmp_path / "w1", gradient_accumulation_steps=4, **settings_))
+        cfg = base_config(model, data, root / f"w{world}", gradient_accumulation_steps=4 // world, **SAME_BATCH)
+        launches[world] = train_cli(world, write_yaml(root / f"w{world}.yaml", cfg))
+    one = config_from_dict(base_config(model, data, root / "w1", gradient_accumulation_steps=4, **SAME_BATCH))
     train(one, echo=lambda *_: None)
     for proc in launches.values():
         stdout, _ = finish(proc)
         assert stdout.count("trained 6 steps") == 1  # rank 0 alone reports
-    reference = metrics(tmp_path / "w1")
-    assert [r["step"] for r in reference if "loss" in r] == list(range(1, 7))
+    return {1: root / "w1", 2: root / "w2", 4: root / "w4"}
+
+
+def assert_same_steps(out: Path, reference: Path) -> float:
+    """Every metrics line of `out` equals `reference`'s, losses within 1e-6 relative; the final adapters
+    within 1e-5. Returns the largest relative loss difference."""
+    got, want = metrics(out), metrics(reference)
+    assert [r["step"] for r in want if "loss" in r] == list(range(1, 7))
+    assert len(got) == len(want)
     worst = 0.0
-    for world in (2, 4):
-        out = tmp_path / f"w{world}"
-        got = metrics(out)
-        assert len(got) == len(reference)
-        for mine, theirs in zip(got, reference, strict=True):
-            assert mine.keys() == theirs.keys()
-            for key in ("step", "epoch", "lr", "trained_tokens"):
-                assert mine.get(key) == theirs.get(key), (world, mine, theirs)
-            for key in ("loss", "eval_loss"):
-                if key in mine:
-                    rel = abs(mine[key] - theirs[key]) / abs(theirs[key])
-                    worst = max(worst, rel)
-                    assert rel <= 1e-6, (world, key, mine, theirs)
-        assert ([p.name for p in CheckpointManager(out, 9).checkpoints()]
-                == [p.name for p in CheckpointManager(tmp_path / "w1", 9).checkpoints()])
-        mine, theirs = tensors(out / "adapter" / "adapter_model.safetensors"), tensors(
-            tmp_path / "w1" / "adapter" / "adapter_model.safetensors")
+    for mine, theirs in zip(got, want, strict=True):
         assert mine.keys() == theirs.keys()
-        for k in mine:
-            torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=1e-5)
+        for key in ("step", "epoch", "lr", "trained_tokens"):
+            assert mine.get(key) == theirs.get(key), (mine, theirs)
+        for key in ("loss", "eval_loss"):
+            if key in mine:
+                rel = abs(mine[key] - theirs[key]) / abs(theirs[key])
+                worst = max(worst, rel)
+                assert rel <= 1e-6, (key, mine, theirs)
+    mine, theirs = (tensors(d / "adapter" / "adapter_model.safetensors") for d in (out, reference))
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=1e-5)
+    return worst
+
+
+def test_one_two_and_four_processes_give_the_same_steps(same_batch):
+    """Per-step and held-out losses within 1e-6 relative, checkpoints at the same steps (every 3, and at
+    each epoch's end), final adapters within 1e-5."""
+    worst = max(assert_same_steps(same_batch[w], same_batch[1]) for w in (2, 4))
+    for world in (2, 4):
+        assert ([p.name for p in CheckpointManager(same_batch[world], 9).checkpoints()]
+                == [p.name for p in CheckpointManager(same_batch[1], 9).checkpoints()])
     print(f"largest relative loss difference over 1/2/4 processes: {worst:.2e}")
+
+
+def test_resume_on_fewer_processes_four_then_two_then_one(same_batch, tmp_path):
+    """A 4-process run's checkpoint at step 3 goes on with 2 processes (accumulation 1 -> 2), whose checkpoint
+    at step 5 goes on with 1 process (2 -> 4): the same rows per step, the same steps as one process."""
+    cfg = yaml.safe_load((same_batch[4] / "config.yaml").read_text())
+    two = write_yaml(tmp_path / "two.yaml", {**cfg, "output_dir": str(tmp_path / "two"),
+                                             "resume": str(same_batch[4] / "checkpoint-3")})
+    stdout, _ = finish(train_cli(2, two))
+    assert "gradient_accumulation_steps 1 -> 2, the same 12 rows per step" in stdout
+    echoed = []
+    one = config_from_dict({**cfg, "output_dir": str(tmp_path / "one"),
+                            "resume": str(tmp_path / "two" / "checkpoint-5")})
+    train(one, echo=echoed.append)
+    assert any("gradient_accumulation_steps 2 -> 4, the same 12 rows per step" in e for e in echoed)
+    print(f"largest relative loss difference 4 -> 2 -> 1: {assert_same_steps(tmp_path / 'one', same_batch[1]):.2e}")
+
+
+# ---------------------------------------------------------------------- agreeing, failing, restarting
+
+KILL_RUN = dict(max_steps=12, save_steps=3, lora_dropout=0.1, eval_steps=5, val_set_size=4, resume="auto")
+
+
+@pytest.fixture(scope="module")
+def two_process_reference(assets, tmp_path_factory):
+    """An uninterrupted 2-process run (LoRA dropout on, so each rank's random stream matters), started here
+    and run alongside the interrupted ones."""
+    root = tmp_path_factory.mktemp("reference")
+    model, data = assets
+    proc = train_cli(2, write_yaml(root / "run.yaml", base_config(model, data, root / "run", **KILL_RUN)))
+
+    def finished() -> Path:
+        if proc.returncode is None:
+            finish(proc)
+        return root / "run"
+
+    yield finished
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_a_worker_killed_with_sigkill_is_restarted_and_the_run_is_the_uninterrupted_one(
+        assets, two_process_reference, tmp_path):
+    """torchrun --max-restarts 1: kill -9 rank 1 mid-run; torchrun restarts both workers, resume: auto takes
+    the newest valid checkpoint, and the metrics and the adapter equal the uninterrupted run's bit for bit."""
+    model, data = assets
+    out = tmp_path / "run"
+    proc = train_cli(2, write_yaml(tmp_path / "run.yaml", base_config(model, data, out, **KILL_RUN)), restarts=1)
+    wait_for(lambda: last_step(out) >= 5, proc)
+    os.kill(workers(proc)[1], signal.SIGKILL)
+    killed_at = last_step(out)
+    stdout, stderr = finish(proc)
+    assert killed_at < 12 and "resumed from" in stdout
+    reference = two_process_reference()
+    assert metrics(out) == metrics(reference)
+    assert same_tensors(tensors(out / "adapter" / "adapter_model.safetensors"),
+                        tensors(reference / "adapter" / "adapter_model.safetensors"))
+    print(f"rank 1 killed after step {killed_at}; restarted run equals the uninterrupted one")
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(assets, two_process_reference, tmp_path):
+    """SIGTERM to rank 1 alone: both ranks finish the step, rank 0 writes that step's checkpoint, both exit 0."""
+    model, data = assets
+    out = tmp_path / "run"
+    proc = train_cli(2, write_yaml(tmp_path / "run.yaml", base_config(model, data, out, **KILL_RUN)))
+    wait_for(lambda: last_step(out) >= 4, proc)
+    os.kill(workers(proc)[1], signal.SIGTERM)
+    stdout, _ = finish(proc)
+    stopped_at = last_step(out)
+    assert stopped_at < 12
+    assert f"stopped by a stop request to another process after step {stopped_at} of 12" in stdout
+    CheckpointManager.validate(out / f"checkpoint-{stopped_at}")
+    assert metrics(out) == metrics(two_process_reference())[:len(metrics(out))]
+
+
+def test_a_killed_worker_without_restarts_ends_the_run_promptly(assets, tmp_path):
+    """No restarts: rank 1 killed; rank 0 does not wait for it (it stops with a message) and the launcher
+    exits non-zero naming the killed rank."""
+    model, data = assets
+    out = tmp_path / "run"
+    proc = train_cli(2, write_yaml(tmp_path / "run.yaml", base_config(model, data, out, **KILL_RUN)))
+    wait_for(lambda: last_step(out) >= 2, proc)
+    os.kill(workers(proc)[1], signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = finish(proc, expect_rc=1, timeout=120)
+    elapsed = time.monotonic() - killed
+    assert "SIGKILL" in stderr
+    assert elapsed < 20, f"{elapsed:.0f} s after the kill"
+    print(f"launcher exited {elapsed:.1f} s after rank 1 was killed")
 
 
 # ---------------------------------------------------------------------- faulty workers
 
 ROBUST_TOLERANCE = 0.01  # relative distance of each step's loss from the clean run's
+FIVE = {  # name: (config settings, injected faults); all on five processes in one launch
+    "clean": ({}, ""),
+    "mean_noise": ({}, "1:noise"),
+    "mean_nan": ({}, "1:nan,3:scale"),
+    "median_scale": ({"gradient_aggregation": "median", "byzantine_tolerance": 1}, "1:scale"),
+    "trimmed_flip_scale": ({"gradient_aggregation": "trimmed_mean", "byzantine_tolerance": 2}, "1:signflip,3:scale"),
+    "clip_noise_nan": ({"gradient_aggregation": "centered_clip", "byzantine_tolerance": 2}, "2:noise,4:nan"),
+    "median_scale_noise": ({"gradient_aggregation": "median", "byzantine_tolerance": 2}, "0:scale,3:noise"),
+    # rank 2 runs out of memory with 2-row micro-batches; every rank retries with 1 row x accumulation 2
+    "oom": ({"micro_batch_size": 2, "auto_micro_batch": True}, "2:oom"),
+    "small": ({"gradient_accumulation_steps": 2}, ""),
+    # rank 4 sends NaN from step 3: two bad steps, a rollback to checkpoint-2 on every rank, two more, a stop
+    "rollback": ({"save_steps": 2, "bad_step_rollback_after": 2, "bad_step_max_rollbacks": 1}, "4:nan@3"),
+}
 
 
-def test_robust_aggregation_withstands_one_and_two_faulty_processes(assets, tmp_path):
+@pytest.fixture(scope="module")
+def five(assets, tmp_path_factory):
+    """The FIVE runs, 8 steps of one-row micro-batches each: {name: (outcome, metrics lines)}."""
+    model, data = assets
+    root = tmp_path_factory.mktemp("five")
+    args = []
+    for name, (settings_, faults) in FIVE.items():
+        cfg = base_config(model, data, root / name, **{"max_steps": 8, "micro_batch_size": 1, "save_steps": None,
+                                                       "warmup_steps": 2, **settings_})
+        args.append(f"{write_yaml(root / f'{name}.yaml', cfg)}@{faults}")
+    finish(torchrun(5, str(TESTS / "dist_worker.py"), str(root / "results.json"), *args))
+    results = {Path(k).stem: v for k, v in json.loads((root / "results.json").read_text()).items()}
+    runs = {}
+    for name in FIVE:
+        lines = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (results[name], lines)
+        losses = " ".join(f"{r['loss']:.4f}" for r in lines if "loss" in r)
+        print(f"{name:20} {results[name][:50]:50} {losses}")
+    return runs
+
+
+def test_robust_aggregation_withstands_one_and_two_faulty_processes(five):
     """Five gloo processes; one or two send gradients x1e4, sign-flipped, NaN or noise. Robust aggregation
     keeps every step's loss within 1% of the clean run's, learns at least 80% of what it learns, and names
     the faulty ranks; mean does not."""
-    model, data = assets
-    runs = {  # name: (aggregation, byzantine_tolerance, faults)
-        "clean": ("mean", 0, ""),
-        "mean_noise": ("mean", 0, "1:noise"),
-        "mean_nan": ("mean", 0, "1:nan,3:scale"),
-        "median_scale": ("median", 1, "1:scale"),
-        "trimmed_flip_scale": ("trimmed_mean", 2, "1:signflip,3:scale"),
-        "clip_noise_nan": ("centered_clip", 2, "2:noise,4:nan"),
-        "median_scale_noise": ("median", 2, "0:scale,3:noise"),
-    }
-    args = []
-    for name, (aggregation, f, faults) in runs.items():
-        cfg = base_config(model, data, tmp_path / name, max_steps=8, micro_batch_size=1, save_steps=None,
-                          warmup_steps=2, gradient_aggregation=aggregation, byzantine_tolerance=f)
-        args.append(f"{write_yaml(tmp_path / f'{name}.yaml', cfg)}@{faults}")
-    results_file = tmp_path / "results.json"
-    finish(torchrun(5, str(TESTS / "dist_worker.py"), str(results_file), *args))
-    results = {Path(k).stem: v for k, v in json.loads(results_file.read_text()).items()}
-
-    losses = {}
-    for name, (_, _, faults) in runs.items():
-        lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    losses = {name: [r["loss"] for r in lines if "loss" in r] for name, (_, lines) in five.items()}
+    for name in ("clean", "mean_noise", "mean_nan", "median_scale", "trimmed_flip_scale", "clip_noise_nan",
+                 "median_scale_noise"):
+        lines = five[name][1]
         steps = [r for r in lines if "loss" in r]
-        losses[name] = [r["loss"] for r in steps]
-        print(f"{name:20} {results[name][:60]:60} " + " ".join(f"{x:.4f}" for x in losses[name]))
+        faults = FIVE[name][1]
         loud = sorted(int(p.split(":")[0]) for p in faults.split(",") if p and not p.endswith("signflip"))
         # Every step names the ranks whose gradient is far out (a sign flip of a small gradient need not be);
         # after three such steps each is reported once by name.
         assert all(set(loud) <= set(r.get("outlier_ranks", [])) for r in steps), (name, steps)
         assert sorted(r["rank"] for r in lines if r.get("event") == "outlier_rank") == (loud if len(steps) >= 3 else [])
-    clean = losses.pop("clean")
+    clean = losses["clean"]
     learned = lambda curve: (clean[0] - curve[-1]) / (clean[0] - clean[-1])  # noqa: E731
     for name in ("median_scale", "trimmed_flip_scale", "clip_noise_nan", "median_scale_noise"):
-        assert results[name] == "ok"
+        assert five[name][0] == "ok"
         assert all(abs(a - b) <= ROBUST_TOLERANCE * b for a, b in zip(losses[name], clean, strict=True)), name
         assert learned(losses[name]) > 0.8, name  # it learns what the clean run learns
     # Mean is steered: noise from one rank undoes the learning; a NaN gradient makes every step a bad step
     # until the guard stops the run.
-    assert results["mean_noise"] == "ok" and learned(losses["mean_noise"]) < 0.2
-    assert results["mean_nan"].startswith("stopped at step 5 after 5 bad steps in a row")
+    assert five["mean_noise"][0] == "ok" and learned(losses["mean_noise"]) < 0.2
+    assert five["mean_nan"][0].startswith("stopped at step 5 after 5 bad steps in a row")
+
+
+def test_an_out_of_memory_on_one_rank_is_retried_by_every_rank(five):
+    """Rank 2 alone runs out of memory at step 1; all five retry that step with 1-row micro-batches x 2 and
+    go on like that: every step equals the run configured that way (losses within 1e-6 relative)."""
+    assert five["oom"][0] == "ok"
+    got, want = ([r for r in five[name][1] if "loss" in r] for name in ("oom", "small"))
+    assert len(got) == len(want) == 8
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine["trained_tokens"] == theirs["trained_tokens"]
+        assert abs(mine["loss"] - theirs["loss"]) <= 1e-6 * theirs["loss"]
+
+
+def test_a_bad_step_streak_is_rolled_back_and_stopped_together(five):
+    outcome, lines = five["rollback"]
+    assert [r["step"] for r in lines if r.get("skipped")] == [3, 4, 5, 6]
+    assert [(r["step"], r["to_checkpoint"]) for r in lines if r.get("event") == "rollback"] == [(4, "checkpoint-2")]
+    assert outcome.startswith("stopped at step 6 after 2 bad steps in a row: 1 rollback(s) did not help")
 
 
 @settings(max_examples=100, deadline=None)
@@ -242,7 +381,7 @@ def test_robust_aggregation_needs_enough_processes_and_adapters(assets, tmp_path
         check_distributed_config(cfg, 4)
     with pytest.raises(ConfigError, match="not full fine-tuning"):
         check_distributed_config(cfg.model_copy(update={"adapter": "none"}), 5)
-    assert parse_faults("1:scale, 3:nan", 4) == {1: "scale", 3: "nan"}
-    for bad in ("1:melt", "x:nan", "4:nan"):
+    assert parse_faults("1:scale, 3:nan@5", 4) == {1: ("scale", 1), 3: ("nan", 5)}
+    for bad in ("1:melt", "x:nan", "4:nan", "1:nan@x"):
         with pytest.raises(ConfigError, match="MISTRAL_TUNE_FAULTS"):
             parse_faults(bad, 4)

@@ -282,8 +282,9 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     if rt.rank:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout draws its own masks on each process
     if rt.faults:
-        echo(f"{FAULTS_ENV} is set: rank(s) {', '.join(f'{r} ({k})' for r, k in rt.faults.items())} send corrupt "
-             "gradients. This is a test tool")
+        echo(f"{FAULTS_ENV} is set: faults injected on rank(s) "
+             f"{', '.join(f'{r} ({k} from step {s})' for r, (k, s) in rt.faults.items())}. This is a test tool")
+        rt.install_faults(model)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_activations = model.recompute_by_row = cfg.offload_activations
     fast = rt.device.type == "cuda" if cfg.fast_path == "auto" else bool(cfg.fast_path)

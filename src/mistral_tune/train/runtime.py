@@ -18,9 +18,10 @@ process computes the same coordinate-wise median, trimmed mean or centred clippi
 process that sends corrupt gradients (a bad GPU, a bit flip) cannot steer the run. Each step's
 outlier ranks are named; a rank that is an outlier repeatedly is reported.
 
-`MISTRAL_TUNE_FAULTS` is a test tool: `1:scale,3:nan` makes rank 1 send its gradient times 1e4 and
-rank 3 send NaN (kinds: scale, signflip, nan, noise). It exists to prove the above; never set it
-in a real run.
+`MISTRAL_TUNE_FAULTS` is a test tool: `1:scale,3:nan@5` makes rank 1 send its gradient times 1e4 and
+rank 3 send NaN from step 5 on (kinds: scale, signflip, nan, noise; and oom: the rank runs out of
+memory on micro-batches of more than one row, as a smaller GPU would). It exists to prove the above;
+never set it in a real run.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ..errors import ConfigError, DistributedError
 BUCKET_BYTES = 64 * 2**20  # all-reduce bucket: large enough for bandwidth, small enough to copy cheaply
 OUTLIER_FACTOR = 5.0  # a rank whose gradient is this many times further out than the median rank's
 REPORT_OUTLIER_AFTER = 3  # steps as an outlier before a rank is reported by name
-FAULT_KINDS = ("scale", "signflip", "nan", "noise")
+FAULT_KINDS = ("scale", "signflip", "nan", "noise", "oom")
 FAULTS_ENV = "MISTRAL_TUNE_FAULTS"
 
 
@@ -66,7 +67,7 @@ class Runtime:
     world_size: int = 1
     aggregation: str = "mean"
     byzantine_tolerance: int = 0
-    faults: dict[int, str] = field(default_factory=dict)  # rank -> injected fault (test tool)
+    faults: dict[int, tuple[str, int]] = field(default_factory=dict)  # rank -> (fault, from step) (test tool)
     owns_group: bool = False  # this Runtime started the process group and closes it
     outlier_steps: Counter = field(default_factory=Counter)
 
@@ -100,8 +101,9 @@ class Runtime:
             device, autocast = torch.device("cpu"), None
         owns = False
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=timedelta(seconds=cfg.distributed_timeout),
+            timeout = timedelta(seconds=cfg.distributed_timeout)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                    store=_restart_store(world, timeout), rank=rank, world_size=world,
                                     device_id=device if device.type == "cuda" else None)
             owns = True
         return cls(device, autocast, rank, world, cfg.gradient_aggregation, cfg.byzantine_tolerance, faults, owns)
@@ -197,6 +199,11 @@ class Runtime:
         self._collective(dist.all_gather, parts, local)
         return [p.cpu() for p in parts]
 
+    def install_faults(self, model: torch.nn.Module) -> None:
+        """The injected out-of-memory fault of this rank, if any (test tool)."""
+        if self.faults.get(self.rank, ("",))[0] == "oom":
+            install_memory_fault(model.model.embed_tokens)
+
     def rank_rng_states(self) -> dict[str, torch.Tensor]:
         """The torch generator states of ranks 1..N-1 (rank 0's are the checkpoint's own), collected on
         every rank: `rank<r>.torch_cpu` and, on GPUs, `rank<r>.cuda` (its own device's)."""
@@ -225,7 +232,7 @@ class Runtime:
             return op(*args, **kwargs)
         except (RuntimeError, dist.DistBackendError) as exc:
             raise DistributedError(
-                f"rank {self.rank}: lost contact with the other processes ({str(exc).splitlines()[0][:200]}); "
+                f"lost contact with the other processes ({str(exc).splitlines()[0][:200]}); "
                 "another rank failed or was killed, see its message above. Continue with resume=auto"
             ) from None
 
@@ -241,8 +248,9 @@ class Runtime:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        if self.rank in self.faults:
-            inject_fault(grads, self.faults[self.rank], step)
+        kind, from_step = self.faults.get(self.rank, ("", 0))
+        if kind not in ("", "oom") and step >= from_step:
+            inject_fault(grads, kind, step)
         if self.aggregation == "mean":
             sq_norm = float(sum(g.float().pow(2).sum() for g in grads))
             norms = self.all_sum([sq_norm if r == self.rank else 0.0 for r in range(self.world_size)])
@@ -282,6 +290,17 @@ class Runtime:
             if self.outlier_steps[r] == REPORT_OUTLIER_AFTER:
                 reached.append(r)
         return reached
+
+
+def _restart_store(world: int, timeout: timedelta) -> dist.Store | None:
+    """torchrun's agent keeps one key-value store across the restarts of its workers (--max-restarts), and
+    the process group's keys of a failed attempt would be read again by the next (pytorch#135712): each
+    attempt gets keys of its own. None (torch's default store) when the agent does not share its store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"mistral-tune/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _buckets(grads: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
@@ -376,17 +395,27 @@ def resolve_strategy(cfg) -> str:
     return "ddp" if cfg.distributed == "auto" else cfg.distributed
 
 
-def parse_faults(text: str, world: int) -> dict[int, str]:
-    """`1:scale,3:nan` -> {1: 'scale', 3: 'nan'} (the fault injector; a test tool)."""
-    faults: dict[int, str] = {}
+def parse_faults(text: str, world: int) -> dict[int, tuple[str, int]]:
+    """`1:scale,3:nan@5` -> {1: ('scale', 1), 3: ('nan', 5)} (the fault injector; a test tool)."""
+    faults: dict[int, tuple[str, int]] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        rank, _, kind = part.partition(":")
-        if not rank.isdigit() or kind not in FAULT_KINDS:
-            raise ConfigError(f"{FAULTS_ENV}={text!r}: expected RANK:KIND[,RANK:KIND], KIND one of {FAULT_KINDS}")
+        rank, _, rest = part.partition(":")
+        kind, _, from_step = rest.partition("@")
+        if not rank.isdigit() or kind not in FAULT_KINDS or not (from_step or "1").isdigit():
+            raise ConfigError(f"{FAULTS_ENV}={text!r}: expected RANK:KIND[@STEP][,...], KIND one of {FAULT_KINDS}")
         if int(rank) >= world:
             raise ConfigError(f"{FAULTS_ENV}={text!r}: rank {rank} but the run has {world} process(es)")
-        faults[int(rank)] = kind
+        faults[int(rank)] = (kind, int(from_step or 1))
     return faults
+
+
+def install_memory_fault(model: torch.nn.Module) -> None:
+    """The `oom` fault: training forwards of more than one row raise out-of-memory (test tool)."""
+    def check(module, args) -> None:
+        if module.training and args[0].shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by MISTRAL_TUNE_FAULTS)")
+
+    model.register_forward_pre_hook(check)
 
 
 def inject_fault(grads: list[torch.Tensor], kind: str, step: int) -> None:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from _runs import SRC, base_config, make_assets, metrics, same_tensors, tensors, write_yaml
 from mistral_tune.config import config_from_dict
-from mistral_tune.errors import ConfigError
+from mistral_tune.errors import CheckpointError, ConfigError
 from mistral_tune.train.checkpoint import CheckpointManager
 from mistral_tune.train.loop import RowStream, train
 from mistral_tune.train.runtime import aggregate, check_distributed_config, parse_faults
@@ -177,6 +177,64 @@ def test_resume_on_fewer_processes_four_then_two_then_one(same_batch, tmp_path):
     train(one, echo=echoed.append)
     assert any("gradient_accumulation_steps 2 -> 4, the same 12 rows per step" in e for e in echoed)
     print(f"largest relative loss difference 4 -> 2 -> 1: {assert_same_steps(tmp_path / 'one', same_batch[1]):.2e}")
+
+
+# ---------------------------------------------------------------------- sharded full fine-tuning (FSDP2)
+
+FULL = dict(SAME_BATCH, adapter="none", learning_rate=1e-3, gradient_checkpointing=True)
+
+
+def test_sharded_full_finetuning_takes_the_one_process_steps_and_resumes_on_either(assets, tmp_path):
+    """Full fine-tuning on 2 gloo processes (distributed: auto -> FSDP2, checkpointed layers): the same steps
+    as one process, a sharded checkpoint (one file of rows per process) that one process resumes, and one
+    process's checkpoint that two sharded processes resume: all within 1e-6 of the one-process run."""
+    model, data = assets
+    two = write_yaml(tmp_path / "two.yaml", base_config(model, data, tmp_path / "two", gradient_accumulation_steps=2,
+                                                        **FULL))
+    launch = train_cli(2, two)
+    one_cfg = base_config(model, data, tmp_path / "one", gradient_accumulation_steps=4, **FULL)
+    train(config_from_dict(one_cfg), echo=lambda *_: None)
+    finish(launch)
+    manifest = json.loads((tmp_path / "two" / "checkpoint-3" / "manifest.json").read_text())
+    assert manifest["format"] == "mistral-tune-checkpoint-sharded/1"
+    assert sorted(f for f in manifest["files"] if f.startswith("shard-")) == [
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
+    # one process's checkpoint, resumed sharded on two; the sharded checkpoint, resumed on one
+    cfg_two = yaml.safe_load(two.read_text())
+    resumed_two = write_yaml(tmp_path / "r2.yaml", {**one_cfg, "output_dir": str(tmp_path / "r2"),
+                                                    "resume": str(tmp_path / "one" / "checkpoint-3")})
+    launch = train_cli(2, resumed_two)
+    train(config_from_dict({**cfg_two, "output_dir": str(tmp_path / "r1"),
+                            "resume": str(tmp_path / "two" / "checkpoint-3")}), echo=lambda *_: None)
+    finish(launch)
+    for out in ("two", "r1", "r2"):
+        got, want = metrics(tmp_path / out), metrics(tmp_path / "one")
+        assert len(got) == len(want)
+        for mine, theirs in zip(got, want, strict=True):
+            for key in ("loss", "eval_loss"):
+                if key in mine:
+                    assert abs(mine[key] - theirs[key]) <= 1e-6 * abs(theirs[key]), (out, mine, theirs)
+        mine, theirs = (tensors(tmp_path / d / "model" / "model.safetensors") for d in (out, "one"))
+        for k in theirs:
+            torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=1e-5)
+    # a damaged shard is found by the checksums, naming the file
+    shard = tmp_path / "two" / "checkpoint-6" / "shard-00002-model-00001-of-00001.safetensors"
+    data_ = bytearray(shard.read_bytes())
+    data_[-1] ^= 1
+    shard.write_bytes(bytes(data_))
+    with pytest.raises(CheckpointError, match="shard-00002-model-00001-of-00001.safetensors: SHA-256"):
+        CheckpointManager.validate(shard.parent)
+
+
+def test_what_sharding_does_not_support_is_refused_up_front(assets, tmp_path):
+    model, data = assets
+    cfg = config_from_dict(base_config(model, data, tmp_path / "r", distributed="fsdp"))
+    with pytest.raises(ConfigError, match="distributed: fsdp with adapter: lora is not supported yet"):
+        check_distributed_config(cfg, 2)
+    check_distributed_config(cfg, 1)  # one process shards nothing
+    full = cfg.model_copy(update={"adapter": "none", "distributed": "auto", "auto_micro_batch": True})
+    with pytest.raises(ConfigError, match="auto_micro_batch with distributed: fsdp is not supported"):
+        check_distributed_config(full, 2)
 
 
 # ---------------------------------------------------------------------- agreeing, failing, restarting

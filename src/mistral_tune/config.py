@@ -258,7 +258,8 @@ class Config(_Strict):
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",
         description="With several processes: ddp replicates the model and sums gradients once per step; "
-        "fsdp shards it (not supported yet); auto: ddp.",
+        "fsdp shards weights, gradients and optimizer state (FSDP2; full fine-tuning only); auto: fsdp for "
+        "adapter: none, ddp for adapters.",
     )
     gradient_aggregation: Literal["mean", "median", "trimmed_mean", "centered_clip"] = Field(
         "mean",

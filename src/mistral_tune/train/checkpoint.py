@@ -11,6 +11,12 @@ A checkpoint is a directory `checkpoint-<step>` in output_dir:
   adapter_*              (LoRA) the adapter in PEFT format, usable as is
   manifest.json          size and SHA-256 of every file above; written last
 
+A run whose weights are sharded over processes (FSDP2) writes, instead of the first two files,
+`shard-<rank>-model-00001-of-00001.safetensors`: each process's rows of the same tensors (weights and
+`<name>::<field>` optimizer state), written by every process at once through
+torch.distributed.checkpoint, with where each piece belongs in the file's JSON header. It is read
+back on any number of processes (each reads the rows it now holds), or on one.
+
 It is written into a hidden temporary directory, every file fsync'ed, then renamed into place, so a
 crash, a full disk or a second Ctrl-C leaves either the whole checkpoint or none of it. Reading
 never unpickles: tensors come from safetensors, everything else from JSON, so loading a checkpoint
@@ -33,14 +39,19 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from ..errors import CheckpointError
+from ..models.load import local_part
 
 FORMAT = "mistral-tune-checkpoint/1"
+FORMAT_SHARDED = "mistral-tune-checkpoint-sharded/1"
 MANIFEST = "manifest.json"
 REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
             "config.json", "metrics.jsonl")
+REQUIRED_SHARDED = ("rng.safetensors", "state.json", "config.json", "metrics.jsonl")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_SHARD = re.compile(r"^shard-\d+-model-\d+-of-\d+\.safetensors$")
 _SEP = "::"
 
 
@@ -119,6 +130,36 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, named: dict[str, torch.n
     return tensors, plain
 
 
+def optimizer_state_targets(optimizer: torch.optim.Optimizer,
+                            named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The optimizer's state tensors under their checkpoint names (`<name>::<field>`), made (zeros, as
+    AdamW's first step makes them) where it has taken no step yet, so that a checkpoint can be read
+    into them."""
+    fused = any(g.get("fused") for g in optimizer.param_groups)
+    targets = {}
+    for name, p in named.items():
+        state = optimizer.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        targets.update({f"{name}{_SEP}{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return targets
+
+
+def save_shards(directory: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """Every process writes its rows of the weights and the optimizer state into `directory` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    try:
+        dcp.save({**named, **optimizer_state_targets(optimizer, named)},
+                 storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
+    except Exception as exc:  # torch.distributed.checkpoint raises every rank's failure on every rank
+        raise CheckpointError(f"{directory}: could not write the shards ({str(exc).splitlines()[0][:300]}); "
+                              "free space and resume with resume=auto") from None
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter],
                          tensors: dict[str, torch.Tensor], plain: dict, source: Path) -> None:
     per_param: dict[str, dict] = {}
@@ -131,6 +172,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, named: dict[str, torc
     if unknown:
         raise CheckpointError(f"{source}: optimizer state for {len(unknown)} parameter(s) this model does not "
                               f"train, e.g. {unknown[0]}")
+    for name, fields in per_param.items():  # whole tensors into a sharded model: each process's rows
+        p = named[name]
+        if isinstance(p, DTensor):
+            for key, value in fields.items():
+                if isinstance(value, torch.Tensor) and value.ndim:
+                    fields[key] = DTensor.from_local(local_part(p, value).to(p.device), p.device_mesh, p.placements,
+                                                     shape=p.shape, stride=p.stride())
     # Through load_state_dict so torch puts each tensor on the device and dtype its optimizer expects.
     current = optimizer.state_dict()
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
@@ -149,6 +197,7 @@ class Checkpoint:
     step: int
     state: dict
     config: dict
+    sharded: bool = False  # written by processes that each held a shard (FORMAT_SHARDED)
 
     def metrics_text(self) -> str:
         return (self.path / "metrics.jsonl").read_text(encoding="utf-8")
@@ -160,6 +209,9 @@ class Checkpoint:
             raise CheckpointError(f"{self.path / name}: not a readable safetensors file ({exc})") from None
 
     def load_weights(self, named: dict[str, torch.nn.Parameter]) -> None:
+        if self.sharded:
+            self._load_shards(named)
+            return
         tensors = self._tensors("trainable.safetensors")
         missing, unexpected = set(named) - set(tensors), set(tensors) - set(named)
         if missing or unexpected:
@@ -174,11 +226,30 @@ class Checkpoint:
                 if t.shape != p.shape:
                     raise CheckpointError(f"{self.path / 'trainable.safetensors'}: {name} has shape "
                                           f"{tuple(t.shape)}, the model {tuple(p.shape)}")
-                p.copy_(t)
+                (p.to_local() if isinstance(p, DTensor) else p).copy_(local_part(p, t))
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter]) -> None:
+        if self.sharded:
+            self._load_shards(named, optimizer)
+            return
         load_optimizer_state(optimizer, named, self._tensors("optimizer.safetensors"),
                              self.state.get("optimizer_plain", {}), self.path / "optimizer.safetensors")
+
+    def _load_shards(self, named: dict[str, torch.nn.Parameter],
+                     optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Weights (or, with the optimizer, its state) from the shard files, into whatever this process holds:
+        its own rows when sharded, whole tensors otherwise. Every process calls it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+        targets = dict(named) if optimizer is None else optimizer_state_targets(optimizer, named)
+        try:
+            with torch.no_grad():
+                dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(self.path)),
+                         no_dist=not torch.distributed.is_initialized())
+        except Exception as exc:  # torch.distributed.checkpoint reports every rank's failure as one exception
+            raise CheckpointError(f"{self.path}: the shards do not fit this run "
+                                  f"({str(exc).splitlines()[0][:300]})") from None
 
     def rng_tensors(self) -> dict[str, torch.Tensor]:
         return self._tensors("rng.safetensors")
@@ -217,13 +288,16 @@ class CheckpointManager:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             files = manifest["files"]
             step = int(manifest["step"])
-            if manifest.get("format") != FORMAT or not isinstance(files, dict):
+            if manifest.get("format") not in (FORMAT, FORMAT_SHARDED) or not isinstance(files, dict):
                 raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{manifest_path}: unreadable ({exc})") from None
-        for name in REQUIRED:
+        sharded = manifest["format"] == FORMAT_SHARDED
+        for name in REQUIRED_SHARDED if sharded else REQUIRED:
             if name not in files:
                 raise CheckpointError(f"{path / name}: not listed in {MANIFEST}")
+        if sharded and not any(_SHARD.match(name) for name in files):
+            raise CheckpointError(f"{manifest_path}: a sharded checkpoint that lists no shard file")
         for name, entry in files.items():
             file = path / name
             if "/" in name or name.startswith("."):
@@ -242,7 +316,7 @@ class CheckpointManager:
                 parts[name] = json.loads((path / name).read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise CheckpointError(f"{path / name}: not valid JSON ({exc})") from None
-        return Checkpoint(path, step, parts["state.json"], parts["config.json"])
+        return Checkpoint(path, step, parts["state.json"], parts["config.json"], sharded)
 
     def newest_valid(self, before: int | None = None, quiet: bool = False) -> tuple[Checkpoint | None, list[str]]:
         """The newest checkpoint that validates (optionally with step < before), and why newer ones did not."""
@@ -273,27 +347,38 @@ class CheckpointManager:
                     removed.append(p)
         return removed
 
+    def begin(self, step: int) -> Path:
+        """A fresh temporary directory for checkpoint-<step>, for the shards every process writes."""
+        tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
     def save(self, step: int, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
              state: dict, config: dict, metrics_file: Path,
              write_extra: Callable[[Path], None] | None = None,
-             more_rng: dict[str, torch.Tensor] | None = None) -> Path:
+             more_rng: dict[str, torch.Tensor] | None = None, shards_in: Path | None = None) -> Path:
         """Write checkpoint-<step> atomically. On any failure the temporary directory is removed, an
         existing checkpoint of the same step is left as it was, and CheckpointError says why.
-        more_rng: the other processes' generator states, stored beside this one's."""
+        more_rng: the other processes' generator states, stored beside this one's. shards_in: the
+        directory from `begin` where every process has written its shards (weights and optimizer state)."""
         final = self.out / f"checkpoint-{step}"
-        tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = shards_in or self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
         current = "the temporary directory"
         try:
-            tmp.mkdir(parents=True)
+            if shards_in is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
             rng_json, rng_tensors = capture_rng()
             rng_tensors.update(more_rng or {})
-            opt_tensors, opt_plain = optimizer_tensors(optimizer, named)
+            opt_tensors, opt_plain = optimizer_tensors(optimizer, named) if shards_in is None else ({}, {})
             full_state = {**state, "step": step, "rng": rng_json, "optimizer_plain": opt_plain}
-            writers: list[tuple[str, Callable[[Path], None]]] = [
+            writers: list[tuple[str, Callable[[Path], None]]] = [] if shards_in else [
                 ("trainable.safetensors", lambda f: save_file(
                     {n: p.detach().to("cpu").contiguous() for n, p in named.items()}, str(f))),
                 ("optimizer.safetensors", lambda f: save_file(opt_tensors, str(f))),
+            ]
+            writers += [
                 ("rng.safetensors", lambda f: save_file(rng_tensors, str(f))),
                 ("state.json", lambda f: _write_json(f, full_state)),
                 ("config.json", lambda f: _write_json(f, config)),
@@ -312,7 +397,8 @@ class CheckpointManager:
                 _fsync(f)
                 files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
             current = MANIFEST
-            _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})
+            _write_json(tmp / MANIFEST, {"format": FORMAT_SHARDED if shards_in else FORMAT, "step": step,
+                                         "files": files})
             _fsync(tmp / MANIFEST)
             _fsync(tmp)
             current = "the rename into place"

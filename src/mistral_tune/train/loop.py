@@ -35,7 +35,7 @@ from ..lora import LoraSpec, apply_lora, save_adapter
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir, save_model
 from ..models.mistral import count_params, flops_per_token
 from ..models.quant import quantize_model
-from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step
+from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step, save_shards
 from .guard import StepGuard
 from .logs import MetricsLog
 from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
@@ -216,7 +216,8 @@ def _load(cfg: Config, rt: Runtime):
         model, _ = load_model(str(model_dir), dtype=weights_dtype, device="cpu")
         quantize_model(model, list(cfg.lora_target_modules), rt.device)
     else:
-        model, _ = load_model(str(model_dir), dtype=weights_dtype, device=rt.device)
+        model, _ = load_model(str(model_dir), dtype=weights_dtype, device=rt.device,
+                              shard=rt.shard if rt.sharded else None)
     return model_dir, tokenizer, model, data
 
 
@@ -234,11 +235,16 @@ def evaluate(model, samples, rows, cfg: Config, rt: Runtime, padding: dict | Non
     """Token-weighted mean loss over held-out rows, and the number of tokens it covers."""
     model.eval()
     total, count = 0.0, 0
-    for group in group_rows(rows, cfg.micro_batch_size, None)[rt.rank::rt.world_size]:  # each rank a share
-        batch = collate(samples, group, **(padding or row_padding(cfg, False))).to(rt.device)
+    groups = group_rows(rows, cfg.micro_batch_size, None)
+    share = groups[rt.rank::rt.world_size]  # each process a share
+    if rt.sharded:  # every forward is collective: the same number of passes everywhere, extra ones not counted
+        share += [None] * (math.ceil(len(groups) / rt.world_size) - len(share))
+    for group in share:
+        batch = collate(samples, group or groups[0], **(padding or row_padding(cfg, False))).to(rt.device)
         with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
-            total += float(token_loss_sum(model, batch))
-        count += batch.n_trained
+            loss = float(token_loss_sum(model, batch))
+        if group is not None:
+            total, count = total + loss, count + batch.n_trained
     model.train()
     total, count = rt.all_sum([total, count])
     return total / max(count, 1), int(count)
@@ -366,10 +372,14 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         if spec is not None:
             base = str(model_dir.resolve()) if model_dir.exists() else cfg.base_model
             write_adapter = lambda d: save_adapter(model, spec, d, base_model=base)
+        shards = None
+        if rt.sharded:  # every process writes its shards into the directory rank 0 then completes
+            shards = Path(rt.on_main(lambda: str(ckpts.begin(step))))
+            save_shards(shards, named, optimizer)
 
         def write() -> str:
             path = ckpts.save(step, named, optimizer, state, cfg.model_dump(mode="json"), log.path, write_adapter,
-                              rank_rng)
+                              rank_rng, shards)
             ckpts.prune()
             return str(path)
 
@@ -482,10 +492,12 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
                            stopped_by=stopped_by, checkpoint_dir=checkpoint_dir)
 
+    weights = rt.full_state_dict(model)  # gathered from the shards onto rank 0 (sharded runs)
+
     def save_final() -> list[str | None]:
         final = out / ("adapter" if spec else "model")
         try:
-            written = _save(cfg, model, spec, tokenizer, final, model_dir)
+            written = _save(cfg, model, spec, tokenizer, final, model_dir, weights)
         except OSError as exc:  # _save removed its temporary directory; the last checkpoint has the result
             raise CheckpointError(f"{final}: could not be written ({exc.strerror or exc}); the trained state is in "
                                   f"{checkpoint_dir}. Free space and run again with resume=auto") from None
@@ -662,13 +674,15 @@ def accumulate_gradients(
     return loss_sum, n_tokens, n_real
 
 
-def _save(cfg: Config, model, spec: LoraSpec | None, tokenizer, final: Path, model_dir: Path) -> Path:
+def _save(cfg: Config, model, spec: LoraSpec | None, tokenizer, final: Path, model_dir: Path,
+          weights: dict[str, torch.Tensor] | None = None) -> Path:
     def write(tmp: Path) -> None:
         if spec is not None:
             base = str(model_dir.resolve()) if model_dir.exists() else cfg.base_model
             save_adapter(model, spec, tmp, base_model=base)
         else:
-            save_model(model, tmp, dtype="bfloat16" if model.lm_head.weight.dtype == torch.bfloat16 else "float32")
+            save_model(model, tmp, dtype="bfloat16" if model.lm_head.weight.dtype == torch.bfloat16 else "float32",
+                       state=weights)
         tokenizer.save(tmp)
 
     return replace_dir(final, write)

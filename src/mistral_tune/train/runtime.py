@@ -5,13 +5,20 @@ when the world size is 1. Several processes are started by torchrun (or `mistral
 --gpus N`, which calls it); torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address,
 and this module joins the process group (NCCL on GPUs, gloo on CPU).
 
-Data parallel training of a replicated model (`distributed: ddp`, adapters): every process runs
+Data parallel training of a replicated model (`distributed: ddp`, the default for adapters): every process runs
 forward and backward over its own micro-batches with no communication at all, then the gradients
 are summed across processes in bucketed all-reduces, once per optimizer step. Summing after the
 local backward, rather than from hooks inside it, is what lets every decision be taken together
 before a gradient leaves a process: an out-of-memory retry, a stop request, and robust aggregation,
 which needs every process's whole gradient. For adapters the gradients are ~1% of the weights, so
 the all-reduce costs little next to the step (docs/benchmarks.md has the figure).
+
+Sharded training (`distributed: fsdp`, the default for full fine-tuning): PyTorch's FSDP2
+(`fully_shard`) on every decoder layer and on the whole model; each process holds 1/N of the
+float32 weights, gradients and optimizer state, reads only its rows of the checkpoint files, and
+all-gathers each layer's weights in bf16 just before it runs (prefetching the next); gradients are
+reduce-scattered in float32 during backward. The loss normalisation needs the gradients summed,
+not averaged, so the reductions are set to plain sums.
 
 Robust aggregation (`gradient_aggregation`): the flat adapter gradients are all-gathered and every
 process computes the same coordinate-wise median, trimmed mean or centred clipping of them, so a
@@ -69,6 +76,7 @@ class Runtime:
     byzantine_tolerance: int = 0
     faults: dict[int, tuple[str, int]] = field(default_factory=dict)  # rank -> (fault, from step) (test tool)
     owns_group: bool = False  # this Runtime started the process group and closes it
+    strategy: str = "ddp"  # ddp: replicated model, gradients summed after backward; fsdp: sharded
     outlier_steps: Counter = field(default_factory=Counter)
 
     @property
@@ -78,6 +86,11 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters sharded over the processes (FSDP2): every forward and backward is collective."""
+        return self.distributed and self.strategy == "fsdp"
 
     @classmethod
     def detect(cls, cfg) -> Runtime:
@@ -106,7 +119,8 @@ class Runtime:
                                     store=_restart_store(world, timeout), rank=rank, world_size=world,
                                     device_id=device if device.type == "cuda" else None)
             owns = True
-        return cls(device, autocast, rank, world, cfg.gradient_aggregation, cfg.byzantine_tolerance, faults, owns)
+        return cls(device, autocast, rank, world, cfg.gradient_aggregation, cfg.byzantine_tolerance, faults, owns,
+                   resolve_strategy(cfg))
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
@@ -184,7 +198,7 @@ class Runtime:
 
     def broadcast_parameters(self, params: list[torch.Tensor]) -> None:
         """Rank 0's values into every rank's copy (the replicas start equal whatever their init)."""
-        if not self.distributed:
+        if not self.distributed or self.sharded:
             return
         with torch.no_grad():
             for p in params:
@@ -241,10 +255,10 @@ class Runtime:
     def sync_gradients(self, params: list[torch.Tensor], step: int) -> list[int]:
         """Sum the step's gradients over every process (or aggregate them robustly), in place.
         Returns the ranks whose gradients were outliers this step."""
-        if not self.distributed:
+        if not self.distributed or self.sharded:  # FSDP has reduce-scattered them during backward
             return []
         grads = []
-        for p in params:  # a process whose micro-batches were empty (an epoch's end) adds zeros
+        for p in params:  # a parameter no micro-batch reached contributes zeros
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
@@ -252,23 +266,29 @@ class Runtime:
         if kind not in ("", "oom") and step >= from_step:
             inject_fault(grads, kind, step)
         if self.aggregation == "mean":
-            sq_norm = float(sum(g.float().pow(2).sum() for g in grads))
-            norms = self.all_sum([sq_norm if r == self.rank else 0.0 for r in range(self.world_size)])
-            self._all_reduce_buckets(grads)
-            return outlier_ranks([math.sqrt(max(n, 0.0)) if math.isfinite(n) else n for n in norms])
+            # Each rank's gradient norm rides in the first bucket, in its own slot: summed, they give every
+            # rank all the norms, with no collective of their own.
+            norms = torch.zeros(self.world_size, dtype=grads[0].dtype, device=grads[0].device)
+            norms[self.rank] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            self._all_reduce_buckets(grads, norms)
+            return outlier_ranks(norms.tolist())
         return self._robust(grads)
 
-    def _all_reduce_buckets(self, grads: list[torch.Tensor]) -> None:
+    def _all_reduce_buckets(self, grads: list[torch.Tensor], extra: torch.Tensor) -> None:
+        """Sum `grads` over every process in place, in buckets of about BUCKET_BYTES; `extra` (a small
+        vector of the first gradient's dtype) is summed with the first bucket."""
         pending = []
-        for bucket in _buckets(grads, BUCKET_BYTES):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
+        for i, bucket in enumerate(_buckets(grads, BUCKET_BYTES)):
+            flat = torch.cat([g.reshape(-1) for g in bucket] + ([extra] if i == 0 else []))
             pending.append((bucket, flat, self._collective(dist.all_reduce, flat, async_op=True)))
-        for bucket, flat, work in pending:
+        for i, (bucket, flat, work) in enumerate(pending):
             self._collective(work.wait)
             offset = 0
             for g in bucket:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
+            if i == 0:
+                extra.copy_(flat[offset:])
 
     def _robust(self, grads: list[torch.Tensor]) -> list[int]:
         flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -290,6 +310,34 @@ class Runtime:
             if self.outlier_steps[r] == REPORT_OUTLIER_AFTER:
                 reached.append(r)
         return reached
+
+
+    # ------------------------------------------------------------------ sharding (FSDP2)
+
+    def shard(self, model: torch.nn.Module) -> None:
+        """Wrap `model` (a MistralForCausalLM, on the meta device or not) with FSDP2: each decoder layer a
+        unit, the rest (embeddings, final norm, head) the root unit, kept gathered from the forward to
+        its backward. Compute in the autocast dtype, gradients reduced in float32 as sums."""
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        policy = MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+        register_fsdp_forward_method(model, "hidden_states")  # the trainer calls it rather than forward
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0's CPU (None elsewhere), gathered from the shards."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
 
 
 def _restart_store(world: int, timeout: timedelta) -> dist.Store | None:
@@ -382,17 +430,22 @@ def check_distributed_config(cfg, world: int) -> None:
             raise ConfigError(f"gradient_aggregation: {cfg.gradient_aggregation} with byzantine_tolerance: "
                               f"{cfg.byzantine_tolerance} needs at least {need} processes (2f + 1), this run has "
                               f"{world}; start more processes or lower byzantine_tolerance")
-    if world == 1:
+    if world == 1 or resolve_strategy(cfg) != "fsdp":
         return
-    strategy = resolve_strategy(cfg)
-    if strategy == "fsdp":
-        raise ConfigError("distributed: fsdp (sharded parameters) is not supported yet; use distributed: ddp "
-                          "(replicated model, for adapters and for full fine-tuning of models that fit one device)")
+    if cfg.adapter != "none":
+        raise ConfigError(f"distributed: fsdp with adapter: {cfg.adapter} is not supported yet (adapters over a "
+                          "sharded base); use distributed: ddp, which needs the base to fit one device")
+    if cfg.auto_micro_batch:
+        raise ConfigError("auto_micro_batch with distributed: fsdp is not supported: the sharded weights are "
+                          "gathered inside forward and backward, where one process's out-of-memory cannot be "
+                          "retried together; set micro_batch_size to what fits")
 
 
 def resolve_strategy(cfg) -> str:
-    """ddp (replicated model, summed gradients) or fsdp (sharded); auto picks ddp for now."""
-    return "ddp" if cfg.distributed == "auto" else cfg.distributed
+    """ddp (replicated model, summed gradients) or fsdp (sharded); auto: fsdp for full fine-tuning, ddp for adapters."""
+    if cfg.distributed != "auto":
+        return cfg.distributed
+    return "fsdp" if cfg.adapter == "none" else "ddp"
 
 
 def parse_faults(text: str, world: int) -> dict[int, tuple[str, int]]:

@@ -31,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +245,9 @@ class Checkpoint:
 
         targets = dict(named) if optimizer is None else optimizer_state_targets(optimizer, named)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                # one process reading a sharded checkpoint is intended; torch warns that it assumes so
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(self.path)),
                          no_dist=not torch.distributed.is_initialized())
         except Exception as exc:  # torch.distributed.checkpoint reports every rank's failure as one exception

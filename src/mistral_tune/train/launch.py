@@ -4,6 +4,8 @@ start torchrun on each yourself with its rendezvous flags (docs/distributed.md).
 
 from __future__ import annotations
 
+import signal
+
 import torch
 
 from ..errors import ConfigError, DistributedError
@@ -21,6 +23,8 @@ def launch(processes: int, argv: list[str]) -> None:
     try:
         run(args)
     except ChildFailedError as exc:
-        failed = ", ".join(f"rank {f.rank} (exit code {f.exitcode})" for f in exc.failures.values())
+        failed = ", ".join(f"rank {rank} (" + (f"killed by {signal.Signals(-f.exitcode).name}" if f.exitcode < 0
+                                               else f"exit code {f.exitcode}") + ")"
+                           for rank, f in sorted(exc.failures.items()))
         raise DistributedError(f"{len(exc.failures)} of {processes} process(es) failed: {failed}; "
                                "each one's message is above") from None

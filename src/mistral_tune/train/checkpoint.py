@@ -254,11 +254,18 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: the shards do not fit this run "
                                   f"({str(exc).splitlines()[0][:300]})") from None
 
-    def rng_tensors(self) -> dict[str, torch.Tensor]:
-        return self._tensors("rng.safetensors")
-
-    def restore_rng(self) -> None:
-        restore_rng(self.state["rng"], self.rng_tensors())
+    def restore_rng(self, rank: int = 0, device: torch.device | None = None) -> None:
+        """The generators as they were at this step: rank 0's (Python, NumPy, torch), then this rank's own
+        torch ones. A rank the checkpoint has none for (it was written by fewer processes) keeps its
+        seed + rank stream."""
+        tensors = self._tensors("rng.safetensors")
+        if rank and f"rank{rank}.torch_cpu" not in tensors:
+            return
+        restore_rng(self.state["rng"], tensors)
+        if rank:
+            torch.set_rng_state(tensors[f"rank{rank}.torch_cpu"])
+            if device is not None and device.type == "cuda" and f"rank{rank}.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rank{rank}.cuda"], device)
 
 
 class CheckpointManager:

@@ -40,7 +40,7 @@ from .guard import StepGuard
 from .logs import MetricsLog
 from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
 from .optim import lr_factor, make_optimizer, token_loss_sum, warmup_steps
-from .runtime import FAULTS_ENV, REPORT_OUTLIER_AFTER, Runtime
+from .runtime import REPORT_OUTLIER_AFTER, Runtime
 from .signals import StopRequest
 
 
@@ -287,10 +287,9 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     rt.broadcast_parameters(params)  # the replicas start equal
     if rt.rank:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout draws its own masks on each process
-    if rt.faults:
-        echo(f"{FAULTS_ENV} is set: faults injected on rank(s) "
-             f"{', '.join(f'{r} ({k} from step {s})' for r, (k, s) in rt.faults.items())}. This is a test tool")
-        rt.install_faults(model)
+    injected = rt.install_faults(model)
+    if injected:
+        echo(injected)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_activations = model.recompute_by_row = cfg.offload_activations
     fast = rt.device.type == "cuda" if cfg.fast_path == "auto" else bool(cfg.fast_path)
@@ -356,7 +355,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     log = MetricsLog(out, total_steps, enabled=rt.is_main, echo=echo,
                      purge_after=resume_from.step if resume_from is not None else None)
     if resume_from is not None:
-        rt.restore_rng(resume_from.rng_tensors(), lambda: resume_from.restore_rng())
+        resume_from.restore_rng(rt.rank, rt.device)
         echo(f"resumed from {resume_from.path} at step {resume_from.step} of {total_steps}")
 
     def save_checkpoint(step: int, eval_loss_now: float | None) -> Path:
@@ -419,7 +418,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     if not (cfg.auto_micro_batch and smaller):
                         raise OutOfMemory(oom_advice(
                             rt.device, progress.micro_batch_size, progress.gradient_accumulation_steps,
-                            cfg.sequence_len, cfg.gradient_checkpointing, cfg.adapter, step)) from None
+                            cfg.sequence_len, cfg.gradient_checkpointing, cfg.adapter, step))
                     echo(f"out of memory at micro_batch_size {progress.micro_batch_size}; auto_micro_batch: "
                          f"retrying step {step + 1} with micro_batch_size {smaller[0]} x "
                          f"gradient_accumulation_steps {smaller[1]}")

@@ -213,10 +213,14 @@ class Runtime:
         self._collective(dist.all_gather, parts, local)
         return [p.cpu() for p in parts]
 
-    def install_faults(self, model: torch.nn.Module) -> None:
-        """The injected out-of-memory fault of this rank, if any (test tool)."""
+    def install_faults(self, model: torch.nn.Module) -> str | None:
+        """Install this rank's injected out-of-memory fault, if any; what is injected, to print (test tool)."""
+        if not self.faults:
+            return None
         if self.faults.get(self.rank, ("",))[0] == "oom":
             install_memory_fault(model.model.embed_tokens)
+        injected = ", ".join(f"{r} ({kind} from step {step})" for r, (kind, step) in self.faults.items())
+        return f"{FAULTS_ENV} is set: faults injected on rank(s) {injected}. This is a test tool"
 
     def rank_rng_states(self) -> dict[str, torch.Tensor]:
         """The torch generator states of ranks 1..N-1 (rank 0's are the checkpoint's own), collected on
@@ -228,18 +232,6 @@ class Runtime:
             states["cuda"] = torch.cuda.get_rng_state(self.device)
         return {f"rank{r}.{name}": state for name, local in states.items()
                 for r, state in enumerate(self.gather_states(local)) if r}
-
-    def restore_rng(self, tensors: dict[str, torch.Tensor], restore_main: Callable[[], None]) -> None:
-        """Rank 0's generators (restore_main), then this rank's own where the checkpoint has them. A rank
-        the checkpoint has none for (it was written by fewer processes) keeps its seed + rank stream."""
-        if self.rank and f"rank{self.rank}.torch_cpu" not in tensors:
-            return
-        restore_main()
-        if not self.rank:
-            return
-        torch.set_rng_state(tensors[f"rank{self.rank}.torch_cpu"])
-        if self.device.type == "cuda" and f"rank{self.rank}.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors[f"rank{self.rank}.cuda"], self.device)
 
     def _collective(self, op, *args, **kwargs):
         try:

@@ -147,7 +147,7 @@ def assert_same_steps(out: Path, reference: Path) -> float:
                 worst = max(worst, rel)
                 assert rel <= 1e-6, (key, mine, theirs)
         if "grad_norm" in mine:  # summed, not averaged, over processes (AdamW alone would hide a factor)
-            assert abs(mine["grad_norm"] - theirs["grad_norm"]) <= 1e-5 * theirs["grad_norm"], (mine, theirs)
+            assert abs(mine["grad_norm"] - theirs["grad_norm"]) <= 1e-4 * theirs["grad_norm"], (mine, theirs)
     mine, theirs = (tensors(d / "adapter" / "adapter_model.safetensors") for d in (out, reference))
     assert mine.keys() == theirs.keys()
     for k in mine:
@@ -217,7 +217,7 @@ def test_sharded_full_finetuning_takes_the_one_process_steps_and_resumes_on_eith
                 if key in mine:
                     assert abs(mine[key] - theirs[key]) <= 1e-6 * abs(theirs[key]), (out, mine, theirs)
             if "grad_norm" in mine:  # FSDP's reductions are sums, as the token normalisation needs
-                assert abs(mine["grad_norm"] - theirs["grad_norm"]) <= 1e-5 * theirs["grad_norm"], (out, mine)
+                assert abs(mine["grad_norm"] - theirs["grad_norm"]) <= 1e-4 * theirs["grad_norm"], (out, mine)
         mine, theirs = (tensors(tmp_path / d / "model" / "model.safetensors") for d in (out, "one"))
         for k in theirs:
             torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=1e-5)

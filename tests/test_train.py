@@ -489,16 +489,6 @@ def test_overwrite_never_deletes_the_runs_own_inputs(tiny_model_dir, tmp_path):
     assert check_output_dir(cfg.model_copy(update={"output_dir": str(other)})) == other  # a run of ours is fine
 
 
-def test_several_processes_are_refused_before_anything_loads(monkeypatch):
-    from mistral_tune.config import config_from_dict
-    from mistral_tune.errors import ConfigError
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = config_from_dict({"base_model": "/nonexistent", "datasets": [{"path": "x.jsonl"}]})
-    with pytest.raises(ConfigError, match="WORLD_SIZE=2"):
-        Runtime.detect(cfg)
-
-
 # ---------------------------------------------------------------------- metrics lines
 
 

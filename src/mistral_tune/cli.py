@@ -15,7 +15,14 @@ def _cmd_train(args) -> None:
     from .train.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        from .train.launch import launch
+
+        launch(args.gpus, ["train", args.config, *args.overrides] + ["--merge"] * args.merge + ["--force"] * args.force)
+        return
     result = train(cfg, merge=args.merge, force=args.force)
+    if _rank() != 0:  # rank 0 reports for the run
+        return
     if result.stopped_by:
         # A requested stop is a success: the checkpoint is written and the run can go on from it.
         again = " ".join(["mistral-tune", "train", args.config, *args.overrides]
@@ -235,6 +242,10 @@ def _cmd_init_model(args) -> None:
     print(f"random-init tiny Mistral model written to {args.out}")
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistral-tune",
@@ -249,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="also write the merged model (output_dir/merged)")
     p.add_argument("--force", action="store_true",
                    help="resume even though safe keys (logging, eval/save cadence, max_steps, ...) changed")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="train on N GPUs of this machine, one process each (torchrun; CPU processes without a GPU)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("validate", help="check a config, its model, tokenizer and data without training")
@@ -366,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     except MistralTuneError as exc:
         if args.debug or os.environ.get("MISTRAL_TUNE_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        where = f" (rank {_rank()})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"error{where}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

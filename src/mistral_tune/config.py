@@ -304,6 +304,24 @@ class Config(_Strict):
         description="On GPU out-of-memory, halve micro_batch_size and double gradient_accumulation_steps "
         "(same effective batch) and retry, until it fits or micro_batch_size is 1.",
     )
+    # several processes (torchrun, --gpus; docs/distributed.md)
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="With several processes: ddp replicates the model and sums gradients once per step; "
+        "fsdp shards weights, gradients and optimizer state (FSDP2; full fine-tuning only); auto: fsdp for "
+        "adapter: none, ddp for adapters.",
+    )
+    gradient_aggregation: Literal["mean", "median", "trimmed_mean", "centered_clip"] = Field(
+        "mean",
+        description="How the processes' adapter gradients combine: mean (all-reduce), or a robust rule that "
+        "a process sending corrupt gradients cannot steer (median, trimmed_mean, centered_clip).",
+    )
+    byzantine_tolerance: int = Field(
+        1, ge=0, description="Faulty processes a robust gradient_aggregation must withstand; needs 2f + 1 processes."
+    )
+    distributed_timeout: float = Field(
+        1800, gt=0, description="Seconds a process waits for the others at a collective before it gives up."
+    )
 
     @field_validator("output_dir")
     @classmethod

@@ -34,3 +34,7 @@ class OutOfMemory(MistralTuneError):
 class OutputError(MistralTuneError):
     """An output path mistral-tune may not write: it holds data mistral-tune did not create, an input,
     or the working directory (fsutil.check_target states the rule)."""
+
+
+class DistributedError(MistralTuneError):
+    """Another process of a multi-process run failed, was killed, or stopped answering."""

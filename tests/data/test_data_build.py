@@ -393,10 +393,11 @@ def test_row_stream_groups_by_length_and_covers_every_row() -> None:
     rows = [[i] for i in range(300)]
     for world in (1, 2):
         streams = [RowStream(rows, 5, rank, world, lengths, group_size=4) for rank in range(world)]
-        batches = []
-        while streams[0].epoch == 0:
+        batches = []  # in the order they are cut: a round of `world`, rank by rank
+        while len(batches) < 75:  # one epoch: 300 rows in micro-batches of 4 (a round may run into the next)
             for s in streams:
                 batches.append(s.next(4)[1])
+        batches = batches[:75]
         seen = sorted(r[0] for b in batches for r in b)
         assert seen == list(range(300))  # each row once per epoch, across ranks
         spread = np.mean([max(lengths[r[0]] for r in b) - min(lengths[r[0]] for r in b) for b in batches if b])

@@ -29,10 +29,11 @@ def find_adapter(run_or_adapter: Path) -> Path:
 
 
 def write_hf_model(model, tokenizer, out_dir: Path, dtype: str = "float32",
-                   max_shard_bytes: int = 5_000_000_000) -> None:
+                   max_shard_bytes: int = 5_000_000_000, state: dict | None = None) -> None:
     """Weights, config and both tokenizers (mistral-common's file, HF's files) into out_dir: the
-    model directory of a merge and of a full fine-tune alike."""
-    save_model(model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    model directory of a merge and of a full fine-tune alike. `state`: the weights when the model's
+    own are shards (gathered by the trainer)."""
+    save_model(model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes, state=state)
     tokenizer.save(out_dir)
     save_hf_tokenizer(tokenizer, out_dir)
 

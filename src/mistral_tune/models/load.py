@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,18 +113,29 @@ def is_bnb_4bit(model_dir: Path) -> bool:
 
 
 def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+    shard: Callable[[MistralForCausalLM], None] | None = None,
 ) -> tuple[MistralForCausalLM, Path]:
     """Build the model from an HF checkpoint; every parameter must be present with its shape.
 
     A bitsandbytes 4-bit checkpoint keeps its quantized projections as frozen NF4 layers (the
-    base of `adapter: qlora`); everything else is read at `dtype`.
+    base of `adapter: qlora`); everything else is read at `dtype`. With `shard` (which splits the
+    parameters of the model, still on the meta device, over processes: FSDP2), each process reads
+    only its own rows of every tensor.
     """
     model_dir = resolve_model_dir(name_or_path)
     cfg = read_config(model_dir)
     prequantized = is_bnb_4bit(model_dir)
     with torch.device("meta"):
         model = MistralForCausalLM(cfg)
+    if shard is not None:
+        if cfg.moe or cfg.wrapper is not None:
+            raise ModelError(f"{model_dir}: sharded (FSDP) loading of {cfg.wrapper and 'Mistral 3' or 'Mixtral'} "
+                             "checkpoints is not supported yet; train it on one process or with distributed: ddp")
+        shard(model)
+        model.to_empty(device=device)
+        _read_shards(model, model_dir, dtype)
+        return model, model_dir
     expected = dict(model.state_dict())
     tensors: dict[str, torch.Tensor] = {}
     quant_parts: dict[str, dict[str, torch.Tensor]] = {}  # "<module>.weight" -> its quant-state tensors
@@ -235,6 +247,40 @@ def _hub_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _read_shards(model: MistralForCausalLM, model_dir: Path, dtype: torch.dtype) -> None:
+    """Fill each sharded parameter with its rows, sliced from the memory-mapped files."""
+    params = dict(model.named_parameters())  # a tied head is the embedding's parameter, read once
+    seen = set()
+    with torch.no_grad():
+        for file in weight_files(model_dir):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key not in params or key in seen:
+                        continue
+                    whole = f.get_slice(key)
+                    if tuple(whole.get_shape()) != tuple(params[key].shape):
+                        raise ModelError(f"{file}: tensor {key} has shape {tuple(whole.get_shape())}, config.json "
+                                         f"implies {tuple(params[key].shape)}")
+                    p = params[key]
+                    (p.to_local() if hasattr(p, "to_local") else p).copy_(local_part(p, whole).to(dtype))
+                    seen.add(key)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise ModelError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+
+
+def local_part(param: torch.Tensor, full):
+    """The part of `full` (the whole tensor, or a safetensors slice of it) that this process holds of
+    `param`: a DTensor's own shard, or all of a plain tensor."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return full[tuple(slice(None) for _ in param.shape)]
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+
+
 def _install_nf4(model: MistralForCausalLM, tensors: dict, quant_parts: dict, device, model_dir: Path) -> None:
     """Swap each pre-quantized projection's nn.Linear for an NF4 layer holding the packed weight."""
     from bitsandbytes.functional import QuantState
@@ -267,12 +313,14 @@ def save_model(
     out_dir: Path,
     dtype: str = "float32",
     max_shard_bytes: int = 5 * 1024**3,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write config.json, generation_config.json and (sharded) safetensors into out_dir."""
+    """Write config.json, generation_config.json and (sharded) safetensors into out_dir. state: the
+    weights when the model's own are sharded over processes (gathered by the caller)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     torch_dtype = _DTYPES[dtype]
-    state = {k: v.detach().to(torch_dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(torch_dtype).contiguous() for k, v in (state or model.state_dict()).items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     if cfg.moe:

@@ -4,12 +4,18 @@ A checkpoint is a directory `checkpoint-<step>` in output_dir:
 
   trainable.safetensors  the trainable parameters under their model names (LoRA A/B, or all weights)
   optimizer.safetensors  optimizer state tensors per parameter: `<name>::exp_avg`, `::exp_avg_sq`, `::step`
-  rng.safetensors        torch CPU (and CUDA) generator states
+  rng.safetensors        torch CPU (and CUDA) generator states; of a multi-process run, every rank's
   state.json             step, data position, micro-batch shape, guard state, Python and NumPy RNG states
   config.json            the resolved config of the run
   metrics.jsonl          the run's metrics.jsonl as it was at this step
   adapter_*              (LoRA) the adapter in PEFT format, usable as is
   manifest.json          size and SHA-256 of every file above; written last
+
+A run whose weights are sharded over processes (FSDP2) writes, instead of the first two files,
+`shard-<rank>-model-00001-of-00001.safetensors`: each process's rows of the same tensors (weights and
+`<name>::<field>` optimizer state), written by every process at once through
+torch.distributed.checkpoint, with where each piece belongs in the file's JSON header. It is read
+back on any number of processes (each reads the rows it now holds), or on one.
 
 It is written into a hidden temporary directory, every file fsync'ed, then renamed into place, so a
 crash, a full disk or a second Ctrl-C leaves either the whole checkpoint or none of it. Reading
@@ -25,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,15 +40,20 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from ..errors import CheckpointError
+from ..models.load import local_part
 
 FORMAT = "mistral-tune-checkpoint/1"
+FORMAT_SHARDED = "mistral-tune-checkpoint-sharded/1"
 MANIFEST = "manifest.json"
 REQUIRED = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
             "config.json", "metrics.jsonl")
+REQUIRED_SHARDED = ("rng.safetensors", "state.json", "config.json", "metrics.jsonl")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _FILE_NAME = re.compile(r"[\w][\w.-]{0,200}", re.ASCII)  # a file in the checkpoint directory, no path
+_SHARD = re.compile(r"^shard-\d+-model-\d+-of-\d+\.safetensors$")
 _SEP = "::"
 
 
@@ -120,6 +132,36 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, named: dict[str, torch.n
     return tensors, plain
 
 
+def optimizer_state_targets(optimizer: torch.optim.Optimizer,
+                            named: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The optimizer's state tensors under their checkpoint names (`<name>::<field>`), made (zeros, as
+    AdamW's first step makes them) where it has taken no step yet, so that a checkpoint can be read
+    into them."""
+    fused = any(g.get("fused") for g in optimizer.param_groups)
+    targets = {}
+    for name, p in named.items():
+        state = optimizer.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        targets.update({f"{name}{_SEP}{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return targets
+
+
+def save_shards(directory: Path, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """Every process writes its rows of the weights and the optimizer state into `directory` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    try:
+        dcp.save({**named, **optimizer_state_targets(optimizer, named)},
+                 storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True))
+    except Exception as exc:  # torch.distributed.checkpoint raises every rank's failure on every rank
+        raise CheckpointError(f"{directory}: could not write the shards ({str(exc).splitlines()[0][:300]}); "
+                              "free space and resume with resume=auto") from None
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter],
                          tensors: dict[str, torch.Tensor], plain: dict, source: Path) -> None:
     per_param: dict[str, dict] = {}
@@ -132,6 +174,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, named: dict[str, torc
     if unknown:
         raise CheckpointError(f"{source}: optimizer state for {len(unknown)} parameter(s) this model does not "
                               f"train, e.g. {unknown[0]}")
+    for name, fields in per_param.items():  # whole tensors into a sharded model: each process's rows
+        p = named[name]
+        if isinstance(p, DTensor):
+            for key, value in fields.items():
+                if isinstance(value, torch.Tensor) and value.ndim:
+                    fields[key] = DTensor.from_local(local_part(p, value).to(p.device), p.device_mesh, p.placements,
+                                                     shape=p.shape, stride=p.stride())
     # Through load_state_dict so torch puts each tensor on the device and dtype its optimizer expects.
     current = optimizer.state_dict()
     index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
@@ -142,13 +191,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, named: dict[str, torc
 # ------------------------------------------------------------------------------------- checkpoints
 
 
-def _read_manifest(path: Path) -> tuple[int, dict[str, tuple[int, str]]]:
-    """(step, {file name: (size, sha256)}); ValueError naming the first field of the wrong type or missing."""
+def _read_manifest(path: Path) -> tuple[int, dict[str, tuple[int, str]], bool]:
+    """(step, {file name: (size, sha256)}, sharded); ValueError naming the first field of the wrong type
+    or missing."""
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(manifest, dict):
         raise ValueError(f"a JSON {type(manifest).__name__}, not an object")
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") not in (FORMAT, FORMAT_SHARDED):
+        raise ValueError(f"format {_short(manifest.get('format'))}, expected {FORMAT!r} or {FORMAT_SHARDED!r}")
     step, files = manifest.get("step"), manifest.get("files")
     if type(step) is not int or step < 0:  # bool is an int subclass: not a step
         raise ValueError(f"step is {_short(step)}, expected a step number")
@@ -162,7 +212,7 @@ def _read_manifest(path: Path) -> tuple[int, dict[str, tuple[int, str]]]:
         if type(size) is not int or not isinstance(sha256, str):
             raise ValueError(f"files[{name!r}] is {_short(entry)}, expected {{\"size\": bytes, \"sha256\": digest}}")
         entries[name] = (size, sha256)
-    return step, entries
+    return step, entries, manifest["format"] == FORMAT_SHARDED
 
 
 def _short(value) -> str:
@@ -178,6 +228,7 @@ class Checkpoint:
     step: int
     state: dict
     config: dict
+    sharded: bool = False  # written by processes that each held a shard (FORMAT_SHARDED)
 
     def metrics_text(self) -> str:
         return (self.path / "metrics.jsonl").read_text(encoding="utf-8")
@@ -189,6 +240,9 @@ class Checkpoint:
             raise CheckpointError(f"{self.path / name}: not a readable safetensors file ({exc})") from None
 
     def load_weights(self, named: dict[str, torch.nn.Parameter]) -> None:
+        if self.sharded:
+            self._load_shards(named)
+            return
         tensors = self._tensors("trainable.safetensors")
         missing, unexpected = set(named) - set(tensors), set(tensors) - set(named)
         if missing or unexpected:
@@ -203,14 +257,45 @@ class Checkpoint:
                 if t.shape != p.shape:
                     raise CheckpointError(f"{self.path / 'trainable.safetensors'}: {name} has shape "
                                           f"{tuple(t.shape)}, the model {tuple(p.shape)}")
-                p.copy_(t)
+                (p.to_local() if isinstance(p, DTensor) else p).copy_(local_part(p, t))
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter]) -> None:
+        if self.sharded:
+            self._load_shards(named, optimizer)
+            return
         load_optimizer_state(optimizer, named, self._tensors("optimizer.safetensors"),
                              self.state.get("optimizer_plain", {}), self.path / "optimizer.safetensors")
 
-    def restore_rng(self) -> None:
-        restore_rng(self.state["rng"], self._tensors("rng.safetensors"))
+    def _load_shards(self, named: dict[str, torch.nn.Parameter],
+                     optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Weights (or, with the optimizer, its state) from the shard files, into whatever this process holds:
+        its own rows when sharded, whole tensors otherwise. Every process calls it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+        targets = dict(named) if optimizer is None else optimizer_state_targets(optimizer, named)
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                # one process reading a sharded checkpoint is intended; torch warns that it assumes so
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(self.path)),
+                         no_dist=not torch.distributed.is_initialized())
+        except Exception as exc:  # torch.distributed.checkpoint reports every rank's failure as one exception
+            raise CheckpointError(f"{self.path}: the shards do not fit this run "
+                                  f"({str(exc).splitlines()[0][:300]})") from None
+
+    def restore_rng(self, rank: int = 0, device: torch.device | None = None) -> None:
+        """The generators as they were at this step: rank 0's (Python, NumPy, torch), then this rank's own
+        torch ones. A rank the checkpoint has none for (it was written by fewer processes) keeps its
+        seed + rank stream."""
+        tensors = self._tensors("rng.safetensors")
+        if rank and f"rank{rank}.torch_cpu" not in tensors:
+            return
+        restore_rng(self.state["rng"], tensors)
+        if rank:
+            torch.set_rng_state(tensors[f"rank{rank}.torch_cpu"])
+            if device is not None and device.type == "cuda" and f"rank{rank}.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rank{rank}.cuda"], device)
 
 
 class CheckpointManager:
@@ -240,12 +325,15 @@ class CheckpointManager:
         if not manifest_path.is_file():
             raise CheckpointError(f"{manifest_path}: missing (the checkpoint was never completed)")
         try:
-            step, files = _read_manifest(manifest_path)
+            step, files, sharded = _read_manifest(manifest_path)
         except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
             raise CheckpointError(f"{manifest_path}: unreadable ({exc})") from None
-        for name in sorted({*REQUIRED, *(p.name for p in path.iterdir() if p.name != MANIFEST)}):
+        required = REQUIRED_SHARDED if sharded else REQUIRED
+        for name in sorted({*required, *(p.name for p in path.iterdir() if p.name != MANIFEST)}):
             if name not in files:  # every file is verified before it is read: one not listed is not trusted
                 raise CheckpointError(f"{path / name}: not listed in {MANIFEST}")
+        if sharded and not any(_SHARD.match(name) for name in files):
+            raise CheckpointError(f"{manifest_path}: a sharded checkpoint that lists no shard file")
         for name, entry in files.items():
             file = path / name
             if not file.is_file():
@@ -264,7 +352,7 @@ class CheckpointManager:
                 raise CheckpointError(f"{path / name}: not valid JSON ({exc})") from None
             if not isinstance(parts[name], dict):
                 raise CheckpointError(f"{path / name}: a JSON {type(parts[name]).__name__}, not an object")
-        return Checkpoint(path, step, parts["state.json"], parts["config.json"])
+        return Checkpoint(path, step, parts["state.json"], parts["config.json"], sharded)
 
     def newest_valid(self, before: int | None = None, quiet: bool = False) -> tuple[Checkpoint | None, list[str]]:
         """The newest checkpoint that validates (optionally with step < before), and why newer ones did not."""
@@ -295,24 +383,38 @@ class CheckpointManager:
                     removed.append(p)
         return removed
 
-    def save(self, step: int, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-             state: dict, config: dict, metrics_file: Path,
-             write_extra: Callable[[Path], None] | None = None) -> Path:
-        """Write checkpoint-<step> atomically. On any failure the temporary directory is removed, an
-        existing checkpoint of the same step is left as it was, and CheckpointError says why."""
-        final = self.out / f"checkpoint-{step}"
+    def begin(self, step: int) -> Path:
+        """A fresh temporary directory for checkpoint-<step>, for the shards every process writes."""
         tmp = self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def save(self, step: int, named: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+             state: dict, config: dict, metrics_file: Path,
+             write_extra: Callable[[Path], None] | None = None,
+             more_rng: dict[str, torch.Tensor] | None = None, shards_in: Path | None = None) -> Path:
+        """Write checkpoint-<step> atomically. On any failure the temporary directory is removed, an
+        existing checkpoint of the same step is left as it was, and CheckpointError says why.
+        more_rng: the other processes' generator states, stored beside this one's. shards_in: the
+        directory from `begin` where every process has written its shards (weights and optimizer state)."""
+        final = self.out / f"checkpoint-{step}"
+        tmp = shards_in or self.out / f".checkpoint-{step}.tmp-{os.getpid()}"
         current = "the temporary directory"
         try:
-            tmp.mkdir(parents=True)
+            if shards_in is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
             rng_json, rng_tensors = capture_rng()
-            opt_tensors, opt_plain = optimizer_tensors(optimizer, named)
+            rng_tensors.update(more_rng or {})
+            opt_tensors, opt_plain = optimizer_tensors(optimizer, named) if shards_in is None else ({}, {})
             full_state = {**state, "step": step, "rng": rng_json, "optimizer_plain": opt_plain}
-            writers: list[tuple[str, Callable[[Path], None]]] = [
+            writers: list[tuple[str, Callable[[Path], None]]] = [] if shards_in else [
                 ("trainable.safetensors", lambda f: save_file(
                     {n: p.detach().to("cpu").contiguous() for n, p in named.items()}, str(f))),
                 ("optimizer.safetensors", lambda f: save_file(opt_tensors, str(f))),
+            ]
+            writers += [
                 ("rng.safetensors", lambda f: save_file(rng_tensors, str(f))),
                 ("state.json", lambda f: _write_json(f, full_state)),
                 ("config.json", lambda f: _write_json(f, config)),
@@ -331,7 +433,8 @@ class CheckpointManager:
                 _fsync(f)
                 files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
             current = MANIFEST
-            _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})
+            _write_json(tmp / MANIFEST, {"format": FORMAT_SHARDED if shards_in else FORMAT, "step": step,
+                                         "files": files})
             _fsync(tmp / MANIFEST)
             _fsync(tmp)
             current = "the rename into place"

@@ -13,7 +13,6 @@ import collections
 import hashlib
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -36,44 +35,13 @@ from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
 from ..models.mistral import count_params, flops_per_token
 from ..models.quant import quantize_model
-from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step
+from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step, save_shards
 from .guard import StepGuard
 from .logs import MetricsLog
 from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
 from .optim import lr_factor, make_optimizer, token_loss_sum, warmup_steps
+from .runtime import REPORT_OUTLIER_AFTER, Runtime
 from .signals import StopRequest
-
-
-@dataclass
-class Runtime:
-    """Where this process runs; multi-process launchers set RANK/WORLD_SIZE."""
-
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def detect(cls, cfg: Config) -> Runtime:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        if world > 1:
-            # The data sharding is there, but no process group or gradient all-reduce yet: each
-            # process would train its own copy. Refuse rather than crash mid-run or diverge.
-            raise ConfigError(f"WORLD_SIZE={world}: training on several processes (torchrun) is not supported "
-                              "yet; run one process per job")
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            bf16_ok = torch.cuda.is_bf16_supported()
-            use_bf16 = bf16_ok if cfg.bf16 == "auto" else bool(cfg.bf16)
-            if use_bf16 and not bf16_ok:
-                raise ConfigError("bf16: true but this GPU does not support bfloat16; set bf16: false")
-            return cls(device, torch.bfloat16 if use_bf16 else None, rank, world)
-        # CPU: float32 throughout (bf16 autocast on CPU is slow and changes the numbers).
-        return cls(torch.device("cpu"), None, rank, world)
 
 
 @dataclass
@@ -92,8 +60,12 @@ class RowStream:
     """The training rows in a per-epoch shuffled order (seed + epoch), taken a micro-batch at a time.
 
     Its whole state is the position (epoch, offset into that epoch's order): a resumed run goes on
-    with exactly the rows an uninterrupted run would see, without replaying. For one process the
-    micro-batches equal group_rows(rows, size, seed + epoch); the last one of an epoch may be short.
+    with exactly the rows an uninterrupted run would see, without replaying. The micro-batches are
+    cut from the order one after another (the last of an epoch may be short; the next starts the
+    next epoch), and each round of `world_size` of them gives rank r the r-th: whatever the number
+    of processes, a step with micro_batch x accumulation x world_size rows trains on the same rows,
+    and within an epoch every row is seen exactly once. For one process the micro-batches equal
+    group_rows(rows, size, seed + epoch).
     """
 
     def __init__(self, rows: list[list[int]], seed: int, rank: int = 0, world_size: int = 1,
@@ -114,14 +86,17 @@ class RowStream:
         return self._order[1]
 
     def next(self, size: int) -> tuple[int, list[list[int]]]:
-        """(epoch, rows) of this rank's next micro-batch of at most `size` rows."""
-        order, epoch = self.order(self.epoch), self.epoch
-        start = self.offset + self.rank * size
-        picked = [self.rows[j] for j in order[start:min(start + size, len(order))]]
-        self.offset += size * self.world_size
-        if self.offset >= len(order):
-            self.epoch, self.offset = self.epoch + 1, 0
-        return epoch, picked
+        """(epoch, rows) of this rank's next micro-batch of at most `size` rows; the epoch is that of
+        the round's last micro-batch, the same on every rank."""
+        mine: list[list[int]] = []
+        for r in range(self.world_size):
+            order, epoch = self.order(self.epoch), self.epoch
+            if r == self.rank:
+                mine = [self.rows[j] for j in order[self.offset:self.offset + size]]
+            self.offset += size
+            if self.offset >= len(order):
+                self.epoch, self.offset = self.epoch + 1, 0
+        return epoch, mine
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "rows": len(self.rows)}
@@ -139,10 +114,30 @@ class Progress:
 
     micro_batch_size: int  # may be smaller than the config's after auto_micro_batch
     gradient_accumulation_steps: int
+    world_size: int = 1
     step: int = 0
     tokens_seen: int = 0
     train_loss: float = float("nan")
     eval_loss: float | None = None
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    def rescale_to(self, world_size: int, source: Path, echo) -> None:
+        """Go on with another number of processes: the same rows per step, through the accumulation."""
+        if world_size == self.world_size:
+            return
+        rows, per_pass = self.rows_per_step, self.micro_batch_size * world_size
+        if rows % per_pass:
+            raise CheckpointError(
+                f"{source}: written by {self.world_size} process(es) with {rows} rows per step (micro_batch_size "
+                f"{self.micro_batch_size} x gradient_accumulation_steps {self.gradient_accumulation_steps}); "
+                f"{world_size} processes cannot take {rows} rows per step. Use a number of processes that divides "
+                f"{rows // self.micro_batch_size}")
+        echo(f"resuming {self.world_size} process(es)' run on {world_size}: gradient_accumulation_steps "
+             f"{self.gradient_accumulation_steps} -> {rows // per_pass}, the same {rows} rows per step")
+        self.gradient_accumulation_steps, self.world_size = rows // per_pass, world_size
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -206,6 +201,14 @@ def prepare(cfg: Config, check_output: bool = True):
     if check_output:
         check_output_dir(cfg)
     rt = Runtime.detect(cfg)
+    try:
+        return (rt, *_load(cfg, rt))
+    except BaseException:
+        rt.close()
+        raise
+
+
+def _load(cfg: Config, rt: Runtime):
     model_dir = resolve_model_dir(cfg.base_model)
     model_cfg = read_config(model_dir)
     if is_bnb_4bit(model_dir) and cfg.adapter != "qlora":
@@ -219,7 +222,7 @@ def prepare(cfg: Config, check_output: bool = True):
             f"embedding has {model_cfg.vocab_size} rows; pick the tokenizer that matches the model "
             "(v1: 32000, v3/v7: 32768, tekken: 131072)"
         )
-    data = build_dataset(cfg, tokenizer)
+    data = rt.main_first(lambda: build_dataset(cfg, tokenizer))  # rank 0 fills the token cache, the others read it
     data.report.warnings += model_fit_warnings(cfg, model_dir, model_cfg, tokenizer)
     weights_dtype = rt.autocast_dtype if (rt.autocast_dtype and cfg.adapter != "none") else torch.float32
     if cfg.adapter == "qlora":
@@ -228,8 +231,9 @@ def prepare(cfg: Config, check_output: bool = True):
         model, _ = load_model(str(model_dir), dtype=weights_dtype, device="cpu")
         quantize_model(model, list(cfg.lora_target_modules), rt.device)
     else:
-        model, _ = load_model(str(model_dir), dtype=weights_dtype, device=rt.device)
-    return rt, model_dir, tokenizer, model, data
+        model, _ = load_model(str(model_dir), dtype=weights_dtype, device=rt.device,
+                              shard=rt.shard if rt.sharded else None)
+    return model_dir, tokenizer, model, data
 
 
 def one_sample_rows(cfg: Config, model) -> bool:
@@ -255,13 +259,19 @@ def evaluate(model, samples, rows, cfg: Config, rt: Runtime, padding: dict) -> t
     """Token-weighted mean loss over held-out rows, and the number of tokens it covers."""
     model.eval()
     total, count = 0.0, 0
-    for group in group_rows(rows, cfg.micro_batch_size, None):
-        batch = collate(samples, group, **padding).to(rt.device)
+    groups = group_rows(rows, cfg.micro_batch_size, None)
+    share = groups[rt.rank::rt.world_size]  # each process a share
+    if rt.sharded:  # every forward is collective: the same number of passes everywhere, extra ones not counted
+        share += [None] * (math.ceil(len(groups) / rt.world_size) - len(share))
+    for group in share:
+        batch = collate(samples, group or groups[0], **padding).to(rt.device)
         with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
-            total += float(token_loss_sum(model, batch))
-        count += batch.n_trained
+            loss = float(token_loss_sum(model, batch))
+        if group is not None:
+            total, count = total + loss, count + batch.n_trained
     model.train()
-    return total / max(count, 1), count
+    total, count = rt.all_sum([total, count])
+    return total / max(count, 1), int(count)
 
 
 def _peak_memory_gib(rt: Runtime) -> float:
@@ -273,9 +283,18 @@ def _peak_memory_gib(rt: Runtime) -> float:
 def train(cfg: Config, echo=print, merge: bool = False, force: bool = False) -> TrainResult:
     """Run training as cfg says. force: resume even though safe keys (SAFE_TO_CHANGE) differ."""
     rt, model_dir, tokenizer, model, data = prepare(cfg)
-    for line in data.report.lines():
-        echo(line)
-    return run_training(cfg, rt, model_dir, tokenizer, model, data, echo, merge, force)
+    try:
+        if not rt.is_main:  # one voice: rank 0 prints; every rank's errors still reach the user
+            echo = _silent
+        for line in data.report.lines():
+            echo(line)
+        return run_training(cfg, rt, model_dir, tokenizer, model, data, echo, merge, force)
+    finally:
+        rt.close()
+
+
+def _silent(*_args) -> None:
+    pass
 
 
 def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, data: Dataset,
@@ -295,6 +314,12 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     params = list(named.values())
     for p in params:  # trainable weights stay float32 even when the frozen base is bf16
         p.data = p.data.float()
+    rt.broadcast_parameters(params)  # the replicas start equal
+    if rt.rank:
+        torch.manual_seed(cfg.seed + rt.rank)  # dropout draws its own masks on each process
+    injected = rt.install_faults(model)
+    if injected:
+        echo(injected)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_activations = model.recompute_by_row = cfg.offload_activations
     model.neftune_alpha = cfg.neftune_noise_alpha or 0.0
@@ -318,14 +343,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     rows = make_rows(data.train, cfg.sequence_len, cfg.sample_packing)
     val_rows = make_rows(data.val, cfg.sequence_len, cfg.sample_packing) if data.val else []
     padding = row_padding(cfg, fast, one_sample, cfg.micro_batch_size)
-    micro_per_epoch = math.ceil(len(rows) / cfg.micro_batch_size)
-    micro_per_epoch_rank = math.ceil(micro_per_epoch / rt.world_size)
-    steps_per_epoch = max(1, micro_per_epoch_rank // cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
-    warmup = warmup_steps(cfg, total_steps)
     lengths = sample_lengths(data.train)  # the data report already gave the packing's fill
-    echo(f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), warm-up {warmup}, "
-         f"effective batch {cfg.micro_batch_size * cfg.gradient_accumulation_steps * rt.world_size} rows")
 
     optimizer = make_optimizer(named, cfg, rt.device)
     out = Path(cfg.output_dir)
@@ -335,18 +353,26 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     row_lengths = [sum(lengths[i] for i in r) for r in rows] if by_length else None
     stream = RowStream(rows, cfg.seed, rt.rank, rt.world_size, row_lengths, cfg.micro_batch_size)
     guard = StepGuard.from_config(cfg)
-    progress = Progress(cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+    progress = Progress(cfg.micro_batch_size, cfg.gradient_accumulation_steps, rt.world_size)
     fingerprint = data_fingerprint(data.train)
 
     # Resume: weights, optimizer, data position, guard and progress now; the RNG last, just before the loop.
-    resume_from = find_resume_checkpoint(cfg, ckpts, echo) if cfg.resume else None
+    resume_from = _resume_checkpoint(cfg, ckpts, fingerprint, force, rt, echo) if cfg.resume else None
     if resume_from is not None:
-        check_resume_config(resume_from, cfg, fingerprint, force)
         resume_from.load_weights(named)
         resume_from.load_optimizer(optimizer, named)
         stream.load_state_dict(resume_from.state["data"], resume_from.path / "state.json")
         guard.load_state_dict(resume_from.state["guard"])
         progress = Progress.from_dict(resume_from.state["progress"])
+        progress.rescale_to(rt.world_size, resume_from.path, echo)
+
+    # Steps follow the rows per step, which stay the checkpoint's on another number of processes.
+    micro_per_epoch = math.ceil(len(rows) / cfg.micro_batch_size)
+    steps_per_epoch = max(1, micro_per_epoch * cfg.micro_batch_size // progress.rows_per_step)
+    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
+    warmup = warmup_steps(cfg, total_steps)
+    echo(f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), warm-up {warmup}, effective batch "
+         f"{progress.rows_per_step} rows" + (f" over {rt.world_size} processes" if rt.distributed else ""))
 
     if rt.is_main:
         target = check_output_dir(cfg)  # again, at the moment it matters
@@ -365,10 +391,11 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                      purge_after=resume_from.step if resume_from is not None else None)
     if resume_from is not None:
         log.load_window_state(resume_from.state.get("log_window"))
-        resume_from.restore_rng()
+        resume_from.restore_rng(rt.rank, rt.device)
         echo(f"resumed from {resume_from.path} at step {resume_from.step} of {total_steps}")
 
     def save_checkpoint(step: int, eval_loss_now: float | None) -> Path:
+        rank_rng = rt.rank_rng_states()  # every process's generators, collected by rank 0
         state = {
             "progress": progress.to_dict(),
             "data": stream.state_dict(),
@@ -381,9 +408,18 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         if spec is not None:
             base = str(model_dir.resolve()) if model_dir.exists() else cfg.base_model
             write_adapter = lambda d: save_adapter(model, spec, d, base_model=base)
-        path = ckpts.save(step, named, optimizer, state, cfg.model_dump(mode="json"), log.path, write_adapter)
-        ckpts.prune()
-        return path
+        shards = None
+        if rt.sharded:  # every process writes its shards into the directory rank 0 then completes
+            shards = Path(rt.on_main(lambda: str(ckpts.begin(step))))
+            save_shards(shards, named, optimizer)
+
+        def write() -> str:
+            path = ckpts.save(step, named, optimizer, state, cfg.model_dump(mode="json"), log.path, write_adapter,
+                              rank_rng, shards)
+            ckpts.prune()
+            return str(path)
+
+        return Path(rt.on_main(write))
 
     flops_tok = flops_per_token(model.config)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
@@ -403,37 +439,43 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     group["lr"] = lr * group["lr_scale"]
                 step_t = time.perf_counter()
                 while True:
+                    out_of_memory = False
                     try:
                         batches = [collate(data.train, g, **padding) for g in groups]
                         loss_sum, n_tokens, n_real = accumulate_gradients(model, batches, rt)
-                        break
                     except OOM_ERRORS:
-                        optimizer.zero_grad(set_to_none=True)
-                        free_memory(rt.device)
-                        smaller = smaller_micro_batch(progress.micro_batch_size, progress.gradient_accumulation_steps)
-                        if not (cfg.auto_micro_batch and smaller):
-                            raise OutOfMemory(oom_advice(
-                                rt.device, progress.micro_batch_size, progress.gradient_accumulation_steps,
-                                cfg.sequence_len, cfg.gradient_checkpointing, cfg.adapter, step)) from None
-                        echo(f"out of memory at micro_batch_size {progress.micro_batch_size}; auto_micro_batch: "
-                             f"retrying step {step + 1} with micro_batch_size {smaller[0]} x "
-                             f"gradient_accumulation_steps {smaller[1]}")
-                        progress.micro_batch_size, progress.gradient_accumulation_steps = smaller
-                        padding = row_padding(cfg, fast, one_sample, smaller[0])
-                        # The same rows, in smaller micro-batches: the step's effective batch is unchanged.
-                        groups = [g[i:i + smaller[0]] for g in groups for i in range(0, len(g), smaller[0])]
+                        out_of_memory, loss_sum, n_real = True, 0.0, 0
+                    # Every process learns whether any ran out of memory or was asked to stop.
+                    agreed = rt.sync_step(loss_sum, n_real, out_of_memory, stop.requested)
+                    if not agreed.out_of_memory:
+                        break
+                    optimizer.zero_grad(set_to_none=True)
+                    free_memory(rt.device)
+                    smaller = smaller_micro_batch(progress.micro_batch_size, progress.gradient_accumulation_steps)
+                    if not (cfg.auto_micro_batch and smaller):
+                        raise OutOfMemory(oom_advice(
+                            rt.device, progress.micro_batch_size, progress.gradient_accumulation_steps,
+                            cfg.sequence_len, cfg.gradient_checkpointing, cfg.adapter, step))
+                    echo(f"out of memory at micro_batch_size {progress.micro_batch_size}; auto_micro_batch: "
+                         f"retrying step {step + 1} with micro_batch_size {smaller[0]} x "
+                         f"gradient_accumulation_steps {smaller[1]}")
+                    progress.micro_batch_size, progress.gradient_accumulation_steps = smaller
+                    padding = row_padding(cfg, fast, one_sample, smaller[0])
+                    # The same rows, in smaller micro-batches: the step's effective batch is unchanged.
+                    groups = [g[i:i + smaller[0]] for g in groups for i in range(0, len(g), smaller[0])]
+                outliers = rt.sync_gradients(params, step + 1)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-                loss = _all_reduce_sum(loss_sum, rt) / max(n_tokens, 1)
+                loss = agreed.loss_sum / max(n_tokens, 1)
                 bad = guard.check(loss, grad_norm)
                 if bad is None:  # a bad step leaves weights and optimizer state exactly as they were
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 guard.record(step + 1, loss, grad_norm, bad)
                 progress.step, progress.train_loss = step + 1, loss
-                progress.tokens_seen += n_real
+                progress.tokens_seen += agreed.n_real
                 step_s = time.perf_counter() - step_t
-                recent.append((step_s, n_real))
-                tok_s = sum(n for _, n in recent) * rt.world_size / max(sum(t for t, _ in recent), 1e-9)
+                recent.append((step_s, agreed.n_real))
+                tok_s = sum(n for _, n in recent) / max(sum(t for t, _ in recent), 1e-9)
                 record = {
                     "step": step + 1,
                     "epoch": window[-1][0] + 1,
@@ -450,10 +492,16 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 if bad is not None:
                     record["skipped"] = bad
                     echo(f"step {step + 1}: skipped, {bad}")
+                if outliers:
+                    record["outlier_ranks"] = outliers
+                for r in rt.tally_outliers(outliers):
+                    echo(f"rank {r} has sent outlier gradients in {REPORT_OUTLIER_AFTER} steps (step {step + 1} "
+                         "the latest); check its device. metrics.jsonl names each step's outlier ranks")
+                    log.event({"step": step + 1, "event": "outlier_rank", "rank": r})
                 log.train_step(record, write=(step + 1) % cfg.logging_steps == 0 or step + 1 == total_steps
-                               or bad is not None)
+                               or bad is not None or bool(outliers))
                 if guard.needs_rollback:
-                    _roll_back(guard, ckpts, named, optimizer, step + 1, log, out, echo)
+                    _roll_back(guard, ckpts, named, optimizer, step + 1, log, out, echo, rt)
 
                 last = step + 1 == total_steps
                 scheduled = (last or stream.epoch != epoch_before
@@ -467,10 +515,10 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     evaluated, _ = evaluate(model, data.val, val_rows, cfg, rt, padding)
                     progress.eval_loss = evaluated
                     log.eval(step + 1, evaluated)
-                if rt.is_main and (scheduled or stop.requested):
+                if scheduled or agreed.stop:
                     checkpoint_dir = save_checkpoint(step + 1, _finite(evaluated) if evaluated is not None else None)
-                if stop.requested and not last:
-                    stopped_by = stop.signal_name
+                if agreed.stop and not last:
+                    stopped_by = stop.signal_name or "a stop request to another process"
                     break
     except OOM_ERRORS:  # outside the retried forward/backward (optimizer state, evaluation): report, no retry
         free_memory(rt.device)
@@ -484,33 +532,45 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         echo(f"stopped by {stopped_by} after step {steps_done} of {total_steps}; checkpoint: {checkpoint_dir}")
         return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
                            stopped_by=stopped_by, checkpoint_dir=checkpoint_dir)
-    adapter_dir = merged_dir = None
+
+    weights = rt.full_state_dict(model)  # gathered from the shards onto rank 0 (sharded runs)
+
+    def save_final() -> list[str | None]:
+        final = out / ("adapter" if spec else "model")
+        try:
+            written = _save(cfg, model, spec, tokenizer, final, model_dir, weights)
+        except OSError as exc:  # _save removed its temporary directory; the last checkpoint has the result
+            raise CheckpointError(f"{final}: could not be written ({exc.strerror or exc}); the trained state is in "
+                                  f"{checkpoint_dir}. Free space and run again with resume=auto") from None
+        if spec is None:
+            return [None, str(written)]
+        if merge:
+            from ..export.hf import merge_to_dir
+
+            return [str(written), str(merge_to_dir(written, out / "merged", base_model=str(model_dir),
+                                                     overwrite=True))]
+        return [str(written), None]
+
     # The stop handler stays on: a SIGTERM now lets the final save finish, and the run ends complete.
     with stop:
-        if rt.is_main:
-            final = out / ("adapter" if spec else "model")
-            try:
-                adapter_dir = _save(cfg, model, spec, tokenizer, final, model_dir)
-            except OSError as exc:  # _save removed its temporary directory; the last checkpoint has the result
-                raise CheckpointError(f"{final}: could not be written ({exc.strerror or exc}); the trained state is in "
-                                      f"{checkpoint_dir}. Free space and run again with resume=auto") from None
-            if spec is None:
-                adapter_dir, merged_dir = None, adapter_dir
-            elif merge:
-                from ..export.hf import merge_to_dir
-
-                merged_dir = merge_to_dir(adapter_dir, out / "merged", base_model=str(model_dir), overwrite=True)
+        adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(save_final))
     return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
                        checkpoint_dir=checkpoint_dir)
 
 
 def _roll_back(guard: StepGuard, ckpts: CheckpointManager, named, optimizer, step: int, log: MetricsLog,
-               out: Path, echo) -> None:
+               out: Path, echo, rt: Runtime) -> None:
     """Back to the newest valid checkpoint written before the bad streak, with a lower learning rate; the
-    data position is kept, so the stretch of data that caused the streak is not met again."""
+    data position is kept, so the stretch of data that caused the streak is not met again. Rank 0 picks
+    the checkpoint; every process loads it."""
     target = None
     if guard.may_roll_back:
-        target, _ = ckpts.newest_valid(before=guard.streak_start, quiet=True)
+        def newest() -> str | None:
+            found, _ = ckpts.newest_valid(before=guard.streak_start, quiet=True)
+            return str(found.path) if found else None
+
+        path = rt.on_main(newest)
+        target = CheckpointManager.validate(Path(path)) if path else None
     if target is None:
         why = (f"stopped at step {step} after {guard.consecutive} bad steps in a row: "
                + (f"{guard.rollbacks} rollback(s) did not help (bad_step_max_rollbacks: {guard.max_rollbacks})"
@@ -541,6 +601,25 @@ def _set_aside_newer(ckpts: CheckpointManager, resumed: Checkpoint, echo) -> Non
         except CheckpointError:
             why = "corrupt"
         echo(f"{path.name} is newer than {resumed.path.name}; renamed to {ckpts.set_aside(path, why).name}")
+
+
+def _resume_checkpoint(cfg: Config, ckpts: CheckpointManager, fingerprint: str, force: bool, rt: Runtime,
+                       echo) -> Checkpoint | None:
+    """The checkpoint to resume from, found and checked against the run by rank 0, opened by every process."""
+    found: list[Checkpoint] = []
+
+    def find() -> str | None:
+        ckpt = find_resume_checkpoint(cfg, ckpts, echo)
+        if ckpt is None:
+            return None
+        check_resume_config(ckpt, cfg, fingerprint, force)
+        found.append(ckpt)
+        return str(ckpt.path)
+
+    path = rt.on_main(find)
+    if found or not path:
+        return found[0] if found else None
+    return CheckpointManager.validate(Path(path))
 
 
 def find_resume_checkpoint(cfg: Config, ckpts: CheckpointManager, echo) -> Checkpoint | None:
@@ -619,7 +698,7 @@ def _finite(x: float) -> float | None:
 
 def accumulate_gradients(
     model, batches: list[Batch], rt: Runtime
-) -> tuple[float, float, int]:
+) -> tuple[float, int, int]:
     """Forward and backward over the micro-batches of one optimizer step, adding into `.grad`.
 
     Each micro-batch's summed token loss is divided by the trained tokens of the whole window
@@ -627,7 +706,7 @@ def accumulate_gradients(
     one batch holding every row. Returns (this rank's summed loss, the window's trained tokens over
     all ranks, this rank's real tokens).
     """
-    n_tokens = _all_reduce_sum(sum(b.n_trained for b in batches), rt)
+    n_tokens = int(rt.all_sum([sum(b.n_trained for b in batches)])[0])
     loss_sum, n_real = 0.0, 0
     for batch in batches:
         batch = batch.to(rt.device)
@@ -639,17 +718,8 @@ def accumulate_gradients(
     return loss_sum, n_tokens, n_real
 
 
-def _all_reduce_sum(value: float, rt: Runtime) -> float:
-    if rt.world_size == 1:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-def _save(cfg: Config, model, spec: LoraSpec | None, tokenizer, final: Path, model_dir: Path) -> Path:
+def _save(cfg: Config, model, spec: LoraSpec | None, tokenizer, final: Path, model_dir: Path,
+          weights: dict[str, torch.Tensor] | None = None) -> Path:
     def write(tmp: Path) -> None:
         if spec is not None:
             base = str(model_dir.resolve()) if model_dir.exists() else cfg.base_model
@@ -659,6 +729,7 @@ def _save(cfg: Config, model, spec: LoraSpec | None, tokenizer, final: Path, mod
             from ..export.hf import write_hf_model
 
             write_hf_model(model, tokenizer, tmp,
-                           dtype="bfloat16" if model.lm_head.weight.dtype == torch.bfloat16 else "float32")
+                           dtype="bfloat16" if model.lm_head.weight.dtype == torch.bfloat16 else "float32",
+                           state=weights)
 
     return replace_dir(final, write, "adapter" if spec is not None else "model", [model_dir])

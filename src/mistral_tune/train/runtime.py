@@ -1,0 +1,481 @@
+"""Where the run executes: the process, its device, and everything that passes between processes.
+
+One process is the default and pays for nothing here: every collective below returns its input
+when the world size is 1. Several processes are started by torchrun (or `mistral-tune train
+--gpus N`, which calls it); torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address,
+and this module joins the process group (NCCL on GPUs, gloo on CPU).
+
+Data parallel training of a replicated model (`distributed: ddp`, the default for adapters): every process runs
+forward and backward over its own micro-batches with no communication at all, then the gradients
+are summed across processes in bucketed all-reduces, once per optimizer step. Summing after the
+local backward, rather than from hooks inside it, is what lets every decision be taken together
+before a gradient leaves a process: an out-of-memory retry, a stop request, and robust aggregation,
+which needs every process's whole gradient. For adapters the gradients are ~1% of the weights, so
+the all-reduce costs little next to the step (docs/benchmarks.md has the figure).
+
+Sharded training (`distributed: fsdp`, the default for full fine-tuning): PyTorch's FSDP2
+(`fully_shard`) on every decoder layer and on the whole model; each process holds 1/N of the
+float32 weights, gradients and optimizer state, reads only its rows of the checkpoint files, and
+all-gathers each layer's weights in bf16 just before it runs (prefetching the next); gradients are
+reduce-scattered in float32 during backward. The loss normalisation needs the gradients summed,
+not averaged, so the reductions are set to plain sums.
+
+Robust aggregation (`gradient_aggregation`): the flat adapter gradients are all-gathered and every
+process computes the same coordinate-wise median, trimmed mean or centred clipping of them, so a
+process that sends corrupt gradients (a bad GPU, a bit flip) cannot steer the run. Each step's
+outlier ranks are named; a rank that is an outlier repeatedly is reported.
+
+`MISTRAL_TUNE_FAULTS` is a test tool: `1:scale,3:nan@5` makes rank 1 send its gradient times 1e4 and
+rank 3 send NaN from step 5 on (kinds: scale, signflip, nan, noise; and oom: the rank runs out of
+memory on micro-batches of more than one row, as a smaller GPU would). It exists to prove the above;
+never set it in a real run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .. import errors
+from ..errors import ConfigError, DistributedError
+
+BUCKET_BYTES = 64 * 2**20  # all-reduce bucket: large enough for bandwidth, small enough to copy cheaply
+OUTLIER_FACTOR = 5.0  # a rank whose gradient is this many times further out than the median rank's
+REPORT_OUTLIER_AFTER = 3  # steps as an outlier before a rank is reported by name
+FAULT_KINDS = ("scale", "signflip", "nan", "noise", "oom")
+FAULTS_ENV = "MISTRAL_TUNE_FAULTS"
+
+
+@dataclass
+class StepSync:
+    """What the processes agreed on after one step's local forward and backward passes."""
+
+    loss_sum: float  # summed token loss over every process
+    n_real: int  # real (non-padding) tokens over every process
+    out_of_memory: bool  # some process ran out of memory: every process retries with smaller micro-batches
+    stop: bool  # some process was asked to stop: every process stops after this step
+
+
+@dataclass
+class Runtime:
+    """This process: its device, precision, and place among the processes of the run."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    rank: int = 0
+    world_size: int = 1
+    aggregation: str = "mean"
+    byzantine_tolerance: int = 0
+    faults: dict[int, tuple[str, int]] = field(default_factory=dict)  # rank -> (fault, from step) (test tool)
+    owns_group: bool = False  # this Runtime started the process group and closes it
+    strategy: str = "ddp"  # ddp: replicated model, gradients summed after backward; fsdp: sharded
+    outlier_steps: Counter = field(default_factory=Counter)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters sharded over the processes (FSDP2): every forward and backward is collective."""
+        return self.distributed and self.strategy == "fsdp"
+
+    @classmethod
+    def detect(cls, cfg) -> Runtime:
+        """This process's runtime from torchrun's environment; joins the process group when there are several."""
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        check_distributed_config(cfg, world)
+        faults = parse_faults(os.environ.get(FAULTS_ENV, ""), world)
+        if torch.cuda.is_available():
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} GPU(s): "
+                                  "start at most one process per GPU (--nproc_per_node / --gpus)")
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            bf16_ok = torch.cuda.is_bf16_supported()
+            use_bf16 = bf16_ok if cfg.bf16 == "auto" else bool(cfg.bf16)
+            if use_bf16 and not bf16_ok:
+                raise ConfigError("bf16: true but this GPU does not support bfloat16; set bf16: false")
+            autocast = torch.bfloat16 if use_bf16 else None
+        else:  # CPU: float32 throughout (bf16 autocast on CPU is slow and changes the numbers)
+            device, autocast = torch.device("cpu"), None
+        owns = False
+        if world > 1 and not dist.is_initialized():
+            timeout = timedelta(seconds=cfg.distributed_timeout)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                    store=_restart_store(world, timeout), rank=rank, world_size=world,
+                                    device_id=device if device.type == "cuda" else None)
+            owns = True
+        return cls(device, autocast, rank, world, cfg.gradient_aggregation, cfg.byzantine_tolerance, faults, owns,
+                   resolve_strategy(cfg))
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    # ------------------------------------------------------------------ agreeing
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over every process, in float64 (exact for counts and flags)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self._collective(dist.all_reduce, t)
+        return t.tolist()
+
+    def sync_step(self, loss_sum: float, n_real: int, out_of_memory: bool, stop: bool) -> StepSync:
+        """One small all-reduce after the local passes: loss and token totals, and the flags every
+        process must act on at the same step."""
+        total_loss, total_real, oom, stopping = self.all_sum([loss_sum, n_real, float(out_of_memory), float(stop)])
+        return StepSync(total_loss, int(total_real), oom > 0, stopping > 0)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            self._collective(dist.barrier)
+
+    def main_first(self, fn: Callable[[], object]):
+        """fn() on rank 0, then (when it succeeded) on the others: rank 0 builds the token cache
+        while the others wait, then they read it. An error on rank 0 is raised on every rank."""
+        if not self.distributed:
+            return fn()
+        if self.is_main:
+            result = self._run_and_share(fn, share_result=False)
+            return result
+        self._receive_outcome()
+        return fn()
+
+    def on_main(self, fn: Callable[[], object]):
+        """fn() on rank 0 only; its JSON-able result (or its error) is returned (raised) on every rank."""
+        if not self.distributed:
+            return fn()
+        if self.is_main:
+            return self._run_and_share(fn, share_result=True)
+        return self._receive_outcome()
+
+    def _run_and_share(self, fn, share_result: bool):
+        try:
+            result = fn()
+        except errors.MistralTuneError as exc:
+            self._broadcast_json({"error": type(exc).__name__, "message": str(exc)})
+            raise
+        except BaseException as exc:  # a bug or an interrupt: the others must not wait for a timeout
+            self._broadcast_json({"error": "DistributedError", "message": f"rank 0 failed: {exc!r}"})
+            raise
+        self._broadcast_json({"result": result if share_result else None})
+        return result
+
+    def _receive_outcome(self):
+        outcome = self._broadcast_json(None)
+        if "error" in outcome:
+            kind = getattr(errors, outcome["error"], DistributedError)
+            raise kind(outcome["message"])
+        return outcome["result"]
+
+    def _broadcast_json(self, obj):
+        """Rank 0's JSON value on every rank (length first, then the bytes; no pickle)."""
+        data = json.dumps(obj).encode() if self.is_main else b""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        self._collective(dist.broadcast, size, src=0)
+        buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
+        if self.is_main:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        self._collective(dist.broadcast, buf, src=0)
+        return obj if self.is_main else json.loads(buf.cpu().numpy().tobytes().decode())
+
+    def broadcast_parameters(self, params: list[torch.Tensor]) -> None:
+        """Rank 0's values into every rank's copy (the replicas start equal whatever their init)."""
+        if not self.distributed or self.sharded:
+            return
+        with torch.no_grad():
+            for p in params:
+                self._collective(dist.broadcast, p.data, src=0)
+
+    def gather_states(self, state: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's copy of a same-sized uint8 state tensor (random generator states), on the CPU."""
+        if not self.distributed:
+            return [state]
+        local = state.to(self.device)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        self._collective(dist.all_gather, parts, local)
+        return [p.cpu() for p in parts]
+
+    def install_faults(self, model: torch.nn.Module) -> str | None:
+        """Install this rank's injected out-of-memory fault, if any; what is injected, to print (test tool)."""
+        if not self.faults:
+            return None
+        if self.faults.get(self.rank, ("",))[0] == "oom":
+            install_memory_fault(model.model.embed_tokens)
+        injected = ", ".join(f"{r} ({kind} from step {step})" for r, (kind, step) in self.faults.items())
+        return f"{FAULTS_ENV} is set: faults injected on rank(s) {injected}. This is a test tool"
+
+    def rank_rng_states(self) -> dict[str, torch.Tensor]:
+        """The torch generator states of ranks 1..N-1 (rank 0's are the checkpoint's own), collected on
+        every rank: `rank<r>.torch_cpu` and, on GPUs, `rank<r>.cuda` (its own device's)."""
+        if not self.distributed:
+            return {}
+        states = {"torch_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {f"rank{r}.{name}": state for name, local in states.items()
+                for r, state in enumerate(self.gather_states(local)) if r}
+
+    def _collective(self, op, *args, **kwargs):
+        try:
+            return op(*args, **kwargs)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise DistributedError(
+                f"lost contact with the other processes ({str(exc).splitlines()[0][:200]}); "
+                "another rank failed or was killed, see its message above. Continue with resume=auto"
+            ) from None
+
+    # ------------------------------------------------------------------ gradients
+
+    def sync_gradients(self, params: list[torch.Tensor], step: int) -> list[int]:
+        """Sum the step's gradients over every process (or aggregate them robustly), in place.
+        Returns the ranks whose gradients were outliers this step."""
+        if not self.distributed or self.sharded:  # FSDP has reduce-scattered them during backward
+            return []
+        grads = []
+        for p in params:  # a parameter no micro-batch reached contributes zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        kind, from_step = self.faults.get(self.rank, ("", 0))
+        if kind not in ("", "oom") and step >= from_step:
+            inject_fault(grads, kind, step)
+        if self.aggregation == "mean":
+            # Each rank's gradient norm rides in the first bucket, in its own slot: summed, they give every
+            # rank all the norms, with no collective of their own.
+            norms = torch.zeros(self.world_size, dtype=grads[0].dtype, device=grads[0].device)
+            norms[self.rank] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            self._all_reduce_buckets(grads, norms)
+            return outlier_ranks(norms.tolist())
+        return self._robust(grads)
+
+    def _all_reduce_buckets(self, grads: list[torch.Tensor], extra: torch.Tensor) -> None:
+        """Sum `grads` over every process in place, in buckets of about BUCKET_BYTES; `extra` (a small
+        vector of the first gradient's dtype) is summed with the first bucket."""
+        pending = []
+        for i, bucket in enumerate(_buckets(grads, BUCKET_BYTES)):
+            flat = torch.cat([g.reshape(-1) for g in bucket] + ([extra] if i == 0 else []))
+            pending.append((bucket, flat, self._collective(dist.all_reduce, flat, async_op=True)))
+        for i, (bucket, flat, work) in enumerate(pending):
+            self._collective(work.wait)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            if i == 0:
+                extra.copy_(flat[offset:])
+
+    def _robust(self, grads: list[torch.Tensor]) -> list[int]:
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        gathered = torch.empty((self.world_size, flat.numel()), dtype=flat.dtype, device=flat.device)
+        self._collective(dist.all_gather, list(gathered.unbind(0)), flat)
+        mean, distances = aggregate(gathered, self.aggregation, self.byzantine_tolerance)
+        total = mean * self.world_size  # the loss is normalised over all processes: the gradient is a sum
+        offset = 0
+        for g in grads:
+            g.copy_(total[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return outlier_ranks(distances)
+
+    def tally_outliers(self, ranks: list[int]) -> list[int]:
+        """Count outlier steps per rank; the ranks that have just reached the reporting threshold."""
+        reached = []
+        for r in ranks:
+            self.outlier_steps[r] += 1
+            if self.outlier_steps[r] == REPORT_OUTLIER_AFTER:
+                reached.append(r)
+        return reached
+
+
+    # ------------------------------------------------------------------ sharding (FSDP2)
+
+    def shard(self, model: torch.nn.Module) -> None:
+        """Wrap `model` (a MistralForCausalLM, on the meta device or not) with FSDP2: each decoder layer a
+        unit, the rest (embeddings, final norm, head) the root unit, kept gathered from the forward to
+        its backward. Compute in the autocast dtype, gradients reduced in float32 as sums."""
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        policy = MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+        register_fsdp_forward_method(model, "hidden_states")  # the trainer calls it rather than forward
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0's CPU (None elsewhere), gathered from the shards."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
+
+
+def _restart_store(world: int, timeout: timedelta) -> dist.Store | None:
+    """torchrun's agent keeps one key-value store across the restarts of its workers (--max-restarts), and
+    the process group's keys of a failed attempt would be read again by the next (pytorch#135712): each
+    attempt gets keys of its own. None (torch's default store) when the agent does not share its store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"mistral-tune/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def _buckets(grads: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if not buckets or size + nbytes > limit or buckets[-1][0].dtype != g.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
+        size += nbytes
+    return buckets
+
+
+# ---------------------------------------------------------------------- robust aggregation
+
+
+def aggregate(grads: torch.Tensor, method: str, tolerance: int) -> tuple[torch.Tensor, list[float]]:
+    """A robust estimate of the mean of the rows of `grads` (one per process) and each row's distance to it.
+
+    A row with a non-finite value is left out (it counts against the tolerance); when more rows are
+    non-finite than `tolerance`, the result is NaN, and the bad-step guard skips the step.
+      median:        coordinate-wise median (the mean of the two middle values for an even count)
+      trimmed_mean:  coordinate-wise mean after dropping the `tolerance` largest and smallest values
+      centered_clip: starting from the median, three rounds of v += mean((x_i - v) * min(1, tau / |x_i - v|)),
+                     tau the median distance of the rows to v (Karimireddy et al., 2021)
+    """
+    finite = torch.isfinite(grads).all(dim=1)
+    n_bad = int((~finite).sum())
+    if n_bad > tolerance:
+        return torch.full_like(grads[0], float("nan")), [0.0 if ok else math.inf for ok in finite.tolist()]
+    good = grads[finite]
+    f = tolerance - n_bad  # faults that may still hide among the finite rows
+    if method == "median":
+        mean = _median(good)
+    elif method == "trimmed_mean":
+        ordered = good.sort(dim=0).values
+        mean = ordered[f:good.shape[0] - f].mean(dim=0)
+    elif method == "centered_clip":
+        mean = _median(good)
+        for _ in range(3):
+            diff = good - mean
+            norms = torch.linalg.vector_norm(diff, dim=1)
+            tau = norms.median()
+            scale = torch.where(norms > tau, tau / norms.clamp_min(1e-30), torch.ones_like(norms))
+            mean = mean + (diff * scale[:, None]).mean(dim=0)
+    else:
+        raise ValueError(f"unknown gradient_aggregation {method!r}")
+    distances = torch.linalg.vector_norm(torch.nan_to_num(grads - mean, nan=float("inf")), dim=1)
+    return mean, distances.tolist()
+
+
+def _median(x: torch.Tensor) -> torch.Tensor:
+    ordered = x.sort(dim=0).values
+    n = x.shape[0]
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def outlier_ranks(figures: list[float]) -> list[int]:
+    """Ranks whose figure (gradient norm, or distance to the aggregate) is non-finite or more than
+    OUTLIER_FACTOR times the median rank's."""
+    finite = sorted(x for x in figures if math.isfinite(x))
+    median = finite[len(finite) // 2] if finite else 0.0
+    return [r for r, x in enumerate(figures) if not math.isfinite(x) or (median > 0 and x > OUTLIER_FACTOR * median)]
+
+
+# ---------------------------------------------------------------------- checks and the fault injector
+
+
+def check_distributed_config(cfg, world: int) -> None:
+    """Refuse, before anything loads, what several processes cannot do (yet) with this config."""
+    if cfg.gradient_aggregation != "mean":
+        if cfg.adapter == "none":
+            raise ConfigError(f"gradient_aggregation: {cfg.gradient_aggregation} gathers every process's gradient; "
+                              "it is for adapters (lora, qlora), not full fine-tuning; use mean")
+        need = 2 * cfg.byzantine_tolerance + 1
+        if world < need:
+            raise ConfigError(f"gradient_aggregation: {cfg.gradient_aggregation} with byzantine_tolerance: "
+                              f"{cfg.byzantine_tolerance} needs at least {need} processes (2f + 1), this run has "
+                              f"{world}; start more processes or lower byzantine_tolerance")
+    if world == 1 or resolve_strategy(cfg) != "fsdp":
+        return
+    if cfg.adapter != "none":
+        raise ConfigError(f"distributed: fsdp with adapter: {cfg.adapter} is not supported yet (adapters over a "
+                          "sharded base); use distributed: ddp, which needs the base to fit one device")
+    if cfg.auto_micro_batch:
+        raise ConfigError("auto_micro_batch with distributed: fsdp is not supported: the sharded weights are "
+                          "gathered inside forward and backward, where one process's out-of-memory cannot be "
+                          "retried together; set micro_batch_size to what fits")
+
+
+def resolve_strategy(cfg) -> str:
+    """ddp (replicated model, summed gradients) or fsdp (sharded); auto: fsdp for full fine-tuning, ddp for adapters."""
+    if cfg.distributed != "auto":
+        return cfg.distributed
+    return "fsdp" if cfg.adapter == "none" else "ddp"
+
+
+def parse_faults(text: str, world: int) -> dict[int, tuple[str, int]]:
+    """`1:scale,3:nan@5` -> {1: ('scale', 1), 3: ('nan', 5)} (the fault injector; a test tool)."""
+    faults: dict[int, tuple[str, int]] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        rank, _, rest = part.partition(":")
+        kind, _, from_step = rest.partition("@")
+        if not rank.isdigit() or kind not in FAULT_KINDS or not (from_step or "1").isdigit():
+            raise ConfigError(f"{FAULTS_ENV}={text!r}: expected RANK:KIND[@STEP][,...], KIND one of {FAULT_KINDS}")
+        if int(rank) >= world:
+            raise ConfigError(f"{FAULTS_ENV}={text!r}: rank {rank} but the run has {world} process(es)")
+        faults[int(rank)] = (kind, int(from_step or 1))
+    return faults
+
+
+def install_memory_fault(model: torch.nn.Module) -> None:
+    """The `oom` fault: training forwards of more than one row raise out-of-memory (test tool)."""
+    def check(module, args) -> None:
+        if module.training and args[0].shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by MISTRAL_TUNE_FAULTS)")
+
+    model.register_forward_pre_hook(check)
+
+
+def inject_fault(grads: list[torch.Tensor], kind: str, step: int) -> None:
+    """Corrupt this process's gradients in place, as a faulty worker would (test tool)."""
+    with torch.no_grad():
+        norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
+        numel = sum(g.numel() for g in grads)
+        gen = torch.Generator().manual_seed(step)
+        for g in grads:
+            if kind == "scale":
+                g.mul_(1e4)
+            elif kind == "signflip":
+                g.neg_()
+            elif kind == "nan":
+                g.fill_(float("nan"))
+            else:  # noise: random directions, 100 times the gradient's norm
+                noise = torch.randn(g.shape, generator=gen).to(g.device, g.dtype)
+                g.copy_(noise * (100 * norm / math.sqrt(numel)))

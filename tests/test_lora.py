@@ -19,6 +19,7 @@ from mistral_tune.lora import (
     ADAPTER_WEIGHTS,
     LoraLinear,
     LoraSpec,
+    adapters_disabled,
     apply_lora,
     load_adapter,
     merge_lora,
@@ -90,6 +91,28 @@ def test_peft_loads_our_adapter(name, tmp_path: Path, make_tiny_mistral, make_hf
     peft_scaling = [m.scaling["default"] for m in ref.modules() if isinstance(getattr(m, "scaling", None), dict)]
     assert len(peft_scaling) == sum(isinstance(m, LoraLinear) for m in model.modules())
     assert peft_scaling == pytest.approx([spec.scaling] * len(peft_scaling))
+
+
+def test_adapters_disabled_matches_peft_disable_adapter(tmp_path: Path, make_tiny_mistral, make_hf_mistral):
+    spec = SPECS["default"]
+    model, base_state = adapted(make_tiny_mistral, spec)
+    save_adapter(model, spec, tmp_path, base_model="tiny")
+    ref = PeftModel.from_pretrained(make_hf_mistral(model.config, base_state), str(tmp_path)).eval()
+    x = ids()
+    with torch.no_grad():
+        tuned = model(x)
+        with adapters_disabled(model):
+            ours_off = model(x)
+            with adapters_disabled(model):  # nested: the outer block still holds when the inner ends
+                pass
+            still_off = model(x)
+        back_on = model(x)
+        with ref.disable_adapter():
+            theirs_off = ref(input_ids=x, use_cache=False).logits.float()
+    assert (tuned - ours_off).abs().max() > 1e-3  # the adapter matters
+    assert rel_diff(ours_off, theirs_off) <= RTOL
+    assert torch.equal(still_off, ours_off)
+    assert torch.equal(back_on, tuned)
 
 
 def test_adapter_files_are_peft_format(tmp_path: Path, make_tiny_mistral):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +69,7 @@ class LoraLinear(nn.Linear):
         self.lora_B = nn.Linear(spec.r, self.out_features, bias=False, device=dev, dtype=dt)
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.scaling = spec.scaling
+        self.disabled = False  # adapters_disabled(): the base model's output, in place
         self.reset_lora(None)
 
     def reset_lora(self, generator: torch.Generator | None) -> None:
@@ -78,7 +81,7 @@ class LoraLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = nn.functional.linear(x, self.weight) if self.quantized is None else self.quantized(x)
-        return out + self._lora(x)
+        return out if self.disabled else out + self._lora(x)
 
     def grad_only(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) when the result is only back-propagated through (models/recompute.py): the
@@ -113,6 +116,25 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int | None = None) -> lis
     if not wrapped:
         raise ModelError(f"lora_target_modules {spec.target_modules} matched no linear layer")
     return wrapped
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes as its base: every adapter's low-rank branch is skipped.
+    Nothing is copied, so the base and the tuned model can be compared on one copy in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, before, strict=True):
+            m.disabled = was
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

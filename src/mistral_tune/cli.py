@@ -160,6 +160,14 @@ def _cmd_export_awq(args) -> None:
     print(f"AWQ model (compressed-tensors, {args.scheme}) written to {out}")
 
 
+def _cmd_eval(args) -> None:
+    from .evaluate.run import run_eval
+
+    run_eval(Path(args.model), config=Path(args.config) if args.config else None, overrides=args.overrides,
+             out=Path(args.out) if args.out else None, base_model=args.base_model, dtype=args.dtype,
+             device=args.device)
+
+
 def _cmd_validate(args) -> None:
     from .config import load_config
     from .train.loop import prepare
@@ -302,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", default="W4A16_ASYM", choices=["W4A16_ASYM", "W4A16"])
     p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
     p.set_defaults(func=_cmd_export_awq)
+
+    p = sub.add_parser("eval", help="evaluate a run, adapter or model against its base: task metrics, forgetting, "
+                       "long context; writes eval_report.json and report.html")
+    _add_model_args(p, temperature=None)
+    p.add_argument("overrides", nargs="*", metavar="eval.key=value", help="override keys of the eval: section")
+    p.add_argument("--config", help="a YAML file with an eval: section (default: the run's config.yaml)")
+    p.add_argument("--out", help="report folder (default: the run's eval/, else ./eval-NAME)")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")
     p.add_argument("--out", default="quickstart-output", help="working directory")

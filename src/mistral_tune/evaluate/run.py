@@ -1,0 +1,363 @@
+"""Running the evaluations an `eval:` section asks for: from the training loop (every eval_steps
+and at the end, with the best adapter kept and early stopping) and from `mistral-tune eval`."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import ConfigError, DataError, ModelError
+from ..fsutil import replace_dir
+from .base import Evaluation, ModelPair, Result, example_ids, read_examples
+from .report import REPORT_HTML, write_report
+
+BEST_DIR = "best"
+BEST_INFO = "best.json"
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses, perplexities and divergences go down as a model improves; every other metric up."""
+    last = metric.rsplit(".", 1)[-1]
+    return metric == "loss" or last in ("loss", "nll", "ppl", "kl", "ppl_increase", "ppl_second_half")
+
+
+def build_evaluations(eval_cfg, tokenizer, model_config, sequence_len: int) -> list[Evaluation]:
+    """The evaluations of an eval: section, their data read and tokenized (errors name the key)."""
+    from .forgetting import ForgettingEval
+    from .loss import LossEval
+    from .needle import NeedleEval, PositionPplEval
+    from .tasks import TaskEval
+
+    evals: list[Evaluation] = []
+    if eval_cfg.tasks is not None:
+        t = eval_cfg.tasks
+        examples = read_examples(t.dataset, "eval.tasks.dataset", t.max_samples)
+        chats = []
+        for origin, ex in examples:
+            if not hasattr(ex, "messages"):
+                raise DataError(f"eval.tasks.dataset: {origin}: a text record has no reference answer; give "
+                                "conversations, alpaca or prompt/completion records")
+            chats.append((origin, ex))
+        evals += [TaskEval(chats, tokenizer, t), LossEval(chats, tokenizer)]
+    if eval_cfg.forgetting is not None:
+        f = eval_cfg.forgetting
+        examples = read_examples(f.dataset, "eval.forgetting.dataset", f.max_samples)
+        seqs = [example_ids(tokenizer, ex, origin)[:f.max_tokens] for origin, ex in examples]
+        evals.append(ForgettingEval([s for s in seqs if len(s) >= 2], f, f.dataset.path))
+        if f.lm_eval_tasks:
+            from .lm_eval import LmEval
+
+            evals.append(LmEval(f))
+    if eval_cfg.needle is not None:
+        n = eval_cfg.needle
+        needle = NeedleEval(tokenizer, n, sequence_len, model_config)
+        evals.append(needle)
+        if n.documents is not None:
+            examples = read_examples(n.documents, "eval.needle.documents", n.documents_max_samples)
+            longest = n.documents_max_tokens or max(needle.lengths or [sequence_len])
+            evals.append(PositionPplEval(examples, tokenizer, n, longest))
+    return evals
+
+
+class Evaluator:
+    """Runs a list of evaluations on a model pair and keeps what a report needs."""
+
+    def __init__(self, evaluations: list[Evaluation], echo=print) -> None:
+        self.evaluations, self.echo = evaluations, echo
+        self.results: list[Result] = []
+
+    def run(self, pair: ModelPair) -> dict[str, float]:
+        """Every evaluation once; returns the flat metrics ({"tasks.exact_match": .., "...@base": ..})."""
+        self.results = [ev.run(pair) for ev in self.evaluations]
+        flat: dict[str, float] = {}
+        for r in self.results:
+            flat.update(r.flat())
+        return flat
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for r in self.results for w in r.warnings]
+
+    def report(self, name: str, source: str, base: str | None, step: int | None, best: dict | None = None) -> dict:
+        return {
+            "model": {"name": name, "source": source, "base": base},
+            "step": step,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "evaluations": [asdict(r) for r in self.results],
+            "warnings": self.warnings,
+            "best": best,
+        }
+
+
+def summary_lines(results: list[Result]) -> list[str]:
+    lines = []
+    for r in results:
+        for metric, sides in r.metrics.items():
+            base, tuned = sides.get("base"), sides.get("tuned")
+            shown = f"{tuned:.4g}" if base is None else f"base {base:.4g} -> tuned {tuned:.4g}"
+            lines.append(f"  {r.name}.{metric}: {shown}")
+    return lines
+
+
+def read_history(metrics_jsonl: Path) -> list[dict]:
+    """The evaluation lines of a run's metrics.jsonl (held-out loss and the eval: section's metrics)."""
+    if not metrics_jsonl.is_file():
+        return []
+    out = []
+    for line in metrics_jsonl.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" not in rec and "event" not in rec and len(rec) > 1 and "step" in rec:
+            out.append({k: v for k, v in rec.items() if k != "eval_ppl"})
+    return out
+
+
+class BestTracker:
+    """The best value of eval.metric so far and how many evaluations since it improved."""
+
+    def __init__(self, metric: str, patience: int | None) -> None:
+        self.metric, self.patience = metric, patience
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.since = 0
+
+    def update(self, step: int, metrics: dict[str, float]) -> bool:
+        """True when this evaluation is the best so far."""
+        if self.metric not in metrics:
+            known = ", ".join(sorted(k for k in metrics if "@" not in k)) or "none"
+            raise ConfigError(f"eval.metric: {self.metric} was not measured; measured: {known}")
+        value = metrics[self.metric]
+        if not math.isfinite(value):
+            better = False
+        elif self.best is None:
+            better = True
+        else:
+            better = value < self.best if lower_is_better(self.metric) else value > self.best
+        if better:
+            self.best, self.best_step, self.since = value, step, 0
+        else:
+            self.since += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.since >= self.patience
+
+
+class TrainingEvals:
+    """What the training loop calls: `due`, `step` at each evaluation, `finish` at the end."""
+
+    def __init__(self, cfg, pair: ModelPair, evaluator: Evaluator, out: Path, save_model: Callable[[Path], object],
+                 echo=print) -> None:
+        self.cfg, self.pair, self.evaluator, self.out, self.echo = cfg, pair, evaluator, out, echo
+        self.save_model = save_model
+        self.tracker = BestTracker(cfg.eval.metric, cfg.eval.early_stopping_patience)
+        self.best_dir: Path | None = None
+        self.last_step: int | None = None
+
+    @classmethod
+    def start(cls, cfg, model, tokenizer, autocast_dtype, out: Path, save_model, echo=print) -> TrainingEvals | None:
+        """None when the config asks for nothing beyond the held-out loss."""
+        e = cfg.eval
+        if e.tasks is None and e.forgetting is None and e.needle is None and e.early_stopping_patience is None:
+            return None
+        if e.metric == "loss" and not (cfg.val_set_size or cfg.val_datasets):
+            raise ConfigError("eval.metric: loss needs a held-out set (val_set_size or val_datasets); or name an "
+                              "evaluation's metric, e.g. tasks.exact_match")
+        evals = build_evaluations(e, tokenizer, model.config, cfg.sequence_len)
+        pair = ModelPair(model, tokenizer, autocast_dtype=autocast_dtype)
+        self = cls(cfg, pair, Evaluator(evals, echo), out, save_model, echo)
+        info = out / BEST_DIR / BEST_INFO
+        if cfg.resume is not None and info.is_file():  # a resumed run keeps the best of its earlier part
+            kept = json.loads(info.read_text())
+            if kept.get("metric") == e.metric:
+                self.tracker.best, self.tracker.best_step, self.best_dir = kept["value"], kept["step"], info.parent
+        return self
+
+    def due(self, step: int, last: bool) -> bool:
+        every = self.cfg.eval_steps
+        return last or (self.cfg.eval.during_training and every is not None and step % every == 0)
+
+    def step(self, step: int, heldout_loss: float | None, log) -> bool:
+        """Evaluate at `step`, log the metrics, keep the best model; True when early stopping says stop."""
+        metrics = self.evaluator.run(self.pair)
+        if heldout_loss is not None:
+            metrics["loss"] = heldout_loss
+        self.last_step = step
+        log.metrics(step, {k: v for k, v in metrics.items() if k != "loss"},
+                    "evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "@" not in k))
+        for warning in self.evaluator.warnings:
+            log.event({"step": step, "event": "warning", "message": warning})
+            self.echo(f"warning at step {step}: {warning}")
+        if self.tracker.update(step, metrics):
+            self.best_dir = replace_dir(self.out / BEST_DIR, self._write_best)
+        return self.tracker.should_stop
+
+    @property
+    def stop_reason(self) -> str:
+        t = self.tracker
+        return (f"{t.metric} has not improved for {t.since} evaluations (best {t.best:.4g} at step {t.best_step}, "
+                f"kept in {self.best_dir})")
+
+    def _write_best(self, tmp: Path) -> None:
+        self.save_model(tmp)
+        info = {"step": self.tracker.best_step, "metric": self.tracker.metric, "value": self.tracker.best}
+        (tmp / BEST_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+    @property
+    def best(self) -> dict | None:
+        if self.best_dir is None:
+            return None
+        return {"step": self.tracker.best_step, "metric": self.tracker.metric, "value": self.tracker.best,
+                "dir": str(self.best_dir)}
+
+    def finish(self, name: str) -> Path | None:
+        """The report of the last evaluation, with the run's history, in output_dir/eval."""
+        if not self.evaluator.results:
+            return None
+        report = self.evaluator.report(name, str(self.out), "adapters off" if self.pair.has_base else None,
+                                       self.last_step, self.best)
+        folder = write_report(self.out / "eval", report, read_history(self.out / "metrics.jsonl"))
+        return folder / REPORT_HTML
+
+
+# ---------------------------------------------------------------------- mistral-tune eval
+
+
+def load_pair(path: Path, base_model: str | None = None, dtype: str = "float32", device: str = "cpu"):
+    """(pair, base description) for a run folder, an adapter or a merged model.
+
+    An adapter stays unmerged, so its base is the same model with adapters off. A merged or fully
+    fine-tuned model gets its base loaded beside it when one is known (--base-model, or the run's
+    config.yaml); otherwise it is evaluated alone.
+    """
+    from ..models.load import load_model
+
+    path = Path(path).expanduser()
+    if (path / "adapter" / "adapter_config.json").is_file():
+        path = path / "adapter"  # a run folder: its adapter, not its merged copy
+    try:
+        from ..models.tuned import load_tuned
+    except ImportError:
+        load_tuned = None
+    if load_tuned is not None:
+        tuned = load_tuned(path, base_model, dtype=dtype, device=device, merge=False)
+        model, tokenizer, adapter_dir = tuned.model, tuned.tokenizer, tuned.adapter_dir
+    else:
+        from ..chat import load_tokenizer
+        from ..lora import load_adapter, read_adapter_config
+        from ..serve.load import _DTYPES, resolve_source
+
+        if dtype not in _DTYPES:
+            raise ModelError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+        model_dir, adapter_dir = resolve_source(path)
+        if adapter_dir is None:
+            model, _ = load_model(str(model_dir), dtype=_DTYPES[dtype], device=device)
+            tokenizer = load_tokenizer(None, model_dir)
+        else:
+            recorded = read_adapter_config(adapter_dir)[1]
+            if not (base_model or recorded):
+                raise ModelError(f"{adapter_dir}: adapter_config.json names no base model; pass --base-model")
+            model, base_dir = load_model(base_model or recorded, dtype=_DTYPES[dtype], device=device)
+            load_adapter(model, adapter_dir)
+            try:
+                tokenizer = load_tokenizer(None, adapter_dir)
+            except ModelError:
+                tokenizer = load_tokenizer(None, base_dir)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if adapter_dir is not None:
+        return ModelPair(model, tokenizer), "the same model with its adapters off"
+    base_model = base_model or _run_config(path).get("base_model")
+    if not base_model:
+        return ModelPair(model, tokenizer), None
+    base, _ = load_model(base_model, dtype=next(model.parameters()).dtype, device=device)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return ModelPair(model, tokenizer, base_model=base.eval()), base_model
+
+
+def run_folder(path: Path) -> Path | None:
+    """The training run a model path belongs to (the folder with config.yaml and metrics.jsonl)."""
+    path = Path(path).expanduser().resolve()
+    for candidate in (path, path.parent):
+        if (candidate / "config.yaml").is_file() and (candidate / "metrics.jsonl").is_file():
+            return candidate
+    return None
+
+
+def _run_config(path: Path) -> dict:
+    import yaml
+
+    run = run_folder(path)
+    if run is None:
+        return {}
+    return yaml.safe_load((run / "config.yaml").read_text()) or {}
+
+
+def eval_settings(path: Path, config: Path | None, overrides: list[str]):
+    """(eval section, sequence_len) from --config (or the run's config.yaml) and eval.* overrides."""
+    import yaml
+    from pydantic import BaseModel, ConfigDict, ValidationError
+
+    from ..config import EvalConfig, _apply_override, _eval_datasets, _format_error, _resolve_near, parse_override
+
+    class Section(BaseModel):  # errors located as eval.KEY, as in a run's config
+        model_config = ConfigDict(extra="forbid")
+        eval: EvalConfig
+
+    if config is not None:
+        if not Path(config).is_file():
+            raise ConfigError(f"config file not found: {config}")
+        data = yaml.safe_load(Path(config).read_text()) or {}
+        where, base = str(config), Path(config).resolve().parent
+    else:
+        data, where, base = _run_config(path), "the run's config.yaml", None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys")
+    section = {"eval": data.get("eval") or {}}
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] != "eval":
+            raise ConfigError(f"override '{text}': mistral-tune eval takes eval.* keys only")
+        _apply_override(section, keys, value)
+    if base is not None:
+        for ds in _eval_datasets(section["eval"]):
+            if isinstance(ds.get("path"), str):
+                ds["path"] = _resolve_near(ds["path"], base)
+    try:
+        eval_cfg = Section.model_validate(section).eval
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, where)) from None
+    return eval_cfg, int(data.get("sequence_len") or 2048)
+
+
+def run_eval(path: Path, *, config: Path | None = None, overrides: list[str] = (), out: Path | None = None,
+             base_model: str | None = None, dtype: str = "float32", device: str = "cpu", echo=print) -> dict:
+    """`mistral-tune eval`: the report of the eval: section's evaluations on one model."""
+    eval_cfg, sequence_len = eval_settings(path, config, list(overrides))
+    if eval_cfg.tasks is None and eval_cfg.forgetting is None and eval_cfg.needle is None:
+        raise ConfigError("nothing to evaluate: give an eval: section with tasks, forgetting or needle (in the run's "
+                          "config.yaml or --config FILE), or eval.* overrides")
+    pair, base = load_pair(path, base_model, dtype, device)
+    evaluator = Evaluator(build_evaluations(eval_cfg, pair.tokenizer, pair.config, sequence_len), echo)
+    evaluator.run(pair)
+    run = run_folder(path)
+    if out is None:
+        out = (run / "eval") if run is not None else Path.cwd() / f"eval-{Path(path).resolve().name}"
+    report = evaluator.report(Path(path).resolve().name, str(path), base, None)
+    history = read_history(run / "metrics.jsonl") if run is not None else []
+    folder = write_report(out, report, history)
+    for line in summary_lines(evaluator.results):
+        echo(line)
+    for warning in evaluator.warnings:
+        echo(f"warning: {warning}")
+    echo(f"report: {folder / REPORT_HTML}")
+    return report

@@ -154,10 +154,9 @@ class TrainingEvals:
     """What the training loop calls: `due`, `step` at each evaluation, `finish` at the end."""
 
     def __init__(self, cfg, pair: ModelPair, evaluator: Evaluator, out: Path, save_model: Callable[[Path], object],
-                 echo=print) -> None:
+                 tracker: BestTracker | None, echo=print) -> None:
         self.cfg, self.pair, self.evaluator, self.out, self.echo = cfg, pair, evaluator, out, echo
-        self.save_model = save_model
-        self.tracker = BestTracker(cfg.eval.metric, cfg.eval.early_stopping_patience)
+        self.save_model, self.tracker = save_model, tracker
         self.best_dir: Path | None = None
         self.last_step: int | None = None
 
@@ -167,17 +166,20 @@ class TrainingEvals:
         e = cfg.eval
         if e.tasks is None and e.forgetting is None and e.needle is None and e.early_stopping_patience is None:
             return None
-        if e.metric == "loss" and not (cfg.val_set_size or cfg.val_datasets):
-            raise ConfigError("eval.metric: loss needs a held-out set (val_set_size or val_datasets); or name an "
-                              "evaluation's metric, e.g. tasks.exact_match")
+        # Without a held-out set, eval.metric loss is never measured: no best/ then, the final adapter is the result.
+        tracked = e.metric != "loss" or bool(cfg.val_set_size or cfg.val_datasets)
+        if not tracked and e.early_stopping_patience is not None:
+            raise ConfigError("eval.early_stopping_patience: eval.metric loss needs a held-out set (val_set_size or "
+                              "val_datasets); or name an evaluation's metric, e.g. tasks.exact_match")
         evals = build_evaluations(e, tokenizer, model.config, cfg.sequence_len)
         pair = ModelPair(model, tokenizer, autocast_dtype=autocast_dtype)
-        self = cls(cfg, pair, Evaluator(evals, echo), out, save_model, echo)
+        tracker = BestTracker(e.metric, e.early_stopping_patience) if tracked else None
+        self = cls(cfg, pair, Evaluator(evals, echo), out, save_model, tracker, echo)
         info = out / BEST_DIR / BEST_INFO
-        if cfg.resume is not None and info.is_file():  # a resumed run keeps the best of its earlier part
+        if tracker is not None and cfg.resume is not None and info.is_file():  # keep the best of the earlier part
             kept = json.loads(info.read_text())
             if kept.get("metric") == e.metric:
-                self.tracker.best, self.tracker.best_step, self.best_dir = kept["value"], kept["step"], info.parent
+                tracker.best, tracker.best_step, self.best_dir = kept["value"], kept["step"], info.parent
         return self
 
     def due(self, step: int, last: bool) -> bool:
@@ -195,6 +197,8 @@ class TrainingEvals:
         for warning in self.evaluator.warnings:
             log.event({"step": step, "event": "warning", "message": warning})
             self.echo(f"warning at step {step}: {warning}")
+        if self.tracker is None:
+            return False
         if self.tracker.update(step, metrics):
             self.best_dir = replace_dir(self.out / BEST_DIR, self._write_best)
         return self.tracker.should_stop

@@ -58,7 +58,14 @@ class NeedleProbe:
     def prompt(self, length: int, depth: float, key: str) -> list[int]:
         """Prompt ids of about `length` tokens (within a sentence) with the needle at `depth`."""
         n = max(0, round((length - self.overhead) / self.tokens_per_sentence))
-        return self._ids(n, depth, key)
+        ids = self._ids(n, depth, key)
+        for _ in range(3):  # sentences do not tokenize quite additively: correct by what was measured
+            step = round((length - len(ids)) / self.tokens_per_sentence)
+            if step == 0 or n + step < 0:
+                break
+            n += step
+            ids = self._ids(n, depth, key)
+        return ids
 
 
 def plan(lengths: list[int], n_depths: int, trials: int, budget: int) -> tuple[list[int], list[int]]:

@@ -111,3 +111,25 @@ def test_best_tracker_direction_and_patience():
     assert not high.should_stop
     with pytest.raises(ConfigError, match="eval.metric: tasks.f1 was not measured; measured: tasks.exact_match$"):
         BestTracker("tasks.f1", patience=None).update(4, {"tasks.exact_match": 0.5, "tasks.exact_match@base": 0.0})
+
+
+def test_drift_of_served_prompts_from_the_training_data(run, capsys):
+    from mistral_tune.serve.request_log import RequestLog
+    from mistral_tune.serve.server import ChatRequest
+
+    root, _, _ = run
+    records = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    alike, unlike = RequestLog(root / "alike"), RequestLog(root / "unlike")
+    for rec in records:
+        alike.record(ChatRequest.model_validate({"messages": rec["messages"][:-1]}), 0)
+        text = "Translate into German, keeping the tone of a legal contract: " + " ".join(["the party of the "
+                                                                                            "first part"] * 20)
+        unlike.record(ChatRequest.model_validate({"messages": [{"role": "user", "content": text}]}), 0)
+    assert main(["eval", str(root / "out"), "--drift", str(root / "alike")]) == 0
+    printed = capsys.readouterr().out
+    assert "drift.length_ks: 0" in printed and "drift score 0.0" in printed
+    assert main(["eval", str(root / "out"), "--drift", str(root / "unlike"), "--out", str(root / "d2")]) == 3
+    err = capsys.readouterr().err
+    assert "error: drift score" in err and "is above the threshold 0.3" in err
+    report = json.loads((root / "d2" / "eval_report.json").read_text())
+    assert report["evaluations"][0]["metrics"]["length_ks"]["tuned"] == 1.0

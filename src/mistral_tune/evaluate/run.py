@@ -365,3 +365,53 @@ def run_eval(path: Path, *, config: Path | None = None, overrides: list[str] = (
         echo(f"warning: {warning}")
     echo(f"report: {folder / REPORT_HTML}")
     return report
+
+
+def reference_prompts(cfg, tokenizer, limit: int = 1000) -> list[list[int]]:
+    """Prompt ids of the training data (conversations without their last answer; texts cut to sequence_len)."""
+    out = []
+    for i, ds in enumerate(cfg.datasets):
+        for origin, ex in read_examples(ds, f"datasets.{i}", limit):
+            if hasattr(ex, "messages"):
+                msgs = ex.messages[:-1] if ex.messages[-1]["role"] == "assistant" else ex.messages
+                if msgs and msgs[-1]["role"] in ("user", "tool"):
+                    out.append(tokenizer.encode_prompt(msgs))
+            else:
+                out.append(example_ids(tokenizer, ex, origin)[:cfg.sequence_len])
+    return out
+
+
+def run_drift(path: Path, folder: Path, *, config: Path | None = None, threshold: float = 0.3,
+              out: Path | None = None, base_model: str | None = None, dtype: str = "float32", device: str = "cpu",
+              echo=print) -> float:
+    """`mistral-tune eval --drift DIR`: served prompts against the training data; DriftDetected above threshold."""
+    from ..config import load_config
+    from .drift import DriftDetected, DriftEval, read_served, served_ids
+
+    run = run_folder(path)
+    config = Path(config) if config is not None else (run / "config.yaml" if run is not None else None)
+    if config is None:
+        raise ConfigError(f"{path}: not inside a training run; pass --config with the run's config (its datasets "
+                          "are the reference)")
+    cfg = load_config(config)
+    pair, _ = load_pair(path, base_model, dtype, device)
+    served = []
+    for rec in read_served(folder):
+        try:
+            served.append(served_ids(pair.tokenizer, rec))
+        except (DataError, KeyError) as exc:
+            raise DataError(f"{folder}: a logged request has no readable prompt ({exc})") from None
+    result = DriftEval(served, reference_prompts(cfg, pair.tokenizer), "the training data").run(pair)
+    evaluator = Evaluator([], echo)
+    evaluator.results = [result]
+    out = out or ((run / "drift") if run is not None else Path.cwd() / f"drift-{Path(path).resolve().name}")
+    folder_out = write_report(out, evaluator.report(Path(path).resolve().name, str(path), None, None), [])
+    for line in summary_lines([result]):
+        echo(line)
+    score = result.metrics["score"]["tuned"]
+    echo(f"report: {folder_out / REPORT_HTML}")
+    if score > threshold:
+        raise DriftDetected(f"drift score {score:.3f} is above the threshold {threshold:g}; report: "
+                            f"{folder_out / REPORT_HTML}")
+    echo(f"drift score {score:.3f} (threshold {threshold:g})")
+    return score

@@ -149,8 +149,8 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
 class App:
     """Request handling independent of HTTP: validated request in, response dict or chunks out."""
 
-    def __init__(self, loaded: LoadedModel, cfg: ServerConfig) -> None:
-        self.loaded, self.cfg = loaded, cfg
+    def __init__(self, loaded: LoadedModel, cfg: ServerConfig, request_log=None) -> None:
+        self.loaded, self.cfg, self.request_log = loaded, cfg, request_log  # request_log: serve/request_log.py
         self.model_lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(cfg.max_concurrent)
         max_pos = loaded.model.config.max_position_embeddings
@@ -326,6 +326,8 @@ class Handler(BaseHTTPRequestHandler):
         prompt = app.encode_chat(req) if chat else app.encode_completion(req)
         requested = (req.max_completion_tokens or req.max_tokens) if chat else req.max_tokens
         max_tokens = app.budget(req, prompt, requested)
+        if app.request_log is not None:
+            app.request_log.record(req, len(prompt))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if req.stream:
@@ -386,8 +388,8 @@ class Handler(BaseHTTPRequestHandler):
             tokens.close()  # releases the model lock now, not when garbage-collected
 
 
-def make_server(loaded: LoadedModel, cfg: ServerConfig) -> ThreadingHTTPServer:
-    app = App(loaded, cfg)
+def make_server(loaded: LoadedModel, cfg: ServerConfig, request_log=None) -> ThreadingHTTPServer:
+    app = App(loaded, cfg, request_log)
     handler = type("BoundHandler", (Handler,), {"app": app})
     server = ThreadingHTTPServer((cfg.host, cfg.port), handler)
     server.daemon_threads = True

@@ -133,3 +133,17 @@ def test_drift_of_served_prompts_from_the_training_data(run, capsys):
     assert "error: drift score" in err and "is above the threshold 0.3" in err
     report = json.loads((root / "d2" / "eval_report.json").read_text())
     assert report["evaluations"][0]["metrics"]["length_ks"]["tuned"] == 1.0
+
+
+def test_validate_reads_the_eval_data_relative_to_the_config(tmp_path, capsys):
+    model, data = make_assets(tmp_path, n_records=8)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "eval.jsonl").write_text(data.read_text())
+    section = {"tasks": {"dataset": {"path": "eval.jsonl"}}, "needle": {"lengths": [32], "trials": 1}}
+    config = write_yaml(tmp_path / "sub" / "c.yaml", base_config(model, data, tmp_path / "out", eval=section))
+    assert main(["validate", str(config)]) == 0
+    assert "eval: tasks, loss, needle (data read and tokenized)" in capsys.readouterr().out
+    code = main(["validate", str(config), "eval.tasks.dataset.path=missing.jsonl"])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.jsonl" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

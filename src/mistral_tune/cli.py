@@ -192,6 +192,11 @@ def _cmd_validate(args) -> None:
           f"{model.config.vocab_size}); tokenizer {tokenizer.source_file.name}")
     for line in data.report.lines():
         print(line)
+    from .evaluate.run import build_evaluations
+
+    evals = build_evaluations(cfg.eval, tokenizer, model.config, cfg.sequence_len)
+    if evals:
+        print(f"eval: {', '.join(ev.name for ev in evals)} (data read and tokenized)")
 
 
 def _data_setup(args):

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,10 @@ from mistral_tune.config import ForgettingConfig
 from mistral_tune.evaluate.base import ModelPair
 from mistral_tune.models.load import load_model
 
-lm_eval = pytest.importorskip("lm_eval", reason="the optional extra: pip install 'mistral-tune[eval]'")
+if importlib.util.find_spec("lm_eval") is None:
+    if os.environ.get("MISTRAL_TUNE_REQUIRE_LM_EVAL") == "1":
+        raise ImportError("MISTRAL_TUNE_REQUIRE_LM_EVAL=1 but lm-eval is missing: pip install -e '.[eval]'")
+    pytest.skip("lm-evaluation-harness is an optional extra: pip install 'mistral-tune[eval]'", allow_module_level=True)
 
 DOCS = [
     {"question": "The sky on a clear day is", "choices": ["blue", "green", "loud"], "answer": 0},

@@ -28,6 +28,11 @@ def _cmd_train(args) -> None:
         print(f"adapter: {result.adapter_dir}")
     if result.model_dir:
         print(f"model:   {result.model_dir}")
+    if result.best:
+        b = result.best
+        print(f"best:    {b['dir']} (step {b['step']}, {b['metric']} {b['value']:.4g})")
+    if result.report:
+        print(f"report:  {result.report}")
 
 
 def _cmd_merge(args) -> None:

@@ -192,8 +192,8 @@ class TrainingEvals:
         if heldout_loss is not None:
             metrics["loss"] = heldout_loss
         self.last_step = step
-        log.metrics(step, {k: v for k, v in metrics.items() if k != "loss"},
-                    "evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "@" not in k))
+        shown = {k: v for k, v in metrics.items() if k != "loss"}  # the held-out loss has its own line
+        log.metrics(step, shown, "evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items() if "@" not in k))
         for warning in self.evaluator.warnings:
             log.event({"step": step, "event": "warning", "message": warning})
             self.echo(f"warning at step {step}: {warning}")

@@ -65,11 +65,15 @@ class ModelPair:
         if which == "base" and not self.has_base:
             raise ValueError("this model pair has no base")
         model = self.base_model if which == "base" and self.base_model is not None else self.model
-        was_training = model.training
+        was_training, attn_impl = model.training, model.attn_impl
         model.eval()
+        # Evaluation runs eager on the plain attention path: the training fast path's compiled layers
+        # would recompile for every shape that decoding with a KV cache makes.
+        model.attn_impl = "sdpa"
         device = model.lm_head.weight.device
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
             if which == "base" and self.in_place:
                 stack.enter_context(adapters_disabled(model))
             if self.autocast_dtype is not None:
@@ -78,6 +82,7 @@ class ModelPair:
                 yield model
             finally:
                 model.train(was_training)
+                model.attn_impl = attn_impl
 
 
 @dataclass

@@ -16,6 +16,7 @@ import random
 import torch
 
 from ..data.formats import Chat, Text
+from ..errors import DataError
 from ..serve.generate import generate_batch
 from .base import Evaluation, ModelPair, Result, example_ids, perplexity, token_logprobs
 
@@ -98,7 +99,7 @@ class NeedleEval(Evaluation):
 
     def _grid(self, model, tokenizer) -> list[list[float]]:
         hits = [[0.0] * len(self.cfg.depths) for _ in self.lengths]
-        order = sorted(range(len(self.probes)), key=lambda i: len(self.probes[i][3]))
+        order = sorted(range(len(self.probes)), key=lambda i: -len(self.probes[i][3]))  # longest first
         i = 0
         while i < len(order):
             rows = max(1, self.cfg.batch_tokens // len(self.probes[order[i]][3]))
@@ -178,6 +179,8 @@ class PositionPplEval(Evaluation):
         self.cfg = cfg
         self.seqs = [example_ids(tokenizer, ex, origin)[:max_tokens] for origin, ex in examples]
         self.seqs = [s for s in self.seqs if len(s) >= 2]
+        if not self.seqs:
+            raise DataError(f"eval.needle.documents: {cfg.documents.path} has no document of two tokens or more")
 
     def run(self, pair: ModelPair) -> Result:
         result = Result(self.name)

@@ -343,6 +343,15 @@ def eval_settings(path: Path, config: Path | None, overrides: list[str]):
     return eval_cfg, int(data.get("sequence_len") or 2048)
 
 
+def _default_out(path: Path, run: Path | None, kind: str) -> Path:
+    """run/eval for a run folder itself; run/eval-best for its best/ (not to replace the final model's
+    report); ./eval-NAME for a model outside a run."""
+    name = Path(path).expanduser().resolve().name
+    if run is None:
+        return Path.cwd() / f"{kind}-{name}"
+    return run / kind if Path(path).expanduser().resolve() == run else run / f"{kind}-{name}"
+
+
 def run_eval(path: Path, *, config: Path | None = None, overrides: list[str] = (), out: Path | None = None,
              base_model: str | None = None, dtype: str = "float32", device: str = "cpu", echo=print) -> dict:
     """`mistral-tune eval`: the report of the eval: section's evaluations on one model."""
@@ -354,8 +363,7 @@ def run_eval(path: Path, *, config: Path | None = None, overrides: list[str] = (
     evaluator = Evaluator(build_evaluations(eval_cfg, pair.tokenizer, pair.config, sequence_len), echo)
     evaluator.run(pair)
     run = run_folder(path)
-    if out is None:
-        out = (run / "eval") if run is not None else Path.cwd() / f"eval-{Path(path).resolve().name}"
+    out = out or _default_out(path, run, "eval")
     report = evaluator.report(Path(path).resolve().name, str(path), base, None)
     history = read_history(run / "metrics.jsonl") if run is not None else []
     folder = write_report(out, report, history)
@@ -404,7 +412,7 @@ def run_drift(path: Path, folder: Path, *, config: Path | None = None, threshold
     result = DriftEval(served, reference_prompts(cfg, pair.tokenizer), "the training data").run(pair)
     evaluator = Evaluator([], echo)
     evaluator.results = [result]
-    out = out or ((run / "drift") if run is not None else Path.cwd() / f"drift-{Path(path).resolve().name}")
+    out = out or _default_out(path, run, "drift")
     folder_out = write_report(out, evaluator.report(Path(path).resolve().name, str(path), None, None), [])
     for line in summary_lines([result]):
         echo(line)

@@ -170,7 +170,7 @@ def score(preds: list[str], refs: list[str], cfg, prompts: list[list[dict]] | No
         elif metric == "chrf":
             out[metric] = corpus_chrf(preds, refs)
         elif metric == "labels":
-            labels = cfg.labels or sorted(set(normalize(r, cfg.normalize) for r in refs))
+            labels = sorted({normalize(x, cfg.normalize) for x in (cfg.labels or refs)})
             out.update(label_metrics([normalize(p, cfg.normalize) for p in preds],
                                      [normalize(r, cfg.normalize) for r in refs], labels))
         elif metric == "json_valid":

@@ -94,7 +94,7 @@ def _heatmap(plt, fig_spec: dict, path: Path) -> None:
             for c, v in enumerate(row):
                 ax.text(c, r, f"{v:.0%}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
-    fig.suptitle(fig_spec["title"], fontsize=10)
+    fig.suptitle(fig_spec["title"], fontsize=10, y=1.04)  # above the panels' own titles
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 

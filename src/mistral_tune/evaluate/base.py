@@ -24,8 +24,6 @@ from ..data.sources import read_source, resolve_sources
 from ..errors import DataError
 from ..lora import adapters_disabled, has_adapters
 
-SIDES = ("base", "tuned")
-
 
 class ModelPair:
     """The tuned model and, when it can be had, its base.
@@ -55,9 +53,6 @@ class ModelPair:
     @property
     def config(self):
         return self.model.config
-
-    def sides(self) -> tuple[str, ...]:
-        return SIDES if self.has_base else ("tuned",)
 
     @contextlib.contextmanager
     def side(self, which: str) -> Iterator[Any]:

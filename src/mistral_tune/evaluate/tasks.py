@@ -24,7 +24,6 @@ from ..errors import ConfigError
 from ..serve.generate import generate_batch
 from .base import Evaluation, ModelPair, Result
 
-NORMALIZERS = ("strip", "lower", "punctuation", "articles", "whitespace")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
@@ -154,7 +153,7 @@ def load_function(spec: str, key: str = "eval.tasks.function") -> Callable:
     return fn
 
 
-def score(preds: list[str], refs: list[str], cfg, prompts: list[list[dict]] | None = None) -> dict[str, float]:
+def score(preds: list[str], refs: list[str], cfg) -> dict[str, float]:
     """Every metric cfg.metrics names, over the whole set (cfg: config.TaskEvalConfig)."""
     n = max(len(refs), 1)
     out: dict[str, float] = {}

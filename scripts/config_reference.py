@@ -6,7 +6,15 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from mistral_tune.config import CleaningConfig, Config, DatasetConfig
+from mistral_tune.config import (
+    CleaningConfig,
+    Config,
+    DatasetConfig,
+    EvalConfig,
+    ForgettingConfig,
+    NeedleConfig,
+    TaskEvalConfig,
+)
 
 
 def _default(field) -> str:
@@ -29,7 +37,8 @@ def render() -> str:
              "Any key can be overridden on the command line: `mistral-tune train cfg.yaml key=value`",
              "(nested: `datasets.0.path=other.jsonl`).", ""]
     sections = (("Run keys", Config), ("Each entry of `datasets` (and `val_datasets`)", DatasetConfig),
-                ("`cleaning`", CleaningConfig))
+                ("`cleaning`", CleaningConfig), ("`eval`", EvalConfig), ("`eval.tasks`", TaskEvalConfig),
+                ("`eval.forgetting`", ForgettingConfig), ("`eval.needle`", NeedleConfig))
     for title, model in sections:
         lines += [f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():

@@ -20,6 +20,7 @@ from mistral_tune.lora import (
     LoraLinear,
     LoraSpec,
     TrainableTokens,
+    adapters_disabled,
     apply_lora,
     load_adapter,
     merge_lora,
@@ -162,6 +163,28 @@ def test_loraplus_learning_rates_equal_peft(tmp_path: Path, make_tiny_mistral, m
         ref, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=16).param_groups for p in g["params"]}
     assert ours == pytest.approx(theirs)
     assert [v for k, v in ours.items() if ".lora_B." in k] == pytest.approx([1.6e-3] * 2 * 7)
+
+
+def test_adapters_disabled_matches_peft_disable_adapter(tmp_path: Path, make_tiny_mistral, make_hf_mistral):
+    spec = SPECS["default"]
+    model, base_state = adapted(make_tiny_mistral, spec)
+    save_adapter(model, spec, tmp_path, base_model="tiny")
+    ref = PeftModel.from_pretrained(make_hf_mistral(model.config, base_state), str(tmp_path)).eval()
+    x = ids()
+    with torch.no_grad():
+        tuned = model(x)
+        with adapters_disabled(model):
+            ours_off = model(x)
+            with adapters_disabled(model):  # nested: the outer block still holds when the inner ends
+                pass
+            still_off = model(x)
+        back_on = model(x)
+        with ref.disable_adapter():
+            theirs_off = ref(input_ids=x, use_cache=False).logits.float()
+    assert (tuned - ours_off).abs().max() > 1e-3  # the adapter matters
+    assert rel_diff(ours_off, theirs_off) <= RTOL
+    assert torch.equal(still_off, ours_off)
+    assert torch.equal(back_on, tuned)
 
 
 def test_adapter_files_are_peft_format(tmp_path: Path, make_tiny_mistral):

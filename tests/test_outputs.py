@@ -301,7 +301,6 @@ def test_quickstart_reuses_its_own_directory_and_refuses_another(tmp_path, monke
         return loop.TrainResult(out, None, None, 1, 1.0, None, stopped_by="SIGTERM", checkpoint_dir=None)
 
     monkeypatch.setattr(loop, "train", stopped)
-    monkeypatch.setattr(quickstart, "exact_match", lambda *a: 0.0)
     run_quickstart = quickstart.run_quickstart
     work = tmp_path / "quickstart-output"
     run_quickstart(work, echo=lambda _: None)

@@ -35,6 +35,11 @@ def _cmd_train(args) -> None:
         print(f"adapter: {result.adapter_dir}")
     if result.model_dir:
         print(f"model:   {result.model_dir}")
+    if result.best:
+        b = result.best
+        print(f"best:    {b['dir']} (step {b['step']}, {b['metric']} {b['value']:.4g})")
+    if result.report:
+        print(f"report:  {result.report}")
 
 
 def _cmd_merge(args) -> None:
@@ -116,11 +121,18 @@ def _cmd_serve(args) -> None:
     cfg = ServerConfig(host=args.host, port=args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
                        max_input_tokens=args.max_input_tokens, max_tokens_limit=args.max_tokens_limit,
                        max_concurrent=args.max_concurrent)
+    request_log = None
+    if args.log_requests:
+        from .serve.request_log import RequestLog
+
+        if args.log_max_bytes < 1024 or args.log_keep < 1:
+            raise ConfigError("--log-max-bytes must be >= 1024 and --log-keep >= 1")
+        request_log = RequestLog(Path(args.log_requests), args.log_max_bytes, args.log_keep)
     loaded = _load(args)
     if args.name:
         loaded.name = args.name
     try:
-        server = make_server(loaded, cfg)
+        server = make_server(loaded, cfg, request_log)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     host, port = server.server_address[:2]
@@ -174,6 +186,21 @@ def _cmd_export_awq(args) -> None:
     print(f"AWQ model (compressed-tensors, {args.scheme}) written to {out}")
 
 
+def _cmd_eval(args) -> None:
+    from .evaluate.run import run_drift, run_eval
+
+    if args.drift:
+        if args.overrides:
+            raise ConfigError("--drift takes no eval.* overrides")
+        run_drift(Path(args.model), Path(args.drift), config=Path(args.config) if args.config else None,
+                  threshold=args.drift_threshold, out=Path(args.out) if args.out else None, base_model=args.base_model,
+                  dtype=args.dtype, device=args.device)
+        return
+    run_eval(Path(args.model), config=Path(args.config) if args.config else None, overrides=args.overrides,
+             out=Path(args.out) if args.out else None, base_model=args.base_model, dtype=args.dtype,
+             device=args.device)
+
+
 def _cmd_validate(args) -> None:
     from .config import load_config
     from .models.families import describe
@@ -184,6 +211,11 @@ def _cmd_validate(args) -> None:
     print(f"config OK; model {model_dir}: {describe(model.config)}; tokenizer {tokenizer.source_file.name}")
     for line in data.report.lines():
         print(line)
+    from .evaluate.run import build_evaluations
+
+    evals = build_evaluations(cfg.eval, tokenizer, model.config, cfg.sequence_len)
+    if evals:
+        print(f"eval: {', '.join(ev.name for ev in evals)} (data read and tokenized)")
 
 
 def _data_setup(args):
@@ -308,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-input-tokens", type=int, default=8192)
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    p.add_argument("--log-requests", metavar="DIR",
+                   help="write each prompt (PII redacted, no completions) to DIR/requests.jsonl, for eval --drift")
+    p.add_argument("--log-max-bytes", type=int, default=10_000_000, help="size of one log file before it rotates")
+    p.add_argument("--log-keep", type=int, default=5, help="log files kept (the oldest go first)")
     p.set_defaults(func=_cmd_serve)
 
     p = export.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama / LM Studio")
@@ -329,6 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
     _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_export_awq)
+
+    p = sub.add_parser("eval", help="evaluate a run, adapter or model against its base: task metrics, forgetting, "
+                       "long context; writes eval_report.json and report.html")
+    _add_model_args(p, temperature=None)
+    p.add_argument("overrides", nargs="*", metavar="eval.key=value", help="override keys of the eval: section")
+    p.add_argument("--config", help="a YAML file with an eval: section (default: the run's config.yaml)")
+    p.add_argument("--out", help="report folder (default: the run's eval/ or drift/, else ./eval-NAME)")
+    p.add_argument("--drift", metavar="DIR", help="instead: compare the prompts logged by serve --log-requests DIR "
+                   "with the training data; exits with 3 when the drift score is above --drift-threshold")
+    p.add_argument("--drift-threshold", type=float, default=0.3, help="drift score (0-1) that fails (default 0.3)")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")
     p.add_argument("--out", default="quickstart-output", help="working directory")

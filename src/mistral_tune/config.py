@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,6 +112,136 @@ class CleaningConfig(_Strict):
         description="Records with prompt-injection phrases or chat-template markers as text: flag "
         "(count and list them), drop (reject them), off.",
     )
+
+
+TASK_METRICS = ("exact_match", "token_f1", "rouge_l", "bleu", "chrf", "labels", "json_valid", "json_schema",
+                "regex", "function")
+
+
+class TaskEvalConfig(_Strict):
+    dataset: DatasetConfig = Field(
+        description="Prompts with reference answers: conversations whose last message is the assistant's answer "
+        "(any format and source the training data takes)."
+    )
+    metrics: list[Literal[TASK_METRICS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["exact_match", "token_f1"],
+        description=f"Any of {', '.join(TASK_METRICS)}. labels gives accuracy, precision, recall and f1 (macro).",
+    )
+    normalize: list[Literal["strip", "lower", "punctuation", "articles", "whitespace"]] = Field(
+        default_factory=lambda: ["strip"], description="Normalisations before exact_match and labels."
+    )
+    labels: list[str] | None = Field(None, description="The label set for labels; default: the references' values.")
+    json_schema: str | None = Field(None, description="JSON Schema file that json_schema checks answers against.")
+    regex: str | None = Field(None, description="Pattern the whole (stripped) answer must match, for regex.")
+    function: str | None = Field(
+        None, description="module:function or file.py:function, called as f(prediction, reference) -> number."
+    )
+    max_samples: int | None = Field(200, ge=1, description="Evaluate at most this many examples (null: all).")
+    max_new_tokens: int = Field(64, ge=1, description="Longest answer generated.")
+    temperature: float = Field(0.0, ge=0, description="0: greedy; above 0: sampled (with top_p and seed).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling share, when temperature > 0.")
+    seed: int = Field(0, description="Sampling seed.")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskEvalConfig:
+        for metric, key in (("json_schema", "json_schema"), ("regex", "regex"), ("function", "function")):
+            if metric in self.metrics and getattr(self, key) is None:
+                raise ValueError(f"eval.tasks: metric {metric} needs eval.tasks.{key}")
+        if self.regex is not None:
+            import re
+
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"eval.tasks.regex: {self.regex!r} is not a valid pattern ({exc})") from None
+        return self
+
+
+class ForgettingConfig(_Strict):
+    dataset: DatasetConfig = Field(
+        description="General reference texts (or conversations), e.g. {path: wikitext, source: hf, name: "
+        "wikitext-2-raw-v1, split: test}; every token is scored."
+    )
+    max_samples: int = Field(64, ge=1, description="Texts taken from the dataset.")
+    max_tokens: int = Field(512, ge=16, description="Tokens scored per text (longer texts are cut).")
+    kl: bool = Field(True, description="Also measure KL(tuned || base) per token (needs a base).")
+    max_kl: float | None = Field(
+        0.2, gt=0, description="Warn when KL from the base exceeds this many nats per token (null: never)."
+    )
+    max_ppl_increase: float | None = Field(
+        0.1, gt=0, description="Warn when perplexity rises by more than this share over the base's (0.1 = 10%)."
+    )
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks to run (pip install 'mistral-tune[eval]'), e.g. [hellaswag].",
+    )
+    lm_eval_include_path: str | None = Field(None, description="A folder of extra lm-evaluation-harness task YAMLs.")
+    lm_eval_limit: int | None = Field(None, ge=1, description="Examples per lm-evaluation-harness task.")
+
+
+class NeedleConfig(_Strict):
+    lengths: list[int] | None = Field(
+        None, description="Context lengths in tokens; default: four doubling up to twice sequence_len."
+    )
+    depths: list[float] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        description="Where the needle sits, as a share of the context (0: start, 1: just before the question).",
+    )
+    trials: int = Field(2, ge=1, description="Probes (different keys) per length and depth.")
+    token_budget: int = Field(
+        2_000_000, ge=1, description="Most prompt tokens one model's probes may take; the longest lengths go first."
+    )
+    batch_tokens: int = Field(32768, ge=256, description="Prompt tokens per generation batch.")
+    needle: str = Field("The pass key is {key}. Remember it.", description="The hidden sentence; {key} is the number.")
+    question: str = Field("What is the pass key? Answer with the number only.", description="Asked after the text.")
+    key_digits: int = Field(5, ge=1, le=12, description="Digits of the pass key.")
+    seed: int = Field(0, description="Seed for the keys.")
+    documents: DatasetConfig | None = Field(
+        None, description="Long documents for a perplexity-by-position curve (null: no curve)."
+    )
+    documents_max_samples: int = Field(16, ge=1, description="Documents taken for the curve.")
+    documents_max_tokens: int | None = Field(
+        None, ge=16, description="Tokens per document for the curve; default: the longest probe length."
+    )
+    position_buckets: int = Field(32, ge=2, description="Points on the perplexity-by-position curve.")
+
+    @model_validator(mode="after")
+    def _check(self) -> NeedleConfig:
+        if self.lengths is not None and (not self.lengths or min(self.lengths) < 16):
+            raise ValueError("eval.needle.lengths: give context lengths of at least 16 tokens")
+        if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
+            raise ValueError("eval.needle.depths: give depths between 0 and 1")
+        if "{key}" not in self.needle:
+            raise ValueError("eval.needle.needle: the sentence must contain {key}")
+        return self
+
+
+class EvalConfig(_Strict):
+    tasks: TaskEvalConfig | None = Field(None, description="Task metrics on your evaluation set (see eval.tasks).")
+    forgetting: ForgettingConfig | None = Field(
+        None, description="Perplexity and KL on general text, base vs tuned (see eval.forgetting)."
+    )
+    needle: NeedleConfig | None = Field(None, description="Long-context pass-key probe (see eval.needle).")
+    metric: str = Field(
+        "loss",
+        description="What picks the best adapter and drives early stopping: loss (held-out loss), or an "
+        "evaluation's metric, e.g. tasks.exact_match, forgetting.kl.",
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations in a row without a better eval.metric."
+    )
+    during_training: bool = Field(True, description="Run the evaluations every eval_steps, not only at the end.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        kind = self.metric.split(".", 1)[0]
+        if self.metric != "loss" and (kind not in ("tasks", "forgetting", "needle", "long_ppl", "loss")
+                                      or "." not in self.metric):
+            raise ValueError(f"eval.metric: {self.metric!r}; use loss or EVALUATION.METRIC, e.g. tasks.exact_match")
+        if kind in ("tasks", "forgetting", "needle") and getattr(self, kind) is None:
+            raise ValueError(f"eval.metric: {self.metric} needs an eval.{kind} section")
+        return self
 
 
 class Config(_Strict):
@@ -259,6 +390,10 @@ class Config(_Strict):
         description="Evaluate the held-out set every this many steps and at the end. Unset: at each "
         "checkpoint and at the end. Pruning keeps the best of the checkpoints evaluated at their step.",
     )
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig,
+        description="Evaluations besides the held-out loss: task metrics, forgetting, long context (see below).",
+    )
     save_steps: int | None = Field(
         None,
         ge=1,
@@ -365,6 +500,30 @@ def _describe_allowed(field_path: tuple, err: dict) -> str:
     return err["msg"].lower()
 
 
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The config model inside an annotation (X, X | None, list[X]), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _owner(loc: tuple) -> type[BaseModel]:
+    """The config model that holds the key at `loc` (for the nearest-key hint)."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        inner = _model_in(field.annotation) if field is not None else None
+        if inner is not None:
+            model = inner
+        elif field is not None:
+            break
+    return model
+
+
 def _nearest_key(key: str, model: type[BaseModel]) -> str:
     close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
@@ -376,7 +535,7 @@ def _format_error(exc: ValidationError, source: str) -> str:
     for err in exc.errors():
         loc = err["loc"]
         key = ".".join(str(p) for p in loc) or "(top level)"
-        nested = ("datasets", "val_datasets", "cleaning")  # models of their own, not unions
+        nested = ("datasets", "val_datasets", "cleaning", "eval")  # models of their own, not unions
         if len(loc) == 2 and loc[0] in Config.model_fields and loc[0] not in nested and isinstance(loc[1], str):
             # A value that fits no member of a union (bf16: 'auto' | bool) gives one error per member,
             # located at `field.<member>`; report the field once, listing what each member allows.
@@ -386,14 +545,7 @@ def _format_error(exc: ValidationError, source: str) -> str:
                 lines.append(f"{source}: key '{field_name}' has value {err.get('input')!r}; allowed: ")
             unions[field_name][1].append(str((err.get("ctx") or {}).get("expected", loc[1])))
         elif err["type"] == "extra_forbidden":
-            owner = (
-                DatasetConfig
-                if ("datasets" in loc or "val_datasets" in loc)
-                else CleaningConfig
-                if "cleaning" in loc
-                else Config
-            )
-            lines.append(f"{source}: unknown key '{key}'{_nearest_key(str(loc[-1]), owner)}")
+            lines.append(f"{source}: unknown key '{key}'{_nearest_key(str(loc[-1]), _owner(loc))}")
         elif err["type"] == "missing":
             lines.append(f"{source}: missing required key '{key}'")
         elif err["type"] == "value_error":
@@ -469,13 +621,29 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         _apply_override(data, keys, value)
     base = path.resolve().parent
     entries = [ds for key in ("datasets", "val_datasets") if isinstance(data.get(key), list) for ds in data[key]]
+    entries += _eval_datasets(data.get("eval"))
     for ds in entries:
         if isinstance(ds, dict) and isinstance(ds.get("path"), str):
             ds["path"] = _resolve_near(ds["path"], base)
     for key in ("base_model", "tokenizer"):
         if isinstance(data.get(key), str):
             data[key] = _resolve_near(data[key], base)
+    tasks = data.get("eval", {}).get("tasks") if isinstance(data.get("eval"), dict) else None
+    if isinstance(tasks, dict) and isinstance(tasks.get("json_schema"), str):
+        tasks["json_schema"] = _resolve_near(tasks["json_schema"], base)
     return config_from_dict(data, str(path))
+
+
+def _eval_datasets(section) -> list:
+    """The dataset entries inside an eval: section (their paths are resolved like the training data's)."""
+    if not isinstance(section, dict):
+        return []
+    found = []
+    for name, key in (("tasks", "dataset"), ("forgetting", "dataset"), ("needle", "documents")):
+        sub = section.get(name)
+        if isinstance(sub, dict) and isinstance(sub.get(key), dict):
+            found.append(sub[key])
+    return found
 
 
 def _resolve_near(value: str, base: Path) -> str:

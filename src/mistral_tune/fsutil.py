@@ -33,7 +33,8 @@ from .errors import OutputError
 MARKER = ".mistral-tune.json"
 #: Kinds of output, as the marker names them, and how messages call them.
 KINDS = {"run": "training run", "adapter": "LoRA adapter", "model": "fine-tuned model", "merged": "merged model",
-         "awq": "AWQ model", "gguf": "GGUF file", "quickstart": "quickstart directory"}
+         "awq": "AWQ model", "gguf": "GGUF file", "quickstart": "quickstart directory",
+         "report": "evaluation report"}
 FILE_KINDS = {"gguf": b"GGUF"}  # single-file outputs: no room for a marker; recognised by their magic bytes
 _RUN_PARTS = ("adapter", "model", "merged")  # what a run writes into its own directory
 _RUN_FILES = ("config.yaml", "data_report.json", "metrics.jsonl")  # what every run writes first

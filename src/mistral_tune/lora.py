@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +81,7 @@ class LoraLinear(nn.Linear):
         self.lora_B = nn.Linear(spec.r, self.out_features, bias=False, device=dev, dtype=dt)
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.scaling = spec.scaling
+        self.disabled = False  # adapters_disabled(): the base model's output, in place
         self.reset_lora(None)
         self.register_parameter("lora_magnitude_vector", None)
         if spec.use_dora:  # starts at the base rows' norms: training starts at the base model
@@ -93,6 +96,8 @@ class LoraLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base(x)
+        if self.disabled:  # adapters_disabled(): the base model's output
+            return out
         if self.lora_magnitude_vector is None:
             return out + self._lora(self.lora_dropout(x))
         return out + self._dora(x, out)
@@ -268,6 +273,25 @@ def _our_key(model: nn.Module, key: str) -> str:
     name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
     inner = _text_model_path(model)
     return "model." + name.removeprefix(inner) if name.startswith(inner) else name
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes as its base: every adapter's low-rank branch is skipped.
+    Nothing is copied, so the base and the tuned model can be compared on one copy in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, before, strict=True):
+            m.disabled = was
 
 
 def save_adapter(

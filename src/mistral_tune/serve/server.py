@@ -66,8 +66,8 @@ def _unauthorized() -> ApiError:
 class App:
     """Request handling independent of HTTP: validated request in, response dict or chunks out."""
 
-    def __init__(self, loaded: TunedModel, cfg: ServerConfig) -> None:
-        self.loaded, self.cfg = loaded, cfg
+    def __init__(self, loaded: TunedModel, cfg: ServerConfig, request_log=None) -> None:
+        self.loaded, self.cfg, self.request_log = loaded, cfg, request_log  # request_log: serve/request_log.py
         self.model_lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(cfg.max_concurrent)
         max_pos = loaded.model.config.max_position_embeddings
@@ -319,6 +319,8 @@ class Handler(BaseHTTPRequestHandler):
                            param="model", code="model_not_found")
         prompt = app.encode_chat(req) if chat else app.encode_completion(req)
         max_tokens = app.budget(prompt, req.requested_tokens())
+        if app.request_log is not None:
+            app.request_log.record(req, len(prompt))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if req.stream:
@@ -396,8 +398,8 @@ def _internal_error() -> ApiError:
     return ApiError(500, "the server failed while answering; its log has the details", code="internal_error")
 
 
-def make_server(loaded: TunedModel, cfg: ServerConfig) -> ThreadingHTTPServer:
-    app = App(loaded, cfg)
+def make_server(loaded: TunedModel, cfg: ServerConfig, request_log=None) -> ThreadingHTTPServer:
+    app = App(loaded, cfg, request_log)
     handler = type("BoundHandler", (Handler,), {"app": app})
     server = ThreadingHTTPServer((cfg.host, cfg.port), handler)
     server.daemon_threads = True

@@ -118,14 +118,22 @@ class MetricsLog:
             self._write(record)
 
     def eval(self, step: int, loss: float) -> None:
+        ppl = math.exp(min(loss, 50.0))
+        self.metrics(step, {"eval_loss": loss, "eval_ppl": ppl}, f"held-out loss {loss:.4f}, perplexity {ppl:.2f}")
+
+    def metrics(self, step: int, values: dict[str, float], message: str | None = None) -> None:
+        """One line of named evaluation metrics; in TensorBoard under eval/NAME (a base model's
+        value, named NAME@base, under base/NAME)."""
         if not self.enabled:
             return
-        ppl = math.exp(min(loss, 50.0))
-        self._write({"step": step, "eval_loss": loss, "eval_ppl": ppl})
+        self._write({"step": step, **values})
         if self._tb is not None:
-            self._tb.add_scalar("eval/loss", loss, step)
-            self._tb.add_scalar("eval/ppl", ppl, step)
-        msg = f"step {step}: held-out loss {loss:.4f}, perplexity {ppl:.2f}"
+            for name, value in values.items():
+                metric, _, side = name.partition("@")
+                self._tb.add_scalar(f"{side or 'eval'}/{metric.removeprefix('eval_')}", value, step)
+        if message is None:
+            return
+        msg = f"step {step}: {message}"
         if self._progress is not None:
             self._progress.console.print(msg)
         else:

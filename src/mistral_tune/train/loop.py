@@ -30,6 +30,7 @@ from ..config import Config
 from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, sample_lengths
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, TrainingHalted
+from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
 from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
@@ -54,6 +55,8 @@ class TrainResult:
     eval_loss: float | None
     stopped_by: str | None = None  # SIGTERM / SIGINT when the run stopped early on request
     checkpoint_dir: Path | None = None  # the last checkpoint written
+    best: dict | None = None  # the best evaluation (step, metric, value, dir) when an eval: section ran
+    report: Path | None = None  # the evaluation report (report.html)
 
 
 class RowStream:
@@ -374,6 +377,12 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     echo(f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), warm-up {warmup}, effective batch "
          f"{progress.rows_per_step} rows" + (f" over {rt.world_size} processes" if rt.distributed else ""))
 
+    # Evaluations read their data now, so that a bad eval: section stops the run before anything is written.
+    evals = TrainingEvals.start(cfg, model, tokenizer, rt.autocast_dtype, out,
+                                lambda d: _save(cfg, model, spec, tokenizer, d, model_dir), echo)
+    if evals is not None and rt.distributed:
+        raise ConfigError("eval: evaluations during training (tasks, forgetting, needle, early stopping) run on one "
+                          "process for now; train on several without them and run `mistral-tune eval` on the result")
     if rt.is_main:
         target = check_output_dir(cfg)  # again, at the moment it matters
         if cfg.overwrite_output_dir and target.exists():
@@ -515,8 +524,12 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     evaluated, _ = evaluate(model, data.val, val_rows, cfg, rt, padding)
                     progress.eval_loss = evaluated
                     log.eval(step + 1, evaluated)
-                if scheduled or agreed.stop:
+                early_stop = evals is not None and evals.due(step + 1, last) and evals.step(step + 1, evaluated, log)
+                if scheduled or agreed.stop or early_stop:
                     checkpoint_dir = save_checkpoint(step + 1, _finite(evaluated) if evaluated is not None else None)
+                if early_stop:
+                    echo(f"early stopping at step {step + 1}: {evals.stop_reason}")
+                    break
                 if agreed.stop and not last:
                     stopped_by = stop.signal_name or "a stop request to another process"
                     break
@@ -554,8 +567,9 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     # The stop handler stays on: a SIGTERM now lets the final save finish, and the run ends complete.
     with stop:
         adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(save_final))
+    report = evals.finish(out.name) if evals is not None else None
     return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
-                       checkpoint_dir=checkpoint_dir)
+                       checkpoint_dir=checkpoint_dir, best=evals.best if evals else None, report=report)
 
 
 def _roll_back(guard: StepGuard, ckpts: CheckpointManager, named, optimizer, step: int, log: MetricsLog,
@@ -651,8 +665,9 @@ def find_resume_checkpoint(cfg: Config, ckpts: CheckpointManager, echo) -> Check
 # changes to these only. (max_steps and num_epochs also reshape the learning-rate schedule after the
 # resume point; that is the point of changing them.)
 SAFE_TO_CHANGE = frozenset({
-    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_steps", "num_epochs", "auto_micro_batch",
-    "bad_step_zscore", "bad_step_window", "bad_step_rollback_after", "bad_step_lr_factor", "bad_step_max_rollbacks",
+    "logging_steps", "eval_steps", "eval", "save_steps", "save_total_limit", "max_steps", "num_epochs",
+    "auto_micro_batch", "bad_step_zscore", "bad_step_window", "bad_step_rollback_after", "bad_step_lr_factor",
+    "bad_step_max_rollbacks",
 })
 # Where the run lives and how it was started say nothing about the steps it takes (a run directory may be moved).
 _NOT_COMPARED = frozenset({"resume", "overwrite_output_dir", "output_dir"})

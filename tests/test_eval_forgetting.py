@@ -105,3 +105,25 @@ def test_a_merged_model_compares_with_a_separate_base(make_tiny_mistral):
     base = make_tiny_mistral()
     base.load_state_dict(base_state)
     assert kl_per_token(ModelPair(tuned, None, base_model=base), seqs, 1000) == pytest.approx(in_place, rel=1e-4)
+
+
+def test_answer_loss_equals_transformers_cross_entropy(make_tiny_mistral, make_hf_mistral):
+    from mistral_tune.evaluate.loss import masked_nll
+
+    model = make_tiny_mistral()
+    hf = make_hf_mistral(model.config, model.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    samples = []
+    for n in (9, 14, 5, 11):
+        ids = _seqs(lengths=(n,), seed=n)[0]
+        mask = (torch.rand(n, generator=gen) < 0.4).tolist()
+        mask[-1] = True
+        samples.append((ids, mask))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in samples:
+            labels = torch.tensor([t if m else -100 for t, m in zip(ids, mask, strict=True)])
+            logits = hf(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+            total += float(torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="sum"))
+            count += int((labels[1:] != -100).sum())
+    assert masked_nll(model, samples, batch_tokens=24) == pytest.approx(total / count, rel=1e-5)

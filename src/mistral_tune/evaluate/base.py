@@ -178,7 +178,7 @@ def right_padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Ten
     return ids.to(device), real.to(device)
 
 
-CHUNK = 1024  # positions whose (B, CHUNK, vocab) logits exist at once
+CHUNK = 1024  # positions whose vocabulary-sized logits exist at once
 
 
 def log_softmax_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -186,20 +186,28 @@ def log_softmax_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
 
 
-def token_logprobs(model, seqs: list[list[int]], batch_tokens: int = 16384) -> list[torch.Tensor]:
-    """log p(token t | tokens < t) for t = 1..len-1 of every sequence (float32, on the CPU)."""
+def token_logprobs(model, seqs: list[list[int]], batch_tokens: int = 16384,
+                   scored: list[list[bool]] | None = None) -> list[torch.Tensor]:
+    """log p(token t | tokens < t) for t = 1..len-1 of every sequence (float32, on the CPU); with
+    `scored` (a flag per token), only for the tokens flagged, in order. Logits are computed for
+    those positions only: an answer's few tokens cost a few vocabulary-sized products, not a
+    whole conversation's."""
     out: list[torch.Tensor | None] = [None] * len(seqs)
     device = model.lm_head.weight.device
     for group in length_batches([len(s) for s in seqs], batch_tokens):
-        ids, _ = right_padded([seqs[i] for i in group], device)
-        hidden = model.hidden_states(ids)
-        rows = torch.empty(len(group), ids.shape[1] - 1)
-        for start in range(0, ids.shape[1] - 1, CHUNK):
-            end = min(start + CHUNK, ids.shape[1] - 1)
-            logp = log_softmax_logits(model, hidden[:, start:end])
-            rows[:, start:end] = logp.gather(-1, ids[:, start + 1:end + 1, None])[..., 0].cpu()
-        for row, i in enumerate(group):
-            out[i] = rows[row, :len(seqs[i]) - 1]
+        ids, real = right_padded([seqs[i] for i in group], device)
+        want = real[:, 1:].clone()
+        if scored is not None:
+            flags, _ = right_padded([[int(f) for f in scored[i]] for i in group], device)
+            want &= flags[:, 1:].bool()
+        hidden = model.hidden_states(ids)[:, :-1][want]
+        targets = ids[:, 1:][want]
+        values = torch.empty(len(targets))
+        for start in range(0, len(targets), CHUNK):
+            logp = log_softmax_logits(model, hidden[start:start + CHUNK])
+            values[start:start + CHUNK] = logp.gather(-1, targets[start:start + CHUNK, None])[:, 0].cpu()
+        for i, part in zip(group, values.split(want.sum(1).tolist()), strict=True):
+            out[i] = part
     return out  # type: ignore[return-value]
 
 

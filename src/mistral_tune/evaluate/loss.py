@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..data.formats import Chat
 from ..errors import DataError
 from .base import Evaluation, ModelPair, Result, perplexity, token_logprobs
@@ -11,13 +9,8 @@ from .base import Evaluation, ModelPair, Result, perplexity, token_logprobs
 
 def masked_nll(model, samples: list[tuple[list[int], list[bool]]], batch_tokens: int) -> float:
     """Mean negative log-likelihood per trained token (mask True on the tokens predicted)."""
-    logps = token_logprobs(model, [ids for ids, _ in samples], batch_tokens)
-    total, count = 0.0, 0
-    for logp, (_, mask) in zip(logps, samples, strict=True):
-        target = torch.tensor(mask[1:], dtype=torch.bool)
-        total -= float(logp[target].sum())
-        count += int(target.sum())
-    return total / max(count, 1)
+    logps = token_logprobs(model, [ids for ids, _ in samples], batch_tokens, scored=[m for _, m in samples])
+    return -float(sum(lp.sum() for lp in logps)) / max(sum(len(lp) for lp in logps), 1)
 
 
 class LossEval(Evaluation):

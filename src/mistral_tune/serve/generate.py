@@ -41,7 +41,7 @@ def generate(
     ids = torch.tensor([prompt_ids], device=device)
     try:
         for _ in range(max_new_tokens):
-            logits = model(ids, kv_cache=cache)[0, -1]
+            logits = _last_logits(model, ids, kv_cache=cache)[0]
             token = int(_pick(logits[None], temperature, top_p, generator)[0])
             if token == eos_id:
                 return
@@ -77,7 +77,7 @@ def generate_batch(
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     try:
-        logits = model(ids, position_ids=positions, seq_ids=real.long(), kv_cache=cache)[:, -1]
+        logits = _last_logits(model, ids, position_ids=positions, seq_ids=real.long(), kv_cache=cache)
         next_pos = positions[:, -1] + 1
         key_mask = real
         for step in range(max_new_tokens):
@@ -95,6 +95,12 @@ def generate_batch(
     finally:
         model.train(was_training)
     return out
+
+
+def _last_logits(model: MistralForCausalLM, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """(B, vocab) logits of each row's last position only: a prompt's other positions would cost a
+    vocabulary-sized product each and are never read."""
+    return model.lm_head(model.hidden_states(ids, **kwargs)[:, -1]).float()
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,7 +104,7 @@ class Result:
         return out
 
 
-class Evaluation:
+class Evaluation(ABC):
     """The shared interface. Subclasses set `name` and implement `run`."""
 
     name = ""
@@ -111,8 +112,9 @@ class Evaluation:
     def __init__(self) -> None:
         self._base_cache: Any = None
 
+    @abstractmethod
     def run(self, pair: ModelPair) -> Result:
-        raise NotImplementedError
+        """Evaluate the pair (tuned, and base where it has one)."""
 
     def base_once(self, pair: ModelPair, measure: Callable[[Any], Any]) -> Any:
         """measure(base model), computed on the first call only (the base does not train); None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -10,6 +12,7 @@ from mistral_tune.chat import load_tokenizer
 from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
 from mistral_tune.models.load import load_model
 from mistral_tune.quickstart import create_tiny_model
+from mistral_tune.serve.server import ServerConfig, make_server
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1)
 
@@ -31,3 +34,17 @@ def tiny_adapter(base_dir: Path, out: Path, r: int = 4, alpha: float = 8, seed: 
     save_adapter(model, spec, out, base_model=str(base_dir))
     load_tokenizer(None, base_dir).save(out)
     return out
+
+
+def running_server(loaded, **cfg) -> Iterator[tuple[str, int]]:
+    """A generator for fixtures: our server on 127.0.0.1 (an ephemeral port) in a thread, yielding
+    (host, port), shut down afterwards."""
+    server = make_server(loaded, ServerConfig(host="127.0.0.1", port=0, **cfg))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[:2]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import threading
 from dataclasses import dataclass
 
 import pytest
@@ -20,9 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from export_fixtures import tiny_model
+from export_fixtures import running_server, tiny_model
 from mistral_tune.models.tuned import load_tuned
-from mistral_tune.serve.server import ServerConfig, make_server
 
 NAME = "tiny-fuzz"
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
@@ -223,18 +221,11 @@ def exchange(address: tuple[str, int], path: str, body: bytes) -> str | None:
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory):
     loaded = load_tuned(tiny_model(tmp_path_factory.mktemp("fuzz") / NAME, "v3"))
     assert loaded.name == NAME
-    server = make_server(loaded, ServerConfig(host="127.0.0.1", port=0, max_tokens_limit=4, default_max_tokens=2,
-                                              max_input_tokens=256))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a one-token decode step is faster alone than split on a busy machine
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
     try:
-        yield server.server_address[:2]
+        yield from running_server(loaded, max_tokens_limit=4, default_max_tokens=2, max_input_tokens=256)
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
         torch.set_num_threads(threads)
 
 

@@ -14,13 +14,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import mistral_tune.serve
-from export_fixtures import tiny_model
+from export_fixtures import running_server, tiny_model
 from mistral_tune.models.tuned import load_tuned
 from mistral_tune.serve.generate import generate
 from mistral_tune.serve.protocol import ChatRequest, clean_text, parse_request
@@ -36,21 +35,9 @@ def loaded(tmp_path_factory: pytest.TempPathFactory):
     return load_tuned(tiny_model(tmp_path_factory.mktemp("server") / "tiny-v3", "v3"))
 
 
-def _running(loaded, **cfg) -> Iterator[tuple[str, int]]:
-    server = make_server(loaded, ServerConfig(host="127.0.0.1", port=0, **cfg))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[:2]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(loaded):
-    yield from _running(loaded, api_key=KEY, max_body_bytes=20_000, max_input_tokens=300, max_tokens_limit=64,
+    yield from running_server(loaded, api_key=KEY, max_body_bytes=20_000, max_input_tokens=300, max_tokens_limit=64,
                         max_concurrent=1, socket_timeout_s=5)
 
 
@@ -200,7 +187,7 @@ def broken_server(loaded):
     """A server whose model gives NaN logits (as a diverged fine-tune would): sampling fails."""
     broken = load_tuned(loaded.source)
     broken.model.lm_head.weight.data.fill_(float("nan"))
-    yield from _running(broken, max_concurrent=1)
+    yield from running_server(broken, max_concurrent=1)
 
 
 def test_a_failure_mid_stream_reaches_the_openai_client_as_an_error(broken_server, loaded) -> None:
@@ -302,7 +289,7 @@ def _trickle(address, head: bytes, drip: bytes, every: float = 0.1, give_up: flo
 
 @pytest.fixture(scope="module")
 def strict_server(loaded):
-    yield from _running(loaded, header_timeout_s=1.0, body_timeout_s=1.0)
+    yield from running_server(loaded, header_timeout_s=1.0, body_timeout_s=1.0)
 
 
 @pytest.mark.parametrize("part", ["headers", "body"])

@@ -19,6 +19,7 @@ and evaluating a fine-tune and for small deployments. For throughput use vLLM (d
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import io
 import json
@@ -386,12 +387,10 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             tokens.close()  # releases the model lock now, not when garbage-collected
             self._release_slot()
-        try:
+        with contextlib.suppress(OSError):  # the client went away: nothing more to tell it
             if failed:
                 send(_internal_error().body())
             send("[DONE]")
-        except OSError:
-            pass
 
 
 def _internal_error() -> ApiError:

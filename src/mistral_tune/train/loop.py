@@ -297,7 +297,7 @@ def train(cfg: Config, echo=print, merge: bool = False, force: bool = False) -> 
 
 
 def _silent(*_args) -> None:
-    pass
+    """The echo of processes other than the first: they print nothing."""
 
 
 def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, data: Dataset,

@@ -313,3 +313,83 @@ def test_quickstart_reuses_its_own_directory_and_refuses_another(tmp_path, monke
     with pytest.raises(OutputError, match="not written by mistral-tune"):
         run_quickstart(mine, echo=lambda _: None)
     assert (mine / "quickstart.yaml").read_text() == "my own file\n" and len(list(mine.iterdir())) == 1
+
+
+# ---- generate (a file), init-model and data inspect (directories): the same rule, smaller layouts ----
+
+SMALL_LAYOUTS = ("new", "input", "link_to_input", "users_file", "users_dir", "ours", "empty_file")
+
+
+def _small_workspace(ws: Path, assets, command: str) -> dict[str, Path]:
+    base, data, _, prev = assets
+    shutil.copytree(base, ws / "base")
+    shutil.copy(data, ws / "train.jsonl")
+    (ws / "prompts.jsonl").write_text('{"prompt": "hello"}\n{"prompt": "a second one"}\n')
+    (ws / "config.yaml").write_text(yaml.safe_dump({"base_model": str(ws / "base"), "sequence_len": 64,
+                                                   "datasets": [{"path": str(ws / "train.jsonl")}]}))
+    (ws / "users_file.jsonl").write_text('{"mine": 1}\n')
+    (ws / "users_dir").mkdir()
+    (ws / "users_dir" / "notes.txt").write_text("the user's own\n")
+    (ws / "empty_file.jsonl").write_text("")
+    (ws / "link.jsonl").symlink_to(ws / "prompts.jsonl")
+    ours = ws / "ours"
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet, contextlib.redirect_stderr(io.StringIO()):  # an earlier output of this command
+        assert main(_small_argv(command, ws, str(ours) + (".jsonl" if command == "generate" else ""))) == 0
+    if command == "generate":
+        (ws / "ours.jsonl.tmp").write_text("a bystander that only looks like a temporary file\n")
+    return {"new": ws / "new" / ("o.jsonl" if command == "generate" else "d"), "input": ws / "prompts.jsonl",
+            "link_to_input": ws / "link.jsonl", "users_file": ws / "users_file.jsonl", "users_dir": ws / "users_dir",
+            "ours": ws / ("ours.jsonl" if command == "generate" else "ours"), "empty_file": ws / "empty_file.jsonl"}
+
+
+def _small_argv(command: str, ws: Path, target: str, overwrite: bool = False) -> list[str]:
+    extra = ["--overwrite"] if overwrite else []
+    if command == "generate":
+        return ["generate", str(ws / "base"), str(ws / "prompts.jsonl"), "--out", target, "--max-tokens", "3", *extra]
+    if command == "init-model":
+        return ["init-model", target, *extra]
+    return ["data", "inspect", str(ws / "config.yaml"), "--out", target, "--color", "never", "-n", "1"]
+
+
+def _small_expected(command: str, layout: str, overwrite: bool) -> bool:
+    if layout == "new":
+        return True
+    if layout == "ours":
+        return overwrite or command == "data inspect"  # inspect reuses its own folder, as quickstart does
+    return command == "generate" and layout == "empty_file" and overwrite  # an empty file has nothing to lose
+
+
+@settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.generate])
+@given(command=st.sampled_from(["generate", "init-model", "data inspect"]), layout=st.sampled_from(SMALL_LAYOUTS),
+       overwrite=st.booleans())
+def test_generate_init_model_and_inspect_write_only_their_own_outputs(assets, command, layout, overwrite):
+    """`generate --out PROMPTS` used to replace the prompts with the completions; `init-model` and
+    `data inspect --out` wrote into any directory. Now: the input, a link to it, a user's file or folder are
+    refused with one error line and nothing changes; an earlier output of the same command is replaced
+    only with --overwrite (inspect's own folder always); a new path is written."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Path(tmp).resolve() / "ws"
+        ws.mkdir()
+        with _inside(ws):
+            targets = _small_workspace(ws, assets, command)
+            target = targets[layout]
+            before = _snapshot(ws)
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(_small_argv(command, ws, str(target), overwrite))
+        after = _snapshot(ws)
+        case = f"{command} {layout} overwrite={overwrite}: exit {code}, {err.getvalue()!r}"
+        if not _small_expected(command, layout, overwrite):
+            assert code == 2 and after == before, case
+            assert err.getvalue().startswith("error: ") and err.getvalue().count("\n") == 1, case
+            return
+        assert code == 0, case
+        rel = os.path.relpath(target, ws)
+        assert _outside(after, rel) == _outside(before, rel), case
+        if command == "generate":
+            rows = [json.loads(line) for line in target.read_text().splitlines()]
+            assert [r["prompt"] for r in rows] == ["hello", "a second one"] and "completion" in rows[0], case
+        else:
+            assert output_kind(target) == ("tiny" if command == "init-model" else "inspect"), case

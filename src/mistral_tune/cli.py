@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, MistralTuneError
+from .fsutil import check_target, replace_dir
 
 
 def _cmd_train(args) -> None:
@@ -104,10 +105,11 @@ def _cmd_generate(args) -> None:
     from .serve.chat import generate_file
 
     sampling = _sampling(args)
-    loaded = _load(args)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
-    n = generate_file(loaded, Path(args.prompts), Path(args.out), sampling, batch_size=args.batch_size,
+    out = check_target(args.out, "completions", sources=[args.prompts], overwrite=args.overwrite)
+    loaded = _load(args)
+    n = generate_file(loaded, Path(args.prompts), out, sampling, batch_size=args.batch_size,
                       system=args.system, progress=lambda done, total: print(f"{done}/{total}", file=sys.stderr))
     print(f"{n} completions written to {args.out}")
 
@@ -242,9 +244,17 @@ def _cmd_data_inspect(args) -> None:
     cfg, tokenizer = _data_setup(args)
     data = build_dataset(cfg, tokenizer)
     color = sys.stdout.isatty() if args.color == "auto" else args.color == "always"
-    out = None if args.out == "" else Path(args.out)
-    for line in inspect_lines(data, tokenizer, cfg.sequence_len, args.samples, out, color, seed=cfg.seed,
-                              max_chars=args.max_chars or None, at=args.at):
+    def lines(out: Path | None) -> list[str]:
+        return list(inspect_lines(data, tokenizer, cfg.sequence_len, args.samples, out, color, seed=cfg.seed,
+                                  max_chars=args.max_chars or None, at=args.at))
+
+    if args.out == "":
+        printed = lines(None)
+    else:  # its own folder from an earlier inspection is replaced; nothing else is
+        printed = []
+        out = check_target(args.out, "inspect", overwrite=True, sources=[d.path for d in cfg.datasets])
+        replace_dir(out, lambda tmp: printed.extend(lines(tmp)), "inspect", sources=[d.path for d in cfg.datasets])
+    for line in printed:
         print(line)
 
 
@@ -270,7 +280,8 @@ def _cmd_data_validate(args) -> None:
 def _cmd_init_model(args) -> None:
     from .quickstart import create_tiny_model
 
-    create_tiny_model(Path(args.out), tokenizer=args.tokenizer, seed=args.seed)
+    out = check_target(args.out, "tiny", overwrite=args.overwrite, label="init-model")
+    replace_dir(out, lambda tmp: create_tiny_model(tmp, tokenizer=args.tokenizer, seed=args.seed), "tiny")
     print(f"random-init tiny Mistral model written to {args.out}")
 
 
@@ -328,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompts", help='JSONL ({"messages": [...]} or {"prompt": "..."} a line) or text (a prompt a line)')
     p.add_argument("--out", required=True, help="output JSONL: the input record plus completion and token counts")
     p.add_argument("--batch-size", type=int, default=8)
+    _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
@@ -406,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--tokenizer", default="v3", help="v1 | v3 | v7 | tekken")
     p.add_argument("--seed", type=int, default=0)
+    _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_init_model)
     return parser
 

@@ -5,7 +5,8 @@ sources, version) into every output directory it creates. A target is accepted w
 
 - it does not exist, or it is an empty directory, or
 - with overwrite, it is an earlier output of ours of the same kind: a directory with our marker,
-  or, for a GGUF file, a file that starts with the GGUF magic;
+  or, for a single file (FILE_KINDS), a file of that kind's layout (a GGUF file starts with the GGUF
+  magic; a completions file's first line is a JSON record with our completion fields);
 
 and never when it is, lies inside or contains a source (symlinks resolved), contains the
 current directory, is the filesystem root, or is a file where a directory goes (or the reverse).
@@ -34,11 +35,36 @@ MARKER = ".mistral-tune.json"
 #: Kinds of output, as the marker names them, and how messages call them.
 KINDS = {"run": "training run", "adapter": "LoRA adapter", "model": "fine-tuned model", "merged": "merged model",
          "awq": "AWQ model", "gguf": "GGUF file", "quickstart": "quickstart directory",
-         "report": "evaluation report"}
-FILE_KINDS = {"gguf": b"GGUF"}  # single-file outputs: no room for a marker; recognised by their magic bytes
+         "report": "evaluation report", "tiny": "random-init model", "inspect": "data inspection",
+         "completions": "completions file"}
 _RUN_PARTS = ("adapter", "model", "merged")  # what a run writes into its own directory
 _RUN_FILES = ("config.yaml", "data_report.json", "metrics.jsonl")  # what every run writes first
 _VAR = re.compile(r"\$(\w+|\{[^}]*\})")
+
+
+def _is_gguf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+COMPLETION_FIELDS = ("completion", "prompt_tokens", "completion_tokens", "finish_reason")
+
+
+def _is_completions(path: Path) -> bool:
+    """The first line is a record `mistral-tune generate` writes (an empty file has nothing to lose)."""
+    with path.open("rb") as f:
+        first = f.readline(1 << 20)
+    if not first.strip():
+        return path.stat().st_size == 0
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and all(k in record for k in COMPLETION_FIELDS)
+
+
+#: Single-file outputs: no room for a marker; recognised by their layout.
+FILE_KINDS: dict[str, Callable[[Path], bool]] = {"gguf": _is_gguf, "completions": _is_completions}
 
 
 def expand_path(value: str | Path) -> Path:
@@ -119,7 +145,7 @@ def check_target(target: str | Path, kind: str, *, sources: Iterable[str | Path 
             raise OutputError(f"{shown}: is a directory; name the {what} to write")
         if not overwrite:
             raise OutputError(f"{shown}: exists; {hint}")
-        if not _starts_with(path, FILE_KINDS[kind]):
+        if not FILE_KINDS[kind](path):
             raise OutputError(f"{shown}: exists and is not a {what}; mistral-tune replaces only its own "
                               "outputs. Choose another path, or move the file away yourself")
         return path
@@ -137,10 +163,6 @@ def check_target(target: str | Path, kind: str, *, sources: Iterable[str | Path 
         raise OutputError(f"{shown}: holds an earlier {what}; {hint}")
     return path
 
-
-def _starts_with(path: Path, magic: bytes) -> bool:
-    with path.open("rb") as f:
-        return f.read(len(magic)) == magic
 
 
 def mark_output(directory: Path, kind: str, sources: Iterable[str | Path | None] = ()) -> None:

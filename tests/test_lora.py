@@ -165,8 +165,10 @@ def test_loraplus_learning_rates_equal_peft(tmp_path: Path, make_tiny_mistral, m
     assert [v for k, v in ours.items() if ".lora_B." in k] == pytest.approx([1.6e-3] * 2 * 7)
 
 
-def test_adapters_disabled_matches_peft_disable_adapter(tmp_path: Path, make_tiny_mistral, make_hf_mistral):
-    spec = SPECS["default"]
+@pytest.mark.parametrize("name", ["default", "dora", "modules_to_save", "trainable_tokens", "dora_lm_head_tokens"])
+def test_adapters_disabled_matches_peft_disable_adapter(name, tmp_path: Path, make_tiny_mistral, make_hf_mistral):
+    """The base side of every evaluation. Modules trained whole and trainable tokens used to stay on."""
+    spec = SPECS[name]
     model, base_state = adapted(make_tiny_mistral, spec)
     save_adapter(model, spec, tmp_path, base_model="tiny")
     ref = PeftModel.from_pretrained(make_hf_mistral(model.config, base_state), str(tmp_path)).eval()
@@ -181,8 +183,12 @@ def test_adapters_disabled_matches_peft_disable_adapter(tmp_path: Path, make_tin
         back_on = model(x)
         with ref.disable_adapter():
             theirs_off = ref(input_ids=x, use_cache=False).logits.float()
+        base = make_tiny_mistral()
+        base.load_state_dict(base_state)
+        plain = base.eval()(x)
     assert (tuned - ours_off).abs().max() > 1e-3  # the adapter matters
     assert rel_diff(ours_off, theirs_off) <= RTOL
+    assert torch.equal(ours_off, plain)  # exactly the base model
     assert torch.equal(still_off, ours_off)
     assert torch.equal(back_on, tuned)
 

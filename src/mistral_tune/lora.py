@@ -163,13 +163,14 @@ class TrainableTokens(nn.Module):
         ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long, device=self.weight.device)
         self.register_buffer("token_indices", ids, persistent=False)
         self.trainable_tokens_delta = nn.Parameter(self.weight.detach()[ids].clone())
+        self.disabled = False  # adapters_disabled(): the base rows
 
     def merged_weight(self) -> torch.Tensor:
         delta = self.trainable_tokens_delta.to(self.weight.dtype)
         return self.weight.index_copy(0, self.token_indices, delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.merged_weight()
+        w = self.weight if self.disabled else self.merged_weight()
         return nn.functional.embedding(x, w) if self.is_embedding else nn.functional.linear(x, w)
 
     def plain(self) -> nn.Module:
@@ -228,7 +229,11 @@ def _train_embeddings(model: nn.Module, spec: LoraSpec) -> None:
     if names and getattr(model.config, "tie_word_embeddings", False):
         raise ModelError("modules_to_save / trainable tokens on a model with tied embeddings are not supported")
     for name in spec.modules_to_save:
-        model.get_submodule(WHOLE_MODULES[name]).weight.requires_grad_(True)
+        module = model.get_submodule(WHOLE_MODULES[name])
+        # Trained in place: a copy of the base weight in host memory (not in the state dict) lets
+        # adapters_disabled() compute as the base model.
+        module.base_weight = module.weight.detach().to("cpu", copy=True)
+        module.weight.requires_grad_(True)
     for name, ids in spec.trainable_tokens.items():
         parent, _, child = WHOLE_MODULES[name].rpartition(".")
         owner = model.get_submodule(parent) if parent else model
@@ -276,22 +281,31 @@ def _our_key(model: nn.Module, key: str) -> str:
 
 
 def has_adapters(model: nn.Module) -> bool:
-    return any(isinstance(m, LoraLinear) for m in model.modules())
+    return any(isinstance(m, (LoraLinear, TrainableTokens)) or hasattr(m, "base_weight") for m in model.modules())
 
 
 @contextmanager
+@torch.no_grad()
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes as its base: every adapter's low-rank branch is skipped.
-    Nothing is copied, so the base and the tuned model can be compared on one copy in memory."""
-    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    """Inside the block the model computes as its base: every adapter's low-rank branch is skipped,
+    trainable tokens' base rows are used, and modules trained whole (modules_to_save) get their base
+    weight back for the while. Only those whole modules are copied, so the base and the tuned model
+    can be compared on one copy in memory."""
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, TrainableTokens))]
     before = [m.disabled for m in layers]
+    whole = [m for m in model.modules() if hasattr(m, "base_weight")]
+    tuned = [m.weight.detach().to("cpu", copy=True) for m in whole]
     for m in layers:
         m.disabled = True
+    for m in whole:
+        m.weight.copy_(m.base_weight)
     try:
         yield model
     finally:
         for m, was in zip(layers, before, strict=True):
             m.disabled = was
+        for m, weight in zip(whole, tuned, strict=True):
+            m.weight.copy_(weight)
 
 
 def save_adapter(

@@ -446,6 +446,11 @@ class Config(_Strict):
         "fsdp shards weights, gradients and optimizer state (FSDP2; full fine-tuning only); auto: fsdp for "
         "adapter: none, ddp for adapters.",
     )
+    overlap_gradient_sync: bool = Field(
+        True,
+        description="ddp with gradient_aggregation: mean: send each bucket of gradients while the step's last "
+        "backward pass still runs, rather than all after it (false: after it; the same sums, bit for bit).",
+    )
     gradient_aggregation: Literal["mean", "median", "trimmed_mean", "centered_clip"] = Field(
         "mean",
         description="How the processes' adapter gradients combine: mean (all-reduce), or a robust rule that "

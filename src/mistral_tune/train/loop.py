@@ -318,6 +318,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     for p in params:  # trainable weights stay float32 even when the frozen base is bf16
         p.data = p.data.float()
     rt.broadcast_parameters(params)  # the replicas start equal
+    rt.track_gradients(named)
     if rt.rank:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout draws its own masks on each process
     injected = rt.install_faults(model)
@@ -455,7 +456,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     except OOM_ERRORS:
                         out_of_memory, loss_sum, n_real = True, 0.0, 0
                     # Every process learns whether any ran out of memory or was asked to stop.
-                    agreed = rt.sync_step(loss_sum, n_real, out_of_memory, stop.requested)
+                    agreed = rt.sync_step(step + 1, loss_sum, n_real, out_of_memory, stop.requested)
                     if not agreed.out_of_memory:
                         break
                     optimizer.zero_grad(set_to_none=True)
@@ -667,7 +668,7 @@ def find_resume_checkpoint(cfg: Config, ckpts: CheckpointManager, echo) -> Check
 SAFE_TO_CHANGE = frozenset({
     "logging_steps", "eval_steps", "eval", "save_steps", "save_total_limit", "max_steps", "num_epochs",
     "auto_micro_batch", "bad_step_zscore", "bad_step_window", "bad_step_rollback_after", "bad_step_lr_factor",
-    "bad_step_max_rollbacks",
+    "bad_step_max_rollbacks", "overlap_gradient_sync",
 })
 # Where the run lives and how it was started say nothing about the steps it takes (a run directory may be moved).
 _NOT_COMPARED = frozenset({"resume", "overwrite_output_dir", "output_dir"})
@@ -719,14 +720,17 @@ def accumulate_gradients(
     Each micro-batch's summed token loss is divided by the trained tokens of the whole window
     (summed over ranks), not averaged per micro-batch, so the accumulated gradient equals that of
     one batch holding every row. Returns (this rank's summed loss, the window's trained tokens over
-    all ranks, this rank's real tokens).
+    all ranks, this rank's real tokens). With several ddp processes the last backward pass starts
+    sending the gradients (Runtime.send_during_backward); Runtime.sync_step sends the rest.
     """
     n_tokens = int(rt.all_sum([sum(b.n_trained for b in batches)])[0])
     loss_sum, n_real = 0.0, 0
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = batch.to(rt.device)
         with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
             loss = token_loss_sum(model, batch)
+        if i == len(batches) - 1:  # the gradients are complete in this backward: they travel from inside it
+            rt.send_during_backward()
         (loss / max(n_tokens, 1)).backward()
         loss_sum += float(loss.detach())
         n_real += batch.n_real

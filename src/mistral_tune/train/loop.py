@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from pydantic_core import to_jsonable_python
 
 from ..chat import ChatTokenizer, find_tokenizer_file, load_tokenizer
 from ..config import Config
@@ -675,8 +676,19 @@ _NOT_COMPARED = frozenset({"resume", "overwrite_output_dir", "output_dir"})
 
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, old, new) of each key whose value differs. A key the saved config lacks (added to the
+    config since that run) holds its default there: unchanged when the new value is the default too."""
     keys = sorted((set(old) | set(new)) - _NOT_COMPARED)
-    return [(k, old.get(k, "(absent)"), new.get(k, "(absent)")) for k in keys if old.get(k) != new.get(k)]
+    return [(k, old.get(k, "(absent)"), new.get(k, "(absent)")) for k in keys
+            if (old[k] if k in old else _default(k)) != new.get(k)]
+
+
+def _default(key: str) -> object:
+    """A config key's default as the saved config (JSON) would hold it; None for a key without one."""
+    field = Config.model_fields.get(key)
+    if field is None or field.is_required():
+        return None
+    return to_jsonable_python(field.get_default(call_default_factory=True))
 
 
 def check_resume_config(ckpt: Checkpoint, cfg: Config, fingerprint: str, force: bool) -> None:

@@ -240,6 +240,9 @@ def test_what_sharding_does_not_support_is_refused_up_front(assets, tmp_path):
     full = cfg.model_copy(update={"adapter": "none", "distributed": "auto", "auto_micro_batch": True})
     with pytest.raises(ConfigError, match="auto_micro_batch with distributed: fsdp is not supported"):
         check_distributed_config(full, 2)
+    evals = cfg.model_copy(update={"adapter": "none", "distributed": "auto", "eval": {"early_stopping_patience": 2}})
+    with pytest.raises(ConfigError, match="eval: evaluations during training .* with distributed: fsdp are not"):
+        check_distributed_config(config_from_dict(evals.model_dump()), 2)
 
 
 # ---------------------------------------------------------------------- agreeing, failing, restarting
@@ -541,3 +544,37 @@ def test_each_bucket_is_sent_during_the_last_backward_and_the_sums_equal_one_pro
         assert on["before"] == off["before"] == 1  # the token count, before the first micro-batch
         assert on["during_last_backward"] == 2 and on["after"] == 1 + 1  # the last bucket, then sync_step's
         assert off["during_last_backward"] == 0 and off["after"] == 3 + 1
+
+
+# ---------------------------------------------------------------------- evaluations during training
+
+
+def test_evaluations_during_training_on_two_processes_equal_one_process(assets, tmp_path):
+    """An eval: section (tasks, forgetting, needle, early stopping on forgetting.kl) on 2 gloo processes: rank 0
+    evaluates while rank 1 waits; the evaluations, the early stop, best/ and the report are the one-process
+    run's (figures within 1e-5 relative: the weights agree to float rounding)."""
+    from test_eval_run import _eval_section
+
+    model, data = assets
+    settings_ = dict(max_steps=12, eval_steps=2, save_steps=None, learning_rate=3e-2, eval=_eval_section(data))
+    two = write_yaml(tmp_path / "two.yaml", base_config(model, data, tmp_path / "two", gradient_accumulation_steps=1,
+                                                        **settings_))
+    launch = train_cli(2, two)
+    one = train(config_from_dict(base_config(model, data, tmp_path / "one", gradient_accumulation_steps=2,
+                                             **settings_)), echo=lambda *_: None)
+    stdout, _ = finish(launch)
+    assert one.steps == 4 and "early stopping at step 4: forgetting.kl has not improved" in stdout
+
+    def evaluations(out: Path) -> list[dict]:
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("time", "elapsed_s")} for r in lines if "forgetting.kl" in r]
+
+    got, want = evaluations(tmp_path / "two"), evaluations(tmp_path / "one")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine.keys() == theirs.keys()
+        for k, v in theirs.items():
+            assert mine[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    for out in ("one", "two"):
+        assert json.loads((tmp_path / out / "best" / "best.json").read_text())["step"] == 2
+        assert (tmp_path / out / "eval" / "report.html").is_file()

@@ -233,6 +233,11 @@ class EvalConfig(_Strict):
     )
     during_training: bool = Field(True, description="Run the evaluations every eval_steps, not only at the end.")
 
+    @property
+    def requested(self) -> bool:
+        """Whether the section asks for anything beyond the held-out loss (an evaluation or early stopping)."""
+        return any(x is not None for x in (self.tasks, self.forgetting, self.needle, self.early_stopping_patience))
+
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
         kind = self.metric.split(".", 1)[0]

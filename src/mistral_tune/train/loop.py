@@ -380,11 +380,16 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
          f"{progress.rows_per_step} rows" + (f" over {rt.world_size} processes" if rt.distributed else ""))
 
     # Evaluations read their data now, so that a bad eval: section stops the run before anything is written.
-    evals = TrainingEvals.start(cfg, model, tokenizer, rt.autocast_dtype, out,
-                                lambda d: _save(cfg, model, spec, tokenizer, d, model_dir), echo)
-    if evals is not None and rt.distributed:
-        raise ConfigError("eval: evaluations during training (tasks, forgetting, needle, early stopping) run on one "
-                          "process for now; train on several without them and run `mistral-tune eval` on the result")
+    # They run on rank 0 alone (the model is whole on each ddp process); the others wait for the outcome
+    # (Runtime.on_main, within distributed_timeout).
+    evals: TrainingEvals | None = None
+    if cfg.eval.requested:
+        def start_evals() -> None:
+            nonlocal evals
+            evals = TrainingEvals.start(cfg, model, tokenizer, rt.autocast_dtype, out,
+                                        lambda d: _save(cfg, model, spec, tokenizer, d, model_dir), echo)
+
+        rt.on_main(start_evals)  # an error in the eval: section stops every process
     if rt.is_main:
         target = check_output_dir(cfg)  # again, at the moment it matters
         if cfg.overwrite_output_dir and target.exists():
@@ -526,11 +531,13 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     evaluated, _ = evaluate(model, data.val, val_rows, cfg, rt, padding)
                     progress.eval_loss = evaluated
                     log.eval(step + 1, evaluated)
-                early_stop = evals is not None and evals.due(step + 1, last) and evals.step(step + 1, evaluated, log)
+                early_stop = None  # why to stop early, when the evaluations say so
+                if cfg.eval.requested and TrainingEvals.due(cfg, step + 1, last):
+                    early_stop = rt.on_main(lambda s=step + 1, e=evaluated: evals.step(s, e, log))
                 if scheduled or agreed.stop or early_stop:
                     checkpoint_dir = save_checkpoint(step + 1, _finite(evaluated) if evaluated is not None else None)
                 if early_stop:
-                    echo(f"early stopping at step {step + 1}: {evals.stop_reason}")
+                    echo(f"early stopping at step {step + 1}: {early_stop}")
                     break
                 if agreed.stop and not last:
                     stopped_by = stop.signal_name or "a stop request to another process"
@@ -569,7 +576,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     # The stop handler stays on: a SIGTERM now lets the final save finish, and the run ends complete.
     with stop:
         adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(save_final))
-    report = evals.finish(out.name) if evals is not None else None
+    report = evals.finish(out.name) if evals is not None else None  # rank 0's
     return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
                        checkpoint_dir=checkpoint_dir, best=evals.best if evals else None, report=report)
 

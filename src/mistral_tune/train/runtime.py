@@ -509,6 +509,11 @@ def check_distributed_config(cfg, world: int) -> None:
     if cfg.adapter != "none":
         raise ConfigError(f"distributed: fsdp with adapter: {cfg.adapter} is not supported yet (adapters over a "
                           "sharded base); use distributed: ddp, which needs the base to fit one device")
+    if cfg.eval.requested:
+        raise ConfigError("eval: evaluations during training (tasks, forgetting, needle, early stopping) with "
+                          "distributed: fsdp are not supported: they run on rank 0 alone, and sharded weights "
+                          "take every process to each forward pass; train without them and run `mistral-tune "
+                          "eval` on the result")
     if cfg.auto_micro_batch:
         raise ConfigError("auto_micro_batch with distributed: fsdp is not supported: the sharded weights are "
                           "gathered inside forward and backward, where one process's out-of-memory cannot be "

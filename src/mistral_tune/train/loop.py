@@ -285,16 +285,20 @@ def _peak_memory_gib(rt: Runtime) -> float:
 
 
 def train(cfg: Config, echo=print, merge: bool = False, force: bool = False) -> TrainResult:
-    """Run training as cfg says. force: resume even though safe keys (SAFE_TO_CHANGE) differ."""
-    rt, model_dir, tokenizer, model, data = prepare(cfg)
-    try:
-        if not rt.is_main:  # one voice: rank 0 prints; every rank's errors still reach the user
-            echo = _silent
-        for line in data.report.lines():
-            echo(line)
-        return run_training(cfg, rt, model_dir, tokenizer, model, data, echo, merge, force)
-    finally:
-        rt.close()
+    """Run training as cfg says. force: resume even though safe keys (SAFE_TO_CHANGE) differ.
+
+    SIGTERM and SIGINT are stop requests from the first line to the last: one that arrives while the
+    run loads ends it before its first step, one after its last step lets the final save finish."""
+    with StopRequest() as stop:
+        rt, model_dir, tokenizer, model, data = prepare(cfg)
+        try:
+            if not rt.is_main:  # one voice: rank 0 prints; every rank's errors still reach the user
+                echo = _silent
+            for line in data.report.lines():
+                echo(line)
+            return run_training(cfg, rt, model_dir, tokenizer, model, data, echo, merge, force, stop)
+        finally:
+            rt.close()
 
 
 def _silent(*_args) -> None:
@@ -302,7 +306,10 @@ def _silent(*_args) -> None:
 
 
 def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, data: Dataset,
-                 echo=print, merge: bool = False, force: bool = False) -> TrainResult:
+                 echo=print, merge: bool = False, force: bool = False, stop: StopRequest | None = None) -> TrainResult:
+    if stop is None:  # stop requests are read from here on
+        with StopRequest() as stop:
+            return run_training(cfg, rt, model_dir, tokenizer, model, data, echo, merge, force, stop)
     seed_everything(cfg.seed)
     spec = None
     if cfg.new_special_tokens:
@@ -443,9 +450,12 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     # drag the figure for the rest of the run: (seconds, real tokens) of each recent step.
     recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=10)
     stopped_by, checkpoint_dir, step = None, None, progress.step
+    if rt.all_sum([float(stop.requested)])[0]:  # asked to stop while the run loaded: before its first step
+        stopped_by = stop.signal_name or "a stop request to another process"
+        checkpoint_dir = resume_from.path if resume_from is not None else None
     log.start()
     try:
-        with StopRequest() as stop:
+        if stopped_by is None:
             for step in range(progress.step, total_steps):
                 epoch_before = stream.epoch
                 window = [stream.next(progress.micro_batch_size) for _ in range(progress.gradient_accumulation_steps)]
@@ -551,7 +561,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
 
     steps_done = progress.step
     if stopped_by is not None:
-        echo(f"stopped by {stopped_by} after step {steps_done} of {total_steps}; checkpoint: {checkpoint_dir}")
+        saved = f"checkpoint: {checkpoint_dir}" if checkpoint_dir else "no step taken, nothing to save"
+        echo(f"stopped by {stopped_by} after step {steps_done} of {total_steps}; {saved}")
         return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
                            stopped_by=stopped_by, checkpoint_dir=checkpoint_dir)
 
@@ -574,9 +585,10 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         return [str(written), None]
 
     # The stop handler stays on: a SIGTERM now lets the final save finish, and the run ends complete.
-    with stop:
-        adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(save_final))
+    adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(save_final))
     report = evals.finish(out.name) if evals is not None else None  # rank 0's
+    if stop.requested:
+        echo(f"{stop.signal_name} came after the last step: the run is complete")
     return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
                        checkpoint_dir=checkpoint_dir, best=evals.best if evals else None, report=report)
 

@@ -263,7 +263,8 @@ class Runtime:
     def send_during_backward(self) -> None:
         """The next backward pass is the step's last: send each bucket from inside it as it completes.
         Not on a rank that corrupts its gradients (the fault injector needs them whole before any is sent)."""
-        if self.buckets is not None and self.overlap and self.faults.get(self.rank, ("oom",))[0] == "oom":
+        corrupts = self.faults.get(self.rank, ("",))[0] not in ("", "oom")
+        if self.buckets is not None and self.overlap and not corrupts:
             self.buckets.armed = True
 
     def _fault(self, step: int) -> str:

@@ -240,9 +240,10 @@ def test_what_sharding_does_not_support_is_refused_up_front(assets, tmp_path):
     full = cfg.model_copy(update={"adapter": "none", "distributed": "auto", "auto_micro_batch": True})
     with pytest.raises(ConfigError, match="auto_micro_batch with distributed: fsdp is not supported"):
         check_distributed_config(full, 2)
-    evals = cfg.model_copy(update={"adapter": "none", "distributed": "auto", "eval": {"early_stopping_patience": 2}})
+    evals = config_from_dict(base_config(model, data, tmp_path / "r", adapter="none",
+                                         eval={"early_stopping_patience": 2}))
     with pytest.raises(ConfigError, match="eval: evaluations during training .* with distributed: fsdp are not"):
-        check_distributed_config(config_from_dict(evals.model_dump()), 2)
+        check_distributed_config(evals, 2)
 
 
 # ---------------------------------------------------------------------- agreeing, failing, restarting

@@ -5,13 +5,15 @@ The driver starts one torchrun launch of `--gpus` processes (one per GPU) and pr
 worker builds a Mistral-7B-v0.3-shaped model with random weights (gpu_bench.py's shapes and
 settings: rows of `--seq` random tokens, `--bs` rows per micro-batch, every token trained, LoRA
 r=16 on all seven projections, fused AdamW) and times optimizer steps the way the trainer takes
-them: `accumulate_gradients`, then `Runtime.sync_step` and `Runtime.sync_gradients` (the
-agreement all-reduce and the gradient all-reduce or all-gather), clipping and the optimizer step.
+them: `accumulate_gradients` (whose backward sends the gradient buckets, with overlap), then
+`Runtime.sync_step` and `Runtime.sync_gradients` (the agreement all-reduce and the rest of the
+gradient all-reduces, or the all-gather), clipping and the optimizer step.
 
 Phases, in one launch so the compiled layers are built once per process:
   lora_1gpu                 rank 0 alone (world size 1: no collective at all), the others wait
   lora_Nx1gpu_independent   every rank alone at once (no communication): what sharing the host costs
-  lora_Ngpu                 every rank, gradient_aggregation: mean
+  lora_Ngpu                 every rank, gradient_aggregation: mean, buckets sent during backward (the default)
+  lora_Ngpu_no_overlap      the same with overlap_gradient_sync: false (every bucket sent after backward)
   lora_Ngpu_<agg>           every rank, a robust aggregation (--robust)
   full_1gpu_compute         (--fsdp) rank 0 alone, every weight trained in bf16, forward + backward only:
                             the compute-bound ideal of a full fine-tuning step (no optimizer, no communication)
@@ -22,9 +24,11 @@ Phases, in one launch so the compiled layers are built once per process:
   collectives               the all-reduce and all-gather alone, at the sizes the steps use (bus bandwidth)
 Tokens/s is per GPU; scaling efficiency = tokens/s per GPU on N GPUs / tokens/s on one. FSDP efficiency =
 the ideal's forward + backward time / FSDP's (and / FSDP's whole step, optimizer included).
+`--smoke` runs the LoRA phases on CPU processes (gloo) with a tiny model: a check that the bench works.
 
     python bench/dist_bench.py --gpus 2 --setting lean --robust median,centered_clip --fsdp --fsdp-keep-gathered \
         --out "$OUT"
+    python bench/dist_bench.py --smoke --gpus 2     # CPU, seconds
 """
 
 from __future__ import annotations
@@ -54,30 +58,46 @@ def _config(aggregation: str):
                              "gradient_aggregation": aggregation, "byzantine_tolerance": 0})
 
 
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gib() -> float:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0.0
+
+
 def _time_steps(model, params, rt, batches, steps: int, warm: int) -> dict:
+    """compute_s: forward + backward (with overlap, the gradient all-reduces sent from inside it);
+    sync_ms: what is left after it (the agreement, the last buckets, waiting for the sums)."""
     import torch
 
     from mistral_tune.train.loop import accumulate_gradients
 
-    opt = torch.optim.AdamW(params, lr=2e-5, fused=True)
-    torch.cuda.reset_peak_memory_stats()
+    opt = torch.optim.AdamW(params, lr=2e-5, fused=torch.cuda.is_available())
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     times, comm, compute = [], [], []
     for step in range(warm + steps):
         batch = batches[(step * rt.world_size + rt.rank) % len(batches)]
-        torch.cuda.synchronize()
+        _sync()
         t = time.perf_counter()
         loss_sum, n_tokens, n_real = accumulate_gradients(model, [batch], rt)
-        torch.cuda.synchronize()
+        _sync()
         c = time.perf_counter()
         compute.append(c - t)
-        agreed = rt.sync_step(loss_sum, n_real, False, False)
+        agreed = rt.sync_step(step + 1, loss_sum, n_real, False, False)
         rt.sync_gradients(params, step + 1)
-        torch.cuda.synchronize()
+        _sync()
         c = time.perf_counter() - c
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        _sync()
         if step >= warm:
             times.append(time.perf_counter() - t)
             comm.append(c)
@@ -89,7 +109,7 @@ def _time_steps(model, params, rt, batches, steps: int, warm: int) -> dict:
     return dict(step_s=round(med, 4), tokens_per_s_per_gpu=round(tokens / med),
                 compute_s=[round(x, 4) for x in per_rank],
                 sync_ms=round(1000 * sorted(comm)[len(comm) // 2], 2),
-                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), loss=round(agreed.loss_sum / n_tokens, 4))
+                peak_gib=_peak_gib(), loss=round(agreed.loss_sum / n_tokens, 4))
 
 
 def worker(args) -> None:
@@ -100,13 +120,17 @@ def worker(args) -> None:
     from mistral_tune.train.runtime import Runtime
 
     torch.manual_seed(0)
+    if args.smoke:
+        torch.set_num_threads(1)
     rt = Runtime.detect(_config("mean"))
     results = []
-    model, params = _build_ours()
+    model, params = _build_tiny() if args.smoke else _build_ours()
     rt.broadcast_parameters(params)
-    model.use_fast_path()
+    rt.track_gradients({n: p for n, p in model.named_parameters() if p.requires_grad})
+    if not args.smoke:
+        model.use_fast_path()
     v = SETTINGS[args.setting]
-    model.gradient_checkpointing, model.offload_activations = v["ckpt"], v["offload"]
+    model.gradient_checkpointing, model.offload_activations = v["ckpt"], v["offload"] and not args.smoke
     model.recompute_by_row = v["by_row"]
     gen = torch.Generator().manual_seed(0)
     batches = [_random_rows(args.bs, args.seq, False, gen).to(rt.device) for _ in range(4)]
@@ -123,14 +147,21 @@ def worker(args) -> None:
     rt.barrier()
     results.append({"phase": f"lora_{rt.world_size}gpu",
                     **_time_steps(model, params, rt, batches, args.steps, args.warm)})
+    rt.overlap = False
+    results.append({"phase": f"lora_{rt.world_size}gpu_no_overlap",
+                    **_time_steps(model, params, rt, batches, args.steps, args.warm)})
+    buckets, rt.buckets = rt.buckets, None  # robust aggregation gathers whole gradients after backward
     for agg in filter(None, args.robust.split(",")):
         rt.aggregation = agg
         results.append({"phase": f"lora_{rt.world_size}gpu_{agg}",
                         **_time_steps(model, params, rt, batches, args.steps, args.warm)})
-        rt.aggregation = "mean"
+    rt.aggregation, rt.buckets, rt.overlap = "mean", buckets, True
     if rt.is_main:
         for r in results[1:]:
             print("RESULT " + json.dumps(r), flush=True)
+    if args.smoke:
+        dist.destroy_process_group()
+        return
     res = _collectives(rt)
     if rt.is_main:
         print("RESULT " + json.dumps(res), flush=True)
@@ -140,6 +171,22 @@ def worker(args) -> None:
         for r in _full_finetuning(rt, batches, args):
             print("RESULT " + json.dumps(r), flush=True)
     dist.destroy_process_group()
+
+
+def _build_tiny():
+    """A 4-layer model of hidden size 64 on the CPU with LoRA r=16 on every projection (--smoke)."""
+    from gpu_bench import SHAPE
+
+    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
+
+    model = MistralForCausalLM(MistralConfig(**{**SHAPE, "hidden_size": 64, "intermediate_size": 128,
+                                                "num_hidden_layers": 4, "num_attention_heads": 4,
+                                                "num_key_value_heads": 2}))
+    model.init_weights(std=0.02)
+    apply_lora(model, LoraSpec(r=16, alpha=16))
+    model.train()
+    return model, [p for p in model.parameters() if p.requires_grad]
 
 
 def _full_model(rt, shard: bool, v: dict):
@@ -249,6 +296,7 @@ def main() -> None:
     parser.add_argument("--fsdp-keep-gathered", action="store_true",
                         help="also time FSDP with each layer's weights kept gathered from forward to backward")
     parser.add_argument("--timeout", type=int, default=500, help="seconds for the whole launch")
+    parser.add_argument("--smoke", action="store_true", help="CPU processes (gloo), a tiny model: does it run")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -257,10 +305,12 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        args.seq, args.bs, args.steps, args.warm, args.fsdp, args.fsdp_keep_gathered = 64, 2, 3, 1, False, False
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}", __file__,
            "--worker", "--setting", args.setting, "--robust", args.robust, "--seq", str(args.seq),
            "--bs", str(args.bs), "--steps", str(args.steps), "--warm", str(args.warm)]
-    cmd += ["--fsdp"] * args.fsdp + ["--fsdp-keep-gathered"] * args.fsdp_keep_gathered
+    cmd += ["--fsdp"] * args.fsdp + ["--fsdp-keep-gathered"] * args.fsdp_keep_gathered + ["--smoke"] * args.smoke
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'bench'}:{ROOT / 'src'}:" + os.environ.get("PYTHONPATH", "")}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -268,9 +318,10 @@ def main() -> None:
     except subprocess.TimeoutExpired as exc:  # keep what the phases that finished printed
         parts = [x.decode() if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr)]
         log, failed = "".join(parts) + f"\nTIMEOUT after {args.timeout} s", True
-    (out / f"dist_{args.setting}.log").write_text(log)
+    name = f"dist_{args.setting}" + "_smoke" * args.smoke
+    (out / f"{name}.log").write_text(log)
     results = [json.loads(ln[7:]) for ln in log.splitlines() if ln.startswith("RESULT ")]
-    (out / f"dist_{args.setting}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     if failed:
         print(log[-6000:])
     print_table(results, args)

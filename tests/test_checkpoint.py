@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import hashlib
 import json
 import pickle
 import re
@@ -17,10 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _runs import config, make_assets, metrics, same_tensors, tensors
+from mistral_tune.config import Config
 from mistral_tune.errors import CheckpointError, ConfigError
 from mistral_tune.train import checkpoint as ckpt_mod
 from mistral_tune.train.checkpoint import FORMAT, MANIFEST, REQUIRED, CheckpointManager
-from mistral_tune.train.loop import find_resume_checkpoint, train
+from mistral_tune.train.loop import config_changes, find_resume_checkpoint, train
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "mistral_tune"
 
@@ -397,3 +399,47 @@ def test_evaluation_follows_eval_steps_and_not_a_checkpoint_a_step_later(assets,
     cfg = cfg.model_copy(update={"output_dir": str(tmp_path / "ckpt"), "eval_steps": None})
     out = train(cfg, echo=lambda _: None).output_dir
     assert [r["step"] for r in metrics(out) if "eval_loss" in r] == [8, 16]
+
+
+def _save_config_without(checkpoint: Path, keys: list[str]) -> None:
+    """Rewrite a checkpoint's config.json without `keys`, as a run of an older mistral-tune (before those
+    keys existed) wrote it, with a manifest entry that fits."""
+    saved = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k not in keys}))
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    data = (checkpoint / "config.json").read_bytes()
+    manifest["files"]["config.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_from_before_new_config_keys_resumes_when_they_hold_their_defaults(lora_run, tmp_path):
+    """The saved config lacks keys added since: at their defaults they are no change and the run resumes;
+    one set to another value is a change, reported as from (absent)."""
+    cfg, result = lora_run
+    out = _copy_run(result.output_dir, tmp_path / "run")
+    _save_config_without(out / "checkpoint-15", ["overlap_gradient_sync", "neftune_noise_alpha", "eval",
+                                                 "distributed_timeout"])
+    CheckpointManager.validate(out / "checkpoint-15")
+    resume = {"output_dir": str(out), "resume": str(out / "checkpoint-15")}
+    with pytest.raises(ConfigError, match="differs from the checkpoint's: neftune_noise_alpha: '.absent.' -> 5.0. "
+                                          "Resume with"):  # the only change listed
+        train(cfg.model_copy(update={**resume, "neftune_noise_alpha": 5.0}), echo=lambda _: None)
+    resumed = train(cfg.model_copy(update=resume), echo=lambda _: None)
+    assert resumed.steps == 20
+    assert metrics(out) == metrics(result.output_dir)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.data())
+def test_keys_absent_from_the_saved_config_count_as_changed_only_away_from_their_default(lora_run, data):
+    """Any set of keys dropped from a run's saved config: exactly those whose value in the run differs
+    from what a config that does not mention them gets are reported, each as from (absent)."""
+    cfg, _ = lora_run
+    saved = cfg.model_dump(mode="json")
+    keys = sorted(set(saved) - {"resume", "overwrite_output_dir", "output_dir"})
+    dropped = data.draw(st.lists(st.sampled_from(keys), unique=True, max_size=len(keys)))
+    old = {k: v for k, v in saved.items() if k not in dropped}
+    unset = Config(datasets=cfg.datasets).model_dump(mode="json")  # every key but datasets at its default
+    changes = config_changes(old, saved)
+    assert sorted(k for k, _, _ in changes) == sorted(k for k in dropped if k == "datasets" or saved[k] != unset[k])
+    assert all(o == "(absent)" for _, o, _ in changes)

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from _runs import SRC, base_config, cli, make_assets, metrics, same_tensors, tensors, write_yaml
 from mistral_tune.config import config_from_dict
 from mistral_tune.errors import CheckpointError, ConfigError
+from mistral_tune.quickstart import create_tiny_model
 from mistral_tune.train.checkpoint import CheckpointManager
 from mistral_tune.train.loop import RowStream, train
 from mistral_tune.train.runtime import aggregate, check_distributed_config, parse_faults
@@ -239,6 +240,10 @@ def test_what_sharding_does_not_support_is_refused_up_front(assets, tmp_path):
     full = cfg.model_copy(update={"adapter": "none", "distributed": "auto", "auto_micro_batch": True})
     with pytest.raises(ConfigError, match="auto_micro_batch with distributed: fsdp is not supported"):
         check_distributed_config(full, 2)
+    evals = config_from_dict(base_config(model, data, tmp_path / "r", adapter="none",
+                                         eval={"early_stopping_patience": 2}))
+    with pytest.raises(ConfigError, match="eval: evaluations during training .* with distributed: fsdp are not"):
+        check_distributed_config(evals, 2)
 
 
 # ---------------------------------------------------------------------- agreeing, failing, restarting
@@ -451,3 +456,126 @@ def test_robust_aggregation_needs_enough_processes_and_adapters(assets, tmp_path
     for bad in ("1:melt", "x:nan", "4:nan", "1:nan@x"):
         with pytest.raises(ConfigError, match="MISTRAL_TUNE_FAULTS"):
             parse_faults(bad, 4)
+
+
+# ---------------------------------------------------------------------- gradients sent during backward
+
+
+def _overlap_worker(rank: int, root: Path, model_dir: Path) -> None:
+    """One of two gloo processes: a 3-layer LoRA model, two micro-batches per rank, summed with and without
+    overlap, with per-row recomputed layers or plain ones; the all-reduces and backward passes are recorded
+    in the order they happen (wrappers that call the real functions)."""
+    import torch.distributed as dist
+
+    from mistral_tune.data.pack import Sample, collate
+    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.load import load_model
+    from mistral_tune.train.loop import accumulate_gradients
+    from mistral_tune.train.runtime import Runtime
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root / 'pg'}", rank=rank, world_size=2)
+    events: list[tuple[str, int]] = []
+    all_reduce, backward = dist.all_reduce, torch.Tensor.backward
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        events.append(("all_reduce", tensor.numel()))
+        return all_reduce(tensor, *args, **kwargs)
+
+    def recording_backward(self, *args, **kwargs):
+        events.append(("backward", 0))
+        backward(self, *args, **kwargs)
+        events.append(("backward returned", 0))
+
+    dist.all_reduce, torch.Tensor.backward = recording_all_reduce, recording_backward
+    model, _ = load_model(str(model_dir))
+    apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)
+    model.train()
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    gen = torch.Generator().manual_seed(0)
+    lengths = [int(n) for n in torch.randint(5, 24, (8,), generator=gen)]
+    samples = [Sample(torch.randint(3, 1000, (n,), generator=gen).tolist(),
+                      torch.randint(3, 1000, (n,), generator=gen).tolist()) for n in lengths]
+    batches = [collate(samples, [[2 * i], [2 * i + 1]]) for i in range(4)]  # rank r takes micro-batches 2r, 2r+1
+    report = {}
+    for recompute in (False, True):
+        model.gradient_checkpointing = model.recompute_by_row = recompute  # per row: a layer's hooks fire per row
+        model.zero_grad(set_to_none=True)
+        accumulate_gradients(model, batches, Runtime(torch.device("cpu"), None))  # one process, the 4 micro-batches
+        reference = {n: p.grad.clone() for n, p in named.items()}
+        sums = {}
+        for overlap in (True, False):
+            rt = Runtime(torch.device("cpu"), None, rank, 2, overlap=overlap)
+            rt.track_gradients(named, bucket_bytes=1)  # one bucket per layer (and one for the rest, if any)
+            model.zero_grad(set_to_none=True)
+            events.clear()
+            loss_sum, n_tokens, n_real = accumulate_gradients(model, batches[2 * rank:2 * rank + 2], rt)
+            rt.sync_step(1, loss_sum, n_real, False, False)
+            norms = rt.buckets.wait(keep=True)
+            assert len(norms) == 2 and all(x > 0 for x in norms)
+            for n, p in named.items():
+                torch.testing.assert_close(p.grad, reference[n], rtol=1e-5, atol=1e-7)
+            sums[overlap] = [p.grad.clone() for p in named.values()]
+            last = len(events) - 1 - events[::-1].index(("backward", 0))
+            end = events.index(("backward returned", 0), last)
+            during = [e for e in events[last:end] if e[0] == "all_reduce"]
+            before = [e for e in events[:last] if e[0] == "all_reduce"]
+            report[f"recompute={recompute} overlap={overlap}"] = dict(
+                buckets=len(rt.buckets.buckets), during_last_backward=len(during), before=len(before),
+                after=len([e for e in events[end:] if e[0] == "all_reduce"]))
+        assert all(a.equal(b) for a, b in zip(sums[True], sums[False], strict=True))  # the same buckets: bit for bit
+    (root / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+def test_each_bucket_is_sent_during_the_last_backward_and_the_sums_equal_one_process(tmp_path):
+    """Two gloo processes, gradient accumulation 2: with overlap_gradient_sync every bucket but the last
+    (which carries the gradient norms) is all-reduced while the last backward pass runs, none during the
+    first; without it, none during any backward. Either way, plain or with layers recomputed one row at
+    a time (a layer's hooks fire once per row), the summed gradients equal one process's over all rows,
+    and the two ways give the same sums bit for bit."""
+    model_dir = create_tiny_model(tmp_path / "model", "v3", hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=3)
+    torch.multiprocessing.spawn(_overlap_worker, args=(tmp_path, model_dir), nprocs=2)
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    print(report)
+    for recompute in (False, True):
+        on, off = report[f"recompute={recompute} overlap=True"], report[f"recompute={recompute} overlap=False"]
+        assert on["buckets"] == off["buckets"] == 3
+        assert on["before"] == off["before"] == 1  # the token count, before the first micro-batch
+        assert on["during_last_backward"] == 2 and on["after"] == 1 + 1  # the last bucket, then sync_step's
+        assert off["during_last_backward"] == 0 and off["after"] == 3 + 1
+
+
+# ---------------------------------------------------------------------- evaluations during training
+
+
+def test_evaluations_during_training_on_two_processes_equal_one_process(assets, tmp_path):
+    """An eval: section (tasks, forgetting, needle, early stopping on forgetting.kl) on 2 gloo processes: rank 0
+    evaluates while rank 1 waits; the evaluations, the early stop, best/ and the report are the one-process
+    run's (figures within 1e-5 relative: the weights agree to float rounding)."""
+    from test_eval_run import _eval_section
+
+    model, data = assets
+    settings_ = dict(max_steps=12, eval_steps=2, save_steps=None, learning_rate=3e-2, eval=_eval_section(data))
+    two = write_yaml(tmp_path / "two.yaml", base_config(model, data, tmp_path / "two", gradient_accumulation_steps=1,
+                                                        **settings_))
+    launch = train_cli(2, two)
+    one = train(config_from_dict(base_config(model, data, tmp_path / "one", gradient_accumulation_steps=2,
+                                             **settings_)), echo=lambda *_: None)
+    stdout, _ = finish(launch)
+    assert one.steps == 4 and "early stopping at step 4: forgetting.kl has not improved" in stdout
+
+    def evaluations(out: Path) -> list[dict]:
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("time", "elapsed_s")} for r in lines if "forgetting.kl" in r]
+
+    got, want = evaluations(tmp_path / "two"), evaluations(tmp_path / "one")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine.keys() == theirs.keys()
+        for k, v in theirs.items():
+            assert mine[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    for out in ("one", "two"):
+        assert json.loads((tmp_path / out / "best" / "best.json").read_text())["step"] == 2
+        assert (tmp_path / out / "eval" / "report.html").is_file()

@@ -7,13 +7,15 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from _runs import base_config, cli, config, make_assets, metrics, same_tensors, tensors, write_yaml
+from _runs import SRC, base_config, cli, config, make_assets, metrics, same_tensors, tensors, write_yaml
 from mistral_tune.train import checkpoint as ckpt_mod
 from mistral_tune.train import loop as loop_mod
 from mistral_tune.train.checkpoint import CheckpointManager
@@ -246,3 +248,58 @@ def test_resume_auto_without_checkpoints_starts_fresh(assets, tmp_path):
     train(config(model, data, out, max_steps=3, resume="auto"), echo=echoed.append)
     assert any("no checkpoint" in e and "starting from step 0" in e for e in echoed)
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+
+
+# Runs the CLI after wrapping one function of the trainer so that the process sends itself SIGTERM as the
+# function returns: the signal lands at that exact point of the run (argv: OWNER FUNCTION -- CLI ARGS).
+SIGNAL_AFTER = """
+import os, signal, sys
+from mistral_tune.cli import main
+from mistral_tune.train import loop
+owner = {"loop": loop, "Runtime": loop.Runtime}[sys.argv[1]]
+real = getattr(owner, sys.argv[2])
+def signalled(*args, **kwargs):
+    result = real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return result
+setattr(owner, sys.argv[2], signalled)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _cli_signalled_after(owner: str, function: str, *args: str):
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", SIGNAL_AFTER, owner, function, *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sigterm_while_the_run_loads_stops_before_the_first_step(assets, tmp_path):
+    """SIGTERM once the model and data are loaded, before the loop: exit 0, no step taken, `to continue:`;
+    the same again on a resumed run names the checkpoint it resumed from. Continuing finishes the run."""
+    model, data = assets
+    config_path = write_yaml(tmp_path / "run.yaml", base_config(model, data, tmp_path / "run", max_steps=8,
+                                                                save_steps=4))
+    stdout = _finish(_cli_signalled_after("loop", "prepare", "train", str(config_path)))
+    assert "stopped by SIGTERM after step 0 of 8; no step taken, nothing to save" in stdout
+    assert f"to continue: mistral-tune train {config_path} resume=auto" in stdout
+    assert metrics(tmp_path / "run") == [] and not (tmp_path / "run" / "adapter").exists()
+    (tmp_path / "run.yaml").write_text(config_path.read_text().replace("max_steps: 8", "max_steps: 4"))
+    _finish(cli("train", str(config_path), "resume=auto"))  # 4 steps and checkpoint-4, then 8 after a stop
+    (tmp_path / "run.yaml").write_text(config_path.read_text().replace("max_steps: 4", "max_steps: 8"))
+    stdout = _finish(_cli_signalled_after("loop", "prepare", "train", str(config_path), "resume=auto", "--force"))
+    assert f"stopped by SIGTERM after step 4 of 8; checkpoint: {tmp_path / 'run' / 'checkpoint-4'}" in stdout
+    assert "to continue: mistral-tune train" in stdout
+    stdout = _finish(cli("train", str(config_path), "resume=auto", "--force"))
+    assert "trained 8 steps" in stdout and [r["step"] for r in metrics(tmp_path / "run") if "loss" in r] == [
+        *range(1, 9)]
+
+
+def test_sigterm_between_the_last_step_and_the_final_save_lets_the_save_finish(assets, tmp_path):
+    """SIGTERM after the loop's last step, before the final adapter is written: it is written, exit 0."""
+    model, data = assets
+    config_path = write_yaml(tmp_path / "run.yaml", base_config(model, data, tmp_path / "run", max_steps=3))
+    stdout = _finish(_cli_signalled_after("Runtime", "full_state_dict", "train", str(config_path)))
+    assert "trained 3 steps" in stdout and "to continue" not in stdout
+    assert "SIGTERM came after the last step: the run is complete" in stdout
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    CheckpointManager.validate(tmp_path / "run" / "checkpoint-3")

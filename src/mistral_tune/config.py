@@ -233,6 +233,11 @@ class EvalConfig(_Strict):
     )
     during_training: bool = Field(True, description="Run the evaluations every eval_steps, not only at the end.")
 
+    @property
+    def requested(self) -> bool:
+        """Whether the section asks for anything beyond the held-out loss (an evaluation or early stopping)."""
+        return any(x is not None for x in (self.tasks, self.forgetting, self.needle, self.early_stopping_patience))
+
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
         kind = self.metric.split(".", 1)[0]
@@ -445,6 +450,11 @@ class Config(_Strict):
         description="With several processes: ddp replicates the model and sums gradients once per step; "
         "fsdp shards weights, gradients and optimizer state (FSDP2; full fine-tuning only); auto: fsdp for "
         "adapter: none, ddp for adapters.",
+    )
+    overlap_gradient_sync: bool = Field(
+        True,
+        description="ddp with gradient_aggregation: mean: send each bucket of gradients while the step's last "
+        "backward pass still runs, rather than all after it (false: after it; the same sums, bit for bit).",
     )
     gradient_aggregation: Literal["mean", "median", "trimmed_mean", "centered_clip"] = Field(
         "mean",

@@ -164,7 +164,7 @@ class TrainingEvals:
     def start(cls, cfg, model, tokenizer, autocast_dtype, out: Path, save_model, echo=print) -> TrainingEvals | None:
         """None when the config asks for nothing beyond the held-out loss."""
         e = cfg.eval
-        if e.tasks is None and e.forgetting is None and e.needle is None and e.early_stopping_patience is None:
+        if not e.requested:
             return None
         # Without a held-out set, eval.metric loss is never measured: no best/ then, the final adapter is the result.
         tracked = e.metric != "loss" or bool(cfg.val_set_size or cfg.val_datasets)
@@ -182,12 +182,13 @@ class TrainingEvals:
                 tracker.best, tracker.best_step, self.best_dir = kept["value"], kept["step"], info.parent
         return self
 
-    def due(self, step: int, last: bool) -> bool:
-        every = self.cfg.eval_steps
-        return last or (self.cfg.eval.during_training and every is not None and step % every == 0)
+    @staticmethod
+    def due(cfg, step: int, last: bool) -> bool:
+        """Whether the evaluations run at `step` (the same answer on every process)."""
+        return last or (cfg.eval.during_training and cfg.eval_steps is not None and step % cfg.eval_steps == 0)
 
-    def step(self, step: int, heldout_loss: float | None, log) -> bool:
-        """Evaluate at `step`, log the metrics, keep the best model; True when early stopping says stop."""
+    def step(self, step: int, heldout_loss: float | None, log) -> str | None:
+        """Evaluate at `step`, log the metrics, keep the best model; why to stop when early stopping says so."""
         metrics = self.evaluator.run(self.pair)
         if heldout_loss is not None:
             metrics["loss"] = heldout_loss
@@ -198,10 +199,10 @@ class TrainingEvals:
             log.event({"step": step, "event": "warning", "message": warning})
             self.echo(f"warning at step {step}: {warning}")
         if self.tracker is None:
-            return False
+            return None
         if self.tracker.update(step, metrics):
             self.best_dir = replace_dir(self.out / BEST_DIR, self._write_best, "adapter")
-        return self.tracker.should_stop
+        return self.stop_reason if self.tracker.should_stop else None
 
     @property
     def stop_reason(self) -> str:

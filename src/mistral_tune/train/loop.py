@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from pydantic_core import to_jsonable_python
 
 from ..chat import ChatTokenizer, find_tokenizer_file, load_tokenizer
 from ..config import Config
@@ -284,16 +285,20 @@ def _peak_memory_gib(rt: Runtime) -> float:
 
 
 def train(cfg: Config, echo=print, merge: bool = False, force: bool = False) -> TrainResult:
-    """Run training as cfg says. force: resume even though safe keys (SAFE_TO_CHANGE) differ."""
-    rt, model_dir, tokenizer, model, data = prepare(cfg)
-    try:
-        if not rt.is_main:  # one voice: rank 0 prints; every rank's errors still reach the user
-            echo = _silent
-        for line in data.report.lines():
-            echo(line)
-        return run_training(cfg, rt, model_dir, tokenizer, model, data, echo, merge, force)
-    finally:
-        rt.close()
+    """Run training as cfg says. force: resume even though safe keys (SAFE_TO_CHANGE) differ.
+
+    SIGTERM and SIGINT are stop requests from the first line to the last: one that arrives while the
+    run loads ends it before its first step, one after its last step lets the final save finish."""
+    with StopRequest() as stop:
+        rt, model_dir, tokenizer, model, data = prepare(cfg)
+        try:
+            if not rt.is_main:  # one voice: rank 0 prints; every rank's errors still reach the user
+                echo = _silent
+            for line in data.report.lines():
+                echo(line)
+            return run_training(cfg, rt, model_dir, tokenizer, model, data, echo, merge, force, stop)
+        finally:
+            rt.close()
 
 
 def _silent(*_args) -> None:
@@ -301,7 +306,10 @@ def _silent(*_args) -> None:
 
 
 def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, data: Dataset,
-                 echo=print, merge: bool = False, force: bool = False) -> TrainResult:
+                 echo=print, merge: bool = False, force: bool = False, stop: StopRequest | None = None) -> TrainResult:
+    if stop is None:  # stop requests are read from here on
+        with StopRequest() as stop:
+            return run_training(cfg, rt, model_dir, tokenizer, model, data, echo, merge, force, stop)
     seed_everything(cfg.seed)
     spec = None
     if cfg.new_special_tokens:
@@ -318,6 +326,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     for p in params:  # trainable weights stay float32 even when the frozen base is bf16
         p.data = p.data.float()
     rt.broadcast_parameters(params)  # the replicas start equal
+    rt.track_gradients(named)
     if rt.rank:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout draws its own masks on each process
     injected = rt.install_faults(model)
@@ -378,11 +387,16 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
          f"{progress.rows_per_step} rows" + (f" over {rt.world_size} processes" if rt.distributed else ""))
 
     # Evaluations read their data now, so that a bad eval: section stops the run before anything is written.
-    evals = TrainingEvals.start(cfg, model, tokenizer, rt.autocast_dtype, out,
-                                lambda d: _save(cfg, model, spec, tokenizer, d, model_dir), echo)
-    if evals is not None and rt.distributed:
-        raise ConfigError("eval: evaluations during training (tasks, forgetting, needle, early stopping) run on one "
-                          "process for now; train on several without them and run `mistral-tune eval` on the result")
+    # They run on rank 0 alone (the model is whole on each ddp process); the others wait for the outcome
+    # (Runtime.on_main, within distributed_timeout).
+    evals: TrainingEvals | None = None
+    if cfg.eval.requested:
+        def start_evals() -> None:
+            nonlocal evals
+            evals = TrainingEvals.start(cfg, model, tokenizer, rt.autocast_dtype, out,
+                                        lambda d: _save(cfg, model, spec, tokenizer, d, model_dir), echo)
+
+        rt.on_main(start_evals)  # an error in the eval: section stops every process
     if rt.is_main:
         target = check_output_dir(cfg)  # again, at the moment it matters
         if cfg.overwrite_output_dir and target.exists():
@@ -436,9 +450,12 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     # drag the figure for the rest of the run: (seconds, real tokens) of each recent step.
     recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=10)
     stopped_by, checkpoint_dir, step = None, None, progress.step
+    if rt.all_sum([float(stop.requested)])[0]:  # asked to stop while the run loaded: before its first step
+        stopped_by = stop.signal_name or "a stop request to another process"
+        checkpoint_dir = resume_from.path if resume_from is not None else None
     log.start()
     try:
-        with StopRequest() as stop:
+        if stopped_by is None:
             for step in range(progress.step, total_steps):
                 epoch_before = stream.epoch
                 window = [stream.next(progress.micro_batch_size) for _ in range(progress.gradient_accumulation_steps)]
@@ -455,7 +472,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     except OOM_ERRORS:
                         out_of_memory, loss_sum, n_real = True, 0.0, 0
                     # Every process learns whether any ran out of memory or was asked to stop.
-                    agreed = rt.sync_step(loss_sum, n_real, out_of_memory, stop.requested)
+                    agreed = rt.sync_step(step + 1, loss_sum, n_real, out_of_memory, stop.requested)
                     if not agreed.out_of_memory:
                         break
                     optimizer.zero_grad(set_to_none=True)
@@ -524,11 +541,13 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     evaluated, _ = evaluate(model, data.val, val_rows, cfg, rt, padding)
                     progress.eval_loss = evaluated
                     log.eval(step + 1, evaluated)
-                early_stop = evals is not None and evals.due(step + 1, last) and evals.step(step + 1, evaluated, log)
+                early_stop = None  # why to stop early, when the evaluations say so
+                if cfg.eval.requested and TrainingEvals.due(cfg, step + 1, last):
+                    early_stop = rt.on_main(lambda s=step + 1, e=evaluated: evals.step(s, e, log))
                 if scheduled or agreed.stop or early_stop:
                     checkpoint_dir = save_checkpoint(step + 1, _finite(evaluated) if evaluated is not None else None)
                 if early_stop:
-                    echo(f"early stopping at step {step + 1}: {evals.stop_reason}")
+                    echo(f"early stopping at step {step + 1}: {early_stop}")
                     break
                 if agreed.stop and not last:
                     stopped_by = stop.signal_name or "a stop request to another process"
@@ -542,7 +561,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
 
     steps_done = progress.step
     if stopped_by is not None:
-        echo(f"stopped by {stopped_by} after step {steps_done} of {total_steps}; checkpoint: {checkpoint_dir}")
+        saved = f"checkpoint: {checkpoint_dir}" if checkpoint_dir else "no step taken, nothing to save"
+        echo(f"stopped by {stopped_by} after step {steps_done} of {total_steps}; {saved}")
         return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
                            stopped_by=stopped_by, checkpoint_dir=checkpoint_dir)
 
@@ -565,9 +585,10 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         return [str(written), None]
 
     # The stop handler stays on: a SIGTERM now lets the final save finish, and the run ends complete.
-    with stop:
-        adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(save_final))
-    report = evals.finish(out.name) if evals is not None else None
+    adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(save_final))
+    report = evals.finish(out.name) if evals is not None else None  # rank 0's
+    if stop.requested:
+        echo(f"{stop.signal_name} came after the last step: the run is complete")
     return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
                        checkpoint_dir=checkpoint_dir, best=evals.best if evals else None, report=report)
 
@@ -667,15 +688,26 @@ def find_resume_checkpoint(cfg: Config, ckpts: CheckpointManager, echo) -> Check
 SAFE_TO_CHANGE = frozenset({
     "logging_steps", "eval_steps", "eval", "save_steps", "save_total_limit", "max_steps", "num_epochs",
     "auto_micro_batch", "bad_step_zscore", "bad_step_window", "bad_step_rollback_after", "bad_step_lr_factor",
-    "bad_step_max_rollbacks",
+    "bad_step_max_rollbacks", "overlap_gradient_sync",
 })
 # Where the run lives and how it was started say nothing about the steps it takes (a run directory may be moved).
 _NOT_COMPARED = frozenset({"resume", "overwrite_output_dir", "output_dir"})
 
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, old, new) of each key whose value differs. A key the saved config lacks (added to the
+    config since that run) holds its default there: unchanged when the new value is the default too."""
     keys = sorted((set(old) | set(new)) - _NOT_COMPARED)
-    return [(k, old.get(k, "(absent)"), new.get(k, "(absent)")) for k in keys if old.get(k) != new.get(k)]
+    return [(k, old.get(k, "(absent)"), new.get(k, "(absent)")) for k in keys
+            if (old[k] if k in old else _default(k)) != new.get(k)]
+
+
+def _default(key: str) -> object:
+    """A config key's default as the saved config (JSON) would hold it; None for a key without one."""
+    field = Config.model_fields.get(key)
+    if field is None or field.is_required():
+        return None
+    return to_jsonable_python(field.get_default(call_default_factory=True))
 
 
 def check_resume_config(ckpt: Checkpoint, cfg: Config, fingerprint: str, force: bool) -> None:
@@ -719,14 +751,17 @@ def accumulate_gradients(
     Each micro-batch's summed token loss is divided by the trained tokens of the whole window
     (summed over ranks), not averaged per micro-batch, so the accumulated gradient equals that of
     one batch holding every row. Returns (this rank's summed loss, the window's trained tokens over
-    all ranks, this rank's real tokens).
+    all ranks, this rank's real tokens). With several ddp processes the last backward pass starts
+    sending the gradients (Runtime.send_during_backward); Runtime.sync_step sends the rest.
     """
     n_tokens = int(rt.all_sum([sum(b.n_trained for b in batches)])[0])
     loss_sum, n_real = 0.0, 0
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = batch.to(rt.device)
         with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
             loss = token_loss_sum(model, batch)
+        if i == len(batches) - 1:  # the gradients are complete in this backward: they travel from inside it
+            rt.send_during_backward()
         (loss / max(n_tokens, 1)).backward()
         loss_sum += float(loss.detach())
         n_real += batch.n_real

@@ -5,13 +5,16 @@ when the world size is 1. Several processes are started by torchrun (or `mistral
 --gpus N`, which calls it); torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address,
 and this module joins the process group (NCCL on GPUs, gloo on CPU).
 
-Data parallel training of a replicated model (`distributed: ddp`, the default for adapters): every process runs
-forward and backward over its own micro-batches with no communication at all, then the gradients
-are summed across processes in bucketed all-reduces, once per optimizer step. Summing after the
-local backward, rather than from hooks inside it, is what lets every decision be taken together
-before a gradient leaves a process: an out-of-memory retry, a stop request, and robust aggregation,
-which needs every process's whole gradient. For adapters the gradients are ~1% of the weights, so
-the all-reduce costs little next to the step (docs/benchmarks.md has the figure).
+Data parallel training of a replicated model (`distributed: ddp`, the default for adapters): every
+process runs forward and backward over its own micro-batches, with no communication until the
+step's last backward pass. There the gradients are summed across processes in bucketed
+all-reduces (GradientBuckets): each bucket is sent, asynchronously, as soon as backward is past its
+parameters, so the sums travel while the rest of the backward computes, and the processes wait
+for them only before the optimizer step (`overlap_gradient_sync: false` sends every bucket after the
+backward instead). Every decision that must be taken together is still taken before the sums are
+used: an out-of-memory on any process (the process that ran out sends its buckets anyway, so the
+collectives match, and every process throws the sums away and retries) and a stop request. Robust
+aggregation needs every process's whole gradient, so it gathers them after the backward.
 
 Sharded training (`distributed: fsdp`, the default for full fine-tuning): PyTorch's FSDP2
 (`fully_shard`) on every decoder layer and on the whole model; each process holds 1/N of the
@@ -36,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,8 +80,10 @@ class Runtime:
     byzantine_tolerance: int = 0
     faults: dict[int, tuple[str, int]] = field(default_factory=dict)  # rank -> (fault, from step) (test tool)
     owns_group: bool = False  # this Runtime started the process group and closes it
-    strategy: str = "ddp"  # ddp: replicated model, gradients summed after backward; fsdp: sharded
+    strategy: str = "ddp"  # ddp: replicated model, gradients summed in buckets; fsdp: sharded
+    overlap: bool = True  # ddp: send the buckets during the last backward pass (overlap_gradient_sync)
     outlier_steps: Counter = field(default_factory=Counter)
+    buckets: GradientBuckets | None = None  # ddp with mean aggregation, once track_gradients has run
 
     @property
     def is_main(self) -> bool:
@@ -120,7 +126,7 @@ class Runtime:
                                     device_id=device if device.type == "cuda" else None)
             owns = True
         return cls(device, autocast, rank, world, cfg.gradient_aggregation, cfg.byzantine_tolerance, faults, owns,
-                   resolve_strategy(cfg))
+                   resolve_strategy(cfg), cfg.overlap_gradient_sync)
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
@@ -137,10 +143,15 @@ class Runtime:
         self._collective(dist.all_reduce, t)
         return t.tolist()
 
-    def sync_step(self, loss_sum: float, n_real: int, out_of_memory: bool, stop: bool) -> StepSync:
+    def sync_step(self, step: int, loss_sum: float, n_real: int, out_of_memory: bool, stop: bool) -> StepSync:
         """One small all-reduce after the local passes: loss and token totals, and the flags every
-        process must act on at the same step."""
+        process must act on at the same step. The gradient buckets backward has not sent go first
+        (all of them on a process that ran out of memory); after an out-of-memory their sums are dropped."""
+        if self.buckets is not None:
+            self.buckets.flush(self.rank, self.world_size, self._fault(step), step)
         total_loss, total_real, oom, stopping = self.all_sum([loss_sum, n_real, float(out_of_memory), float(stop)])
+        if oom and self.buckets is not None:
+            self.buckets.wait(keep=False)
         return StepSync(total_loss, int(total_real), oom > 0, stopping > 0)
 
     def barrier(self) -> None:
@@ -244,43 +255,37 @@ class Runtime:
 
     # ------------------------------------------------------------------ gradients
 
+    def track_gradients(self, named: dict[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> None:
+        """Set up the summing of these trainable parameters' gradients (ddp with mean aggregation)."""
+        if self.distributed and not self.sharded and self.aggregation == "mean":
+            self.buckets = GradientBuckets(named, bucket_bytes, self._collective)
+
+    def send_during_backward(self) -> None:
+        """The next backward pass is the step's last: send each bucket from inside it as it completes.
+        Not on a rank that corrupts its gradients (the fault injector needs them whole before any is sent)."""
+        corrupts = self.faults.get(self.rank, ("",))[0] not in ("", "oom")
+        if self.buckets is not None and self.overlap and not corrupts:
+            self.buckets.armed = True
+
+    def _fault(self, step: int) -> str:
+        kind, from_step = self.faults.get(self.rank, ("", 0))
+        return kind if kind != "oom" and step >= from_step else ""
+
     def sync_gradients(self, params: list[torch.Tensor], step: int) -> list[int]:
         """Sum the step's gradients over every process (or aggregate them robustly), in place.
         Returns the ranks whose gradients were outliers this step."""
         if not self.distributed or self.sharded:  # FSDP has reduce-scattered them during backward
             return []
+        if self.buckets is not None:  # sent during backward or by sync_step: wait for the sums
+            return outlier_ranks(self.buckets.wait(keep=True))
         grads = []
         for p in params:  # a parameter no micro-batch reached contributes zeros
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        kind, from_step = self.faults.get(self.rank, ("", 0))
-        if kind not in ("", "oom") and step >= from_step:
-            inject_fault(grads, kind, step)
-        if self.aggregation == "mean":
-            # Each rank's gradient norm rides in the first bucket, in its own slot: summed, they give every
-            # rank all the norms, with no collective of their own.
-            norms = torch.zeros(self.world_size, dtype=grads[0].dtype, device=grads[0].device)
-            norms[self.rank] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            self._all_reduce_buckets(grads, norms)
-            return outlier_ranks(norms.tolist())
+        if self._fault(step):
+            inject_fault(grads, self._fault(step), step)
         return self._robust(grads)
-
-    def _all_reduce_buckets(self, grads: list[torch.Tensor], extra: torch.Tensor) -> None:
-        """Sum `grads` over every process in place, in buckets of about BUCKET_BYTES; `extra` (a small
-        vector of the first gradient's dtype) is summed with the first bucket."""
-        pending = []
-        for i, bucket in enumerate(_buckets(grads, BUCKET_BYTES)):
-            flat = torch.cat([g.reshape(-1) for g in bucket] + ([extra] if i == 0 else []))
-            pending.append((bucket, flat, self._collective(dist.all_reduce, flat, async_op=True)))
-        for i, (bucket, flat, work) in enumerate(pending):
-            self._collective(work.wait)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-            if i == 0:
-                extra.copy_(flat[offset:])
 
     def _robust(self, grads: list[torch.Tensor]) -> list[int]:
         flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -343,17 +348,95 @@ def _restart_store(world: int, timeout: timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"mistral-tune/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def _buckets(grads: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
-    buckets: list[list[torch.Tensor]] = []
-    size = 0
-    for g in grads:
-        nbytes = g.numel() * g.element_size()
-        if not buckets or size + nbytes > limit or buckets[-1][0].dtype != g.dtype:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(g)
-        size += nbytes
-    return buckets
+_LAYER = re.compile(r"(?:^|\.)layers\.\d+\.")
+
+
+def _layer(name: str) -> str | None:
+    """The decoder layer a parameter belongs to (`model.layers.3.`), None outside the layers."""
+    found = _LAYER.search(name)
+    return name[:found.end()] if found else None
+
+
+class GradientBuckets:
+    """The ddp gradients summed over every process in all-reduces of about `limit` bytes each.
+
+    Buckets hold the parameters in reverse order, the order backward reaches them, and never split a
+    decoder layer: a checkpointed layer taken one batch row at a time accumulates its gradients once
+    per row, all within that layer's backward. So while armed (the step's last backward pass), when a
+    gradient of bucket b arrives, every bucket before b is complete and is sent (async all-reduce of a
+    flat copy; the gradients themselves stay this process's own until `wait`). A collective is matched
+    by its place in each process's sequence: buckets go in index order on every process, whatever
+    order the hooks fire in. `flush` sends what is left, the last bucket carrying every rank's
+    gradient norm (each rank fills its own slot; the sum gives every rank all of them)."""
+
+    def __init__(self, named: dict[str, torch.Tensor], limit: int, collective) -> None:
+        self.collective = collective
+        self.buckets: list[list[torch.Tensor]] = []
+        size, last_layer = 0, None
+        for name, p in reversed(list(named.items())):
+            layer = _layer(name)
+            nbytes = p.numel() * p.element_size()
+            same_layer = layer is not None and layer == last_layer
+            if (not self.buckets or self.buckets[-1][0].dtype != p.dtype
+                    or not same_layer and size + nbytes > limit):
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size, last_layer = size + nbytes, layer
+        self.bucket_of = {p: b for b, bucket in enumerate(self.buckets) for p in bucket}
+        for p in self.bucket_of:
+            p.register_post_accumulate_grad_hook(self._arrived)
+        self.armed = False
+        self.pending: list[tuple[list[torch.Tensor], torch.Tensor, object]] = []
+
+    def _arrived(self, p: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        b = self.bucket_of[p]
+        if b < len(self.pending):  # the premise of the order above broke: fail loudly, never sum a partial gradient
+            raise RuntimeError(f"a gradient of bucket {b} arrived after the bucket was sent (parameter of shape "
+                               f"{tuple(p.shape)}); set overlap_gradient_sync: false")
+        while len(self.pending) < b:
+            self._send(len(self.pending))
+
+    def _send(self, b: int, extra: torch.Tensor | None = None) -> None:
+        bucket = self.buckets[b]
+        for p in bucket:  # a parameter backward has not reached (yet: none of this bucket will be) adds zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket] + ([extra] if extra is not None else []))
+        self.pending.append((bucket, flat, self.collective(dist.all_reduce, flat, async_op=True)))
+
+    def flush(self, rank: int, world: int, fault: str = "", step: int = 0) -> None:
+        """Send the buckets not sent yet (all of them when backward did not); `fault` corrupts this
+        rank's gradients first (the fault injector: only where nothing was sent during backward)."""
+        self.armed = False
+        for p in self.bucket_of:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.bucket_of]
+        if fault:
+            inject_fault(grads, fault, step)
+        norms = torch.zeros(world, dtype=self.buckets[-1][0].dtype, device=grads[0].device)
+        norms[rank] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        while len(self.pending) < len(self.buckets) - 1:
+            self._send(len(self.pending))
+        self._send(len(self.buckets) - 1, norms)
+
+    def wait(self, keep: bool) -> list[float]:
+        """Wait for the sums; keep: copy them into the gradients. Every rank's gradient norm."""
+        norms: list[float] = []
+        for bucket, flat, work in self.pending:
+            self.collective(work.wait)
+            if not keep:
+                continue
+            offset = 0
+            for p in bucket:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+            norms = flat[offset:].tolist()
+        self.pending = []
+        return norms
 
 
 # ---------------------------------------------------------------------- robust aggregation
@@ -427,6 +510,11 @@ def check_distributed_config(cfg, world: int) -> None:
     if cfg.adapter != "none":
         raise ConfigError(f"distributed: fsdp with adapter: {cfg.adapter} is not supported yet (adapters over a "
                           "sharded base); use distributed: ddp, which needs the base to fit one device")
+    if cfg.eval.requested:
+        raise ConfigError("eval: evaluations during training (tasks, forgetting, needle, early stopping) with "
+                          "distributed: fsdp are not supported: they run on rank 0 alone, and sharded weights "
+                          "take every process to each forward pass; train without them and run `mistral-tune "
+                          "eval` on the result")
     if cfg.auto_micro_batch:
         raise ConfigError("auto_micro_batch with distributed: fsdp is not supported: the sharded weights are "
                           "gathered inside forward and backward, where one process's out-of-memory cannot be "

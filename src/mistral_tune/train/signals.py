@@ -1,5 +1,7 @@
 """Stop requests: SIGTERM or SIGINT asks the loop to finish its step, checkpoint and exit; a second
-Ctrl-C stops at once (the checkpoint writer removes its temporary directory on the way out).
+Ctrl-C stops at once (the checkpoint writer removes its temporary directory on the way out). The
+request is heard for the whole run: while it loads (the loop then takes no step) and while the
+final result is saved (which then finishes).
 
 Repeated SIGTERMs are ignored, also after the loop: a scheduler may send several while the process
 writes its checkpoint and exits, and the default action (die with 143) would turn a completed
@@ -32,8 +34,8 @@ class StopRequest:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
             # os.write, not print: a handler may run in the middle of another print to the same stream.
-            os.write(2, (f"\n{self.signal_name} received: finishing this step and writing a checkpoint "
-                         "(Ctrl-C again to quit at once)\n").encode())
+            os.write(2, (f"\n{self.signal_name} received: finishing this step and writing a checkpoint, or "
+                         "stopping before the first (Ctrl-C again to quit at once)\n").encode())
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mistral_tune.config import ALL_PROJECTIONS, Config, config_from_dict, load_config, parse_override
 from mistral_tune.errors import ConfigError, MistralTuneError
@@ -234,6 +236,17 @@ def test_overrides_parse_numbers_bools_null_and_strings(tmp_path: Path) -> None:
     assert cfg.warmup_steps is None and cfg.warmup_ratio == pytest.approx(0.2)
     assert cfg.output_dir == "runs/a=b"
     assert cfg.max_steps is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True).map(str),
+                      st.sampled_from(["0", "007", "0x10", "1_000", "1e3", "true", "no", "on", ".5", "0o17"])))
+def test_overrides_of_text_keys_keep_the_text_as_typed(tmp_path_factory, name: str) -> None:
+    """`output_dir=2024` was read as the number 2024 and refused; `output_dir=0x10` would have become 16."""
+    path = write(tmp_path_factory.mktemp("c"), "base_model: m\ndatasets:\n  - path: a.jsonl\n")
+    cfg = load_config(path, [f"output_dir={name}", f"datasets.0.path={name}", f"tokenizer={name}"])
+    assert cfg.output_dir == name and cfg.datasets[0].path.endswith(name) and cfg.tokenizer.endswith(name)
+    assert load_config(path, [f"lora_r={7}", "tokenizer=null"]).tokenizer is None  # typed keys still typed
 
 
 def test_override_nested_dataset_field(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -582,6 +583,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _takes_text_only(path: list[str]) -> bool:
+    """Whether the key at `path` holds text and nothing else YAML could read a value as (a number, a
+    bool): such an override keeps the text as typed."""
+    annotation: Any = Config
+    for part in path:
+        kinds = _kinds(annotation) - {type(None)}
+        annotation = kinds.pop() if len(kinds) == 1 else annotation  # `X | None`: X
+        if typing.get_origin(annotation) is list and part.isdigit():
+            annotation = typing.get_args(annotation)[0]
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and part in annotation.model_fields:
+            annotation = annotation.model_fields[part].annotation
+        else:
+            return False
+    kinds = _kinds(annotation)
+    return str in kinds and not kinds & {int, float, bool}
+
+
+def _kinds(annotation: Any) -> set:
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return set(typing.get_args(annotation)) if union else {annotation}
+
+
 def _apply_override(data: dict, path: list[str], value: Any) -> None:
     node: Any = data
     for part in path[:-1]:
@@ -628,6 +651,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
     for text in overrides:
         keys, value = parse_override(text)
+        if not isinstance(value, str) and value is not None and _takes_text_only(keys):
+            value = text.split("=", 1)[1]  # output_dir=2024 names a folder, not a number
         _apply_override(data, keys, value)
     base = path.resolve().parent
     entries = [ds for key in ("datasets", "val_datasets") if isinstance(data.get(key), list) for ds in data[key]]

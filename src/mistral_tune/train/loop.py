@@ -239,10 +239,18 @@ def _load(cfg: Config, rt: Runtime):
     return model_dir, tokenizer, model, data
 
 
-def one_sample_rows(cfg: Config, model) -> bool:
+def count_steps(n_rows: int, micro_batch_size: int, rows_per_step: int, num_epochs: float,
+                max_steps: int | None = None) -> int:
+    """Optimizer steps of a run: max_steps, else num_epochs passes over the rows."""
+    micro_per_epoch = math.ceil(n_rows / micro_batch_size)
+    per_epoch = max(1, micro_per_epoch * micro_batch_size // rows_per_step)
+    return max_steps or max(1, math.ceil(per_epoch * num_epochs))
+
+
+def one_sample_rows(cfg: Config, model_cfg) -> bool:
     """Whether the fast path's rows hold one sample each that no sliding window cuts: no packing,
     and rows no longer than the window. Such rows take the causal kernel and vary in length."""
-    window = model.config.sliding_window
+    window = model_cfg.sliding_window
     return not cfg.sample_packing and (window is None or cfg.sequence_len <= window)
 
 
@@ -331,7 +339,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
     if cfg.offload_activations and not (cfg.gradient_checkpointing and rt.device.type == "cuda"):
         raise ConfigError("offload_activations: true needs gradient_checkpointing: true and a CUDA GPU")
-    one_sample = fast and one_sample_rows(cfg, model)
+    one_sample = fast and one_sample_rows(cfg, model.config)
     if fast:  # rows of one sample vary in length: their layers compile for dynamic shapes
         model.use_fast_path(one_sample_rows=one_sample, dynamic=one_sample)
     attention = ("SDPA's causal kernel (rows of one sample), decoder layers compiled for any row length"
@@ -370,9 +378,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         progress.rescale_to(rt.world_size, resume_from.path, echo)
 
     # Steps follow the rows per step, which stay the checkpoint's on another number of processes.
-    micro_per_epoch = math.ceil(len(rows) / cfg.micro_batch_size)
-    steps_per_epoch = max(1, micro_per_epoch * cfg.micro_batch_size // progress.rows_per_step)
-    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
+    steps_per_epoch = count_steps(len(rows), cfg.micro_batch_size, progress.rows_per_step, 1)
+    total_steps = count_steps(len(rows), cfg.micro_batch_size, progress.rows_per_step, cfg.num_epochs, cfg.max_steps)
     warmup = warmup_steps(cfg, total_steps)
     echo(f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), warm-up {warmup}, effective batch "
          f"{progress.rows_per_step} rows" + (f" over {rt.world_size} processes" if rt.distributed else ""))

@@ -218,6 +218,31 @@ def _cmd_validate(args) -> None:
         print(f"eval: {', '.join(ev.name for ev in evals)} (data read and tokenized)")
 
 
+def _cmd_plan(args) -> None:
+    from .config import load_config
+    from .plan import detect_gpu, find_gpu, make_plan
+    from .train.loop import read_inputs
+
+    if args.memory_gib is not None and args.memory_gib <= 0:
+        raise ConfigError(f"--memory-gib {args.memory_gib}: must be above 0")
+    cfg = load_config(args.config, args.overrides)
+    if args.gpu:
+        gpu, seen = find_gpu(args.gpu), "named"
+    else:
+        gpu, name = detect_gpu()
+        seen = f"detected ({name})" if gpu else ""
+        if gpu is None and args.memory_gib is None:
+            raise ConfigError((f"GPU {name!r} is not in the table" if name else "no CUDA GPU here")
+                              + "; name one with --gpu (H200, H100, A100-80GB, L40S, RTX4090, ...) or give "
+                              "--memory-gib")
+    model_dir, model_cfg, _, data = read_inputs(cfg)
+    print(f"plan for {args.config}: model {model_dir}" + (f"; GPU {seen}" if seen else ""))
+    for line in data.report.warnings:
+        print(f"warning: {line}")
+    for line in make_plan(cfg, model_cfg, data, gpu, args.memory_gib).lines:
+        print(line)
+
+
 def _data_setup(args):
     """Config and tokenizer for the data commands: no model weights are loaded."""
     from .chat import load_tokenizer
@@ -300,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("plan", help="predict peak GPU memory, tokens/s and wall time; propose settings that fit "
+                       "(reads config.json, tokenizer and data; no weights)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--gpu", help="plan for this GPU (H200, H100, H100-PCIe, A100-80GB, A100-40GB, L40S, A10, L4, "
+                   "RTX4090, RTX3090); default: the one detected")
+    p.add_argument("--memory-gib", type=float, help="memory budget in GiB (default: the GPU's)")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model (HF format)")
     p.add_argument("run_or_adapter", help="a run's output_dir or an adapter directory")

@@ -24,7 +24,6 @@ which and gives predicted against measured for every recorded configuration.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from .errors import ConfigError
@@ -97,8 +96,9 @@ class Setup:
     accumulation: int = 1
 
     def label(self) -> str:
-        mode = ("checkpointing + offload" if self.offload else "checkpointing") if self.checkpointing else "no recompute"
-        return (f"{self.adapter}, {mode}, micro-batch {self.micro_batch_size} x {self.accumulation} accumulation")
+        mode = (("gradient_checkpointing + offload_activations" if self.offload else "gradient_checkpointing")
+                if self.checkpointing else "no checkpointing")
+        return f"{self.adapter}, {mode}, micro_batch_size {self.micro_batch_size} x {self.accumulation} accumulation"
 
 
 @dataclass
@@ -255,9 +255,15 @@ def setup_from_config(cfg, fast: bool = True) -> Setup:
                  cfg.micro_batch_size, cfg.gradient_accumulation_steps)
 
 
-def _hms(seconds: float) -> str:
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
     minutes = round(seconds / 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def _size(gib: float) -> str:
+    return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.0f} MiB"
 
 
 def detect_gpu() -> tuple[GPU | None, str]:
@@ -311,14 +317,16 @@ def make_plan(cfg, model_cfg, data, gpu: GPU | None, memory_gib: float | None) -
     if not s0.fast:
         lines.append("fast_path: false: the plain path is modelled with the fast path's speed (not measured)")
 
-    def describe(p: Prediction, wall: float | None) -> str:
-        speed = (f"{p.tokens_per_s:,.0f} tokens/s, {p.step_s:.2f} s/step, {_hms(wall)}"
-                 if p.tokens_per_s else "speed not predicted (float32, or an unknown GPU)")
-        fits = "fits" if p.device_gib <= budget else "does NOT fit"
-        return (f"peak {p.peak_gib:.1f} GiB (weights {p.weights_gib:.1f}, trained + AdamW {p.trained_gib:.1f}, "
-                f"activations {p.activations_gib:.1f}); {p.device_gib:.1f} GiB with the CUDA context: {fits}; {speed}")
+    def row(label: str, p: Prediction, wall: float | None) -> str:
+        speed = (f"{p.tokens_per_s:,.0f} | {p.step_s:.2f} | {_duration(wall)}" if p.tokens_per_s
+                 else "not predicted (float32 or an unknown GPU) | |")
+        return (f"| {label} | {_size(p.peak_gib)} | {_size(p.weights_gib)} + {_size(p.trained_gib)} + "
+                f"{_size(p.activations_gib)} | {_size(p.device_gib)} | {'yes' if p.device_gib <= budget else 'NO'} "
+                f"| {speed} |")
 
-    lines.append("as configured: " + describe(p0, wall0))
+    header = ["| settings | peak (max_memory_allocated) | weights + trained/AdamW + activations "
+              "| with CUDA context and slack | fits | tokens/s | s/step | wall |", "|---|---|---|---|---|---|---|---|"]
+    lines += header + [row("as configured: " + s0.label(), p0, wall0)]
     # Candidates: recompute modes, QLoRA, smaller micro-batches (same rows per step), shorter rows.
     options = []
     adapters = [cfg.adapter] + (["qlora"] if cfg.adapter == "lora" else ["lora", "qlora"] if cfg.adapter == "none"
@@ -334,19 +342,17 @@ def make_plan(cfg, model_cfg, data, gpu: GPU | None, memory_gib: float | None) -
                                 micro_batch_size=mbs, accumulation=max(1, effective // mbs))
                     p, wall, _, dropped = run(s, seq)
                     if p.device_gib <= budget:
-                        keys = [f"adapter: {adapter}", f"gradient_checkpointing: {str(ckpt).lower()}",
-                                f"offload_activations: {str(off).lower()}", f"micro_batch_size: {mbs}",
-                                f"gradient_accumulation_steps: {s.accumulation}"]
-                        if seq != cfg.sequence_len:
-                            keys.append(f"sequence_len: {seq} ({dropped:,} samples longer would be dropped)")
-                        options.append((", ".join(keys), p, wall))
+                        label = s.label() + (f", sequence_len {seq} ({dropped:,} longer samples dropped)"
+                                             if seq != cfg.sequence_len else "")
+                        options.append((label, p, wall))
                         break  # the largest micro-batch that fits is the fastest of this kind
         if options:
             break  # shorter rows only when nothing fits at the configured length
     options.sort(key=lambda o: -(o[1].tokens_per_s or 0))
     if options:
-        lines.append(f"settings that fit in {budget:.1f} GiB, fastest first:")
-        lines += [f"  {keys}: {describe(p, wall)}" for keys, p, wall in options[:6]]
+        lines.append(f"settings that fit in {budget:.1f} GiB, fastest first (the largest micro-batch of each kind; "
+                     "the same rows per optimizer step):")
+        lines += header + [row(*option) for option in options[:6]]
     else:
         lines.append(f"nothing fits in {budget:.1f} GiB, even at micro-batch 1, QLoRA with offload and rows of "
                      f"{seq_lens[-1]}: use a GPU with more memory")

@@ -199,8 +199,6 @@ def prepare(cfg: Config, check_output: bool = True):
     Cheap checks come first (config.json, tokenizer, data) so a bad dataset is reported before
     gigabytes of weights are read.
     """
-    if cfg.base_model is None:
-        raise ConfigError("missing key 'base_model': the model to train (a local HF model directory or a hub id)")
     if check_output:
         check_output_dir(cfg)
     rt = Runtime.detect(cfg)
@@ -211,7 +209,11 @@ def prepare(cfg: Config, check_output: bool = True):
         raise
 
 
-def _load(cfg: Config, rt: Runtime):
+def read_inputs(cfg: Config, main_first=lambda build: build()):
+    """Everything but the weights, checked: (model_dir, model config, tokenizer, data). main_first
+    runs the data build (Runtime.main_first: rank 0 fills the token cache, the others read it)."""
+    if cfg.base_model is None:
+        raise ConfigError("missing key 'base_model': the model to train (a local HF model directory or a hub id)")
     model_dir = resolve_model_dir(cfg.base_model)
     model_cfg = read_config(model_dir)
     if is_bnb_4bit(model_dir) and cfg.adapter != "qlora":
@@ -225,8 +227,13 @@ def _load(cfg: Config, rt: Runtime):
             f"embedding has {model_cfg.vocab_size} rows; pick the tokenizer that matches the model "
             "(v1: 32000, v3/v7: 32768, tekken: 131072)"
         )
-    data = rt.main_first(lambda: build_dataset(cfg, tokenizer))  # rank 0 fills the token cache, the others read it
+    data = main_first(lambda: build_dataset(cfg, tokenizer))
     data.report.warnings += model_fit_warnings(cfg, model_dir, model_cfg, tokenizer)
+    return model_dir, model_cfg, tokenizer, data
+
+
+def _load(cfg: Config, rt: Runtime):
+    model_dir, model_cfg, tokenizer, data = read_inputs(cfg, rt.main_first)
     weights_dtype = rt.autocast_dtype if (rt.autocast_dtype and cfg.adapter != "none") else torch.float32
     if cfg.adapter == "qlora":
         # Read to host memory, then quantize one projection at a time onto the device: the device

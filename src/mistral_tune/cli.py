@@ -209,6 +209,8 @@ def _cmd_validate(args) -> None:
     cfg = load_config(args.config, args.overrides)
     _, model_dir, tokenizer, model, data = prepare(cfg, check_output=False)
     print(f"config OK; model {model_dir}: {describe(model.config)}; tokenizer {tokenizer.source_file.name}")
+    for line in cfg.preset_lines():
+        print(line)
     for line in data.report.lines():
         print(line)
     from .evaluate.run import build_evaluations

@@ -169,7 +169,7 @@ def run_variant(variant: str, seq: int, bs: int, layers: int, steps: int, warm: 
     del model, opt, params
     setup = Setup(adapter="qlora" if v["qlora"] else "lora", checkpointing=v["ckpt"], offload=v["offload"],
                   by_row=v["by_row"], fast=cuda, bf16=True, micro_batch_size=bs)
-    gpu = find_gpu(torch.cuda.get_device_name(0)) if cuda else find_gpu("H200")
+    gpu = find_gpu(torch.cuda.get_device_name(0) if cuda else "H200")  # --smoke: any row of the table
     p = predict(cfg, setup, bench_batches(variant, seq, bs), gpu)
     return dict(variant=variant, layers=layers, seq=seq, bs=bs, gpu=gpu.name if cuda else "cpu (smoke)",
                 peak_gib=round(peak, 3), predicted_peak_gib=round(p.peak_gib, 3),
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--bs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warm", type=int, default=3)
-    parser.add_argument("--budget-s", type=float, default=140, help="start no new variant after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=100, help="start no new variant after this many seconds")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = parser.parse_args()
     t0 = time.time()

@@ -24,7 +24,10 @@ which and gives predicted against measured for every recorded configuration.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -280,32 +283,40 @@ def detect_gpu() -> tuple[GPU | None, str]:
 
 def make_plan(cfg, model_cfg, data, gpu: GPU | None, memory_gib: float | None) -> Plan:
     """Predict the configured run and propose settings that fit `memory_gib` (default: the GPU's)."""
-    from .data.pack import make_rows, pack_rows
+    from .data.pack import pack_rows, sample_lengths
     from .train.loop import count_steps, one_sample_rows
 
     budget = memory_gib if memory_gib is not None else gpu.memory_gib
-    lengths, trained = data.train.lengths, data.train.trained
+    lengths = np.asarray(sample_lengths(data.train))
+    trained = np.asarray([s.n_trained for s in data.train] if getattr(data.train, "trained", None) is None
+                         else data.train.trained)
+    s0 = setup_from_config(cfg)
     window = model_cfg.sliding_window
 
-    def run(s: Setup, sequence_len: int):
+    @functools.cache
+    def rows_of(sequence_len: int) -> list[list[int]]:  # the training rows, were rows this long
         keep = [k for k in range(len(lengths)) if lengths[k] <= sequence_len]
-        if cfg.sample_packing:
-            packed = pack_rows([int(lengths[k]) for k in keep], sequence_len)
-            rows = [[keep[j] for j in r] for r in packed]
-        else:
-            rows = [[k] for k in keep]
+        if not cfg.sample_packing:
+            return [[k] for k in keep]
+        return [[keep[j] for j in r] for r in pack_rows([int(lengths[k]) for k in keep], sequence_len)]
+
+    @functools.cache
+    def batches_of(sequence_len: int, micro_batch_size: int) -> list[MicroBatch]:
         one_sample = one_sample_rows(cfg.model_copy(update={"sequence_len": sequence_len}), model_cfg)
-        batches = micro_batches(rows, lengths, trained, s.micro_batch_size, cfg.seed, sequence_len,
-                                cfg.sample_packing, s.fast, window, one_sample)
-        p = predict(model_cfg, s, batches, gpu)
+        return micro_batches(rows_of(sequence_len), lengths, trained, micro_batch_size, cfg.seed, sequence_len,
+                             cfg.sample_packing, s0.fast, window, one_sample)
+
+    def run(s: Setup, sequence_len: int):
+        rows = rows_of(sequence_len)
+        p = predict(model_cfg, s, batches_of(sequence_len, s.micro_batch_size), gpu)
         steps = count_steps(len(rows), s.micro_batch_size, s.micro_batch_size * s.accumulation, cfg.num_epochs,
                             cfg.max_steps)
         wall = steps * p.step_s if p.step_s is not None else None
-        return p, wall, steps, len(lengths) - len(keep)
+        dropped = len(lengths) - sum(len(r) for r in rows)
+        return p, wall, steps, dropped
 
-    s0 = setup_from_config(cfg)
     p0, wall0, steps0, _ = run(s0, cfg.sequence_len)
-    rows0 = make_rows(data.train, cfg.sequence_len, cfg.sample_packing)
+    rows0 = rows_of(cfg.sequence_len)
     lines = [
         f"{len(lengths):,} training samples, {int(lengths.sum()):,} tokens ({int(trained.sum()):,} trained) -> "
         f"{len(rows0):,} rows of up to {cfg.sequence_len} ({'packed' if cfg.sample_packing else 'one sample each'}); "

@@ -3,11 +3,12 @@
 Without --run: every configuration recorded in bench/results/ by the current code (RECORDS), the
 plan's predicted peak memory and tokens/s against the measured ones (tests/test_plan.py checks
 each within 10%). With --run (a GPU): a few short real trainings on random weights of
-Mistral-7B-v0.3 shapes cut to --layers layers (gpu_bench.py's model, rows and step), each measured
+Mistral-7B-v0.3 and Mistral-Nemo-12B shapes cut to --layers layers (gpu_bench.py's rows and step), each
+in a process of its own and measured
 (peak `max_memory_allocated` over the steps, median tokens/s) and compared with the prediction for
 the same shape, setting and the GPU detected. Table last; JSON under $OUT.
 
-    python3 bench/plan_check.py --run --out "$OUT"          # one H200: about 2 minutes
+    python3 bench/plan_check.py --run --out "$OUT"          # one H200: at most --budget-s (140 s)
     python3 bench/plan_check.py --run --smoke               # CPU, toy sizes: checks the script runs
 """
 
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,17 +108,25 @@ def print_table(rows: list[dict]) -> None:
 
 
 # --------------------------------------------------------------------------- new runs
-def run_variant(variant: str, seq: int, bs: int, layers: int, steps: int, warm: int, device: str) -> dict:
+SHAPES = {  # Mistral-7B-v0.3 (gpu_bench.py's) and Mistral-Nemo-12B: hidden 5120, head_dim 128, tekken's vocabulary
+    "7b": gpu_bench.SHAPE,
+    "12b": dict(gpu_bench.SHAPE, hidden_size=5120, num_hidden_layers=40, head_dim=128, vocab_size=131072,
+                max_position_embeddings=131072),
+}
+
+
+def run_variant(shape_name: str, variant: str, seq: int, bs: int, layers: int, steps: int, warm: int,
+                device: str) -> dict:
     import torch
 
     from mistral_tune.train.optim import token_loss_sum
 
     v = gpu_bench.OURS[variant]
     cuda = device == "cuda"
-    shape = dict(gpu_bench.SHAPE, num_hidden_layers=layers)
+    shape = dict(SHAPES[shape_name], num_hidden_layers=layers)
     if not cuda:  # --smoke: toy sizes on the CPU's plain path
         shape.update(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                     vocab_size=512)
+                     head_dim=32, vocab_size=512)
     cfg = MistralConfig(**shape)
     from mistral_tune.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import MistralForCausalLM
@@ -171,7 +181,8 @@ def run_variant(variant: str, seq: int, bs: int, layers: int, steps: int, warm: 
                   by_row=v["by_row"], fast=cuda, bf16=True, micro_batch_size=bs)
     gpu = find_gpu(torch.cuda.get_device_name(0) if cuda else "H200")  # --smoke: any row of the table
     p = predict(cfg, setup, bench_batches(variant, seq, bs), gpu)
-    return dict(variant=variant, layers=layers, seq=seq, bs=bs, gpu=gpu.name if cuda else "cpu (smoke)",
+    return dict(shape=shape_name, variant=variant, layers=layers, seq=seq, bs=bs,
+                gpu=gpu.name if cuda else "cpu (smoke)",
                 peak_gib=round(peak, 3), predicted_peak_gib=round(p.peak_gib, 3),
                 tokens_per_s=round(bs * seq / med), predicted_tokens_per_s=round(p.tokens_per_s))
 
@@ -180,33 +191,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="store_true", help="also train short runs on this machine's GPU")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (checks the script runs)")
-    parser.add_argument("--variants", default="ours_fast,ours_lean,ours_qlora")
+    parser.add_argument("--variants", default="7b:ours_fast,7b:ours_lean,12b:ours_lean,7b:ours_qlora",
+                        help="SHAPE:VARIANT, comma-separated; shapes: 7b, 12b; variants: gpu_bench.py's")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--bs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warm", type=int, default=3)
-    parser.add_argument("--budget-s", type=float, default=100, help="start no new variant after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=140, help="all runs together stop after this many seconds")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    seq, bs, layers, steps, warm = ((args.seq, args.bs, args.layers, args.steps, args.warm) if not args.smoke
+                                    else (64, 2, 2, 2, 1))
+    if args.worker:  # one run in a process of its own: clean peak-memory counters and compile caches
+        print("RESULT " + json.dumps(run_variant(*args.worker.split(":"), seq, bs, layers, steps, warm, device)))
+        return
     t0 = time.time()
     report = {"recorded": recorded_configurations(), "runs": []}
     if args.run:
         import torch
 
-        device = "cpu" if args.smoke else "cuda"
         if device == "cuda" and not torch.cuda.is_available():
             parser.error("--run needs a CUDA GPU (or --smoke)")
-        seq, bs, layers, steps, warm = ((args.seq, args.bs, args.layers, args.steps, args.warm) if not args.smoke
-                                        else (64, 2, 2, 2, 1))
-        variants = [v for v in args.variants.split(",") if v]
-        if args.smoke:
-            variants = [v for v in variants if not gpu_bench.OURS[v]["qlora"]]  # bitsandbytes needs a GPU
-        for variant in variants:
-            if time.time() - t0 > args.budget_s:
-                report["runs"].append(dict(variant=variant, skipped=f"time budget {args.budget_s}s spent"))
+        runs = [v for v in args.variants.split(",") if v]
+        if args.smoke:  # bitsandbytes needs a GPU
+            runs = [v for v in runs if not gpu_bench.OURS[v.split(":")[1]]["qlora"]]
+        for run in runs:
+            left = args.budget_s - (time.time() - t0)
+            if left < 20:
+                report["runs"].append(dict(run=run, skipped=f"time budget {args.budget_s}s spent"))
                 continue
-            res = run_variant(variant, seq, bs, layers, steps, warm, device)
+            cmd = [sys.executable, __file__, "--worker", run] + ["--smoke"] * args.smoke + [
+                "--layers", str(layers), "--seq", str(seq), "--bs", str(bs), "--steps", str(steps), "--warm", str(warm)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+                log = proc.stdout + proc.stderr
+            except subprocess.TimeoutExpired:
+                log = f"TIMEOUT after {left:.0f}s"
+            line = next((ln for ln in log.splitlines() if ln.startswith("RESULT ")), None)
+            res = json.loads(line[7:]) if line else dict(run=run, error=log.strip().splitlines()[-3:])
             res["wall_s"] = round(time.time() - t0, 1)
             print(json.dumps(res), flush=True)
             report["runs"].append(res)
@@ -214,15 +239,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan_check.json").write_text(json.dumps(report, indent=2) + "\n")
     print_table(report["recorded"])
-    runs = [r for r in report["runs"] if "skipped" not in r]
-    if runs:
+    if report["runs"]:
         print()
-        print("| new run | GPU | layers | seq x bs | peak GiB measured / predicted | tokens/s measured / predicted |")
+        print("| new run | GPU | layers | seq x bs | peak GiB measured / predicted (error) "
+              "| tokens/s measured / predicted (error) |")
         print("|---|---|---|---|---|---|")
-        for r in runs:
-            print(f"| {r['variant']} | {r['gpu']} | {r['layers']} | {r['seq']} x {r['bs']} | "
-                  f"{r['peak_gib']} / {r['predicted_peak_gib']} | {r['tokens_per_s']:,} / "
-                  f"{r['predicted_tokens_per_s']:,} |")
+        for r in report["runs"]:
+            if "variant" not in r:
+                print(f"| {r['run']} | {r.get('skipped') or r.get('error')} | | | | |")
+                continue
+            print(f"| {r['shape']} {r['variant']} | {r['gpu']} | {r['layers']} | {r['seq']} x {r['bs']} | "
+                  f"{r['peak_gib']} / {r['predicted_peak_gib']} ({100 * error(r, 'peak_gib'):+.1f}%) | "
+                  f"{r['tokens_per_s']:,} / {r['predicted_tokens_per_s']:,} ({100 * error(r, 'tokens_per_s'):+.1f}%) |")
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def _cmd_validate(args) -> None:
 
 def _cmd_plan(args) -> None:
     from .config import load_config
-    from .plan import detect_gpu, find_gpu, make_plan
+    from .plan import GPUS, detect_gpu, find_gpu, make_plan
     from .train.loop import read_inputs
 
     if args.memory_gib is not None and args.memory_gib <= 0:
@@ -235,8 +235,7 @@ def _cmd_plan(args) -> None:
         seen = f"detected ({name})" if gpu else ""
         if gpu is None and args.memory_gib is None:
             raise ConfigError((f"GPU {name!r} is not in the table" if name else "no CUDA GPU here")
-                              + "; name one with --gpu (H200, H100, A100-80GB, L40S, RTX4090, ...) or give "
-                              "--memory-gib")
+                              + f"; name one with --gpu ({', '.join(g.name for g in GPUS)}) or give --memory-gib")
     model_dir, model_cfg, _, data = read_inputs(cfg)
     print(f"plan for {args.config}: model {model_dir}" + (f"; GPU {seen}" if seen else ""))
     for line in data.report.warnings:
@@ -332,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(reads config.json, tokenizer and data; no weights)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--gpu", help="plan for this GPU (H200, H100, H100-PCIe, A100-80GB, A100-40GB, L40S, A10, L4, "
-                   "RTX4090, RTX3090); default: the one detected")
+    p.add_argument("--gpu", help="plan for this GPU, e.g. H100 (an unknown name lists the known ones); default: the "
+                   "one detected")
     p.add_argument("--memory-gib", type=float, help="memory budget in GiB (default: the GPU's)")
     p.set_defaults(func=_cmd_plan)
 

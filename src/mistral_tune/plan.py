@@ -327,6 +327,9 @@ def make_plan(cfg, model_cfg, data, gpu: GPU | None, memory_gib: float | None) -
     ]
     if not s0.fast:
         lines.append("fast_path: false: the plain path is modelled with the fast path's speed (not measured)")
+    if cfg.adapter == "none":
+        lines.append("adapter: none is planned for one process holding the whole model; train --gpus N shards its "
+                     "weights, gradients and AdamW state over the N (FSDP), which this plan does not model")
 
     def row(label: str, p: Prediction, wall: float | None) -> str:
         speed = (f"{p.tokens_per_s:,.0f} | {p.step_s:.2f} | {_duration(wall)}" if p.tokens_per_s

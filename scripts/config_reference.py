@@ -7,6 +7,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from mistral_tune.config import (
+    PRESETS,
     CleaningConfig,
     Config,
     DatasetConfig,
@@ -45,6 +46,11 @@ def render() -> str:
             desc = (field.description or "").replace("|", "\\|")
             lines.append(f"| `{name}` | {_type(field)} | {_default(field)} | {desc} |")
         lines.append("")
+    lines += ["## Presets", "", "`preset: NAME` fills the keys a config leaves out; its own keys win.", "",
+              "| preset | what for | keys |", "|---|---|---|"]
+    for name, (what, keys) in PRESETS.items():
+        lines.append(f"| `{name}` | {what} | {', '.join(f'`{k}: {v}`' for k, v in keys.items())} |")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -211,6 +211,8 @@ def _cmd_validate(args) -> None:
     cfg = load_config(args.config, args.overrides)
     _, model_dir, tokenizer, model, data = prepare(cfg, check_output=False)
     print(f"config OK; model {model_dir}: {describe(model.config)}; tokenizer {tokenizer.source_file.name}")
+    for line in cfg.preset_lines():
+        print(line)
     for line in data.report.lines():
         print(line)
     from .evaluate.run import build_evaluations
@@ -218,6 +220,30 @@ def _cmd_validate(args) -> None:
     evals = build_evaluations(cfg.eval, tokenizer, model.config, cfg.sequence_len)
     if evals:
         print(f"eval: {', '.join(ev.name for ev in evals)} (data read and tokenized)")
+
+
+def _cmd_plan(args) -> None:
+    from .config import load_config
+    from .plan import GPUS, detect_gpu, find_gpu, make_plan
+    from .train.loop import read_inputs
+
+    if args.memory_gib is not None and args.memory_gib <= 0:
+        raise ConfigError(f"--memory-gib {args.memory_gib}: must be above 0")
+    cfg = load_config(args.config, args.overrides)
+    if args.gpu:
+        gpu, seen = find_gpu(args.gpu), "named"
+    else:
+        gpu, name = detect_gpu()
+        seen = f"detected ({name})" if gpu else ""
+        if gpu is None and args.memory_gib is None:
+            raise ConfigError((f"GPU {name!r} is not in the table" if name else "no CUDA GPU here")
+                              + f"; name one with --gpu ({', '.join(g.name for g in GPUS)}) or give --memory-gib")
+    model_dir, model_cfg, _, data = read_inputs(cfg)
+    print(f"plan for {args.config}: model {model_dir}" + (f"; GPU {seen}" if seen else ""))
+    for line in data.report.warnings:
+        print(f"warning: {line}")
+    for line in make_plan(cfg, model_cfg, data, gpu, args.memory_gib).lines:
+        print(line)
 
 
 def _data_setup(args):
@@ -311,6 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("plan", help="predict peak GPU memory, tokens/s and wall time; propose settings that fit "
+                       "(reads config.json, tokenizer and data; no weights)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--gpu", help="plan for this GPU, e.g. H100 (an unknown name lists the known ones); default: the "
+                   "one detected")
+    p.add_argument("--memory-gib", type=float, help="memory budget in GiB (default: the GPU's)")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model (HF format)")
     p.add_argument("run_or_adapter", help="a run's output_dir or an adapter directory")

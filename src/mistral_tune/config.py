@@ -9,12 +9,35 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, OutputError
 from .fsutil import expand_path
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# Presets: starting points by memory budget and method. The memory figures are the recorded runs' (7B,
+# 8k tokens a micro-batch; docs/benchmarks.md) or, for 12B, `mistral-tune plan`'s. A preset fills the
+# keys a config leaves out; the config's own win.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qlora-24gb": ("QLoRA on a 24 GB GPU: a 7B model peaks near 6 GiB, a 12B one near 11 GiB",
+                   dict(adapter="qlora", lora_r=16, lora_alpha=16, learning_rate=2e-4, sequence_len=4096,
+                        sample_packing=True, micro_batch_size=2, gradient_accumulation_steps=8,
+                        gradient_checkpointing=True, offload_activations=True)),
+    "lora-24gb": ("LoRA over a bf16 base on a 24 GB GPU, up to 8B: a 7B model peaks near 15.5 GiB",
+                  dict(adapter="lora", lora_r=16, lora_alpha=16, learning_rate=2e-4, sequence_len=4096,
+                       sample_packing=True, micro_batch_size=2, gradient_accumulation_steps=8,
+                       gradient_checkpointing=True, offload_activations=True)),
+    "lora-80gb": ("LoRA without recompute on an 80 GB GPU (fastest): 7B peaks near 49 GiB, 12B near 70",
+                  dict(adapter="lora", lora_r=16, lora_alpha=16, learning_rate=2e-4, sequence_len=4096,
+                       sample_packing=True, micro_batch_size=2, gradient_accumulation_steps=8,
+                       gradient_checkpointing=False, offload_activations=False)),
+    "full-fsdp": ("full fine-tuning sharded over several GPUs (train --gpus N): a 7B model took 82 GiB per GPU on two",
+                  dict(adapter="none", distributed="fsdp", learning_rate=1e-5, weight_decay=0.0, sequence_len=4096,
+                       sample_packing=True, micro_batch_size=2, gradient_accumulation_steps=8,
+                       gradient_checkpointing=True, offload_activations=False)),
+}
 
 
 class _Strict(BaseModel):
@@ -263,6 +286,10 @@ class Config(_Strict):
         "mistral-common knows, up to v15: tekken.json names its own), or a directory; default: the base "
         "model's own tokenizer file.",
     )
+    preset: str | None = Field(
+        None, description=f"Fill the keys this config leaves out from a preset: {', '.join(PRESETS)} "
+        "(docs/config.md lists each preset's keys; validate shows which values came from it)."
+    )
     # data
     datasets: list[DatasetConfig] = Field(min_length=1, description="Training data; see the dataset keys below.")
     val_datasets: list[DatasetConfig] = Field(
@@ -469,6 +496,16 @@ class Config(_Strict):
         1800, gt=0, description="Seconds a process waits for the others at a collective before it gives up."
     )
 
+    _from_preset: dict[str, Any] = PrivateAttr(default_factory=dict)  # the keys the preset filled
+
+    def preset_lines(self) -> list[str]:
+        """What the preset set and which of its keys the config's own values replaced (validate prints it)."""
+        if self.preset is None:
+            return []
+        kept = sorted(set(PRESETS[self.preset][1]) - set(self._from_preset))
+        filled = ", ".join(f"{k}={v}" for k, v in self._from_preset.items()) or "nothing"
+        return [f"preset {self.preset} set: {filled}" + (f" (your own: {', '.join(kept)})" if kept else "")]
+
     @field_validator("output_dir")
     @classmethod
     def _expand_output_dir(cls, value: str) -> str:
@@ -624,10 +661,23 @@ def _apply_override(data: dict, path: list[str], value: Any) -> None:
 
 
 def config_from_dict(data: dict, source: str = "config") -> Config:
+    filled = preset_keys(data, source)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate({**filled, **data})
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, source)) from None
+    cfg._from_preset = filled
+    return cfg
+
+
+def preset_keys(data: dict, source: str = "config") -> dict[str, Any]:
+    """The keys a config's preset fills: the preset's keys that the config does not set itself."""
+    name = data.get("preset")
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise ConfigError(f"{source}: key 'preset' has value {name!r}; known presets: {', '.join(PRESETS)}")
+    return {k: v for k, v in PRESETS[name][1].items() if k not in data}
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

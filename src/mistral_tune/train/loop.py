@@ -172,24 +172,57 @@ def run_inputs(cfg: Config) -> list[str | None]:
     return [ds.path for ds in [*cfg.datasets, *cfg.val_datasets]] + [cfg.base_model, cfg.tokenizer]
 
 
-def model_fit_warnings(cfg: Config, model_dir: Path, model_cfg, tokenizer) -> list[str]:
-    """What in the config fits the model badly without being an error (printed by validate and train)."""
+# Lints: ranges outside which a setting is unusual enough to mention (never an error).
+USUAL_LEARNING_RATE = {"adapter": (2e-5, 5e-3), "full": (1e-6, 1e-4)}  # LoRA/QLoRA, full fine-tuning
+USUAL_LORA_SCALING = (0.25, 8.0)  # lora_alpha / lora_r (/ sqrt(r) with rsLoRA)
+SHORT_SAMPLES = 0.25  # without packing: mean sample below this share of sequence_len
+
+
+def model_fit_warnings(cfg: Config, model_dir: Path, model_cfg, tokenizer, lengths=None) -> list[str]:
+    """What in the config fits the model or the data badly without being an error (printed by
+    validate, plan and train). lengths: the training samples' token counts."""
     out = []
+    kind, (low, high) = (("full fine-tuning", USUAL_LEARNING_RATE["full"]) if cfg.adapter == "none"
+                         else (cfg.adapter.upper(), USUAL_LEARNING_RATE["adapter"]))
+    if not low <= cfg.learning_rate <= high:
+        below = cfg.learning_rate < low
+        out.append(f"learning_rate {cfg.learning_rate:g} is far {'below' if below else 'above'} the usual range for "
+                   f"{kind} ({low:g} to {high:g}; full fine-tuning takes about 10x less than adapters): expect "
+                   + ("little learning" if below else "divergence or forgetting"))
+    if cfg.adapter != "none":
+        scaling = cfg.lora_alpha / (math.sqrt(cfg.lora_r) if cfg.use_rslora else cfg.lora_r)
+        if not USUAL_LORA_SCALING[0] <= scaling <= USUAL_LORA_SCALING[1]:
+            rule = "lora_alpha / sqrt(lora_r) (use_rslora)" if cfg.use_rslora else "lora_alpha / lora_r"
+            out.append(f"lora_alpha {cfg.lora_alpha:g} with lora_r {cfg.lora_r}: the adapter's scale {rule} is "
+                       f"{scaling:.3g}, outside the usual {USUAL_LORA_SCALING[0]:g} to {USUAL_LORA_SCALING[1]:g} "
+                       "(alpha = r or 2r is common): the effective learning rate moves with it")
     if cfg.sequence_len > model_cfg.max_position_embeddings:
         out.append(f"sequence_len {cfg.sequence_len} is more than the model's max_position_embeddings "
                    f"{model_cfg.max_position_embeddings} ({model_dir / 'config.json'}): it has not learnt positions "
                    "that far")
+    window = model_cfg.sliding_window
+    if window and cfg.sequence_len > window:
+        out.append(f"sequence_len {cfg.sequence_len} is more than the model's sliding_window {window} "
+                   f"({model_dir / 'config.json'}): a token attends to the {window} before it only, and rows of one "
+                   "sample are padded to sequence_len")
+    if lengths is not None and len(lengths) and not cfg.sample_packing:
+        mean = float(np.mean(lengths))
+        if mean < SHORT_SAMPLES * cfg.sequence_len:
+            out.append(f"sample_packing is off and samples average {mean:.0f} tokens against sequence_len "
+                       f"{cfg.sequence_len}: a micro-batch of {cfg.micro_batch_size} row(s) holds about "
+                       f"{mean * cfg.micro_batch_size:.0f} tokens; sample_packing: true fills rows (samples never "
+                       "attend to each other)")
     if cfg.tokenizer is not None:
         try:
             own = ChatTokenizer(find_tokenizer_file(model_dir))
         except ModelError:  # the folder ships none (or several): nothing to compare with
             return out
-        def kind(t: ChatTokenizer) -> str:
+        def kind_of(t: ChatTokenizer) -> str:
             return f"{'tekken' if t.is_tekken else 'SentencePiece'} {t.version}"
 
-        if kind(own) != kind(tokenizer):
-            out.append(f"tokenizer: {cfg.tokenizer} is {kind(tokenizer)}, but the model folder ships "
-                       f"{own.source_file.name} ({kind(own)}): the prompt format differs from the one the model "
+        if kind_of(own) != kind_of(tokenizer):
+            out.append(f"tokenizer: {cfg.tokenizer} is {kind_of(tokenizer)}, but the model folder ships "
+                       f"{own.source_file.name} ({kind_of(own)}): the prompt format differs from the one the model "
                        "knows; leave tokenizer out to use the model's own")
     return out
 
@@ -200,8 +233,6 @@ def prepare(cfg: Config, check_output: bool = True):
     Cheap checks come first (config.json, tokenizer, data) so a bad dataset is reported before
     gigabytes of weights are read.
     """
-    if cfg.base_model is None:
-        raise ConfigError("missing key 'base_model': the model to train (a local HF model directory or a hub id)")
     if check_output:
         check_output_dir(cfg)
     rt = Runtime.detect(cfg)
@@ -212,7 +243,11 @@ def prepare(cfg: Config, check_output: bool = True):
         raise
 
 
-def _load(cfg: Config, rt: Runtime):
+def read_inputs(cfg: Config, main_first=lambda build: build()):
+    """Everything but the weights, checked: (model_dir, model config, tokenizer, data). main_first
+    runs the data build (Runtime.main_first: rank 0 fills the token cache, the others read it)."""
+    if cfg.base_model is None:
+        raise ConfigError("missing key 'base_model': the model to train (a local HF model directory or a hub id)")
     model_dir = resolve_model_dir(cfg.base_model)
     model_cfg = read_config(model_dir)
     if is_bnb_4bit(model_dir) and cfg.adapter != "qlora":
@@ -226,8 +261,13 @@ def _load(cfg: Config, rt: Runtime):
             f"embedding has {model_cfg.vocab_size} rows; pick the tokenizer that matches the model "
             "(v1: 32000, v3/v7: 32768, tekken: 131072)"
         )
-    data = rt.main_first(lambda: build_dataset(cfg, tokenizer))  # rank 0 fills the token cache, the others read it
-    data.report.warnings += model_fit_warnings(cfg, model_dir, model_cfg, tokenizer)
+    data = main_first(lambda: build_dataset(cfg, tokenizer))
+    data.report.warnings += model_fit_warnings(cfg, model_dir, model_cfg, tokenizer, sample_lengths(data.train))
+    return model_dir, model_cfg, tokenizer, data
+
+
+def _load(cfg: Config, rt: Runtime):
+    model_dir, model_cfg, tokenizer, data = read_inputs(cfg, rt.main_first)
     weights_dtype = rt.autocast_dtype if (rt.autocast_dtype and cfg.adapter != "none") else torch.float32
     if cfg.adapter == "qlora":
         # Read to host memory, then quantize one projection at a time onto the device: the device
@@ -240,10 +280,18 @@ def _load(cfg: Config, rt: Runtime):
     return model_dir, tokenizer, model, data
 
 
-def one_sample_rows(cfg: Config, model) -> bool:
+def count_steps(n_rows: int, micro_batch_size: int, rows_per_step: int, num_epochs: float,
+                max_steps: int | None = None) -> int:
+    """Optimizer steps of a run: max_steps, else num_epochs passes over the rows."""
+    micro_per_epoch = math.ceil(n_rows / micro_batch_size)
+    per_epoch = max(1, micro_per_epoch * micro_batch_size // rows_per_step)
+    return max_steps or max(1, math.ceil(per_epoch * num_epochs))
+
+
+def one_sample_rows(cfg: Config, model_cfg) -> bool:
     """Whether the fast path's rows hold one sample each that no sliding window cuts: no packing,
     and rows no longer than the window. Such rows take the causal kernel and vary in length."""
-    window = model.config.sliding_window
+    window = model_cfg.sliding_window
     return not cfg.sample_packing and (window is None or cfg.sequence_len <= window)
 
 
@@ -340,7 +388,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
     if cfg.offload_activations and not (cfg.gradient_checkpointing and rt.device.type == "cuda"):
         raise ConfigError("offload_activations: true needs gradient_checkpointing: true and a CUDA GPU")
-    one_sample = fast and one_sample_rows(cfg, model)
+    one_sample = fast and one_sample_rows(cfg, model.config)
     if fast:  # rows of one sample vary in length: their layers compile for dynamic shapes
         model.use_fast_path(one_sample_rows=one_sample, dynamic=one_sample)
     attention = ("SDPA's causal kernel (rows of one sample), decoder layers compiled for any row length"
@@ -379,9 +427,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         progress.rescale_to(rt.world_size, resume_from.path, echo)
 
     # Steps follow the rows per step, which stay the checkpoint's on another number of processes.
-    micro_per_epoch = math.ceil(len(rows) / cfg.micro_batch_size)
-    steps_per_epoch = max(1, micro_per_epoch * cfg.micro_batch_size // progress.rows_per_step)
-    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
+    steps_per_epoch = count_steps(len(rows), cfg.micro_batch_size, progress.rows_per_step, 1)
+    total_steps = count_steps(len(rows), cfg.micro_batch_size, progress.rows_per_step, cfg.num_epochs, cfg.max_steps)
     warmup = warmup_steps(cfg, total_steps)
     echo(f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), warm-up {warmup}, effective batch "
          f"{progress.rows_per_step} rows" + (f" over {rt.world_size} processes" if rt.distributed else ""))

@@ -29,7 +29,7 @@ from ..chat import ChatTokenizer, find_tokenizer_file, load_tokenizer
 from ..config import Config
 from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, sample_lengths
-from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, TrainingHalted
+from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError, TrainingHalted
 from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
 from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
@@ -41,6 +41,7 @@ from .guard import StepGuard
 from .logs import MetricsLog
 from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
 from .optim import lr_factor, make_optimizer, token_loss_sum, warmup_steps
+from .report import write_run_report
 from .runtime import REPORT_OUTLIER_AFTER, Runtime
 from .signals import StopRequest
 from .trackers import Trackers, check_trackers, run_files, run_params
@@ -561,6 +562,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     if stopped_by is not None:
         echo(f"stopped by {stopped_by} after step {steps_done} of {total_steps}; checkpoint: {checkpoint_dir}")
         log.finish(None)
+        _write_run_report(out, rt, echo)
         return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
                            stopped_by=stopped_by, checkpoint_dir=checkpoint_dir)
 
@@ -590,8 +592,20 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     finally:
         log.finish(adapter_dir or merged_dir)
     report = evals.finish(out.name) if evals is not None else None
+    _write_run_report(out, rt, echo)
     return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
                        checkpoint_dir=checkpoint_dir, best=evals.best if evals else None, report=report)
+
+
+def _write_run_report(out: Path, rt: Runtime, echo) -> None:
+    """output_dir/report.html; the trained run stands even when its report cannot be written."""
+    def write() -> str:
+        try:
+            return f"run report: {write_run_report(out)}"
+        except (OutputError, OSError) as exc:
+            return f"run report not written ({exc}); `mistral-tune report {out}` builds it again"
+
+    echo(rt.on_main(write))
 
 
 def _roll_back(guard: StepGuard, ckpts: CheckpointManager, named, optimizer, step: int, log: MetricsLog,

@@ -52,7 +52,7 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float | None]]], 
     """Curves over a shared x as an <svg>: one polyline per run of finite points (a None or non-finite
     value leaves a gap); each point is a vertex, so a curve has as many vertices as it has values."""
     finite = [(x, y) for pts in series.values() for x, y in pts if y is not None and math.isfinite(y)]
-    left, right, top, bottom = 58, 12, 24, 34
+    left, right, top, bottom = 66, 12, 24, 34
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img'>",
              f"<title>{esc(title)}</title>",
              f"<text x='{width / 2}' y='15' text-anchor='middle' font-size='12'>{esc(title)}</text>"]
@@ -80,6 +80,7 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float | None]]], 
         parts.append(f"<line x1='{left}' x2='{left + plot_w}' y1='{py(y):.1f}' y2='{py(y):.1f}' stroke='#eee'/>"
                      f"<text x='{left - 4}' y='{py(y) + 3:.1f}' text-anchor='end'>{y:.4g}</text>")
         x = x0 + (x1 - x0) * i / 4
+        x = round(x) if x1 - x0 >= 8 else x  # whole steps where there are enough of them
         parts.append(f"<text x='{px(x):.1f}' y='{top + plot_h + 14}' text-anchor='middle'>{x:.4g}</text>")
     parts.append(f"<text x='{left + plot_w / 2}' y='{height - 4}' text-anchor='middle'>{esc(x_label)}</text>")
     for k, (name, points) in enumerate(series.items()):

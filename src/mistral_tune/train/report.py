@@ -81,7 +81,7 @@ def render(run: Path, lines: list[dict], unreadable: int, config: dict | None, d
             [r["step"], r["event"], _json({k: v for k, v in r.items() if k not in ("step", "event")})]
             for r in events]))
     if data is not None:
-        parts.append("<h2>Data</h2>" + table(["", ""], [
+        parts.append("<h2>Data</h2>" + table(["field", "value"], [
             [k, _json(v) if isinstance(v, dict | list) else v] for k, v in data.items() if k != "warnings"]))
     if config is not None:
         parts.append("<h2>Config</h2>" + table(["key", "value"], [[k, v] for k, v in flatten(config).items()]))

@@ -139,7 +139,8 @@ def test_the_command_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
 
 def test_training_writes_the_report(tmp_path):
     model, data = make_assets(tmp_path)
-    train(config(model, data, tmp_path / "out", max_steps=4, val_set_size=8), echo=lambda *a: None)
+    train(config(model, data, tmp_path / "out", max_steps=4, val_set_size=8, report_to=[]), echo=lambda *a: None)
+    assert not (tmp_path / "out" / "tensorboard").exists()  # report_to: [] -> metrics.jsonl only
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     page = Page((tmp_path / "out" / "report.html").read_text())
     assert page.curves["training loss"] == {"loss": 4}

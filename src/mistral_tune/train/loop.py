@@ -566,8 +566,6 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
                            stopped_by=stopped_by, checkpoint_dir=checkpoint_dir)
 
-    weights = rt.full_state_dict(model)  # gathered from the shards onto rank 0 (sharded runs)
-
     def save_final() -> list[str | None]:
         final = out / ("adapter" if spec else "model")
         try:
@@ -587,6 +585,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     # The stop handler stays on: a SIGTERM now lets the final save finish, and the run ends complete.
     adapter_dir = merged_dir = None
     try:
+        weights = rt.full_state_dict(model)  # gathered from the shards onto rank 0 (sharded runs)
         with stop:
             adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(save_final))
     finally:

@@ -15,7 +15,7 @@ import yaml
 from mistral_tune.cli import main
 from mistral_tune.errors import ConfigError
 
-COMMANDS = ["train", "validate", "merge", "quickstart", "init-model"]
+COMMANDS = ["train", "validate", "merge", "quickstart", "init-model", "report"]
 
 
 def chat(user: str, assistant: str) -> dict:

@@ -64,6 +64,18 @@ def test_training_logs_evaluations_keeps_the_best_and_stops_early(run):
     assert result.report == out / "eval" / "report.html" and result.report.is_file()
 
 
+def test_the_run_report_and_the_evaluation_report_link_each_other(run):
+    root, result, lines = run
+    out = root / "out"
+    run_page = (out / "report.html").read_text()
+    assert "<a href='eval/report.html'>" in run_page and any(line == f"run report: {out / 'report.html'}"
+                                                              for line in lines)
+    assert "<a href='../report.html'>" in result.report.read_text()
+    assert "data-series='forgetting.kl'" in run_page
+    for name in ("loss.nll", "tasks.exact_match"):  # the base's values beside the tuned model's
+        assert f"data-series='{name}'" in run_page and f"data-series='{name}@base'" in run_page
+
+
 def test_eval_command_on_the_run(run, capsys):
     root, _, _ = run
     out = root / "out"

@@ -303,6 +303,12 @@ def _cmd_data_validate(args) -> None:
     print("data OK")
 
 
+def _cmd_report(args) -> None:
+    from .train.report import write_run_report
+
+    print(f"run report: {write_run_report(args.run_dir)}")
+
+
 def _cmd_init_model(args) -> None:
     from .quickstart import create_tiny_model
 
@@ -448,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--max-errors", type=int, default=20, help="bad records listed per dataset (default 20)")
     p.set_defaults(func=_cmd_data_validate)
+
+    p = sub.add_parser("report", help="(re)build a run's report.html from its metrics.jsonl, config and data report")
+    p.add_argument("run_dir", help="a training run's output_dir (a stopped or killed one too)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("init-model", help="write a tiny random-init Mistral model (for tests and trials)")
     p.add_argument("out")

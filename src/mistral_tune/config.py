@@ -417,6 +417,17 @@ class Config(_Strict):
     logging_steps: int = Field(
         1, ge=1, description="Write a metrics line every N optimizer steps: the token-weighted mean loss and the "
         "mean gradient norm of those steps.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"],
+        description="Experiment trackers that get the config, data report, every metrics line and the final "
+        "weights, besides metrics.jsonl ([]: metrics.jsonl only). wandb and mlflow are extras: pip install "
+        "'mistral-tune[wandb]' / '[mlflow]'; WANDB_MODE=offline keeps the W&B run in output_dir/wandb.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="The MLflow store (report_to: mlflow), e.g. sqlite:///runs.db or http://host:5000; default "
+        "MLFLOW_TRACKING_URI, else output_dir/mlflow.db (artifacts in output_dir/mlartifacts).",
+    )
     eval_steps: int | None = Field(
         None,
         ge=1,
@@ -533,6 +544,8 @@ class Config(_Strict):
         names = self.new_special_tokens
         if len(set(names)) != len(names) or not all(n.strip() == n and n for n in names):
             raise ValueError(f"new_special_tokens: {names}: expected distinct names without surrounding spaces")
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"report_to: {self.report_to} names a tracker twice")
         if self.val_datasets and self.val_set_size:
             raise ValueError("set val_set_size or val_datasets, not both")
         return self

@@ -10,12 +10,12 @@ evaluations during training, curves of each metric over the training steps.
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from pathlib import Path
 
-from ..fsutil import check_target, replace_dir
+from ..fsutil import check_target, output_kind, replace_dir
+from ..htmlpage import esc, fmt, page, warnings
 
 REPORT_JSON = "eval_report.json"
 REPORT_HTML = "report.html"
@@ -29,14 +29,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
-        return str(value)
-    return f"{value:,.4g}" if isinstance(value, float) else str(value)
 
 
 def _bars(plt, evaluation: dict, path: Path) -> bool:
@@ -144,8 +136,8 @@ def _table(evaluation: dict) -> str:
     rows = []
     for metric, sides in evaluation["metrics"].items():
         base, tuned = sides.get("base"), sides.get("tuned")
-        change = _fmt(tuned - base) if base is not None and tuned is not None else "–"
-        rows.append(f"<tr><td>{html.escape(metric)}</td><td>{_fmt(base)}</td><td>{_fmt(tuned)}</td>"
+        change = fmt(tuned - base) if base is not None and tuned is not None else "–"
+        rows.append(f"<tr><td>{esc(metric)}</td><td>{fmt(base)}</td><td>{fmt(tuned)}</td>"
                     f"<td>{change}</td></tr>")
     return ("<table><thead><tr><th>metric</th><th>base</th><th>tuned</th><th>change</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
@@ -156,43 +148,36 @@ def _examples(evaluation: dict) -> str:
         return ""
     cols = [c for c in ("prompt", "reference", "base", "tuned") if any(c in e for e in evaluation["examples"])]
     head = "".join(f"<th>{c}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(e.get(c, '')))}</td>" for c in cols) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{esc(str(e.get(c, '')))}</td>" for c in cols) + "</tr>"
                    for e in evaluation["examples"])
     return (f"<details><summary>examples</summary><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
             "</table></details>")
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;
-vertical-align:top}th{background:#f2f2f2}.warn{background:#fff4d6;border-left:4px solid #e0a100;padding:.5em 1em}
-img{max-width:100%;display:block;margin:.5em 0}.note{color:#555;font-size:.9em}"""
-
-
-def render_html(report: dict, images: dict[str, list[str]]) -> str:
+def render_html(report: dict, images: dict[str, list[str]], run_report: str | None = None) -> str:
+    """run_report: the href of the training run's report.html, when this report lies in a run."""
     meta = report["model"]
-    parts = [f"<h1>Evaluation: {html.escape(meta['name'])}</h1>",
-             f"<p class='note'>model {html.escape(meta['source'])}; base: {html.escape(meta['base'] or 'none')}"
+    parts = [f"<h1>Evaluation: {esc(meta['name'])}</h1>",
+             f"<p class='note'>model {esc(meta['source'])}; base: {esc(meta['base'] or 'none')}"
              + (f"; step {report['step']}" if report.get("step") is not None else "")
-             + f"; written {html.escape(report['created'])}</p>"]
-    if report["warnings"]:
-        items = "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"])
-        parts.append(f"<div class='warn'><strong>Warnings</strong><ul>{items}</ul></div>")
+             + f"; written {esc(report['created'])}</p>"]
+    if run_report:
+        parts.append(f"<p><a href='{esc(run_report)}'>The training run's report</a></p>")
+    parts.append(warnings(report["warnings"]))
     if report.get("best"):
         b = report["best"]
-        parts.append(f"<p>Best: step {b['step']}, {html.escape(b['metric'])} = {_fmt(b['value'])}"
-                     + (f" ({html.escape(b['dir'])})" if b.get("dir") else "") + "</p>")
+        parts.append(f"<p>Best: step {b['step']}, {esc(b['metric'])} = {fmt(b['value'])}"
+                     + (f" ({esc(b['dir'])})" if b.get("dir") else "") + "</p>")
     if images.get("curves"):
         parts.append("<h2>Over training</h2>")
-        parts += [f"<img src='{src}' alt='metrics over training steps'>" for src in images["curves"]]
+        parts += [f"<img src='{esc(src)}' alt='metrics over training steps'>" for src in images["curves"]]
     for ev in report["evaluations"]:
-        parts.append(f"<h2>{html.escape(ev['name'])}</h2>")
-        parts += [f"<p class='note'>{html.escape(n)}</p>" for n in ev["notes"]]
+        parts.append(f"<h2>{esc(ev['name'])}</h2>")
+        parts += [f"<p class='note'>{esc(n)}</p>" for n in ev["notes"]]
         parts.append(_table(ev))
-        parts += [f"<img src='{src}' alt='{html.escape(ev['name'])}'>" for src in images.get(ev["name"], [])]
+        parts += [f"<img src='{esc(src)}' alt='{esc(ev['name'])}'>" for src in images.get(ev["name"], [])]
         parts.append(_examples(ev))
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
-            f"<title>Evaluation: {html.escape(meta['name'])}</title><style>{_CSS}</style></head><body>"
-            + "\n".join(parts) + "</body></html>\n")
+    return page(f"Evaluation: {meta['name']}", parts)
 
 
 def write_report(out: Path, report: dict, history: list[dict]) -> Path:
@@ -216,6 +201,7 @@ def write_report(out: Path, report: dict, history: list[dict]) -> Path:
                 srcs.append(name)
             images[ev["name"]] = srcs
         (tmp / REPORT_JSON).write_text(json.dumps({**report, "history": history}, indent=1) + "\n")
-        (tmp / REPORT_HTML).write_text(render_html(report, images), encoding="utf-8")
+        run_report = f"../{REPORT_HTML}" if output_kind(out.parent) == "run" else None
+        (tmp / REPORT_HTML).write_text(render_html(report, images, run_report), encoding="utf-8")
 
     return replace_dir(out, write, "report")

@@ -1,4 +1,4 @@
-"""Run logs: a JSONL metrics file, TensorBoard event files, and a live progress bar.
+"""Run logs: a JSONL metrics file, the experiment trackers (trackers.py), and a live progress bar.
 
 A step line is written every `logging_steps` steps. Its `loss` is the mean over the steps since
 the previous line, weighted by trained tokens (the window's summed token loss over its trained
@@ -24,16 +24,18 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .trackers import Trackers
+
 
 class MetricsLog:
     def __init__(self, out_dir: Path, total_steps: int, enabled: bool = True, echo=print,
-                 purge_after: int | None = None) -> None:
+                 trackers: Trackers | None = None) -> None:
         self.enabled = enabled
         self.total = total_steps
         self.echo = echo
         self.path = out_dir / "metrics.jsonl"
         self._file = None
-        self._tb = None
+        self.trackers = trackers or Trackers(out_dir, [], echo)
         self._progress = None
         self._task = None
         self._window = _empty_window()
@@ -42,14 +44,6 @@ class MetricsLog:
         if not enabled:
             return
         self._file = self.path.open("a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # On resume, hide the events a killed run wrote after its checkpoint (TensorBoard's purge_step).
-            purge = purge_after + 1 if purge_after is not None else None
-            self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
-        except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
-            self.echo("tensorboard is not importable; writing metrics.jsonl only")
         self.interactive = sys.stdout.isatty()
 
     def start(self) -> None:
@@ -89,10 +83,7 @@ class MetricsLog:
                       "window_steps": w["steps"]}
             self._window = _empty_window()
         self._write(record)
-        if self._tb is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib"):
-                if record[key] is not None:  # a skipped step's non-finite loss is logged as null
-                    self._tb.add_scalar(f"train/{key}", record[key], step)
+        self.trackers.log("train", step, record)
         if self._progress is None:
             self.echo(f"step {step}/{self.total}  {_info(record)}  {self._times(step)}")
 
@@ -122,15 +113,11 @@ class MetricsLog:
         self.metrics(step, {"eval_loss": loss, "eval_ppl": ppl}, f"held-out loss {loss:.4f}, perplexity {ppl:.2f}")
 
     def metrics(self, step: int, values: dict[str, float], message: str | None = None) -> None:
-        """One line of named evaluation metrics; in TensorBoard under eval/NAME (a base model's
-        value, named NAME@base, under base/NAME)."""
+        """One line of named evaluation metrics (a base model's value named NAME@base)."""
         if not self.enabled:
             return
         self._write({"step": step, **values})
-        if self._tb is not None:
-            for name, value in values.items():
-                metric, _, side = name.partition("@")
-                self._tb.add_scalar(f"{side or 'eval'}/{metric.removeprefix('eval_')}", value, step)
+        self.trackers.log("eval", step, values)
         if message is None:
             return
         msg = f"step {step}: {message}"
@@ -140,12 +127,18 @@ class MetricsLog:
             self.echo(msg)
 
     def close(self) -> None:
+        """The file and the progress bar; after an error, the trackers too (else finish ends them)."""
         if self._progress is not None:
             self._progress.stop()
-        if self._tb is not None:
-            self._tb.close()
         if self._file is not None:
             self._file.close()
+        if sys.exc_info()[0] is not None:
+            self.trackers.close(failed=True)
+
+    def finish(self, final: Path | None) -> None:
+        """The trackers get the final adapter or model directory (None: the run stopped early, or saving
+        failed) and end their runs."""
+        self.trackers.close(final, failed=sys.exc_info()[0] is not None)
 
 
 def _info(record: dict) -> str:

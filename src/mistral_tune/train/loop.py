@@ -30,7 +30,7 @@ from ..chat import ChatTokenizer, find_tokenizer_file, load_tokenizer
 from ..config import Config
 from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, sample_lengths
-from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, TrainingHalted
+from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError, TrainingHalted
 from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
 from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
@@ -42,8 +42,10 @@ from .guard import StepGuard
 from .logs import MetricsLog
 from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
 from .optim import lr_factor, make_optimizer, token_loss_sum, warmup_steps
+from .report import write_run_report
 from .runtime import REPORT_OUTLIER_AFTER, Runtime
 from .signals import StopRequest
+from .trackers import Trackers, check_trackers, run_files, run_params
 
 
 @dataclass
@@ -235,6 +237,7 @@ def prepare(cfg: Config, check_output: bool = True):
     """
     if check_output:
         check_output_dir(cfg)
+    check_trackers(cfg.report_to)
     rt = Runtime.detect(cfg)
     try:
         return (rt, *_load(cfg, rt))
@@ -330,6 +333,14 @@ def _peak_memory_gib(rt: Runtime) -> float:
     if rt.device.type == "cuda":
         return torch.cuda.max_memory_allocated(rt.device) / 1024**3
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB -> GiB (Linux)
+
+
+def _gpu_utilization(rt: Runtime) -> dict:
+    """{"gpu_util": percent of the last sample period the GPU was busy}, or {} where NVML is missing."""
+    try:
+        return {"gpu_util": torch.cuda.utilization(rt.device)}
+    except Exception:  # pynvml absent, or not an NVIDIA device
+        return {}
 
 
 def train(cfg: Config, echo=print, merge: bool = False, force: bool = False) -> TrainResult:
@@ -457,8 +468,14 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         (out / "metrics.jsonl").write_text(resume_from.metrics_text() if resume_from else "")
         if resume_from is not None:
             _set_aside_newer(ckpts, resume_from, echo)
-    log = MetricsLog(out, total_steps, enabled=rt.is_main, echo=echo,
-                     purge_after=resume_from.step if resume_from is not None else None)
+    hparams = {"total_steps": total_steps, "warmup_steps": warmup, "rows_per_step": progress.rows_per_step,
+               "micro_batch_size": progress.micro_batch_size, "world_size": rt.world_size,
+               "trainable_params": trainable, "total_params": total, "device": str(rt.device)}
+    trackers: list[Trackers] = []  # rank 0's; an error starting one reaches every rank
+    rt.on_main(lambda: trackers.append(Trackers.open(
+        cfg, out, resume_from.step if resume_from is not None else None,
+        run_params(cfg, data.report.__dict__, hparams), run_files(cfg, data.report.__dict__), echo)))
+    log = MetricsLog(out, total_steps, enabled=rt.is_main, echo=echo, trackers=trackers[0] if trackers else None)
     if resume_from is not None:
         log.load_window_state(resume_from.state.get("log_window"))
         resume_from.restore_rng(rt.rank, rt.device)
@@ -562,6 +579,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 }
                 if rt.device.type == "cuda":
                     record["mfu"] = tok_s * flops_tok / 989e12
+                    record.update(_gpu_utilization(rt))
                 if bad is not None:
                     record["skipped"] = bad
                     echo(f"step {step + 1}: skipped, {bad}")
@@ -610,10 +628,10 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     if stopped_by is not None:
         saved = f"checkpoint: {checkpoint_dir}" if checkpoint_dir else "no step taken, nothing to save"
         echo(f"stopped by {stopped_by} after step {steps_done} of {total_steps}; {saved}")
+        log.finish(None)
+        _write_run_report(out, rt, echo)
         return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
                            stopped_by=stopped_by, checkpoint_dir=checkpoint_dir)
-
-    weights = rt.full_state_dict(model)  # gathered from the shards onto rank 0 (sharded runs)
 
     def save_final() -> list[str | None]:
         final = out / ("adapter" if spec else "model")
@@ -632,12 +650,29 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         return [str(written), None]
 
     # The stop handler stays on: a SIGTERM now lets the final save finish, and the run ends complete.
-    adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(save_final))
+    adapter_dir = merged_dir = None
+    try:
+        weights = rt.full_state_dict(model)  # gathered from the shards onto rank 0 (sharded runs)
+        adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(save_final))
+    finally:
+        log.finish(adapter_dir or merged_dir)
     report = evals.finish(out.name) if evals is not None else None  # rank 0's
     if stop.requested:
         echo(f"{stop.signal_name} came after the last step: the run is complete")
+    _write_run_report(out, rt, echo)
     return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
                        checkpoint_dir=checkpoint_dir, best=evals.best if evals else None, report=report)
+
+
+def _write_run_report(out: Path, rt: Runtime, echo) -> None:
+    """output_dir/report.html; the trained run stands even when its report cannot be written."""
+    def write() -> str:
+        try:
+            return f"run report: {write_run_report(out)}"
+        except (OutputError, OSError) as exc:
+            return f"run report not written ({exc}); `mistral-tune report {out}` builds it again"
+
+    echo(rt.on_main(write))
 
 
 def _roll_back(guard: StepGuard, ckpts: CheckpointManager, named, optimizer, step: int, log: MetricsLog,
@@ -735,7 +770,7 @@ def find_resume_checkpoint(cfg: Config, ckpts: CheckpointManager, echo) -> Check
 SAFE_TO_CHANGE = frozenset({
     "logging_steps", "eval_steps", "eval", "save_steps", "save_total_limit", "max_steps", "num_epochs",
     "auto_micro_batch", "bad_step_zscore", "bad_step_window", "bad_step_rollback_after", "bad_step_lr_factor",
-    "bad_step_max_rollbacks", "overlap_gradient_sync",
+    "bad_step_max_rollbacks", "overlap_gradient_sync", "report_to", "mlflow_tracking_uri",
 })
 # Where the run lives and how it was started say nothing about the steps it takes (a run directory may be moved).
 _NOT_COMPARED = frozenset({"resume", "overwrite_output_dir", "output_dir"})

@@ -116,11 +116,13 @@ def _cmd_serve(args) -> None:
     from .serve.server import ServerConfig, make_server
 
     api_key = args.api_key or os.environ.get("MISTRAL_TUNE_API_KEY") or None
-    if args.max_concurrent < 1 or args.max_input_tokens < 1 or args.max_tokens_limit < 1 or args.max_body_bytes < 1:
-        raise ConfigError("--max-concurrent, --max-input-tokens, --max-tokens-limit and --max-body-bytes must be >= 1")
+    if min(args.max_batch, args.max_input_tokens, args.max_tokens_limit, args.max_body_bytes) < 1:
+        raise ConfigError("--max-batch, --max-input-tokens, --max-tokens-limit and --max-body-bytes must be >= 1")
+    if args.queue_depth < 0 or not args.queue_timeout > 0:
+        raise ConfigError("--queue-depth must be >= 0 and --queue-timeout > 0")
     cfg = ServerConfig(host=args.host, port=args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
                        max_input_tokens=args.max_input_tokens, max_tokens_limit=args.max_tokens_limit,
-                       max_concurrent=args.max_concurrent)
+                       max_batch=args.max_batch, queue_depth=args.queue_depth, queue_timeout_s=args.queue_timeout)
     request_log = None
     if args.log_requests:
         from .serve.request_log import RequestLog
@@ -336,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MISTRAL_TUNE_API_KEY)")
     p.add_argument("--name", help="model name clients use (default: the directory name)")
-    p.add_argument("--max-concurrent", type=int, default=4, help="requests in flight; more get 429")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (1: one at a time)")
+    p.add_argument("--queue-depth", type=int, default=64, help="requests that wait for a place; more get 429")
+    p.add_argument("--queue-timeout", type=float, default=60.0, help="seconds a request may wait (then 503)")
     p.add_argument("--max-input-tokens", type=int, default=8192)
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)

@@ -130,17 +130,27 @@ def _cmd_serve(args) -> None:
         if args.log_max_bytes < 1024 or args.log_keep < 1:
             raise ConfigError("--log-max-bytes must be >= 1024 and --log-keep >= 1")
         request_log = RequestLog(Path(args.log_requests), args.log_max_bytes, args.log_keep)
-    loaded = _load(args)
-    if args.name:
-        loaded.name = args.name
+    if args.engine == "llama.cpp":
+        from .serve.llama_server import find_gguf, make_llama_server
+
+        if request_log is not None:
+            raise ConfigError("--log-requests works with --engine torch only")
+
+        gguf = find_gguf(Path(args.model))
+        name = args.name or gguf.stem
+        make = lambda: make_llama_server(gguf, cfg, name)
+    else:
+        loaded = _load(args)
+        name = loaded.name = args.name or loaded.name
+        make = lambda: make_server(loaded, cfg, request_log)
     try:
-        server = make_server(loaded, cfg, request_log)
+        server = make()
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     host, port = server.server_address[:2]
     if host not in ("127.0.0.1", "::1", "localhost") and not api_key:
         print(f"warning: listening on {host} without an API key; anyone who can reach it can use it", file=sys.stderr)
-    print(f"serving {loaded.name} at http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
+    print(f"serving {name} at http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     finally:
@@ -338,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MISTRAL_TUNE_API_KEY)")
     p.add_argument("--name", help="model name clients use (default: the directory name)")
+    p.add_argument("--engine", default="torch", choices=["torch", "llama.cpp"],
+                   help="llama.cpp: serve a GGUF export through llama-cpp-python's server (its own limits)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (1: one at a time)")
     p.add_argument("--queue-depth", type=int, default=64, help="requests that wait for a place; more get 429")
     p.add_argument("--queue-timeout", type=float, default=60.0, help="seconds a request may wait (then 503)")

@@ -454,8 +454,8 @@ class Server:
     """The app on uvicorn. It listens from construction, so the port is known (port 0: any free
     one) and a port in use fails at once with OSError."""
 
-    def __init__(self, app: App, cfg: ServerConfig) -> None:
-        self.app = app
+    def __init__(self, app, cfg: ServerConfig) -> None:
+        self.app = app  # an ASGI app: ours, or llama-cpp-python's (llama_server.py)
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         self.socket = socket.create_server((cfg.host, cfg.port), family=family)
         self.server_address = self.socket.getsockname()[:2]
@@ -478,7 +478,8 @@ class Server:
         self._stopped.wait()
 
     def server_close(self) -> None:
-        self.app.close()
+        if isinstance(self.app, App):
+            self.app.close()
         self.socket.close()
 
 

@@ -335,7 +335,7 @@ def test_wrong_api_key_with_the_openai_client(server, loaded) -> None:
 
 
 def test_requests_over_the_concurrency_limit_get_429(client, loaded) -> None:
-    # max_concurrent=1: while a long stream is open, another request is turned away at once.
+    # max_batch=1, queue_depth=0: while a long stream is open, another request is turned away at once.
     stream = client.chat.completions.create(model=loaded.name, messages=[{"role": "user", "content": "go"}],
                                             max_tokens=64, temperature=1.0, stream=True)
     try:

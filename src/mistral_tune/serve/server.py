@@ -23,6 +23,8 @@ production throughput use vLLM (docs/deploy.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import hmac
 import json
 import logging
@@ -127,9 +129,13 @@ class _Answer:
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
         self.text, self.max_tokens = AnswerText(app.loaded.tokenizer, req.stop), max_tokens
         params = Params(max_tokens, req.temperature, req.top_p, req.seed)
+
+        def sink(item) -> None:  # on the engine thread
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
         try:
-            self.request = app.engine.submit(prompt, params, lambda item: loop.call_soon_threadsafe(
-                self.queue.put_nowait, item))
+            self.request = app.engine.submit(prompt, params, sink)
         except QueueFull:
             raise ApiError(429, "the server is at capacity (batch and queue full); retry shortly", "rate_limit_error",
                            code="rate_limit_exceeded") from None
@@ -460,7 +466,9 @@ class Server:
         self.socket = socket.create_server((cfg.host, cfg.port), family=family)
         self.server_address = self.socket.getsockname()[:2]
         protocol = type("Protocol", (_Protocol,), {"header_timeout": cfg.header_timeout_s})
-        config = uvicorn.Config(app, http=protocol, lifespan="off", server_header=False,
+        logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+        logging_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is for what serve prints
+        config = uvicorn.Config(app, http=protocol, lifespan="off", server_header=False, log_config=logging_config,
                                 timeout_keep_alive=max(1, int(cfg.header_timeout_s)), timeout_graceful_shutdown=5,
                                 h11_max_incomplete_event_size=2 * MAX_REQUEST_LINE + 65536)
         self._uvicorn = uvicorn.Server(config)

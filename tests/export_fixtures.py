@@ -40,7 +40,7 @@ def running_server(loaded, **cfg) -> Iterator[tuple[str, int]]:
     """A generator for fixtures: our server on 127.0.0.1 (an ephemeral port) in a thread, yielding
     (host, port), shut down afterwards."""
     server = make_server(loaded, ServerConfig(host="127.0.0.1", port=0, **cfg))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield server.server_address[:2]

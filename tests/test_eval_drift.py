@@ -84,7 +84,7 @@ def test_server_logs_accepted_requests(tmp_path_factory):
     loaded = load_tuned(tiny_model(tmp_path_factory.mktemp("server") / "tiny-v3", "v3"))
     folder = tmp_path_factory.mktemp("requests")
     server = make_server(loaded, ServerConfig(host="127.0.0.1", port=0), RequestLog(folder))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         host, port = server.server_address[:2]

@@ -118,11 +118,13 @@ def _cmd_serve(args) -> None:
     from .serve.server import ServerConfig, make_server
 
     api_key = args.api_key or os.environ.get("MISTRAL_TUNE_API_KEY") or None
-    if args.max_concurrent < 1 or args.max_input_tokens < 1 or args.max_tokens_limit < 1 or args.max_body_bytes < 1:
-        raise ConfigError("--max-concurrent, --max-input-tokens, --max-tokens-limit and --max-body-bytes must be >= 1")
+    if min(args.max_batch, args.max_input_tokens, args.max_tokens_limit, args.max_body_bytes) < 1:
+        raise ConfigError("--max-batch, --max-input-tokens, --max-tokens-limit and --max-body-bytes must be >= 1")
+    if args.queue_depth < 0 or not args.queue_timeout > 0:
+        raise ConfigError("--queue-depth must be >= 0 and --queue-timeout > 0")
     cfg = ServerConfig(host=args.host, port=args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
                        max_input_tokens=args.max_input_tokens, max_tokens_limit=args.max_tokens_limit,
-                       max_concurrent=args.max_concurrent)
+                       max_batch=args.max_batch, queue_depth=args.queue_depth, queue_timeout_s=args.queue_timeout)
     request_log = None
     if args.log_requests:
         from .serve.request_log import RequestLog
@@ -130,17 +132,27 @@ def _cmd_serve(args) -> None:
         if args.log_max_bytes < 1024 or args.log_keep < 1:
             raise ConfigError("--log-max-bytes must be >= 1024 and --log-keep >= 1")
         request_log = RequestLog(Path(args.log_requests), args.log_max_bytes, args.log_keep)
-    loaded = _load(args)
-    if args.name:
-        loaded.name = args.name
+    if args.engine == "llama.cpp":
+        from .serve.llama_server import find_gguf, make_llama_server
+
+        if request_log is not None:
+            raise ConfigError("--log-requests works with --engine torch only")
+
+        gguf = find_gguf(Path(args.model))
+        name = args.name or gguf.stem
+        make = lambda: make_llama_server(gguf, cfg, name)
+    else:
+        loaded = _load(args)
+        name = loaded.name = args.name or loaded.name
+        make = lambda: make_server(loaded, cfg, request_log)
     try:
-        server = make_server(loaded, cfg, request_log)
+        server = make()
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     host, port = server.server_address[:2]
     if host not in ("127.0.0.1", "::1", "localhost") and not api_key:
         print(f"warning: listening on {host} without an API key; anyone who can reach it can use it", file=sys.stderr)
-    print(f"serving {loaded.name} at http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
+    print(f"serving {name} at http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     finally:
@@ -389,7 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MISTRAL_TUNE_API_KEY)")
     p.add_argument("--name", help="model name clients use (default: the directory name)")
-    p.add_argument("--max-concurrent", type=int, default=4, help="requests in flight; more get 429")
+    p.add_argument("--engine", default="torch", choices=["torch", "llama.cpp"],
+                   help="llama.cpp: serve a GGUF export through llama-cpp-python's server (its own limits)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (1: one at a time)")
+    p.add_argument("--queue-depth", type=int, default=64, help="requests that wait for a place; more get 429")
+    p.add_argument("--queue-timeout", type=float, default=60.0, help="seconds a request may wait (then 503)")
     p.add_argument("--max-input-tokens", type=int, default=8192)
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)

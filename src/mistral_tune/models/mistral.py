@@ -280,6 +280,25 @@ class KVCache:
             if k is not None:
                 self.k[i], self.v[i] = k[:, :, :length], v[:, :, :length]
 
+    # A batch of sequences of different lengths keeps them right-aligned: each row's positions are
+    # the last ones of the cache, before them masked keys (the server's engine, serve/engine.py).
+
+    def select(self, rows: torch.Tensor, start: int = 0) -> None:
+        """Keep only `rows` (a batch index tensor), from position `start` on."""
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            if k is not None:
+                self.k[i], self.v[i] = k[rows, :, start:], v[rows, :, start:]
+
+    def join(self, other: KVCache) -> None:
+        """Append other's rows below ours, right-aligned: the shorter side gets zeros on its left."""
+        for i, (k, v, k2, v2) in enumerate(zip(self.k, self.v, other.k, other.v, strict=True)):
+            if k is None:
+                self.k[i], self.v[i] = k2, v2
+                continue
+            width = max(k.shape[2], k2.shape[2])
+            pad = lambda t, width=width: F.pad(t, (0, 0, width - t.shape[2], 0))
+            self.k[i], self.v[i] = torch.cat([pad(k), pad(k2)]), torch.cat([pad(v), pad(v2)])
+
 
 class MistralForCausalLM(nn.Module):
     def __init__(self, cfg: MistralConfig) -> None:

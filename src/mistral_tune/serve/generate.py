@@ -5,7 +5,7 @@ padding is its own sample in the prefill and a masked key while decoding, so eac
 equal what it would get alone); `CachedGenerator` keeps one conversation's cache between chat
 turns and reuses the longest common prefix; `TextStream` turns ids into text deltas for
 streaming without splitting a multi-byte character; `StopMatcher` cuts streamed text at stop
-strings.
+strings; `AnswerText` does both for one answer.
 """
 
 from __future__ import annotations
@@ -241,6 +241,26 @@ class StopMatcher:
         rest = "".join(self.held)
         self.held.clear()
         return rest
+
+
+class AnswerText:
+    """One answer's text from its token ids as they come: whole characters only, cut before the
+    first stop string."""
+
+    def __init__(self, tokenizer, stops: list[str]) -> None:
+        self.text, self.stops, self.count = TextStream(tokenizer), StopMatcher(stops), 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.stops.stopped
+
+    def push(self, token: int) -> str:
+        self.count += 1
+        return self.stops.push(self.text.push(token))
+
+    def end(self) -> str:
+        """The text held back, once no token will follow."""
+        return self.stops.push(self.text.flush()) + self.stops.flush()
 
 
 def complete(model, tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:

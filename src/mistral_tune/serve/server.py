@@ -1,45 +1,53 @@
-"""An OpenAI-compatible HTTP server for a fine-tuned model (stdlib http.server + pydantic).
+"""An OpenAI-compatible HTTP server for a fine-tuned model (Starlette on uvicorn, pydantic).
 
 Endpoints: POST /v1/chat/completions (streaming as server-sent events), POST /v1/completions,
-GET /v1/models, GET /health. Safe defaults, because a model server is easy to expose by
-accident: it binds 127.0.0.1; an optional API key (Bearer) guards every /v1 route; bodies,
-input tokens, max_tokens and requests in flight are limited (over the in-flight limit a
-request gets 429 at once instead of queueing without bound); headers and body must arrive
-within deadlines (a client trickling bytes is cut off with 408); request bodies are validated by
-schema (protocol.py) and every refusal is a JSON error in OpenAI's shape with a 4xx status. Once a
+GET /v1/models, GET /health. Requests are decoded together by the batching engine (engine.py):
+up to `max_batch` at once, then up to `queue_depth` more wait their turn, for at most
+`queue_timeout_s` (then 503); beyond that a request gets 429 at once. Safe defaults, because a
+model server is easy to expose by accident: it binds 127.0.0.1; an optional API key (Bearer)
+guards every /v1 route; bodies, input tokens and max_tokens are limited; headers and body must
+arrive within deadlines (a client trickling bytes is cut off with 408) and a client that stops
+reading a stream is dropped after `socket_timeout_s`; request bodies are validated by schema
+(protocol.py) and every refusal is a JSON error in OpenAI's shape with a 4xx status. Once a
 stream has begun, a failure is sent as a last `data: {"error": ...}` event before `[DONE]`.
+A client that leaves frees its place in the batch at the next step.
 
 Prompt safety: chat messages are formatted by mistral-common, which encodes message *text* as
 text, so "[INST]" or "</s>" typed by a user are ordinary characters, never control tokens
 (tests check this). Control characters other than tab and newline are removed from inputs.
 
-One model serves one request at a time (a lock around generation); this is a server for trying
-and evaluating a fine-tune and for small deployments. For throughput use vLLM (docs/deploy.md).
+This is a server for trying and evaluating a fine-tune and for small deployments; for
+production throughput use vLLM (docs/deploy.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import copy
 import hmac
-import io
 import json
+import logging
 import socket
-import sys
 import threading
 import time
-import traceback
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
-import torch
+import uvicorn
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import DataError
 from ..models.tuned import TunedModel
-from .generate import StopMatcher, TextStream, generate
-from .protocol import ApiError, ChatRequest, CompletionRequest, Sampling, clean_text, parse_body, parse_request
+from .engine import End, Engine, Params, QueueFull, QueueTimeout
+from .generate import AnswerText
+from .protocol import ApiError, ChatRequest, CompletionRequest, clean_text, parse_body, parse_request
+
+log = logging.getLogger("mistral_tune.serve")
 
 
 @dataclass
@@ -51,30 +59,121 @@ class ServerConfig:
     max_input_tokens: int = 8192
     max_tokens_limit: int = 2048
     default_max_tokens: int = 256
-    max_concurrent: int = 4
-    socket_timeout_s: float = 30.0  # any one write (reads have the deadlines below)
+    max_batch: int = 16  # requests decoded together (1: one at a time)
+    queue_depth: int = 64  # requests waiting for a place in the batch; more get 429
+    queue_timeout_s: float = 60.0  # the longest wait in the queue (then 503)
+    socket_timeout_s: float = 30.0  # any one write of a response
     header_timeout_s: float = 10.0  # the request line and headers, from the start of the wait
     body_timeout_s: float = 30.0  # the whole body
+
+
+# As the standard library's http.server: the longest request line, the most header lines.
+MAX_REQUEST_LINE, MAX_HEADERS = 65536, 100
+# Route -> the one method it takes.
+_ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"}
+
+
+def _check_head(target_bytes: int, header_lines: int) -> None:
+    if target_bytes > MAX_REQUEST_LINE:
+        raise ApiError(414, f"the request line is longer than {MAX_REQUEST_LINE} bytes")
+    if header_lines > MAX_HEADERS:
+        raise ApiError(431, f"more than {MAX_HEADERS} header lines")
+
+
+def _route_method(path: str) -> str | None:
+    return _ROUTES.get(path) or ("GET" if path.startswith("/v1/models/") else None)
 
 
 def _unauthorized() -> ApiError:
     return ApiError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
 
 
-# ---------------------------------------------------------------------- the application
+def _internal_error() -> ApiError:
+    return ApiError(500, "the server failed while answering; its log has the details", code="internal_error")
+
+
+def _error(err: ApiError, headers: dict | None = None) -> Response:
+    # An error may leave a body unread: the connection ends with the answer.
+    return JSONResponse(err.body(), err.status, headers={"Connection": "close", **(headers or {})})
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _disconnected(receive) -> None:
+    """Returns once the client has gone (call after the body has been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(awaitable, receive):
+    """awaitable's result, or _ClientGone (awaitable cancelled) if the client leaves first."""
+    task, gone = asyncio.ensure_future(awaitable), asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise _ClientGone
+    return task.result()
+
+
+class _Answer:
+    """One request in the engine, seen from the event loop: pieces of text as they come."""
+
+    def __init__(self, app: App, prompt: list[int], max_tokens: int, req) -> None:
+        loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.text, self.max_tokens = AnswerText(app.loaded.tokenizer, req.stop), max_tokens
+        params = Params(max_tokens, req.temperature, req.top_p, req.seed)
+
+        def sink(item) -> None:  # on the engine thread
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+        try:
+            self.request = app.engine.submit(prompt, params, sink)
+        except QueueFull:
+            raise ApiError(429, "the server is at capacity (batch and queue full); retry shortly", "rate_limit_error",
+                           code="rate_limit_exceeded") from None
+
+    async def next(self) -> tuple[str, str | None]:
+        """The next piece of text and, with the last piece, the finish reason ("stop" or "length")."""
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, End):
+                if isinstance(item.error, QueueTimeout):
+                    raise ApiError(503, f"the server is busy: this request {item.error}; retry later",
+                                   code="queue_timeout")
+                if item.error is not None:
+                    raise item.error
+                tail = self.text.end()
+                return tail, "stop" if self.text.stopped or self.text.count < self.max_tokens else "length"
+            delta = self.text.push(item)
+            if self.text.stopped:  # only what precedes the stop string is sent
+                self.request.cancel()
+                return delta, "stop"
+            if delta:
+                return delta, None
 
 
 class App:
-    """Request handling independent of HTTP: validated request in, response dict or chunks out."""
+    """The ASGI application: validated request in, JSON or an event stream out."""
 
     def __init__(self, loaded: TunedModel, cfg: ServerConfig, request_log=None) -> None:
         self.loaded, self.cfg, self.request_log = loaded, cfg, request_log  # request_log: serve/request_log.py
-        self.model_lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(cfg.max_concurrent)
         max_pos = loaded.model.config.max_position_embeddings
         self.max_input_tokens = min(cfg.max_input_tokens, max_pos - 1)
         self.max_positions = max_pos
         self.created = int(time.time())
+        self.engine = Engine(loaded.model, loaded.tokenizer.eos_id, cfg.max_batch, cfg.queue_depth,
+                             cfg.queue_timeout_s)
+
+    def close(self) -> None:
+        self.engine.close()
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.loaded.name, "object": "model", "created": self.created,
@@ -102,258 +201,150 @@ class App:
         wanted = requested or self.cfg.default_max_tokens
         return max(1, min(wanted, self.max_positions - len(prompt_ids)))
 
-    def tokens(self, prompt_ids: list[int], max_tokens: int, req: Sampling):
-        """Yield (text_delta, finish_reason or None, tokens so far); holds the model meanwhile.
+    # ------------------------------------------------------------------ HTTP
 
-        Callers must close() the generator if they stop early, which releases the model.
-        """
-        tok = self.loaded.tokenizer
-        gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
-        text, stops, n = TextStream(tok), StopMatcher(req.stop), 0
-        with self.model_lock:
-            for token in generate(self.loaded.model, prompt_ids, max_tokens, eos_id=tok.eos_id,
-                                  temperature=req.temperature, top_p=req.top_p, generator=gen):
-                n += 1
-                delta = stops.push(text.push(token))
-                if stops.stopped:  # only what precedes the stop string was sent
-                    yield delta, "stop", n
-                    return
-                yield delta, None, n
-        tail = stops.push(text.flush())
-        yield tail + stops.flush(), "stop" if stops.stopped or n < max_tokens else "length", n
-
-
-# ---------------------------------------------------------------------- HTTP
-
-# Route -> the one method it takes.
-_ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
-_HEADERS = "request line and headers"  # what the header deadline covers
-
-
-def _route_method(path: str) -> str | None:
-    return _ROUTES.get(path) or ("GET" if path.startswith("/v1/models/") else None)
-
-
-class _DeadlineInput(io.RawIOBase):
-    """A connection's input whose reads all end by a deadline, so that a client trickling bytes
-    cannot hold a thread longer than the deadline. Writes keep the socket's own timeout."""
-
-    def __init__(self, sock: socket.socket, write_timeout: float) -> None:
-        self.sock, self.write_timeout = sock, write_timeout
-        self.deadline, self.what, self.received, self.expired = 0.0, "", 0, ""
-
-    def start(self, seconds: float, what: str) -> None:
-        self.deadline, self.what, self.received, self.expired = time.monotonic() + seconds, what, 0, ""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        self.sock.settimeout(max(self.deadline - time.monotonic(), 1e-3))
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
         try:
-            n = self.sock.recv_into(buffer)
+            response = await self._respond(request)
+        except ApiError as err:
+            response = _error(err)
+        except (_ClientGone, ClientDisconnect):
+            return  # nobody to answer
+        except Exception:  # a bug: still an answer
+            log.exception("failed while answering %s %s", request.method, request.url.path)
+            response = _error(_internal_error())
+        if isinstance(response, StreamingResponse):
+            await self._send_stream(response, scope, receive, send)
+        else:
+            await response(scope, receive, send)
+
+    async def _send_stream(self, response: StreamingResponse, scope, receive, send) -> None:
+        """Every write of a stream must end within socket_timeout_s: a client that stops reading
+        is dropped, and its request leaves the batch."""
+        timeout = self.cfg.socket_timeout_s
+
+        async def timed_send(message) -> None:
+            await asyncio.wait_for(send(message), timeout)
+
+        try:
+            await response(scope, receive, timed_send)
         except TimeoutError:
-            self.expired = self.what
-            raise
+            log.warning("dropped a client that read nothing for %g s", timeout)
         finally:
-            self.sock.settimeout(self.write_timeout)
-        self.received += n
-        return n
+            response.answer.request.cancel()
 
+    async def _respond(self, request: Request) -> Response:
+        scope, path, method = request.scope, request.url.path, request.method
+        _check_head(len(scope["raw_path"]) + len(scope["query_string"]), len(scope["headers"]))
+        if method not in _METHODS:
+            raise ApiError(501, f"unsupported method ({method!r})")
+        allowed = _route_method(path)
+        if allowed is None:
+            raise ApiError(404, f"no route {path}")
+        if method == "OPTIONS":
+            return Response(status_code=204, headers={"Allow": f"{allowed}, HEAD, OPTIONS" if allowed == "GET"
+                                                      else f"{allowed}, OPTIONS"})
+        if method != allowed and not (method == "HEAD" and allowed == "GET"):
+            return _error(ApiError(405, f"{path} takes {allowed}, not {method}", code="method_not_allowed"),
+                          {"Allow": allowed})
+        if path == "/health":
+            return JSONResponse({"status": "ok"})
+        if not self._authorized(request):
+            raise _unauthorized()
+        if path == "/v1/models":
+            return JSONResponse(self.models())
+        if path.startswith("/v1/models/"):
+            if path.removeprefix("/v1/models/") == self.loaded.name:
+                return JSONResponse(self.models()["data"][0])
+            raise ApiError(404, "no such model", code="model_not_found")
+        req = parse_request(await self._read_json(request), chat=path == "/v1/chat/completions")
+        return await self._complete(req, request)
 
-class Handler(BaseHTTPRequestHandler):
-    server_version = "mistral-tune"
-    protocol_version = "HTTP/1.1"
-    app: App  # set on the subclass made by make_server
-
-    def setup(self) -> None:
-        super().setup()
-        cfg = self.app.cfg
-        self.connection.settimeout(cfg.socket_timeout_s)
-        self.rfile.close()
-        self.input = _DeadlineInput(self.connection, cfg.socket_timeout_s)
-        self.rfile = io.BufferedReader(self.input)
-
-    def handle_one_request(self) -> None:
-        # Defaults until the request line is parsed (a 408 may come before it is).
-        self.command, self.requestline, self.request_version = None, "", "HTTP/1.1"
-        timeout = self.app.cfg.header_timeout_s
-        self.input.start(timeout, _HEADERS)
-        super().handle_one_request()  # a read past the deadline ends it with close_connection set
-        if self.input.expired == _HEADERS and self.input.received:  # part of a request came, too slowly
-            self._error(ApiError(408, f"the {self.input.what} did not arrive within {timeout:g} s",
-                                 code="request_timeout"))
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        sys.stderr.write(f"{self.address_string()} {format % args}\n")
-
-    # -- plumbing
-
-    def _send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _error(self, err: ApiError, headers: dict | None = None) -> None:
-        try:
-            self._send_json(err.status, err.body(), headers)
-        except OSError:  # the client is gone
-            self.close_connection = True
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """The stdlib's own refusals (bad request line or headers, unknown method) in our JSON shape."""
-        self.log_error("code %d, message %s", code, message)
-        self.close_connection = True
-        self._error(ApiError(code, message or HTTPStatus(code).phrase))
-
-    def _authorized(self) -> bool:
-        key = self.app.cfg.api_key
+    def _authorized(self, request: Request) -> bool:
+        key = self.cfg.api_key
         if not key:
             return True
-        given = self.headers.get("Authorization", "")
+        given = request.headers.get("authorization", "")
         return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())
 
-    def _read_json(self) -> dict:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
+    async def _read_json(self, request: Request) -> dict:
+        if request.headers.get("transfer-encoding", "").lower() == "chunked":
             raise ApiError(411, "send the body with a Content-Length, not chunked")
-        length = self.headers.get("Content-Length", "").strip()
+        length = request.headers.get("content-length", "").strip()
         if not length.isdigit() or not length.isascii():
-            self.close_connection = True  # the unread body must not be taken for the next request
             if not length:
                 raise ApiError(411, "a Content-Length header is required")
             raise ApiError(400, f"Content-Length {length[:40]!r} is not a number of bytes")
-        limit = self.app.cfg.max_body_bytes
+        limit = self.cfg.max_body_bytes
         if len(length) > 15 or int(length) > limit:
-            self.close_connection = True
             raise ApiError(413, f"the request body is {length[:20]} bytes; the limit is {limit}",
                            code="request_too_large")
-        timeout = self.app.cfg.body_timeout_s
-        self.input.start(timeout, "request body")
+        timeout = self.cfg.body_timeout_s
         try:
-            raw = self.rfile.read(int(length))
+            raw = await asyncio.wait_for(request.body(), timeout)
         except TimeoutError:
-            self.close_connection = True
             raise ApiError(408, f"the request body did not arrive within {timeout:g} s",
                            code="request_timeout") from None
         return parse_body(raw)
 
-    # -- routes
-
-    def _wrong_route(self, path: str) -> None:
-        """404 for an unknown path; 405 (with Allow) for a known one asked with the wrong method."""
-        method = _route_method(path)
-        if method is None:
-            return self._error(ApiError(404, f"no route {path}"))
-        self._error(ApiError(405, f"{path} takes {method}, not {self.command}", code="method_not_allowed"),
-                    {"Allow": method})
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/health":
-            return self._send_json(200, {"status": "ok"})
-        if not self._authorized():
-            return self._error(_unauthorized())
-        if path == "/v1/models":
-            return self._send_json(200, self.app.models())
-        if path.startswith("/v1/models/"):
-            if path.removeprefix("/v1/models/") == self.app.loaded.name:
-                return self._send_json(200, self.app.models()["data"][0])
-            return self._error(ApiError(404, "no such model", code="model_not_found"))
-        self._wrong_route(path)
-
-    def _not_allowed(self) -> None:
-        self.close_connection = True  # a body, if any, is left unread
-        self._wrong_route(self.path.split("?", 1)[0])
-
-    do_PUT = do_DELETE = do_PATCH = _not_allowed
-
-    def do_POST(self) -> None:
-        path = self.path.split("?", 1)[0]
-        try:
-            if _route_method(path) != "POST":
-                self.close_connection = True
-                return self._wrong_route(path)
-            if not self._authorized():
-                self.close_connection = True
-                raise _unauthorized()
-            req = parse_request(self._read_json(), chat=path == "/v1/chat/completions")
-            if not self.app.slots.acquire(blocking=False):
-                raise ApiError(429, "too many requests in flight; retry shortly", "rate_limit_error",
-                               code="rate_limit_exceeded")
-        except ApiError as err:
-            return self._error(err)
-        self._slot_held = True
-        try:
-            self._complete(req)
-        except ApiError as err:
-            self._release_slot()
-            self._error(err)
-        except Exception:  # a bug or the engine failing (out of memory): still an answer
-            self.log_error("failed: %s", traceback.format_exc())
-            self.close_connection = True
-            self._release_slot()
-            self._error(_internal_error())
-        finally:
-            self._release_slot()
-
-    def _release_slot(self) -> None:
-        """Free the request's slot before its last bytes are sent: a client that sends its next
-        request as soon as it has the answer must not find the slot still taken."""
-        if self._slot_held:
-            self._slot_held = False
-            self.app.slots.release()
-
-    def _complete(self, req: ChatRequest | CompletionRequest) -> None:
-        app = self.app
+    async def _complete(self, req: ChatRequest | CompletionRequest, request: Request) -> Response:
         chat = isinstance(req, ChatRequest)
-        if req.model not in (None, app.loaded.name):
-            raise ApiError(404, f"model {req.model!r} is not served here (this server has {app.loaded.name!r})",
+        if req.model not in (None, self.loaded.name):
+            raise ApiError(404, f"model {req.model!r} is not served here (this server has {self.loaded.name!r})",
                            param="model", code="model_not_found")
-        prompt = app.encode_chat(req) if chat else app.encode_completion(req)
-        max_tokens = app.budget(prompt, req.requested_tokens())
-        if app.request_log is not None:
-            app.request_log.record(req, len(prompt))
+        prompt = self.encode_chat(req) if chat else self.encode_completion(req)
+        max_tokens = self.budget(prompt, req.requested_tokens())
+        if self.request_log is not None:
+            self.request_log.record(req, len(prompt))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        if req.stream:
-            return self._stream(req, rid, created, chat, prompt, max_tokens)
-        text, finish, count = "", "stop", 0
-        for delta, reason, count in app.tokens(prompt, max_tokens, req):  # noqa: B007 (the last count is used)
-            text += delta
-            finish = reason or finish
+        answer = _Answer(self, prompt, max_tokens, req)
+        try:
+            if req.stream:
+                return await self._stream(req, answer, rid, chat, prompt, request)
+            text, finish = await _unless_gone(self._collect(answer), request.receive)
+        finally:
+            if not req.stream:
+                answer.request.cancel()  # a no-op once it has ended
+        count = answer.text.count
         usage = {"prompt_tokens": len(prompt), "completion_tokens": count, "total_tokens": len(prompt) + count}
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                       "logprobs": None}
-            obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            obj = "text_completion"
-        self._release_slot()
-        self._send_json(200, {"id": rid, "object": obj, "created": created, "model": app.loaded.name,
-                              "choices": [choice], "usage": usage})
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": self.loaded.name, "choices": [choice],
+                             "usage": usage})
 
-    def _stream(self, req, rid: str, created: int, chat: bool, prompt: list[int], max_tokens: int) -> None:
-        """Server-sent events. Once the 200 is sent, a failure is reported as a last event
-        `data: {"error": {...}}` (the openai client raises it), and every stream ends with
-        `data: [DONE]` unless the client is gone."""
-        app = self.app
-        self.close_connection = True  # the event stream ends with the connection
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    @staticmethod
+    async def _collect(answer: _Answer) -> tuple[str, str]:
+        text = ""
+        while True:
+            delta, finish = await answer.next()
+            text += delta
+            if finish:
+                return text, finish
+
+    async def _stream(self, req, answer: _Answer, rid: str, chat: bool, prompt: list[int],
+                      request: Request) -> StreamingResponse:
+        """Server-sent events. The 200 goes once the request has its first piece of text (a wait
+        in the queue that times out is still an HTTP error). After it, a failure is reported as a
+        last event `data: {"error": {...}}` (the openai client raises it), and every stream ends
+        with `data: [DONE]` unless the client is gone."""
+        try:
+            first: tuple[str, str | None] | Exception = await _unless_gone(answer.next(), request.receive)
+        except (ApiError, _ClientGone):
+            answer.request.cancel()
+            raise
+        except Exception as exc:
+            first = exc
+        created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
+
+        def event(data: dict | str) -> str:
+            return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
         def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict:
             if chat:
@@ -361,45 +352,149 @@ class Handler(BaseHTTPRequestHandler):
                 choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
             else:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-            return {"id": rid, "object": obj, "created": created, "model": app.loaded.name, "choices": [choice]}
+            return {"id": rid, "object": obj, "created": created, "model": self.loaded.name, "choices": [choice]}
 
-        def send(data: dict | str) -> None:
-            payload = data if isinstance(data, str) else json.dumps(data)
-            self.wfile.write(f"data: {payload}\n\n".encode())
-            self.wfile.flush()
+        async def events() -> AsyncIterator[str]:
+            piece = first
+            try:
+                if chat:
+                    yield event(chunk(None, None, first=True))
+                while True:
+                    if isinstance(piece, Exception):
+                        raise piece
+                    delta, finish = piece
+                    if delta or finish:
+                        yield event(chunk(delta, finish))
+                    if finish:
+                        break
+                    piece = await answer.next()
+                if req.stream_options and req.stream_options.include_usage:
+                    n = answer.text.count
+                    yield event({"id": rid, "object": obj, "created": created, "model": self.loaded.name,
+                                 "choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": n,
+                                                          "total_tokens": len(prompt) + n}})
+            except Exception:
+                log.exception("failed while streaming")
+                yield event(_internal_error().body())
+            finally:
+                answer.request.cancel()
+            yield event("[DONE]")
 
-        tokens, count, failed = app.tokens(prompt, max_tokens, req), 0, False
+        response = StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "Connection": "close"})
+        response.answer = answer
+        return response
+
+
+# ---------------------------------------------------------------------- the connection
+
+
+def _raw_response(err: ApiError) -> bytes:
+    """A whole HTTP/1.1 error response, for refusals made before there is a request to answer."""
+    body = json.dumps(err.body()).encode()
+    head = (f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    return head.encode() + body
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with a deadline for each request's line and headers (uvicorn
+    has none once bytes arrive): a client that sends part of a request too slowly gets a 408, an
+    idle connection is closed. Malformed requests are refused in our JSON error shape."""
+
+    header_timeout = 10.0  # set per server (Server)
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._await_request()
+
+    def _await_request(self) -> None:
+        self._head, self._waiting_cycle = bytearray(), self.cycle
+        self._deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is not None:  # bounded: h11 refuses a head over h11_max_incomplete_event_size
+            self._head += data
+        super().data_received(data)
+        if self.cycle is not self._waiting_cycle:  # a request's headers are in
+            self._stop_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self._deadline is None:
+            self._await_request()
+
+    def connection_lost(self, exc) -> None:
+        self._stop_deadline()
+        super().connection_lost(exc)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self._head:  # part of a request came, too slowly
+            self.transport.write(_raw_response(ApiError(
+                408, f"the request line and headers did not arrive within {self.header_timeout:g} s",
+                code="request_timeout")))
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """h11 refused the request: too long a line or too many headers (as the app refuses them,
+        which does so for requests h11 accepts), else malformed."""
+        head = bytes(self._head).split(b"\r\n\r\n", 1)[0].split(b"\r\n")
         try:
-            if chat:
-                send(chunk(None, None, first=True))
-            for delta, reason, count in tokens:  # noqa: B007 (the last count is used)
-                if delta or reason:
-                    send(chunk(delta, reason))
-            if req.stream_options and req.stream_options.include_usage:
-                usage = {"prompt_tokens": len(prompt), "completion_tokens": count, "total_tokens": len(prompt) + count}
-                send({"id": rid, "object": obj, "created": created, "model": app.loaded.name, "choices": [],
-                      "usage": usage})
-        except OSError:
-            return  # the client went away (or stopped reading): stop generating
-        except Exception:
-            self.log_error("failed while streaming: %s", traceback.format_exc())
-            failed = True
+            _check_head(len(head[0].split(b" ")[1]) if head[0].count(b" ") == 2 else len(head[0]), len(head) - 1)
+            err = ApiError(400, "malformed HTTP request (its line or headers)")
+        except ApiError as refusal:
+            err = refusal
+        self.transport.write(_raw_response(err))
+        self.transport.close()
+
+
+class Server:
+    """The app on uvicorn. It listens from construction, so the port is known (port 0: any free
+    one) and a port in use fails at once with OSError."""
+
+    def __init__(self, app, cfg: ServerConfig) -> None:
+        self.app = app  # an ASGI app: ours, or llama-cpp-python's (llama_server.py)
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        self.socket = socket.create_server((cfg.host, cfg.port), family=family)
+        self.server_address = self.socket.getsockname()[:2]
+        protocol = type("Protocol", (_Protocol,), {"header_timeout": cfg.header_timeout_s})
+        logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+        logging_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is for what serve prints
+        config = uvicorn.Config(app, http=protocol, lifespan="off", server_header=False, log_config=logging_config,
+                                timeout_keep_alive=max(1, int(cfg.header_timeout_s)), timeout_graceful_shutdown=5,
+                                h11_max_incomplete_event_size=2 * MAX_REQUEST_LINE + 65536)
+        self._uvicorn = uvicorn.Server(config)
+        self._stopped = threading.Event()
+
+    def serve_forever(self) -> None:
+        try:
+            self._uvicorn.run(sockets=[self.socket])
         finally:
-            tokens.close()  # releases the model lock now, not when garbage-collected
-            self._release_slot()
-        with contextlib.suppress(OSError):  # the client went away: nothing more to tell it
-            if failed:
-                send(_internal_error().body())
-            send("[DONE]")
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Make serve_forever (running in another thread) return, and wait until it has."""
+        self._uvicorn.should_exit = True
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        if isinstance(self.app, App):
+            self.app.close()
+        self.socket.close()
 
 
-def _internal_error() -> ApiError:
-    return ApiError(500, "the server failed while answering; its log has the details", code="internal_error")
-
-
-def make_server(loaded: TunedModel, cfg: ServerConfig, request_log=None) -> ThreadingHTTPServer:
+def make_server(loaded: TunedModel, cfg: ServerConfig, request_log=None) -> Server:
     app = App(loaded, cfg, request_log)
-    handler = type("BoundHandler", (Handler,), {"app": app})
-    server = ThreadingHTTPServer((cfg.host, cfg.port), handler)
-    server.daemon_threads = True
-    return server
+    try:
+        return Server(app, cfg)
+    except OSError:
+        app.close()
+        raise

@@ -134,6 +134,38 @@ def test_cancelled_rows_leave_and_the_queue_is_bounded() -> None:
         engine.close()
 
 
+def test_a_cancelled_request_gives_its_place_back_at_once() -> None:
+    """A server answer cut at a stop string cancels its request and responds; the client's next request
+    came while the engine still held the row and got 429 with max_batch 1 and no queue. The place is
+    free at cancel; the next request waits until the row has left, then runs."""
+    model = MODELS[None]
+    engine = Engine(model, eos_id=None, max_batch=1, queue_depth=0)
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold(*_args):  # the engine thread stops inside a decoding step while the test cancels
+        entered.set()
+        assert gate.wait(30)
+
+    items: dict[str, queue.Queue] = {k: queue.Queue() for k in "ab"}
+    handle = None
+    try:
+        a = engine.submit([5, 6, 7], Params(max_tokens=10_000), items["a"].put)
+        items["a"].get(timeout=30)  # a has a token: it is in the batch
+        handle = model.register_forward_pre_hook(hold)
+        assert entered.wait(30)  # the engine is inside a step with a in the batch
+        a.cancel()
+        engine.submit([5], Params(max_tokens=2), items["b"].put)  # no QueueFull
+        assert items["b"].empty()
+        gate.set()
+        assert _last(items["a"]).reason == "cancelled"
+        assert _last(items["b"]).reason == "length" and engine.in_flight == 0
+    finally:
+        gate.set()
+        if handle is not None:
+            handle.remove()
+        engine.close()
+
+
 def _last(q: queue.Queue) -> End:
     while not isinstance(item := q.get(timeout=30), End):
         pass

@@ -335,17 +335,29 @@ def test_wrong_api_key_with_the_openai_client(server, loaded) -> None:
 
 
 def test_requests_over_the_concurrency_limit_get_429(client, loaded) -> None:
-    # max_batch=1, queue_depth=0: while a long stream is open, another request is turned away at once.
-    stream = client.chat.completions.create(model=loaded.name, messages=[{"role": "user", "content": "go"}],
-                                            max_tokens=64, temperature=1.0, stream=True)
+    # max_batch=1, queue_depth=0: while a request is being generated, another is turned away at once.
+    # The model's forward waits at a gate, so the first request holds its place for as long as the test
+    # needs (a 64-token answer of the tiny model could end before the second request arrived).
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold(*_args):
+        entered.set()
+        assert gate.wait(30), "the gate was never opened"
+
+    handle = loaded.model.register_forward_pre_hook(hold)
+    first = threading.Thread(target=lambda: client.chat.completions.create(
+        model=loaded.name, messages=[{"role": "user", "content": "go"}], max_tokens=8))
     try:
-        next(iter(stream))
+        first.start()
+        assert entered.wait(30), "the first request never reached the model"
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(model=loaded.name, messages=[{"role": "user", "content": "me too"}],
                                            max_tokens=2)
     finally:
-        stream.close()
-    for _ in range(50):  # the slot frees when the server sees the stream end or the client leave
+        gate.set()
+        handle.remove()
+        first.join(60)
+    for _ in range(50):  # the slot frees when the server sees the answer end
         try:
             client.chat.completions.create(model=loaded.name, messages=[{"role": "user", "content": "x"}],
                                            max_tokens=1)
@@ -353,7 +365,7 @@ def test_requests_over_the_concurrency_limit_get_429(client, loaded) -> None:
         except openai.RateLimitError:
             threading.Event().wait(0.1)
     else:
-        pytest.fail("the server never freed the slot of a closed stream")
+        pytest.fail("the server never freed the slot of a finished request")
 
 
 def test_user_text_never_becomes_control_tokens(loaded) -> None:

@@ -50,16 +50,23 @@ class QueueTimeout(Exception):
 
 
 class Request:
-    def __init__(self, prompt: list[int], params: Params, sink: Callable[[int | End], None]) -> None:
+    def __init__(self, prompt: list[int], params: Params, sink: Callable[[int | End], None],
+                 release: Callable[[Request], None]) -> None:
         self.prompt, self.params, self.sink = prompt, params, sink
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.queued_at = time.monotonic()
         self.count = 0  # tokens sent
         self.cancelled = False
+        self.released = False  # its place in the batch + queue given back (under the engine's lock)
+        self._release = release
 
     def cancel(self) -> None:
-        """Ask the engine to drop this request (at its next step; harmless once it has ended)."""
+        """Ask the engine to drop this request (at its next step; harmless once it has ended). Its place
+        counts as free at once: a client that stopped reading an answer (a stop string, a response
+        sent) and asks again is not turned away while the engine catches up; the next request waits
+        in the queue until the row has left the batch."""
         self.cancelled = True
+        self._release(self)
 
 
 class Engine:
@@ -87,7 +94,7 @@ class Engine:
 
     def submit(self, prompt: list[int], params: Params, sink: Callable[[int | End], None]) -> Request:
         """Queue a request; raises QueueFull when max_batch + queue_depth requests are in flight."""
-        req = Request(prompt, params, sink)
+        req = Request(prompt, params, sink, self._release)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -113,9 +120,14 @@ class Engine:
 
     # -------------------------------------------------------------- the engine thread
 
-    def _end(self, req: Request, end: End) -> None:
+    def _release(self, req: Request) -> None:
         with self._cond:
-            self._in_flight -= 1
+            if not req.released:
+                req.released = True
+                self._in_flight -= 1
+
+    def _end(self, req: Request, end: End) -> None:
+        self._release(req)
         req.sink(end)
 
     def _run(self) -> None:

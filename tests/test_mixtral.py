@@ -174,8 +174,56 @@ def test_lora_on_attention_equals_peft_on_transformers_mixtral(tmp_path):
 def test_lora_targets_that_mixtral_lacks_are_refused_by_name():
     from mistral_tune.lora import LoraSpec, apply_lora
 
-    with pytest.raises(ModelError, match=r"\['down_proj', 'gate_proj', 'up_proj'\]: Mixtral has no such.*w1, w2, w3"):
-        apply_lora(tiny_mixtral(), LoraSpec(r=4))
+    with pytest.raises(ModelError, match=r"\['gate_proj', 'up_proj'\]: Mixtral has no such.*gate_up_proj, w1, w3"):
+        apply_lora(tiny_mixtral(), LoraSpec(r=4))  # the default seven: down_proj names the experts' down
+
+
+@pytest.mark.parametrize("targets, spec_kw, message", [
+    (["w1"], {}, "w1 and w3 .* one stacked tensor"),
+    (["q_proj", "w3"], {}, "w1 and w3 .* one stacked tensor"),
+    (["experts"], {"dropout": 0.1}, "lora_dropout 0.1 .* experts has neither"),
+    (["down_proj"], {"use_dora": True}, "use_dora True: LoRA on Mixtral's experts has neither"),
+])
+def test_expert_lora_that_peft_cannot_hold_is_refused(targets, spec_kw, message):
+    from mistral_tune.lora import LoraSpec, apply_lora
+
+    with pytest.raises(ModelError, match=message):
+        apply_lora(tiny_mixtral(), LoraSpec(r=4, target_modules=targets, **spec_kw))
+
+
+def test_dora_and_dropout_stay_allowed_on_attention():
+    from mistral_tune.lora import LoraSpec, apply_lora
+
+    apply_lora(tiny_mixtral(), LoraSpec(r=4, target_modules=["q_proj"], dropout=0.1, use_dora=True))
+
+
+def test_merged_expert_lora_equals_peft_merge_and_unload(tmp_path):
+    """`mistral-tune merge` folds the experts' adapters: transformers reads the merged model with the
+    logits of transformers + PEFT's own merge of the same adapter."""
+    from peft import PeftModel
+
+    from mistral_tune.export.hf import merge_to_dir
+    from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
+    from mistral_tune.quickstart import create_tiny_model
+
+    base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
+    model, _ = load_model(str(base_dir))
+    spec = LoraSpec(r=3, alpha=6, target_modules=["o_proj", "experts"])
+    apply_lora(model, spec, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(model, spec, tmp_path / "adapter", base_model=str(base_dir))
+    merged = merge_to_dir(tmp_path / "adapter", tmp_path / "merged", echo=lambda *_: None)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload().eval()
+    x = torch.randint(3, 32768, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = theirs(input_ids=x).logits
+        assert (model.eval()(x) - want).abs().max() <= 1e-5  # PEFT's merge is our unmerged model
+        assert (ours(input_ids=x).logits - want).abs().max() <= 1e-5
 
 
 def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
@@ -193,7 +241,7 @@ def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
     cfg = config_from_dict({"base_model": str(base_dir), "datasets": [{"path": str(data)}], "max_steps": 4,
                             "output_dir": str(tmp_path / "run"), "sequence_len": 64, "dataset_cache": False,
                             "lora_r": 4, "learning_rate": 0.05,
-                            "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+                            "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]})
     result = train(cfg, echo=lambda *_: None)
     trained, _ = load_model(str(base_dir))
     load_adapter(trained, result.adapter_dir)
@@ -203,3 +251,81 @@ def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
     with torch.no_grad():
         want = trained.eval()(x)
         assert torch.allclose(ref(input_ids=x).logits, want, atol=1e-4)
+
+
+def _expert_lora(tmp_path, targets, seed=0, **spec_kw):
+    """A tiny Mixtral with random LoRA (B too, so the adapters matter) on `targets`, saved as PEFT's adapter;
+    and the base model it went on."""
+    from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
+
+    model = tiny_mixtral(seed, sliding_window=5)
+    base = tiny_mixtral(seed, sliding_window=5)
+    spec = LoraSpec(r=3, alpha=6, target_modules=targets, **spec_kw)
+    apply_lora(model, spec, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(model, spec, tmp_path, base_model="tiny")
+    return model.eval(), base
+
+
+EXPERT_TARGET_SETS = {
+    "experts": ["experts"],
+    "gate_up_only": ["gate_up_proj"],
+    "down_only_w2": ["w2"],
+    "w1_w3_with_attention": ["q_proj", "v_proj", "w1", "w3"],
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("name", list(EXPERT_TARGET_SETS))
+def test_lora_on_experts_equals_peft_target_parameters_on_transformers(tmp_path, name, rslora):
+    from peft import PeftModel
+
+    model, base = _expert_lora(tmp_path, EXPERT_TARGET_SETS[name], use_rslora=rslora)
+    ref = PeftModel.from_pretrained(hf_mixtral(base, "sdpa"), str(tmp_path)).eval()
+    x = ids()
+    with torch.no_grad():
+        ours, theirs = model(x), ref(input_ids=x, use_cache=False).logits.float()
+        assert (ours - base(x)).abs().max() > 1e-2  # the adapter matters
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5
+
+
+def test_lora_on_experts_loads_back_and_a_peft_saved_adapter_loads(tmp_path):
+    """What PEFT writes for transformers' Mixtral loads onto ours with the same logits, and ours round-trips."""
+    from peft import LoraConfig, get_peft_model
+
+    from mistral_tune.lora import load_adapter
+
+    model, base = _expert_lora(tmp_path / "ours", ["k_proj", "experts"])
+    again = tiny_mixtral(sliding_window=5)
+    load_adapter(again, tmp_path / "ours")
+    ref = get_peft_model(hf_mixtral(base, "sdpa"), LoraConfig(
+        r=2, lora_alpha=5, target_modules=["o_proj"], target_parameters=["mlp.experts.down_proj",
+                                                                         "mlp.experts.gate_up_proj"]))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    ref.save_pretrained(str(tmp_path / "peft"))
+    theirs = tiny_mixtral(sliding_window=5)
+    load_adapter(theirs, tmp_path / "peft")
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model(x))
+        want = ref.eval()(input_ids=x, use_cache=False).logits
+        assert ((theirs.eval()(x) - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_export_adapter_refuses_expert_lora_for_vllm_and_passes_attention_lora(tmp_path):
+    from mistral_tune.export.adapter import export_adapter, vllm_adapter_problems
+
+    _expert_lora(tmp_path / "experts", ["q_proj", "experts"])
+    _expert_lora(tmp_path / "attention", ["q_proj", "o_proj"])
+    problems = vllm_adapter_problems(tmp_path / "experts")
+    assert len(problems) == 1 and "its Mixtral expects one adapter per expert" in problems[0]
+    with pytest.raises(ModelError, match=r"vLLM would not load.*target_parameters.*Merge it"):
+        export_adapter(tmp_path / "experts")
+    assert vllm_adapter_problems(tmp_path / "attention") == []

@@ -189,23 +189,36 @@ class MLP(nn.Module):
 
 
 class Experts(nn.Module):
-    """Mixtral's experts, stacked: gate and up products in one (E, 2I, H) tensor, down in (E, H, I)."""
+    """Mixtral's experts, stacked: gate and up products in one (E, 2I, H) tensor, down in (E, H, I).
+
+    `lora` holds LoRA on a stacked weight by its name (lora.ExpertLora: one low-rank pair per expert);
+    `nf4` (QLoRA) holds a stacked weight as one frozen NF4 layer per expert in place of the parameter."""
+
+    STACKED = ("gate_up_proj", "down_proj")  # in the order PEFT nests its adapters on them
 
     def __init__(self, cfg: MistralConfig) -> None:
         super().__init__()
         n, hidden, width = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.num_experts = n
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * width, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, width))
+        self.lora = nn.ModuleDict()
+        self.nf4 = nn.ModuleDict()
+
+    def _project(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        y = self.nf4[name][e](x) if name in self.nf4 else F.linear(x, getattr(self, name)[e])
+        lora = self.lora[name] if name in self.lora else None
+        return y if lora is None or lora.disabled else y + lora(x, e)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, H); index, weights (T, k): each token's experts and their mixing weights."""
         out = torch.zeros_like(x)
-        for e in range(self.gate_up_proj.shape[0]):
+        for e in range(self.num_experts):
             token, slot = torch.where(index == e)
             if token.numel() == 0:
                 continue
-            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[token, slot, None]
+            gate, up = self._project("gate_up_proj", e, x[token]).chunk(2, dim=-1)
+            y = self._project("down_proj", e, F.silu(gate) * up) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 

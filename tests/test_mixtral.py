@@ -243,6 +243,9 @@ def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
                             "lora_r": 4, "learning_rate": 0.05,
                             "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]})
     result = train(cfg, echo=lambda *_: None)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "grad_norm" in r]
+    assert len(steps) == 4 and all(r["router_aux_loss"] > 1.0 for r in steps)  # even routing: top_k (2)
     trained, _ = load_model(str(base_dir))
     load_adapter(trained, result.adapter_dir)
     merged = merge_to_dir(result.adapter_dir, tmp_path / "merged", echo=lambda *_: None)
@@ -329,3 +332,76 @@ def test_export_adapter_refuses_expert_lora_for_vllm_and_passes_attention_lora(t
     with pytest.raises(ModelError, match=r"vLLM would not load.*target_parameters.*Merge it"):
         export_adapter(tmp_path / "experts")
     assert vllm_adapter_problems(tmp_path / "attention") == []
+
+
+def _balance(model, x, real, **kw):
+    from mistral_tune.models.mistral import router_balance
+
+    seq_ids = torch.where(real, 0, -1) if real.dtype == torch.bool else real
+    with router_balance(model, seq_ids >= 0) as balance:
+        model(x, seq_ids=seq_ids, **kw)
+    return balance.loss()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_router_balance_loss_equals_transformers_aux_loss_with_padding(seed):
+    model = tiny_mixtral(seed, num_local_experts=8, num_experts_per_tok=2)
+    ref = hf_mixtral(model, "eager")
+    x = ids(3, 20, seed=seed)
+    lengths = torch.randint(5, 21, (3,), generator=torch.Generator().manual_seed(seed))
+    real = torch.arange(20)[None] < lengths[:, None]  # right padding
+    with torch.no_grad():
+        ours = _balance(model, x, real)
+        theirs = ref(input_ids=x, attention_mask=real.long(), output_router_logits=True, use_cache=False).aux_loss
+        unmasked = ref(input_ids=x, output_router_logits=True, use_cache=False).aux_loss
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * theirs.item()
+    assert abs(ours.item() - unmasked.item()) > 1e-4  # the padding is really left out
+
+
+def test_router_balance_loss_of_packed_rows_counts_each_sample_and_no_padding():
+    """A packed row (two samples, then padding) gives transformers' loss over the samples' own router logits."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    model = tiny_mixtral(num_local_experts=8)
+    ref = hf_mixtral(model, "eager")
+    a, b = ids(1, 9, seed=2), ids(1, 13, seed=3)
+    packed = torch.cat([a, b, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    seq_ids = torch.tensor([[0] * 9 + [1] * 13 + [-1] * 6])
+    pos = torch.cat([torch.arange(9), torch.arange(13), torch.arange(6)])[None]
+    with torch.no_grad():
+        ours = _balance(model, packed, seq_ids, position_ids=pos)
+        logits = [ref(input_ids=s, output_router_logits=True, use_cache=False).router_logits for s in (a, b)]
+    per_layer = tuple(torch.cat([la, lb]) for la, lb in zip(*logits, strict=True))
+    theirs = load_balancing_loss_func(per_layer, 8, 2)
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * theirs.item()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_router_balance_gradient_equals_autograd_through_transformers_loss(checkpointing):
+    """The injected gradient (also through checkpointed layers, run again in backward) equals autograd
+    through transformers' load_balancing_loss_func on the same router logits and mask."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from mistral_tune.models.mistral import router_balance
+
+    x = ids(2, 16)
+    real = torch.ones(2, 16, dtype=torch.bool)
+    real[1, 11:] = False
+    grads = []
+    for inject in (False, True):
+        model = tiny_mixtral().train()
+        model.gradient_checkpointing = checkpointing and inject
+        logits = []
+        hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, kept=logits: kept.append(o))
+                 for layer in model.model.layers]
+        with router_balance(model, real, grad_scale=0.7 if inject else 0.0):
+            out = model(x, seq_ids=torch.where(real, 0, -1)).square().mean()
+            if not inject:
+                out = out + 0.7 * load_balancing_loss_func(tuple(logits), 4, 2, attention_mask=real.long())
+            out.backward()
+        for h in hooks:
+            h.remove()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[0]["model.layers.0.mlp.gate.weight"].abs().max() > 0
+    for n in grads[0]:
+        assert torch.allclose(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7), n

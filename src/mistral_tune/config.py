@@ -312,6 +312,13 @@ class Config(_Strict):
         "on the experts gate_up_proj (or w1 + w3) and down_proj (or w2), or experts for both: one low-rank pair "
         "per expert, no dropout or DoRA there.",
     )
+    router_aux_loss_coef: float | None = Field(
+        None,
+        ge=0,
+        description="Mixtral: weight of the router load-balancing loss (Switch Transformer's, over the real tokens) "
+        "added to the training objective; null: config.json's router_aux_loss_coef when the router trains "
+        "(adapter: none), else 0. Logged each step as router_aux_loss, apart from loss (the token loss alone).",
+    )
     use_rslora: bool = Field(False, description="Scale adapters by alpha/sqrt(r) (rank-stabilised LoRA).")
     use_dora: bool = Field(
         False,

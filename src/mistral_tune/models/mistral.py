@@ -9,6 +9,8 @@ samples never see each other; the sliding window (Mistral 7B v0.1) applies insid
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -47,6 +49,7 @@ class MistralConfig:
     architecture: str = "MistralForCausalLM"  # or "MixtralForCausalLM" (models/families.py)
     num_local_experts: int | None = None  # Mixtral: experts per layer (each intermediate_size wide)
     num_experts_per_tok: int = 2  # Mixtral: experts each token is routed to
+    router_aux_loss_coef: float = 0.001  # Mixtral: the load-balancing loss's weight (transformers' default)
     # Ministral: "sliding_attention" or "full_attention" per layer; None: every layer alike
     layer_types: list[str] | None = None
     # A vision-language checkpoint's config.json (Mistral3ForConditionalGeneration) when this is its
@@ -90,7 +93,7 @@ class MistralConfig:
         out = asdict(self)
         del out["architecture"], out["wrapper"]
         if not self.moe:
-            del out["num_local_experts"], out["num_experts_per_tok"]
+            del out["num_local_experts"], out["num_experts_per_tok"], out["router_aux_loss_coef"]
         if self.layer_types is None:
             del out["layer_types"]
         out.update(
@@ -223,6 +226,63 @@ class Experts(nn.Module):
         return out
 
 
+class RouterBalance:
+    """Mixtral's router load-balancing loss over one forward pass (Switch Transformer's, as transformers'
+    load_balancing_loss_func): num_experts * sum_e f_e * P_e, where f_e is the share of the top-k
+    picks that went to expert e and P_e expert e's mean router probability, both taken over the real
+    tokens (padding excluded) of every MoE layer together.
+
+    grad_scale > 0: the loss trains, its gradient times grad_scale going to the router (and all
+    that feeds it). The gradient enters in each MoE layer's backward, so it also reaches layers that
+    activation checkpointing runs again in backward (a layer run twice is counted once)."""
+
+    def __init__(self, real: torch.Tensor, grad_scale: float = 0.0) -> None:
+        self.real = real.reshape(-1).float()  # (B*L,) 1 for real tokens, 0 for padding
+        self.grad_scale = grad_scale
+        self.counts: dict[int, torch.Tensor] = {}  # per MoE layer: top-k picks per expert
+        self.prob_sums: dict[int, torch.Tensor] = {}  # per MoE layer: router probabilities summed per expert
+
+    @torch.compiler.disable
+    def add(self, moe: SparseMoE, logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(logits.float(), dim=-1)
+        _, picked = probs.topk(moe.top_k, dim=-1)
+        real = self.real.to(probs.device)
+        if real.numel() != probs.shape[0]:
+            raise ValueError(f"router balance: {probs.shape[0]} routed tokens for a mask of {real.numel()}")
+        prob_sum = (probs * real[:, None]).sum(0)
+        self.counts[id(moe)] = torch.zeros_like(prob_sum).scatter_add_(
+            0, picked.reshape(-1), real.repeat_interleave(moe.top_k)).detach()
+        self.prob_sums[id(moe)] = prob_sum.detach()
+        if self.grad_scale and prob_sum.requires_grad:
+            out = _BalanceGrad.apply(out, prob_sum, self)
+        return out
+
+    def _picked_share(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f (E,), the number of layer-tokens both means are over)."""
+        rows = len(self.counts) * self.real.sum().to(next(iter(self.counts.values())).device)
+        return sum(self.counts.values()) / rows, rows
+
+    def loss(self) -> torch.Tensor:
+        f, rows = self._picked_share()
+        return f.numel() * (f * (sum(self.prob_sums.values()) / rows)).sum()
+
+
+class _BalanceGrad(torch.autograd.Function):
+    """Identity on a MoE layer's output; its backward adds the balance loss's gradient with respect to
+    the layer's summed router probabilities (num_experts * f / rows, f over all layers, known by then)."""
+
+    @staticmethod
+    def forward(ctx, out, prob_sum, balance):
+        ctx.balance = balance
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        b = ctx.balance
+        f, rows = b._picked_share()
+        return grad, (b.grad_scale * f.numel() / rows) * f, None
+
+
 class SparseMoE(nn.Module):
     """Top-k routing (softmax over all experts, the k largest renormalised) to SwiGLU experts."""
 
@@ -231,6 +291,7 @@ class SparseMoE(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)  # the router
         self.experts = Experts(cfg)
+        self.balance: RouterBalance | None = None  # set while a pass measures the balance loss
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits (T, E), expert index (T, k), mixing weights (T, k) in float32)."""
@@ -242,8 +303,29 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, grad_only_out: bool = False) -> torch.Tensor:
         B, L, H = x.shape
         flat = x.reshape(B * L, H)
-        _, index, weights = self.route(flat)
-        return self.experts(flat, index, weights).view(B, L, H)
+        logits, index, weights = self.route(flat)
+        out = self.experts(flat, index, weights)
+        if self.balance is not None:
+            out = self.balance.add(self, logits, out)
+        return out.view(B, L, H)
+
+
+@contextmanager
+def router_balance(model: nn.Module, real: torch.Tensor, grad_scale: float = 0.0) -> Iterator[RouterBalance | None]:
+    """Measure (and with grad_scale > 0, train) the router balance loss of the forward and backward passes
+    run inside the block; real (B, L) marks the real tokens. Yields None for a model without experts."""
+    layers = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    if not layers:
+        yield None
+        return
+    balance = RouterBalance(real, grad_scale)
+    for m in layers:
+        m.balance = balance
+    try:
+        yield balance
+    finally:
+        for m in layers:
+            m.balance = None
 
 
 class DecoderLayer(nn.Module):
@@ -395,6 +477,8 @@ class MistralForCausalLM(nn.Module):
             return None
         if any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules()):
             return None
+        if any(isinstance(m, SparseMoE) and m.balance is not None for m in self.modules()):
+            return None  # the balance loss routes the whole batch at once
         if seq_ids is None:
             seq_ids = torch.zeros_like(position_ids)
         rows = []

@@ -34,7 +34,7 @@ from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
 from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
-from ..models.mistral import count_params, flops_per_token
+from ..models.mistral import count_params, flops_per_token, router_balance
 from ..models.quant import quantize_model
 from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step, save_shards
 from .guard import StepGuard
@@ -326,6 +326,10 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_activations = model.recompute_by_row = cfg.offload_activations
     model.neftune_alpha = cfg.neftune_noise_alpha or 0.0
+    # Mixtral's router balance loss: trained with config.json's weight when the router trains (full
+    # fine-tuning), else only reported, unless router_aux_loss_coef says otherwise.
+    model.router_aux_loss_coef = (cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None
+                                  else model.config.router_aux_loss_coef if cfg.adapter == "none" else 0.0)
     fast = rt.device.type == "cuda" if cfg.fast_path == "auto" else bool(cfg.fast_path)
     if fast and rt.device.type != "cuda":
         raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
@@ -498,6 +502,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 }
                 if rt.device.type == "cuda":
                     record["mfu"] = tok_s * flops_tok / 989e12
+                if getattr(model, "router_aux_loss", None) is not None:  # its own number, not part of loss
+                    record["router_aux_loss"] = _finite(model.router_aux_loss)
                 if bad is not None:
                     record["skipped"] = bad
                     echo(f"step {step + 1}: skipped, {bad}")
@@ -720,16 +726,27 @@ def accumulate_gradients(
     (summed over ranks), not averaged per micro-batch, so the accumulated gradient equals that of
     one batch holding every row. Returns (this rank's summed loss, the window's trained tokens over
     all ranks, this rank's real tokens).
+
+    A mixture-of-experts model's router balance loss (models/mistral.py RouterBalance) is measured on
+    every micro-batch and left in `model.router_aux_loss` (this rank's mean over its real tokens);
+    with `model.router_aux_loss_coef` > 0 its gradient, so weighted, joins the token loss's. The
+    returned loss is the token loss alone.
     """
     n_tokens = int(rt.all_sum([sum(b.n_trained for b in batches)])[0])
-    loss_sum, n_real = 0.0, 0
+    loss_sum, n_real, aux_sum, moe = 0.0, 0, 0.0, False
+    coef = getattr(model, "router_aux_loss_coef", 0.0)
     for batch in batches:
         batch = batch.to(rt.device)
-        with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
-            loss = token_loss_sum(model, batch)
-        (loss / max(n_tokens, 1)).backward()
+        scale = coef * batch.n_trained / max(n_tokens, 1)  # a token-weighted mean over the window, as the loss
+        with router_balance(model, batch.seq_ids >= 0, scale) as balance:
+            with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
+                loss = token_loss_sum(model, batch)
+            (loss / max(n_tokens, 1)).backward()
         loss_sum += float(loss.detach())
         n_real += batch.n_real
+        if balance is not None and batch.n_real:
+            moe, aux_sum = True, aux_sum + float(balance.loss()) * batch.n_real
+    model.router_aux_loss = aux_sum / max(n_real, 1) if moe else None
     return loss_sum, n_tokens, n_real
 
 

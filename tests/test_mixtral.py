@@ -405,3 +405,65 @@ def test_router_balance_gradient_equals_autograd_through_transformers_loss(check
     assert grads[0]["model.layers.0.mlp.gate.weight"].abs().max() > 0
     for n in grads[0]:
         assert torch.allclose(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7), n
+
+
+def test_nf4_experts_are_bitsandbytes_nf4_per_expert_and_compute_as_their_dequantized_weights():
+    import bitsandbytes.functional as bnbf
+
+    from mistral_tune.models.quant import quantize_model
+
+    model = tiny_mixtral()
+    stacked = {k: v.clone() for k, v in model.model.layers[1].mlp.experts.named_parameters()}
+    assert quantize_model(model, ["q_proj", "experts"]) == 2 * (1 + 4 * 2)  # per layer: q_proj, 4 experts x 2 weights
+    experts = model.model.layers[1].mlp.experts
+    assert not list(experts.parameters())  # the stacked weights are gone: only the NF4 codes remain
+    dense = tiny_mixtral()
+    with torch.no_grad():
+        for name, w in stacked.items():
+            for e in range(4):
+                packed, state = bnbf.quantize_4bit(w[e], blocksize=64, quant_type="nf4", compress_statistics=True)
+                assert torch.equal(experts.nf4[name][e].dequantized(), bnbf.dequantize_4bit(packed, state))
+        for layer, q_layer in zip(dense.model.layers, model.model.layers, strict=True):
+            layer.self_attn.q_proj.weight.copy_(q_layer.self_attn.q_proj.dequantized())
+            for name, layers in q_layer.mlp.experts.nf4.items():
+                getattr(layer.mlp.experts, name).copy_(torch.stack([q.dequantized() for q in layers]))
+        x = ids()
+        want = dense(x)
+        assert ((model(x) - want).abs().max() / want.abs().max()).item() <= 1e-5
+    held = sum(t.numel() * t.element_size() for q in experts.nf4.values() for layer in q
+               for t in layer._tensors() if t is not None)
+    full = sum(v.numel() for v in stacked.values())
+    # 4 bits a weight, a one-byte scale per block of 64, and per expert matrix bitsandbytes' 256-entry float
+    # code table, one second-level scale and its offset: 4.13 bits a weight at Mixtral 8x7B's shapes
+    assert held == full // 2 + full // 64 + 8 * (256 * 4 + 4 + 4)
+
+
+def test_qlora_on_mixtral_experts_trains_saves_and_loads_as_trained(tmp_path):
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.lora import BASE_QUANTIZATION, load_adapter
+    from mistral_tune.models.quant import quantize_model
+    from mistral_tune.models.tuned import load_tuned
+    from mistral_tune.quickstart import create_tiny_model
+    from mistral_tune.train.loop import train
+
+    base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                                     {"role": "assistant", "content": w}]}) + "\n"
+                            for w in ["apple", "river", "stone", "cloud"]))
+    targets = ["q_proj", "experts"]
+    cfg = config_from_dict({"base_model": str(base_dir), "datasets": [{"path": str(data)}], "max_steps": 3,
+                            "output_dir": str(tmp_path / "run"), "sequence_len": 64, "dataset_cache": False,
+                            "adapter": "qlora", "lora_r": 4, "learning_rate": 0.05, "lora_target_modules": targets})
+    result = train(cfg, echo=lambda *_: None)
+    assert (result.adapter_dir / BASE_QUANTIZATION).is_file()
+    trained, _ = load_model(str(base_dir))  # as training held it: NF4 base, the adapter on top
+    quantize_model(trained, targets)
+    load_adapter(trained, result.adapter_dir)
+    x = torch.randint(3, 32768, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trained.eval()(x)
+        assert (want - load_model(str(base_dir))[0].eval()(x)).abs().max() > 1e-4  # it trained
+        for merge in (False, True):
+            got = load_tuned(result.adapter_dir, merge=merge).model(x)
+            assert (got - want).abs().max() <= 1e-5, merge

@@ -410,7 +410,7 @@ def save_adapter(
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    quantized = [m.quantized for m in model.modules() if isinstance(m, LoraLinear) and m.quantized is not None]
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]  # projections and experts
     if quantized:
         from .models.quant import BLOCKSIZE
 

@@ -467,3 +467,104 @@ def test_qlora_on_mixtral_experts_trains_saves_and_loads_as_trained(tmp_path):
         for merge in (False, True):
             got = load_tuned(result.adapter_dir, merge=merge).model(x)
             assert (got - want).abs().max() <= 1e-5, merge
+
+
+def test_a_training_step_adds_the_weighted_balance_loss_gradient_and_reports_its_mean():
+    """accumulate_gradients: each micro-batch's balance loss joins with router_aux_loss_coef times its share of
+    the window's trained tokens (as its token loss does), and the reported value is the real-token mean."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from mistral_tune.data.pack import IGNORE, Batch
+    from mistral_tune.train.loop import Runtime, accumulate_gradients
+    from mistral_tune.train.optim import token_loss_sum
+
+    def batch(seed, n_pad, n_prompt):
+        x = ids(1, 14, seed=seed)
+        labels = torch.roll(x, -1, 1)
+        labels[:, :n_prompt] = IGNORE
+        seq = torch.zeros(1, 14, dtype=torch.long)
+        if n_pad:
+            labels[:, -n_pad:], seq[:, -n_pad:] = IGNORE, -1
+        return Batch(x, labels, torch.arange(14)[None], seq)
+
+    micro = [batch(1, 5, 2), batch(2, 0, 9)]
+    n_tokens = sum(b.n_trained for b in micro)
+    grads, reported = [], None
+    for ours in (True, False):
+        model = tiny_mixtral().train()
+        if ours:
+            model.router_aux_loss_coef = 0.3
+            accumulate_gradients(model, micro, Runtime(torch.device("cpu"), None))
+            reported = model.router_aux_loss
+        else:
+            aux = []
+            for b in micro:
+                logits = []
+                hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, kept=logits: kept.append(o))
+                         for layer in model.model.layers]
+                loss = token_loss_sum(model, b)
+                for h in hooks:
+                    h.remove()
+                aux.append(load_balancing_loss_func(tuple(logits), 4, 2, attention_mask=(b.seq_ids >= 0).long()))
+                (loss / n_tokens + 0.3 * b.n_trained / n_tokens * aux[-1]).backward()
+            want = sum(a.item() * b.n_real for a, b in zip(aux, micro, strict=True)) / sum(b.n_real for b in micro)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert reported == pytest.approx(want, rel=1e-5)
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7), n
+
+
+def _loop(experts, x, index, weights):
+    """The experts one after another (the reference for the grouped products)."""
+    out = torch.zeros_like(x)
+    for e in range(experts.num_experts):
+        token, slot = torch.where(index == e)
+        gate, up = experts._project("gate_up_proj", e, x[token]).chunk(2, dim=-1)
+        y = experts._project("down_proj", e, torch.nn.functional.silu(gate) * up) * weights[token, slot, None]
+        out.index_add_(0, token, y)
+    return out
+
+
+@pytest.mark.parametrize("top1_unused", [False, True])
+def test_grouped_expert_products_equal_the_loop_with_lora_and_gradients(top1_unused):
+    from mistral_tune.lora import LoraSpec, apply_lora
+
+    model = tiny_mixtral(num_local_experts=8, num_experts_per_tok=1 if top1_unused else 2)
+    apply_lora(model, LoraSpec(r=3, alpha=6, target_modules=["experts"]), seed=0)
+    experts, moe = model.model.layers[0].mlp.experts, model.model.layers[0].mlp
+    for p in experts.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        for name, p in experts.lora.named_parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    n = 5 if top1_unused else 40  # 5 tokens, top-1: some of the 8 experts get none
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    _, index, weights = moe.route(x)
+    if top1_unused:
+        assert len(set(index.flatten().tolist())) < 8
+    results = []
+    for run in (_loop, lambda ex, *a: ex(*a)):
+        out = run(experts, x, index, weights)
+        grads = torch.autograd.grad(out.square().sum(), [x, *experts.parameters()], retain_graph=True)
+        results.append((out, grads))
+    (want, want_grads), (got, got_grads) = results
+    for g, w in zip((got, *got_grads), (want, *want_grads), strict=True):
+        assert (g - w).abs().max() <= 1e-5 * w.abs().max(), (g.shape, (g - w).abs().max(), w.abs().max())
+
+
+def test_grouped_mm_fast_kernel_equals_the_padded_product_in_bf16():
+    """torch._grouped_mm (bf16, aligned shapes) and the padded batched product give the same rows and gradients."""
+    from mistral_tune.models import mistral
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([5, 0, 11, 3])
+    x = torch.randn(19, 32, generator=gen).bfloat16().requires_grad_(True)
+    w = torch.randn(4, 16, 32, generator=gen).bfloat16().requires_grad_(True)
+    fast = mistral.grouped_mm(x, w, counts)
+    padded = mistral.grouped_mm(x.float(), w.float(), counts)  # float32: the padded product
+    assert torch.allclose(fast.float(), padded, rtol=2e-2, atol=2e-2)
+    (gx, gw), (px, pw) = (torch.autograd.grad(y.float().square().sum(), [x, w]) for y in (fast, padded))
+    assert torch.allclose(gx.float(), px.float(), rtol=3e-2, atol=0.5)
+    assert torch.allclose(gw.float(), pw.float(), rtol=3e-2, atol=0.5)

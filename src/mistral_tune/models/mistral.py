@@ -215,7 +215,9 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, H); index, weights (T, k): each token's experts and their mixing weights."""
-        out = torch.zeros_like(x)
+        if not self.nf4:
+            return self._grouped(x, index, weights)
+        out = torch.zeros_like(x)  # NF4 experts: one after another, each dequantized in its turn
         for e in range(self.num_experts):
             token, slot = torch.where(index == e)
             if token.numel() == 0:
@@ -224,6 +226,42 @@ class Experts(nn.Module):
             y = self._project("down_proj", e, F.silu(gate) * up) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+    def _grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every expert's products at once: the (token, expert) pairs sorted by expert, then one grouped
+        product per projection (grouped_mm)."""
+        k = index.shape[1]
+        order = index.reshape(-1).argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(index.reshape(-1), minlength=self.num_experts)
+        gate, up = self._grouped_project("gate_up_proj", x[token], counts).chunk(2, dim=-1)
+        y = self._grouped_project("down_proj", F.silu(gate) * up, counts)
+        y = y * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+    def _grouped_project(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        y = grouped_mm(x, getattr(self, name), counts)
+        lora = self.lora[name] if name in self.lora else None
+        if lora is None or lora.disabled:
+            return y
+        a, b = lora.factors()
+        return y + grouped_mm(grouped_mm(x, a, counts), b, counts) * lora.scaling
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x (N, in), sorted by group with counts (G,) rows each, times their group's w[g] (G, out, in)
+    transposed: (N, out). torch._grouped_mm where it runs (bf16, 16-byte aligned rows: the GPU fast
+    path); otherwise one batched product over the groups padded to the largest."""
+    if (x.dtype == w.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and x.shape[1] % 8 == 0
+            and w.shape[1] % 8 == 0 and w.stride(2) == 1):
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
+    starts = counts.cumsum(0) - counts
+    group = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
+    slot = torch.arange(x.shape[0], device=x.device) - starts[group]
+    padded = x.new_zeros(len(counts), int(counts.max()) if x.shape[0] else 0, x.shape[1])
+    padded[group, slot] = x
+    return torch.bmm(padded, w.transpose(1, 2).to(x.dtype))[group, slot]
 
 
 class RouterBalance:

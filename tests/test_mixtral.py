@@ -376,7 +376,7 @@ def test_router_balance_loss_of_packed_rows_counts_each_sample_and_no_padding():
     assert abs(ours.item() - theirs.item()) <= 1e-5 * theirs.item()
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True, "by_row"])
 def test_router_balance_gradient_equals_autograd_through_transformers_loss(checkpointing):
     """The injected gradient (also through checkpointed layers, run again in backward) equals autograd
     through transformers' load_balancing_loss_func on the same router logits and mask."""
@@ -390,7 +390,8 @@ def test_router_balance_gradient_equals_autograd_through_transformers_loss(check
     grads = []
     for inject in (False, True):
         model = tiny_mixtral().train()
-        model.gradient_checkpointing = checkpointing and inject
+        model.gradient_checkpointing = bool(checkpointing) and inject
+        model.recompute_by_row = checkpointing == "by_row"  # not with a trained balance loss: whole batch
         logits = []
         hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, kept=logits: kept.append(o))
                  for layer in model.model.layers]
@@ -568,3 +569,24 @@ def test_grouped_mm_fast_kernel_equals_the_padded_product_in_bf16():
     (gx, gw), (px, pw) = (torch.autograd.grad(y.float().square().sum(), [x, w]) for y in (fast, padded))
     assert torch.allclose(gx.float(), px.float(), rtol=3e-2, atol=0.5)
     assert torch.allclose(gw.float(), pw.float(), rtol=3e-2, atol=0.5)
+
+
+def test_a_measured_only_balance_keeps_the_row_by_row_backward(monkeypatch):
+    """Reporting the balance loss (not training it) leaves checkpointing's one-row-at-a-time backward on,
+    and measures the same loss as a pass without checkpointing."""
+    from mistral_tune.models.mistral import router_balance
+
+    x, real = ids(2, 16), torch.ones(2, 16, dtype=torch.bool)
+    real[0, 12:] = False
+    seen = []
+    values = []
+    for checkpointing in (False, True):
+        model = tiny_mixtral().train()
+        model.gradient_checkpointing = model.recompute_by_row = checkpointing
+        row_args = model._row_args
+        monkeypatch.setattr(model, "_row_args", lambda *a, f=row_args: seen.append(f(*a)) or seen[-1])
+        with router_balance(model, real) as balance:
+            model(x, seq_ids=torch.where(real, 0, -1)).square().mean().backward()
+        values.append(balance.loss().item())
+    assert seen and all(rows is not None for rows in seen)
+    assert values[0] == pytest.approx(values[1], rel=1e-6)

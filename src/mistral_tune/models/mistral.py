@@ -282,6 +282,8 @@ class RouterBalance:
 
     @torch.compiler.disable
     def add(self, moe: SparseMoE, logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if not self.grad_scale and id(moe) in self.counts:
+            return out  # measured already: a checkpointed layer run again in backward (perhaps one row)
         probs = F.softmax(logits.float(), dim=-1)
         _, picked = probs.topk(moe.top_k, dim=-1)
         real = self.real.to(probs.device)
@@ -515,8 +517,8 @@ class MistralForCausalLM(nn.Module):
             return None
         if any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules()):
             return None
-        if any(isinstance(m, SparseMoE) and m.balance is not None for m in self.modules()):
-            return None  # the balance loss routes the whole batch at once
+        if any(isinstance(m, SparseMoE) and m.balance is not None and m.balance.grad_scale for m in self.modules()):
+            return None  # a trained balance loss routes the whole batch at once
         if seq_ids is None:
             seq_ids = torch.zeros_like(position_ids)
         rows = []

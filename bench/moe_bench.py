@@ -107,6 +107,14 @@ def _sync(device) -> None:
 
 
 def run_case(name: str, build, x, labels, reps: int, device, autocast: bool) -> dict:
+    """One case's row; a case that fails gives its error in the row (the other cases still run)."""
+    try:
+        return _run_case(name, build, x, labels, reps, device, autocast)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        return {"case": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def _run_case(name: str, build, x, labels, reps: int, device, autocast: bool) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -175,8 +183,9 @@ def main() -> None:
     shutil.rmtree(adapter)
     ref = rows[-1]
     for r in rows:
-        r["speedup_vs_peft"] = round(ref["step_ms"] / r["step_ms"], 2)
-        r["first_loss_rel_diff_vs_peft"] = abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
+        if "error" not in r and "error" not in ref:
+            r["speedup_vs_peft"] = round(ref["step_ms"] / r["step_ms"], 2)
+            r["first_loss_rel_diff_vs_peft"] = abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
 
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -189,8 +198,12 @@ def main() -> None:
     print("| case | step ms | tokens/s | peak GiB | speed-up vs PEFT | first loss rel. diff vs PEFT |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['step_ms']} | {r['tokens_per_s']} | {r['peak_gib']} | {r['speedup_vs_peft']} | "
-              f"{r['first_loss_rel_diff_vs_peft']:.1e} |")
+        if "error" in r:
+            print(f"| {r['case']} | error: {r['error']} | | | | |")
+            continue
+        diff = r.get("first_loss_rel_diff_vs_peft")
+        print(f"| {r['case']} | {r['step_ms']} | {r['tokens_per_s']} | {r['peak_gib']} | "
+              f"{r.get('speedup_vs_peft', '')} | {'' if diff is None else f'{diff:.1e}'} |")
 
 
 if __name__ == "__main__":

@@ -590,3 +590,33 @@ def test_a_measured_only_balance_keeps_the_row_by_row_backward(monkeypatch):
         values.append(balance.loss().item())
     assert seen and all(rows is not None for rows in seen)
     assert values[0] == pytest.approx(values[1], rel=1e-6)
+
+
+def test_gguf_from_an_expert_lora_adapter_holds_the_merged_experts(tmp_path):
+    """export gguf takes an adapter directory: the experts' adapters are folded in, expert by expert."""
+    pytest.importorskip("gguf")
+    from gguf import GGUFReader
+
+    from mistral_tune.export.gguf import export_gguf
+    from mistral_tune.lora import LoraSpec, apply_lora, merge_lora, save_adapter
+    from mistral_tune.quickstart import create_tiny_model
+
+    base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
+    model, _ = load_model(str(base_dir))
+    spec = LoraSpec(r=3, alpha=6, target_modules=["experts"])
+    apply_lora(model, spec, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(model, spec, tmp_path / "adapter", base_model=str(base_dir))
+    out = export_gguf(tmp_path / "adapter", tmp_path / "m.gguf", "f16", warn=lambda *_: None)
+    merge_lora(model)
+    tensors = {t.name: torch.from_numpy(t.data.astype("float32")) for t in GGUFReader(str(out)).tensors}
+    experts = model.model.layers[1].mlp.experts
+    gate, up = experts.gate_up_proj.detach().chunk(2, dim=1)
+    for name, want in (("gate", gate), ("up", up), ("down", experts.down_proj.detach())):
+        got = tensors[f"blk.1.ffn_{name}_exps.weight"]
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-3 * want.abs().max(), name
+    base_gate = load_model(str(base_dir))[0].model.layers[1].mlp.experts.gate_up_proj.detach().chunk(2, dim=1)[0]
+    assert (gate - base_gate).abs().max() > 1e-3  # the adapter changed the experts

@@ -620,3 +620,14 @@ def test_gguf_from_an_expert_lora_adapter_holds_the_merged_experts(tmp_path):
         assert got.shape == want.shape and (got - want).abs().max() <= 1e-3 * want.abs().max(), name
     base_gate = load_model(str(base_dir))[0].model.layers[1].mlp.experts.gate_up_proj.detach().chunk(2, dim=1)[0]
     assert (gate - base_gate).abs().max() > 1e-3  # the adapter changed the experts
+
+
+@pytest.mark.parametrize("targets, warned", [(["q_proj", "v_proj"], True), (["q_proj", "w2"], False)])
+def test_qlora_on_mixtral_without_expert_targets_says_the_experts_stay_full_precision(tmp_path, targets, warned):
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.train.loop import model_fit_warnings
+
+    cfg = config_from_dict({"base_model": "tiny", "datasets": [{"path": "d.jsonl"}], "adapter": "qlora",
+                            "output_dir": str(tmp_path / "run"), "lora_target_modules": targets})
+    warnings = model_fit_warnings(cfg, tmp_path, MistralConfig(**TINY_MOE), None)
+    assert any("experts are not in lora_target_modules" in w for w in warnings) == warned

@@ -33,6 +33,7 @@ from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, Trai
 from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
 from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
+from ..models.families import EXPERT_TARGETS
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
 from ..models.mistral import count_params, flops_per_token, router_balance
 from ..models.quant import quantize_model
@@ -178,6 +179,9 @@ def model_fit_warnings(cfg: Config, model_dir: Path, model_cfg, tokenizer) -> li
         out.append(f"sequence_len {cfg.sequence_len} is more than the model's max_position_embeddings "
                    f"{model_cfg.max_position_embeddings} ({model_dir / 'config.json'}): it has not learnt positions "
                    "that far")
+    if cfg.adapter == "qlora" and model_cfg.moe and not set(cfg.lora_target_modules) & set(EXPERT_TARGETS):
+        out.append("adapter qlora: the experts are not in lora_target_modules, so they stay in full precision "
+                   "(QLoRA holds in NF4 what it adapts); add experts to hold them in 4 bits")
     if cfg.tokenizer is not None:
         try:
             own = ChatTokenizer(find_tokenizer_file(model_dir))

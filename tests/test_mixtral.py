@@ -174,8 +174,56 @@ def test_lora_on_attention_equals_peft_on_transformers_mixtral(tmp_path):
 def test_lora_targets_that_mixtral_lacks_are_refused_by_name():
     from mistral_tune.lora import LoraSpec, apply_lora
 
-    with pytest.raises(ModelError, match=r"\['down_proj', 'gate_proj', 'up_proj'\]: Mixtral has no such.*w1, w2, w3"):
-        apply_lora(tiny_mixtral(), LoraSpec(r=4))
+    with pytest.raises(ModelError, match=r"\['gate_proj', 'up_proj'\]: Mixtral has no such.*gate_up_proj, w1, w3"):
+        apply_lora(tiny_mixtral(), LoraSpec(r=4))  # the default seven: down_proj names the experts' down
+
+
+@pytest.mark.parametrize("targets, spec_kw, message", [
+    (["w1"], {}, "w1 and w3 .* one stacked tensor"),
+    (["q_proj", "w3"], {}, "w1 and w3 .* one stacked tensor"),
+    (["experts"], {"dropout": 0.1}, "lora_dropout 0.1 .* experts has neither"),
+    (["down_proj"], {"use_dora": True}, "use_dora True: LoRA on Mixtral's experts has neither"),
+])
+def test_expert_lora_that_peft_cannot_hold_is_refused(targets, spec_kw, message):
+    from mistral_tune.lora import LoraSpec, apply_lora
+
+    with pytest.raises(ModelError, match=message):
+        apply_lora(tiny_mixtral(), LoraSpec(r=4, target_modules=targets, **spec_kw))
+
+
+def test_dora_and_dropout_stay_allowed_on_attention():
+    from mistral_tune.lora import LoraSpec, apply_lora
+
+    apply_lora(tiny_mixtral(), LoraSpec(r=4, target_modules=["q_proj"], dropout=0.1, use_dora=True))
+
+
+def test_merged_expert_lora_equals_peft_merge_and_unload(tmp_path):
+    """`mistral-tune merge` folds the experts' adapters: transformers reads the merged model with the
+    logits of transformers + PEFT's own merge of the same adapter."""
+    from peft import PeftModel
+
+    from mistral_tune.export.hf import merge_to_dir
+    from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
+    from mistral_tune.quickstart import create_tiny_model
+
+    base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
+    model, _ = load_model(str(base_dir))
+    spec = LoraSpec(r=3, alpha=6, target_modules=["o_proj", "experts"])
+    apply_lora(model, spec, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(model, spec, tmp_path / "adapter", base_model=str(base_dir))
+    merged = merge_to_dir(tmp_path / "adapter", tmp_path / "merged", echo=lambda *_: None)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload().eval()
+    x = torch.randint(3, 32768, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = theirs(input_ids=x).logits
+        assert (model.eval()(x) - want).abs().max() <= 1e-5  # PEFT's merge is our unmerged model
+        assert (ours(input_ids=x).logits - want).abs().max() <= 1e-5
 
 
 def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
@@ -193,8 +241,11 @@ def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
     cfg = config_from_dict({"base_model": str(base_dir), "datasets": [{"path": str(data)}], "max_steps": 4,
                             "output_dir": str(tmp_path / "run"), "sequence_len": 64, "dataset_cache": False,
                             "lora_r": 4, "learning_rate": 0.05,
-                            "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+                            "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]})
     result = train(cfg, echo=lambda *_: None)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "grad_norm" in r]
+    assert len(steps) == 4 and all(r["router_aux_loss"] > 1.0 for r in steps)  # even routing: top_k (2)
     trained, _ = load_model(str(base_dir))
     load_adapter(trained, result.adapter_dir)
     merged = merge_to_dir(result.adapter_dir, tmp_path / "merged", echo=lambda *_: None)
@@ -203,3 +254,380 @@ def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
     with torch.no_grad():
         want = trained.eval()(x)
         assert torch.allclose(ref(input_ids=x).logits, want, atol=1e-4)
+
+
+def _expert_lora(tmp_path, targets, seed=0, **spec_kw):
+    """A tiny Mixtral with random LoRA (B too, so the adapters matter) on `targets`, saved as PEFT's adapter;
+    and the base model it went on."""
+    from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
+
+    model = tiny_mixtral(seed, sliding_window=5)
+    base = tiny_mixtral(seed, sliding_window=5)
+    spec = LoraSpec(r=3, alpha=6, target_modules=targets, **spec_kw)
+    apply_lora(model, spec, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(model, spec, tmp_path, base_model="tiny")
+    return model.eval(), base
+
+
+EXPERT_TARGET_SETS = {
+    "experts": ["experts"],
+    "gate_up_only": ["gate_up_proj"],
+    "down_only_w2": ["w2"],
+    "w1_w3_with_attention": ["q_proj", "v_proj", "w1", "w3"],
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("name", list(EXPERT_TARGET_SETS))
+def test_lora_on_experts_equals_peft_target_parameters_on_transformers(tmp_path, name, rslora):
+    from peft import PeftModel
+
+    model, base = _expert_lora(tmp_path, EXPERT_TARGET_SETS[name], use_rslora=rslora)
+    ref = PeftModel.from_pretrained(hf_mixtral(base, "sdpa"), str(tmp_path)).eval()
+    x = ids()
+    with torch.no_grad():
+        ours, theirs = model(x), ref(input_ids=x, use_cache=False).logits.float()
+        assert (ours - base(x)).abs().max() > 1e-2  # the adapter matters
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5
+
+
+def test_lora_on_experts_loads_back_and_a_peft_saved_adapter_loads(tmp_path):
+    """What PEFT writes for transformers' Mixtral loads onto ours with the same logits, and ours round-trips."""
+    from peft import LoraConfig, get_peft_model
+
+    from mistral_tune.lora import load_adapter
+
+    model, base = _expert_lora(tmp_path / "ours", ["k_proj", "experts"])
+    again = tiny_mixtral(sliding_window=5)
+    load_adapter(again, tmp_path / "ours")
+    ref = get_peft_model(hf_mixtral(base, "sdpa"), LoraConfig(
+        r=2, lora_alpha=5, target_modules=["o_proj"], target_parameters=["mlp.experts.down_proj",
+                                                                         "mlp.experts.gate_up_proj"]))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    ref.save_pretrained(str(tmp_path / "peft"))
+    theirs = tiny_mixtral(sliding_window=5)
+    load_adapter(theirs, tmp_path / "peft")
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model(x))
+        want = ref.eval()(input_ids=x, use_cache=False).logits
+        assert ((theirs.eval()(x) - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_export_adapter_refuses_expert_lora_for_vllm_and_passes_attention_lora(tmp_path):
+    from mistral_tune.export.adapter import export_adapter, vllm_adapter_problems
+
+    _expert_lora(tmp_path / "experts", ["q_proj", "experts"])
+    _expert_lora(tmp_path / "attention", ["q_proj", "o_proj"])
+    problems = vllm_adapter_problems(tmp_path / "experts")
+    assert len(problems) == 1 and "its Mixtral expects one adapter per expert" in problems[0]
+    with pytest.raises(ModelError, match=r"vLLM would not load.*target_parameters.*Merge it"):
+        export_adapter(tmp_path / "experts")
+    assert vllm_adapter_problems(tmp_path / "attention") == []
+
+
+def _balance(model, x, real, **kw):
+    from mistral_tune.models.mistral import router_balance
+
+    seq_ids = torch.where(real, 0, -1) if real.dtype == torch.bool else real
+    with router_balance(model, seq_ids >= 0) as balance:
+        model(x, seq_ids=seq_ids, **kw)
+    return balance.loss()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_router_balance_loss_equals_transformers_aux_loss_with_padding(seed):
+    model = tiny_mixtral(seed, num_local_experts=8, num_experts_per_tok=2)
+    ref = hf_mixtral(model, "eager")
+    x = ids(3, 20, seed=seed)
+    lengths = torch.randint(5, 21, (3,), generator=torch.Generator().manual_seed(seed))
+    real = torch.arange(20)[None] < lengths[:, None]  # right padding
+    with torch.no_grad():
+        ours = _balance(model, x, real)
+        theirs = ref(input_ids=x, attention_mask=real.long(), output_router_logits=True, use_cache=False).aux_loss
+        unmasked = ref(input_ids=x, output_router_logits=True, use_cache=False).aux_loss
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * theirs.item()
+    assert abs(ours.item() - unmasked.item()) > 1e-4  # the padding is really left out
+
+
+def test_router_balance_loss_of_packed_rows_counts_each_sample_and_no_padding():
+    """A packed row (two samples, then padding) gives transformers' loss over the samples' own router logits."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    model = tiny_mixtral(num_local_experts=8)
+    ref = hf_mixtral(model, "eager")
+    a, b = ids(1, 9, seed=2), ids(1, 13, seed=3)
+    packed = torch.cat([a, b, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    seq_ids = torch.tensor([[0] * 9 + [1] * 13 + [-1] * 6])
+    pos = torch.cat([torch.arange(9), torch.arange(13), torch.arange(6)])[None]
+    with torch.no_grad():
+        ours = _balance(model, packed, seq_ids, position_ids=pos)
+        logits = [ref(input_ids=s, output_router_logits=True, use_cache=False).router_logits for s in (a, b)]
+    per_layer = tuple(torch.cat([la, lb]) for la, lb in zip(*logits, strict=True))
+    theirs = load_balancing_loss_func(per_layer, 8, 2)
+    assert abs(ours.item() - theirs.item()) <= 1e-5 * theirs.item()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True, "by_row"])
+def test_router_balance_gradient_equals_autograd_through_transformers_loss(checkpointing):
+    """The injected gradient (also through checkpointed layers, run again in backward) equals autograd
+    through transformers' load_balancing_loss_func on the same router logits and mask."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from mistral_tune.models.mistral import router_balance
+
+    x = ids(2, 16)
+    real = torch.ones(2, 16, dtype=torch.bool)
+    real[1, 11:] = False
+    grads = []
+    for inject in (False, True):
+        model = tiny_mixtral().train()
+        model.gradient_checkpointing = bool(checkpointing) and inject
+        model.recompute_by_row = checkpointing == "by_row"  # not with a trained balance loss: whole batch
+        logits = []
+        hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, kept=logits: kept.append(o))
+                 for layer in model.model.layers]
+        with router_balance(model, real, grad_scale=0.7 if inject else 0.0):
+            out = model(x, seq_ids=torch.where(real, 0, -1)).square().mean()
+            if not inject:
+                out = out + 0.7 * load_balancing_loss_func(tuple(logits), 4, 2, attention_mask=real.long())
+            out.backward()
+        for h in hooks:
+            h.remove()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[0]["model.layers.0.mlp.gate.weight"].abs().max() > 0
+    for n in grads[0]:
+        assert torch.allclose(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7), n
+
+
+def test_nf4_experts_are_bitsandbytes_nf4_per_expert_and_compute_as_their_dequantized_weights():
+    import bitsandbytes.functional as bnbf
+
+    from mistral_tune.models.quant import quantize_model
+
+    model = tiny_mixtral()
+    stacked = {k: v.clone() for k, v in model.model.layers[1].mlp.experts.named_parameters()}
+    assert quantize_model(model, ["q_proj", "experts"]) == 2 * (1 + 4 * 2)  # per layer: q_proj, 4 experts x 2 weights
+    experts = model.model.layers[1].mlp.experts
+    assert not list(experts.parameters())  # the stacked weights are gone: only the NF4 codes remain
+    dense = tiny_mixtral()
+    with torch.no_grad():
+        for name, w in stacked.items():
+            for e in range(4):
+                packed, state = bnbf.quantize_4bit(w[e], blocksize=64, quant_type="nf4", compress_statistics=True)
+                assert torch.equal(experts.nf4[name][e].dequantized(), bnbf.dequantize_4bit(packed, state))
+        for layer, q_layer in zip(dense.model.layers, model.model.layers, strict=True):
+            layer.self_attn.q_proj.weight.copy_(q_layer.self_attn.q_proj.dequantized())
+            for name, layers in q_layer.mlp.experts.nf4.items():
+                getattr(layer.mlp.experts, name).copy_(torch.stack([q.dequantized() for q in layers]))
+        x = ids()
+        want = dense(x)
+        assert ((model(x) - want).abs().max() / want.abs().max()).item() <= 1e-5
+    held = sum(t.numel() * t.element_size() for q in experts.nf4.values() for layer in q
+               for t in layer._tensors() if t is not None)
+    full = sum(v.numel() for v in stacked.values())
+    # 4 bits a weight, a one-byte scale per block of 64, and per expert matrix bitsandbytes' 256-entry float
+    # code table, one second-level scale and its offset: 4.13 bits a weight at Mixtral 8x7B's shapes
+    assert held == full // 2 + full // 64 + 8 * (256 * 4 + 4 + 4)
+
+
+def test_qlora_on_mixtral_experts_trains_saves_and_loads_as_trained(tmp_path):
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.lora import BASE_QUANTIZATION, load_adapter
+    from mistral_tune.models.quant import quantize_model
+    from mistral_tune.models.tuned import load_tuned
+    from mistral_tune.quickstart import create_tiny_model
+    from mistral_tune.train.loop import train
+
+    base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                                     {"role": "assistant", "content": w}]}) + "\n"
+                            for w in ["apple", "river", "stone", "cloud"]))
+    targets = ["q_proj", "experts"]
+    cfg = config_from_dict({"base_model": str(base_dir), "datasets": [{"path": str(data)}], "max_steps": 3,
+                            "output_dir": str(tmp_path / "run"), "sequence_len": 64, "dataset_cache": False,
+                            "adapter": "qlora", "lora_r": 4, "learning_rate": 0.05, "lora_target_modules": targets})
+    result = train(cfg, echo=lambda *_: None)
+    assert (result.adapter_dir / BASE_QUANTIZATION).is_file()
+    trained, _ = load_model(str(base_dir))  # as training held it: NF4 base, the adapter on top
+    quantize_model(trained, targets)
+    load_adapter(trained, result.adapter_dir)
+    x = torch.randint(3, 32768, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trained.eval()(x)
+        assert (want - load_model(str(base_dir))[0].eval()(x)).abs().max() > 1e-4  # it trained
+        for merge in (False, True):
+            got = load_tuned(result.adapter_dir, merge=merge).model(x)
+            assert (got - want).abs().max() <= 1e-5, merge
+
+
+def test_a_training_step_adds_the_weighted_balance_loss_gradient_and_reports_its_mean():
+    """accumulate_gradients: each micro-batch's balance loss joins with router_aux_loss_coef times its share of
+    the window's trained tokens (as its token loss does), and the reported value is the real-token mean."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from mistral_tune.data.pack import IGNORE, Batch
+    from mistral_tune.train.loop import Runtime, accumulate_gradients
+    from mistral_tune.train.optim import token_loss_sum
+
+    def batch(seed, n_pad, n_prompt):
+        x = ids(1, 14, seed=seed)
+        labels = torch.roll(x, -1, 1)
+        labels[:, :n_prompt] = IGNORE
+        seq = torch.zeros(1, 14, dtype=torch.long)
+        if n_pad:
+            labels[:, -n_pad:], seq[:, -n_pad:] = IGNORE, -1
+        return Batch(x, labels, torch.arange(14)[None], seq)
+
+    micro = [batch(1, 5, 2), batch(2, 0, 9)]
+    n_tokens = sum(b.n_trained for b in micro)
+    grads, reported = [], None
+    for ours in (True, False):
+        model = tiny_mixtral().train()
+        if ours:
+            model.router_aux_loss_coef = 0.3
+            accumulate_gradients(model, micro, Runtime(torch.device("cpu"), None))
+            reported = model.router_aux_loss
+        else:
+            aux = []
+            for b in micro:
+                logits = []
+                hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, kept=logits: kept.append(o))
+                         for layer in model.model.layers]
+                loss = token_loss_sum(model, b)
+                for h in hooks:
+                    h.remove()
+                aux.append(load_balancing_loss_func(tuple(logits), 4, 2, attention_mask=(b.seq_ids >= 0).long()))
+                (loss / n_tokens + 0.3 * b.n_trained / n_tokens * aux[-1]).backward()
+            want = sum(a.item() * b.n_real for a, b in zip(aux, micro, strict=True)) / sum(b.n_real for b in micro)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert reported == pytest.approx(want, rel=1e-5)
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7), n
+
+
+def _loop(experts, x, index, weights):
+    """The experts one after another (the reference for the grouped products)."""
+    out = torch.zeros_like(x)
+    for e in range(experts.num_experts):
+        token, slot = torch.where(index == e)
+        gate, up = experts._project("gate_up_proj", e, x[token]).chunk(2, dim=-1)
+        y = experts._project("down_proj", e, torch.nn.functional.silu(gate) * up) * weights[token, slot, None]
+        out.index_add_(0, token, y)
+    return out
+
+
+@pytest.mark.parametrize("top1_unused", [False, True])
+def test_grouped_expert_products_equal_the_loop_with_lora_and_gradients(top1_unused):
+    from mistral_tune.lora import LoraSpec, apply_lora
+
+    model = tiny_mixtral(num_local_experts=8, num_experts_per_tok=1 if top1_unused else 2)
+    apply_lora(model, LoraSpec(r=3, alpha=6, target_modules=["experts"]), seed=0)
+    experts, moe = model.model.layers[0].mlp.experts, model.model.layers[0].mlp
+    for p in experts.parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():
+        for name, p in experts.lora.named_parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    n = 5 if top1_unused else 40  # 5 tokens, top-1: some of the 8 experts get none
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    _, index, weights = moe.route(x)
+    if top1_unused:
+        assert len(set(index.flatten().tolist())) < 8
+    results = []
+    for run in (_loop, lambda ex, *a: ex(*a)):
+        out = run(experts, x, index, weights)
+        grads = torch.autograd.grad(out.square().sum(), [x, *experts.parameters()], retain_graph=True)
+        results.append((out, grads))
+    (want, want_grads), (got, got_grads) = results
+    for g, w in zip((got, *got_grads), (want, *want_grads), strict=True):
+        assert (g - w).abs().max() <= 1e-5 * w.abs().max(), (g.shape, (g - w).abs().max(), w.abs().max())
+
+
+def test_grouped_mm_fast_kernel_equals_the_padded_product_in_bf16():
+    """torch._grouped_mm (bf16, aligned shapes) and the padded batched product give the same rows and gradients."""
+    from mistral_tune.models import mistral
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([5, 0, 11, 3])
+    x = torch.randn(19, 32, generator=gen).bfloat16().requires_grad_(True)
+    w = torch.randn(4, 16, 32, generator=gen).bfloat16().requires_grad_(True)
+    fast = mistral.grouped_mm(x, w, counts)
+    padded = mistral.grouped_mm(x.float(), w.float(), counts)  # float32: the padded product
+    assert torch.allclose(fast.float(), padded, rtol=2e-2, atol=2e-2)
+    (gx, gw), (px, pw) = (torch.autograd.grad(y.float().square().sum(), [x, w]) for y in (fast, padded))
+    assert torch.allclose(gx.float(), px.float(), rtol=3e-2, atol=0.5)
+    assert torch.allclose(gw.float(), pw.float(), rtol=3e-2, atol=0.5)
+
+
+def test_a_measured_only_balance_keeps_the_row_by_row_backward(monkeypatch):
+    """Reporting the balance loss (not training it) leaves checkpointing's one-row-at-a-time backward on,
+    and measures the same loss as a pass without checkpointing."""
+    from mistral_tune.models.mistral import router_balance
+
+    x, real = ids(2, 16), torch.ones(2, 16, dtype=torch.bool)
+    real[0, 12:] = False
+    seen = []
+    values = []
+    for checkpointing in (False, True):
+        model = tiny_mixtral().train()
+        model.gradient_checkpointing = model.recompute_by_row = checkpointing
+        row_args = model._row_args
+        monkeypatch.setattr(model, "_row_args", lambda *a, f=row_args: seen.append(f(*a)) or seen[-1])
+        with router_balance(model, real) as balance:
+            model(x, seq_ids=torch.where(real, 0, -1)).square().mean().backward()
+        values.append(balance.loss().item())
+    assert seen and all(rows is not None for rows in seen)
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
+
+
+def test_gguf_from_an_expert_lora_adapter_holds_the_merged_experts(tmp_path):
+    """export gguf takes an adapter directory: the experts' adapters are folded in, expert by expert."""
+    pytest.importorskip("gguf")
+    from gguf import GGUFReader
+
+    from mistral_tune.export.gguf import export_gguf
+    from mistral_tune.lora import LoraSpec, apply_lora, merge_lora, save_adapter
+    from mistral_tune.quickstart import create_tiny_model
+
+    base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
+    model, _ = load_model(str(base_dir))
+    spec = LoraSpec(r=3, alpha=6, target_modules=["experts"])
+    apply_lora(model, spec, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(model, spec, tmp_path / "adapter", base_model=str(base_dir))
+    out = export_gguf(tmp_path / "adapter", tmp_path / "m.gguf", "f16", warn=lambda *_: None)
+    merge_lora(model)
+    tensors = {t.name: torch.from_numpy(t.data.astype("float32")) for t in GGUFReader(str(out)).tensors}
+    experts = model.model.layers[1].mlp.experts
+    gate, up = experts.gate_up_proj.detach().chunk(2, dim=1)
+    for name, want in (("gate", gate), ("up", up), ("down", experts.down_proj.detach())):
+        got = tensors[f"blk.1.ffn_{name}_exps.weight"]
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-3 * want.abs().max(), name
+    base_gate = load_model(str(base_dir))[0].model.layers[1].mlp.experts.gate_up_proj.detach().chunk(2, dim=1)[0]
+    assert (gate - base_gate).abs().max() > 1e-3  # the adapter changed the experts
+
+
+@pytest.mark.parametrize("targets, warned", [(["q_proj", "v_proj"], True), (["q_proj", "w2"], False)])
+def test_qlora_on_mixtral_without_expert_targets_says_the_experts_stay_full_precision(tmp_path, targets, warned):
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.train.loop import model_fit_warnings
+
+    cfg = config_from_dict({"base_model": "tiny", "datasets": [{"path": "d.jsonl"}], "adapter": "qlora",
+                            "output_dir": str(tmp_path / "run"), "lora_target_modules": targets})
+    warnings = model_fit_warnings(cfg, tmp_path, MistralConfig(**TINY_MOE), None)
+    assert any("experts are not in lora_target_modules" in w for w in warnings) == warned

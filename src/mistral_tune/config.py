@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import ConfigError, OutputError
 from .fsutil import expand_path
+from .models.families import EXPERT_TARGETS
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -339,7 +340,17 @@ class Config(_Strict):
     )
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     lora_target_modules: list[str] = Field(
-        default_factory=lambda: list(ALL_PROJECTIONS), description="Projections that get adapters (default: all seven)."
+        default_factory=lambda: list(ALL_PROJECTIONS),
+        description="Projections that get adapters (default: all seven). Mixtral: the attention projections, and "
+        "on the experts gate_up_proj (or w1 + w3) and down_proj (or w2), or experts for both: one low-rank pair "
+        "per expert, no dropout or DoRA there.",
+    )
+    router_aux_loss_coef: float | None = Field(
+        None,
+        ge=0,
+        description="Mixtral: weight of the router load-balancing loss (Switch Transformer's, over the real tokens) "
+        "added to the training objective; null: config.json's router_aux_loss_coef when the router trains "
+        "(adapter: none), else 0. Logged each step as router_aux_loss, apart from loss (the token loss alone).",
     )
     use_rslora: bool = Field(False, description="Scale adapters by alpha/sqrt(r) (rank-stabilised LoRA).")
     use_dora: bool = Field(
@@ -529,9 +540,10 @@ class Config(_Strict):
     def _check(self) -> Config:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("set warmup_steps or warmup_ratio, not both")
-        unknown = sorted(set(self.lora_target_modules) - set(ALL_PROJECTIONS))
+        allowed = ALL_PROJECTIONS + [k for k in EXPERT_TARGETS if k not in ALL_PROJECTIONS]
+        unknown = sorted(set(self.lora_target_modules) - set(allowed))
         if unknown:
-            raise ValueError(f"lora_target_modules: unknown module(s) {unknown}; allowed: {ALL_PROJECTIONS}")
+            raise ValueError(f"lora_target_modules: unknown module(s) {unknown}; allowed: {allowed}")
         if self.resume is not None and self.overwrite_output_dir:
             raise ValueError("set resume or overwrite_output_dir, not both (overwriting would delete the checkpoints)")
         if not self.lora_target_modules and self.adapter in ("lora", "qlora"):

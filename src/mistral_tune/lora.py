@@ -8,6 +8,8 @@ Variants, each in PEFT's format and with PEFT's maths (tests compare logits with
 - Whole modules trained (`modules_to_save`: embed_tokens, lm_head), saved in full.
 - Trainable tokens (`trainable_token_indices`): only some rows of embed_tokens / lm_head train,
   e.g. the reserved control tokens a run gives new names (chat.py); only those rows are saved.
+- Mixtral's experts (`ExpertLora`): one low-rank pair per expert on a stacked 3D weight, saved as
+  PEFT's LoRA on parameters (`target_parameters`), which PEFT loads onto transformers' Mixtral.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ModelError
+from .models.families import EXPERT_TARGETS
+from .models.mistral import Experts
 from .models.quant import NF4Linear
 from .models.recompute import linear_grad_only
 
@@ -151,6 +156,51 @@ class LoraLinear(nn.Linear):
                 f"scaling={self.scaling:g}{dora}")
 
 
+class ExpertLora(nn.Module):
+    """LoRA on one stacked expert weight W (E, out, in): expert e applies W[e] + scaling * B_e A_e.
+
+    The pairs are held as PEFT's ParamWrapper holds them, so the tensors save and load unchanged:
+    lora_A.weight (E*r, in) with expert e's A in rows e*r..e*r+r-1, and lora_B.weight (out, r*E)
+    with expert e's B in columns e, E+e, 2E+e, ... (rank-major). Same init as PEFT: A kaiming-uniform,
+    B zero. No dropout and no DoRA: PEFT's LoRA on parameters has neither."""
+
+    def __init__(self, shape: tuple[int, int, int], spec: LoraSpec, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_experts, self.out_features, self.in_features = shape
+        n = self.num_experts * spec.r
+        self.lora_A = nn.Linear(self.in_features, n, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(n, self.out_features, bias=False, device=device, dtype=dtype)
+        self.r, self.scaling = spec.r, spec.scaling
+        self.disabled = False  # adapters_disabled()
+        self.reset_lora(None)
+
+    reset_lora = LoraLinear.reset_lora
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (E, r, in), B (E, out, r)), views of the held tensors."""
+        a = self.lora_A.weight.view(self.num_experts, self.r, self.in_features)
+        b = self.lora_B.weight.view(self.out_features, self.r, self.num_experts).permute(2, 0, 1)
+        return a, b
+
+    def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's low-rank term for its tokens x (T, in)."""
+        a, b = self.factors()
+        return nn.functional.linear(nn.functional.linear(x, a[e]), b[e]) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B_e A_e for every expert, (E, out, in) in float32."""
+        a, b = self.factors()
+        return torch.bmm(b.float(), a.float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:g}")
+
+
+#: The layers that hold adapters (adapters_disabled, has_adapters).
+ADAPTER_LAYERS = (LoraLinear, ExpertLora)
+
+
 class TrainableTokens(nn.Module):
     """An embedding or output head of which only the rows `token_ids` train (PEFT's trainable
     tokens). It holds the frozen module's own `weight` (same name); the trained rows replace its
@@ -184,12 +234,30 @@ class TrainableTokens(nn.Module):
         return module
 
 
+def expert_parameters(target_modules: list[str]) -> list[str]:
+    """The stacked expert weights that lora_target_modules adapt (families.EXPERT_TARGETS), in PEFT's
+    nesting order (Experts.STACKED)."""
+    names = set(target_modules) & set(EXPERT_TARGETS)
+    if ("w1" in names) != ("w3" in names):
+        raise ModelError("lora_target_modules: w1 and w3 (the experts' gate and up) are one stacked tensor, "
+                         "gate_up_proj, with one adapter: name both, or gate_up_proj")
+    wanted = {p for n in names for p in EXPERT_TARGETS[n]}
+    return [p for p in Experts.STACKED if p in wanted]
+
+
 def apply_lora(model: nn.Module, spec: LoraSpec, seed: int | None = None) -> list[str]:
-    """Freeze every parameter, then wrap the target projections. Returns the wrapped module names."""
+    """Freeze every parameter, then wrap the target projections (and give Mixtral's experts their
+    adapters). Returns the adapted module names (an expert weight as <experts module>.<weight>)."""
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     wrapped = []
+    experts = [(name, m) for name, m in model.named_modules() if isinstance(m, Experts)]
+    stacked = expert_parameters(spec.target_modules) if experts else []
+    if stacked and (spec.dropout or spec.use_dora):
+        raise ModelError(f"lora_dropout {spec.dropout:g} / use_dora {spec.use_dora}: LoRA on Mixtral's experts has "
+                         "neither (as PEFT's LoRA on parameters); set lora_dropout 0 and use_dora false, or leave "
+                         "the experts out of lora_target_modules")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in spec.target_modules and type(child) in (nn.Linear, NF4Linear):
@@ -198,11 +266,29 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int | None = None) -> lis
                     lora.reset_lora(generator)
                 setattr(module, child_name, lora)
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
-    unmatched = sorted(set(spec.target_modules) - {name.rpartition(".")[2] for name in wrapped})
+    for name, module in experts:
+        for param in stacked:
+            shape, device, dtype = _stacked_shape(module, param)
+            lora = ExpertLora(shape, spec, device, dtype)
+            if generator is not None and device.type == "cpu":
+                lora.reset_lora(generator)
+            module.lora[param] = lora
+            wrapped.append(f"{name}.{param}")
+    matched = {name.rpartition(".")[2] for name in wrapped} | (set(EXPERT_TARGETS) if stacked else set())
+    unmatched = sorted(set(spec.target_modules) - matched)
     if unmatched:
         raise ModelError(_unmatched_targets(model, unmatched))
     _train_embeddings(model, spec)
     return wrapped
+
+
+def _stacked_shape(experts: Experts, param: str) -> tuple[tuple[int, int, int], torch.device, torch.dtype]:
+    """(E, out, in), device and dtype of a stacked expert weight (a QLoRA base's: its NF4 layers')."""
+    if param in experts.nf4:
+        layers = experts.nf4[param]
+        return (len(layers), layers[0].out_features, layers[0].in_features), layers[0].device, torch.float32
+    w = getattr(experts, param)
+    return tuple(w.shape), w.device, w.dtype
 
 
 def _unmatched_targets(model: nn.Module, unmatched: list[str]) -> str:
@@ -215,8 +301,7 @@ def _unmatched_targets(model: nn.Module, unmatched: list[str]) -> str:
     message = (f"lora_target_modules {unmatched}: {family.name} has no such projection "
                f"(its projections: {', '.join(family.projections)})")
     if family.moe:
-        message += ("; LoRA on the experts (w1, w2, w3) is not supported yet: set lora_target_modules to "
-                    "[q_proj, k_proj, v_proj, o_proj]")
+        message += "; the experts take gate_up_proj (or w1 and w3), down_proj (or w2), or experts for both"
     return message
 
 
@@ -265,8 +350,24 @@ def _text_model_path(model: nn.Module) -> str:
     return "model.language_model." if getattr(getattr(model, "config", None), "wrapper", None) else "model."
 
 
+_OUR_EXPERT_LORA = re.compile(r"\.experts\.lora\.(\w+)\.(?=lora_[AB]\.)")
+_PEFT_EXPERT_LORA = re.compile(r"\.experts\.((?:base_layer\.)*)(?=lora_[AB]\.)")
+
+
+def _expert_adapters(model: nn.Module) -> list[str]:
+    """The stacked expert weights that carry adapters, in PEFT's nesting order. PEFT wraps the experts
+    module once per adapted weight, the last outermost: its pair is <experts>.lora_A, the one inside
+    it <experts>.base_layer.lora_A, and so on."""
+    experts = next((m for m in model.modules() if isinstance(m, Experts)), None)
+    return [] if experts is None else [p for p in Experts.STACKED if p in experts.lora]
+
+
 def _peft_key(model: nn.Module, name: str) -> str:
     """Our parameter name -> PEFT's saved key (base_model.model.<module>.lora_A.weight, ...)."""
+    if m := _OUR_EXPERT_LORA.search(name):
+        adapters = _expert_adapters(model)
+        depth = len(adapters) - 1 - adapters.index(m[1])
+        name = f"{name[:m.start()]}.experts.{'base_layer.' * depth}{name[m.end():]}"
     if name.startswith("model."):
         name = _text_model_path(model) + name.removeprefix("model.")
     return _PEFT_PREFIX + name.replace(".trainable_tokens_delta", ".token_adapter.trainable_tokens_delta")
@@ -276,12 +377,17 @@ def _our_key(model: nn.Module, key: str) -> str:
     """PEFT's saved key (also in its in-memory form, with the adapter name) -> our parameter name."""
     name = key.removeprefix(_PEFT_PREFIX).replace(".token_adapter.", ".")
     name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    if m := _PEFT_EXPERT_LORA.search(name):
+        adapters = _expert_adapters(model)
+        index = len(adapters) - 1 - m[1].count("base_layer.")
+        if index >= 0:  # else a key no adapter of this model has: reported by load_adapter
+            name = f"{name[:m.start()]}.experts.lora.{adapters[index]}.{name[m.end():]}"
     inner = _text_model_path(model)
     return "model." + name.removeprefix(inner) if name.startswith(inner) else name
 
 
 def has_adapters(model: nn.Module) -> bool:
-    return any(isinstance(m, (LoraLinear, TrainableTokens)) or hasattr(m, "base_weight") for m in model.modules())
+    return any(isinstance(m, (*ADAPTER_LAYERS, TrainableTokens)) or hasattr(m, "base_weight") for m in model.modules())
 
 
 @contextmanager
@@ -291,7 +397,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     trainable tokens' base rows are used, and modules trained whole (modules_to_save) get their base
     weight back for the while. Only those whole modules are copied, so the base and the tuned model
     can be compared on one copy in memory."""
-    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, TrainableTokens))]
+    layers = [m for m in model.modules() if isinstance(m, (*ADAPTER_LAYERS, TrainableTokens))]
     before = [m.disabled for m in layers]
     whole = [m for m in model.modules() if hasattr(m, "base_weight")]
     tuned = [m.weight.detach().to("cpu", copy=True) for m in whole]
@@ -313,11 +419,12 @@ def save_adapter(
 ) -> None:
     """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    stacked = _expert_adapters(model)
     tensors = {_peft_key(model, k): v.detach().contiguous() for k, v in adapter_state(model, spec).items()}
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    quantized = [m.quantized for m in model.modules() if isinstance(m, LoraLinear) and m.quantized is not None]
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]  # projections and experts
     if quantized:
         from .models.quant import BLOCKSIZE
 
@@ -332,7 +439,7 @@ def save_adapter(
         "r": spec.r,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": sorted(spec.target_modules),
+        "target_modules": sorted(t for t in spec.target_modules if not (stacked and t in EXPERT_TARGETS)),
         "use_rslora": spec.use_rslora,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -342,6 +449,8 @@ def save_adapter(
         "use_dora": spec.use_dora,
         "trainable_token_indices": {k: sorted(v) for k, v in spec.trainable_tokens.items()} or None,
     }
+    if stacked:  # PEFT's LoRA on parameters, by their path below a decoder layer
+        config["target_parameters"] = [f"mlp.experts.{p}" for p in stacked]
     tmp = out_dir / (ADAPTER_CONFIG + ".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(tmp, out_dir / ADAPTER_CONFIG)
@@ -359,6 +468,13 @@ def read_adapter_config(adapter_dir: Path) -> tuple[LoraSpec, str]:
     if data.get("peft_type") != "LORA":
         raise ModelError(f"{path}: peft_type {data.get('peft_type')!r} is not LORA")
     targets = data.get("target_modules") or []
+    targets = list(targets) if isinstance(targets, list) else [targets]
+    for param in data.get("target_parameters") or []:
+        name = str(param).rpartition(".")[2]
+        if name not in Experts.STACKED or not str(param).endswith(f"experts.{name}"):
+            raise ModelError(f"{path}: target_parameters {param!r}: only Mixtral's experts "
+                             f"(mlp.experts.{' / '.join(Experts.STACKED)}) are supported")
+        targets.append(name)
     tokens = data.get("trainable_token_indices") or {}
     if isinstance(tokens, list):  # PEFT: a plain list means the input embedding
         tokens = {"embed_tokens": tokens}
@@ -371,7 +487,7 @@ def read_adapter_config(adapter_dir: Path) -> tuple[LoraSpec, str]:
         r=int(data["r"]),
         alpha=float(data.get("lora_alpha", data["r"])),
         dropout=float(data.get("lora_dropout", 0.0)),
-        target_modules=list(targets) if isinstance(targets, list) else [targets],
+        target_modules=targets,
         use_rslora=bool(data.get("use_rslora", False)),
         use_dora=bool(data.get("use_dora", False)),
         modules_to_save=whole,
@@ -409,9 +525,12 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> LoraSpec:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its base weight and put plain nn.Linear / nn.Embedding layers back
-    (modules trained whole hold their weights already). Returns how many layers were folded."""
+    (modules trained whole hold their weights already; experts' adapters fold into their stacked
+    weights). Returns how many layers (stacked expert weights) were folded."""
     merged = 0
     for module in list(model.modules()):
+        if isinstance(module, Experts):
+            merged += _merge_experts(module)
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoraLinear):
                 # A QLoRA base is dequantized first: the merge is the model that was trained.
@@ -426,3 +545,19 @@ def merge_lora(model: nn.Module) -> int:
             setattr(module, child_name, plain)
             merged += 1
     return merged
+
+
+@torch.no_grad()
+def _merge_experts(experts: Experts) -> int:
+    """Fold the experts' adapters into their stacked weights (an NF4 base dequantized first, in float32,
+    as for a linear layer). Returns how many stacked weights took an adapter."""
+    for name in list(experts.nf4):
+        dense = torch.stack([q.dequantized(torch.float32) for q in experts.nf4[name]])
+        del experts.nf4[name]
+        setattr(experts, name, nn.Parameter(dense, requires_grad=False))
+    for name, lora in experts.lora.items():
+        weight = getattr(experts, name)
+        weight.copy_((weight.float() + lora.delta_weight()).to(weight.dtype))
+    folded = len(experts.lora)
+    experts.lora = nn.ModuleDict()
+    return folded

@@ -6,6 +6,11 @@ the GPU server, so we check here: no modules_to_save (vLLM: "only supports modul
 being None"), no DoRA, no trainable tokens (only LoRA A/B tensors load), bias "none", r and
 lora_alpha present, every adapted module one of the projections vLLM can adapt in a Mistral
 model, and a rank within --max-lora-rank. Adapters it refuses serve in vLLM once merged.
+
+LoRA on Mixtral's experts is refused too: we write it as PEFT does for transformers' stacked experts
+(target_parameters, one A/B pair per stacked weight), and vLLM reads that layout only for models that
+declare 3D MoE LoRA weights (`is_3d_moe_weight`); its Mixtral does not, and expects a pair per expert
+and projection (experts.<e>.w1/w2/w3) instead.
 """
 
 from __future__ import annotations
@@ -58,11 +63,18 @@ def vllm_adapter_problems(adapter_dir: Path) -> list[str]:
     if bad:
         problems.append(f"target_modules {bad}: vLLM adapts only {', '.join(VLLM_LORA_MODULES)} in Mistral models")
 
+    if cfg.get("target_parameters"):
+        problems.append(f"target_parameters {cfg['target_parameters']} (LoRA on Mixtral's stacked experts): vLLM "
+                        "reads this layout only for models with 3D MoE LoRA weights, and its Mixtral expects one "
+                        "adapter per expert and projection (experts.<e>.w1/w2/w3)")
+
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         return problems + [f"{ADAPTER_WEIGHTS}: missing (vLLM reads safetensors, not .bin)"]
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
+            if cfg.get("target_parameters") and ".experts." in key:
+                continue  # refused above
             # vLLM's parse_fine_tuned_lora_name: base_model.model.<module>.lora_{A,B}.weight
             module, _, rest = key.removeprefix(_PREFIX).rpartition(".lora_")
             if not key.startswith(_PREFIX) or rest not in ("A.weight", "B.weight"):

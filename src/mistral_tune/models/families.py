@@ -34,8 +34,12 @@ MISTRAL = Family("Mistral", "MistralForCausalLM", "mistral", ("gate_proj", "up_p
 # Ministral: Mistral's layers, each with its own attention type (layer_types: sliding or full).
 MINISTRAL = Family("Ministral", "MinistralForCausalLM", "ministral", MISTRAL.feed_forward)
 # Mixtral's experts hold w1 (gate), w3 (up) and w2 (down) in the hub's checkpoints; the router is
-# "gate". Our model keeps the experts as stacked 3D tensors (one grouped product per layer).
-MIXTRAL = Family("Mixtral", "MixtralForCausalLM", "mixtral", ("w1", "w2", "w3"), moe=True)
+# "gate". Our model (as transformers') keeps them stacked: gate_up_proj (E, 2I, H), down_proj (E, H, I).
+# LoRA on the experts is one low-rank pair per expert on a stacked weight (PEFT's target_parameters);
+# a target name adapts these stacked weights. w1 and w3 live in one tensor, so they adapt together.
+EXPERT_TARGETS = {"experts": ("gate_up_proj", "down_proj"), "gate_up_proj": ("gate_up_proj",),
+                  "w1": ("gate_up_proj",), "w3": ("gate_up_proj",), "down_proj": ("down_proj",), "w2": ("down_proj",)}
+MIXTRAL = Family("Mixtral", "MixtralForCausalLM", "mixtral", tuple(EXPERT_TARGETS), moe=True)
 
 # Mistral Small 3.x, Magistral Small: a Mistral text model beside a Pixtral vision tower.
 MISTRAL3 = Family("Mistral 3 (text model of a vision-language checkpoint)", "Mistral3ForConditionalGeneration",

@@ -9,6 +9,8 @@ samples never see each other; the sliding window (Mistral 7B v0.1) applies insid
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -47,6 +49,7 @@ class MistralConfig:
     architecture: str = "MistralForCausalLM"  # or "MixtralForCausalLM" (models/families.py)
     num_local_experts: int | None = None  # Mixtral: experts per layer (each intermediate_size wide)
     num_experts_per_tok: int = 2  # Mixtral: experts each token is routed to
+    router_aux_loss_coef: float = 0.001  # Mixtral: the load-balancing loss's weight (transformers' default)
     # Ministral: "sliding_attention" or "full_attention" per layer; None: every layer alike
     layer_types: list[str] | None = None
     # A vision-language checkpoint's config.json (Mistral3ForConditionalGeneration) when this is its
@@ -90,7 +93,7 @@ class MistralConfig:
         out = asdict(self)
         del out["architecture"], out["wrapper"]
         if not self.moe:
-            del out["num_local_experts"], out["num_experts_per_tok"]
+            del out["num_local_experts"], out["num_experts_per_tok"], out["router_aux_loss_coef"]
         if self.layer_types is None:
             del out["layer_types"]
         out.update(
@@ -189,25 +192,135 @@ class MLP(nn.Module):
 
 
 class Experts(nn.Module):
-    """Mixtral's experts, stacked: gate and up products in one (E, 2I, H) tensor, down in (E, H, I)."""
+    """Mixtral's experts, stacked: gate and up products in one (E, 2I, H) tensor, down in (E, H, I).
+
+    `lora` holds LoRA on a stacked weight by its name (lora.ExpertLora: one low-rank pair per expert);
+    `nf4` (QLoRA) holds a stacked weight as one frozen NF4 layer per expert in place of the parameter."""
+
+    STACKED = ("gate_up_proj", "down_proj")  # in the order PEFT nests its adapters on them
 
     def __init__(self, cfg: MistralConfig) -> None:
         super().__init__()
         n, hidden, width = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.num_experts = n
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * width, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, width))
+        self.lora = nn.ModuleDict()
+        self.nf4 = nn.ModuleDict()
+
+    def _project(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        y = self.nf4[name][e](x) if name in self.nf4 else F.linear(x, getattr(self, name)[e])
+        lora = self.lora[name] if name in self.lora else None
+        return y if lora is None or lora.disabled else y + lora(x, e)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, H); index, weights (T, k): each token's experts and their mixing weights."""
-        out = torch.zeros_like(x)
-        for e in range(self.gate_up_proj.shape[0]):
+        if not self.nf4:
+            return self._grouped(x, index, weights)
+        out = torch.zeros_like(x)  # NF4 experts: one after another, each dequantized in its turn
+        for e in range(self.num_experts):
             token, slot = torch.where(index == e)
             if token.numel() == 0:
                 continue
-            gate, up = F.linear(x[token], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[token, slot, None]
+            gate, up = self._project("gate_up_proj", e, x[token]).chunk(2, dim=-1)
+            y = self._project("down_proj", e, F.silu(gate) * up) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+    def _grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every expert's products at once: the (token, expert) pairs sorted by expert, then one grouped
+        product per projection (grouped_mm)."""
+        k = index.shape[1]
+        order = index.reshape(-1).argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(index.reshape(-1), minlength=self.num_experts)
+        gate, up = self._grouped_project("gate_up_proj", x[token], counts).chunk(2, dim=-1)
+        y = self._grouped_project("down_proj", F.silu(gate) * up, counts)
+        y = y * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+    def _grouped_project(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        y = grouped_mm(x, getattr(self, name), counts)
+        lora = self.lora[name] if name in self.lora else None
+        if lora is None or lora.disabled:
+            return y
+        a, b = lora.factors()
+        return y + grouped_mm(grouped_mm(x, a, counts), b, counts) * lora.scaling
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x (N, in), sorted by group with counts (G,) rows each, times their group's w[g] (G, out, in)
+    transposed: (N, out). torch._grouped_mm where it runs (bf16, 16-byte aligned rows: the GPU fast
+    path); otherwise one batched product over the groups padded to the largest."""
+    if (x.dtype == w.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and x.shape[1] % 8 == 0
+            and w.shape[1] % 8 == 0 and w.stride(2) == 1):
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
+    starts = counts.cumsum(0) - counts
+    group = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
+    slot = torch.arange(x.shape[0], device=x.device) - starts[group]
+    padded = x.new_zeros(len(counts), int(counts.max()) if x.shape[0] else 0, x.shape[1])
+    padded[group, slot] = x
+    return torch.bmm(padded, w.transpose(1, 2).to(x.dtype))[group, slot]
+
+
+class RouterBalance:
+    """Mixtral's router load-balancing loss over one forward pass (Switch Transformer's, as transformers'
+    load_balancing_loss_func): num_experts * sum_e f_e * P_e, where f_e is the share of the top-k
+    picks that went to expert e and P_e expert e's mean router probability, both taken over the real
+    tokens (padding excluded) of every MoE layer together.
+
+    grad_scale > 0: the loss trains, its gradient times grad_scale going to the router (and all
+    that feeds it). The gradient enters in each MoE layer's backward, so it also reaches layers that
+    activation checkpointing runs again in backward (a layer run twice is counted once)."""
+
+    def __init__(self, real: torch.Tensor, grad_scale: float = 0.0) -> None:
+        self.real = real.reshape(-1).float()  # (B*L,) 1 for real tokens, 0 for padding
+        self.grad_scale = grad_scale
+        self.counts: dict[int, torch.Tensor] = {}  # per MoE layer: top-k picks per expert
+        self.prob_sums: dict[int, torch.Tensor] = {}  # per MoE layer: router probabilities summed per expert
+
+    @torch.compiler.disable
+    def add(self, moe: SparseMoE, logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if not self.grad_scale and id(moe) in self.counts:
+            return out  # measured already: a checkpointed layer run again in backward (perhaps one row)
+        probs = F.softmax(logits.float(), dim=-1)
+        _, picked = probs.topk(moe.top_k, dim=-1)
+        real = self.real.to(probs.device)
+        if real.numel() != probs.shape[0]:
+            raise ValueError(f"router balance: {probs.shape[0]} routed tokens for a mask of {real.numel()}")
+        prob_sum = (probs * real[:, None]).sum(0)
+        self.counts[id(moe)] = torch.zeros_like(prob_sum).scatter_add_(
+            0, picked.reshape(-1), real.repeat_interleave(moe.top_k)).detach()
+        self.prob_sums[id(moe)] = prob_sum.detach()
+        if self.grad_scale and prob_sum.requires_grad:
+            out = _BalanceGrad.apply(out, prob_sum, self)
+        return out
+
+    def _picked_share(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f (E,), the number of layer-tokens both means are over)."""
+        rows = len(self.counts) * self.real.sum().to(next(iter(self.counts.values())).device)
+        return sum(self.counts.values()) / rows, rows
+
+    def loss(self) -> torch.Tensor:
+        f, rows = self._picked_share()
+        return f.numel() * (f * (sum(self.prob_sums.values()) / rows)).sum()
+
+
+class _BalanceGrad(torch.autograd.Function):
+    """Identity on a MoE layer's output; its backward adds the balance loss's gradient with respect to
+    the layer's summed router probabilities (num_experts * f / rows, f over all layers, known by then)."""
+
+    @staticmethod
+    def forward(ctx, out, prob_sum, balance):
+        ctx.balance = balance
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        b = ctx.balance
+        f, rows = b._picked_share()
+        return grad, (b.grad_scale * f.numel() / rows) * f, None
 
 
 class SparseMoE(nn.Module):
@@ -218,6 +331,7 @@ class SparseMoE(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)  # the router
         self.experts = Experts(cfg)
+        self.balance: RouterBalance | None = None  # set while a pass measures the balance loss
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits (T, E), expert index (T, k), mixing weights (T, k) in float32)."""
@@ -229,8 +343,29 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, grad_only_out: bool = False) -> torch.Tensor:
         B, L, H = x.shape
         flat = x.reshape(B * L, H)
-        _, index, weights = self.route(flat)
-        return self.experts(flat, index, weights).view(B, L, H)
+        logits, index, weights = self.route(flat)
+        out = self.experts(flat, index, weights)
+        if self.balance is not None:
+            out = self.balance.add(self, logits, out)
+        return out.view(B, L, H)
+
+
+@contextmanager
+def router_balance(model: nn.Module, real: torch.Tensor, grad_scale: float = 0.0) -> Iterator[RouterBalance | None]:
+    """Measure (and with grad_scale > 0, train) the router balance loss of the forward and backward passes
+    run inside the block; real (B, L) marks the real tokens. Yields None for a model without experts."""
+    layers = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    if not layers:
+        yield None
+        return
+    balance = RouterBalance(real, grad_scale)
+    for m in layers:
+        m.balance = balance
+    try:
+        yield balance
+    finally:
+        for m in layers:
+            m.balance = None
 
 
 class DecoderLayer(nn.Module):
@@ -401,6 +536,8 @@ class MistralForCausalLM(nn.Module):
             return None
         if any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules()):
             return None
+        if any(isinstance(m, SparseMoE) and m.balance is not None and m.balance.grad_scale for m in self.modules()):
+            return None  # a trained balance loss routes the whole batch at once
         if seq_ids is None:
             seq_ids = torch.zeros_like(position_ids)
         rows = []

@@ -1,5 +1,8 @@
 """4-bit NormalFloat (NF4) frozen linear layers for QLoRA, through bitsandbytes.
 
+Mixtral's stacked expert weights are quantized expert by expert, each (out, in) matrix as a linear
+layer's, so the forward dequantizes only the experts a batch uses, one at a time.
+
 Weights are quantized in blocks of 64 with double quantization of the block scales (about 4.1
 bits a weight). The matmul dequantizes the weight to the activation dtype on the fly, in forward
 and again in backward, so no full-precision copy of a frozen weight outlives its use.
@@ -12,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .families import EXPERT_TARGETS
+from .mistral import Experts
 
 BLOCKSIZE = 64
 
@@ -84,14 +89,19 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None) -> NF4Linear:
+        return cls.from_weight(linear.weight, device)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, device: torch.device | str | None = None) -> NF4Linear:
+        """An NF4 layer applying weight (out, in)."""
         bnbf = _bnb()
-        weight = linear.weight.detach()
+        weight = weight.detach()
         if device is not None:
             weight = weight.to(device)
         if weight.dtype == torch.float32 and weight.is_cuda:
             weight = weight.to(torch.bfloat16)  # what a bf16 checkpoint would hold; halves the transient
         packed, state = bnbf.quantize_4bit(weight, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
-        q = cls(packed, state, linear.in_features, linear.out_features)
+        q = cls(packed, state, weight.shape[1], weight.shape[0])
         q.quantized_from = weight.dtype  # the codes depend on it: a merge must quantize the same values
         return q
 
@@ -134,12 +144,26 @@ class NF4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, nf4, blocksize={self.meta[2]}"
 
 
+def _stacked_targets(targets: list[str]) -> list[str]:
+    """The stacked expert weights that LoRA target names adapt (families.EXPERT_TARGETS)."""
+    return sorted({p for name in targets for p in EXPERT_TARGETS.get(name, ())})
+
+
 def quantize_model(model: nn.Module, targets: list[str], device: torch.device | str | None = None) -> int:
     """Replace the named projections' nn.Linear layers with NF4 layers (quantized on `device`, one
-    at a time), then move everything else to `device`. Returns how many layers were quantized."""
+    at a time), and a named stacked expert weight (Mixtral) with one NF4 layer per expert, in
+    `Experts.nf4`; then move everything else to `device`. Returns how many layers were quantized."""
     _bnb()
     count = 0
+    stacked = _stacked_targets(targets)
     for module in list(model.modules()):
+        if isinstance(module, Experts):
+            for name in stacked:
+                weight = getattr(module, name)
+                module.nf4[name] = nn.ModuleList(NF4Linear.from_weight(w, device) for w in weight)
+                del module._parameters[name]
+                count += len(weight)
+            continue
         for name, child in list(module.named_children()):
             if name in targets and type(child) is nn.Linear:
                 setattr(module, name, NF4Linear.from_linear(child, device))
@@ -150,18 +174,25 @@ def quantize_model(model: nn.Module, targets: list[str], device: torch.device | 
 
 
 def nf4_round_trip(model: nn.Module, targets: list[str], quantized_from: torch.dtype = torch.float32) -> int:
-    """Put into each target projection the weight that QLoRA training saw: quantized to NF4 (from
-    the dtype training quantized from: bf16 on a GPU) and dequantized back. Merging a QLoRA adapter
-    into these reproduces the trained model."""
+    """Put into each target projection (and named stacked expert weight, expert by expert) the weight
+    that QLoRA training saw: quantized to NF4 (from the dtype training quantized from: bf16 on a GPU)
+    and dequantized back. Merging a QLoRA adapter into these reproduces the trained model."""
     count = 0
+    stacked = _stacked_targets(targets)
+
+    def round_trip(weight: torch.Tensor) -> None:
+        weight.copy_(NF4Linear.from_weight(weight.to(quantized_from)).dequantized(weight.dtype))
+
     with torch.no_grad():
         for module in list(model.modules()):
+            if isinstance(module, Experts):
+                for name in stacked:
+                    for w in getattr(module, name):
+                        round_trip(w)
+                        count += 1
+                continue
             for name, child in list(module.named_children()):
                 if name in targets and isinstance(child, nn.Linear):
-                    source = nn.Linear(child.in_features, child.out_features, bias=False,
-                                       dtype=quantized_from, device=child.weight.device)
-                    source.weight.copy_(child.weight)
-                    q = NF4Linear.from_linear(source)
-                    child.weight.copy_(q.dequantized(child.weight.dtype))
+                    round_trip(child.weight)
                     count += 1
     return count

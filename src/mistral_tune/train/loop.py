@@ -34,8 +34,9 @@ from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, Outp
 from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
 from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
+from ..models.families import EXPERT_TARGETS
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
-from ..models.mistral import count_params, flops_per_token
+from ..models.mistral import count_params, flops_per_token, router_balance
 from ..models.quant import quantize_model
 from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step, save_shards
 from .guard import StepGuard
@@ -214,6 +215,9 @@ def model_fit_warnings(cfg: Config, model_dir: Path, model_cfg, tokenizer, lengt
                        f"{cfg.sequence_len}: a micro-batch of {cfg.micro_batch_size} row(s) holds about "
                        f"{mean * cfg.micro_batch_size:.0f} tokens; sample_packing: true fills rows (samples never "
                        "attend to each other)")
+    if cfg.adapter == "qlora" and model_cfg.moe and not set(cfg.lora_target_modules) & set(EXPERT_TARGETS):
+        out.append("adapter qlora: the experts are not in lora_target_modules, so they stay in full precision "
+                   "(QLoRA holds in NF4 what it adapts); add experts to hold them in 4 bits")
     if cfg.tokenizer is not None:
         try:
             own = ChatTokenizer(find_tokenizer_file(model_dir))
@@ -394,6 +398,10 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.offload_activations = model.recompute_by_row = cfg.offload_activations
     model.neftune_alpha = cfg.neftune_noise_alpha or 0.0
+    # Mixtral's router balance loss: trained with config.json's weight when the router trains (full
+    # fine-tuning), else only reported, unless router_aux_loss_coef says otherwise.
+    model.router_aux_loss_coef = (cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None
+                                  else model.config.router_aux_loss_coef if cfg.adapter == "none" else 0.0)
     fast = rt.device.type == "cuda" if cfg.fast_path == "auto" else bool(cfg.fast_path)
     if fast and rt.device.type != "cuda":
         raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
@@ -580,6 +588,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 if rt.device.type == "cuda":
                     record["mfu"] = tok_s * flops_tok / 989e12
                     record.update(_gpu_utilization(rt))
+                if getattr(model, "router_aux_loss", None) is not None:  # its own number, not part of loss
+                    record["router_aux_loss"] = _finite(model.router_aux_loss)
                 if bad is not None:
                     record["skipped"] = bad
                     echo(f"step {step + 1}: skipped, {bad}")
@@ -835,18 +845,29 @@ def accumulate_gradients(
     one batch holding every row. Returns (this rank's summed loss, the window's trained tokens over
     all ranks, this rank's real tokens). With several ddp processes the last backward pass starts
     sending the gradients (Runtime.send_during_backward); Runtime.sync_step sends the rest.
+
+    A mixture-of-experts model's router balance loss (models/mistral.py RouterBalance) is measured on
+    every micro-batch and left in `model.router_aux_loss` (this rank's mean over its real tokens);
+    with `model.router_aux_loss_coef` > 0 its gradient, so weighted, joins the token loss's. The
+    returned loss is the token loss alone.
     """
     n_tokens = int(rt.all_sum([sum(b.n_trained for b in batches)])[0])
-    loss_sum, n_real = 0.0, 0
+    loss_sum, n_real, aux_sum, moe = 0.0, 0, 0.0, False
+    coef = getattr(model, "router_aux_loss_coef", 0.0)
     for i, batch in enumerate(batches):
         batch = batch.to(rt.device)
-        with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
-            loss = token_loss_sum(model, batch)
-        if i == len(batches) - 1:  # the gradients are complete in this backward: they travel from inside it
-            rt.send_during_backward()
-        (loss / max(n_tokens, 1)).backward()
+        scale = coef * batch.n_trained / max(n_tokens, 1)  # a token-weighted mean over the window, as the loss
+        with router_balance(model, batch.seq_ids >= 0, scale) as balance:
+            with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
+                loss = token_loss_sum(model, batch)
+            if i == len(batches) - 1:  # the gradients are complete in this backward: they travel from inside it
+                rt.send_during_backward()
+            (loss / max(n_tokens, 1)).backward()
         loss_sum += float(loss.detach())
         n_real += batch.n_real
+        if balance is not None and batch.n_real:
+            moe, aux_sum = True, aux_sum + float(balance.loss()) * batch.n_real
+    model.router_aux_loss = aux_sum / max(n_real, 1) if moe else None
     return loss_sum, n_tokens, n_real
 
 

@@ -126,7 +126,8 @@ def _base_bytes(model) -> int:
     total = 0
     for name, module in model.named_modules():
         if name.rpartition(".")[2] in PROJECTIONS:
-            total += sum(t.numel() * t.element_size() for t in module.buffers(recurse=False))
+            # the frozen weight: an nn.Linear's (under LoRA: the wrapper's own), or FP8 codes and scales
+            total += sum(t.numel() * t.element_size() for t in module.buffers())
             if getattr(module, "weight", None) is not None:
                 total += module.weight.numel() * module.weight.element_size()
     return total
@@ -297,16 +298,20 @@ def main() -> None:
         attempt("gemm", lambda: run_gemm(args))
     if "step" in parts:
         for variant in ("bf16", "fp8"):
-            cmd = [sys.executable, __file__, "--one", variant] + [a for a in sys.argv[1:] if a != "--one"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line:
-                rows.append(json.loads(line[7:]))
-            else:
-                rows.append(dict(part="step", variant=variant, error=(proc.stderr.strip().splitlines() or ["?"])[-1]))
-                print(proc.stderr[-3000:], file=sys.stderr)
-            print(json.dumps(rows[-1]), flush=True)
-            save()
+            for eager in ([False, True] if not args.eager else [True]):
+                cmd = [sys.executable, __file__, "--one", variant] + sys.argv[1:] + (["--eager"] if eager else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line:
+                    rows.append(json.loads(line[7:]))
+                else:
+                    error = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    rows.append(dict(part="step", variant=variant, eager=eager, error=error))
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                print(json.dumps(rows[-1]), flush=True)
+                save()
+                if line:  # compiled worked: no eager run; else the eager layers say whether compiling was the cause
+                    break
     if "parity" in parts:
         attempt("parity", lambda: run_parity(args))
     if "learn" in parts:
@@ -314,7 +319,7 @@ def main() -> None:
     steps = {r["variant"]: r for r in rows if r.get("part") == "step" and "error" not in r}
     if len(steps) == 2:
         bf16, fp8 = steps["bf16"], steps["fp8"]
-        rows.append(dict(part="summary", fp8_speedup=round(fp8["tokens_per_s"] / bf16["tokens_per_s"], 3),
+        rows.append(dict(part="summary", compiled=(bf16["compiled"], fp8["compiled"]), fp8_speedup=round(fp8["tokens_per_s"] / bf16["tokens_per_s"], 3),
                          peak_gib_saved=round(bf16["peak_gib"] - fp8["peak_gib"], 2),
                          base_weight_ratio=round(fp8["base_weight_mib"] / bf16["base_weight_mib"], 3)))
     rows.append(dict(part="total", seconds=round(time.time() - t0, 1), device=torch.cuda.get_device_name()

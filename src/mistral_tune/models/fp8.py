@@ -15,6 +15,10 @@ FP8 through torch._scaled_mm with row-wise scales:
 The gradient is quantized to e4m3, not e5m2: with a scale per token row the range that e5m2's
 extra exponent bit buys is not needed, and e4m3's extra mantissa bit halves the rounding error.
 (Hopper's row-wise kernel accepts e5m2 only for the first operand; e4m3 works everywhere.)
+
+LoRA wraps these layers as it wraps NF4 ones (lora.py); checkpointed layers re-run them, the MLP's
+last one in its grad-only form; the fast path's compiled layers trace them whole. Nothing but the
+adapter is saved: a merge puts it on the original weights, which the FP8 codes only approximate.
 """
 
 from __future__ import annotations

@@ -179,6 +179,7 @@ def test_lora_on_fp8_base_checkpoints_to_the_same_gradients(make_tiny_mistral):
         assert float((grads[1][name] - g).abs().max()) <= 1e-5 * float(g.abs().max()), name
 
 
+@pytest.mark.slow
 def test_fp8_decoder_layer_compiles_to_one_graph(make_tiny_mistral):
     """The fast path compiles each decoder layer: one with FP8 projections under LoRA traces whole
     (no graph break; aot_eager: Dynamo's tracing without a C++ compiler) and gives the eager
@@ -249,7 +250,7 @@ def test_fp8_base_is_for_lora_only(adapter):
                           "base_precision": "fp8"})
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(major=st.integers(3, 12), minor=st.integers(0, 9), name=st.text(min_size=1, max_size=30))
 def test_fp8_needs_compute_capability_8_9(major, minor, name):
     error = fp8_support_error(name, (major, minor))

@@ -319,7 +319,8 @@ def main() -> None:
     steps = {r["variant"]: r for r in rows if r.get("part") == "step" and "error" not in r}
     if len(steps) == 2:
         bf16, fp8 = steps["bf16"], steps["fp8"]
-        rows.append(dict(part="summary", compiled=(bf16["compiled"], fp8["compiled"]), fp8_speedup=round(fp8["tokens_per_s"] / bf16["tokens_per_s"], 3),
+        rows.append(dict(part="summary", compiled=(bf16["compiled"], fp8["compiled"]),
+                         fp8_speedup=round(fp8["tokens_per_s"] / bf16["tokens_per_s"], 3),
                          peak_gib_saved=round(bf16["peak_gib"] - fp8["peak_gib"], 2),
                          base_weight_ratio=round(fp8["base_weight_mib"] / bf16["base_weight_mib"], 3)))
     rows.append(dict(part="total", seconds=round(time.time() - t0, 1), device=torch.cuda.get_device_name()

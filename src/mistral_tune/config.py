@@ -334,6 +334,12 @@ class Config(_Strict):
         "lora",
         description="lora: train adapters; qlora: adapters over an NF4 base (bitsandbytes); none: full fine-tuning.",
     )
+    base_precision: Literal["bf16", "fp8"] = Field(
+        "bf16",
+        description="The frozen base under LoRA: bf16 (float32 on CPU), or fp8: its projections held in e4m3 "
+        "with a scale per row (half the memory) and their matmuls in FP8 (GPU of compute capability 8.9+, "
+        "or CPU); adapter: lora only. The adapter merges into the original weights.",
+    )
     lora_r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
     lora_alpha: float = Field(
         16, gt=0, description="LoRA scale numerator: scaling = alpha / r (alpha / sqrt(r) with rsLoRA)."
@@ -553,6 +559,8 @@ class Config(_Strict):
             if lora_only:
                 raise ValueError(f"{', '.join(lora_only)}: for adapter lora or qlora; with adapter: none every "
                                  "weight trains at learning_rate")
+        if self.base_precision == "fp8" and self.adapter != "lora":
+            raise ValueError(f"base_precision: fp8 is for adapter: lora (a frozen base), not adapter: {self.adapter}")
         names = self.new_special_tokens
         if len(set(names)) != len(names) or not all(n.strip() == n and n for n in names):
             raise ValueError(f"new_special_tokens: {names}: expected distinct names without surrounding spaces")

@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import ModelError
 from .models.families import EXPERT_TARGETS
+from .models.fp8 import FP8Linear
 from .models.mistral import Experts
 from .models.quant import NF4Linear
 from .models.recompute import linear_grad_only
@@ -66,7 +67,8 @@ class LoraSpec:
 class LoraLinear(nn.Linear):
     """y = x W^T + scaling * dropout(x) A^T B^T, with W frozen and B initialised to zero.
 
-    W is the adapted nn.Linear's own weight, or (QLoRA) a frozen NF4 layer from models/quant.py.
+    W is the adapted nn.Linear's own weight, or a frozen quantized layer: NF4 (QLoRA, models/quant.py)
+    or FP8 (base_precision: fp8, models/fp8.py).
     """
 
     def __init__(self, base: nn.Module, spec: LoraSpec) -> None:
@@ -260,7 +262,7 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int | None = None) -> lis
                          "the experts out of lora_target_modules")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if child_name in spec.target_modules and type(child) in (nn.Linear, NF4Linear):
+            if child_name in spec.target_modules and type(child) in (nn.Linear, NF4Linear, FP8Linear):
                 lora = LoraLinear(child, spec)
                 if generator is not None and lora.lora_A.weight.device.type == "cpu":
                     lora.reset_lora(generator)
@@ -424,7 +426,8 @@ def save_adapter(
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]  # projections and experts
+    # NF4 projections and experts; an FP8 base writes nothing: its adapter merges into the original weights.
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
     if quantized:
         from .models.quant import BLOCKSIZE
 

@@ -27,7 +27,7 @@ import yaml
 from pydantic_core import to_jsonable_python
 
 from ..chat import ChatTokenizer, find_tokenizer_file, load_tokenizer
-from ..config import Config
+from ..config import ALL_PROJECTIONS, Config
 from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, sample_lengths
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError, TrainingHalted
@@ -35,6 +35,7 @@ from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
 from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
 from ..models.families import EXPERT_TARGETS
+from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
 from ..models.mistral import count_params, flops_per_token, router_balance
 from ..models.quant import quantize_model
@@ -274,6 +275,8 @@ def read_inputs(cfg: Config, main_first=lambda build: build()):
 
 
 def _load(cfg: Config, rt: Runtime):
+    if cfg.base_precision == "fp8":
+        check_fp8_device(rt.device)
     model_dir, model_cfg, tokenizer, data = read_inputs(cfg, rt.main_first)
     weights_dtype = rt.autocast_dtype if (rt.autocast_dtype and cfg.adapter != "none") else torch.float32
     if cfg.adapter == "qlora":
@@ -281,6 +284,9 @@ def _load(cfg: Config, rt: Runtime):
         # never holds the full-precision model. A bnb-4bit checkpoint arrives quantized already.
         model, _ = load_model(str(model_dir), dtype=weights_dtype, device="cpu")
         quantize_model(model, list(cfg.lora_target_modules), rt.device)
+    elif cfg.base_precision == "fp8":
+        model, _ = load_model(str(model_dir), dtype=weights_dtype, device="cpu")  # as qlora's, one at a time
+        fp8_model(model, ALL_PROJECTIONS, rt.device)
     else:
         model, _ = load_model(str(model_dir), dtype=weights_dtype, device=rt.device,
                               shard=rt.shard if rt.sharded else None)

@@ -392,22 +392,38 @@ class MistralModel(nn.Module):
 
 
 class KVCache:
-    """Per-layer key/value tensors for incremental decoding (generation only)."""
+    """Per-layer key/value tensors for incremental decoding (generation only).
+
+    `k[layer]`/`v[layer]` are the filled positions: views of a buffer with room to grow, which
+    doubles when full. A token written in place costs no allocation; growing by concatenation made
+    a new, larger tensor at every step, which the allocator could not serve from its cache once the
+    batch was wide (a fresh device allocation per layer and step)."""
 
     def __init__(self, n_layers: int) -> None:
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
+        self._room: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
 
     @property
     def length(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k[layer] is not None:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
+        old_k, old_v = self.k[layer], self.v[layer]
+        filled = 0 if old_k is None else old_k.shape[2]
+        need = filled + k.shape[2]
+        room = self._room[layer]
+        # The buffer serves while the filled part is its head (crop keeps that; select and join do not).
+        if (room is None or room[0].shape[2] < need or old_k is None or old_k.data_ptr() != room[0].data_ptr()
+                or old_k.shape[:2] != room[0].shape[:2] or room[0].dtype != k.dtype):
+            B, H, _, D = k.shape
+            room = (k.new_empty(B, H, max(need, 2 * filled), D), v.new_empty(B, H, max(need, 2 * filled), D))
+            if filled:
+                room[0][:, :, :filled], room[1][:, :, :filled] = old_k, old_v
+            self._room[layer] = room
+        room[0][:, :, filled:need], room[1][:, :, filled:need] = k, v
+        self.k[layer], self.v[layer] = room[0][:, :, :need], room[1][:, :, :need]
+        return self.k[layer], self.v[layer]
 
     def crop(self, length: int) -> None:
         """Keep the first `length` positions (a chat turn reuses the conversation's common prefix)."""

@@ -166,3 +166,17 @@ def test_plan_without_a_gpu_or_budget_says_how_to_name_one(tmp_path: Path, big_m
     assert "--memory-gib 0.0: must be above 0" in capsys.readouterr().err
     assert main(["plan", str(cfg), "--memory-gib", "40"]) == 0
     assert "| not predicted (float32 or an unknown GPU) |" in capsys.readouterr().out  # memory only
+
+
+def test_step_lines_take_the_mfu_against_this_gpus_own_peak(monkeypatch):
+    """The step lines' MFU was taken against 989 TFLOP/s on every GPU (an A100's figure 3x too low)."""
+    from types import SimpleNamespace
+
+    from mistral_tune.train.loop import _bf16_peak
+
+    cuda = SimpleNamespace(device=torch.device("cuda", 0))
+    for name, peak in (("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H200", 989.4e12), ("NVIDIA L40S", 362.1e12),
+                       ("A GPU nobody knows", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda _device, name=name: name)
+        assert _bf16_peak(cuda) == (pytest.approx(peak) if peak else None), name
+    assert _bf16_peak(SimpleNamespace(device=torch.device("cpu"))) is None

@@ -339,6 +339,19 @@ def evaluate(model, samples, rows, cfg: Config, rt: Runtime, padding: dict) -> t
     return total / max(count, 1), int(count)
 
 
+def _bf16_peak(rt: Runtime) -> float | None:
+    """This GPU's dense bf16 peak (FLOP/s) from plan's table, for the step lines' MFU; None on a CPU or
+    a GPU the table does not know (no MFU then, rather than one against another GPU's peak)."""
+    if rt.device.type != "cuda":
+        return None
+    from ..plan import find_gpu  # plan reads the trainer's inputs: imported here, not at the top
+
+    try:
+        return find_gpu(torch.cuda.get_device_name(rt.device)).bf16_tflops * 1e12
+    except ConfigError:
+        return None
+
+
 def _peak_memory_gib(rt: Runtime) -> float:
     if rt.device.type == "cuda":
         return torch.cuda.max_memory_allocated(rt.device) / 1024**3
@@ -523,6 +536,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         return Path(rt.on_main(write))
 
     flops_tok = flops_per_token(model.config)
+    peak_flops = _bf16_peak(rt)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     # Throughput over the last steps only, so compilation, evaluation and checkpoints do not
     # drag the figure for the rest of the run: (seconds, real tokens) of each recent step.
@@ -591,8 +605,9 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     "step_s": step_s,
                     "peak_mem_gib": _peak_memory_gib(rt),
                 }
+                if peak_flops:
+                    record["mfu"] = tok_s * flops_tok / peak_flops
                 if rt.device.type == "cuda":
-                    record["mfu"] = tok_s * flops_tok / 989e12
                     record.update(_gpu_utilization(rt))
                 if getattr(model, "router_aux_loss", None) is not None:  # its own number, not part of loss
                     record["router_aux_loss"] = _finite(model.router_aux_loss)

@@ -240,9 +240,11 @@ def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
                             for w in ["apple", "river", "stone", "cloud", "tiger", "maple"]))
     cfg = config_from_dict({"base_model": str(base_dir), "datasets": [{"path": str(data)}], "max_steps": 4,
                             "output_dir": str(tmp_path / "run"), "sequence_len": 64, "dataset_cache": False,
-                            "lora_r": 4, "learning_rate": 0.05,
-                            "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "experts"]})
-    result = train(cfg, echo=lambda *_: None)
+                            "lora_r": 4, "learning_rate": 0.05})  # the default targets: attention and experts
+    result = train(cfg, echo=lambda *_: None)  # (they were the dense seven, which Mixtral lacks: an error)
+    adapter_cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert sorted(adapter_cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert adapter_cfg["target_parameters"]
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "grad_norm" in r]
     assert len(steps) == 4 and all(r["router_aux_loss"] > 1.0 for r in steps)  # even routing: top_k (2)

@@ -347,7 +347,8 @@ class Config(_Strict):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     lora_target_modules: list[str] = Field(
         default_factory=lambda: list(ALL_PROJECTIONS),
-        description="Projections that get adapters (default: all seven). Mixtral: the attention projections, and "
+        description="Projections that get adapters (default: every projection of the model's family: the seven "
+        "of a dense model; on Mixtral the four of attention and experts). Mixtral: the attention projections, and "
         "on the experts gate_up_proj (or w1 + w3) and down_proj (or w2), or experts for both: one low-rank pair "
         "per expert, no dropout or DoRA there.",
     )

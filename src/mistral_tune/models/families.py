@@ -29,6 +29,11 @@ class Family:
     def projections(self) -> tuple[str, ...]:
         return ATTENTION_PROJECTIONS + self.feed_forward
 
+    @property
+    def default_targets(self) -> tuple[str, ...]:
+        """lora_target_modules when a config names none: every projection (Mixtral: attention and experts)."""
+        return (ATTENTION_PROJECTIONS + ("experts",)) if self.moe else self.projections
+
 
 MISTRAL = Family("Mistral", "MistralForCausalLM", "mistral", ("gate_proj", "up_proj", "down_proj"))
 # Ministral: Mistral's layers, each with its own attention type (layer_types: sliding or full).

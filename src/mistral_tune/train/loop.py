@@ -34,7 +34,7 @@ from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, Outp
 from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
 from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
-from ..models.families import EXPERT_TARGETS
+from ..models.families import EXPERT_TARGETS, family_of
 from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
 from ..models.mistral import count_params, flops_per_token, router_balance
@@ -251,6 +251,17 @@ def prepare(cfg: Config, check_output: bool = True):
         raise
 
 
+def with_family_targets(cfg: Config) -> Config:
+    """cfg with lora_target_modules set to the model family's default when the config names none: all
+    seven projections on a dense model, the attention and the experts on Mixtral (whose feed-forward
+    has no gate_proj/up_proj/down_proj)."""
+    if "lora_target_modules" in cfg.model_fields_set or cfg.adapter == "none" or cfg.base_model is None:
+        return cfg
+    model_cfg = read_config(resolve_model_dir(cfg.base_model))
+    targets = list(family_of({"architectures": [model_cfg.architecture]}).default_targets)
+    return cfg if targets == cfg.lora_target_modules else cfg.model_copy(update={"lora_target_modules": targets})
+
+
 def read_inputs(cfg: Config, main_first=lambda build: build()):
     """Everything but the weights, checked: (model_dir, model config, tokenizer, data). main_first
     runs the data build (Runtime.main_first: rank 0 fills the token cache, the others read it)."""
@@ -372,6 +383,7 @@ def train(cfg: Config, echo=print, merge: bool = False, force: bool = False) -> 
     SIGTERM and SIGINT are stop requests from the first line to the last: one that arrives while the
     run loads ends it before its first step, one after its last step lets the final save finish."""
     with StopRequest() as stop:
+        cfg = with_family_targets(cfg)
         rt, model_dir, tokenizer, model, data = prepare(cfg)
         try:
             if not rt.is_main:  # one voice: rank 0 prints; every rank's errors still reach the user

@@ -6,7 +6,11 @@ set -euo pipefail
 PY=${PYTHON:-python3}
 VERSION=${LLAMA_CPP_VERSION:-0.3.36}
 CACHE=${MISTRAL_TUNE_WHEEL_CACHE:-$HOME/.cache/mistral-tune/wheels}
+# `serve --engine llama.cpp` needs the binding's server extra (fastapi, sse-starlette, ...): pip adds
+# those beside an installed binding without building it again.
+extras() { "$PY" -m pip install -q "llama-cpp-python[server]==$VERSION" diskcache; }
 if "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; then
+  extras
   exit 0
 fi
 mkdir -p "$CACHE"
@@ -20,4 +24,5 @@ if [ -z "$wheel" ]; then
   echo "built in $(( $(date +%s) - start )) s"
   wheel=$(ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl | head -n 1)
 fi
-"$PY" -m pip install -q "$wheel" diskcache
+"$PY" -m pip install -q "$wheel"
+extras

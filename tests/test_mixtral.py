@@ -407,7 +407,7 @@ def test_router_balance_gradient_equals_autograd_through_transformers_loss(check
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert grads[0]["model.layers.0.mlp.gate.weight"].abs().max() > 0
     for n in grads[0]:
-        assert torch.allclose(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7), n
+        _close_grads(grads[1][n], grads[0][n], n)
 
 
 def test_nf4_experts_are_bitsandbytes_nf4_per_expert_and_compute_as_their_dequantized_weights():
@@ -472,6 +472,13 @@ def test_qlora_on_mixtral_experts_trains_saves_and_loads_as_trained(tmp_path):
             assert (got - want).abs().max() <= 1e-5, merge
 
 
+def _close_grads(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """float32 gradients summed in another order: within 1e-5 of the tensor's largest entry (seen: 3e-7;
+    an element-wise atol of 1e-7 failed on another machine's build)."""
+    diff, scale = float((got - want).abs().max()), float(want.abs().max())
+    assert diff <= 1e-5 * scale, (name, diff, scale)
+
+
 def test_a_training_step_adds_the_weighted_balance_loss_gradient_and_reports_its_mean():
     """accumulate_gradients: each micro-batch's balance loss joins with router_aux_loss_coef times its share of
     the window's trained tokens (as its token loss does), and the reported value is the real-token mean."""
@@ -514,7 +521,7 @@ def test_a_training_step_adds_the_weighted_balance_loss_gradient_and_reports_its
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert reported == pytest.approx(want, rel=1e-5)
     for n in grads[0]:
-        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7), n
+        _close_grads(grads[0][n], grads[1][n], n)
 
 
 def _loop(experts, x, index, weights):

@@ -79,6 +79,12 @@ def _approx(rows):
     return pytest.approx(rows, rel=1e-6)
 
 
+def _same_points(got: list[tuple[int, float]], want: list[tuple[int, float]], name: str) -> None:
+    """(step, value) histories: the same steps, values within rel 1e-6 (pytest.approx takes no tuples)."""
+    assert [s for s, _ in got] == [s for s, _ in want], name
+    assert [v for _, v in got] == _approx([v for _, v in want]), name
+
+
 def _same_rows(got: dict[int, dict], want: dict[int, dict]) -> None:
     assert list(got) == list(want)
     for step, row in want.items():
@@ -101,7 +107,7 @@ def test_wandb_and_mlflow_get_params_every_metrics_line_and_the_adapter(assets, 
         json.loads((out / "data_report.json").read_text())["train_samples"])
     history = _mlflow_history(client, run_id, lines)
     for name, points in history.items():  # each metric: the steps and values of metrics.jsonl, once each
-        assert points == _approx([(rec["step"], rec[name]) for rec in lines if name in _numbers(rec)]), name
+        _same_points(points, [(rec["step"], rec[name]) for rec in lines if name in _numbers(rec)], name)
     artifacts = {a.path for a in client.list_artifacts(run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in artifacts
     assert {"config.yaml", "data_report.json"} <= {a.path for a in client.list_artifacts(run_id)}
@@ -131,7 +137,7 @@ def test_a_resumed_run_continues_the_same_tracker_runs_without_repeating_steps(a
     assert run_id == ids["mlflow"]["run_id"] and len(client.search_runs([client.get_run(run_id).info.experiment_id]))
     for name in ("loss", "lr", "grad_norm", "eval_loss"):  # steps 4-6 once, though trained twice
         points = _mlflow_history(client, run_id, lines)[name]
-        assert points == _approx([(rec["step"], rec[name]) for rec in lines if name in rec]), name
+        _same_points(points, [(rec["step"], rec[name]) for rec in lines if name in rec], name)
 
     records = _wandb_records(out)
     assert {r["run"]["run_id"] for r in records if r["type"] == "run"} == {ids["wandb"]["run_id"]}

@@ -158,3 +158,20 @@ def test_bnb_4bit_checkpoint_trains_with_qlora_and_refuses_plain_lora(bnb_4bit_d
     result = train(config_from_dict({**base, "output_dir": str(tmp_path / "q"), "adapter": "qlora"}),
                    echo=lambda *_: None)
     assert result.steps == 3 and (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp8"])
+def test_a_quantized_base_counts_as_the_weights_it_stands_for(tiny_model_dir, kind):
+    """The run's "X of Y parameters trained" line counted an NF4 base as its packed bytes (half the
+    weights) and an FP8 base as nothing, so the trained share came out too high."""
+    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.fp8 import fp8_model
+    from mistral_tune.models.mistral import count_params
+
+    model, _ = load_model(str(tiny_model_dir))
+    _, dense = count_params(model)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    (quantize_model if kind == "nf4" else fp8_model)(model, targets, "cpu")
+    apply_lora(model, LoraSpec(r=4, alpha=8))
+    trainable, total = count_params(model)
+    assert trainable > 0 and total == dense + trainable

@@ -602,8 +602,13 @@ class MistralForCausalLM(nn.Module):
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts. A quantized base's weights (NF4, FP8) are buffers of packed
+    codes: they count as the weights they stand for."""
+    from .fp8 import FP8Linear
+    from .quant import NF4Linear
+
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (NF4Linear, FP8Linear)))
+    total = sum(p.numel() for p in model.parameters()) + quantized
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
 

@@ -180,3 +180,29 @@ def test_step_lines_take_the_mfu_against_this_gpus_own_peak(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda _device, name=name: name)
         assert _bf16_peak(cuda) == (pytest.approx(peak) if peak else None), name
     assert _bf16_peak(SimpleNamespace(device=torch.device("cpu"))) is None
+
+
+def test_plan_of_a_hub_model_fetches_its_config_and_tokenizer_not_its_weights(tmp_path: Path, big_model: Path,
+                                                                               capsys, monkeypatch) -> None:
+    """`plan` on a hub id went through the trainer's fetch, which downloads the weights (14 GB for a 7B).
+    The hub is replaced by a folder served through fnmatch as huggingface_hub applies allow_patterns."""
+    import fnmatch
+
+    import huggingface_hub
+
+    (big_model / "model-00001-of-00002.safetensors").write_bytes(b"weights")
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **_):
+        asked.append(allow_patterns)
+        snap = tmp_path / "hub" / repo_id.replace("/", "--")
+        snap.mkdir(parents=True, exist_ok=True)
+        for f in big_model.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, snap)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert main(["plan", str(_write_config(tmp_path, "mistralai/Mistral-7B-v0.3")), "--gpu", "H100"]) == 0
+    assert "plan for" in capsys.readouterr().out and asked
+    assert not list((tmp_path / "hub").rglob("*.safetensors"))

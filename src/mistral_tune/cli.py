@@ -250,7 +250,7 @@ def _cmd_plan(args) -> None:
         if gpu is None and args.memory_gib is None:
             raise ConfigError((f"GPU {name!r} is not in the table" if name else "no CUDA GPU here")
                               + f"; name one with --gpu ({', '.join(g.name for g in GPUS)}) or give --memory-gib")
-    model_dir, model_cfg, _, data = read_inputs(cfg)
+    model_dir, model_cfg, _, data = read_inputs(cfg, weights=False)  # a hub model's weights stay where they are
     print(f"plan for {args.config}: model {model_dir}" + (f"; GPU {seen}" if seen else ""))
     for line in data.report.warnings:
         print(f"warning: {line}")

@@ -27,8 +27,9 @@ INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A local directory as is; otherwise a hub id fetched (or taken from the cache) by huggingface_hub."""
+def resolve_model_dir(name_or_path: str, weights: bool = True) -> Path:
+    """A local directory as is; otherwise a hub id fetched (or taken from the cache) by huggingface_hub.
+    weights=False fetches the config and tokenizer files only (what `plan` and the checks read)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -41,7 +42,7 @@ def resolve_model_dir(name_or_path: str) -> Path:
         return Path(
             snapshot_download(
                 name_or_path,
-                allow_patterns=["*.json", "*.safetensors", "tokenizer.model*", "tekken.json"],
+                allow_patterns=["*.json", "tokenizer.model*", "tekken.json"] + (["*.safetensors"] if weights else []),
             )
         )
     except Exception as exc:  # network, auth, missing repo: all end the run the same way

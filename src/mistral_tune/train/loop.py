@@ -257,17 +257,18 @@ def with_family_targets(cfg: Config) -> Config:
     has no gate_proj/up_proj/down_proj)."""
     if "lora_target_modules" in cfg.model_fields_set or cfg.adapter == "none" or cfg.base_model is None:
         return cfg
-    model_cfg = read_config(resolve_model_dir(cfg.base_model))
+    model_cfg = read_config(resolve_model_dir(cfg.base_model, weights=False))
     targets = list(family_of({"architectures": [model_cfg.architecture]}).default_targets)
     return cfg if targets == cfg.lora_target_modules else cfg.model_copy(update={"lora_target_modules": targets})
 
 
-def read_inputs(cfg: Config, main_first=lambda build: build()):
+def read_inputs(cfg: Config, main_first=lambda build: build(), weights: bool = True):
     """Everything but the weights, checked: (model_dir, model config, tokenizer, data). main_first
-    runs the data build (Runtime.main_first: rank 0 fills the token cache, the others read it)."""
+    runs the data build (Runtime.main_first: rank 0 fills the token cache, the others read it).
+    weights=False: a hub model's weights are not fetched (`plan`)."""
     if cfg.base_model is None:
         raise ConfigError("missing key 'base_model': the model to train (a local HF model directory or a hub id)")
-    model_dir = resolve_model_dir(cfg.base_model)
+    model_dir = resolve_model_dir(cfg.base_model, weights)
     model_cfg = read_config(model_dir)
     if is_bnb_4bit(model_dir) and cfg.adapter != "qlora":
         raise ConfigError(

@@ -206,3 +206,18 @@ def test_plan_of_a_hub_model_fetches_its_config_and_tokenizer_not_its_weights(tm
     assert main(["plan", str(_write_config(tmp_path, "mistralai/Mistral-7B-v0.3")), "--gpu", "H100"]) == 0
     assert "plan for" in capsys.readouterr().out and asked
     assert not list((tmp_path / "hub").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "experts"], ["v_proj", "down_proj"], ["w1", "w3", "o_proj"]])
+def test_trained_parameters_of_mixtral_lora_are_those_the_model_trains(targets) -> None:
+    """plan counted no LoRA on Mixtral's experts (from before it existed); now it counts what apply_lora makes."""
+    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM, count_params
+    from mistral_tune.plan import Setup, trained_params
+
+    cfg = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                        num_experts_per_tok=2, architecture="MixtralForCausalLM")
+    model = MistralForCausalLM(cfg)
+    apply_lora(model, LoraSpec(r=3, alpha=6, target_modules=targets))
+    assert trained_params(cfg, Setup(lora_r=3, targets=tuple(targets))) == count_params(model)[0]

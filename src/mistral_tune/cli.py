@@ -237,7 +237,7 @@ def _cmd_validate(args) -> None:
 def _cmd_plan(args) -> None:
     from .config import load_config
     from .plan import GPUS, detect_gpu, find_gpu, make_plan
-    from .train.loop import read_inputs
+    from .train.loop import read_inputs, with_family_targets
 
     if args.memory_gib is not None and args.memory_gib <= 0:
         raise ConfigError(f"--memory-gib {args.memory_gib}: must be above 0")
@@ -250,6 +250,7 @@ def _cmd_plan(args) -> None:
         if gpu is None and args.memory_gib is None:
             raise ConfigError((f"GPU {name!r} is not in the table" if name else "no CUDA GPU here")
                               + f"; name one with --gpu ({', '.join(g.name for g in GPUS)}) or give --memory-gib")
+    cfg = with_family_targets(cfg)  # as train resolves them
     model_dir, model_cfg, _, data = read_inputs(cfg, weights=False)  # a hub model's weights stay where they are
     print(f"plan for {args.config}: model {model_dir}" + (f"; GPU {seen}" if seen else ""))
     for line in data.report.warnings:

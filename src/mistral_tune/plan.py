@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .errors import ConfigError
+from .models.families import EXPERT_TARGETS
 
 GIB = 1024**3
 
@@ -150,8 +151,14 @@ def trained_params(m, s: Setup) -> int:
     sz = _sizes(m)
     if s.adapter == "none":
         return sz["total"]
-    # LoRA on MoE experts is not supported (lora.py): only their attention projections get adapters.
-    lora = sum(s.lora_r * sum(sz["proj"][k]) for k in s.targets if not (m.moe and k in sz["mlp"]))
+    # Mixtral: the feed-forward names adapt the stacked expert weights, one low-rank pair per expert
+    # (lora.py ExpertLora); gate_proj and up_proj name nothing there.
+    stacked = {"gate_up_proj": (m.hidden_size, 2 * m.intermediate_size),
+               "down_proj": (m.intermediate_size, m.hidden_size)}
+    expert_params = {p for k in s.targets if m.moe and k in EXPERT_TARGETS for p in EXPERT_TARGETS[k]}
+    lora = sum(s.lora_r * sum(sz["proj"][k]) for k in s.targets
+               if not (m.moe and (k in sz["mlp"] or k in EXPERT_TARGETS)))
+    lora += sum(m.num_local_experts * s.lora_r * sum(stacked[p]) for p in expert_params)
     return m.num_hidden_layers * lora + s.whole_modules * sz["embed"]
 
 

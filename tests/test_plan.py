@@ -221,3 +221,22 @@ def test_trained_parameters_of_mixtral_lora_are_those_the_model_trains(targets) 
     model = MistralForCausalLM(cfg)
     apply_lora(model, LoraSpec(r=3, alpha=6, target_modules=targets))
     assert trained_params(cfg, Setup(lora_r=3, targets=tuple(targets))) == count_params(model)[0]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_planned_base_weights_are_the_bytes_the_loaded_model_holds(fp8) -> None:
+    """base_precision: fp8 holds the projections in one byte a weight (and a float32 scale a row); plan
+    counted them at two."""
+    from mistral_tune.config import ALL_PROJECTIONS
+    from mistral_tune.models.fp8 import fp8_model
+    from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
+    from mistral_tune.plan import GIB, MicroBatch, Setup, predict
+
+    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = MistralForCausalLM(cfg).to(torch.bfloat16)
+    if fp8:
+        fp8_model(model, list(ALL_PROJECTIONS), "cpu")
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    batch = [MicroBatch(rows=1, length=16, real=16, trained=8, pairs=136.0)]
+    assert predict(cfg, Setup(fp8=fp8, lora_r=1, targets=("q_proj",)), batch, None).weights_gib * GIB == held

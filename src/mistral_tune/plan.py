@@ -96,6 +96,7 @@ class Setup:
     by_row: bool = False  # the trainer sets it with offload_activations
     fast: bool = True
     bf16: bool = True
+    fp8: bool = False  # base_precision: fp8 (the dense projections held in e4m3 with a float32 scale a row)
     micro_batch_size: int = 1
     accumulation: int = 1
 
@@ -173,7 +174,11 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
         trained = (ADAMW_BYTES - 4) * n_train  # the float32 weights are counted above
     else:
         quant = sum(sz["per"][k] for k in s.targets) * L if s.adapter == "qlora" else 0
-        weights = act * (sz["total"] - quant) + NF4_BYTES * quant
+        # FP8: every projection that is a plain linear layer (all seven; Mixtral's experts stay bf16)
+        fp8 = [k for k in sz["proj"] if s.fp8 and not (m.moe and k in sz["mlp"])]
+        codes = L * sum(sz["per"][k] for k in fp8)
+        weights = act * (sz["total"] - quant - codes) + NF4_BYTES * quant + codes + 4 * L * sum(
+            sz["proj"][k][1] for k in fp8)
         if quant:
             weights += QLORA_DEQUANT_BUFFERS * 2 * max(a * b for k, (a, b) in sz["proj"].items() if k in s.targets)
         trained = ADAMW_BYTES * n_train
@@ -262,7 +267,7 @@ def setup_from_config(cfg, fast: bool = True) -> Setup:
     return Setup(cfg.adapter, cfg.lora_r, tuple(cfg.lora_target_modules), len(cfg.lora_modules_to_save),
                  cfg.gradient_checkpointing, cfg.offload_activations, cfg.offload_activations,
                  fast if cfg.fast_path == "auto" else bool(cfg.fast_path), cfg.bf16 is not False,
-                 cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+                 cfg.base_precision == "fp8", cfg.micro_batch_size, cfg.gradient_accumulation_steps)
 
 
 def _duration(seconds: float) -> str:
@@ -334,6 +339,9 @@ def make_plan(cfg, model_cfg, data, gpu: GPU | None, memory_gib: float | None) -
     ]
     if not s0.fast:
         lines.append("fast_path: false: the plain path is modelled with the fast path's speed (not measured)")
+    if s0.fp8:
+        lines.append("base_precision: fp8: the base's memory is modelled (a byte a weight); its speed is the bf16 "
+                     "base's (the FP8 step measured 1.22x faster on 7B shapes, docs/benchmarks.md)")
     if cfg.adapter == "none":
         lines.append("adapter: none is planned for one process holding the whole model; train --gpus N shards its "
                      "weights, gradients and AdamW state over the N (FSDP), which this plan does not model")

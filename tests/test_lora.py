@@ -178,7 +178,7 @@ def test_adapters_disabled_matches_peft_disable_adapter(name, tmp_path: Path, ma
         with adapters_disabled(model):
             ours_off = model(x)
             with adapters_disabled(model):  # nested: the outer block still holds when the inner ends
-                pass
+                inner_off = model(x)
             still_off = model(x)
         back_on = model(x)
         with ref.disable_adapter():
@@ -189,7 +189,7 @@ def test_adapters_disabled_matches_peft_disable_adapter(name, tmp_path: Path, ma
     assert (tuned - ours_off).abs().max() > 1e-3  # the adapter matters
     assert rel_diff(ours_off, theirs_off) <= RTOL
     assert torch.equal(ours_off, plain)  # exactly the base model
-    assert torch.equal(still_off, ours_off)
+    assert torch.equal(still_off, ours_off) and torch.equal(inner_off, ours_off)
     assert torch.equal(back_on, tuned)
 
 

@@ -167,6 +167,7 @@ def test_a_cancelled_request_gives_its_place_back_at_once() -> None:
 
 
 def _last(q: queue.Queue) -> End:
-    while not isinstance(item := q.get(timeout=30), End):
-        pass
-    return item
+    """The request's End, after its tokens."""
+    while True:
+        if isinstance(item := q.get(timeout=30), End):
+            return item

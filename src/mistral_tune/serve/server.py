@@ -99,13 +99,14 @@ def _error(err: ApiError, headers: dict | None = None) -> Response:
 
 
 class _ClientGone(Exception):
-    pass
+    """The client closed the connection before its answer was complete."""
 
 
 async def _disconnected(receive) -> None:
     """Returns once the client has gone (call after the body has been read)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    while True:
+        if (await receive())["type"] == "http.disconnect":
+            return
 
 
 async def _unless_gone(awaitable, receive):

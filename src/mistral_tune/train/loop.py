@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from pydantic_core import to_jsonable_python
+from pydantic import TypeAdapter
 
 from ..chat import ChatTokenizer, find_tokenizer_file, load_tokenizer
 from ..config import ALL_PROJECTIONS, Config
@@ -833,7 +833,7 @@ def _default(key: str) -> object:
     field = Config.model_fields.get(key)
     if field is None or field.is_required():
         return None
-    return to_jsonable_python(field.get_default(call_default_factory=True))
+    return TypeAdapter(field.annotation).dump_python(field.get_default(call_default_factory=True), mode="json")
 
 
 def check_resume_config(ckpt: Checkpoint, cfg: Config, fingerprint: str, force: bool) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import yaml
@@ -64,7 +65,7 @@ def numbers(record: dict) -> dict[str, float]:
             if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-class Tracker:
+class Tracker(ABC):
     """One library's run: parameters once, then metrics lines, then the final weights, then close.
 
     `sent` (None: no skipping) is the last step of each kind of line ("train", "eval") this run has
@@ -88,17 +89,19 @@ class Tracker:
     def state(self) -> dict:
         return {"run_id": self.run_id, "sent": self.sent}
 
-    def params(self, params: dict, files: dict[str, str]) -> None:
+    def params(self, params: dict, files: dict[str, str]) -> None:  # noqa: B027 (optional: not every library keeps them)
         """The flat parameters, and whole files (name -> text) for the libraries that keep them."""
 
+    @abstractmethod
     def _send(self, kind: str, step: int, record: dict) -> None:
-        raise NotImplementedError
+        """One metrics line to the library."""
 
-    def artifact(self, path: Path) -> None:
+    def artifact(self, path: Path) -> None:  # noqa: B027 (optional: not every library keeps files)
         """The final adapter or model directory."""
 
+    @abstractmethod
     def close(self, failed: bool) -> None:
-        raise NotImplementedError
+        """End the library's run, marked failed or finished."""
 
 
 class TensorBoard(Tracker):

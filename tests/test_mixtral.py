@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from mistral_tune.errors import ModelError
 from mistral_tune.models.families import MISTRAL, MIXTRAL, describe, family_of
 from mistral_tune.models.load import load_model, save_model
-from mistral_tune.models.mistral import KVCache, MistralConfig, MistralForCausalLM
+from mistral_tune.models.mistral import Experts, KVCache, MistralConfig, MistralForCausalLM
 
 TINY_MOE = dict(vocab_size=1000, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, architecture="MixtralForCausalLM",
@@ -150,19 +150,7 @@ def test_family_table():
 def test_lora_on_attention_equals_peft_on_transformers_mixtral(tmp_path):
     from peft import PeftModel
 
-    from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
-
-    model = tiny_mixtral(sliding_window=5)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    spec = LoraSpec(r=4, alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    apply_lora(model, spec, seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
-    save_adapter(model, spec, tmp_path, base_model="tiny")
-    base = tiny_mixtral(sliding_window=5)
-    base.load_state_dict(base_state)
+    model, base = _expert_lora(tmp_path, ["q_proj", "k_proj", "v_proj", "o_proj"])
     ref = PeftModel.from_pretrained(hf_mixtral(base, "sdpa"), str(tmp_path)).eval()
     x = ids()
     with torch.no_grad():
@@ -524,17 +512,6 @@ def test_a_training_step_adds_the_weighted_balance_loss_gradient_and_reports_its
         _close_grads(grads[0][n], grads[1][n], n)
 
 
-def _loop(experts, x, index, weights):
-    """The experts one after another (the reference for the grouped products)."""
-    out = torch.zeros_like(x)
-    for e in range(experts.num_experts):
-        token, slot = torch.where(index == e)
-        gate, up = experts._project("gate_up_proj", e, x[token]).chunk(2, dim=-1)
-        y = experts._project("down_proj", e, torch.nn.functional.silu(gate) * up) * weights[token, slot, None]
-        out.index_add_(0, token, y)
-    return out
-
-
 @pytest.mark.parametrize("top1_unused", [False, True])
 def test_grouped_expert_products_equal_the_loop_with_lora_and_gradients(top1_unused):
     from mistral_tune.lora import LoraSpec, apply_lora
@@ -553,7 +530,7 @@ def test_grouped_expert_products_equal_the_loop_with_lora_and_gradients(top1_unu
     if top1_unused:
         assert len(set(index.flatten().tolist())) < 8
     results = []
-    for run in (_loop, lambda ex, *a: ex(*a)):
+    for run in (Experts._loop, lambda ex, *a: ex(*a)):  # the loop (as NF4 experts run), then the default
         out = run(experts, x, index, weights)
         grads = torch.autograd.grad(out.square().sum(), [x, *experts.parameters()], retain_graph=True)
         results.append((out, grads))

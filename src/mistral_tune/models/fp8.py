@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .quant import moves_only
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -111,11 +112,7 @@ class FP8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Only moves: the codes stay e4m3 and the scales float32 (model.to(dtype) leaves them).
-        for name in ("codes", "scale"):
-            t = getattr(self, name)
-            moved = fn(t)
-            setattr(self, name, t.to(moved.device) if moved.dtype != t.dtype else moved)
-        return self
+        return moves_only(self, ("codes", "scale"), fn)
 
     @property
     def device(self) -> torch.device:

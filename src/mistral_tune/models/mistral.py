@@ -215,9 +215,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, H); index, weights (T, k): each token's experts and their mixing weights."""
-        if not self.nf4:
-            return self._grouped(x, index, weights)
-        out = torch.zeros_like(x)  # NF4 experts: one after another, each dequantized in its turn
+        # NF4 experts go one after another, each dequantized in its turn.
+        return self._loop(x, index, weights) if self.nf4 else self._grouped(x, index, weights)
+
+    def _loop(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The experts one after another."""
+        out = torch.zeros_like(x)
         for e in range(self.num_experts):
             token, slot = torch.where(index == e)
             if token.numel() == 0:

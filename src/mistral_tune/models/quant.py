@@ -68,6 +68,17 @@ class _NF4GradOnly(torch.autograd.Function):
     backward = _NF4Matmul.backward
 
 
+def moves_only(module: nn.Module, names: tuple[str, ...], fn) -> nn.Module:
+    """Module._apply for a quantized layer's buffers: `fn`'s device move applies, its dtype cast
+    (model.to(dtype)) does not, so codes and scales keep theirs."""
+    for name in names:
+        t = getattr(module, name)
+        if t is not None:
+            moved = fn(t)
+            setattr(module, name, t.to(moved.device) if moved.dtype != t.dtype else moved)
+    return module
+
+
 class NF4Linear(nn.Module):
     """A frozen, bias-free linear layer held in NF4."""
 
@@ -107,12 +118,7 @@ class NF4Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Only moves: the packed codes and block scales keep their dtypes (float32 scales stay float32).
-        for name in ("packed", "absmax", "absmax2", "code2", "offset"):
-            t = getattr(self, name)
-            if t is not None:
-                moved = fn(t)
-                setattr(self, name, t.to(moved.device) if moved.dtype != t.dtype else moved)
-        return self
+        return moves_only(self, ("packed", "absmax", "absmax2", "code2", "offset"), fn)
 
     @property
     def device(self) -> torch.device:

@@ -8,7 +8,15 @@ token, and backward. Reports milliseconds a step, tokens a second and peak memor
 first step's loss of each case against transformers + PEFT's (the same weights and adapters). About
 a minute on one H200; `--smoke` runs toy sizes on the CPU to check the script.
 
+`--qlora` quantizes the frozen base as QLoRA does on each side: ours puts the attention projections
+and every expert in NF4 (as `adapter: qlora` trains Mixtral); transformers + PEFT loads the same
+weights through bitsandbytes' 4-bit config, which quantizes its nn.Linear layers (attention) and
+leaves transformers 5's stacked expert tensors in bf16. `--trainer-path` runs our side as the
+trainer does on a GPU: compiled layers, the causal kernel, the fused loss (our loss is then the sum
+over tokens, divided here by their count to compare).
+
     python bench/moe_bench.py            # JSON in $OUT (default ./out)/moe_bench.json, table last
+    python bench/moe_bench.py --qlora --trainer-path --seq 4096 --batch 2
     python bench/moe_bench.py --smoke
 """
 
@@ -47,9 +55,13 @@ def _built(make, dtype: torch.dtype, device):
         torch.set_default_dtype(before)
 
 
-def _ours(cfg: MistralConfig, state: dict, rank: int, device) -> MistralForCausalLM:
+def _ours(cfg: MistralConfig, state: dict, rank: int, device, qlora: bool = False) -> MistralForCausalLM:
     model = _built(lambda: MistralForCausalLM(cfg), state["lm_head.weight"].dtype, device)
     model.load_state_dict(state)
+    if qlora:
+        from mistral_tune.models.quant import quantize_model
+
+        quantize_model(model, model_spec(rank).target_modules, device)
     apply_lora(model, model_spec(rank), seed=0)
     return model
 
@@ -69,20 +81,39 @@ def _lora_values(model, seed: int = 1) -> None:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
 
 
-def _peft(cfg: MistralConfig, state: dict, adapter: Path, device):
+def _peft(cfg: MistralConfig, state: dict, adapter: Path, device, qlora: bool = False):
     import transformers
     from peft import PeftModel
 
     hf = transformers.MixtralConfig(**cfg.to_hf("bfloat16"))
     ref = _built(lambda: transformers.MixtralForCausalLM(hf), state["lm_head.weight"].dtype, device)
     ref.load_state_dict(state, strict=False)
+    if qlora:  # through a saved folder, as a user loads a checkpoint with a 4-bit config
+        folder = Path(tempfile.mkdtemp(prefix="moe_bench_hf_"))
+        try:
+            ref.save_pretrained(folder)
+            del ref
+            torch.cuda.empty_cache()
+            q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                bnb_4bit_compute_dtype=torch.bfloat16)
+            ref = transformers.MixtralForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.bfloat16,
+                                                                  device_map={"": device.index or 0})
+        finally:
+            shutil.rmtree(folder)
     return PeftModel.from_pretrained(ref, str(adapter), is_trainable=True)
 
 
 def _step(model, x, labels, peft: bool, autocast: bool) -> float:
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=x, use_cache=False).logits if peft else model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        if getattr(model, "fused_loss", False):  # the trainer's path: the summed loss, never the logits
+            from mistral_tune.kernels.loss import linear_cross_entropy_sum
+            from mistral_tune.lora import output_weight
+
+            h = model.hidden_states(x).flatten(0, 1)
+            loss = linear_cross_entropy_sum(h, output_weight(model), labels.flatten()) / labels.numel()
+        else:
+            logits = model(input_ids=x, use_cache=False).logits if peft else model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
     loss.backward()
     model.zero_grad(set_to_none=True)
     return float(loss)
@@ -128,6 +159,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--qlora", action="store_true", help="NF4 base on both sides (see above)")
+    parser.add_argument("--trainer-path", action="store_true", help="our side compiled, causal kernel, fused loss")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     batch, seq, reps = (2, 32, 1) if args.smoke else (args.batch, args.seq, args.reps)
@@ -146,26 +179,31 @@ def main() -> None:
     adapter = Path(tempfile.mkdtemp(prefix="moe_bench_"))
 
     def ours():
-        model = _ours(cfg, state, args.rank, device)
+        model = _ours(cfg, state, args.rank, device, args.qlora)
         _lora_values(model)
         if not (adapter / "adapter_config.json").exists():  # PEFT's case loads the same adapters
             save_adapter(model, model_spec(args.rank), adapter, base_model="random")
+        if args.trainer_path and device.type == "cuda":
+            model.use_fast_path(one_sample_rows=True)
         return model, False
 
     def peft():
-        model = _peft(cfg, state, adapter, device)
+        model = _peft(cfg, state, adapter, device, args.qlora)
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
         return model, True
 
     grouped = Experts._grouped
-    rows = [run_case("ours, grouped experts", ours, x, labels, reps, device, autocast)]
-    Experts._grouped = Experts._loop  # the per-expert loop for every expert, as NF4 experts run
-    try:
-        rows.append(run_case("ours, per-expert loop", ours, x, labels, reps, device, autocast))
-    finally:
-        Experts._grouped = grouped
+    if args.qlora:  # NF4 experts run the per-expert loop (each expert dequantized in turn)
+        rows = [run_case("ours, NF4 experts", ours, x, labels, reps, device, autocast)]
+    else:
+        rows = [run_case("ours, grouped experts", ours, x, labels, reps, device, autocast)]
+        Experts._grouped = Experts._loop  # the per-expert loop for every expert, as NF4 experts run
+        try:
+            rows.append(run_case("ours, per-expert loop", ours, x, labels, reps, device, autocast))
+        finally:
+            Experts._grouped = grouped
     rows.append(run_case("transformers + PEFT", peft, x, labels, reps, device, autocast))
     shutil.rmtree(adapter)
     ref = rows[-1]
@@ -176,7 +214,8 @@ def main() -> None:
 
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
-    shape = (f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_local_experts} experts x "
+    shape = (f"{'QLoRA, ' if args.qlora else ''}{'our trainer path, ' if args.trainer_path else ''}"
+             f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_local_experts} experts x "
              f"{cfg.intermediate_size}, top-{cfg.num_experts_per_tok}, LoRA r={args.rank}, {batch}x{seq} tokens")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     (out / "moe_bench.json").write_text(json.dumps({"device": device_name, "torch": torch.__version__,

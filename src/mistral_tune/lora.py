@@ -406,6 +406,12 @@ def _initialised(model: nn.Module) -> dict[str, LoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear) and m.lora_init_A is not None}
 
 
+def lora_init_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """What PiSSA / OLoRA computed in this process: the residual weights and the starting factors (the
+    processes of a distributed run take rank 0's, so their frozen bases are equal too)."""
+    return [t for m in _initialised(model).values() for t in (m.weight, m.lora_init_A, m.lora_init_B)]
+
+
 def lora_init_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The PiSSA / OLoRA starting factors under the names of the factors they started (`<module>.lora_A.weight`)."""
     state = {}

@@ -33,7 +33,15 @@ from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, s
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError, TrainingHalted
 from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
-from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, restore_lora_init, save_adapter, save_lora_init
+from ..lora import (
+    WHOLE_MODULES,
+    LoraSpec,
+    apply_lora,
+    lora_init_tensors,
+    restore_lora_init,
+    save_adapter,
+    save_lora_init,
+)
 from ..models.families import EXPERT_TARGETS, family_of
 from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
@@ -420,7 +428,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     params = list(named.values())
     for p in params:  # trainable weights stay float32 even when the frozen base is bf16
         p.data = p.data.float()
-    rt.broadcast_parameters(params)  # the replicas start equal
+    rt.broadcast_parameters(params + lora_init_tensors(model))  # the replicas start equal
     rt.track_gradients(named)
     if rt.rank:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout draws its own masks on each process

@@ -367,11 +367,11 @@ class Config(_Strict):
     )
     lora_init: Literal["kaiming", "pissa", "olora"] = Field(
         "kaiming",
-        description="How adapters start. kaiming: A random (Kaiming-uniform), B zero (PEFT's init_lora_weights: "
-        "true). pissa: A, B from the top lora_r singular values and vectors of each base weight (Meng et al., "
-        "2024); olora: from its QR factors (Büyükakyüz, 2024); either takes B A out of the base weight so "
-        "training starts at the base model, and the adapter is saved for the original base with twice the "
-        "rank (as PEFT converts it). pissa/olora: adapter lora on a bf16 base, not on Mixtral's experts.",
+        description="How adapters start. kaiming: A Kaiming-uniform, B zero (PEFT's init_lora_weights: true). "
+        "pissa: A, B from each base weight's top lora_r singular values and vectors (Meng et al., 2024); olora: "
+        "from its QR factors (Büyükakyüz, 2024). Both take B A out of the base weight, so training starts at the "
+        "base model, and save the adapter for the original base at twice the rank (as PEFT converts it). Not "
+        "with adapter: qlora or none, base_precision: fp8, or on Mixtral's experts.",
     )
     loraplus_lr_ratio: float | None = Field(
         None,

@@ -264,7 +264,7 @@ def test_export_adapter_names_what_vllm_refuses_in_each_variant(assets, tmp_path
         assert any(message in p for p in problems), problems
         with pytest.raises(ModelError, match="mistral-tune merge"):
             export_adapter(out)
-    for name in ("loraplus", "neftune"):  # training-only variants: a plain LoRA adapter
+    for name in ("loraplus", "neftune", "pissa"):  # plain LoRA adapters (PiSSA's converted, at twice the rank)
         out = tmp_path / name
         train(config(model_dir, data, out, max_steps=1, **VARIANTS[name]), echo=lambda _: None)
         assert vllm_adapter_problems(out / "adapter") == []

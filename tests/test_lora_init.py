@@ -18,6 +18,7 @@ from mistral_tune.lora import (
     ADAPTER_WEIGHTS,
     LoraLinear,
     LoraSpec,
+    adapters_disabled,
     apply_lora,
     load_adapter,
     lora_init_state,
@@ -131,6 +132,8 @@ def test_saved_adapter_is_peft_conversion_for_the_original_base(name, tmp_path, 
         base = make_hf_mistral(model.config, base_state)(input_ids=x, use_cache=False).logits
     assert (tuned - base).abs().max() > 1e-3  # the training moved the model
     assert rel(theirs, tuned) <= 1e-5
+    with adapters_disabled(model):  # the base, for evaluations (residual + B0 A0): not the residual alone
+        assert rel(model(x), base) <= 1e-5
     ours_merged = make_tiny_mistral()
     ours_merged.load_state_dict(base_state)
     load_adapter(ours_merged, tmp_path / "ours")

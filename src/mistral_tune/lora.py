@@ -155,8 +155,8 @@ class LoraLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base(x)
-        if self.disabled:  # adapters_disabled(): the base model's output
-            return out
+        if self.disabled:  # adapters_disabled(): the base model's output (after PiSSA / OLoRA, W_res + s B0 A0)
+            return out if self.lora_init_A is None else out + self._initial(x)
         if self.lora_magnitude_vector is None:
             return out + self._lora(self.lora_dropout(x))
         return out + self._dora(x, out)
@@ -172,6 +172,11 @@ class LoraLinear(nn.Linear):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight) if self.quantized is None else self.quantized(x)
+
+    def _initial(self, x: torch.Tensor) -> torch.Tensor:
+        """s B0 A0 x: what PiSSA / OLoRA took out of the base weight."""
+        a0, b0 = self.lora_init_A.to(x.dtype), self.lora_init_B.to(x.dtype)
+        return nn.functional.linear(nn.functional.linear(x, a0), b0) * self.scaling
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(x)) * self.scaling
@@ -489,10 +494,10 @@ def has_adapters(model: nn.Module) -> bool:
 @contextmanager
 @torch.no_grad()
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes as its base: every adapter's low-rank branch is skipped,
-    trainable tokens' base rows are used, and modules trained whole (modules_to_save) get their base
-    weight back for the while. Only those whole modules are copied, so the base and the tuned model
-    can be compared on one copy in memory."""
+    """Inside the block the model computes as its base: every adapter's low-rank branch is skipped (after
+    PiSSA / OLoRA, the starting factors are added back to the residual), trainable tokens' base rows are
+    used, and modules trained whole (modules_to_save) get their base weight back for the while. Only
+    those whole modules are copied, so the base and the tuned model can be compared on one copy in memory."""
     layers = [m for m in model.modules() if isinstance(m, (*ADAPTER_LAYERS, TrainableTokens))]
     before = [m.disabled for m in layers]
     whole = [m for m in model.modules() if hasattr(m, "base_weight")]

@@ -36,6 +36,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 CASES = {
     "pissa": LoraSpec(r=4, alpha=8, init="pissa"),
     "pissa_rslora_attn": LoraSpec(r=8, alpha=4, init="pissa", use_rslora=True, target_modules=["q_proj", "o_proj"]),
+    "pissa_niter_2": LoraSpec(r=4, alpha=8, init="pissa_niter_2"),  # randomized: the same draws as PEFT's
     "olora": LoraSpec(r=4, alpha=8, init="olora"),
     "olora_rslora": LoraSpec(r=6, alpha=16, init="olora", use_rslora=True),
 }
@@ -54,10 +55,13 @@ def ours_and_peft(make_tiny_mistral, make_hf_mistral, spec: LoraSpec, **override
     """(our model with spec's init, its base state before the init, PEFT's model with the same init)."""
     model = make_tiny_mistral(**overrides)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)  # pissa_niter_N draws from the global generator, as PEFT's does
     apply_lora(model, spec, seed=3)
     config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=spec.target_modules,
                              use_rslora=spec.use_rslora, use_dora=spec.use_dora, init_lora_weights=spec.init)
-    ref = peft.get_peft_model(make_hf_mistral(model.config, base_state), config)
+    hf = make_hf_mistral(model.config, base_state)
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(hf, config)
     return model, base_state, ref.eval()
 
 
@@ -190,6 +194,11 @@ def test_resume_puts_the_checkpoints_starting_factors_back(tmp_path, make_tiny_m
         restore_lora_init(lonely, tmp_path)
 
 
+def test_a_rank_above_the_weights_is_refused(make_tiny_mistral):
+    with pytest.raises(ModelError, match="lora_init olora: lora_r 40 is above the rank of a 32 x 64 weight"):
+        apply_lora(make_tiny_mistral(), LoraSpec(r=40, init="olora", target_modules=["k_proj"]))
+
+
 @pytest.mark.parametrize("settings", [dict(adapter="qlora"), dict(adapter="none"), dict(base_precision="fp8")])
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_lora_init_refused_where_the_base_cannot_take_it(settings, init, tmp_path):
@@ -197,3 +206,10 @@ def test_lora_init_refused_where_the_base_cannot_take_it(settings, init, tmp_pat
     with pytest.raises(ConfigError, match=f"lora_init: {init} needs adapter: lora with base_precision: bf16"):
         config_from_dict({**cfg, **settings})
     config_from_dict(cfg)  # allowed as such
+
+
+@pytest.mark.parametrize("value", ["pisa", "pissa_niter_0", "pissa_niter_", "gaussian", "PISSA", "olora "])
+def test_unknown_lora_init_is_refused_by_key(value, tmp_path):
+    with pytest.raises(ConfigError, match="lora_init"):
+        config_from_dict(dict(base_model="m", datasets=[{"path": "d.jsonl"}], output_dir=str(tmp_path),
+                              lora_init=value))

@@ -365,13 +365,15 @@ class Config(_Strict):
         description="DoRA: a trained magnitude per output row rescales each adapted weight (Liu et al., 2024). "
         "PEFT loads it; vLLM does not, so merge it for vLLM.",
     )
-    lora_init: Literal["kaiming", "pissa", "olora"] = Field(
+    lora_init: str = Field(
         "kaiming",
+        pattern=r"^(kaiming|olora|pissa(_niter_[1-9][0-9]*)?)$",
         description="How adapters start. kaiming: A Kaiming-uniform, B zero (PEFT's init_lora_weights: true). "
-        "pissa: A, B from each base weight's top lora_r singular values and vectors (Meng et al., 2024); olora: "
-        "from its QR factors (Büyükakyüz, 2024). Both take B A out of the base weight, so training starts at the "
-        "base model, and save the adapter for the original base at twice the rank (as PEFT converts it). Not "
-        "with adapter: qlora or none, base_precision: fp8, or on Mixtral's experts.",
+        "pissa: A, B from each base weight's top lora_r singular values and vectors (Meng et al., 2024; "
+        "pissa_niter_N: by N iterations of randomized SVD, much faster on large weights); olora: from its QR "
+        "factors (Büyükakyüz, 2024). These take B A out of the base weight, so training starts at the base "
+        "model, and save the adapter for the original base at twice the rank (as PEFT converts it). Not with "
+        "adapter: qlora or none, base_precision: fp8, or on Mixtral's experts.",
     )
     loraplus_lr_ratio: float | None = Field(
         None,

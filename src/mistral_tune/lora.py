@@ -42,8 +42,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: A checkpoint's PiSSA / OLoRA starting factors A0, B0 (resume puts them back; save_adapter subtracts them).
 LORA_INIT_WEIGHTS = "lora_init.safetensors"
-#: lora_init values: kaiming is PEFT's default (init_lora_weights: true); the others change the base weight.
-LORA_INITS = ("kaiming", "pissa", "olora")
 # Written beside a QLoRA adapter: the base it was trained on was NF4, so a merge must use the
 # dequantized NF4 weights to give the trained model. (PEFT's config has no field for it.)
 BASE_QUANTIZATION = "base_quantization.json"
@@ -65,7 +63,7 @@ class LoraSpec:
     modules_to_save: list[str] = field(default_factory=list)  # of WHOLE_MODULES: trained in full
     # Rows of embed_tokens / lm_head that train (PEFT's trainable_token_indices), by module name.
     trainable_tokens: dict[str, list[int]] = field(default_factory=dict)
-    init: str = "kaiming"  # of LORA_INITS
+    init: str = "kaiming"  # kaiming (PEFT's default), pissa, pissa_niter_N or olora: config.py's lora_init
 
     @property
     def scaling(self) -> float:
@@ -120,20 +118,27 @@ class LoraLinear(nn.Linear):
         """PiSSA or OLoRA as PEFT 0.21 computes them (in float32; A, B stay float32), then W -= s B0 A0.
 
         PiSSA: W = U S V^T, A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s), so s B A is W's best rank-r
-        part. OLoRA: W = Q R, A = R[:r], B = Q[:, :r]."""
+        part (pissa_niter_N: torch.svd_lowrank's estimate of it, N subspace iterations). OLoRA: W = Q R,
+        A = R[:r], B = Q[:, :r]."""
         if self.quantized is not None:
             raise ModelError(f"lora_init {init}: the base weight must be a plain float weight to take the "
                              "initial adapter out of it, not a quantized (NF4 / FP8) one")
+        if self.r > min(self.out_features, self.in_features):
+            raise ModelError(f"lora_init {init}: lora_r {self.r} is above the rank of a {self.out_features} x "
+                             f"{self.in_features} weight; lower lora_r or leave that projection out")
         w = self.weight.float()
-        if init == "pissa":
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
-            root = torch.sqrt(s[: self.r] / self.scaling)
-            a, b = root[:, None] * vh[: self.r], u[:, : self.r] * root
-        elif init == "olora":
+        if init == "olora":
             q, r = torch.linalg.qr(w)
             a, b = r[: self.r].contiguous(), q[:, : self.r].contiguous()
         else:
-            raise ModelError(f"lora_init {init!r}: expected one of {', '.join(LORA_INITS)}")
+            if init == "pissa":
+                u, s, vh = torch.linalg.svd(w, full_matrices=False)
+                u, s, vh = u[:, : self.r], s[: self.r], vh[: self.r]
+            else:
+                u, s, v = torch.svd_lowrank(w, q=self.r, niter=int(init.removeprefix("pissa_niter_")))
+                vh = v.T
+            root = torch.sqrt(s / self.scaling)
+            a, b = root[:, None] * vh, u * root
         self.lora_A.weight.data, self.lora_B.weight.data = a, b
         self.lora_init_A, self.lora_init_B = a.clone(), b.clone()
         self.weight.copy_(w - self.scaling * (b @ a))

@@ -423,7 +423,11 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         rows = {m: new_ids for m in WHOLE_MODULES if new_ids and m not in cfg.lora_modules_to_save}
         spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules), cfg.use_rslora,
                         cfg.use_dora, list(cfg.lora_modules_to_save), rows, cfg.lora_init)
-        apply_lora(model, spec, seed=cfg.seed)  # PiSSA / OLoRA change the base weights here, before any compile
+        began = time.perf_counter()
+        wrapped = apply_lora(model, spec, seed=cfg.seed)  # PiSSA / OLoRA change the base weights here, before compiling
+        if spec.init != "kaiming":
+            echo(f"lora_init {spec.init}: {len(wrapped)} adapters start from their base weights, which now hold "
+                 f"the residual ({time.perf_counter() - began:.1f} s)")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     for p in params:  # trainable weights stay float32 even when the frozen base is bf16

@@ -182,6 +182,19 @@ def test_resume_on_fewer_processes_four_then_two_then_one(same_batch, tmp_path):
     print(f"largest relative loss difference 4 -> 2 -> 1: {assert_same_steps(tmp_path / 'one', same_batch[1]):.2e}")
 
 
+def test_pissa_on_two_processes_takes_the_one_process_steps(assets, tmp_path):
+    """PiSSA's starting factors and residual base weights are rank 0's on every process: two processes
+    train the one-process steps."""
+    model, data = assets
+    outs = {w: tmp_path / f"w{w}" for w in (1, 2)}
+    cfg = {w: base_config(model, data, outs[w], gradient_accumulation_steps=4 // w, lora_init="pissa", **SAME_BATCH)
+           for w in (1, 2)}
+    proc = train_cli(2, write_yaml(tmp_path / "w2.yaml", cfg[2]))
+    train(config_from_dict(cfg[1]), echo=lambda *_: None)
+    finish(proc)
+    assert_same_steps(outs[2], outs[1])
+
+
 # ---------------------------------------------------------------------- sharded full fine-tuning (FSDP2)
 
 FULL = dict(SAME_BATCH, adapter="none", learning_rate=1e-3, gradient_checkpointing=True)

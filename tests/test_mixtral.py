@@ -171,6 +171,7 @@ def test_lora_targets_that_mixtral_lacks_are_refused_by_name():
     (["q_proj", "w3"], {}, "w1 and w3 .* one stacked tensor"),
     (["experts"], {"dropout": 0.1}, "lora_dropout 0.1 .* experts has neither"),
     (["down_proj"], {"use_dora": True}, "use_dora True: LoRA on Mixtral's experts has neither"),
+    (["experts"], {"init": "pissa"}, "lora_init pissa: not for LoRA on Mixtral's experts"),
 ])
 def test_expert_lora_that_peft_cannot_hold_is_refused(targets, spec_kw, message):
     from mistral_tune.lora import LoraSpec, apply_lora

@@ -365,6 +365,16 @@ class Config(_Strict):
         description="DoRA: a trained magnitude per output row rescales each adapted weight (Liu et al., 2024). "
         "PEFT loads it; vLLM does not, so merge it for vLLM.",
     )
+    lora_init: str = Field(
+        "kaiming",
+        pattern=r"^(kaiming|olora|pissa(_niter_[1-9][0-9]*)?)$",
+        description="How adapters start. kaiming: A Kaiming-uniform, B zero (PEFT's init_lora_weights: true). "
+        "pissa: A, B from each base weight's top lora_r singular values and vectors (Meng et al., 2024; "
+        "pissa_niter_N: by N iterations of randomized SVD, much faster on large weights); olora: from its QR "
+        "factors (Büyükakyüz, 2024). These take B A out of the base weight, so training starts at the base "
+        "model, and save the adapter for the original base at twice the rank (as PEFT converts it). Not with "
+        "adapter: qlora or none, base_precision: fp8, or on Mixtral's experts.",
+    )
     loraplus_lr_ratio: float | None = Field(
         None,
         gt=0,
@@ -560,6 +570,10 @@ class Config(_Strict):
             if lora_only:
                 raise ValueError(f"{', '.join(lora_only)}: for adapter lora or qlora; with adapter: none every "
                                  "weight trains at learning_rate")
+        if self.lora_init != "kaiming" and (self.adapter != "lora" or self.base_precision != "bf16"):
+            raise ValueError(f"lora_init: {self.lora_init} needs adapter: lora with base_precision: bf16 (it takes "
+                             "the initial adapter out of the base weights; an NF4 or FP8 base would have to be "
+                             f"quantized again), not adapter: {self.adapter}, base_precision: {self.base_precision}")
         if self.base_precision == "fp8" and self.adapter != "lora":
             raise ValueError(f"base_precision: fp8 is for adapter: lora (a frozen base), not adapter: {self.adapter}")
         names = self.new_special_tokens

@@ -33,7 +33,15 @@ from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, s
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError, TrainingHalted
 from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
-from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
+from ..lora import (
+    WHOLE_MODULES,
+    LoraSpec,
+    apply_lora,
+    lora_init_tensors,
+    restore_lora_init,
+    save_adapter,
+    save_lora_init,
+)
 from ..models.families import EXPERT_TARGETS, family_of
 from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
@@ -414,13 +422,17 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         new_ids = sorted(tokenizer.added[n] for n in cfg.new_special_tokens)
         rows = {m: new_ids for m in WHOLE_MODULES if new_ids and m not in cfg.lora_modules_to_save}
         spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules), cfg.use_rslora,
-                        cfg.use_dora, list(cfg.lora_modules_to_save), rows)
-        apply_lora(model, spec, seed=cfg.seed)
+                        cfg.use_dora, list(cfg.lora_modules_to_save), rows, cfg.lora_init)
+        began = time.perf_counter()
+        wrapped = apply_lora(model, spec, seed=cfg.seed)  # PiSSA / OLoRA change the base weights here, before compiling
+        if spec.init != "kaiming":
+            echo(f"lora_init {spec.init}: {len(wrapped)} adapters start from their base weights, which now hold "
+                 f"the residual ({time.perf_counter() - began:.1f} s)")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     for p in params:  # trainable weights stay float32 even when the frozen base is bf16
         p.data = p.data.float()
-    rt.broadcast_parameters(params)  # the replicas start equal
+    rt.broadcast_parameters(params + lora_init_tensors(model))  # the replicas start equal
     rt.track_gradients(named)
     if rt.rank:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout draws its own masks on each process
@@ -471,6 +483,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     resume_from = _resume_checkpoint(cfg, ckpts, fingerprint, force, rt, echo) if cfg.resume else None
     if resume_from is not None:
         resume_from.load_weights(named)
+        if spec is not None and spec.init != "kaiming":  # the residual base weights the checkpoint trained on
+            restore_lora_init(model, resume_from.path)
         resume_from.load_optimizer(optimizer, named)
         stream.load_state_dict(resume_from.state["data"], resume_from.path / "state.json")
         guard.load_state_dict(resume_from.state["guard"])
@@ -534,7 +548,10 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         write_adapter = None
         if spec is not None:
             base = str(model_dir.resolve()) if model_dir.exists() else cfg.base_model
-            write_adapter = lambda d: save_adapter(model, spec, d, base_model=base)
+
+            def write_adapter(d: Path) -> None:
+                save_adapter(model, spec, d, base_model=base)
+                save_lora_init(model, d)  # PiSSA / OLoRA: the starting factors, for resume
         shards = None
         if rt.sharded:  # every process writes its shards into the directory rank 0 then completes
             shards = Path(rt.on_main(lambda: str(ckpts.begin(step))))

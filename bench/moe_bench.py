@@ -42,6 +42,7 @@ FULL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hid
 SMOKE = dict(FULL, vocab_size=1000, hidden_size=64, intermediate_size=48, num_attention_heads=4,
              num_key_value_heads=2, num_local_experts=4)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PROFILE_DIR: Path | None = None  # --profile: each case's profile is written there
 
 
 def _built(make, dtype: torch.dtype, device):
@@ -147,6 +148,16 @@ def _run_case(name: str, build, x, labels, reps: int, device, autocast: bool) ->
     _sync(device)
     ms = (time.perf_counter() - start) / reps * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    if PROFILE_DIR is not None:  # one more step under the profiler: where the step's time goes
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            _step(model, x, labels, peft, autocast)
+            _sync(device)
+        key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        slug = "".join(c if c.isalnum() else "_" for c in name)
+        (PROFILE_DIR / f"moe_profile_{slug}.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=30))
     del model
     return {"case": name, "step_ms": round(ms, 2), "tokens_per_s": round(x.numel() / ms * 1e3),
             "peak_gib": None if peak is None else round(peak, 2), "first_loss": first}
@@ -161,8 +172,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--qlora", action="store_true", help="NF4 base on both sides (see above)")
     parser.add_argument("--trainer-path", action="store_true", help="our side compiled, causal kernel, fused loss")
+    parser.add_argument("--profile", action="store_true", help="profile one more step of each case into $OUT")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        global PROFILE_DIR
+        PROFILE_DIR = out
     batch, seq, reps = (2, 32, 1) if args.smoke else (args.batch, args.seq, args.reps)
     cfg = MistralConfig(**(SMOKE if args.smoke else FULL))
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -212,8 +229,6 @@ def main() -> None:
             r["speedup_vs_peft"] = round(ref["step_ms"] / r["step_ms"], 2)
             r["first_loss_rel_diff_vs_peft"] = abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
 
-    out = Path(os.environ.get("OUT", "out"))
-    out.mkdir(parents=True, exist_ok=True)
     shape = (f"{'QLoRA, ' if args.qlora else ''}{'our trainer path, ' if args.trainer_path else ''}"
              f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_local_experts} experts x "
              f"{cfg.intermediate_size}, top-{cfg.num_experts_per_tok}, LoRA r={args.rank}, {batch}x{seq} tokens")

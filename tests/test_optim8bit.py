@@ -32,7 +32,7 @@ def _losses(out) -> list[float]:
 def test_8bit_states_follow_float32_adamw(assets, tmp_path, adapter):
     """8 steps (3 of warm-up, then cosine decay; weight decay on matrices): each step's loss is within
     2% of the loss drop of float32 AdamW's, yet not equal to it, and the checkpointed moments of every
-    matrix are 8-bit with a float32 scale per block of 256."""
+    matrix but the input embedding are 8-bit with a float32 scale per block of 256."""
     model, data = assets
     runs = {}
     for optimizer in ("adamw", "adamw_8bit"):
@@ -47,9 +47,10 @@ def test_8bit_states_follow_float32_adamw(assets, tmp_path, adapter):
     assert ref != eight  # the 8-bit optimizer really ran
     state = tensors(runs["adamw_8bit"] / "checkpoint-8" / "optimizer.safetensors")
     weights = tensors(runs["adamw_8bit"] / "checkpoint-8" / "trainable.safetensors")
-    eight_bit = {n for n, w in weights.items() if w.numel() >= 4096}
-    # smaller: the norms, k_proj and v_proj (64 x 32) and their lora_B (32 x 64)
-    assert len(eight_bit) == {"none": 7, "lora": 12}[adapter]
+    # float32: the norms, k_proj and v_proj (64 x 32) and their lora_B (32 x 64), under 4,096 values; the
+    # input embedding, as transformers' Trainer keeps it for adamw_bnb_8bit
+    eight_bit = {n for n, w in weights.items() if w.numel() >= 4096 and not n.endswith("embed_tokens.weight")}
+    assert len(eight_bit) == {"none": 6, "lora": 12}[adapter]
     for name, w in weights.items():
         if name not in eight_bit:
             assert state[f"{name}::state1"].dtype == torch.float32

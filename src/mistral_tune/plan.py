@@ -48,7 +48,8 @@ ALLOCATOR_SLACK = 0.05  # the caching allocator's fragmentation, as a share of t
 LOSS_CHUNK = 2048  # tokens per chunk of the fused loss (kernels/loss.py's default)
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + a uint8 scale per 64 + a float32 per 256 scales
 # AdamW's two moments per trained parameter: float32, or bitsandbytes' 8 bits with a float32 scale per
-# block of 256 values (it keeps float32 for tensors under 4,096 values: norms, which this ignores)
+# block of 256 values (float32 for the input embedding, and for tensors under 4,096 values: norms, which
+# this ignores; train/optim.py make_optimizer)
 STATE_BYTES = {"adamw": 8, "adamw_8bit": 2 * (1 + 4 / 256)}
 # Bytes the optimizer step reads and writes per trained parameter: the weight and gradient read, the
 # weight written (12), the moments read and written. Fitted for fused AdamW (28) only.
@@ -180,6 +181,7 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
     if s.adapter == "none":
         weights = 4 * sz["total"] + (2 * L * sz["layer"] if s.bf16 else 0)  # float32 + autocast's bf16 copies
         trained = (4 + STATE_BYTES[s.optimizer]) * n_train  # gradients and states; the weights are counted above
+        trained += (STATE_BYTES["adamw"] - STATE_BYTES[s.optimizer]) * sz["embed"]  # its moments: float32
     else:
         quant = sum(sz["per"][k] for k in s.targets) * L if s.adapter == "qlora" else 0
         # FP8: every projection that is a plain linear layer (all seven; Mixtral's experts stay bf16)

@@ -40,8 +40,9 @@ def make_optimizer(named: dict[str, torch.nn.Parameter], cfg, device: torch.devi
     ratio, as PEFT's create_loraplus_optimizer does; everything else 1.
 
     `optimizer: adamw_8bit` is bitsandbytes' AdamW8bit (what transformers' Trainer runs for
-    optim="adamw_bnb_8bit"): both moments in 8 bits with a float32 scale per block of 256 values;
-    tensors under 4,096 values keep float32 moments, as bitsandbytes decides."""
+    optim="adamw_bnb_8bit"): both moments in 8 bits with a float32 scale per block of 256 values.
+    Float32 moments stay on tensors under 4,096 values (bitsandbytes' rule) and, as the Trainer
+    keeps them, on the input embedding, whose rarely seen rows 8-bit moments update unstably."""
     ratio = cfg.loraplus_lr_ratio or 1.0
     groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, p in named.items():
@@ -56,7 +57,11 @@ def make_optimizer(named: dict[str, torch.nn.Parameter], cfg, device: torch.devi
         except ImportError:
             raise ConfigError("optimizer: adamw_8bit needs bitsandbytes; install it with: "
                               "pip install 'mistral-tune[qlora]'") from None
-        return AdamW8bit(param_groups, **options)
+        optimizer = AdamW8bit(param_groups, **options)
+        for name, p in named.items():  # the state bitsandbytes' first step makes for float32 moments
+            if name.endswith("embed_tokens.weight"):
+                optimizer.state[p].update(step=0, state1=torch.zeros_like(p), state2=torch.zeros_like(p))
+        return optimizer
     return torch.optim.AdamW(param_groups, **options, fused=device.type == "cuda")
 
 

@@ -109,3 +109,16 @@ def test_8bit_update_does_not_take_sharded_weights(tmp_path):
             optimizer.step()
     finally:
         dist.destroy_process_group()
+
+
+def test_without_bitsandbytes_the_error_names_the_extra(monkeypatch):
+    import sys
+
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.errors import ConfigError
+    from mistral_tune.train.optim import make_optimizer
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)  # as if it were not installed
+    cfg = config_from_dict({"base_model": "tiny", "datasets": [{"path": "d.jsonl"}], "optimizer": "adamw_8bit"})
+    with pytest.raises(ConfigError, match=r"optimizer: adamw_8bit needs bitsandbytes.*mistral-tune\[qlora\]"):
+        make_optimizer({"w": torch.nn.Parameter(torch.zeros(2, 2))}, cfg, torch.device("cpu"))

@@ -71,14 +71,16 @@ def _peak_gib() -> float:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0.0
 
 
-def _time_steps(model, params, rt, batches, steps: int, warm: int) -> dict:
+def _time_steps(model, params, rt, batches, steps: int, warm: int, opt=None) -> dict:
     """compute_s: forward + backward (with overlap, the gradient all-reduces sent from inside it);
-    sync_ms: what is left after it (the agreement, the last buckets, waiting for the sums)."""
+    sync_ms: what is left after it (the agreement, the last buckets, waiting for the sums). `opt`:
+    the optimizer to step (default fused AdamW)."""
     import torch
 
     from mistral_tune.train.loop import accumulate_gradients
 
-    opt = torch.optim.AdamW(params, lr=2e-5, fused=torch.cuda.is_available())
+    if opt is None:
+        opt = torch.optim.AdamW(params, lr=2e-5, fused=torch.cuda.is_available())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     times, comm, compute = [], [], []

@@ -257,6 +257,11 @@ def test_what_sharding_does_not_support_is_refused_up_front(assets, tmp_path):
                                          eval={"early_stopping_patience": 2}))
     with pytest.raises(ConfigError, match="eval: evaluations during training .* with distributed: fsdp are not"):
         check_distributed_config(evals, 2)
+    # bitsandbytes' 8-bit update takes plain tensors only (test_optim8bit checks that it fails on DTensor)
+    eight = full.model_copy(update={"auto_micro_batch": False, "optimizer": "adamw_8bit"})
+    with pytest.raises(ConfigError, match="optimizer: adamw_8bit with distributed: fsdp is not supported"):
+        check_distributed_config(eight, 2)
+    check_distributed_config(eight.model_copy(update={"distributed": "ddp"}), 2)
 
 
 # ---------------------------------------------------------------------- agreeing, failing, restarting

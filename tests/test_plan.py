@@ -240,3 +240,38 @@ def test_planned_base_weights_are_the_bytes_the_loaded_model_holds(fp8) -> None:
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     batch = [MicroBatch(rows=1, length=16, real=16, trained=8, pairs=136.0)]
     assert predict(cfg, Setup(fp8=fp8, lora_r=1, targets=("q_proj",)), batch, None).weights_gib * GIB == held
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_planned_optimizer_state_is_the_bytes_the_optimizer_holds(optimizer, adapter) -> None:
+    """After one step, the gradients and optimizer states (bitsandbytes' 8-bit moments with their block
+    scales for adamw_8bit) are the bytes plan counts as trained, less the weights for full fine-tuning."""
+    if optimizer == "adamw_8bit":
+        pytest.importorskip("bitsandbytes")
+    from mistral_tune.config import config_from_dict
+    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
+    from mistral_tune.plan import GIB, MicroBatch, Setup, predict
+    from mistral_tune.train.optim import make_optimizer
+
+    # every trained tensor of 4,096 values or more and a multiple of 256: bitsandbytes quantizes each
+    cfg = MistralConfig(vocab_size=256, hidden_size=4096, intermediate_size=256, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = MistralForCausalLM(cfg)
+    if adapter == "lora":
+        apply_lora(model, LoraSpec(r=16, alpha=16, target_modules=["down_proj"]))  # A 16 x 256, B 4096 x 16
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optim = make_optimizer(named, config_from_dict({"base_model": "tiny", "datasets": [{"path": "d.jsonl"}],
+                                                    "optimizer": optimizer}), torch.device("cpu"))
+    model(torch.tensor([[1, 2, 3]])).float().sum().backward()
+    optim.step()
+    held = sum(p.grad.numel() * p.grad.element_size() for p in named.values())
+    held += sum(t.numel() * t.element_size() for state in optim.state.values() for k, t in state.items()
+                if isinstance(t, torch.Tensor) and t.ndim and not k.startswith("qmap"))  # maps: 2 KiB, shared
+    if adapter == "lora":
+        held += sum(p.numel() * p.element_size() for p in named.values())
+    batch = [MicroBatch(rows=1, length=16, real=16, trained=8, pairs=136.0)]
+    setup = Setup(adapter=adapter, lora_r=16, targets=("down_proj",), optimizer=optimizer)
+    planned = predict(cfg, setup, batch, None).trained_gib * GIB
+    assert planned == pytest.approx(held, rel=1e-12)

@@ -399,6 +399,12 @@ class Config(_Strict):
         "input embeddings of each row (Jain et al., 2023; 5 is usual); null: off.",
     )
     # optimisation
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw",
+        description="adamw: torch's AdamW (fused on a GPU), float32 moments, 8 bytes a trained parameter; "
+        "adamw_8bit: bitsandbytes' AdamW8bit, moments in 8 bits with a scale per block of 256, about 2 bytes "
+        "(not with distributed: fsdp).",
+    )
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices (not on norms or biases).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")

@@ -5,7 +5,8 @@ The model follows how training allocates (train/loop.py, models/, kernels/):
 - weights: bf16 base under LoRA; NF4 (4 bits + double-quantized block scales, bitsandbytes'
   blocksize 64 over 256-block groups) for QLoRA's target projections, plus a few bf16 copies of a
   projection dequantized at a time; float32 for full fine-tuning (adapter: none), with its bf16
-  autocast copies. Trained parameters are float32 with float32 gradients and two AdamW states.
+  autocast copies. Trained parameters are float32 with float32 gradients and two AdamW states:
+  float32, or (optimizer: adamw_8bit) a byte each with a float32 scale per block of 256.
 - activations, per token per layer, counted from the decoder layer's saved tensors: the two norm
   inputs and outputs (4 x hidden), q and the attention output (2 x heads x head_dim), k and v
   (2 x KV heads x head_dim), and gate, up and their product (3 x MLP width; top-k experts for MoE).
@@ -46,8 +47,13 @@ ALLOCATOR_SLACK = 0.05  # the caching allocator's fragmentation, as a share of t
 
 LOSS_CHUNK = 2048  # tokens per chunk of the fused loss (kernels/loss.py's default)
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + a uint8 scale per 64 + a float32 per 256 scales
-ADAMW_BYTES = 16  # float32 weight, gradient and two states per trained parameter
-OPTIMIZER_TRAFFIC = 28  # bytes read and written per trained parameter by the fused AdamW step
+# AdamW's two moments per trained parameter: float32, or bitsandbytes' 8 bits with a float32 scale per
+# block of 256 values (float32 for the input embedding, and for tensors under 4,096 values: norms, which
+# this ignores; train/optim.py make_optimizer)
+STATE_BYTES = {"adamw": 8, "adamw_8bit": 2 * (1 + 4 / 256)}
+# Bytes the optimizer step reads and writes per trained parameter: the weight and gradient read, the
+# weight written (12), the moments read and written. Fitted for fused AdamW (28) only.
+STEP_TRAFFIC = 12
 
 
 @dataclass(frozen=True)
@@ -97,13 +103,16 @@ class Setup:
     fast: bool = True
     bf16: bool = True
     fp8: bool = False  # base_precision: fp8 (the dense projections held in e4m3 with a float32 scale a row)
+    optimizer: str = "adamw"  # adamw | adamw_8bit: the bytes of its states (STATE_BYTES)
     micro_batch_size: int = 1
     accumulation: int = 1
 
     def label(self) -> str:
         mode = (("gradient_checkpointing + offload_activations" if self.offload else "gradient_checkpointing")
                 if self.checkpointing else "no checkpointing")
-        return f"{self.adapter}, {mode}, micro_batch_size {self.micro_batch_size} x {self.accumulation} accumulation"
+        optimizer = "" if self.optimizer == "adamw" else f", optimizer {self.optimizer}"
+        return (f"{self.adapter}, {mode}{optimizer}, micro_batch_size {self.micro_batch_size} x {self.accumulation} "
+                "accumulation")
 
 
 @dataclass
@@ -119,7 +128,7 @@ class MicroBatch:
 class Prediction:
     setup: Setup
     weights_gib: float
-    trained_gib: float  # trained parameters with their gradients and AdamW states
+    trained_gib: float  # trained parameters with their gradients and optimizer states
     activations_gib: float
     peak_gib: float  # as torch.cuda.max_memory_allocated counts it
     tokens_per_s: float | None  # real tokens; None when not predicted (float32)
@@ -171,7 +180,8 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
     active_mlp = m.num_experts_per_tok if m.moe else 1
     if s.adapter == "none":
         weights = 4 * sz["total"] + (2 * L * sz["layer"] if s.bf16 else 0)  # float32 + autocast's bf16 copies
-        trained = (ADAMW_BYTES - 4) * n_train  # the float32 weights are counted above
+        trained = (4 + STATE_BYTES[s.optimizer]) * n_train  # gradients and states; the weights are counted above
+        trained += (STATE_BYTES["adamw"] - STATE_BYTES[s.optimizer]) * sz["embed"]  # its moments: float32
     else:
         quant = sum(sz["per"][k] for k in s.targets) * L if s.adapter == "qlora" else 0
         # FP8: every projection that is a plain linear layer (all seven; Mixtral's experts stay bf16)
@@ -181,7 +191,7 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
             sz["proj"][k][1] for k in fp8)
         if quant:
             weights += QLORA_DEQUANT_BUFFERS * 2 * max(a * b for k, (a, b) in sz["proj"].items() if k in s.targets)
-        trained = ADAMW_BYTES * n_train
+        trained = (8 + STATE_BYTES[s.optimizer]) * n_train  # float32 weights and gradients, and the states
     per_layer = act * (4 * d + 2 * m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim
                        + 3 * m.intermediate_size * active_mlp)
     whole = BATCH_HIDDEN_COPIES * act * d
@@ -214,7 +224,7 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
             dequant = NF4_DEQUANT_PASSES * nf4 * (0.5 + 2) / (gpu.bandwidth_tbs * 1e12)
         seconds = sum(((b.rows * b.length) * (base + lora) + b.trained * head + b.pairs * attn_pair) / rate
                       + dequant for b in batches)
-        optimizer = OPTIMIZER_TRAFFIC * n_train / (gpu.bandwidth_tbs * 1e12)
+        optimizer = (STEP_TRAFFIC + 2 * STATE_BYTES[s.optimizer]) * n_train / (gpu.bandwidth_tbs * 1e12)
         steps = max(len(batches) / s.accumulation, 1e-9)
         seconds += optimizer * steps
         real = sum(b.real for b in batches)
@@ -267,7 +277,7 @@ def setup_from_config(cfg, fast: bool = True) -> Setup:
     return Setup(cfg.adapter, cfg.lora_r, tuple(cfg.lora_target_modules), len(cfg.lora_modules_to_save),
                  cfg.gradient_checkpointing, cfg.offload_activations, cfg.offload_activations,
                  fast if cfg.fast_path == "auto" else bool(cfg.fast_path), cfg.bf16 is not False,
-                 cfg.base_precision == "fp8", cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+                 cfg.base_precision == "fp8", cfg.optimizer, cfg.micro_batch_size, cfg.gradient_accumulation_steps)
 
 
 def _duration(seconds: float) -> str:

@@ -515,6 +515,10 @@ def check_distributed_config(cfg, world: int) -> None:
                           "distributed: fsdp are not supported: they run on rank 0 alone, and sharded weights "
                           "take every process to each forward pass; train without them and run `mistral-tune "
                           "eval` on the result")
+    if cfg.optimizer == "adamw_8bit":
+        raise ConfigError("optimizer: adamw_8bit with distributed: fsdp is not supported: bitsandbytes' 8-bit "
+                          "update does not take the sharded (DTensor) weights; use optimizer: adamw, or "
+                          "distributed: ddp where the model fits one device")
     if cfg.auto_micro_batch:
         raise ConfigError("auto_micro_batch with distributed: fsdp is not supported: the sharded weights are "
                           "gathered inside forward and backward, where one process's out-of-memory cannot be "

@@ -76,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[start:start + chunk] = grad @ w
             if grad_w is not None:
-                grad_w += grad.t() @ hc  # accumulates in float32 from the product's dtype, no float32 copy
+                grad_w += grad.t() @ hc  # into float32 from the product's dtype (on a GPU with no float32 copy)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total

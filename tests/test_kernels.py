@@ -149,6 +149,30 @@ def test_fused_loss_gives_the_models_loss_and_grads(make_tiny_mistral, variant):
     _assert_same_loss_and_grads(model, batch, "fused_loss", (False, True))
 
 
+def test_trainable_tokens_of_lm_head_cost_no_copy_of_the_head(make_tiny_mistral):
+    """Two trained rows of a 32k-row head: the fused loss computes their logits from their values
+    and gives them the gradient, so a step holds the loss's chunk and little else; it held a merged
+    copy of the whole head and a float32 gradient of all of it (measured by the CPU allocator)."""
+    from mistral_tune.lora import LoraSpec
+    from mistral_tune.train.optim import token_loss_sum
+
+    vocab, hidden = 32768, 64
+    model = _lora_model(make_tiny_mistral, LoraSpec(r=4, alpha=8, trainable_tokens={"lm_head": [5, 9]}),
+                        vocab_size=vocab)
+    model.fused_loss = True
+    gen = torch.Generator().manual_seed(0)
+    samples = [Sample.from_ids(torch.randint(3, vocab, (n,), generator=gen).tolist(), [True] * n) for n in (60, 40)]
+    batch = collate(samples, [[0], [1]], pad_to=64)
+
+    def step():
+        token_loss_sum(model, batch).backward()
+
+    peak, _ = peak_bytes(step)
+    head = vocab * hidden * 4
+    assert peak < chunk_bytes(batch.n_trained, vocab, product_bytes=4) + head // 2
+    assert model.lm_head.trainable_tokens_delta.grad.abs().sum() > 0
+
+
 @pytest.mark.slow
 def test_dora_layer_compiles_to_one_graph(make_tiny_mistral):
     """The fast path compiles each decoder layer: a DoRA layer traces whole (no graph break) and

@@ -396,10 +396,13 @@ def _train_embeddings(model: nn.Module, spec: LoraSpec) -> None:
         setattr(owner, child, TrainableTokens(module, ids))
 
 
-def output_weight(model: nn.Module) -> torch.Tensor:
-    """The lm_head weight the model applies (its trained rows in, with trainable tokens)."""
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """What lm_head applies: its weight, and with trainable tokens the trained rows' indices and
+    values, which replace those rows (kept apart: merging them copies the whole weight)."""
     head = model.lm_head
-    return head.merged_weight() if isinstance(head, TrainableTokens) else head.weight
+    if isinstance(head, TrainableTokens) and not head.disabled:
+        return head.weight, head.token_indices, head.trainable_tokens_delta
+    return head.weight, None, None
 
 
 def adapter_state(model: nn.Module, spec: LoraSpec) -> dict[str, torch.Tensor]:

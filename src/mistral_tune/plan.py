@@ -12,7 +12,9 @@ The model follows how training allocates (train/loop.py, models/, kernels/):
   (2 x KV heads x head_dim), and gate, up and their product (3 x MLP width; top-k experts for MoE).
   Without checkpointing every layer keeps them; with it a layer keeps its input (or, offloaded,
   nothing on the GPU) and the backward of one layer (one row at a time when offloaded) holds
-  BACKWARD_PEAK_LAYERS layers' worth. The fused loss holds one chunk of 2,048 tokens' float32 logits.
+  BACKWARD_PEAK_LAYERS layers' worth. The fused loss holds one chunk of logits (kernels/loss.py
+  chunk_bytes: 2,048 x 32,768 logits whatever the vocabulary, 6 bytes each with a bf16 product:
+  the float32 logits and the product), measured exact on the CPU allocator (tests/test_kernels.py).
 - time: matrix FLOPs per token (4N with a frozen base, 6N full; + the re-run's forward less the down
   projection, which the re-run skips, when checkpointed), LoRA's 6 x its parameters, lm_head on
   trained tokens only, attention 4 x heads x head_dim per (query, key) pair a layer, x3 for forward +
@@ -31,6 +33,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .errors import ConfigError
+from .kernels.loss import chunk_bytes
 from .models.families import EXPERT_TARGETS
 
 GIB = 1024**3
@@ -45,7 +48,6 @@ QLORA_DEQUANT_BUFFERS = 3  # bf16 copies of the largest NF4 projection alive at 
 CUDA_CONTEXT_GIB = 0.75  # CUDA context and kernels
 ALLOCATOR_SLACK = 0.05  # the caching allocator's fragmentation, as a share of the peak
 
-LOSS_CHUNK = 2048  # tokens per chunk of the fused loss (kernels/loss.py's default)
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + a uint8 scale per 64 + a float32 per 256 scales
 # AdamW's two moments per trained parameter: float32, or bitsandbytes' 8 bits with a float32 scale per
 # block of 256 values (float32 for the input embedding, and for tensors under 4,096 values: norms, which
@@ -199,7 +201,7 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
     for b in batches:
         tokens = b.rows * b.length
         unit = b.length if s.by_row else tokens  # tokens whose layer backward runs at once
-        loss = 4 * m.vocab_size * (min(LOSS_CHUNK, b.trained) if s.fast else 2 * b.trained)
+        loss = chunk_bytes(b.trained, m.vocab_size, product_bytes=act) if s.fast else 8 * m.vocab_size * b.trained
         if not s.checkpointing:
             need = tokens * (L * per_layer + whole) + loss
         else:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..data.pack import IGNORE
 from ..errors import ConfigError
 from ..kernels.loss import linear_cross_entropy_sum
-from ..lora import output_weight
+from ..lora import output_head
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -78,6 +78,7 @@ def token_loss_sum(model, batch) -> torch.Tensor:
     if targets.numel() == 0:
         return hidden.sum() * 0.0
     if getattr(model, "fused_loss", False):
-        return linear_cross_entropy_sum(h, output_weight(model), targets)
+        weight, rows, values = output_head(model)
+        return linear_cross_entropy_sum(h, weight, targets, rows=rows, row_values=values)
     logits = model.lm_head(h).float()
     return F.cross_entropy(logits, targets, reduction="sum")

@@ -82,6 +82,7 @@ def main() -> None:
                "metrics": result.flat()}
         report["runs"].append(run)
         rows.append(run)
+        print(json.dumps({k: v for k, v in run.items() if k != "metrics"}), flush=True)
     ncfg = NeedleConfig.model_validate({} if not args.smoke else {"lengths": [64, 128], "key_digits": 2})
     needle = NeedleEval(tok, ncfg, sequence_len=args.sequence_len, model_config=model.config)
     prompt_tokens = sum(len(p[3]) for p in needle.probes)

@@ -107,11 +107,12 @@ def _peft(cfg: MistralConfig, state: dict, adapter: Path, device, qlora: bool = 
 def _step(model, x, labels, peft: bool, autocast: bool) -> float:
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         if getattr(model, "fused_loss", False):  # the trainer's path: the summed loss, never the logits
-            from mistral_tune.kernels.loss import linear_cross_entropy_sum
-            from mistral_tune.lora import output_weight
+            from types import SimpleNamespace
 
-            h = model.hidden_states(x).flatten(0, 1)
-            loss = linear_cross_entropy_sum(h, output_weight(model), labels.flatten()) / labels.numel()
+            from mistral_tune.train.optim import token_loss_sum
+
+            batch = SimpleNamespace(input_ids=x, position_ids=None, seq_ids=None, labels=labels)
+            loss = token_loss_sum(model, batch) / labels.numel()
         else:
             logits = model(input_ids=x, use_cache=False).logits if peft else model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())

@@ -27,7 +27,7 @@ from mistral_tune.errors import CheckpointError, ConfigError
 from mistral_tune.quickstart import create_tiny_model
 from mistral_tune.train.checkpoint import CheckpointManager
 from mistral_tune.train.loop import RowStream, train
-from mistral_tune.train.runtime import aggregate, check_distributed_config, parse_faults
+from mistral_tune.train.runtime import aggregate, check_distributed_config, parse_faults, resolve_reshard
 
 TESTS = Path(__file__).resolve().parent
 
@@ -599,7 +599,8 @@ def test_evaluations_during_sharded_training_run_on_every_process_and_equal_one_
     one = train(config_from_dict(base_config(model, data, tmp_path / "one", gradient_accumulation_steps=2,
                                              **settings_)), echo=lambda *_: None)
     stdout, _ = finish(launch, timeout=240)
-    assert "fsdp: decoder layers kept gathered from their forward (fsdp_reshard_after_forward: false" in stdout
+    assert ("fsdp: decoder layers kept gathered from their forward to their backward (fsdp_reshard_after_forward: "
+            "false; the whole model gathered is 16 MiB)") in stdout
     assert one.steps == 4 and "early stopping at step 4: forgetting.ppl has not improved" in stdout
 
     def evaluations(out: Path) -> list[dict]:
@@ -702,3 +703,14 @@ def test_the_reshard_setting_reaches_every_layer_gives_the_same_steps_and_genera
     rank0, rank1 = ranks
     assert rank1["generated"] == expected and len(expected[0]) == len(expected[1]) == 5
     assert rank0["generated"] == [[]] and rank0["eos"] == expected[0][0]
+
+
+def test_auto_keeps_the_layers_gathered_when_the_whole_model_takes_a_quarter_of_the_gpu_at_most():
+    h200 = 143_771_000_832  # bytes, as torch reports an H200's memory
+    keep, why = resolve_reshard("auto", 7_248_000_000 * 2, h200)  # Mistral 7B in bf16: 10%
+    assert not keep and "kept gathered" in why and "13.5 GiB" in why and "10% of the GPU's 134 GiB" in why
+    keep, why = resolve_reshard("auto", 70_000_000_000 * 2, h200)  # a 70B model: 97%
+    assert keep and "more than 25%" in why
+    assert resolve_reshard("auto", h200 // 4, h200)[0] is False and resolve_reshard("auto", h200 // 4 + 1, h200)[0]
+    assert resolve_reshard("auto", 1, None)[0]  # CPU processes: always resharded
+    assert resolve_reshard(False, 10**12, h200)[0] is False and resolve_reshard(True, 1, h200)[0] is True

@@ -329,7 +329,8 @@ class Runtime:
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         gathered = sum(p.numel() for p in model.parameters()) * (self.autocast_dtype or torch.float32).itemsize
-        reshard, self.sharding = resolve_reshard(self.reshard_after_forward, gathered, self.device)
+        memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        reshard, self.sharding = resolve_reshard(self.reshard_after_forward, gathered, memory)
         policy = MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32)
         for layer in model.model.layers:
             fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard)
@@ -364,26 +365,25 @@ class Runtime:
 KEEP_GATHERED_SHARE = 0.25  # fsdp_reshard_after_forward: auto keeps the layers gathered up to this share of the GPU
 
 
-def resolve_reshard(setting: str | bool, gathered_bytes: int, device: torch.device) -> tuple[bool, str]:
-    """(reshard each layer after its forward, the reason in words) for fsdp_reshard_after_forward.
+def resolve_reshard(setting: str | bool, gathered_bytes: int, gpu_bytes: int | None) -> tuple[bool, str]:
+    """(reshard each layer after its forward, the reason in words) for fsdp_reshard_after_forward; gpu_bytes:
+    the GPU's memory, None for a CPU process.
 
     auto keeps the layers gathered from forward to backward when the whole model's gathered (compute
     dtype) weights take at most KEEP_GATHERED_SHARE of the GPU's memory. A quarter leaves the rest to
     what sharding already holds (16 bytes a parameter / N of float32 weights, gradients and AdamW
     state) and to the activations: Mistral 7B's 14.5 GB of bf16 is 10% of an H200 (kept), a 70B
     model's 141 GB is not (resharded). CPU processes (gloo) share the host's memory: there auto reshards."""
-    size = f"{gathered_bytes / 2**30:.1f} GiB"
+    size = f"{gathered_bytes / 2**30:.1f} GiB" if gathered_bytes >= 2**30 else f"{gathered_bytes / 2**20:.0f} MiB"
     if setting != "auto":
-        return bool(setting), (f"decoder layers {'resharded after' if setting else 'kept gathered from'} their "
-                               f"forward (fsdp_reshard_after_forward: {str(setting).lower()}; the whole model "
-                               f"gathered is {size})")
-    if device.type != "cuda":
+        what = "resharded after their forward" if setting else "kept gathered from their forward to their backward"
+        return bool(setting), (f"decoder layers {what} (fsdp_reshard_after_forward: {str(setting).lower()}; the "
+                               f"whole model gathered is {size})")
+    if gpu_bytes is None:
         return True, ("decoder layers resharded after their forward (fsdp_reshard_after_forward: auto; CPU "
                       "processes share the host's memory)")
-    total = torch.cuda.get_device_properties(device).total_memory
-    keep = gathered_bytes <= KEEP_GATHERED_SHARE * total
-    share = f"{100 * gathered_bytes / total:.0f}% of the GPU's {total / 2**30:.0f} GiB"
-    if keep:
+    share = f"{100 * gathered_bytes / gpu_bytes:.0f}% of the GPU's {gpu_bytes / 2**30:.0f} GiB"
+    if gathered_bytes <= KEEP_GATHERED_SHARE * gpu_bytes:
         return False, (f"decoder layers kept gathered from their forward to their backward (fsdp_reshard_after_"
                        f"forward: auto; the whole model gathered is {size}, {share}: one all-gather less per layer)")
     return True, (f"decoder layers resharded after their forward (fsdp_reshard_after_forward: auto; the whole model "

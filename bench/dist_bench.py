@@ -321,7 +321,8 @@ def main() -> None:
     except subprocess.TimeoutExpired as exc:  # keep what the phases that finished printed
         parts = [x.decode() if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr)]
         log, failed = "".join(parts) + f"\nTIMEOUT after {args.timeout} s", True
-    name = f"dist_{args.setting}" + "_smoke" * args.smoke
+    reshard = args.fsdp_reshard_after_forward
+    name = f"dist_{args.setting}" + f"_reshard_{reshard}" * (reshard != "auto") + "_smoke" * args.smoke
     (out / f"{name}.log").write_text(log)
     results = [json.loads(ln[7:]) for ln in log.splitlines() if ln.startswith("RESULT ")]
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))

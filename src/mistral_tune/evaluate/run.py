@@ -198,7 +198,6 @@ class TrainingEvals:
     def record(self, step: int, metrics: dict[str, float], heldout_loss: float | None, log) -> dict:
         """Log the metrics measured at `step` and judge them: {"best": they are the best so far (keep_best
         comes next), "stop": why to stop when early stopping says so, else None}."""
-        metrics = dict(metrics)
         if heldout_loss is not None:
             metrics["loss"] = heldout_loss
         self.last_step = step

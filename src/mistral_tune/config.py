@@ -524,6 +524,13 @@ class Config(_Strict):
         "fsdp shards weights, gradients and optimizer state (FSDP2; full fine-tuning only); auto: fsdp for "
         "adapter: none, ddp for adapters.",
     )
+    fsdp_reshard_after_forward: Literal["auto"] | bool = Field(
+        "auto",
+        description="fsdp: free each decoder layer's gathered weights after its forward and gather them again "
+        "for its backward (true), or keep them until the backward (false: one all-gather less per layer, the "
+        "whole model's compute-dtype weights held during the step); auto: keep them when those weights take at "
+        "most a quarter of the GPU's memory (always true on CPU processes, which share the host's memory).",
+    )
     overlap_gradient_sync: bool = Field(
         True,
         description="ddp with gradient_aggregation: mean: send each bucket of gradients while the step's last "

@@ -12,8 +12,8 @@ A chunk holds LOGITS_PER_CHUNK logits whatever the vocabulary (2,048 tokens of M
 512 of Nemo's 131,072), in two buffers made once and reused by every chunk: the float32 logits,
 turned in place into the softmax's gradient, and, where the product is computed in a lower
 precision (bf16 autocast), the product and then the gradient in that precision. Nothing else of
-the chunk's size is allocated: `chunk_bytes` is the loss's peak beyond its inputs and the hidden
-state's gradient (plan.py counts it).
+the chunk's size is allocated: with a frozen head, `chunk_bytes` is the loss's peak beyond its
+inputs and the hidden state's gradient (plan.py counts it).
 """
 
 from __future__ import annotations

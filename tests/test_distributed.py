@@ -37,7 +37,18 @@ def torchrun(n: int, *args: str, restarts: int = 0, env: dict | None = None) -> 
     full_env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{TESTS}", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            f"--max-restarts={restarts}", "--monitor-interval=0.2", *args]
-    return subprocess.Popen(cmd, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A session of its own: a test that gives up on it kills the launcher and every worker (kill_all).
+    return subprocess.Popen(cmd, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """The launcher and its workers, so that a hung run leaves no process behind."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
 
 
 def train_cli(n: int, config: Path, *overrides: str, restarts: int = 0) -> subprocess.Popen:
@@ -45,7 +56,11 @@ def train_cli(n: int, config: Path, *overrides: str, restarts: int = 0) -> subpr
 
 
 def finish(proc: subprocess.Popen, expect_rc: int = 0, timeout: float = 300) -> tuple[str, str]:
-    stdout, stderr = proc.communicate(timeout=timeout)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        raise
     assert proc.returncode == expect_rc, f"rc {proc.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
     return stdout, stderr
 
@@ -286,7 +301,7 @@ def two_process_reference(assets, tmp_path_factory):
 
     yield finished
     if proc.poll() is None:
-        proc.kill()
+        kill_all(proc)
         proc.communicate()
 
 

@@ -240,3 +240,26 @@ def test_planned_base_weights_are_the_bytes_the_loaded_model_holds(fp8) -> None:
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     batch = [MicroBatch(rows=1, length=16, real=16, trained=8, pairs=136.0)]
     assert predict(cfg, Setup(fp8=fp8, lora_r=1, targets=("q_proj",)), batch, None).weights_gib * GIB == held
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_planned_qlora_base_is_the_bytes_the_quantized_model_holds(moe) -> None:
+    """QLoRA's NF4 matrices as bitsandbytes stores them (codes, block scales, their scales, code book and
+    offset); on Mixtral the experts quantized one matrix per expert. plan failed on Mixtral's expert
+    targets (a KeyError) and approximated the per-matrix constants."""
+    pytest.importorskip("bitsandbytes")
+    from mistral_tune.models.families import MISTRAL, MIXTRAL
+    from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
+    from mistral_tune.models.quant import quantize_model
+    from mistral_tune.plan import Setup, base_bytes
+
+    moe_keys = dict(num_local_experts=4, num_experts_per_tok=2, architecture="MixtralForCausalLM") if moe else {}
+    cfg = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, **moe_keys)
+    families = [MIXTRAL.default_targets, ("q_proj", "w2"), ("experts", "gate_proj")] if moe else [
+        MISTRAL.default_targets, ("q_proj", "down_proj")]
+    for targets in families:
+        model = MistralForCausalLM(cfg).to(torch.bfloat16)
+        assert quantize_model(model, list(targets), "cpu")
+        held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        assert base_bytes(cfg, Setup(adapter="qlora", targets=tuple(targets))) == held, targets

@@ -3,9 +3,10 @@ is loaded (config.json, the tokenizer and the data's token counts only), and set
 
 The model follows how training allocates (train/loop.py, models/, kernels/):
 - weights: bf16 base under LoRA; NF4 (4 bits + double-quantized block scales, bitsandbytes'
-  blocksize 64 over 256-block groups) for QLoRA's target projections, plus a few bf16 copies of a
-  projection dequantized at a time; float32 for full fine-tuning (adapter: none), with its bf16
-  autocast copies. Trained parameters are float32 with float32 gradients and two AdamW states.
+  blocksize 64 over 256-block groups) for QLoRA's target projections (Mixtral's targeted stacked
+  expert weights one matrix per expert), plus a few bf16 copies of a matrix dequantized at a time;
+  float32 for full fine-tuning (adapter: none), with its bf16 autocast copies. Trained parameters
+  are float32 with float32 gradients and two AdamW states.
 - activations, per token per layer, counted from the decoder layer's saved tensors: the two norm
   inputs and outputs (4 x hidden), q and the attention output (2 x heads x head_dim), k and v
   (2 x KV heads x head_dim), and gate, up and their product (3 x MLP width; top-k experts for MoE).
@@ -31,6 +32,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .models.families import EXPERT_TARGETS
+from .models.quant import BLOCKSIZE as NF4_BLOCK
 
 GIB = 1024**3
 
@@ -45,7 +47,6 @@ CUDA_CONTEXT_GIB = 0.75  # CUDA context and kernels
 ALLOCATOR_SLACK = 0.05  # the caching allocator's fragmentation, as a share of the peak
 
 LOSS_CHUNK = 2048  # tokens per chunk of the fused loss (kernels/loss.py's default)
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + a uint8 scale per 64 + a float32 per 256 scales
 ADAMW_BYTES = 16  # float32 weight, gradient and two states per trained parameter
 OPTIMIZER_TRAFFIC = 28  # bytes read and written per trained parameter by the fused AdamW step
 
@@ -163,6 +164,46 @@ def trained_params(m, s: Setup) -> int:
     return m.num_hidden_layers * lora + s.whole_modules * sz["embed"]
 
 
+def nf4_matrices(m, targets) -> dict[int, int]:
+    """The matrices QLoRA quantizes for these target names (models/quant.py): {weights in one: how many}.
+    A dense model's named projections are a matrix a layer; on Mixtral the attention's are, and an expert
+    target names a stacked expert weight, quantized one matrix per expert (its feed-forward has no
+    gate_proj or up_proj)."""
+    sz, out = _sizes(m), {}
+    names = [k for k in targets if k in sz["proj"] and not (m.moe and k in sz["mlp"])]
+    sizes = [sz["proj"][k][0] * sz["proj"][k][1] for k in names]
+    counts = [m.num_hidden_layers] * len(names)
+    if m.moe:
+        stacked = {"gate_up_proj": 2 * m.hidden_size * m.intermediate_size,
+                   "down_proj": m.hidden_size * m.intermediate_size}
+        for p in sorted({p for k in targets for p in EXPERT_TARGETS.get(k, ())}):
+            sizes.append(stacked[p])
+            counts.append(m.num_hidden_layers * m.num_local_experts)
+    for n, c in zip(sizes, counts):
+        out[n] = out.get(n, 0) + c
+    return out
+
+
+def nf4_bytes(n: int) -> int:
+    """What bitsandbytes keeps for one NF4 matrix of n weights: the 4-bit codes, a uint8 scale per block
+    of 64, a float32 per 256 of those scales, their 256-entry float32 code book and a float32 offset."""
+    blocks = -(-n // NF4_BLOCK)
+    return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4 * 256 + 4
+
+
+def base_bytes(m, s: Setup, act: int = 2) -> float:
+    """The frozen base under LoRA or QLoRA as the loader holds it: `act`-byte weights (bf16), NF4 for
+    QLoRA's targets, one byte a weight and a float32 scale a row for the FP8 projections."""
+    sz, L = _sizes(m), m.num_hidden_layers
+    quantized = nf4_matrices(m, s.targets) if s.adapter == "qlora" else {}
+    # FP8: every projection that is a plain linear layer (all seven; Mixtral's experts stay bf16)
+    fp8 = [k for k in sz["proj"] if s.fp8 and not (m.moe and k in sz["mlp"])]
+    codes = L * sum(sz["per"][k] for k in fp8)
+    plain = sz["total"] - sum(n * c for n, c in quantized.items()) - codes
+    return (act * plain + sum(nf4_bytes(n) * c for n, c in quantized.items()) + codes
+            + 4 * L * sum(sz["proj"][k][1] for k in fp8))
+
+
 def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Prediction:
     """Peak memory and speed of training model shape `m` as `s` says on these micro-batches."""
     sz, L, d = _sizes(m), m.num_hidden_layers, m.hidden_size
@@ -173,14 +214,10 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
         weights = 4 * sz["total"] + (2 * L * sz["layer"] if s.bf16 else 0)  # float32 + autocast's bf16 copies
         trained = (ADAMW_BYTES - 4) * n_train  # the float32 weights are counted above
     else:
-        quant = sum(sz["per"][k] for k in s.targets) * L if s.adapter == "qlora" else 0
-        # FP8: every projection that is a plain linear layer (all seven; Mixtral's experts stay bf16)
-        fp8 = [k for k in sz["proj"] if s.fp8 and not (m.moe and k in sz["mlp"])]
-        codes = L * sum(sz["per"][k] for k in fp8)
-        weights = act * (sz["total"] - quant - codes) + NF4_BYTES * quant + codes + 4 * L * sum(
-            sz["proj"][k][1] for k in fp8)
-        if quant:
-            weights += QLORA_DEQUANT_BUFFERS * 2 * max(a * b for k, (a, b) in sz["proj"].items() if k in s.targets)
+        weights = base_bytes(m, s, act)
+        quantized = nf4_matrices(m, s.targets)
+        if s.adapter == "qlora" and quantized:
+            weights += QLORA_DEQUANT_BUFFERS * 2 * max(quantized)
         trained = ADAMW_BYTES * n_train
     per_layer = act * (4 * d + 2 * m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim
                        + 3 * m.intermediate_size * active_mlp)
@@ -210,7 +247,7 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
         rate = gpu.bf16_tflops * 1e12 * MFU
         dequant = 0.0
         if s.adapter == "qlora":
-            nf4 = L * sum(sz["per"][k] for k in s.targets)
+            nf4 = sum(n * count for n, count in nf4_matrices(m, s.targets).items())
             dequant = NF4_DEQUANT_PASSES * nf4 * (0.5 + 2) / (gpu.bandwidth_tbs * 1e12)
         seconds = sum(((b.rows * b.length) * (base + lora) + b.trained * head + b.pairs * attn_pair) / rate
                       + dequant for b in batches)

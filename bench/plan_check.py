@@ -48,13 +48,22 @@ SUPERSEDED = {
     "2026-11-23-h100-causal-kernel.json": "before the grad-only down projection",
     "2026-11-23-h100-long-context-parity.json": "FlexAttention for rows of one sample, before the causal kernel",
 }
-DIST_SETTING = {"lora_1gpu": "ours_lean"}  # dist_bench.py's one-GPU phase with --setting lean (its command)
+# dist_bench.py's phases with --setting lean (its command): the variant and what differs from it. The
+# trainer's own settings only: the phases that are not (each GPU alone, layers kept gathered) are left out.
+DIST_PHASES = {
+    "lora_1gpu": ("ours_lean", {}),
+    "lora_2gpu": ("ours_lean", dict(gpus=2)),
+    "lora_2gpu_median": ("ours_lean", dict(gpus=2, aggregation="median")),
+    "lora_2gpu_centered_clip": ("ours_lean", dict(gpus=2, aggregation="centered_clip")),
+    "fsdp_2gpu": ("ours_lean", dict(gpus=2, adapter="none", strategy="fsdp")),
+}
 
 
-def setup_of(variant: str, bs: int) -> Setup:
+def setup_of(variant: str, bs: int, **keys) -> Setup:
     v = gpu_bench.OURS[variant]
-    return Setup(adapter="qlora" if v["qlora"] else "lora", lora_r=16, checkpointing=v["ckpt"], offload=v["offload"],
-                 by_row=v["by_row"], fast=True, bf16=True, micro_batch_size=bs)
+    return Setup(**{**dict(adapter="qlora" if v["qlora"] else "lora", lora_r=16, checkpointing=v["ckpt"],
+                           offload=v["offload"], by_row=v["by_row"], fast=True, bf16=True, micro_batch_size=bs),
+                    **keys})
 
 
 def bench_batches(variant: str, seq: int, bs: int, n: int = 4) -> list[MicroBatch]:
@@ -80,13 +89,20 @@ def recorded_configurations() -> list[dict]:
     shape = MistralConfig(**gpu_bench.SHAPE)
     out = []
     for name, gpu_name in RECORDS.items():
-        for r in json.loads((RESULTS / name).read_text()):
-            variant = DIST_SETTING.get(r.get("phase"), r.get("variant"))
+        rows = json.loads((RESULTS / name).read_text())
+        for r in rows:
+            variant, keys = DIST_PHASES.get(r.get("phase"), (r.get("variant"), {}))
             if variant not in gpu_bench.OURS or "error" in r:
                 continue  # a peer's stack, a parity check, another phase, or a run that did not finish
+            if "phase" in r and any(o.get("phase") == r["phase"] and o["peak_gib"] < r["peak_gib"] for o in rows):
+                continue  # a phase every rank reports: the lowest, rank 0's holds the one-GPU phase's model too
             seq, bs = r.get("seq", 4096), r.get("bs", 2)
-            p = predict(shape, setup_of(variant, bs), bench_batches(variant, seq, bs), find_gpu(gpu_name))
+            setup = setup_of(variant, bs, **keys)
+            p = predict(shape, setup, bench_batches(variant, seq, bs), find_gpu(gpu_name))
             measured = r.get("tokens_per_s", r.get("tokens_per_s_per_gpu"))
+            if setup.gpus > 1:
+                variant += f" {setup.adapter}, {setup.gpus} GPUs {setup.strategy}" + (
+                    f" {setup.aggregation}" if setup.aggregation != "mean" else "")
             out.append(dict(file=name, gpu=gpu_name, variant=variant, seq=seq, bs=bs,
                             peak_gib=r["peak_gib"], predicted_peak_gib=round(p.peak_gib, 2),
                             tokens_per_s=measured, predicted_tokens_per_s=round(p.tokens_per_s)))

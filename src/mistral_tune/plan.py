@@ -17,7 +17,14 @@ The model follows how training allocates (train/loop.py, models/, kernels/):
   projection, which the re-run skips, when checkpointed), LoRA's 6 x its parameters, lm_head on
   trained tokens only, attention 4 x heads x head_dim per (query, key) pair a layer, x3 for forward +
   backward (x4 with the re-run); divided by the GPU's bf16 peak x MFU. QLoRA adds the dequantization,
-  a memory-bound pass over its NF4 weights per micro-batch.
+  a memory-bound pass over its NF4 weights per micro-batch. Full fine-tuning has an MFU of its own
+  (MFU_FULL, fitted on a one-GPU full step; higher than LoRA's).
+- several GPUs (`--gpus N`, one process each, as train/runtime.py runs them): ddp keeps one process's
+  memory (robust aggregation adds every rank's gathered, sorted adapter gradients after the backward)
+  and runs at one GPU's speed times the efficiency measured on two; fsdp shards the float32 weights,
+  gradients and AdamW state N ways, gathers two decoder layers and the embeddings and head in bf16,
+  holds one layer's whole gradient in the backward and peaks at the optimizer step; its forward and
+  backward run at one GPU's speed times the efficiency measured on two, its AdamW step on 1/N.
 
 Calibration constants are few and named below; docs/benchmarks.md says which recorded runs fitted
 which and gives predicted against measured for every recorded configuration.
@@ -43,7 +50,7 @@ BACKWARD_PEAK_LAYERS = 1.96  # layers' worth of activations alive in one layer's
 BATCH_HIDDEN_COPIES = 5.0  # hidden-size vectors per token held for the whole step: ours_lean vs _batched
 QLORA_DEQUANT_BUFFERS = 3  # bf16 copies of the largest NF4 projection alive at once: ours_qlora
 # --- fitted and measured on bench/results/2026-11-30-h200x2-distributed.json (two H200s; docs/benchmarks.md) --
-MFU_FULL = 0.59  # the same for full fine-tuning (the weights' gradients are large products): full_1gpu_compute
+MFU_FULL = 0.59  # the same for full fine-tuning, forward + backward: full_1gpu_compute
 # ddp: tokens/s per GPU on 2 GPUs against one GPU, measured by gradient_aggregation (lora_2gpu*; trimmed_mean
 # sorts as median does and takes its figure); assumed to hold on more GPUs.
 DDP_EFFICIENCY = {"mean": 0.980, "median": 0.951, "trimmed_mean": 0.951, "centered_clip": 0.945}
@@ -513,6 +520,6 @@ def make_plan(cfg, model_cfg, data, gpu: GPU | None, memory_gib: float | None, g
         lines += header + [row(*option) for option in options[:6]]
     else:
         lines.append(f"nothing fits in {budget:.1f} GiB, even at micro-batch 1, QLoRA with offload and rows of "
-                     f"{seq_lens[-1]}" + (", or full fine-tuning sharded over 8 GPUs" if more_gpus else "")
-                     + ": use a GPU with more memory")
+                     f"{seq_lens[-1]}" + (f", or full fine-tuning sharded over {more_gpus[-1]} GPUs" if more_gpus
+                                          else "") + ": use a GPU with more memory")
     return Plan(lines, p0, options)

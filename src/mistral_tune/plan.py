@@ -17,8 +17,9 @@ The model follows how training allocates (train/loop.py, models/, kernels/):
   projection, which the re-run skips, when checkpointed), LoRA's 6 x its parameters, lm_head on
   trained tokens only, attention 4 x heads x head_dim per (query, key) pair a layer, x3 for forward +
   backward (x4 with the re-run); divided by the GPU's bf16 peak x MFU. QLoRA adds the dequantization,
-  a memory-bound pass over its NF4 weights per micro-batch. Full fine-tuning has an MFU of its own
-  (MFU_FULL, fitted on a one-GPU full step; higher than LoRA's).
+  a memory-bound pass over its NF4 weights per micro-batch; an FP8 base's products run FP8_SPEEDUP
+  faster. Full fine-tuning has an MFU of its own (MFU_FULL, fitted on a one-GPU full step; higher
+  than LoRA's).
 - several GPUs (`--gpus N`, one process each, as train/runtime.py runs them): ddp keeps one process's
   memory (robust aggregation adds every rank's gathered, sorted adapter gradients after the backward)
   and runs at one GPU's speed times the efficiency measured on two; fsdp shards the float32 weights,
@@ -61,6 +62,10 @@ FSDP_EFFICIENCY = 0.856
 # peak is (fsdp_2gpu: 27.7 GiB above the 54 GiB of state, as much as two float32 shards; what holds them is
 # not identified; assumed to shard with the state on more GPUs).
 FSDP_STEP_BYTES = 8
+# --- fitted on bench/results/2026-11-30-h200-fp8.json (one H200) ---------------------------------------
+# base_precision: fp8: how much faster the FP8 projections' products run than bf16's, their quantization
+# included: fitted on the compiled LoRA step's 1.22x (2 layers of 7B shapes, no checkpointing)
+FP8_SPEEDUP = 1.35
 # --- read off the code, not fitted --------------------------------------------------------------------
 FSDP_GATHERED_LAYERS = 2  # bf16 decoder layers gathered at once: the running one and the next (prefetched)
 ROBUST_BYTES = 20  # per rank per trained parameter, robust aggregation: the gathered float32 gradients, the
@@ -231,13 +236,18 @@ def nf4_bytes(n: int) -> int:
     return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4 * 256 + 4
 
 
+def _fp8_projections(m, s: Setup) -> list[str]:
+    """base_precision: fp8 holds every projection that is a plain linear layer (all seven; Mixtral's
+    experts stay bf16)."""
+    return [k for k in _sizes(m)["proj"] if s.fp8 and not (m.moe and k in _sizes(m)["mlp"])]
+
+
 def base_bytes(m, s: Setup, act: int = 2) -> float:
     """The frozen base under LoRA or QLoRA as the loader holds it: `act`-byte weights (bf16), NF4 for
     QLoRA's targets, one byte a weight and a float32 scale a row for the FP8 projections."""
     sz, L = _sizes(m), m.num_hidden_layers
     quantized = nf4_matrices(m, s.targets) if s.adapter == "qlora" else {}
-    # FP8: every projection that is a plain linear layer (all seven; Mixtral's experts stay bf16)
-    fp8 = [k for k in sz["proj"] if s.fp8 and not (m.moe and k in sz["mlp"])]
+    fp8 = _fp8_projections(m, s)
     codes = L * sum(sz["per"][k] for k in fp8)
     plain = sz["total"] - sum(n * c for n, c in quantized.items()) - codes
     return (act * plain + sum(nf4_bytes(n) * c for n, c in quantized.items()) + codes
@@ -293,6 +303,8 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
         lin = L * (attn + sum(sz["per"][k] for k in sz["mlp"]) * active_mlp / experts)  # matrices a token meets
         down = L * sz["per"]["down_proj"] * active_mlp / experts  # the checkpointed re-run skips it
         base = (6 if s.adapter == "none" else 4) * lin + (2 * lin - 2 * down if s.checkpointing else 0)
+        fp8_share = L * sum(sz["per"][k] for k in _fp8_projections(m, s)) / lin  # of the base's products
+        base *= 1 - fp8_share * (1 - 1 / FP8_SPEEDUP)
         head = (6 if s.adapter == "none" or s.whole_modules else 4) * sz["embed"]
         lora = 0 if s.adapter == "none" else 6 * (n_train - s.whole_modules * sz["embed"])
         attn_pair = 4 * m.num_attention_heads * m.head_dim * L * (4 if s.checkpointing else 3)
@@ -464,8 +476,9 @@ def make_plan(cfg, model_cfg, data, gpu: GPU | None, memory_gib: float | None, g
     if not s0.fast:
         lines.append("fast_path: false: the plain path is modelled with the fast path's speed (not measured)")
     if s0.fp8:
-        lines.append("base_precision: fp8: the base's memory is modelled (a byte a weight); its speed is the bf16 "
-                     "base's (the FP8 step measured 1.22x faster on 7B shapes, docs/benchmarks.md)")
+        lines.append(f"base_precision: fp8: a byte a weight; the projections' products {FP8_SPEEDUP}x faster than "
+                     "bf16's, fitted on the one FP8 record (a compiled 2-layer LoRA step 1.22x faster, "
+                     "docs/benchmarks.md), not checked on a whole model")
     lines += _several_gpus_lines(s0)
 
     def row(label: str, p: Prediction, wall: float | None) -> str:

@@ -22,6 +22,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +62,8 @@ DIST_PHASES = {
 
 def setup_of(variant: str, bs: int, **keys) -> Setup:
     v = gpu_bench.OURS[variant]
-    return Setup(**{**dict(adapter="qlora" if v["qlora"] else "lora", lora_r=16, checkpointing=v["ckpt"],
-                           offload=v["offload"], by_row=v["by_row"], fast=True, bf16=True, micro_batch_size=bs),
-                    **keys})
+    return replace(Setup(adapter="qlora" if v["qlora"] else "lora", lora_r=16, checkpointing=v["ckpt"],
+                         offload=v["offload"], by_row=v["by_row"], fast=True, bf16=True, micro_batch_size=bs), **keys)
 
 
 def bench_batches(variant: str, seq: int, bs: int, n: int = 4) -> list[MicroBatch]:

@@ -18,16 +18,17 @@ Phases, in one launch so the compiled layers are built once per process:
   full_1gpu_compute         (--fsdp) rank 0 alone, every weight trained in bf16, forward + backward only:
                             the compute-bound ideal of a full fine-tuning step (no optimizer, no communication)
   fsdp_Ngpu                 (--fsdp) full fine-tuning as `distributed: fsdp` runs it: float32 weights, gradients
-                            and AdamW state sharded, bf16 compute, all-gathers and reduce-scatters in the step
-  fsdp_Ngpu_kept_gathered   (--fsdp-keep-gathered) the same with each layer's bf16 weights kept from its forward
-                            to its backward (one all-gather less per layer, the whole bf16 model held meanwhile)
+                            and AdamW state sharded, bf16 compute, all-gathers and reduce-scatters in the step;
+                            each layer's bf16 weights resharded after its forward or kept until its backward as
+                            the trainer chooses (`--fsdp-reshard-after-forward`, the config key; auto by default:
+                            the result's `sharding` says which and why)
   collectives               the all-reduce and all-gather alone, at the sizes the steps use (bus bandwidth)
 Tokens/s is per GPU; scaling efficiency = tokens/s per GPU on N GPUs / tokens/s on one. FSDP efficiency =
 the ideal's forward + backward time / FSDP's (and / FSDP's whole step, optimizer included).
-`--smoke` runs the LoRA phases on CPU processes (gloo) with a tiny model: a check that the bench works.
+`--smoke` runs the phases on CPU processes (gloo) with tiny models: a check that the bench works.
 
-    python bench/dist_bench.py --gpus 2 --setting lean --robust median,centered_clip --fsdp --fsdp-keep-gathered \
-        --out "$OUT"
+    python bench/dist_bench.py --gpus 2 --setting lean --robust median,centered_clip --fsdp --out "$OUT"
+    python bench/dist_bench.py --gpus 2 --setting lean --robust "" --fsdp --fsdp-reshard-after-forward true
     python bench/dist_bench.py --smoke --gpus 2     # CPU, seconds
 """
 
@@ -50,6 +51,9 @@ SETTINGS = {  # what each --setting turns on (gpu_bench.py's OURS)
     "lean": dict(ckpt=True, offload=True, by_row=True),
 }
 
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2)  # --smoke's model shape, over gpu_bench's SHAPE
+
 
 def _config(aggregation: str):
     from mistral_tune.config import config_from_dict
@@ -71,14 +75,16 @@ def _peak_gib() -> float:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0.0
 
 
-def _time_steps(model, params, rt, batches, steps: int, warm: int) -> dict:
+def _time_steps(model, params, rt, batches, steps: int, warm: int, opt=None) -> dict:
     """compute_s: forward + backward (with overlap, the gradient all-reduces sent from inside it);
-    sync_ms: what is left after it (the agreement, the last buckets, waiting for the sums)."""
+    sync_ms: what is left after it (the agreement, the last buckets, waiting for the sums). `opt`:
+    the optimizer to step (default fused AdamW)."""
     import torch
 
     from mistral_tune.train.loop import accumulate_gradients
 
-    opt = torch.optim.AdamW(params, lr=2e-5, fused=torch.cuda.is_available())
+    if opt is None:
+        opt = torch.optim.AdamW(params, lr=2e-5, fused=torch.cuda.is_available())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     times, comm, compute = [], [], []
@@ -159,43 +165,41 @@ def worker(args) -> None:
     if rt.is_main:
         for r in results[1:]:
             print("RESULT " + json.dumps(r), flush=True)
-    if args.smoke:
-        dist.destroy_process_group()
-        return
-    res = _collectives(rt)
-    if rt.is_main:
-        print("RESULT " + json.dumps(res), flush=True)
+    if not args.smoke:
+        res = _collectives(rt)
+        if rt.is_main:
+            print("RESULT " + json.dumps(res), flush=True)
     if args.fsdp:
         del model, params
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         for r in _full_finetuning(rt, batches, args):
-            print("RESULT " + json.dumps(r), flush=True)
+            if rt.is_main:
+                print("RESULT " + json.dumps(r), flush=True)
     dist.destroy_process_group()
 
 
 def _build_tiny():
-    """A 4-layer model of hidden size 64 on the CPU with LoRA r=16 on every projection (--smoke)."""
+    """A TINY model on the CPU with LoRA r=16 on every projection (--smoke)."""
     from gpu_bench import SHAPE
 
     from mistral_tune.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
 
-    model = MistralForCausalLM(MistralConfig(**{**SHAPE, "hidden_size": 64, "intermediate_size": 128,
-                                                "num_hidden_layers": 4, "num_attention_heads": 4,
-                                                "num_key_value_heads": 2}))
+    model = MistralForCausalLM(MistralConfig(**{**SHAPE, **TINY}))
     model.init_weights(std=0.02)
     apply_lora(model, LoraSpec(r=16, alpha=16))
     model.train()
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def _full_model(rt, shard: bool, v: dict):
+def _full_model(rt, shard: bool, v: dict, smoke: bool):
     import torch
     from gpu_bench import SHAPE
 
     from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
 
-    cfg = MistralConfig(**SHAPE)
+    cfg = MistralConfig(**{**SHAPE, **(TINY if smoke else {})})
     if shard:  # as load_model(shard=rt.shard) builds it: meta, FSDP2, then each rank's rows on the GPU
         with torch.device("meta"):
             model = MistralForCausalLM(cfg)
@@ -208,8 +212,9 @@ def _full_model(rt, shard: bool, v: dict):
         with torch.device(rt.device):
             model = MistralForCausalLM(cfg).to(torch.bfloat16)
         model.init_weights(std=0.02)
-    model.use_fast_path()
-    model.gradient_checkpointing, model.offload_activations = v["ckpt"], v["offload"]
+    if not smoke:
+        model.use_fast_path()
+    model.gradient_checkpointing, model.offload_activations = v["ckpt"], v["offload"] and not smoke
     model.recompute_by_row = v["by_row"]
     model.train()
     return model, list(model.parameters())
@@ -225,34 +230,33 @@ def _full_finetuning(rt, batches, args) -> list[dict]:
     out = []
     if rt.is_main:
         alone = Runtime(rt.device, rt.autocast_dtype)
-        model, params = _full_model(alone, False, v)
-        torch.cuda.reset_peak_memory_stats()
+        model, params = _full_model(alone, False, v, args.smoke)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         times = []
         for step in range(args.warm + args.steps):
-            torch.cuda.synchronize()
+            _sync()
             t = time.perf_counter()
             accumulate_gradients(model, [batches[step % len(batches)]], alone)
-            torch.cuda.synchronize()
+            _sync()
             times.append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)
         med = sorted(times[args.warm:])[args.steps // 2]
         out.append(dict(phase="full_1gpu_compute", step_s=round(med, 4), fwd_bwd_s=round(med, 4),
                         tokens_per_s_per_gpu=round(batches[0].input_ids.numel() / med), sync_ms=0.0,
-                        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)))
+                        peak_gib=_peak_gib()))
         del model, params
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     rt.barrier()
-    sharded = Runtime(rt.device, rt.autocast_dtype, rt.rank, rt.world_size, strategy="fsdp")
-    model, params = _full_model(sharded, True, v)
+    # the trainer's path: Runtime.shard resolves fsdp_reshard_after_forward as a run with this value would
+    choice = {"auto": "auto", "true": True, "false": False}[args.fsdp_reshard_after_forward]
+    sharded = Runtime(rt.device, rt.autocast_dtype, rt.rank, rt.world_size, strategy="fsdp",
+                      reshard_after_forward=choice)
+    model, params = _full_model(sharded, True, v, args.smoke)
     res = _time_steps(model, params, sharded, batches, args.steps, args.warm)
     res["fwd_bwd_s"] = round(sorted(res.pop("compute_s"))[-1], 4)  # the slowest rank's forward + backward
-    out.append({"phase": f"fsdp_{rt.world_size}gpu", **res})
-    if args.fsdp_keep_gathered:  # each layer's bf16 weights kept from its forward to its backward: one gather less
-        for layer in model.model.layers:
-            layer.set_reshard_after_forward(False)
-        res = _time_steps(model, params, sharded, batches, args.steps, args.warm)
-        res["fwd_bwd_s"] = round(sorted(res.pop("compute_s"))[-1], 4)
-        out.append({"phase": f"fsdp_{rt.world_size}gpu_kept_gathered", **res})
+    out.append({"phase": f"fsdp_{rt.world_size}gpu", **res, "sharding": sharded.sharding})
     return out
 
 
@@ -293,8 +297,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warm", type=int, default=3)
     parser.add_argument("--fsdp", action="store_true", help="also time sharded full fine-tuning")
-    parser.add_argument("--fsdp-keep-gathered", action="store_true",
-                        help="also time FSDP with each layer's weights kept gathered from forward to backward")
+    parser.add_argument("--fsdp-reshard-after-forward", choices=["auto", "true", "false"], default="auto",
+                        help="the FSDP phase's fsdp_reshard_after_forward (auto: as the trainer chooses)")
     parser.add_argument("--timeout", type=int, default=500, help="seconds for the whole launch")
     parser.add_argument("--smoke", action="store_true", help="CPU processes (gloo), a tiny model: does it run")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
@@ -306,11 +310,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        args.seq, args.bs, args.steps, args.warm, args.fsdp, args.fsdp_keep_gathered = 64, 2, 3, 1, False, False
+        args.seq, args.bs, args.steps, args.warm = 64, 2, 3, 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}", __file__,
            "--worker", "--setting", args.setting, "--robust", args.robust, "--seq", str(args.seq),
            "--bs", str(args.bs), "--steps", str(args.steps), "--warm", str(args.warm)]
-    cmd += ["--fsdp"] * args.fsdp + ["--fsdp-keep-gathered"] * args.fsdp_keep_gathered + ["--smoke"] * args.smoke
+    cmd += ["--fsdp-reshard-after-forward", args.fsdp_reshard_after_forward]
+    cmd += ["--fsdp"] * args.fsdp + ["--smoke"] * args.smoke
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'bench'}:{ROOT / 'src'}:" + os.environ.get("PYTHONPATH", "")}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -318,7 +323,8 @@ def main() -> None:
     except subprocess.TimeoutExpired as exc:  # keep what the phases that finished printed
         parts = [x.decode() if isinstance(x, bytes) else (x or "") for x in (exc.stdout, exc.stderr)]
         log, failed = "".join(parts) + f"\nTIMEOUT after {args.timeout} s", True
-    name = f"dist_{args.setting}" + "_smoke" * args.smoke
+    reshard = args.fsdp_reshard_after_forward
+    name = f"dist_{args.setting}" + f"_reshard_{reshard}" * (reshard != "auto") + "_smoke" * args.smoke
     (out / f"{name}.log").write_text(log)
     results = [json.loads(ln[7:]) for ln in log.splitlines() if ln.startswith("RESULT ")]
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
@@ -354,6 +360,9 @@ def print_table(results: list[dict], args) -> None:
                 print(f"| {r['phase']} | {r['step_s']} | {r['fwd_bwd_s']} | {r['tokens_per_s_per_gpu']:,} | "
                       f"{r['peak_gib']} | {ideal['fwd_bwd_s'] / r['fwd_bwd_s']:.3f} | "
                       f"{ideal['fwd_bwd_s'] / r['step_s']:.3f} |")
+        for r in results:
+            if "sharding" in r:
+                print(f"{r['phase']}: {r['sharding']}")
 
 
 if __name__ == "__main__":

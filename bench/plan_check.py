@@ -42,6 +42,7 @@ RECORDS = {
     "2026-11-23-h100-packed.json": "H100",
     "2026-11-23-h100-long-context.json": "H100",
     "2026-11-30-h200x2-distributed.json": "H200",
+    "2026-11-30-h200x2-distributed-2.json": "H200",
 }
 SUPERSEDED = {
     "2026-11-23-h100-lora.json": "before the causal kernel and the grad-only down projection",
@@ -50,7 +51,8 @@ SUPERSEDED = {
     "2026-11-23-h100-long-context-parity.json": "FlexAttention for rows of one sample, before the causal kernel",
 }
 # dist_bench.py's phases with --setting lean (its command): the variant and what differs from it. The
-# trainer's own settings only: the phases that are not (each GPU alone, layers kept gathered) are left out.
+# trainer's own settings only: the phases that are not (each GPU alone, no overlap) are left out. fsdp_2gpu
+# says how its layers were sharded; without that, they were resharded after their forward.
 DIST_PHASES = {
     "lora_1gpu": ("ours_lean", {}),
     "lora_2gpu": ("ours_lean", dict(gpus=2)),
@@ -97,12 +99,15 @@ def recorded_configurations() -> list[dict]:
             if "phase" in r and any(o.get("phase") == r["phase"] and o["peak_gib"] < r["peak_gib"] for o in rows):
                 continue  # a phase every rank reports: the lowest, rank 0's holds the one-GPU phase's model too
             seq, bs = r.get("seq", 4096), r.get("bs", 2)
+            if setup_of(variant, bs, **keys).sharded:
+                keys = dict(keys, reshard="resharded" in r.get("sharding", "resharded"))
             setup = setup_of(variant, bs, **keys)
             p = predict(shape, setup, bench_batches(variant, seq, bs), find_gpu(gpu_name))
             measured = r.get("tokens_per_s", r.get("tokens_per_s_per_gpu"))
             if setup.gpus > 1:
                 variant += f" {setup.adapter}, {setup.gpus} GPUs {setup.strategy}" + (
-                    f" {setup.aggregation}" if setup.aggregation != "mean" else "")
+                    f" {setup.aggregation}" if setup.aggregation != "mean" else "") + (
+                    " kept gathered" if setup.sharded and not setup.reshard else "")
             out.append(dict(file=name, gpu=gpu_name, variant=variant, seq=seq, bs=bs,
                             peak_gib=r["peak_gib"], predicted_peak_gib=round(p.peak_gib, 2),
                             tokens_per_s=measured, predicted_tokens_per_s=round(p.tokens_per_s)))

@@ -36,6 +36,8 @@ VARIANTS = {
     "modules_to_save": dict(lora_modules_to_save=["embed_tokens", "lm_head"]),
     "new_special_tokens": dict(new_special_tokens=["<think>", "</think>"]),
     "neftune": dict(neftune_noise_alpha=0.5),
+    "pissa": dict(lora_init="pissa"),
+    "olora_dora": dict(lora_init="olora", use_dora=True),
 }
 THINK = [{"messages": [{"role": "user", "content": f"count to {n}"},
                        {"role": "assistant", "content": f"<think>{n} is small</think> {list(range(n))}"}]}
@@ -87,6 +89,18 @@ def test_variant_trains_resumes_and_loads_in_peft(name, assets, tmp_path):
     scale = theirs.abs().max()
     assert (ours - theirs).abs().max() <= 1e-5 * scale
     assert (ours_merged - theirs).abs().max() <= 1e-5 * scale
+    if cfg.lora_init != "kaiming":  # PEFT's own PiSSA / OLoRA model with the trained factors is that model too
+        peft_init = peft.get_peft_model(
+            transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+            peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_target_modules),
+                            use_dora=cfg.use_dora, init_lora_weights=cfg.lora_init)).eval()
+        trained = tensors(out / "checkpoint-8" / "trainable.safetensors")
+        with torch.no_grad():
+            for key, p in peft_init.named_parameters():
+                if p.requires_grad:
+                    p.copy_(trained[key.removeprefix("base_model.model.").replace(".default", "")
+                                    .replace("lora_magnitude_vector.weight", "lora_magnitude_vector")])
+            assert (peft_init(input_ids=ids, use_cache=False).logits - theirs).abs().max() <= 1e-5 * scale
 
 
 def test_loraplus_steps_lora_b_at_ratio_times_the_learning_rate(assets, tmp_path):
@@ -250,7 +264,7 @@ def test_export_adapter_names_what_vllm_refuses_in_each_variant(assets, tmp_path
         assert any(message in p for p in problems), problems
         with pytest.raises(ModelError, match="mistral-tune merge"):
             export_adapter(out)
-    for name in ("loraplus", "neftune"):  # training-only variants: a plain LoRA adapter
+    for name in ("loraplus", "neftune", "pissa"):  # plain LoRA adapters (PiSSA's converted, at twice the rank)
         out = tmp_path / name
         train(config(model_dir, data, out, max_steps=1, **VARIANTS[name]), echo=lambda _: None)
         assert vllm_adapter_problems(out / "adapter") == []

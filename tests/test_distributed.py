@@ -27,7 +27,7 @@ from mistral_tune.errors import CheckpointError, ConfigError
 from mistral_tune.quickstart import create_tiny_model
 from mistral_tune.train.checkpoint import CheckpointManager
 from mistral_tune.train.loop import RowStream, train
-from mistral_tune.train.runtime import aggregate, check_distributed_config, parse_faults
+from mistral_tune.train.runtime import aggregate, check_distributed_config, parse_faults, resolve_reshard
 
 TESTS = Path(__file__).resolve().parent
 
@@ -37,7 +37,18 @@ def torchrun(n: int, *args: str, restarts: int = 0, env: dict | None = None) -> 
     full_env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{TESTS}", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            f"--max-restarts={restarts}", "--monitor-interval=0.2", *args]
-    return subprocess.Popen(cmd, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A session of its own: a test that gives up on it kills the launcher and every worker (kill_all).
+    return subprocess.Popen(cmd, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """The launcher and its workers, so that a hung run leaves no process behind."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
 
 
 def train_cli(n: int, config: Path, *overrides: str, restarts: int = 0) -> subprocess.Popen:
@@ -45,7 +56,11 @@ def train_cli(n: int, config: Path, *overrides: str, restarts: int = 0) -> subpr
 
 
 def finish(proc: subprocess.Popen, expect_rc: int = 0, timeout: float = 300) -> tuple[str, str]:
-    stdout, stderr = proc.communicate(timeout=timeout)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        raise
     assert proc.returncode == expect_rc, f"rc {proc.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
     return stdout, stderr
 
@@ -182,6 +197,19 @@ def test_resume_on_fewer_processes_four_then_two_then_one(same_batch, tmp_path):
     print(f"largest relative loss difference 4 -> 2 -> 1: {assert_same_steps(tmp_path / 'one', same_batch[1]):.2e}")
 
 
+def test_pissa_on_two_processes_takes_the_one_process_steps(assets, tmp_path):
+    """PiSSA's starting factors and residual base weights are rank 0's on every process: two processes
+    train the one-process steps."""
+    model, data = assets
+    outs = {w: tmp_path / f"w{w}" for w in (1, 2)}
+    cfg = {w: base_config(model, data, outs[w], gradient_accumulation_steps=4 // w, lora_init="pissa", **SAME_BATCH)
+           for w in (1, 2)}
+    proc = train_cli(2, write_yaml(tmp_path / "w2.yaml", cfg[2]))
+    train(config_from_dict(cfg[1]), echo=lambda *_: None)
+    finish(proc)
+    assert_same_steps(outs[2], outs[1])
+
+
 # ---------------------------------------------------------------------- sharded full fine-tuning (FSDP2)
 
 FULL = dict(SAME_BATCH, adapter="none", learning_rate=1e-3, gradient_checkpointing=True)
@@ -240,10 +268,16 @@ def test_what_sharding_does_not_support_is_refused_up_front(assets, tmp_path):
     full = cfg.model_copy(update={"adapter": "none", "distributed": "auto", "auto_micro_batch": True})
     with pytest.raises(ConfigError, match="auto_micro_batch with distributed: fsdp is not supported"):
         check_distributed_config(full, 2)
-    evals = config_from_dict(base_config(model, data, tmp_path / "r", adapter="none",
-                                         eval={"early_stopping_patience": 2}))
-    with pytest.raises(ConfigError, match="eval: evaluations during training .* with distributed: fsdp are not"):
+    evals = config_from_dict(base_config(model, data, tmp_path / "r", adapter="none", eval={
+        "forgetting": {"dataset": {"path": str(data)}, "lm_eval_tasks": ["hellaswag"]}}))
+    with pytest.raises(ConfigError, match="eval.forgetting.lm_eval_tasks with distributed: fsdp is not supported"):
         check_distributed_config(evals, 2)
+    check_distributed_config(evals.model_copy(update={"eval": evals.eval.model_copy(update={"forgetting": None})}), 2)
+    # bitsandbytes' 8-bit update takes plain tensors only (test_optim8bit checks that it fails on DTensor)
+    eight = full.model_copy(update={"auto_micro_batch": False, "optimizer": "adamw_8bit"})
+    with pytest.raises(ConfigError, match="optimizer: adamw_8bit with distributed: fsdp is not supported"):
+        check_distributed_config(eight, 2)
+    check_distributed_config(eight.model_copy(update={"distributed": "ddp"}), 2)
 
 
 # ---------------------------------------------------------------------- agreeing, failing, restarting
@@ -267,7 +301,7 @@ def two_process_reference(assets, tmp_path_factory):
 
     yield finished
     if proc.poll() is None:
-        proc.kill()
+        kill_all(proc)
         proc.communicate()
 
 
@@ -579,3 +613,137 @@ def test_evaluations_during_training_on_two_processes_equal_one_process(assets, 
     for out in ("one", "two"):
         assert json.loads((tmp_path / out / "best" / "best.json").read_text())["step"] == 2
         assert (tmp_path / out / "eval" / "report.html").is_file()
+
+
+def test_evaluations_during_sharded_training_run_on_every_process_and_equal_one_process(assets, tmp_path):
+    """FSDP full fine-tuning on 2 gloo processes, the layers kept gathered, with an eval: section (tasks,
+    forgetting, needle, early stopping on forgetting.ppl): every process runs each evaluation's forward
+    passes in lockstep (one rank's forward alone would leave it waiting until distributed_timeout), and
+    the figures, the early stop, best/ (its weights) and the report are the one-process run's (figures
+    within 1e-5 relative, weights within 1e-5)."""
+    from test_eval_run import _eval_section
+
+    model, data = assets
+    settings_ = dict(adapter="none", max_steps=12, eval_steps=2, save_steps=None, learning_rate=1e-3,
+                     distributed_timeout=60, eval={**_eval_section(data), "metric": "forgetting.ppl"})
+    two = write_yaml(tmp_path / "two.yaml", base_config(model, data, tmp_path / "two", gradient_accumulation_steps=1,
+                                                        fsdp_reshard_after_forward=False, **settings_))
+    launch = train_cli(2, two)
+    one = train(config_from_dict(base_config(model, data, tmp_path / "one", gradient_accumulation_steps=2,
+                                             **settings_)), echo=lambda *_: None)
+    stdout, _ = finish(launch, timeout=240)
+    assert ("fsdp: decoder layers kept gathered from their forward to their backward (fsdp_reshard_after_forward: "
+            "false; the whole model gathered is 16 MiB)") in stdout
+    assert one.steps == 4 and "early stopping at step 4: forgetting.ppl has not improved" in stdout
+
+    def evaluations(out: Path) -> list[dict]:
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("time", "elapsed_s")} for r in lines if "forgetting.ppl" in r]
+
+    got, want = evaluations(tmp_path / "two"), evaluations(tmp_path / "one")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine.keys() == theirs.keys() and {"tasks.token_f1", "needle.accuracy", "loss.nll"} <= mine.keys()
+        for k, v in theirs.items():
+            assert mine[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    for out in ("one", "two"):
+        assert json.loads((tmp_path / out / "best" / "best.json").read_text())["step"] == 2
+        assert (tmp_path / out / "eval" / "report.html").is_file()
+    mine, theirs = (tensors(tmp_path / d / "best" / "model.safetensors") for d in ("two", "one"))
+    assert mine.keys() == theirs.keys()
+    for k in theirs:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=1e-5)
+
+
+def _sharded_worker(rank: int, root: Path, model_dir: Path) -> None:
+    """One of two gloo processes on an FSDP2-sharded tiny model: the layers' reshard setting as each value of
+    fsdp_reshard_after_forward leaves it, two training steps with each, and greedy generation where this
+    rank's rows finish at once (its eos is the first token) while the other rank's do not."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from mistral_tune.data.pack import Sample, collate
+    from mistral_tune.models.load import load_model
+    from mistral_tune.serve.generate import generate_batch
+    from mistral_tune.train.loop import accumulate_gradients
+    from mistral_tune.train.runtime import Runtime
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root / 'pg'}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))  # a collective one rank skips fails, never hangs
+    gen = torch.Generator().manual_seed(0)
+    samples = [Sample(*[torch.randint(3, 1000, (20,), generator=gen).tolist()] * 2) for _ in range(8)]
+    report: dict = {}
+    steps = {}
+    for setting in ("auto", True, False):
+        rt = Runtime(torch.device("cpu"), None, rank, 2, strategy="fsdp", reshard_after_forward=setting)
+        model, _ = load_model(str(model_dir), shard=rt.shard)
+        model.train()
+        report[str(setting)] = {"sharding": rt.sharding, "layers": [
+            group._reshard_after_forward for layer in model.model.layers
+            for group in layer._get_fsdp_state()._fsdp_param_groups]}
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses, grads = [], []
+        for step in range(2):
+            batch = collate(samples, [[4 * step + 2 * rank], [4 * step + 2 * rank + 1]])
+            losses.append(accumulate_gradients(model, [batch], rt)[0])
+            grads.append([p.grad.to_local().clone() for p in model.parameters()])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps[setting] = (losses, grads)
+    for setting in (True, False):  # the same maths either way, bit for bit
+        assert steps[setting][0] == steps["auto"][0]
+        assert all(a.equal(b) for step_a, step_b in zip(steps[setting][1], steps["auto"][1], strict=True)
+                   for a, b in zip(step_a, step_b, strict=True))
+    model, _ = load_model(str(model_dir), shard=rt.shard)  # untrained, the layers kept gathered (the last rt)
+    model.eval()
+    prompts = [samples[0].tokens[:7], samples[1].tokens[:5]]
+    first = generate_batch(model, prompts, 1)[0][0]
+    # rank 0: one row, which ends at once (its first token is eos); rank 1: two rows that go on
+    prompts, eos = (prompts[:1], first) if rank == 0 else (prompts, None)
+    report["generated"] = generate_batch(model, prompts, 5, eos_id=eos, every=rt.every)
+    report["eos"] = eos
+    report["gathered"] = sum(type(p).__name__ != "DTensor" for p in model.parameters())
+    rt.release_gathered(model)  # the shards again, the gathered weights freed
+    report["gathered_after_release"] = sum(type(p).__name__ != "DTensor" for p in model.parameters())
+    (root / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+def test_the_reshard_setting_reaches_every_layer_gives_the_same_steps_and_generation_ends_together(tmp_path):
+    """fsdp_reshard_after_forward true / false / auto (CPU: true) sets each sharded decoder layer's FSDP
+    reshard-after-forward, and two training steps give the same losses and gradients bit for bit either way.
+    Generating on the sharded model, a rank whose rows have all ended keeps taking part in the forward
+    passes until the other's have: its answer stops at eos, the other's are the one-process model's."""
+    from mistral_tune.models.load import load_model
+    from mistral_tune.serve.generate import generate_batch
+
+    model_dir = create_tiny_model(tmp_path / "model", "v3", hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=3)
+    torch.multiprocessing.spawn(_sharded_worker, args=(tmp_path, model_dir), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for report in ranks:
+        for setting, layers in (("True", [True] * 3), ("False", [False] * 3), ("auto", [True] * 3)):
+            assert report[setting]["layers"] == layers, setting
+        assert "kept gathered" in report["False"]["sharding"] and "resharded" in report["True"]["sharding"]
+        assert "CPU processes share the host's memory" in report["auto"]["sharding"]
+        assert report["gathered"] > 0 and report["gathered_after_release"] == 0
+    whole, _ = load_model(str(model_dir))
+    samples_gen = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(3, 1000, (20,), generator=samples_gen).tolist() for _ in range(8)]
+    expected = generate_batch(whole.eval(), [tokens[0][:7], tokens[1][:5]], 5)
+    rank0, rank1 = ranks
+    assert rank1["generated"] == expected and len(expected[0]) == len(expected[1]) == 5
+    assert rank0["generated"] == [[]] and rank0["eos"] == expected[0][0]
+
+
+def test_auto_keeps_the_layers_gathered_when_the_whole_model_takes_a_quarter_of_the_gpu_at_most():
+    h200 = 139 * 2**30  # an H200's memory as CUDA reports it, about
+    keep, why = resolve_reshard("auto", 7_248_000_000 * 2, h200)  # Mistral 7B in bf16: 10%
+    assert not keep and "kept gathered" in why and "13.5 GiB" in why and "10% of the GPU's 139 GiB" in why
+    keep, why = resolve_reshard("auto", 70_000_000_000 * 2, h200)  # a 70B model: 97%
+    assert keep and "more than 25%" in why
+    assert resolve_reshard("auto", h200 // 4, h200)[0] is False and resolve_reshard("auto", h200 // 4 + 1, h200)[0]
+    assert resolve_reshard("auto", 1, None)[0]  # CPU processes: always resharded
+    assert resolve_reshard(False, 10**12, h200)[0] is False and resolve_reshard(True, 1, h200)[0] is True

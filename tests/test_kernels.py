@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _peak import peak_bytes
 from mistral_tune.data.pack import Sample, collate
 from mistral_tune.kernels.attention import CAUSAL, dense_mask, one_sample_per_row
-from mistral_tune.kernels.loss import linear_cross_entropy_sum
+from mistral_tune.kernels.loss import chunk_bytes, chunk_tokens, linear_cross_entropy_sum
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 4096])
@@ -35,6 +36,73 @@ def test_linear_cross_entropy_matches_torch(chunk, weight_trainable):
         assert torch.allclose(g_w, w.grad, rtol=1e-10, atol=1e-12)
     else:
         assert w.grad is None
+
+
+def test_peak_bytes_sees_kernel_temporaries_and_no_views() -> None:
+    """The measuring tool: a view allocates nothing, a kernel's temporary (logsumexp's exp of a
+    float32 copy) counts, a freed tensor leaves, and older tensors freed while measuring do not count."""
+    older = torch.empty(3000, 1000)
+
+    def fn():
+        nonlocal older
+        x = torch.empty(1000, 1000)  # 4 MB
+        _ = x[:10], x.t(), x.view(-1)
+        y = torch.logsumexp(x.zero_(), dim=1)  # (x - max) is a second 4 MB
+        del x
+        older = None
+        return y
+
+    peak, y = peak_bytes(fn)
+    assert 8_000_000 <= peak <= 8_000_000 + 16 * 1024
+    assert y.shape == (1000,)
+    assert older is None
+
+
+@pytest.mark.parametrize(("dtype", "tokens"), [(torch.float32, 600), (torch.bfloat16, 40)])  # (CPU bf16 is slow)
+def test_fused_loss_holds_one_chunk_of_logits(dtype, tokens):
+    """At Nemo's 131k vocabulary a chunk is 512 tokens (7B's 32k keeps 2,048), and the loss's forward
+    and backward together hold that chunk's buffers (float32 logits, and the bf16 product copy) and
+    the hidden state's gradient, nothing more: measured by the CPU allocator (tests/_peak.py)."""
+    vocab = 131072
+    assert (chunk_tokens(vocab), chunk_tokens(32768)) == (512, 2048)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, 16, generator=gen).to(dtype).requires_grad_(True)
+    w = (torch.randn(vocab, 16, generator=gen) * 0.1).to(dtype)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+
+    def step():
+        loss = linear_cross_entropy_sum(h, w, targets)
+        loss.backward()
+        return loss
+
+    peak, loss = peak_bytes(step)
+    expected = chunk_bytes(tokens, vocab, product_bytes=dtype.itemsize)
+    assert expected == min(tokens, 512) * vocab * (4 if dtype == torch.float32 else 6)
+    hidden_grads = 2 * h.numel() * dtype.itemsize  # kept by the forward, and the scaled one backward returns
+    assert expected <= peak <= expected + hidden_grads + 64 * 1024
+    ref = F.cross_entropy((h.detach() @ w.t()).float(), targets, reduction="sum")
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_fused_loss_under_autocast_takes_autocasts_product():
+    """Under bf16 autocast (float32 h and a trained float32 head) the product is bf16, as autocast
+    makes it for the plain loss: the same loss and gradients as cross_entropy on autocast's logits."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(70, 32, generator=gen, requires_grad=True)
+    w = torch.randn(300, 32, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 300, (70,), generator=gen)
+    results = []
+    for fused in (True, False):
+        h.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = (linear_cross_entropy_sum(h, w, targets, chunk=16) if fused
+                    else F.cross_entropy((h @ w.t()).float(), targets, reduction="sum"))
+        loss.backward()
+        results.append((loss.item(), h.grad.clone(), w.grad.clone()))
+    (ours, gh, gw), (ref, rh, rw) = results
+    assert ours == pytest.approx(ref, rel=1e-5)
+    assert (gh - rh).norm() <= 1e-2 * rh.norm() and (gw - rw).norm() <= 1e-2 * rw.norm()
+    assert gh.dtype == gw.dtype == torch.float32
 
 
 def _lora_model(make_tiny_mistral, spec=None, **overrides):
@@ -79,6 +147,30 @@ def test_fused_loss_gives_the_models_loss_and_grads(make_tiny_mistral, variant):
                for n in (30, 17, 9)]
     batch = collate(samples, [[0, 1], [2]], pad_to=64)
     _assert_same_loss_and_grads(model, batch, "fused_loss", (False, True))
+
+
+def test_trainable_tokens_of_lm_head_cost_no_copy_of_the_head(make_tiny_mistral):
+    """Two trained rows of a 32k-row head: the fused loss computes their logits from their values
+    and gives them the gradient, so a step holds the loss's chunk and little else; it held a merged
+    copy of the whole head and a float32 gradient of all of it (measured by the CPU allocator)."""
+    from mistral_tune.lora import LoraSpec
+    from mistral_tune.train.optim import token_loss_sum
+
+    vocab, hidden = 32768, 64
+    model = _lora_model(make_tiny_mistral, LoraSpec(r=4, alpha=8, trainable_tokens={"lm_head": [5, 9]}),
+                        vocab_size=vocab)
+    model.fused_loss = True
+    gen = torch.Generator().manual_seed(0)
+    samples = [Sample.from_ids(torch.randint(3, vocab, (n,), generator=gen).tolist(), [True] * n) for n in (60, 40)]
+    batch = collate(samples, [[0], [1]], pad_to=64)
+
+    def step():
+        token_loss_sum(model, batch).backward()
+
+    peak, _ = peak_bytes(step)
+    head = vocab * hidden * 4
+    assert peak < chunk_bytes(batch.n_trained, vocab, product_bytes=4) + head // 2
+    assert model.lm_head.trainable_tokens_delta.grad.abs().sum() > 0
 
 
 @pytest.mark.slow
@@ -260,3 +352,28 @@ def test_rows_of_varying_length_compile_a_fixed_number_of_graphs(make_tiny_mistr
             model.train()
     assert counter.frame_count == 3
     torch._dynamo.reset()
+
+
+def test_dense_masked_attention_never_asks_cudnn(monkeypatch):
+    """Decoding with a KV cache makes a new key length at every token; cuDNN's attention plans each
+    new shape (measured on an H200: ~40 ms of CPU a token). A dense mask must keep cuDNN out of
+    SDPA's choice, and still give SDPA's numbers."""
+    from mistral_tune.kernels import attention
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 5, 8, generator=g) for h in (4, 2, 2))
+    mask = torch.rand(2, 1, 5, 5, generator=g) > 0.3
+    mask[..., 0] = True
+    out = attention.attend(q, k, v, mask, 8**-0.5)
+    ref = real(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask, scale=8**-0.5)
+    torch.testing.assert_close(out, ref)
+    assert seen == [False]
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the global choice is restored afterwards

@@ -171,6 +171,7 @@ def test_lora_targets_that_mixtral_lacks_are_refused_by_name():
     (["q_proj", "w3"], {}, "w1 and w3 .* one stacked tensor"),
     (["experts"], {"dropout": 0.1}, "lora_dropout 0.1 .* experts has neither"),
     (["down_proj"], {"use_dora": True}, "use_dora True: LoRA on Mixtral's experts has neither"),
+    (["experts"], {"init": "pissa"}, "lora_init pissa: not for LoRA on Mixtral's experts"),
 ])
 def test_expert_lora_that_peft_cannot_hold_is_refused(targets, spec_kw, message):
     from mistral_tune.lora import LoraSpec, apply_lora
@@ -617,3 +618,26 @@ def test_qlora_on_mixtral_without_expert_targets_says_the_experts_stay_full_prec
                             "output_dir": str(tmp_path / "run"), "lora_target_modules": targets})
     warnings = model_fit_warnings(cfg, tmp_path, MistralConfig(**TINY_MOE), None)
     assert any("experts are not in lora_target_modules" in w for w in warnings) == warned
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+def test_experts_in_a_compiled_layer_compile_once(nf4, monkeypatch):
+    """Routing is known only at run time: compiled with the layer, the experts broke the graph and
+    recompiled once per expert index, past dynamo's limit (then the whole layer ran eagerly)."""
+    import torch._dynamo
+
+    model = tiny_mixtral()
+    if nf4:
+        pytest.importorskip("bitsandbytes")
+        from mistral_tune.models.quant import quantize_model
+
+        quantize_model(model, ["experts"])
+    moe = model.model.layers[0].mlp
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    compiled = torch.compile(moe, backend="eager")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x = torch.randn(2, 12, model.config.hidden_size, generator=g)
+        torch.testing.assert_close(compiled(x), moe(x))
+    torch._dynamo.reset()

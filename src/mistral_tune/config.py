@@ -365,6 +365,16 @@ class Config(_Strict):
         description="DoRA: a trained magnitude per output row rescales each adapted weight (Liu et al., 2024). "
         "PEFT loads it; vLLM does not, so merge it for vLLM.",
     )
+    lora_init: str = Field(
+        "kaiming",
+        pattern=r"^(kaiming|olora|pissa(_niter_[1-9][0-9]*)?)$",
+        description="How adapters start. kaiming: A Kaiming-uniform, B zero (PEFT's init_lora_weights: true). "
+        "pissa: A, B from each base weight's top lora_r singular values and vectors (Meng et al., 2024; "
+        "pissa_niter_N: by N iterations of randomized SVD, much faster on large weights); olora: from its QR "
+        "factors (Büyükakyüz, 2024). These take B A out of the base weight, so training starts at the base "
+        "model, and save the adapter for the original base at twice the rank (as PEFT converts it). Not with "
+        "adapter: qlora or none, base_precision: fp8, or on Mixtral's experts.",
+    )
     loraplus_lr_ratio: float | None = Field(
         None,
         gt=0,
@@ -389,6 +399,12 @@ class Config(_Strict):
         "input embeddings of each row (Jain et al., 2023; 5 is usual); null: off.",
     )
     # optimisation
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw",
+        description="adamw: torch's AdamW (fused on a GPU), float32 moments, 8 bytes a trained parameter; "
+        "adamw_8bit: bitsandbytes' AdamW8bit, moments in 8 bits with a scale per block of 256, about 2 bytes "
+        "(not with distributed: fsdp).",
+    )
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices (not on norms or biases).")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
@@ -508,6 +524,13 @@ class Config(_Strict):
         "fsdp shards weights, gradients and optimizer state (FSDP2; full fine-tuning only); auto: fsdp for "
         "adapter: none, ddp for adapters.",
     )
+    fsdp_reshard_after_forward: Literal["auto"] | bool = Field(
+        "auto",
+        description="fsdp: free each decoder layer's gathered weights after its forward and gather them again "
+        "for its backward (true), or keep them until the backward (false: one all-gather less per layer, the "
+        "whole model's compute-dtype weights held during the step); auto: keep them when those weights take at "
+        "most a quarter of the GPU's memory (always true on CPU processes, which share the host's memory).",
+    )
     overlap_gradient_sync: bool = Field(
         True,
         description="ddp with gradient_aggregation: mean: send each bucket of gradients while the step's last "
@@ -560,6 +583,10 @@ class Config(_Strict):
             if lora_only:
                 raise ValueError(f"{', '.join(lora_only)}: for adapter lora or qlora; with adapter: none every "
                                  "weight trains at learning_rate")
+        if self.lora_init != "kaiming" and (self.adapter != "lora" or self.base_precision != "bf16"):
+            raise ValueError(f"lora_init: {self.lora_init} needs adapter: lora with base_precision: bf16 (it takes "
+                             "the initial adapter out of the base weights; an NF4 or FP8 base would have to be "
+                             f"quantized again), not adapter: {self.adapter}, base_precision: {self.base_precision}")
         if self.base_precision == "fp8" and self.adapter != "lora":
             raise ValueError(f"base_precision: fp8 is for adapter: lora (a frozen base), not adapter: {self.adapter}")
         names = self.new_special_tokens

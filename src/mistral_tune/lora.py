@@ -10,6 +10,10 @@ Variants, each in PEFT's format and with PEFT's maths (tests compare logits with
   e.g. the reserved control tokens a run gives new names (chat.py); only those rows are saved.
 - Mixtral's experts (`ExpertLora`): one low-rank pair per expert on a stacked 3D weight, saved as
   PEFT's LoRA on parameters (`target_parameters`), which PEFT loads onto transformers' Mixtral.
+- PiSSA / OLoRA initialisation (`init`): A and B start from the base weight's top singular triplets
+  (PiSSA) or its QR factors (OLoRA), and the frozen weight becomes the residual W - s B0 A0, so training
+  starts at the base model. The saved adapter is for the original base: the difference BA - B0 A0 as a
+  LoRA of twice the rank (PEFT's conversion at save time, `path_initial_model_for_weight_conversion`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from .models.recompute import linear_grad_only
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: A checkpoint's PiSSA / OLoRA starting factors A0, B0 (resume puts them back; save_adapter subtracts them).
+LORA_INIT_WEIGHTS = "lora_init.safetensors"
 # Written beside a QLoRA adapter: the base it was trained on was NF4, so a merge must use the
 # dequantized NF4 weights to give the trained model. (PEFT's config has no field for it.)
 BASE_QUANTIZATION = "base_quantization.json"
@@ -57,6 +63,7 @@ class LoraSpec:
     modules_to_save: list[str] = field(default_factory=list)  # of WHOLE_MODULES: trained in full
     # Rows of embed_tokens / lm_head that train (PEFT's trainable_token_indices), by module name.
     trainable_tokens: dict[str, list[int]] = field(default_factory=dict)
+    init: str = "kaiming"  # kaiming (PEFT's default), pissa, pissa_niter_N or olora: config.py's lora_init
 
     @property
     def scaling(self) -> float:
@@ -65,7 +72,8 @@ class LoraSpec:
 
 
 class LoraLinear(nn.Linear):
-    """y = x W^T + scaling * dropout(x) A^T B^T, with W frozen and B initialised to zero.
+    """y = x W^T + scaling * dropout(x) A^T B^T, with W frozen and B initialised to zero (or, with
+    PiSSA / OLoRA, B0 A0 taken out of W, which they were computed from: lora_init_A / lora_init_B).
 
     W is the adapted nn.Linear's own weight, or a frozen quantized layer: NF4 (QLoRA, models/quant.py)
     or FP8 (base_precision: fp8, models/fp8.py).
@@ -89,7 +97,11 @@ class LoraLinear(nn.Linear):
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.scaling = spec.scaling
         self.disabled = False  # adapters_disabled(): the base model's output, in place
-        self.reset_lora(None)
+        self.lora_init_A = self.lora_init_B = None
+        if spec.init == "kaiming":
+            self.reset_lora(None)
+        else:
+            self._init_from_weight(spec.init)
         self.register_parameter("lora_magnitude_vector", None)
         if spec.use_dora:  # starts at the base rows' norms: training starts at the base model
             self.lora_magnitude_vector = nn.Parameter(self._adapted_norm().to(dt))
@@ -101,10 +113,55 @@ class LoraLinear(nn.Linear):
             self.lora_A.weight.uniform_(-bound, bound, generator=generator)
             self.lora_B.weight.zero_()
 
+    @torch.no_grad()
+    def _init_from_weight(self, init: str) -> None:
+        """PiSSA or OLoRA as PEFT 0.21 computes them (in float32; A, B stay float32), then W -= s B0 A0.
+
+        PiSSA: W = U S V^T, A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s), so s B A is W's best rank-r
+        part (pissa_niter_N: torch.svd_lowrank's estimate of it, N subspace iterations). OLoRA: W = Q R,
+        A = R[:r], B = Q[:, :r]."""
+        if self.quantized is not None:
+            raise ModelError(f"lora_init {init}: the base weight must be a plain float weight to take the "
+                             "initial adapter out of it, not a quantized (NF4 / FP8) one")
+        if self.r > min(self.out_features, self.in_features):
+            raise ModelError(f"lora_init {init}: lora_r {self.r} is above the rank of a {self.out_features} x "
+                             f"{self.in_features} weight; lower lora_r or leave that projection out")
+        w = self.weight.float()
+        if init == "olora":
+            q, r = torch.linalg.qr(w)
+            a, b = r[: self.r].contiguous(), q[:, : self.r].contiguous()
+        else:
+            if init == "pissa":
+                u, s, vh = torch.linalg.svd(w, full_matrices=False)
+                u, s, vh = u[:, : self.r], s[: self.r], vh[: self.r]
+            else:
+                u, s, v = torch.svd_lowrank(w, q=self.r, niter=int(init.removeprefix("pissa_niter_")))
+                vh = v.T
+            root = torch.sqrt(s / self.scaling)
+            a, b = root[:, None] * vh, u * root
+        self.lora_A.weight.data, self.lora_B.weight.data = a, b
+        self.lora_init_A, self.lora_init_B = a.clone(), b.clone()
+        self.weight.copy_(w - self.scaling * (b @ a))
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.out_features
+
+    @torch.no_grad()
+    def set_initial(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Use a0, b0 as the starting factors (a checkpoint's): W + s B0 A0 (the original weight) stays,
+        the residual W is recomputed around them. No change when they are this layer's own."""
+        a0, b0 = a0.to(self.lora_init_A), b0.to(self.lora_init_B)
+        if torch.equal(a0, self.lora_init_A) and torch.equal(b0, self.lora_init_B):
+            return
+        original = self.weight.float() + self.scaling * (self.lora_init_B @ self.lora_init_A)
+        self.weight.copy_(original - self.scaling * (b0 @ a0))
+        self.lora_init_A, self.lora_init_B = a0, b0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base(x)
-        if self.disabled:  # adapters_disabled(): the base model's output
-            return out
+        if self.disabled:  # adapters_disabled(): the base model's output (after PiSSA / OLoRA, W_res + s B0 A0)
+            return out if self.lora_init_A is None else out + self._initial(x)
         if self.lora_magnitude_vector is None:
             return out + self._lora(self.lora_dropout(x))
         return out + self._dora(x, out)
@@ -120,6 +177,11 @@ class LoraLinear(nn.Linear):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight) if self.quantized is None else self.quantized(x)
+
+    def _initial(self, x: torch.Tensor) -> torch.Tensor:
+        """s B0 A0 x: what PiSSA / OLoRA took out of the base weight."""
+        a0, b0 = self.lora_init_A.to(x.dtype), self.lora_init_B.to(x.dtype)
+        return nn.functional.linear(nn.functional.linear(x, a0), b0) * self.scaling
 
     def _lora(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(x)) * self.scaling
@@ -154,8 +216,7 @@ class LoraLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.lora_magnitude_vector is not None else ""
-        return (f"in={self.in_features}, out={self.out_features}, r={self.lora_A.out_features}, "
-                f"scaling={self.scaling:g}{dora}")
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}{dora}")
 
 
 class ExpertLora(nn.Module):
@@ -260,11 +321,15 @@ def apply_lora(model: nn.Module, spec: LoraSpec, seed: int | None = None) -> lis
         raise ModelError(f"lora_dropout {spec.dropout:g} / use_dora {spec.use_dora}: LoRA on Mixtral's experts has "
                          "neither (as PEFT's LoRA on parameters); set lora_dropout 0 and use_dora false, or leave "
                          "the experts out of lora_target_modules")
+    if stacked and spec.init != "kaiming":
+        raise ModelError(f"lora_init {spec.init}: not for LoRA on Mixtral's experts (PEFT's LoRA on parameters has "
+                         "only the default init); use lora_init kaiming, or leave the experts out of "
+                         "lora_target_modules")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in spec.target_modules and type(child) in (nn.Linear, NF4Linear, FP8Linear):
                 lora = LoraLinear(child, spec)
-                if generator is not None and lora.lora_A.weight.device.type == "cpu":
+                if generator is not None and spec.init == "kaiming" and lora.lora_A.weight.device.type == "cpu":
                     lora.reset_lora(generator)
                 setattr(module, child_name, lora)
                 wrapped.append(f"{name}.{child_name}" if name else child_name)
@@ -331,10 +396,13 @@ def _train_embeddings(model: nn.Module, spec: LoraSpec) -> None:
         setattr(owner, child, TrainableTokens(module, ids))
 
 
-def output_weight(model: nn.Module) -> torch.Tensor:
-    """The lm_head weight the model applies (its trained rows in, with trainable tokens)."""
+def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """What lm_head applies: its weight, and with trainable tokens the trained rows' indices and
+    values, which replace those rows (kept apart: merging them copies the whole weight)."""
     head = model.lm_head
-    return head.merged_weight() if isinstance(head, TrainableTokens) else head.weight
+    if isinstance(head, TrainableTokens) and not head.disabled:
+        return head.weight, head.token_indices, head.trainable_tokens_delta
+    return head.weight, None, None
 
 
 def adapter_state(model: nn.Module, spec: LoraSpec) -> dict[str, torch.Tensor]:
@@ -344,6 +412,45 @@ def adapter_state(model: nn.Module, spec: LoraSpec) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items()
             if k in whole or ".lora_A." in k or ".lora_B." in k
             or k.endswith((".lora_magnitude_vector", ".trainable_tokens_delta"))}
+
+
+def _initialised(model: nn.Module) -> dict[str, LoraLinear]:
+    """The layers that took their starting factors from the base weight (PiSSA / OLoRA), by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear) and m.lora_init_A is not None}
+
+
+def lora_init_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """What PiSSA / OLoRA computed in this process: the residual weights and the starting factors (the
+    processes of a distributed run take rank 0's, so their frozen bases are equal too)."""
+    return [t for m in _initialised(model).values() for t in (m.weight, m.lora_init_A, m.lora_init_B)]
+
+
+def lora_init_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The PiSSA / OLoRA starting factors under the names of the factors they started (`<module>.lora_A.weight`)."""
+    state = {}
+    for name, m in _initialised(model).items():
+        state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = m.lora_init_A, m.lora_init_B
+    return state
+
+
+def save_lora_init(model: nn.Module, checkpoint_dir: Path) -> None:
+    """Write the PiSSA / OLoRA starting factors (lora_init_state) into a checkpoint; nothing without them."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in lora_init_state(model).items()}
+    if state:
+        save_file(state, str(checkpoint_dir / LORA_INIT_WEIGHTS))
+
+
+def restore_lora_init(model: nn.Module, checkpoint_dir: Path) -> None:
+    """Put a checkpoint's starting factors (save_lora_init) back: the frozen residual weights are the ones
+    the checkpoint's run trained on, even where this run's SVD / QR came out otherwise."""
+    layers = _initialised(model)
+    path = checkpoint_dir / LORA_INIT_WEIGHTS
+    state = load_file(str(path)) if path.is_file() else {}
+    if set(state) != set(lora_init_state(model)):
+        raise ModelError(f"{path}: does not hold the starting factors of this model's {len(layers)} PiSSA / OLoRA "
+                         f"layers ({len(state)} tensors); was the checkpoint written with another lora_init?")
+    for name, m in layers.items():
+        m.set_initial(state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"])
 
 
 def _text_model_path(model: nn.Module) -> str:
@@ -395,10 +502,10 @@ def has_adapters(model: nn.Module) -> bool:
 @contextmanager
 @torch.no_grad()
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes as its base: every adapter's low-rank branch is skipped,
-    trainable tokens' base rows are used, and modules trained whole (modules_to_save) get their base
-    weight back for the while. Only those whole modules are copied, so the base and the tuned model
-    can be compared on one copy in memory."""
+    """Inside the block the model computes as its base: every adapter's low-rank branch is skipped (after
+    PiSSA / OLoRA, the starting factors are added back to the residual), trainable tokens' base rows are
+    used, and modules trained whole (modules_to_save) get their base weight back for the while. Only
+    those whole modules are copied, so the base and the tuned model can be compared on one copy in memory."""
     layers = [m for m in model.modules() if isinstance(m, (*ADAPTER_LAYERS, TrainableTokens))]
     before = [m.disabled for m in layers]
     whole = [m for m in model.modules() if hasattr(m, "base_weight")]
@@ -419,10 +526,21 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 def save_adapter(
     model: nn.Module, spec: LoraSpec, out_dir: Path, base_model: str, dtype: torch.dtype | None = None
 ) -> None:
-    """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)."""
+    """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors).
+
+    After PiSSA / OLoRA, for the original base: W + s (BA - B0 A0) is the trained W_res + s BA, written
+    as the rank-2r LoRA A' = [A; A0], B' = [B, -B0] with alpha doubled (by sqrt 2 with rsLoRA) so the
+    scale stays s, as PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) writes it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stacked = _expert_adapters(model)
-    tensors = {_peft_key(model, k): v.detach().contiguous() for k, v in adapter_state(model, spec).items()}
+    state = adapter_state(model, spec)
+    initial = lora_init_state(model)
+    for key, start in initial.items():
+        if ".lora_A." in key:
+            state[key] = torch.cat([state[key], start])
+        else:
+            state[key] = torch.cat([state[key], -start], dim=1)
+    tensors = {_peft_key(model, k): v.detach().contiguous() for k, v in state.items()}
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -439,8 +557,8 @@ def save_adapter(
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
-        "r": spec.r,
-        "lora_alpha": spec.alpha,
+        "r": 2 * spec.r if initial else spec.r,
+        "lora_alpha": spec.alpha * (math.sqrt(2) if spec.use_rslora else 2) if initial else spec.alpha,
         "lora_dropout": spec.dropout,
         "target_modules": sorted(t for t in spec.target_modules if not (stacked and t in EXPERT_TARGETS)),
         "use_rslora": spec.use_rslora,

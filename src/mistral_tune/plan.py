@@ -6,13 +6,16 @@ The model follows how training allocates (train/loop.py, models/, kernels/):
   blocksize 64 over 256-block groups) for QLoRA's target projections (Mixtral's targeted stacked
   expert weights one matrix per expert), plus a few bf16 copies of a matrix dequantized at a time;
   float32 for full fine-tuning (adapter: none), with its bf16 autocast copies. Trained parameters
-  are float32 with float32 gradients and two AdamW states.
+  are float32 with float32 gradients and two AdamW states: float32, or (optimizer: adamw_8bit) a
+  byte each with a float32 scale per block of 256.
 - activations, per token per layer, counted from the decoder layer's saved tensors: the two norm
   inputs and outputs (4 x hidden), q and the attention output (2 x heads x head_dim), k and v
   (2 x KV heads x head_dim), and gate, up and their product (3 x MLP width; top-k experts for MoE).
   Without checkpointing every layer keeps them; with it a layer keeps its input (or, offloaded,
   nothing on the GPU) and the backward of one layer (one row at a time when offloaded) holds
-  BACKWARD_PEAK_LAYERS layers' worth. The fused loss holds one chunk of 2,048 tokens' float32 logits.
+  BACKWARD_PEAK_LAYERS layers' worth. The fused loss holds one chunk of logits (kernels/loss.py
+  chunk_bytes: 2,048 x 32,768 logits whatever the vocabulary, 6 bytes each with a bf16 product:
+  the float32 logits and the product), measured exact on the CPU allocator (tests/test_kernels.py).
 - time: matrix FLOPs per token (4N with a frozen base, 6N full; + the re-run's forward less the down
   projection, which the re-run skips, when checkpointed), LoRA's 6 x its parameters, lm_head on
   trained tokens only, attention 4 x heads x head_dim per (query, key) pair a layer, x3 for forward +
@@ -23,9 +26,11 @@ The model follows how training allocates (train/loop.py, models/, kernels/):
 - several GPUs (`--gpus N`, one process each, as train/runtime.py runs them): ddp keeps one process's
   memory (robust aggregation adds every rank's gathered, sorted adapter gradients after the backward)
   and runs at one GPU's speed times the efficiency measured on two; fsdp shards the float32 weights,
-  gradients and AdamW state N ways, gathers two decoder layers and the embeddings and head in bf16,
-  holds one layer's whole gradient in the backward and peaks at the optimizer step; its forward and
-  backward run at one GPU's speed times the efficiency measured on two, its AdamW step on 1/N.
+  gradients and AdamW state N ways, gathers two decoder layers (every one, held all step, when
+  fsdp_reshard_after_forward keeps them gathered, as runtime.resolve_reshard decides for the GPU) and
+  the embeddings and head in bf16, holds one layer's whole gradient in the backward and peaks at the
+  optimizer step; its forward and backward run at one GPU's speed times the efficiency measured on two
+  (resharded or kept gathered), its AdamW step on 1/N.
 
 Calibration constants are few and named below; docs/benchmarks.md says which recorded runs fitted
 which and gives predicted against measured for every recorded configuration.
@@ -39,6 +44,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .errors import ConfigError
+from .kernels.loss import chunk_bytes
 from .models.families import EXPERT_TARGETS
 from .models.quant import BLOCKSIZE as NF4_BLOCK
 
@@ -56,8 +62,10 @@ MFU_FULL = 0.59  # the same for full fine-tuning, forward + backward: full_1gpu_
 # sorts as median does and takes its figure); assumed to hold on more GPUs.
 DDP_EFFICIENCY = {"mean": 0.980, "median": 0.951, "trimmed_mean": 0.951, "centered_clip": 0.945}
 # fsdp: the one-GPU forward + backward time / FSDP2's (full_1gpu_compute / fsdp_2gpu: the all-gathers and
-# reduce-scatters the step waits for); assumed to hold on more GPUs.
-FSDP_EFFICIENCY = 0.856
+# reduce-scatters the step waits for), by whether the decoder layers are resharded after their forward
+# (fsdp_reshard_after_forward; kept gathered: 2026-11-30-h200x2-distributed-2.json, one all-gather less a
+# layer); assumed to hold on more GPUs.
+FSDP_EFFICIENCY = {True: 0.856, False: 0.901}
 # fsdp: bytes per parameter per GPU beyond the sharded state alive during the optimizer step, where the
 # peak is (fsdp_2gpu: 27.7 GiB above the 54 GiB of state, as much as two float32 shards; what holds them is
 # not identified; assumed to shard with the state on more GPUs).
@@ -74,9 +82,13 @@ ROBUST_BYTES = 20  # per rank per trained parameter, robust aggregation: the gat
 CUDA_CONTEXT_GIB = 0.75  # CUDA context and kernels
 ALLOCATOR_SLACK = 0.05  # the caching allocator's fragmentation, as a share of the peak
 
-LOSS_CHUNK = 2048  # tokens per chunk of the fused loss (kernels/loss.py's default)
-ADAMW_BYTES = 16  # float32 weight, gradient and two states per trained parameter
-OPTIMIZER_TRAFFIC = 28  # bytes read and written per trained parameter by the fused AdamW step
+# AdamW's two moments per trained parameter: float32, or bitsandbytes' 8 bits with a float32 scale per
+# block of 256 values (float32 for the input embedding, and for tensors under 4,096 values: norms, which
+# this ignores; train/optim.py make_optimizer)
+STATE_BYTES = {"adamw": 8, "adamw_8bit": 2 * (1 + 4 / 256)}
+# Bytes the optimizer step reads and writes per trained parameter: the weight and gradient read, the
+# weight written (12), the moments read and written. Fitted for fused AdamW (28) only.
+STEP_TRAFFIC = 12
 
 
 @dataclass(frozen=True)
@@ -126,11 +138,13 @@ class Setup:
     fast: bool = True
     bf16: bool = True
     fp8: bool = False  # base_precision: fp8 (the dense projections held in e4m3 with a float32 scale a row)
+    optimizer: str = "adamw"  # adamw | adamw_8bit: the bytes of its states (STATE_BYTES)
     micro_batch_size: int = 1
     accumulation: int = 1
     gpus: int = 1  # processes, one a GPU
     strategy: str = "ddp"  # with several: ddp (replicated) or fsdp (sharded), as runtime.resolve_strategy says
     aggregation: str = "mean"  # gradient_aggregation (ddp)
+    reshard: str | bool = "auto"  # fsdp_reshard_after_forward, resolved by runtime.resolve_reshard (resharded)
 
     @property
     def sharded(self) -> bool:
@@ -143,7 +157,8 @@ class Setup:
         if self.gpus > 1:
             how = self.strategy + (f", {self.aggregation}" if self.aggregation != "mean" else "")
             gpus = f" on {self.gpus} GPUs ({how})"
-        return (f"{self.adapter}, {mode}, micro_batch_size {self.micro_batch_size} x {self.accumulation} "
+        optimizer = "" if self.optimizer == "adamw" else f", optimizer {self.optimizer}"
+        return (f"{self.adapter}, {mode}{optimizer}, micro_batch_size {self.micro_batch_size} x {self.accumulation} "
                 f"accumulation{gpus}")
 
 
@@ -160,7 +175,7 @@ class MicroBatch:
 class Prediction:
     setup: Setup
     weights_gib: float
-    trained_gib: float  # trained parameters with their gradients and AdamW states
+    trained_gib: float  # trained parameters with their gradients and optimizer states
     activations_gib: float
     peak_gib: float  # as torch.cuda.max_memory_allocated counts it, on each GPU
     tokens_per_s: float | None  # real tokens, on each GPU; None when not predicted (float32)
@@ -254,6 +269,14 @@ def base_bytes(m, s: Setup, act: int = 2) -> float:
             + 4 * L * sum(sz["proj"][k][1] for k in fp8))
 
 
+def resharded(m, s: Setup, gpu: GPU | None) -> tuple[bool, str]:
+    """Whether fsdp reshards each decoder layer after its forward on this GPU, as the trainer decides
+    (runtime.resolve_reshard on the whole model's bf16 weights), and why."""
+    from .train.runtime import resolve_reshard
+
+    return resolve_reshard(s.reshard, 2 * _sizes(m)["total"], round(gpu.memory_gib * GIB) if gpu else None)
+
+
 def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Prediction:
     """Peak memory and speed of training model shape `m` as `s` says on these micro-batches."""
     sz, L, d = _sizes(m), m.num_hidden_layers, m.hidden_size
@@ -261,21 +284,25 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
     n_train = trained_params(m, s)
     active_mlp = m.num_experts_per_tok if m.moe else 1
     transient = 0.0  # held in one layer's backward besides the activations
+    reshard = resharded(m, s, gpu)[0] if s.sharded else True
+    all_layers = 0 if reshard else 2 * L * sz["layer"]  # every decoder layer's bf16 weights, kept gathered all step
     if s.sharded:  # FSDP2 (runtime.shard): each GPU holds 1/N of the float32 weights, gradients and AdamW states
         shard = sz["total"] / s.gpus
         root = sz["total"] - L * sz["layer"]  # embeddings, final norm and head: gathered from forward to backward
-        weights = 4 * shard + 2 * (FSDP_GATHERED_LAYERS * sz["layer"] + root)  # + the gathered bf16 copies
-        trained = (ADAMW_BYTES - 4) * shard
+        gathered = FSDP_GATHERED_LAYERS * sz["layer"] if reshard else 0
+        weights = 4 * shard + 2 * (gathered + root) + all_layers  # + the gathered bf16 copies
+        trained = (4 + STATE_BYTES[s.optimizer]) * shard  # gradients and states (train refuses adamw_8bit)
         transient = (2 + 4) * sz["layer"]  # a layer's whole gradient: bf16, then float32 for the reduce-scatter
     elif s.adapter == "none":
         weights = 4 * sz["total"] + (2 * L * sz["layer"] if s.bf16 else 0)  # float32 + autocast's bf16 copies
-        trained = (ADAMW_BYTES - 4) * n_train  # the float32 weights are counted above
+        trained = (4 + STATE_BYTES[s.optimizer]) * n_train  # gradients and states; the weights are counted above
+        trained += (STATE_BYTES["adamw"] - STATE_BYTES[s.optimizer]) * sz["embed"]  # its moments: float32
     else:
         weights = base_bytes(m, s, act)
         quantized = nf4_matrices(m, s.targets)
         if s.adapter == "qlora" and quantized:
             weights += QLORA_DEQUANT_BUFFERS * 2 * max(quantized)
-        trained = ADAMW_BYTES * n_train
+        trained = (8 + STATE_BYTES[s.optimizer]) * n_train  # float32 weights and gradients, and the states
     per_layer = act * (4 * d + 2 * m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim
                        + 3 * m.intermediate_size * active_mlp)
     whole = BATCH_HIDDEN_COPIES * act * d
@@ -283,7 +310,7 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
     for b in batches:
         tokens = b.rows * b.length
         unit = b.length if s.by_row else tokens  # tokens whose layer backward runs at once
-        loss = 4 * m.vocab_size * (min(LOSS_CHUNK, b.trained) if s.fast else 2 * b.trained)
+        loss = chunk_bytes(b.trained, m.vocab_size, product_bytes=act) if s.fast else 8 * m.vocab_size * b.trained
         if not s.checkpointing:
             need = tokens * (L * per_layer + whole) + loss
         else:
@@ -292,7 +319,7 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
         peak_act = max(peak_act, need)
     peak = weights + trained + peak_act + transient
     if s.sharded:  # the optimizer step: the sharded state and what the step holds besides
-        peak = max(peak, (ADAMW_BYTES + FSDP_STEP_BYTES) * sz["total"] / s.gpus)
+        peak = max(peak, (8 + STATE_BYTES[s.optimizer] + FSDP_STEP_BYTES) * sz["total"] / s.gpus + all_layers)
     elif s.gpus > 1 and s.aggregation != "mean":  # after the backward: every rank's gradient, gathered and sorted
         peak = max(peak, weights + trained + (ROBUST_BYTES * s.gpus + 4) * n_train)
 
@@ -316,9 +343,9 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
         seconds = sum(((b.rows * b.length) * (base + lora) + b.trained * head + b.pairs * attn_pair) / rate
                       + dequant for b in batches)
         steps = max(len(batches) / s.accumulation, 1e-9)  # each GPU's steps, were one GPU to take every batch
-        optimizer = OPTIMIZER_TRAFFIC * n_train / (gpu.bandwidth_tbs * 1e12)
+        optimizer = (STEP_TRAFFIC + 2 * STATE_BYTES[s.optimizer]) * n_train / (gpu.bandwidth_tbs * 1e12)
         if s.sharded:  # the step waits for the gathers and reduce-scatters; AdamW updates one shard
-            step_s = seconds / steps / FSDP_EFFICIENCY + optimizer / s.gpus
+            step_s = seconds / steps / FSDP_EFFICIENCY[reshard] + optimizer / s.gpus
         else:
             step_s = (seconds / steps + optimizer) / (DDP_EFFICIENCY[s.aggregation] if s.gpus > 1 else 1.0)
         tokens_per_s = sum(b.real for b in batches) / (steps * step_s)
@@ -370,8 +397,8 @@ def setup_from_config(cfg, fast: bool = True, gpus: int = 1) -> Setup:
     return Setup(cfg.adapter, cfg.lora_r, tuple(cfg.lora_target_modules), len(cfg.lora_modules_to_save),
                  cfg.gradient_checkpointing, cfg.offload_activations, cfg.offload_activations,
                  fast if cfg.fast_path == "auto" else bool(cfg.fast_path), cfg.bf16 is not False,
-                 cfg.base_precision == "fp8", cfg.micro_batch_size, cfg.gradient_accumulation_steps, gpus,
-                 resolve_strategy(cfg), cfg.gradient_aggregation)
+                 cfg.base_precision == "fp8", cfg.optimizer, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+                 gpus, resolve_strategy(cfg), cfg.gradient_aggregation, cfg.fsdp_reshard_after_forward)
 
 
 def _duration(seconds: float) -> str:
@@ -397,20 +424,23 @@ def detect_gpu() -> tuple[GPU | None, str]:
         return None, name
 
 
-def _several_gpus_lines(s: Setup) -> list[str]:
+def _several_gpus_lines(m, s: Setup, gpu: GPU | None) -> list[str]:
     """What a run on several GPUs is predicted from."""
     if s.gpus == 1:
         if s.adapter != "none":
             return []
-        return ["adapter: none on one GPU: the whole model in float32 with its gradients and AdamW state (16 bytes a "
-                "parameter) and bf16 autocast copies; --gpus N plans it sharded over N GPUs (FSDP2)"]
+        return [f"adapter: none on one GPU: the whole model in float32 with its gradients and AdamW state "
+                f"({8 + STATE_BYTES[s.optimizer]:g} bytes a parameter) and bf16 autocast copies; --gpus N plans it "
+                "sharded over N GPUs (FSDP2)"]
     source = "measured on 2 H200s (docs/benchmarks.md, Several GPUs); assumed the same on more"
     if s.sharded:
-        return [f"fsdp on {s.gpus} GPUs: each holds 1/{s.gpus} of the float32 weights, gradients and AdamW state, "
-                f"{FSDP_GATHERED_LAYERS} decoder layers and the embeddings and head gathered in bf16, and the "
-                "activations as one process; the peak comes at the optimizer step, "
-                f"{FSDP_STEP_BYTES} bytes a parameter above the state, and tokens/s per GPU is one GPU's forward + "
-                f"backward x {FSDP_EFFICIENCY}, then a sharded AdamW step: both {source}"]
+        reshard, why = resharded(m, s, gpu)
+        layers = f"{FSDP_GATHERED_LAYERS} decoder layers" if reshard else "every decoder layer"
+        return [f"fsdp on {s.gpus} GPUs: {why}; each holds 1/{s.gpus} of the float32 weights, gradients and AdamW "
+                f"state, {layers} and the embeddings and head gathered in bf16, and the activations as one "
+                f"process; the peak comes at the optimizer step, {FSDP_STEP_BYTES} bytes a parameter above the "
+                f"state, and tokens/s per GPU is one GPU's forward + backward x {FSDP_EFFICIENCY[reshard]}, then a "
+                f"sharded AdamW step: both {source}"]
     how = f"gradient_aggregation: {s.aggregation}"
     lines = [f"ddp on {s.gpus} GPUs: memory per GPU as one process"
              + (" and, after the backward, every rank's adapter gradients gathered and sorted"
@@ -479,7 +509,7 @@ def make_plan(cfg, model_cfg, data, gpu: GPU | None, memory_gib: float | None, g
         lines.append(f"base_precision: fp8: a byte a weight; the projections' products {FP8_SPEEDUP}x faster than "
                      "bf16's, fitted on the one FP8 record (a compiled 2-layer LoRA step 1.22x faster, "
                      "docs/benchmarks.md), not checked on a whole model")
-    lines += _several_gpus_lines(s0)
+    lines += _several_gpus_lines(model_cfg, s0, gpu)
 
     def row(label: str, p: Prediction, wall: float | None) -> str:
         per_gpu = f" ({p.tokens_per_s:,.0f} per GPU)" if p.setup.gpus > 1 else ""

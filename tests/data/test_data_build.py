@@ -403,3 +403,77 @@ def test_row_stream_groups_by_length_and_covers_every_row() -> None:
         spread = np.mean([max(lengths[r[0]] for r in b) - min(lengths[r[0]] for r in b) for b in batches if b])
         assert spread < 100  # random batches of 4 from 10..1000 spread ~ 500
     assert RowStream(rows, 5, row_lengths=lengths, group_size=4).order(0) != RowStream(rows, 5).order(0)
+
+
+LOCKED_TOKENIZER = '''
+import threading
+
+LOCK = threading.Lock()  # stands for any lock a library's thread may hold when the workers start
+
+
+class LockedTokenizer:
+    """A tokenizer that takes LOCK on every use, as a library guarding its state would."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getstate__(self):
+        return {"inner": self.inner}
+
+    def __setstate__(self, state):
+        self.inner = state["inner"]
+
+    def __getattr__(self, name):
+        with LOCK:
+            return getattr(self.inner, name)
+'''
+
+HOLD_AND_BUILD = '''
+import sys, threading, time
+sys.path[:0] = [{tmp!r}, {tests!r}]
+from data_helpers import chat
+from locked_tokenizer import LOCK, LockedTokenizer
+from mistral_tune.chat import load_tokenizer
+from mistral_tune.config import config_from_dict
+from mistral_tune.data.build import _run_pool, _settings
+from mistral_tune.data.sources import RawRecord
+
+tok = load_tokenizer("v3")
+settings = _settings(config_from_dict({{"base_model": "x", "datasets": [{{"path": "x"}}]}}), tok)
+held, release = threading.Event(), threading.Event()
+def hold():
+    with LOCK:
+        held.set()
+        release.wait()
+threading.Thread(target=hold, daemon=True).start()
+held.wait()
+chunks = [[RawRecord(f"mem:{{k}}", chat(f"q{{k}}", "a"))] for k in range(6)]
+out = []
+timer = threading.Timer(2.0, release.set)  # the other thread lets go soon after the workers start
+timer.start()
+_run_pool(iter(chunks), [], "messages", LockedTokenizer(tok), settings, 2, out.append)
+print("built", len(out))
+'''
+
+
+def test_workers_do_not_inherit_a_lock_another_thread_holds(tmp_path: Path) -> None:
+    """Workers forked from a process whose other thread held a lock (torch's, a tokenizer's, a
+    compiler's) inherited it held, by a thread that does not exist in the child, and waited forever:
+    data builds hung on a futex after a compiled training step. Workers must start clean."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "locked_tokenizer.py").write_text(LOCKED_TOKENIZER)
+    script = HOLD_AND_BUILD.format(tmp=str(tmp_path), tests=str(Path(__file__).parent))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the pool's workers too
+        proc.communicate()
+        pytest.fail("the data build's workers hung on a lock inherited from the parent's other thread")
+    assert proc.returncode == 0, out
+    assert "built 6" in out

@@ -601,8 +601,14 @@ def _build_entry(sources, ds, settings: _Settings, tokenizer, writer: CacheWrite
 
 def _run_pool(chunks, head, fmt: str, tokenizer, settings, workers, consume) -> None:
     # Bounded in-flight window (not Pool.imap, which would read the whole file ahead into memory).
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(method)
+    # Workers come from a fork server, not a fork of this process: by now this process may run
+    # threads (torch's, a tokenizer's, a compiler's) and a child forked while one of them held a
+    # lock waited for it forever (seen as data builds hanging on a futex after a compiled step).
+    # The server imports this module once, so each worker starts without importing torch again.
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
+                                      else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload([__name__])
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, settings)) as pool:
         pending: collections.deque = collections.deque()
         for chunk in itertools.chain(head, chunks):  # lazily: the file is read as the workers keep up

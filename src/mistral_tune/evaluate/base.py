@@ -31,13 +31,15 @@ class ModelPair:
 
     base_model None with adapters in `model`: the base is `model` with its adapters off. A merged or
     fully fine-tuned model has a base only when one is given. autocast_dtype: the training loop's
-    bf16 autocast, for a model whose trained weights are float32 over a bf16 base.
+    bf16 autocast, for a model whose trained weights are float32 over a bf16 base. every: for a
+    model sharded over processes that evaluate in lockstep (Runtime.every), whether a flag holds on
+    every process; a loop whose length depends on the model's outputs (generation) ends by it.
     """
 
     def __init__(self, model, tokenizer: ChatTokenizer, base_model=None,
-                 autocast_dtype: torch.dtype | None = None) -> None:
+                 autocast_dtype: torch.dtype | None = None, every: Callable[[bool], bool] = bool) -> None:
         self.model, self.tokenizer, self.base_model = model, tokenizer, base_model
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype, self.every = autocast_dtype, every
 
     @property
     def in_place(self) -> bool:

@@ -97,7 +97,8 @@ class NeedleEval(Evaluation):
                     key = str(rng.randrange(10 ** (cfg.key_digits - 1), 10 ** cfg.key_digits))
                     self.probes.append((li, di, key, probe.prompt(length, depth, key)))
 
-    def _grid(self, model, tokenizer) -> list[list[float]]:
+    def _grid(self, model, pair: ModelPair) -> list[list[float]]:
+        tokenizer = pair.tokenizer
         hits = [[0.0] * len(self.cfg.depths) for _ in self.lengths]
         order = sorted(range(len(self.probes)), key=lambda i: -len(self.probes[i][3]))  # longest first
         i = 0
@@ -106,7 +107,7 @@ class NeedleEval(Evaluation):
             group = order[i:i + rows]
             i += len(group)
             answers = generate_batch(model, [self.probes[j][3] for j in group], self.cfg.key_digits + 8,
-                                     eos_id=tokenizer.eos_id)
+                                     eos_id=tokenizer.eos_id, every=pair.every)
             for j, ids in zip(group, answers, strict=True):
                 li, di, key, _ = self.probes[j]
                 hits[li][di] += key in tokenizer.decode(ids).replace(" ", "")
@@ -117,9 +118,9 @@ class NeedleEval(Evaluation):
         if not self.lengths:
             result.notes.append(f"no probe fits token_budget {self.cfg.token_budget:,}")
             return result
-        base = self.base_once(pair, lambda m: self._grid(m, pair.tokenizer))
+        base = self.base_once(pair, lambda m: self._grid(m, pair))
         with pair.side("tuned") as model:
-            tuned = self._grid(model, pair.tokenizer)
+            tuned = self._grid(model, pair)
 
         def mean(grid, rows=None):
             rows = range(len(grid)) if rows is None else rows

@@ -151,18 +151,22 @@ class BestTracker:
 
 
 class TrainingEvals:
-    """What the training loop calls: `due`, `step` at each evaluation, `finish` at the end."""
+    """What the training loop calls: `due`; at each evaluation `measure`, then `record` and, when the
+    evaluation is the best so far, `keep_best`; `finish` at the end. Measuring is apart so that the
+    processes of a sharded model all run it, while rank 0 alone records."""
 
-    def __init__(self, cfg, pair: ModelPair, evaluator: Evaluator, out: Path, save_model: Callable[[Path], object],
-                 tracker: BestTracker | None, echo=print) -> None:
+    def __init__(self, cfg, pair: ModelPair, evaluator: Evaluator, out: Path,
+                 save_model: Callable[[Path, dict | None], object], tracker: BestTracker | None, echo=print) -> None:
         self.cfg, self.pair, self.evaluator, self.out, self.echo = cfg, pair, evaluator, out, echo
         self.save_model, self.tracker = save_model, tracker
         self.best_dir: Path | None = None
         self.last_step: int | None = None
 
     @classmethod
-    def start(cls, cfg, model, tokenizer, autocast_dtype, out: Path, save_model, echo=print) -> TrainingEvals | None:
-        """None when the config asks for nothing beyond the held-out loss."""
+    def start(cls, cfg, model, tokenizer, autocast_dtype, out: Path, save_model, echo=print,
+              every=bool) -> TrainingEvals | None:
+        """None when the config asks for nothing beyond the held-out loss. save_model(dir, weights): the
+        model into dir (weights: the whole state dict of a sharded model); every: ModelPair's."""
         e = cfg.eval
         if not e.requested:
             return None
@@ -172,7 +176,7 @@ class TrainingEvals:
             raise ConfigError("eval.early_stopping_patience: eval.metric loss needs a held-out set (val_set_size or "
                               "val_datasets); or name an evaluation's metric, e.g. tasks.exact_match")
         evals = build_evaluations(e, tokenizer, model.config, cfg.sequence_len)
-        pair = ModelPair(model, tokenizer, autocast_dtype=autocast_dtype)
+        pair = ModelPair(model, tokenizer, autocast_dtype=autocast_dtype, every=every)
         tracker = BestTracker(e.metric, e.early_stopping_patience) if tracked else None
         self = cls(cfg, pair, Evaluator(evals, echo), out, save_model, tracker, echo)
         info = out / BEST_DIR / BEST_INFO
@@ -187,9 +191,13 @@ class TrainingEvals:
         """Whether the evaluations run at `step` (the same answer on every process)."""
         return last or (cfg.eval.during_training and cfg.eval_steps is not None and step % cfg.eval_steps == 0)
 
-    def step(self, step: int, heldout_loss: float | None, log) -> str | None:
-        """Evaluate at `step`, log the metrics, keep the best model; why to stop when early stopping says so."""
-        metrics = self.evaluator.run(self.pair)
+    def measure(self) -> dict[str, float]:
+        """Every evaluation once, on the model as it is now."""
+        return self.evaluator.run(self.pair)
+
+    def record(self, step: int, metrics: dict[str, float], heldout_loss: float | None, log) -> dict:
+        """Log the metrics measured at `step` and judge them: {"best": they are the best so far (keep_best
+        comes next), "stop": why to stop when early stopping says so, else None}."""
         if heldout_loss is not None:
             metrics["loss"] = heldout_loss
         self.last_step = step
@@ -198,22 +206,24 @@ class TrainingEvals:
         for warning in self.evaluator.warnings:
             log.event({"step": step, "event": "warning", "message": warning})
             self.echo(f"warning at step {step}: {warning}")
-        if self.tracker is None:
-            return None
-        if self.tracker.update(step, metrics):
-            self.best_dir = replace_dir(self.out / BEST_DIR, self._write_best, "adapter")
-        return self.stop_reason if self.tracker.should_stop else None
+        best = self.tracker is not None and self.tracker.update(step, metrics)
+        # patience is at least 1: an evaluation that is the best never stops the run, so best_dir is set by then
+        return {"best": best, "stop": self.stop_reason if self.tracker and self.tracker.should_stop else None}
+
+    def keep_best(self, weights: dict | None = None) -> None:
+        """The model as it is now into output_dir/best, with best.json (weights: as save_model takes them)."""
+        def write(tmp: Path) -> None:
+            self.save_model(tmp, weights)
+            info = {"step": self.tracker.best_step, "metric": self.tracker.metric, "value": self.tracker.best}
+            (tmp / BEST_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+        self.best_dir = replace_dir(self.out / BEST_DIR, write, "adapter")
 
     @property
     def stop_reason(self) -> str:
         t = self.tracker
         return (f"{t.metric} has not improved for {t.since} evaluations (best {t.best:.4g} at step {t.best_step}, "
                 f"kept in {self.best_dir})")
-
-    def _write_best(self, tmp: Path) -> None:
-        self.save_model(tmp)
-        info = {"step": self.tracker.best_step, "metric": self.tracker.metric, "value": self.tracker.best}
-        (tmp / BEST_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
     @property
     def best(self) -> dict | None:

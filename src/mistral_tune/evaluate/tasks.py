@@ -198,15 +198,15 @@ def _schema_share(preds: list[str], schema_path: str) -> float:
     return ok / max(len(preds), 1)
 
 
-def generate_answers(model, tokenizer, prompts: list[list[int]], cfg, seed: int = 0) -> list[str]:
-    """Answers to every prompt, decoded in batches of similar length (less padding)."""
+def generate_answers(model, tokenizer, prompts: list[list[int]], cfg, seed: int = 0, every=bool) -> list[str]:
+    """Answers to every prompt, decoded in batches of similar length (less padding); every: ModelPair's."""
     gen = torch.Generator().manual_seed(seed) if cfg.temperature > 0 else None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [""] * len(prompts)
     for start in range(0, len(order), cfg.batch_size):
         group = order[start:start + cfg.batch_size]
         new = generate_batch(model, [prompts[i] for i in group], cfg.max_new_tokens, eos_id=tokenizer.eos_id,
-                             temperature=cfg.temperature, top_p=cfg.top_p, generator=gen)
+                             temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, every=every)
         for i, ids in zip(group, new, strict=True):
             out[i] = tokenizer.decode(ids)
     return out
@@ -234,13 +234,13 @@ class TaskEval(Evaluation):
         if "function" in cfg.metrics:
             load_function(cfg.function)  # a bad module:function is reported before any generation
 
-    def _answers(self, model, tokenizer) -> list[str]:
-        return generate_answers(model, tokenizer, self.prompts, self.cfg, seed=self.cfg.seed)
+    def _answers(self, model, pair: ModelPair) -> list[str]:
+        return generate_answers(model, pair.tokenizer, self.prompts, self.cfg, seed=self.cfg.seed, every=pair.every)
 
     def run(self, pair: ModelPair) -> Result:
-        base = self.base_once(pair, lambda m: self._answers(m, pair.tokenizer))
+        base = self.base_once(pair, lambda m: self._answers(m, pair))
         with pair.side("tuned") as model:
-            tuned = self._answers(model, pair.tokenizer)
+            tuned = self._answers(model, pair)
         base_scores = score(base, self.refs, self.cfg) if base is not None else {}
         tuned_scores = score(tuned, self.refs, self.cfg)
         result = Result(self.name)

@@ -213,6 +213,11 @@ class Experts(nn.Module):
         lora = self.lora[name] if name in self.lora else None
         return y if lora is None or lora.disabled else y + lora(x, e)
 
+    # Eager inside a compiled layer: which tokens go to which expert is known only at run time, so
+    # dynamo broke the graph there and compiled the rest once per expert index, reaching its
+    # recompile limit (8) within one step, after which the whole layer ran eagerly. The experts'
+    # work is a few large products per expert, which gain nothing from compiling.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, H); index, weights (T, k): each token's experts and their mixing weights."""
         # NF4 experts go one after another, each dequantized in its turn.

@@ -11,7 +11,7 @@ strings; `AnswerText` does both for one answer.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -60,8 +60,11 @@ def generate_batch(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    every: Callable[[bool], bool] = bool,
 ) -> list[list[int]]:
-    """New token ids for each prompt (eos not included), decoded together in one batch."""
+    """New token ids for each prompt (eos not included), decoded together in one batch. every: whether
+    every process that shares the model's forward passes has finished all its rows (sharded weights:
+    each process decodes until all have; see ModelPair)."""
     if not prompts:
         return []
     was_training = model.training
@@ -87,7 +90,7 @@ def generate_batch(
                 if not done[i] and not finished[i]:
                     out[i].append(int(tokens[i]))
             done |= finished
-            if bool(done.all()) or step + 1 == max_new_tokens:
+            if step + 1 == max_new_tokens or every(bool(done.all())):
                 break
             key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
             logits = model(tokens[:, None], position_ids=next_pos[:, None], kv_cache=cache, key_mask=key_mask)[:, -1]

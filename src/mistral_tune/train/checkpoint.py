@@ -4,6 +4,8 @@ A checkpoint is a directory `checkpoint-<step>` in output_dir:
 
   trainable.safetensors  the trainable parameters under their model names (LoRA A/B, or all weights)
   optimizer.safetensors  optimizer state tensors per parameter: `<name>::exp_avg`, `::exp_avg_sq`, `::step`
+                         (adamw_8bit: bitsandbytes' `::state1`, `::state2`, their block scales `::absmax1`,
+                         `::absmax2` and maps `::qmap1`, `::qmap2`; its step count in state.json)
   rng.safetensors        torch CPU (and CUDA) generator states; of a multi-process run, every rank's
   state.json             step, data position, micro-batch shape, guard state, Python and NumPy RNG states
   config.json            the resolved config of the run
@@ -125,8 +127,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, named: dict[str, torch.n
     plain: dict[str, dict] = {}
     for name, p in named.items():
         for key, value in optimizer.state.get(p, {}).items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{name}{_SEP}{key}"] = value.detach().to("cpu").contiguous()
+            if isinstance(value, torch.Tensor):  # a copy: bitsandbytes' parameters share one quantization
+                # map (qmap1, qmap2), and safetensors refuses tensors that share memory
+                tensors[f"{name}{_SEP}{key}"] = value.detach().to("cpu", copy=True).contiguous()
             else:
                 plain.setdefault(name, {})[key] = value
     return tensors, plain

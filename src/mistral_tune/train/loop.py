@@ -33,7 +33,15 @@ from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, s
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError, TrainingHalted
 from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
-from ..lora import WHOLE_MODULES, LoraSpec, apply_lora, save_adapter
+from ..lora import (
+    WHOLE_MODULES,
+    LoraSpec,
+    apply_lora,
+    lora_init_tensors,
+    restore_lora_init,
+    save_adapter,
+    save_lora_init,
+)
 from ..models.families import EXPERT_TARGETS, family_of
 from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
@@ -346,6 +354,7 @@ def evaluate(model, samples, rows, cfg: Config, rt: Runtime, padding: dict) -> t
             loss = float(token_loss_sum(model, batch))
         if group is not None:
             total, count = total + loss, count + batch.n_trained
+    rt.release_gathered(model)
     model.train()
     total, count = rt.all_sum([total, count])
     return total / max(count, 1), int(count)
@@ -414,13 +423,17 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         new_ids = sorted(tokenizer.added[n] for n in cfg.new_special_tokens)
         rows = {m: new_ids for m in WHOLE_MODULES if new_ids and m not in cfg.lora_modules_to_save}
         spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules), cfg.use_rslora,
-                        cfg.use_dora, list(cfg.lora_modules_to_save), rows)
-        apply_lora(model, spec, seed=cfg.seed)
+                        cfg.use_dora, list(cfg.lora_modules_to_save), rows, cfg.lora_init)
+        began = time.perf_counter()
+        wrapped = apply_lora(model, spec, seed=cfg.seed)  # PiSSA / OLoRA change the base weights here, before compiling
+        if spec.init != "kaiming":
+            echo(f"lora_init {spec.init}: {len(wrapped)} adapters start from their base weights, which now hold "
+                 f"the residual ({time.perf_counter() - began:.1f} s)")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     for p in params:  # trainable weights stay float32 even when the frozen base is bf16
         p.data = p.data.float()
-    rt.broadcast_parameters(params)  # the replicas start equal
+    rt.broadcast_parameters(params + lora_init_tensors(model))  # the replicas start equal
     rt.track_gradients(named)
     if rt.rank:
         torch.manual_seed(cfg.seed + rt.rank)  # dropout draws its own masks on each process
@@ -446,6 +459,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                  if one_sample else "FlexAttention block masks, compiled decoder layers")
     echo(f"fast path: {attention}, fused linear cross-entropy"
          if fast else "plain path: SDPA with a dense mask, eager layers, cross-entropy on gathered logits")
+    if rt.sharded:
+        echo(f"fsdp: {rt.sharding}")
     model.train()
     trainable, total = count_params(model)
     echo(f"device {rt.device}, {'bf16 autocast' if rt.autocast_dtype else 'float32'}; "
@@ -471,6 +486,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     resume_from = _resume_checkpoint(cfg, ckpts, fingerprint, force, rt, echo) if cfg.resume else None
     if resume_from is not None:
         resume_from.load_weights(named)
+        if spec is not None and spec.init != "kaiming":  # the residual base weights the checkpoint trained on
+            restore_lora_init(model, resume_from.path)
         resume_from.load_optimizer(optimizer, named)
         stream.load_state_dict(resume_from.state["data"], resume_from.path / "state.json")
         guard.load_state_dict(resume_from.state["guard"])
@@ -485,16 +502,32 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
          f"{progress.rows_per_step} rows" + (f" over {rt.world_size} processes" if rt.distributed else ""))
 
     # Evaluations read their data now, so that a bad eval: section stops the run before anything is written.
-    # They run on rank 0 alone (the model is whole on each ddp process); the others wait for the outcome
-    # (Runtime.on_main, within distributed_timeout).
+    # With a whole model on each process (ddp) they run on rank 0 alone while the others wait for the outcome
+    # (Runtime.on_main, within distributed_timeout); on a sharded one every process runs them in lockstep
+    # (each forward pass is collective), rank 0 first reading the data. Rank 0 alone logs and judges them.
     evals: TrainingEvals | None = None
     if cfg.eval.requested:
         def start_evals() -> None:
             nonlocal evals
             evals = TrainingEvals.start(cfg, model, tokenizer, rt.autocast_dtype, out,
-                                        lambda d: _save(cfg, model, spec, tokenizer, d, model_dir), echo)
+                                        lambda d, w: _save(cfg, model, spec, tokenizer, d, model_dir, w), echo,
+                                        every=rt.every if rt.sharded else bool)
 
-        rt.on_main(start_evals)  # an error in the eval: section stops every process
+        (rt.main_first if rt.sharded else rt.on_main)(start_evals)  # an error in the eval: section stops all
+
+    def run_evals(step: int, heldout_loss: float | None) -> str | None:
+        """The eval: section at `step`: measured, recorded and judged by rank 0 (measured by every process on
+        a sharded model), best/ written when it is the best so far; why to stop early, if early stopping says so."""
+        if rt.sharded:
+            metrics = evals.measure()
+            rt.release_gathered(model)
+            outcome = rt.on_main(lambda: evals.record(step, metrics, heldout_loss, log))
+        else:
+            outcome = rt.on_main(lambda: evals.record(step, evals.measure(), heldout_loss, log))
+        if outcome["best"]:
+            weights = rt.full_state_dict(model)  # gathered from the shards onto rank 0 (sharded runs)
+            rt.on_main(lambda: evals.keep_best(weights))
+        return outcome["stop"]
     if rt.is_main:
         target = check_output_dir(cfg)  # again, at the moment it matters
         if cfg.overwrite_output_dir and target.exists():
@@ -534,7 +567,10 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         write_adapter = None
         if spec is not None:
             base = str(model_dir.resolve()) if model_dir.exists() else cfg.base_model
-            write_adapter = lambda d: save_adapter(model, spec, d, base_model=base)
+
+            def write_adapter(d: Path) -> None:
+                save_adapter(model, spec, d, base_model=base)
+                save_lora_init(model, d)  # PiSSA / OLoRA: the starting factors, for resume
         shards = None
         if rt.sharded:  # every process writes its shards into the directory rank 0 then completes
             shards = Path(rt.on_main(lambda: str(ckpts.begin(step))))
@@ -652,7 +688,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     log.eval(step + 1, evaluated)
                 early_stop = None  # why to stop early, when the evaluations say so
                 if cfg.eval.requested and TrainingEvals.due(cfg, step + 1, last):
-                    early_stop = rt.on_main(lambda s=step + 1, e=evaluated: evals.step(s, e, log))
+                    early_stop = run_evals(step + 1, evaluated)
                 if scheduled or agreed.stop or early_stop:
                     checkpoint_dir = save_checkpoint(step + 1, _finite(evaluated) if evaluated is not None else None)
                 if early_stop:
@@ -700,12 +736,13 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(save_final))
     finally:
         log.finish(adapter_dir or merged_dir)
-    report = evals.finish(out.name) if evals is not None else None  # rank 0's
+    report = evals.finish(out.name) if evals is not None and rt.is_main else None  # rank 0's
     if stop.requested:
         echo(f"{stop.signal_name} came after the last step: the run is complete")
     _write_run_report(out, rt, echo)
     return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
-                       checkpoint_dir=checkpoint_dir, best=evals.best if evals else None, report=report)
+                       checkpoint_dir=checkpoint_dir, best=evals.best if evals and rt.is_main else None,
+                       report=report)
 
 
 def _write_run_report(out: Path, rt: Runtime, echo) -> None:
@@ -814,7 +851,8 @@ def find_resume_checkpoint(cfg: Config, ckpts: CheckpointManager, echo) -> Check
 SAFE_TO_CHANGE = frozenset({
     "logging_steps", "eval_steps", "eval", "save_steps", "save_total_limit", "max_steps", "num_epochs",
     "auto_micro_batch", "bad_step_zscore", "bad_step_window", "bad_step_rollback_after", "bad_step_lr_factor",
-    "bad_step_max_rollbacks", "overlap_gradient_sync", "report_to", "mlflow_tracking_uri",
+    "bad_step_max_rollbacks", "overlap_gradient_sync", "fsdp_reshard_after_forward", "report_to",
+    "mlflow_tracking_uri",
 })
 # Where the run lives and how it was started say nothing about the steps it takes (a run directory may be moved).
 _NOT_COMPARED = frozenset({"resume", "overwrite_output_dir", "output_dir"})

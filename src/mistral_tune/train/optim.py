@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data.pack import IGNORE
+from ..errors import ConfigError
 from ..kernels.loss import linear_cross_entropy_sum
-from ..lora import output_weight
+from ..lora import output_head
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -33,23 +34,35 @@ def warmup_steps(cfg, total_steps: int) -> int:
     return 0
 
 
-def make_optimizer(named: dict[str, torch.nn.Parameter], cfg, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(named: dict[str, torch.nn.Parameter], cfg, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only. Each group's "lr_scale" multiplies the scheduled
     learning rate: LoRA+ (loraplus_lr_ratio) gives lora_B and the other vectors (DoRA magnitudes) the
-    ratio, as PEFT's create_loraplus_optimizer does; everything else 1."""
+    ratio, as PEFT's create_loraplus_optimizer does; everything else 1.
+
+    `optimizer: adamw_8bit` is bitsandbytes' AdamW8bit (what transformers' Trainer runs for
+    optim="adamw_bnb_8bit"): both moments in 8 bits with a float32 scale per block of 256 values.
+    Float32 moments stay on tensors under 4,096 values (bitsandbytes' rule) and, as the Trainer
+    keeps them, on the input embedding, whose rarely seen rows 8-bit moments update unstably."""
     ratio = cfg.loraplus_lr_ratio or 1.0
     groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, p in named.items():
         scale = ratio if (".lora_B." in name or p.ndim == 1) else 1.0
         groups.setdefault((p.ndim >= 2, scale), []).append(p)
-    return torch.optim.AdamW(
-        [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
-         for (decay, scale), ps in groups.items()],
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        fused=device.type == "cuda",
-    )
+    param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
+                    for (decay, scale), ps in groups.items()]
+    options = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    if cfg.optimizer == "adamw_8bit":
+        try:
+            from bitsandbytes.optim import AdamW8bit
+        except ImportError:
+            raise ConfigError("optimizer: adamw_8bit needs bitsandbytes; install it with: "
+                              "pip install 'mistral-tune[qlora]'") from None
+        optimizer = AdamW8bit(param_groups, **options)
+        for name, p in named.items():  # the state bitsandbytes' first step makes for float32 moments
+            if name.endswith("embed_tokens.weight"):
+                optimizer.state[p].update(step=0, state1=torch.zeros_like(p), state2=torch.zeros_like(p))
+        return optimizer
+    return torch.optim.AdamW(param_groups, **options, fused=device.type == "cuda")
 
 
 def token_loss_sum(model, batch) -> torch.Tensor:
@@ -65,6 +78,7 @@ def token_loss_sum(model, batch) -> torch.Tensor:
     if targets.numel() == 0:
         return hidden.sum() * 0.0
     if getattr(model, "fused_loss", False):
-        return linear_cross_entropy_sum(h, output_weight(model), targets)
+        weight, rows, values = output_head(model)
+        return linear_cross_entropy_sum(h, weight, targets, rows=rows, row_values=values)
     logits = model.lm_head(h).float()
     return F.cross_entropy(logits, targets, reduction="sum")

@@ -19,7 +19,8 @@ aggregation needs every process's whole gradient, so it gathers them after the b
 Sharded training (`distributed: fsdp`, the default for full fine-tuning): PyTorch's FSDP2
 (`fully_shard`) on every decoder layer and on the whole model; each process holds 1/N of the
 float32 weights, gradients and optimizer state, reads only its rows of the checkpoint files, and
-all-gathers each layer's weights in bf16 just before it runs (prefetching the next); gradients are
+all-gathers each layer's weights in bf16 just before it runs (prefetching the next), and again for
+its backward unless they are kept gathered (fsdp_reshard_after_forward); gradients are
 reduce-scattered in float32 during backward. The loss normalisation needs the gradients summed,
 not averaged, so the reductions are set to plain sums.
 
@@ -82,6 +83,8 @@ class Runtime:
     owns_group: bool = False  # this Runtime started the process group and closes it
     strategy: str = "ddp"  # ddp: replicated model, gradients summed in buckets; fsdp: sharded
     overlap: bool = True  # ddp: send the buckets during the last backward pass (overlap_gradient_sync)
+    reshard_after_forward: str | bool = "auto"  # fsdp: fsdp_reshard_after_forward, resolved by `shard`
+    sharding: str = ""  # fsdp: what `shard` chose for the decoder layers and why (the trainer prints it)
     outlier_steps: Counter = field(default_factory=Counter)
     buckets: GradientBuckets | None = None  # ddp with mean aggregation, once track_gradients has run
 
@@ -126,7 +129,8 @@ class Runtime:
                                     device_id=device if device.type == "cuda" else None)
             owns = True
         return cls(device, autocast, rank, world, cfg.gradient_aggregation, cfg.byzantine_tolerance, faults, owns,
-                   resolve_strategy(cfg), cfg.overlap_gradient_sync)
+                   resolve_strategy(cfg), cfg.overlap_gradient_sync,
+                   reshard_after_forward=cfg.fsdp_reshard_after_forward)
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
@@ -153,6 +157,11 @@ class Runtime:
         if oom and self.buckets is not None:
             self.buckets.wait(keep=False)
         return StepSync(total_loss, int(total_real), oom > 0, stopping > 0)
+
+    def every(self, flag: bool) -> bool:
+        """Whether `flag` holds on every process: a loop of collective forward passes (generation on sharded
+        weights) ends together, whatever each process computed, when every process is done."""
+        return self.all_sum([float(not flag)])[0] == 0
 
     def barrier(self) -> None:
         if self.distributed:
@@ -314,18 +323,34 @@ class Runtime:
     def shard(self, model: torch.nn.Module) -> None:
         """Wrap `model` (a MistralForCausalLM, on the meta device or not) with FSDP2: each decoder layer a
         unit, the rest (embeddings, final norm, head) the root unit, kept gathered from the forward to
-        its backward. Compute in the autocast dtype, gradients reduced in float32 as sums."""
+        its backward. The layers are too when `reshard_after_forward` resolves to False (see
+        `resolve_reshard`; `sharding` says which and why). Compute in the autocast dtype, gradients
+        reduced in float32 as sums."""
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+        gathered = sum(p.numel() for p in model.parameters()) * (self.autocast_dtype or torch.float32).itemsize
+        memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        reshard, self.sharding = resolve_reshard(self.reshard_after_forward, gathered, memory)
         policy = MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32)
         for layer in model.model.layers:
-            fully_shard(layer, mp_policy=policy)
+            fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mp_policy=policy, reshard_after_forward=False)
         register_fsdp_forward_method(model, "hidden_states")  # the trainer calls it rather than forward
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
+
+    def release_gathered(self, model: torch.nn.Module) -> None:
+        """Free the weights that evaluation forwards left gathered (no backward follows them to reshard the
+        root unit, nor the layers kept gathered): every unit holds its shard again, in float32."""
+        if not self.sharded:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0's CPU (None elsewhere), gathered from the shards."""
@@ -335,6 +360,34 @@ class Runtime:
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.is_main else None
+
+
+KEEP_GATHERED_SHARE = 0.25  # fsdp_reshard_after_forward: auto keeps the layers gathered up to this share of the GPU
+
+
+def resolve_reshard(setting: str | bool, gathered_bytes: int, gpu_bytes: int | None) -> tuple[bool, str]:
+    """(reshard each layer after its forward, the reason in words) for fsdp_reshard_after_forward; gpu_bytes:
+    the GPU's memory, None for a CPU process.
+
+    auto keeps the layers gathered from forward to backward when the whole model's gathered (compute
+    dtype) weights take at most KEEP_GATHERED_SHARE of the GPU's memory. A quarter leaves the rest to
+    what sharding already holds (16 bytes a parameter / N of float32 weights, gradients and AdamW
+    state) and to the activations: Mistral 7B's 14.5 GB of bf16 is 10% of an H200 (kept), a 70B
+    model's 141 GB is not (resharded). CPU processes (gloo) share the host's memory: there auto reshards."""
+    size = f"{gathered_bytes / 2**30:.1f} GiB" if gathered_bytes >= 2**30 else f"{gathered_bytes / 2**20:.0f} MiB"
+    if setting != "auto":
+        what = "resharded after their forward" if setting else "kept gathered from their forward to their backward"
+        return bool(setting), (f"decoder layers {what} (fsdp_reshard_after_forward: {str(setting).lower()}; the "
+                               f"whole model gathered is {size})")
+    if gpu_bytes is None:
+        return True, ("decoder layers resharded after their forward (fsdp_reshard_after_forward: auto; CPU "
+                      "processes share the host's memory)")
+    share = f"{100 * gathered_bytes / gpu_bytes:.0f}% of the GPU's {gpu_bytes / 2**30:.0f} GiB"
+    if gathered_bytes <= KEEP_GATHERED_SHARE * gpu_bytes:
+        return False, (f"decoder layers kept gathered from their forward to their backward (fsdp_reshard_after_"
+                       f"forward: auto; the whole model gathered is {size}, {share}: one all-gather less per layer)")
+    return True, (f"decoder layers resharded after their forward (fsdp_reshard_after_forward: auto; the whole model "
+                  f"gathered is {size}, {share}, more than {KEEP_GATHERED_SHARE:.0%})")
 
 
 def _restart_store(world: int, timeout: timedelta) -> dist.Store | None:
@@ -510,11 +563,14 @@ def check_distributed_config(cfg, world: int) -> None:
     if cfg.adapter != "none":
         raise ConfigError(f"distributed: fsdp with adapter: {cfg.adapter} is not supported yet (adapters over a "
                           "sharded base); use distributed: ddp, which needs the base to fit one device")
-    if cfg.eval.requested:
-        raise ConfigError("eval: evaluations during training (tasks, forgetting, needle, early stopping) with "
-                          "distributed: fsdp are not supported: they run on rank 0 alone, and sharded weights "
-                          "take every process to each forward pass; train without them and run `mistral-tune "
-                          "eval` on the result")
+    if cfg.eval.forgetting is not None and cfg.eval.forgetting.lm_eval_tasks:
+        raise ConfigError("eval.forgetting.lm_eval_tasks with distributed: fsdp is not supported: the harness "
+                          "chooses its forward passes itself, and sharded weights take every process to each one "
+                          "in the same order; run `mistral-tune eval` on the result with lm_eval_tasks")
+    if cfg.optimizer == "adamw_8bit":
+        raise ConfigError("optimizer: adamw_8bit with distributed: fsdp is not supported: bitsandbytes' 8-bit "
+                          "update does not take the sharded (DTensor) weights; use optimizer: adamw, or "
+                          "distributed: ddp where the model fits one device")
     if cfg.auto_micro_batch:
         raise ConfigError("auto_micro_batch with distributed: fsdp is not supported: the sharded weights are "
                           "gathered inside forward and backward, where one process's out-of-memory cannot be "

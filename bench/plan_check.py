@@ -59,6 +59,7 @@ DIST_PHASES = {
     "lora_2gpu_median": ("ours_lean", dict(gpus=2, aggregation="median")),
     "lora_2gpu_centered_clip": ("ours_lean", dict(gpus=2, aggregation="centered_clip")),
     "fsdp_2gpu": ("ours_lean", dict(gpus=2, adapter="none", strategy="fsdp")),
+    "fsdp_2gpu_kept_gathered": ("ours_lean", dict(gpus=2, adapter="none", strategy="fsdp", reshard=False)),
 }
 
 
@@ -99,8 +100,11 @@ def recorded_configurations() -> list[dict]:
             if "phase" in r and any(o.get("phase") == r["phase"] and o["peak_gib"] < r["peak_gib"] for o in rows):
                 continue  # a phase every rank reports: the lowest, rank 0's holds the one-GPU phase's model too
             seq, bs = r.get("seq", 4096), r.get("bs", 2)
-            if setup_of(variant, bs, **keys).sharded:
+            if setup_of(variant, bs, **keys).sharded and "reshard" not in keys:
                 keys = dict(keys, reshard="resharded" in r.get("sharding", "resharded"))
+            peak = r["peak_gib"]
+            if "phase" in r and r["phase"].startswith("fsdp") and sum(o.get("phase") == r["phase"] for o in rows) == 1:
+                peak = None  # rank 0's alone: it holds the one-GPU phase's model too, so its peak is not FSDP's
             setup = setup_of(variant, bs, **keys)
             p = predict(shape, setup, bench_batches(variant, seq, bs), find_gpu(gpu_name))
             measured = r.get("tokens_per_s", r.get("tokens_per_s_per_gpu"))
@@ -109,13 +113,14 @@ def recorded_configurations() -> list[dict]:
                     f" {setup.aggregation}" if setup.aggregation != "mean" else "") + (
                     " kept gathered" if setup.sharded and not setup.reshard else "")
             out.append(dict(file=name, gpu=gpu_name, variant=variant, seq=seq, bs=bs,
-                            peak_gib=r["peak_gib"], predicted_peak_gib=round(p.peak_gib, 2),
+                            peak_gib=peak, predicted_peak_gib=round(p.peak_gib, 2),
                             tokens_per_s=measured, predicted_tokens_per_s=round(p.tokens_per_s)))
     return out
 
 
 def error(row: dict, key: str) -> float:
-    return row[f"predicted_{key}"] / row[key] - 1
+    """Predicted against measured, relative; 0 where nothing usable was measured."""
+    return row[f"predicted_{key}"] / row[key] - 1 if row[key] is not None else 0.0
 
 
 def print_table(rows: list[dict]) -> None:
@@ -124,8 +129,9 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['file']} | {r['gpu']} | {r['variant']} | {r['seq']} x {r['bs']} | "
-              f"{r['peak_gib']:.2f} / {r['predicted_peak_gib']:.2f} ({100 * error(r, 'peak_gib'):+.1f}%) | "
-              f"{r['tokens_per_s']:,} / {r['predicted_tokens_per_s']:,} ({100 * error(r, 'tokens_per_s'):+.1f}%) |")
+              + (f"{r['peak_gib']:.2f} / {r['predicted_peak_gib']:.2f} ({100 * error(r, 'peak_gib'):+.1f}%) | "
+                 if r["peak_gib"] is not None else f"(rank 0 only) / {r['predicted_peak_gib']:.2f} | ")
+              + f"{r['tokens_per_s']:,} / {r['predicted_tokens_per_s']:,} ({100 * error(r, 'tokens_per_s'):+.1f}%) |")
 
 
 # --------------------------------------------------------------------------- new runs

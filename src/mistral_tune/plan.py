@@ -285,7 +285,7 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
     active_mlp = m.num_experts_per_tok if m.moe else 1
     transient = 0.0  # held in one layer's backward besides the activations
     reshard = resharded(m, s, gpu)[0] if s.sharded else True
-    all_layers = 0 if reshard else 2 * L * sz["layer"]  # every decoder layer's bf16 weights, kept gathered all step
+    all_layers = 0 if reshard else 2 * L * sz["layer"]  # every decoder layer's bf16 weights, gathered until backward
     if s.sharded:  # FSDP2 (runtime.shard): each GPU holds 1/N of the float32 weights, gradients and AdamW states
         shard = sz["total"] / s.gpus
         root = sz["total"] - L * sz["layer"]  # embeddings, final norm and head: gathered from forward to backward
@@ -319,7 +319,8 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
         peak_act = max(peak_act, need)
     peak = weights + trained + peak_act + transient
     if s.sharded:  # the optimizer step: the sharded state and what the step holds besides
-        peak = max(peak, (8 + STATE_BYTES[s.optimizer] + FSDP_STEP_BYTES) * sz["total"] / s.gpus + all_layers)
+        # (layers kept gathered from forward to backward are resharded after their backward: not held here)
+        peak = max(peak, (8 + STATE_BYTES[s.optimizer] + FSDP_STEP_BYTES) * sz["total"] / s.gpus)
     elif s.gpus > 1 and s.aggregation != "mean":  # after the backward: every rank's gradient, gathered and sorted
         peak = max(peak, weights + trained + (ROBUST_BYTES * s.gpus + 4) * n_train)
 

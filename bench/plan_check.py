@@ -22,6 +22,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,7 @@ RECORDS = {
     "2026-11-23-h100-packed.json": "H100",
     "2026-11-23-h100-long-context.json": "H100",
     "2026-11-30-h200x2-distributed.json": "H200",
+    "2026-11-30-h200x2-distributed-2.json": "H200",
 }
 SUPERSEDED = {
     "2026-11-23-h100-lora.json": "before the causal kernel and the grad-only down projection",
@@ -48,13 +50,23 @@ SUPERSEDED = {
     "2026-11-23-h100-causal-kernel.json": "before the grad-only down projection",
     "2026-11-23-h100-long-context-parity.json": "FlexAttention for rows of one sample, before the causal kernel",
 }
-DIST_SETTING = {"lora_1gpu": "ours_lean"}  # dist_bench.py's one-GPU phase with --setting lean (its command)
+# dist_bench.py's phases with --setting lean (its command): the variant and what differs from it. The
+# trainer's own settings only: the phases that are not (each GPU alone, no overlap) are left out. fsdp_2gpu
+# says how its layers were sharded; without that, they were resharded after their forward.
+DIST_PHASES = {
+    "lora_1gpu": ("ours_lean", {}),
+    "lora_2gpu": ("ours_lean", dict(gpus=2)),
+    "lora_2gpu_median": ("ours_lean", dict(gpus=2, aggregation="median")),
+    "lora_2gpu_centered_clip": ("ours_lean", dict(gpus=2, aggregation="centered_clip")),
+    "fsdp_2gpu": ("ours_lean", dict(gpus=2, adapter="none", strategy="fsdp")),
+    "fsdp_2gpu_kept_gathered": ("ours_lean", dict(gpus=2, adapter="none", strategy="fsdp", reshard=False)),
+}
 
 
-def setup_of(variant: str, bs: int) -> Setup:
+def setup_of(variant: str, bs: int, **keys) -> Setup:
     v = gpu_bench.OURS[variant]
-    return Setup(adapter="qlora" if v["qlora"] else "lora", lora_r=16, checkpointing=v["ckpt"], offload=v["offload"],
-                 by_row=v["by_row"], fast=True, bf16=True, micro_batch_size=bs)
+    return replace(Setup(adapter="qlora" if v["qlora"] else "lora", lora_r=16, checkpointing=v["ckpt"],
+                         offload=v["offload"], by_row=v["by_row"], fast=True, bf16=True, micro_batch_size=bs), **keys)
 
 
 def bench_batches(variant: str, seq: int, bs: int, n: int = 4) -> list[MicroBatch]:
@@ -80,21 +92,35 @@ def recorded_configurations() -> list[dict]:
     shape = MistralConfig(**gpu_bench.SHAPE)
     out = []
     for name, gpu_name in RECORDS.items():
-        for r in json.loads((RESULTS / name).read_text()):
-            variant = DIST_SETTING.get(r.get("phase"), r.get("variant"))
+        rows = json.loads((RESULTS / name).read_text())
+        for r in rows:
+            variant, keys = DIST_PHASES.get(r.get("phase"), (r.get("variant"), {}))
             if variant not in gpu_bench.OURS or "error" in r:
                 continue  # a peer's stack, a parity check, another phase, or a run that did not finish
+            if "phase" in r and any(o.get("phase") == r["phase"] and o["peak_gib"] < r["peak_gib"] for o in rows):
+                continue  # a phase every rank reports: the lowest, rank 0's holds the one-GPU phase's model too
             seq, bs = r.get("seq", 4096), r.get("bs", 2)
-            p = predict(shape, setup_of(variant, bs), bench_batches(variant, seq, bs), find_gpu(gpu_name))
+            if setup_of(variant, bs, **keys).sharded and "reshard" not in keys:
+                keys = dict(keys, reshard="resharded" in r.get("sharding", "resharded"))
+            peak = r["peak_gib"]
+            if "phase" in r and r["phase"].startswith("fsdp") and sum(o.get("phase") == r["phase"] for o in rows) == 1:
+                peak = None  # rank 0's alone: it holds the one-GPU phase's model too, so its peak is not FSDP's
+            setup = setup_of(variant, bs, **keys)
+            p = predict(shape, setup, bench_batches(variant, seq, bs), find_gpu(gpu_name))
             measured = r.get("tokens_per_s", r.get("tokens_per_s_per_gpu"))
+            if setup.gpus > 1:
+                variant += f" {setup.adapter}, {setup.gpus} GPUs {setup.strategy}" + (
+                    f" {setup.aggregation}" if setup.aggregation != "mean" else "") + (
+                    " kept gathered" if setup.sharded and not setup.reshard else "")
             out.append(dict(file=name, gpu=gpu_name, variant=variant, seq=seq, bs=bs,
-                            peak_gib=r["peak_gib"], predicted_peak_gib=round(p.peak_gib, 2),
+                            peak_gib=peak, predicted_peak_gib=round(p.peak_gib, 2),
                             tokens_per_s=measured, predicted_tokens_per_s=round(p.tokens_per_s)))
     return out
 
 
 def error(row: dict, key: str) -> float:
-    return row[f"predicted_{key}"] / row[key] - 1
+    """Predicted against measured, relative; 0 where nothing usable was measured."""
+    return row[f"predicted_{key}"] / row[key] - 1 if row[key] is not None else 0.0
 
 
 def print_table(rows: list[dict]) -> None:
@@ -103,8 +129,9 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['file']} | {r['gpu']} | {r['variant']} | {r['seq']} x {r['bs']} | "
-              f"{r['peak_gib']:.2f} / {r['predicted_peak_gib']:.2f} ({100 * error(r, 'peak_gib'):+.1f}%) | "
-              f"{r['tokens_per_s']:,} / {r['predicted_tokens_per_s']:,} ({100 * error(r, 'tokens_per_s'):+.1f}%) |")
+              + (f"{r['peak_gib']:.2f} / {r['predicted_peak_gib']:.2f} ({100 * error(r, 'peak_gib'):+.1f}%) | "
+                 if r["peak_gib"] is not None else f"(rank 0 only) / {r['predicted_peak_gib']:.2f} | ")
+              + f"{r['tokens_per_s']:,} / {r['predicted_tokens_per_s']:,} ({100 * error(r, 'tokens_per_s'):+.1f}%) |")
 
 
 # --------------------------------------------------------------------------- new runs

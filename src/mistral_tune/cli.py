@@ -255,7 +255,7 @@ def _cmd_plan(args) -> None:
     print(f"plan for {args.config}: model {model_dir}" + (f"; GPU {seen}" if seen else ""))
     for line in data.report.warnings:
         print(f"warning: {line}")
-    for line in make_plan(cfg, model_cfg, data, gpu, args.memory_gib).lines:
+    for line in make_plan(cfg, model_cfg, data, gpu, args.memory_gib, args.gpus).lines:
         print(line)
 
 
@@ -363,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--gpu", help="plan for this GPU, e.g. H100 (an unknown name lists the known ones); default: the "
                    "one detected")
-    p.add_argument("--memory-gib", type=float, help="memory budget in GiB (default: the GPU's)")
+    p.add_argument("--memory-gib", type=float, help="memory budget in GiB per GPU (default: the GPU's)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="plan for N processes, one a GPU, as train --gpus N runs them (distributed: ddp or fsdp)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model (HF format)")

@@ -122,3 +122,22 @@ def test_without_bitsandbytes_the_error_names_the_extra(monkeypatch):
     cfg = config_from_dict({"base_model": "tiny", "datasets": [{"path": "d.jsonl"}], "optimizer": "adamw_8bit"})
     with pytest.raises(ConfigError, match=r"optimizer: adamw_8bit needs bitsandbytes.*mistral-tune\[qlora\]"):
         make_optimizer({"w": torch.nn.Parameter(torch.zeros(2, 2))}, cfg, torch.device("cpu"))
+
+
+def test_without_bitsandbytes_train_stops_before_loading_or_writing(assets, tmp_path, monkeypatch):
+    """The missing package is reported by train's checks, before the weights are read or the run's
+    folder exists (it was reported only when the optimizer was built, after the model had loaded)."""
+    import sys
+
+    from mistral_tune.errors import ConfigError
+    from mistral_tune.train import loop
+
+    model, data = assets
+    loads = []
+    real = loop.load_model
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)  # as if it were not installed
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"optimizer: adamw_8bit needs bitsandbytes"):
+        train(config(model, data, out, optimizer="adamw_8bit", max_steps=2), echo=lambda *a: None)
+    assert not out.exists() and not loads

@@ -51,7 +51,7 @@ from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step
 from .guard import StepGuard
 from .logs import MetricsLog
 from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
-from .optim import lr_factor, make_optimizer, token_loss_sum, warmup_steps
+from .optim import eight_bit_adamw, lr_factor, make_optimizer, token_loss_sum, warmup_steps
 from .report import write_run_report
 from .runtime import REPORT_OUTLIER_AFTER, Runtime
 from .signals import StopRequest
@@ -251,6 +251,8 @@ def prepare(cfg: Config, check_output: bool = True):
     if check_output:
         check_output_dir(cfg)
     check_trackers(cfg.report_to)
+    if cfg.optimizer == "adamw_8bit":
+        eight_bit_adamw()  # a missing package is reported now, not after the weights are read
     rt = Runtime.detect(cfg)
     try:
         return (rt, *_load(cfg, rt))

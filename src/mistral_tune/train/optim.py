@@ -34,6 +34,17 @@ def warmup_steps(cfg, total_steps: int) -> int:
     return 0
 
 
+def eight_bit_adamw():
+    """bitsandbytes' AdamW8bit class, or a ConfigError naming the extra (train checks this before it
+    loads anything: prepare)."""
+    try:
+        from bitsandbytes.optim import AdamW8bit
+    except ImportError:
+        raise ConfigError("optimizer: adamw_8bit needs bitsandbytes; install it with: "
+                          "pip install 'mistral-tune[qlora]'") from None
+    return AdamW8bit
+
+
 def make_optimizer(named: dict[str, torch.nn.Parameter], cfg, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only. Each group's "lr_scale" multiplies the scheduled
     learning rate: LoRA+ (loraplus_lr_ratio) gives lora_B and the other vectors (DoRA magnitudes) the
@@ -52,12 +63,7 @@ def make_optimizer(named: dict[str, torch.nn.Parameter], cfg, device: torch.devi
                     for (decay, scale), ps in groups.items()]
     options = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     if cfg.optimizer == "adamw_8bit":
-        try:
-            from bitsandbytes.optim import AdamW8bit
-        except ImportError:
-            raise ConfigError("optimizer: adamw_8bit needs bitsandbytes; install it with: "
-                              "pip install 'mistral-tune[qlora]'") from None
-        optimizer = AdamW8bit(param_groups, **options)
+        optimizer = eight_bit_adamw()(param_groups, **options)
         for name, p in named.items():  # the state bitsandbytes' first step makes for float32 moments
             if name.endswith("embed_tokens.weight"):
                 optimizer.state[p].update(step=0, state1=torch.zeros_like(p), state2=torch.zeros_like(p))

@@ -621,7 +621,7 @@ def test_qlora_on_mixtral_without_expert_targets_says_the_experts_stay_full_prec
 
 
 @pytest.mark.parametrize("nf4", [False, True])
-def test_experts_in_a_compiled_layer_compile_once(nf4, monkeypatch):
+def test_experts_in_a_compiled_layer_compile_once(nf4):
     """Routing is known only at run time: compiled with the layer, the experts broke the graph and
     recompiled once per expert index, past dynamo's limit (then the whole layer ran eagerly)."""
     import torch._dynamo
@@ -634,10 +634,10 @@ def test_experts_in_a_compiled_layer_compile_once(nf4, monkeypatch):
         quantize_model(model, ["experts"])
     moe = model.model.layers[0].mlp
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     compiled = torch.compile(moe, backend="eager")
     g = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        x = torch.randn(2, 12, model.config.hidden_size, generator=g)
-        torch.testing.assert_close(compiled(x), moe(x))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            x = torch.randn(2, 12, model.config.hidden_size, generator=g)
+            torch.testing.assert_close(compiled(x), moe(x))
     torch._dynamo.reset()

@@ -192,18 +192,8 @@ def test_merged_expert_lora_equals_peft_merge_and_unload(tmp_path):
     from peft import PeftModel
 
     from mistral_tune.export.hf import merge_to_dir
-    from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
-    from mistral_tune.quickstart import create_tiny_model
 
-    base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
-    model, _ = load_model(str(base_dir))
-    spec = LoraSpec(r=3, alpha=6, target_modules=["o_proj", "experts"])
-    apply_lora(model, spec, seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
-    save_adapter(model, spec, tmp_path / "adapter", base_model=str(base_dir))
+    model, base_dir = _saved_expert_lora(tmp_path, ["o_proj", "experts"])
     merged = merge_to_dir(tmp_path / "adapter", tmp_path / "merged", echo=lambda *_: None)
     ours = transformers.AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
     base = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
@@ -247,21 +237,39 @@ def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
         assert torch.allclose(ref(input_ids=x).logits, want, atol=1e-4)
 
 
-def _expert_lora(tmp_path, targets, seed=0, **spec_kw):
-    """A tiny Mixtral with random LoRA (B too, so the adapters matter) on `targets`, saved as PEFT's adapter;
-    and the base model it went on."""
-    from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
+def _random_lora(model, targets, **spec_kw):
+    """Random LoRA (B too, so the adapters matter) on `targets` of `model`; returns its spec."""
+    from mistral_tune.lora import LoraSpec, apply_lora
 
-    model = tiny_mixtral(seed, sliding_window=5)
-    base = tiny_mixtral(seed, sliding_window=5)
     spec = LoraSpec(r=3, alpha=6, target_modules=targets, **spec_kw)
     apply_lora(model, spec, seed=0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
-    save_adapter(model, spec, tmp_path, base_model="tiny")
+    return spec
+
+
+def _expert_lora(tmp_path, targets, seed=0, **spec_kw):
+    """A tiny Mixtral with random LoRA on `targets`, saved as PEFT's adapter; and the base model it went on."""
+    from mistral_tune.lora import save_adapter
+
+    model = tiny_mixtral(seed, sliding_window=5)
+    base = tiny_mixtral(seed, sliding_window=5)
+    save_adapter(model, _random_lora(model, targets, **spec_kw), tmp_path, base_model="tiny")
     return model.eval(), base
+
+
+def _saved_expert_lora(tmp_path, targets):
+    """A tiny Mixtral model folder (tmp_path/base) and, loaded from it, the model with random LoRA on
+    `targets`, saved as PEFT's adapter in tmp_path/adapter."""
+    from mistral_tune.lora import save_adapter
+    from mistral_tune.quickstart import create_tiny_model
+
+    base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
+    model, _ = load_model(str(base_dir))
+    save_adapter(model, _random_lora(model, targets), tmp_path / "adapter", base_model=str(base_dir))
+    return model, base_dir
 
 
 EXPERT_TARGET_SETS = {
@@ -585,18 +593,9 @@ def test_gguf_from_an_expert_lora_adapter_holds_the_merged_experts(tmp_path):
     from gguf import GGUFReader
 
     from mistral_tune.export.gguf import export_gguf
-    from mistral_tune.lora import LoraSpec, apply_lora, merge_lora, save_adapter
-    from mistral_tune.quickstart import create_tiny_model
+    from mistral_tune.lora import merge_lora
 
-    base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
-    model, _ = load_model(str(base_dir))
-    spec = LoraSpec(r=3, alpha=6, target_modules=["experts"])
-    apply_lora(model, spec, seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
-    save_adapter(model, spec, tmp_path / "adapter", base_model=str(base_dir))
+    model, base_dir = _saved_expert_lora(tmp_path, ["experts"])
     out = export_gguf(tmp_path / "adapter", tmp_path / "m.gguf", "f16", warn=lambda *_: None)
     merge_lora(model)
     tensors = {t.name: torch.from_numpy(t.data.astype("float32")) for t in GGUFReader(str(out)).tensors}

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .quant import moves_only
+from .quant import moves_only, replace_linears
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -135,12 +135,8 @@ class FP8Linear(nn.Module):
 def fp8_model(model: nn.Module, targets: list[str], device: torch.device | str | None = None) -> int:
     """Replace the named projections' nn.Linear layers with FP8 layers (quantized on `device`, one
     at a time), then move everything else to `device`. Returns how many layers were converted."""
-    count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if name in targets and type(child) is nn.Linear:
-                setattr(module, name, FP8Linear.from_linear(child, device))
-                count += 1
+    count = sum(replace_linears(module, targets, lambda linear: FP8Linear.from_linear(linear, device))
+                for module in list(model.modules()))
     if device is not None:
         model.to(device)
     return count

@@ -170,12 +170,20 @@ def quantize_model(model: nn.Module, targets: list[str], device: torch.device | 
                 del module._parameters[name]
                 count += len(weight)
             continue
-        for name, child in list(module.named_children()):
-            if name in targets and type(child) is nn.Linear:
-                setattr(module, name, NF4Linear.from_linear(child, device))
-                count += 1
+        count += replace_linears(module, targets, lambda linear: NF4Linear.from_linear(linear, device))
     if device is not None:
         model.to(device)
+    return count
+
+
+def replace_linears(module: nn.Module, targets, convert) -> int:
+    """Put convert(child) in place of each of module's plain nn.Linear children named in targets;
+    returns how many (the NF4 and FP8 bases both convert their projections this way)."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if name in targets and type(child) is nn.Linear:
+            setattr(module, name, convert(child))
+            count += 1
     return count
 
 

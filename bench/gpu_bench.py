@@ -39,13 +39,28 @@ sys.path.insert(0, str(ROOT / "src"))
 
 SHAPE = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-             rope_theta=1e6, sliding_window=None)
-N_PARAMS = 7.248e9  # Mistral-7B-v0.3
+             rope_theta=1e6, sliding_window=None)  # Mistral-7B-v0.3
+SHAPES = {
+    "7b": SHAPE,
+    # Mistral-Nemo-12B: head_dim 128 is narrower than hidden / heads (160).
+    "12b": dict(vocab_size=131072, hidden_size=5120, intermediate_size=14336, num_hidden_layers=40,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                rope_theta=1e6, sliding_window=None),
+}
+
+
+def n_params(shape: dict) -> int:
+    h, q = shape["hidden_size"], shape["num_attention_heads"] * shape.get("head_dim", shape["hidden_size"] //
+                                                                             shape["num_attention_heads"])
+    kv = q // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    layer = 2 * h * q + 2 * h * kv + 3 * h * shape["intermediate_size"] + 2 * h
+    return 2 * shape["vocab_size"] * h + shape["num_hidden_layers"] * layer + h
 
 
 def useful_flops_per_token(seq: int) -> float:
-    attn_fwd = 4 * (seq / 2) * SHAPE["hidden_size"] * SHAPE["num_hidden_layers"]
-    return 4 * N_PARAMS + 3 * attn_fwd
+    width = SHAPE["num_attention_heads"] * SHAPE.get("head_dim", SHAPE["hidden_size"] // SHAPE["num_attention_heads"])
+    attn_fwd = 4 * (seq / 2) * width * SHAPE["num_hidden_layers"]
+    return 4 * n_params(SHAPE) + 3 * attn_fwd
 
 
 # --------------------------------------------------------------------------- our stack
@@ -59,12 +74,19 @@ def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: boo
     shape = dict(SHAPE)
     if n_layers:
         shape["num_hidden_layers"] = n_layers
-    cfg = MistralConfig(**shape)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = MistralForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    model.init_weights(std=0.02)
+    if getattr(ARGS, "from_checkpoint", False) and not n_layers:  # the peers' checkpoint, as `train` reads it
+        from peers import ensure_checkpoint
+
+        from mistral_tune.models.load import load_model
+
+        model, _ = load_model(ensure_checkpoint(shape), dtype=torch.bfloat16, device="cuda")
+    else:
+        cfg = MistralConfig(**shape)
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            model = MistralForCausalLM(cfg)
+        torch.set_default_dtype(torch.float32)
+        model.init_weights(std=0.02)
     if qlora:  # NF4 base, as `adapter: qlora` trains it
         quantize_model(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "cuda")
         torch.cuda.empty_cache()
@@ -123,13 +145,22 @@ OURS = {
 def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
     import torch
 
+    from mistral_tune.models.mistral import MLP
     from mistral_tune.train.optim import token_loss_sum
 
     v = OURS[variant]
     packed = v["packed"]
+    if ARGS.from_checkpoint:
+        from peers import ensure_checkpoint
+
+        ensure_checkpoint(SHAPE)  # written once, outside the time to the first step
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     model, params = _build_ours(qlora=v["qlora"])
+    if ARGS.mlp_chunk is not None:
+        for m in model.modules():
+            if isinstance(m, MLP):
+                m.chunk_tokens = ARGS.mlp_chunk or 2**62  # 0: whole rows
     torch.cuda.reset_peak_memory_stats()  # the bf16 weights existed only until quantized
     if variant != "ours_eager":
         model.use_fast_path(compile_layers=v["compiled"], one_sample_rows=not packed)
@@ -156,6 +187,8 @@ def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        if step == 0:
+            first_step_s = time.time() - t0  # build or load, compile, one step
         if step >= warm:
             times.append(time.perf_counter() - t)
             real_tokens.append(batch.n_real)
@@ -169,6 +202,8 @@ def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
     tok_s = sorted(r / t for r, t in zip(real_tokens, times))[len(times) // 2]
     return dict(variant=variant, seq=seq, bs=bs, step_s=round(med, 4), tokens_per_s=round(tok_s),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), load_s=round(load_s, 1),
+                first_step_s=round(first_step_s, 1), from_checkpoint=ARGS.from_checkpoint,
+                mlp_chunk=ARGS.mlp_chunk,
                 mfu_useful=round(tok_s * useful_flops_per_token(seq) / (ARGS.peak_tflops * 1e12), 3),
                 loss=round(losses[-1], 3), real_token_share=round(sum(real_tokens) / (len(times) * bs * seq), 3))
 
@@ -240,8 +275,16 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per variant")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of our variants")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b", help="7b: Mistral-7B-v0.3, 12b: Mistral-Nemo")
+    parser.add_argument("--from-checkpoint", action="store_true",
+                        help="ours loads the peers' random checkpoint from disk (as `train` would) instead of "
+                        "building the model in place: time to the first step comparable with the peers'")
+    parser.add_argument("--mlp-chunk", type=int, help="tokens an MLP computes at once where it keeps no "
+                        "activations (0: whole rows; default: the model's own)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     ARGS = parser.parse_args()
+    global SHAPE
+    SHAPE = SHAPES[ARGS.shape]
     global PROFILE
     PROFILE = ARGS.profile
 
@@ -265,7 +308,9 @@ def main() -> None:
     for name in names:
         cmd = [sys.executable, __file__, "--worker", name, "--seq", str(ARGS.seq), "--bs", str(ARGS.bs),
                "--steps", str(ARGS.steps), "--warm", str(ARGS.warm), "--peak-tflops", str(ARGS.peak_tflops),
-               "--out", str(out)] + (["--profile"] if ARGS.profile else [])
+               "--out", str(out), "--shape", ARGS.shape] + (["--profile"] if ARGS.profile else []) \
+            + (["--from-checkpoint"] if ARGS.from_checkpoint else []) \
+            + (["--mlp-chunk", str(ARGS.mlp_chunk)] if ARGS.mlp_chunk is not None else [])
         t = time.time()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ARGS.timeout,
@@ -290,8 +335,9 @@ def print_table(results: list[dict]) -> None:
     ref = {r["variant"]: r.get("tokens_per_s") for r in results}
     base = ref.get("unsloth_lora")
     print(f"\n{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}")
-    print("| stack | tokens/s | peak GiB | useful MFU | vs Unsloth LoRA |")
-    print("|---|---|---|---|---|")
+    print(f"shape {ARGS.shape}, {ARGS.seq} x {ARGS.bs}")
+    print("| stack | tokens/s | peak GiB | useful MFU | vs Unsloth LoRA | vs Unsloth QLoRA | to first step s |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         if r["variant"] == "parity":
             print(f"parity: {json.dumps({k: v for k, v in r.items() if k != 'variant'})}")
@@ -299,8 +345,9 @@ def print_table(results: list[dict]) -> None:
         if "tokens_per_s" not in r:
             print(f"| {r['variant']} | error: {r.get('error')} | | | |")
             continue
-        ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
-        print(f"| {r['variant']} | {r['tokens_per_s']:,} | {r['peak_gib']} | {r['mfu_useful']} | {ratio} |")
+        ratios = [f"{r['tokens_per_s'] / b:.2f}x" if b else "-" for b in (base, ref.get("unsloth_qlora"))]
+        print(f"| {r['variant']} | {r['tokens_per_s']:,} | {r['peak_gib']} | {r['mfu_useful']} | {' | '.join(ratios)} "
+              f"| {r.get('first_step_s', '-')} |")
 
 
 ARGS: argparse.Namespace

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mistral_tune.data.pack import Sample, collate
 from mistral_tune.lora import LoraSpec, apply_lora
@@ -198,3 +200,147 @@ def test_qlora_checkpointed_gradients_equal_plain(make_tiny_mistral) -> None:
         assert len(plain) == 2 * 7 * model.config.num_hidden_layers
         for name in plain:
             _close(ckpt[name], plain[name], name)
+
+
+def _chunk_mlps(model, n: int) -> None:
+    from mistral_tune.models.mistral import MLP
+
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    assert mlps
+    for m in mlps:
+        m.chunk_tokens = n
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 60), by_row=st.booleans(), packed=st.booleans(), lora=st.booleans())
+def test_mlp_in_token_chunks_gives_the_plain_gradients(make_tiny_mistral, n, by_row, packed, lora) -> None:
+    """Checkpointed layers compute their MLP n tokens at a time (the no-grad forward, and the re-run
+    back-propagated chunk by chunk): the loss and gradients equal the plain unchunked step's."""
+    model = make_tiny_mistral(num_hidden_layers=2)
+    if lora:
+        apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    batch = _batch(4, packed=packed)
+    loss_a, plain = _grads(model, batch, False)
+    _chunk_mlps(model, n)
+    model.recompute_by_row = by_row
+    loss_b, ckpt = _grads(model, batch, True)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert set(ckpt) == set(plain)
+    for name in plain:
+        _close(ckpt[name], plain[name], name)
+
+
+def test_mlp_chunks_with_dropout_back_propagate_the_forwards_masks(make_tiny_mistral) -> None:
+    """With LoRA dropout the chunks draw their masks in the no-grad forward and again in backward;
+    the gradient must be that of the loss the forward computed: checked against central finite
+    differences of that loss (same seed each time), in float64."""
+    model = make_tiny_mistral(num_hidden_layers=2).double()
+    apply_lora(model, LoraSpec(r=4, alpha=8, dropout=0.3), seed=0)
+    model.double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    _chunk_mlps(model, 7)
+    model.train()
+    model.gradient_checkpointing = True
+    batch = _batch(5)
+    keep = batch.labels != -100
+
+    def loss(seed: int) -> torch.Tensor:  # float64 throughout (token_loss_sum's logits are float32)
+        torch.manual_seed(seed)
+        hidden = model.hidden_states(batch.input_ids, batch.position_ids, batch.seq_ids)
+        return torch.nn.functional.cross_entropy(model.lm_head(hidden[keep]), batch.labels[keep])
+
+    def grads(seed: int) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss(seed).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    got = grads(11)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    directions = {n: torch.randn(g.shape, generator=gen, dtype=g.dtype) for n, g in got.items() if ".mlp." in n}
+    assert directions
+    predicted = sum(float((got[n] * d).sum()) for n, d in directions.items())
+
+    def loss_at(eps: float) -> float:
+        with torch.no_grad():
+            for n, d in directions.items():
+                params[n].add_(eps * d)
+            value = float(loss(11))
+            for n, d in directions.items():
+                params[n].sub_(eps * d)
+        return value
+
+    # The norms compute in float32 whatever the input: a step large enough for its rounding.
+    eps = 1e-3
+    numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    assert numeric == pytest.approx(predicted, rel=1e-3)
+    # Non-vacuous: with other masks (another seed) the directional derivative is another number.
+    other = grads(12)
+    assert abs(sum(float((other[n] * d).sum()) for n, d in directions.items()) - predicted) > 0.05 * abs(predicted)
+
+
+def test_mlp_chunks_add_no_flops(make_tiny_mistral) -> None:
+    model = make_tiny_mistral(num_hidden_layers=2)
+    apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)
+    model.train()
+    model.gradient_checkpointing = True
+    batch = _batch(6)
+    whole = _flops(lambda: token_loss_sum(model, batch).backward())
+    _chunk_mlps(model, 5)
+    assert _flops(lambda: token_loss_sum(model, batch).backward()) == whole
+
+
+def test_checkpointed_step_holds_the_mlp_activations_of_one_chunk(make_tiny_mistral) -> None:
+    """Long rows: with the MLP in chunks, the step's peak no longer holds the MLP's activations
+    (several times the hidden width a token) for the whole row (CPU allocator, tests/_peak.py)."""
+    from _peak import peak_bytes
+
+    model = make_tiny_mistral(num_hidden_layers=2, hidden_size=32, intermediate_size=512,
+                              num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)
+    model.train()
+    model.gradient_checkpointing = True
+    L = 1024
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 64, (L + 1,), generator=gen).tolist()
+    batch = collate([Sample(ids[:-1], ids[1:])], [[0]], L)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        token_loss_sum(model, batch).backward()
+
+    step()  # gradients allocated once, as in training
+    whole, _ = peak_bytes(step)
+    _chunk_mlps(model, 64)
+    chunked, _ = peak_bytes(step)
+    # Unchunked, the MLP holds gate, up and their product (3 x 512 floats a token) and as many
+    # gradients: at least 2 x 4 x 1536 x L bytes; chunked, 64 tokens of them.
+    mlp_row = 2 * 4 * 3 * 512 * L
+    assert whole - chunked >= 0.8 * mlp_row * (1 - 64 / L), (whole, chunked)
+
+
+def test_grad_only_chunks_back_propagate_the_masks_of_their_forward() -> None:
+    """by_token_chunks' grad-only pass draws its chunks' dropout masks again in backward, from the
+    random state of its forward, whatever was drawn in between."""
+    from mistral_tune.models.recompute import by_token_chunks
+
+    def fn(x: torch.Tensor, grad_only_out: bool) -> torch.Tensor:
+        return torch.nn.functional.dropout(x, 0.5) * 3.0
+
+    x = torch.randn(4, 9, 6)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        want = by_token_chunks(fn, x, 5, False)  # the no-grad forward's masks, chunk by chunk
+    torch.manual_seed(3)
+    leaf = x.clone().requires_grad_()
+    out = by_token_chunks(fn, leaf, 5, True)
+    torch.rand(1000)  # other layers draw before this one's backward
+    out.backward(torch.ones_like(out))
+    assert torch.equal(leaf.grad, (want != 0).float() * 6.0)

@@ -25,7 +25,7 @@ from ..kernels.attention import (
     one_sample_per_row,
     probe_causal_backends,
 )
-from .recompute import LayerInputs, grad_only, recompute_layer
+from .recompute import LayerInputs, by_token_chunks, grad_only, recompute_layer
 
 attention_mask = dense_mask  # the mask every backend must agree with
 
@@ -178,14 +178,26 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
 
+#: Tokens an MLP computes at once in passes that keep no activations (a no-grad forward, a
+#: checkpointed layer's re-run): its intermediate activations, 3 x intermediate_size values a token,
+#: then stay this size however long the rows are. Rows of 4,096 x 2 run in one piece.
+MLP_CHUNK_TOKENS = 8192
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: MistralConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.chunk_tokens = MLP_CHUNK_TOKENS
 
     def forward(self, x: torch.Tensor, grad_only_out: bool = False) -> torch.Tensor:
+        if (grad_only_out or not torch.is_grad_enabled()) and x.shape[:-1].numel() > self.chunk_tokens:
+            return by_token_chunks(self._forward, x, self.chunk_tokens, grad_only_out)
+        return self._forward(x, grad_only_out)
+
+    def _forward(self, x: torch.Tensor, grad_only_out: bool) -> torch.Tensor:
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         # grad_only_out: the output is only back-propagated through (recompute.py)
         return grad_only(self.down_proj, h) if grad_only_out else self.down_proj(h)

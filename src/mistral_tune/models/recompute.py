@@ -18,6 +18,9 @@ form: its frozen product is not computed at all, and its backward computes the i
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
 import torch
 from torch import nn
 
@@ -73,9 +76,7 @@ class _Recompute(torch.autograd.Function):
     def forward(ctx, x, _grad_anchor, layer: nn.Module, store: LayerInputs, i: int, args: tuple):
         ctx.layer, ctx.store, ctx.i, ctx.args = layer, store, i, args
         ctx.device = x.device
-        ctx.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
-                        for d in {x.device.type, "cpu"}]
-        ctx.rng = torch.get_rng_state(), (torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+        ctx.autocast, ctx.rng = _autocast_state(x.device), _rng_state(x.device)
         x = x.detach()  # one compiled no-grad graph whatever the input's requires_grad
         store.keep(i, x)
         with torch.no_grad():
@@ -84,11 +85,8 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x = ctx.store.take(ctx.i, ctx.device)
-        # The same autocast and random state as the forward, so dropout draws the same masks.
-        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-            torch.set_rng_state(ctx.rng[0])
-            if ctx.rng[1] is not None:
-                torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+        # The same random state as the forward, so dropout draws the same masks.
+        with _replay_rng(ctx.device, ctx.rng):
             rows = ctx.store.row_args[ctx.i] if ctx.store.row_args is not None else None
             if rows is None:
                 grad_x = _layer_backward(ctx, x, ctx.args, grad_out)
@@ -102,17 +100,36 @@ def _layer_backward(ctx, x: torch.Tensor, args: tuple, grad_out: torch.Tensor) -
     """Run the layer on x with autograd (under the forward's autocast) and back-propagate grad_out:
     the LoRA/weight gradients accumulate in .grad; returns the gradient of x."""
     x = x.detach().requires_grad_(ctx.needs_input_grad[0])
-    with torch.enable_grad():
-        autocasts = [torch.autocast(d, dtype=dt, enabled=on) for d, on, dt in ctx.autocast]
-        for a in autocasts:
-            a.__enter__()
-        try:
-            out = ctx.layer(x, *args, grad_only=True)
-        finally:
-            for a in reversed(autocasts):
-                a.__exit__(None, None, None)
+    with torch.enable_grad(), _replay_autocast(ctx.autocast):
+        out = ctx.layer(x, *args, grad_only=True)
     torch.autograd.backward(out, grad_out)
     return x.grad
+
+
+def _autocast_state(device: torch.device) -> list[tuple[str, bool, torch.dtype]]:
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in {device.type, "cpu"}]
+
+
+@contextmanager
+def _replay_autocast(state: list[tuple[str, bool, torch.dtype]]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for d, on, dt in state:
+            stack.enter_context(torch.autocast(d, dtype=dt, enabled=on))
+        yield
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextmanager
+def _replay_rng(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> Iterator[None]:
+    """Run the block from a saved random state, leaving the caller's own state as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 # Gives every checkpointed layer's output a grad_fn even when its input needs no gradient (the
@@ -164,3 +181,43 @@ def grad_only(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def linear_grad_only(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _LinearGradOnly.apply(x, weight)
+
+
+@torch.compiler.disable  # a compiled layer calls it eagerly: its chunk count follows the row length
+def by_token_chunks(fn: Callable[[torch.Tensor, bool], torch.Tensor], x: torch.Tensor, n: int,
+                    grad_only_out: bool) -> torch.Tensor:
+    """fn(x, grad_only_out) for a token-wise fn whose output has x's width, computed n tokens at a
+    time, so that fn's own activations (the MLP's, several times the hidden width a token) are held
+    for n tokens at once instead of for the whole sequence. For passes that keep no activations: a
+    no-grad forward, or a checkpointed layer's re-run (grad_only_out), whose chunks are computed
+    again in backward, one at a time, and back-propagated there. The same FLOPs as one call."""
+    if grad_only_out:
+        return _GradOnlyByChunk.apply(x, fn, n)
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.cat([fn(chunk, False) for chunk in flat.split(n)]).view(x.shape)
+
+
+class _GradOnlyByChunk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fn, n):
+        ctx.save_for_backward(x)
+        ctx.fn, ctx.n = fn, n
+        ctx.autocast, ctx.rng = _autocast_state(x.device), _rng_state(x.device)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        return x.new_zeros((), dtype=dtype).expand(x.shape)  # never read (grad_only)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grads = []
+        # The forward's random state: the chunks draw their dropout masks as the no-grad pass did.
+        with _replay_rng(x.device, ctx.rng):
+            for chunk, g in zip(x.reshape(-1, x.shape[-1]).split(ctx.n), grad.reshape(-1, x.shape[-1]).split(ctx.n)):
+                chunk = chunk.detach().requires_grad_(ctx.needs_input_grad[0])
+                with torch.enable_grad(), _replay_autocast(ctx.autocast):
+                    out = ctx.fn(chunk, True)
+                torch.autograd.backward(out, g.to(out.dtype))
+                grads.append(chunk.grad)
+        grad_x = torch.cat(grads).view(x.shape) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None

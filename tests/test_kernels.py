@@ -377,3 +377,43 @@ def test_dense_masked_attention_never_asks_cudnn(monkeypatch):
     torch.testing.assert_close(out, ref)
     assert seen == [False]
     assert torch.backends.cuda.cudnn_sdp_enabled()  # the global choice is restored afterwards
+
+
+def test_long_rows_compile_their_mlp_chunks_once_for_every_length(make_tiny_mistral):
+    """Checkpointed layers on the fast path compute their MLP in chunks through one compiled
+    function shared by every layer: rows of new lengths (each a new chunk remainder) add no graph,
+    and the gradients equal the uncompiled, unchunked step's. Counted by dynamo, on the CPU."""
+    from torch._dynamo.testing import CompileCounter
+
+    from mistral_tune.models.mistral import MLP
+    from mistral_tune.train.optim import token_loss_sum
+
+    def batch(n: int):
+        ids = torch.randint(3, 1000, (n + 1,), generator=torch.Generator().manual_seed(n)).tolist()
+        return collate([Sample(ids[:-1], ids[1:])], [[0]], n)
+
+    def grads(model, b):
+        model.zero_grad(set_to_none=True)
+        token_loss_sum(model, b).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    torch._dynamo.reset()
+    model = _lora_model(make_tiny_mistral, seed=6, num_hidden_layers=3)
+    model.gradient_checkpointing = True
+    want = {n: grads(model, batch(n)) for n in (70, 131)}
+    counter = CompileCounter()
+    model.use_fast_path(one_sample_rows=True, dynamic=True, backend=counter)
+    model.attn_impl = "sdpa"  # the CPU's attention; the compiled layers and chunks are the point
+    for m in model.modules():
+        if isinstance(m, MLP):
+            m.chunk_tokens = 32
+    for n in (70, 131):
+        got = grads(model, batch(n))
+        for name in want[n]:
+            scale = float(want[n][name].abs().max())  # fused chunks sum in another order
+            torch.testing.assert_close(got[name], want[n][name], rtol=0, atol=1e-5 * scale)
+    graphs = counter.frame_count
+    for n in (45, 99, 160, 77):
+        grads(model, batch(n))
+    assert counter.frame_count == graphs
+    torch._dynamo.reset()

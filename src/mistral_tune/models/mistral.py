@@ -9,9 +9,10 @@ samples never see each other; the sliding window (Mistral 7B v0.1) applies insid
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -191,16 +192,30 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.chunk_tokens = MLP_CHUNK_TOKENS
+        self.chunk_backend: str | Callable | None = None  # set by use_fast_path: the chunks compiled
 
     def forward(self, x: torch.Tensor, grad_only_out: bool = False) -> torch.Tensor:
         if (grad_only_out or not torch.is_grad_enabled()) and x.shape[:-1].numel() > self.chunk_tokens:
-            return by_token_chunks(self._forward, x, self.chunk_tokens, grad_only_out)
+            fn = self._forward if self.chunk_backend is None else partial(_compiled_mlp(self.chunk_backend), self)
+            return by_token_chunks(fn, x, self.chunk_tokens, grad_only_out)
         return self._forward(x, grad_only_out)
 
     def _forward(self, x: torch.Tensor, grad_only_out: bool) -> torch.Tensor:
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         # grad_only_out: the output is only back-propagated through (recompute.py)
         return grad_only(self.down_proj, h) if grad_only_out else self.down_proj(h)
+
+
+_COMPILED_MLP: dict = {}
+
+
+def _compiled_mlp(backend: str | Callable) -> Callable:
+    """MLP._forward compiled for any chunk length, one function for every layer (the module is an
+    argument, so the layers share its graphs)."""
+    if backend not in _COMPILED_MLP:
+        _COMPILED_MLP[backend] = torch.compile(lambda mlp, x, grad_only_out: mlp._forward(x, grad_only_out),
+                                               dynamic=True, backend=backend)
+    return _COMPILED_MLP[backend]
 
 
 class Experts(nn.Module):
@@ -506,6 +521,8 @@ class MistralForCausalLM(nn.Module):
         if compile_layers:
             for layer in self.model.layers:
                 layer.compile(dynamic=dynamic, backend=backend)
+                if isinstance(layer.mlp, MLP):  # its chunks at long context run outside the layer's graph
+                    layer.mlp.chunk_backend = backend
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random init for a fresh model (HF's normal(0, 0.02), norms at one)."""

@@ -68,7 +68,7 @@ def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: boo
     import torch
 
     from mistral_tune.lora import LoraSpec, apply_lora
-    from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
+    from mistral_tune.models.mistral import MLP, MistralConfig, MistralForCausalLM
     from mistral_tune.models.quant import quantize_model
 
     shape = dict(SHAPE)
@@ -91,6 +91,10 @@ def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: boo
         quantize_model(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "cuda")
         torch.cuda.empty_cache()
     apply_lora(model, LoraSpec(r=16, alpha=16))
+    if ARGS.mlp_chunk is not None:
+        for m in model.modules():
+            if isinstance(m, MLP):
+                m.chunk_tokens = ARGS.mlp_chunk or 2**62  # 0: whole rows
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # as the trainer does: LoRA weights and their optimizer state in float32
         p.data = p.data.float()
@@ -145,7 +149,6 @@ OURS = {
 def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
     import torch
 
-    from mistral_tune.models.mistral import MLP
     from mistral_tune.train.optim import token_loss_sum
 
     v = OURS[variant]
@@ -157,10 +160,6 @@ def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     model, params = _build_ours(qlora=v["qlora"])
-    if ARGS.mlp_chunk is not None:
-        for m in model.modules():
-            if isinstance(m, MLP):
-                m.chunk_tokens = ARGS.mlp_chunk or 2**62  # 0: whole rows
     torch.cuda.reset_peak_memory_stats()  # the bf16 weights existed only until quantized
     if variant != "ours_eager":
         model.use_fast_path(compile_layers=v["compiled"], one_sample_rows=not packed)

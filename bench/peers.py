@@ -11,6 +11,7 @@ The QLoRA and Unsloth variants load a random-weight checkpoint written once per 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 CKPT_ROOT = os.environ.get("BENCH_CKPT", "/tmp/bench-rand")
@@ -27,22 +28,26 @@ def ensure_checkpoint(shape: dict) -> str:
     """Random bf16 weights plus a throwaway word-level tokenizer (Unsloth wants one beside them),
     written once per shape; returns its directory."""
     import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     ckpt = f"{CKPT_ROOT}-{shape['hidden_size']}x{shape['num_hidden_layers']}-v{shape['vocab_size']}"
-    if not os.path.exists(f"{ckpt}/config.json"):
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(_hf_config(shape), dtype=torch.bfloat16)
-        model.save_pretrained(ckpt)
-        del model
-        torch.cuda.empty_cache()
-    if not os.path.exists(f"{ckpt}/tokenizer.json"):
-        from tokenizers import Tokenizer, models, pre_tokenizers
-
-        tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(shape["vocab_size"])}, unk_token="w0"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w1", eos_token="w2", unk_token="w0",
-                                pad_token="w3").save_pretrained(ckpt)
+    if os.path.exists(ckpt):
+        return ckpt
+    part = f"{ckpt}.part{os.getpid()}"  # renamed when complete: a run beside this one never reads half of it
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(_hf_config(shape), dtype=torch.bfloat16)
+    model.save_pretrained(part)
+    del model
+    torch.cuda.empty_cache()
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(shape["vocab_size"])}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="w1", eos_token="w2", unk_token="w0",
+                            pad_token="w3").save_pretrained(part)
+    try:
+        os.rename(part, ckpt)
+    except OSError:  # another run finished first
+        shutil.rmtree(part)
     return ckpt
 
 

@@ -239,7 +239,8 @@ def export_adapter(run_or_adapter: Path, out_dir: Path | None = None, overwrite:
                          + ". Merge it (mistral-tune merge) and serve the merged model instead")
     if tensors is not None and out_dir is None:
         raise ModelError(f"{adapter}: its LoRA on Mixtral's experts is saved stacked (target_parameters), which "
-                         "vLLM's Mixtral does not read; pass --out DIR to write it one pair per expert, as vLLM does")
+                         "vLLM's Mixtral does not read; pass --out DIR to write it one pair per expert, as vLLM "
+                         "reads it")
     if out_dir is not None:
         out_dir = check_target(out_dir, "adapter", sources=[adapter], overwrite=overwrite)
         source = adapter

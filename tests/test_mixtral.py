@@ -4,10 +4,14 @@ layouts load, what we write transformers reads, and the family table recognises 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from mistral_tune.errors import ModelError
@@ -260,7 +264,7 @@ def _expert_lora(tmp_path, targets, seed=0, **spec_kw):
     return model.eval(), base
 
 
-def _saved_expert_lora(tmp_path, targets):
+def _saved_expert_lora(tmp_path, targets, **spec_kw):
     """A tiny Mixtral model folder (tmp_path/base) and, loaded from it, the model with random LoRA on
     `targets`, saved as PEFT's adapter in tmp_path/adapter."""
     from mistral_tune.lora import save_adapter
@@ -268,7 +272,7 @@ def _saved_expert_lora(tmp_path, targets):
 
     base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
     model, _ = load_model(str(base_dir))
-    save_adapter(model, _random_lora(model, targets), tmp_path / "adapter", base_model=str(base_dir))
+    save_adapter(model, _random_lora(model, targets, **spec_kw), tmp_path / "adapter", base_model=str(base_dir))
     return model, base_dir
 
 
@@ -321,15 +325,149 @@ def test_lora_on_experts_loads_back_and_a_peft_saved_adapter_loads(tmp_path):
         assert ((theirs.eval()(x) - want).abs().max() / want.abs().max()).item() <= 1e-5
 
 
-def test_export_adapter_refuses_expert_lora_for_vllm_and_passes_attention_lora(tmp_path):
+VLLM_TARGET_SETS = {  # a zero pair stands in for a stacked weight without LoRA (vLLM needs w1, w2 and w3)
+    "experts_rslora": (["q_proj", "experts"], True),
+    "gate_up_only": (["gate_up_proj"], False),
+    "down_only_with_attention": (["o_proj", "w2"], False),
+}
+
+
+@pytest.mark.parametrize("name", list(VLLM_TARGET_SETS))
+def test_export_adapter_writes_expert_lora_per_expert_with_peft_merge_deltas(tmp_path, name):
+    """`export adapter --out` writes LoRA on the stacked experts as one pair per expert and projection, the
+    layout vLLM's Mixtral reads. Reference: PEFT's merge_and_unload of the original (stacked) adapter on
+    transformers' Mixtral; each expert's merged w1 / w3 (halves of gate_up_proj) and w2 (down_proj) is the base
+    plus (alpha / r) B_e A_e of the exported file's pairs."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
     from mistral_tune.export.adapter import export_adapter, vllm_adapter_problems
 
-    _expert_lora(tmp_path / "experts", ["q_proj", "experts"])
+    targets, rslora = VLLM_TARGET_SETS[name]
+    _, base_dir = _saved_expert_lora(tmp_path, targets, use_rslora=rslora)
+    source = tmp_path / "adapter"
+    before = {f.name: f.read_bytes() for f in source.iterdir()}
+    out, cfg = export_adapter(source, tmp_path / "vllm")
+    assert {f.name: f.read_bytes() for f in source.iterdir()} == before  # the source is never modified
+    assert vllm_adapter_problems(out) == [] and json.loads((out / "adapter_config.json").read_text()) == cfg
+    assert "target_parameters" not in cfg and not cfg["use_rslora"]
+    assert {"w1", "w2", "w3"} <= set(cfg["target_modules"])
+    exported, stacked = (load_file(str(d / "adapter_model.safetensors")) for d in (out, source))
+    scale = cfg["lora_alpha"] / cfg["r"]
+    rs = (3 ** 0.5) if rslora else 1.0  # vLLM scales experts by alpha / r: rsLoRA's B take sqrt(r)
+    for key, value in stacked.items():  # attention pairs are kept
+        if ".experts." not in key:
+            torch.testing.assert_close(exported[key], value * (rs if ".lora_B." in key else 1.0), rtol=1e-6, atol=0)
+
+    base, merged = (transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+                    for _ in range(2))
+    merged = PeftModel.from_pretrained(merged, str(source)).merge_and_unload()
+    width = TINY_MOE["intermediate_size"]
+    adapted = {"w1": "gate_up_proj" in targets or "experts" in targets, "w3": "gate_up_proj" in targets
+               or "experts" in targets, "w2": "w2" in targets or "experts" in targets}
+    for layer in range(TINY_MOE["num_hidden_layers"]):
+        ours, theirs = base.model.layers[layer].mlp.experts, merged.model.layers[layer].mlp.experts
+        for e in range(TINY_MOE["num_local_experts"]):
+            rows = {"w1": slice(0, width), "w3": slice(width, 2 * width), "w2": slice(None)}
+            for w, stacked_name in (("w1", "gate_up_proj"), ("w3", "gate_up_proj"), ("w2", "down_proj")):
+                pair = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.lora_"
+                delta = scale * exported[pair + "B.weight"] @ exported[pair + "A.weight"]
+                want = getattr(theirs, stacked_name)[e][rows[w]]
+                assert (delta.abs().max() > 1e-3) == adapted[w], (w, e)
+                torch.testing.assert_close(getattr(ours, stacked_name)[e][rows[w]] + delta, want, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def vllm_adapter(tmp_path_factory):
+    """A stacked expert adapter and its export in vLLM's per-expert layout."""
+    from mistral_tune.export.adapter import export_adapter
+
+    root = tmp_path_factory.mktemp("vllm")
+    _expert_lora(root / "stacked", ["q_proj", "experts"])
+    return root / "stacked", export_adapter(root / "stacked", root / "exported")[0]
+
+
+def _changed(adapter, tmp, cfg=None, rename=None, drop=(), reshape=()):
+    """A copy of `adapter` with its config updated by `cfg`, keys renamed by rename(key), `drop`ped keys
+    left out and `reshape` keys given one more row."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(adapter, tmp, dirs_exist_ok=True)
+    config = {**json.loads((adapter / "adapter_config.json").read_text()), **(cfg or {})}
+    (tmp / "adapter_config.json").write_text(json.dumps(config))
+    tensors = {(rename(k) if rename else k): (torch.cat([v, v[:1]]) if k in reshape else v)
+               for k, v in load_file(str(adapter / "adapter_model.safetensors")).items() if k not in drop}
+    save_file(tensors, str(tmp / "adapter_model.safetensors"))
+    return tmp
+
+
+@pytest.mark.parametrize("change", ["none", "mlp", "hf_name", "drop_pair", "drop_B", "past_last", "rank"])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layer=st.integers(0, 1), expert=st.integers(0, 3), proj=st.sampled_from(["w1", "w2", "w3"]))
+def test_vllm_rules_for_the_per_expert_layout(vllm_adapter, change, layer, expert, proj):
+    """What `export adapter` writes passes vLLM's rules; one expert's pair renamed, left out or reshaped fails them."""
+    import tempfile
+
+    from mistral_tune.export.adapter import vllm_adapter_problems
+
+    _, exported = vllm_adapter
+    module = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts.{expert}.{proj}"
+    pair = [f"{module}.lora_A.weight", f"{module}.lora_B.weight"]
+    other = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[proj]
+    renamed = module.replace("block_sparse_moe", "mlp") if change == "mlp" else module.replace(proj, other)
+    named = (renamed, "vLLM's Mixtral adapts an expert as model.layers.<L>.block_sparse_moe.experts.<e>.w1/w2/w3")
+    edits = {
+        "none": ({}, ""),
+        "mlp": (dict(rename=lambda k: k.replace(module, renamed)), named),
+        "hf_name": (dict(rename=lambda k: k.replace(module, renamed)), named),
+        "drop_pair": (dict(drop=pair), f"no pair for {expert}.{proj}"),
+        "drop_B": (dict(drop=pair[1:]), "lora_B.weight missing"),
+        "past_last": (dict(rename=lambda k: k.replace(f"{module}.", f"{module[:-4]}4.{proj}.")), "no pair for"),
+        "rank": (dict(reshape=pair[:1]), "does not match r=3"),
+    }
+    kwargs, message = edits[change]
+    with tempfile.TemporaryDirectory() as tmp:
+        problems = vllm_adapter_problems(_changed(exported, Path(tmp), **kwargs))
+    message = (message,) if isinstance(message, str) else message
+    assert problems == [] if change == "none" else any(all(m in p for m in message) for p in problems), problems
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(cfg={"use_dora": True}), "use_dora: vLLM does not support DoRA"),
+    (dict(cfg={"target_modules": ["gate", "q_proj", "w1", "w2", "w3"]},
+          rename=lambda k: k.replace(".self_attn.q_proj.", ".block_sparse_moe.gate.")), r"\['gate'\]"),
+])
+def test_what_vllm_refuses_in_a_per_expert_adapter_is_named(vllm_adapter, tmp_path, changes, message):
+    from mistral_tune.export.adapter import export_adapter
+
+    with pytest.raises(ModelError, match=f"vLLM would not load.*{message}.*Merge it"):
+        export_adapter(_changed(vllm_adapter[1], tmp_path / "changed", **changes))
+
+
+def test_stacked_expert_lora_needs_out_and_router_lora_is_refused(vllm_adapter, tmp_path, capsys):
+    """Without --out the stacked adapter is named as what vLLM cannot read; LoRA on the router (PEFT's
+    target_parameters mlp.gate.weight) is not written for vLLM; a Mixtral adapter on attention passes as it is."""
+    from peft import LoraConfig, get_peft_model
+
+    from mistral_tune.cli import main
+    from mistral_tune.export.adapter import export_adapter, vllm_adapter_problems
+
+    stacked, _ = vllm_adapter
+    assert any("`export adapter --out DIR` writes" in p for p in vllm_adapter_problems(stacked))
+    assert main(["export", "adapter", str(stacked)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass --out DIR to write it one pair per expert" in err
+    assert main(["export", "adapter", str(stacked), "--out", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "adapter OK for vLLM's LoRA loader" in out and "--enable-lora --max-lora-rank 8" in out
+
+    router = get_peft_model(hf_mixtral(tiny_mixtral(), "sdpa"), LoraConfig(r=2, target_parameters=["mlp.gate.weight"]))
+    router.save_pretrained(str(tmp_path / "router"))
+    with pytest.raises(ModelError, match=r"\['mlp.gate.weight'\]: only LoRA on Mixtral's experts.*Merge it"):
+        export_adapter(tmp_path / "router", tmp_path / "router_out")
+    assert not (tmp_path / "router_out").exists()
+
     _expert_lora(tmp_path / "attention", ["q_proj", "o_proj"])
-    problems = vllm_adapter_problems(tmp_path / "experts")
-    assert len(problems) == 1 and "its Mixtral expects one adapter per expert" in problems[0]
-    with pytest.raises(ModelError, match=r"vLLM would not load.*target_parameters.*Merge it"):
-        export_adapter(tmp_path / "experts")
     assert vllm_adapter_problems(tmp_path / "attention") == []
 
 

@@ -64,10 +64,12 @@ def _cmd_quickstart(args) -> None:
 
 
 def _cmd_export_adapter(args) -> None:
-    from .export.adapter import export_adapter, min_max_lora_rank
+    from .export.adapter import VLLM_EXPERT_MODULES, export_adapter, min_max_lora_rank
 
     adapter, cfg = export_adapter(Path(args.run_or_adapter), Path(args.out) if args.out else None, args.overwrite)
-    print(f"adapter OK for PEFT and vLLM's LoRA loader: {adapter} (r={cfg['r']}, alpha={cfg['lora_alpha']})")
+    # Mixtral's experts one pair per expert: vLLM's layout, which PEFT on transformers' stacked experts does not read
+    readers = "vLLM's" if set(cfg["target_modules"]) & set(VLLM_EXPERT_MODULES) else "PEFT and vLLM's"
+    print(f"adapter OK for {readers} LoRA loader: {adapter} (r={cfg['r']}, alpha={cfg['lora_alpha']})")
     print(f"serve it: vllm serve {cfg.get('base_model_name_or_path') or 'BASE_MODEL'} --enable-lora "
           f"--max-lora-rank {min_max_lora_rank(int(cfg['r']))} --lora-modules tuned={adapter.resolve()}")
 
@@ -382,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="format", required=True, metavar="FORMAT")
     p = export.add_parser("adapter", help="check a LoRA adapter against vLLM's loader (and copy it)")
     p.add_argument("run_or_adapter", help="a run's output_dir or an adapter directory")
-    p.add_argument("--out", help="copy the checked adapter here")
+    p.add_argument("--out", help="copy the checked adapter here (LoRA on Mixtral's experts: written one pair per "
+                   "expert, the layout vLLM reads)")
     _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_export_adapter)
 

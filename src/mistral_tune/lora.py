@@ -219,13 +219,21 @@ class LoraLinear(nn.Linear):
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g}{dora}")
 
 
+def expert_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's pair on a stacked expert weight (its ParamWrapper's layout) -> each expert's factors, as views:
+    lora_A.weight (E*r, in) holds expert e's A in rows e*r..e*r+r-1, lora_B.weight (out, r*E) its B in
+    columns e, E+e, 2E+e, ... (rank-major). Returns (A (E, r, in), B (E, out, r))."""
+    a = lora_a.view(num_experts, -1, lora_a.shape[1])
+    b = lora_b.view(lora_b.shape[0], -1, num_experts).permute(2, 0, 1)
+    return a, b
+
+
 class ExpertLora(nn.Module):
     """LoRA on one stacked expert weight W (E, out, in): expert e applies W[e] + scaling * B_e A_e.
 
-    The pairs are held as PEFT's ParamWrapper holds them, so the tensors save and load unchanged:
-    lora_A.weight (E*r, in) with expert e's A in rows e*r..e*r+r-1, and lora_B.weight (out, r*E)
-    with expert e's B in columns e, E+e, 2E+e, ... (rank-major). Same init as PEFT: A kaiming-uniform,
-    B zero. No dropout and no DoRA: PEFT's LoRA on parameters has neither."""
+    The pairs are held as PEFT's ParamWrapper holds them (expert_factors), so the tensors save and load
+    unchanged. Same init as PEFT: A kaiming-uniform, B zero. No dropout and no DoRA: PEFT's LoRA on
+    parameters has neither."""
 
     def __init__(self, shape: tuple[int, int, int], spec: LoraSpec, device=None, dtype=None) -> None:
         super().__init__()
@@ -241,9 +249,7 @@ class ExpertLora(nn.Module):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (E, r, in), B (E, out, r)), views of the held tensors."""
-        a = self.lora_A.weight.view(self.num_experts, self.r, self.in_features)
-        b = self.lora_B.weight.view(self.out_features, self.r, self.num_experts).permute(2, 0, 1)
-        return a, b
+        return expert_factors(self.lora_A.weight, self.lora_B.weight, self.num_experts)
 
     def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's low-rank term for its tokens x (T, in)."""
@@ -464,19 +470,25 @@ _PEFT_EXPERT_LORA = re.compile(r"\.experts\.((?:base_layer\.)*)(?=lora_[AB]\.)")
 
 
 def _expert_adapters(model: nn.Module) -> list[str]:
-    """The stacked expert weights that carry adapters, in PEFT's nesting order. PEFT wraps the experts
-    module once per adapted weight, the last outermost: its pair is <experts>.lora_A, the one inside
-    it <experts>.base_layer.lora_A, and so on."""
+    """The stacked expert weights that carry adapters, in Experts.STACKED order."""
     experts = next((m for m in model.modules() if isinstance(m, Experts)), None)
     return [] if experts is None else [p for p in Experts.STACKED if p in experts.lora]
+
+
+def expert_pair_infixes(stacked) -> dict[str, str]:
+    """Where PEFT keeps the pair of each adapted stacked expert weight: what comes between
+    `<layer>.mlp.experts.` and `lora_A`. PEFT wraps the experts module once per adapted weight, in
+    Experts.STACKED order, the last outermost: its pair is <experts>.lora_A, the one inside it
+    <experts>.base_layer.lora_A, and so on."""
+    names = [p for p in Experts.STACKED if p in stacked]
+    return {p: "base_layer." * (len(names) - 1 - i) for i, p in enumerate(names)}
 
 
 def _peft_key(model: nn.Module, name: str) -> str:
     """Our parameter name -> PEFT's saved key (base_model.model.<module>.lora_A.weight, ...)."""
     if m := _OUR_EXPERT_LORA.search(name):
-        adapters = _expert_adapters(model)
-        depth = len(adapters) - 1 - adapters.index(m[1])
-        name = f"{name[:m.start()]}.experts.{'base_layer.' * depth}{name[m.end():]}"
+        infix = expert_pair_infixes(_expert_adapters(model))[m[1]]
+        name = f"{name[:m.start()]}.experts.{infix}{name[m.end():]}"
     if name.startswith("model."):
         name = _text_model_path(model) + name.removeprefix("model.")
     return _PEFT_PREFIX + name.replace(".trainable_tokens_delta", ".token_adapter.trainable_tokens_delta")
@@ -487,10 +499,9 @@ def _our_key(model: nn.Module, key: str) -> str:
     name = key.removeprefix(_PEFT_PREFIX).replace(".token_adapter.", ".")
     name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
     if m := _PEFT_EXPERT_LORA.search(name):
-        adapters = _expert_adapters(model)
-        index = len(adapters) - 1 - m[1].count("base_layer.")
-        if index >= 0:  # else a key no adapter of this model has: reported by load_adapter
-            name = f"{name[:m.start()]}.experts.lora.{adapters[index]}.{name[m.end():]}"
+        by_infix = {infix: p for p, infix in expert_pair_infixes(_expert_adapters(model)).items()}
+        if m[1] in by_infix:  # else a key no adapter of this model has: reported by load_adapter
+            name = f"{name[:m.start()]}.experts.lora.{by_infix[m[1]]}.{name[m.end():]}"
     inner = _text_model_path(model)
     return "model." + name.removeprefix(inner) if name.startswith(inner) else name
 

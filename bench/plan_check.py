@@ -40,11 +40,13 @@ RESULTS = ROOT / "bench" / "results"
 RECORDS = {
     "2026-11-23-h100-main.json": "H100",
     "2026-11-23-h100-packed.json": "H100",
-    "2026-11-23-h100-long-context.json": "H100",
     "2026-11-30-h200x2-distributed.json": "H200",
     "2026-11-30-h200x2-distributed-2.json": "H200",
+    "2026-11-30-h200-lean-qlora-7b-12b.json": "H200",
+    "2026-11-30-h200-long-context.json": "H200",
 }
 SUPERSEDED = {
+    "2026-11-23-h100-long-context.json": "rows of 32k and 128k tokens before the MLP went in chunks",
     "2026-11-23-h100-lora.json": "before the causal kernel and the grad-only down projection",
     "2026-11-23-h100-lora-qlora.json": "before the causal kernel and the grad-only down projection",
     "2026-11-23-h100-causal-kernel.json": "before the grad-only down projection",
@@ -89,14 +91,15 @@ def bench_batches(variant: str, seq: int, bs: int, n: int = 4) -> list[MicroBatc
 
 def recorded_configurations() -> list[dict]:
     """Each of our configurations in RECORDS with what was measured and what plan predicts."""
-    shape = MistralConfig(**gpu_bench.SHAPE)
     out = []
     for name, gpu_name in RECORDS.items():
         rows = json.loads((RESULTS / name).read_text())
         for r in rows:
             variant, keys = DIST_PHASES.get(r.get("phase"), (r.get("variant"), {}))
-            if variant not in gpu_bench.OURS or "error" in r:
-                continue  # a peer's stack, a parity check, another phase, or a run that did not finish
+            if variant not in gpu_bench.OURS or "error" in r or r.get("mlp_chunk") is not None:
+                continue  # a peer's stack, a parity check, another phase, a run that did not finish, or one
+                # with the MLP's chunks set by hand
+            shape = MistralConfig(**gpu_bench.SHAPES[r.get("shape", "7b")])
             if "phase" in r and any(o.get("phase") == r["phase"] and o["peak_gib"] < r["peak_gib"] for o in rows):
                 continue  # a phase every rank reports: the lowest, rank 0's holds the one-GPU phase's model too
             seq, bs = r.get("seq", 4096), r.get("bs", 2)
@@ -108,6 +111,8 @@ def recorded_configurations() -> list[dict]:
             setup = setup_of(variant, bs, **keys)
             p = predict(shape, setup, bench_batches(variant, seq, bs), find_gpu(gpu_name))
             measured = r.get("tokens_per_s", r.get("tokens_per_s_per_gpu"))
+            if r.get("timed_steps_include_compile"):
+                measured = None  # one step, compiling included: no speed to predict
             if setup.gpus > 1:
                 variant += f" {setup.adapter}, {setup.gpus} GPUs {setup.strategy}" + (
                     f" {setup.aggregation}" if setup.aggregation != "mean" else "") + (
@@ -131,15 +136,12 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {r['file']} | {r['gpu']} | {r['variant']} | {r['seq']} x {r['bs']} | "
               + (f"{r['peak_gib']:.2f} / {r['predicted_peak_gib']:.2f} ({100 * error(r, 'peak_gib'):+.1f}%) | "
                  if r["peak_gib"] is not None else f"(rank 0 only) / {r['predicted_peak_gib']:.2f} | ")
-              + f"{r['tokens_per_s']:,} / {r['predicted_tokens_per_s']:,} ({100 * error(r, 'tokens_per_s'):+.1f}%) |")
+              + (f"{r['tokens_per_s']:,} / {r['predicted_tokens_per_s']:,} ({100 * error(r, 'tokens_per_s'):+.1f}%) |"
+                 if r["tokens_per_s"] is not None else f"(not timed) / {r['predicted_tokens_per_s']:,} |"))
 
 
 # --------------------------------------------------------------------------- new runs
-SHAPES = {  # Mistral-7B-v0.3 (gpu_bench.py's) and Mistral-Nemo-12B: hidden 5120, head_dim 128, tekken's vocabulary
-    "7b": gpu_bench.SHAPE,
-    "12b": dict(gpu_bench.SHAPE, hidden_size=5120, num_hidden_layers=40, head_dim=128, vocab_size=131072,
-                max_position_embeddings=131072),
-}
+SHAPES = gpu_bench.SHAPES  # Mistral-7B-v0.3 and Mistral-Nemo-12B
 
 
 def run_variant(shape_name: str, variant: str, seq: int, bs: int, layers: int, steps: int, warm: int,

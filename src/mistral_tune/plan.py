@@ -13,7 +13,8 @@ The model follows how training allocates (train/loop.py, models/, kernels/):
   (2 x KV heads x head_dim), and gate, up and their product (3 x MLP width; top-k experts for MoE).
   Without checkpointing every layer keeps them; with it a layer keeps its input (or, offloaded,
   nothing on the GPU) and the backward of one layer (one row at a time when offloaded) holds
-  BACKWARD_PEAK_LAYERS layers' worth. The fused loss holds one chunk of logits (kernels/loss.py
+  BACKWARD_PEAK_ATTN and BACKWARD_PEAK_MLP layers' worth of its attention and MLP parts, the MLP's
+  for at most MLP_CHUNK_TOKENS tokens (a dense MLP's re-run and backward go chunk by chunk). The fused loss holds one chunk of logits (kernels/loss.py
   chunk_bytes: 2,048 x 32,768 logits whatever the vocabulary, 6 bytes each with a bf16 product:
   the float32 logits and the product), measured exact on the CPU allocator (tests/test_kernels.py).
 - time: matrix FLOPs per token (4N with a frozen base, 6N full; + the re-run's forward less the down
@@ -46,6 +47,7 @@ import numpy as np
 from .errors import ConfigError
 from .kernels.loss import chunk_bytes
 from .models.families import EXPERT_TARGETS
+from .models.mistral import MLP_CHUNK_TOKENS
 from .models.quant import BLOCKSIZE as NF4_BLOCK
 
 GIB = 1024**3
@@ -53,7 +55,10 @@ GIB = 1024**3
 # --- calibration (fitted on bench/results/2026-11-23-h100-main.json; docs/benchmarks.md) -------------
 MFU = 0.50  # counted FLOPs / (bf16 peak x time), fast path: fit on ours_fast and ours_lean
 NF4_DEQUANT_PASSES = 4.8  # memory-bound passes over QLoRA's weights per micro-batch: ours_qlora - ours_lean
-BACKWARD_PEAK_LAYERS = 1.96  # layers' worth of activations alive in one layer's backward: ours_lean(_batched)
+# Layers' worth of activations alive in one layer's checkpointed backward, its attention part and its MLP's:
+# fitted together on ours_lean(_batched) and ours_qlora at 4096 x 2 and rows of 16k-256k tokens (H200).
+BACKWARD_PEAK_ATTN = 1.56
+BACKWARD_PEAK_MLP = 1.2
 BATCH_HIDDEN_COPIES = 5.0  # hidden-size vectors per token held for the whole step: ours_lean vs _batched
 QLORA_DEQUANT_BUFFERS = 3  # bf16 copies of the largest NF4 projection alive at once: ours_qlora
 # --- fitted and measured on bench/results/2026-11-30-h200x2-distributed.json (two H200s; docs/benchmarks.md) --
@@ -303,8 +308,8 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
         if s.adapter == "qlora" and quantized:
             weights += QLORA_DEQUANT_BUFFERS * 2 * max(quantized)
         trained = (8 + STATE_BYTES[s.optimizer]) * n_train  # float32 weights and gradients, and the states
-    per_layer = act * (4 * d + 2 * m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim
-                       + 3 * m.intermediate_size * active_mlp)
+    attn_layer = act * (4 * d + 2 * m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim)
+    mlp_layer = act * 3 * m.intermediate_size * active_mlp
     whole = BATCH_HIDDEN_COPIES * act * d
     peak_act = 0.0
     for b in batches:
@@ -312,10 +317,13 @@ def predict(m, s: Setup, batches: list[MicroBatch], gpu: GPU | None) -> Predicti
         unit = b.length if s.by_row else tokens  # tokens whose layer backward runs at once
         loss = chunk_bytes(b.trained, m.vocab_size, product_bytes=act) if s.fast else 8 * m.vocab_size * b.trained
         if not s.checkpointing:
-            need = tokens * (L * per_layer + whole) + loss
+            need = tokens * (L * (attn_layer + mlp_layer) + whole) + loss
         else:
             kept = 0 if s.offload else tokens * L * act * d
-            need = kept + tokens * whole + max(unit * BACKWARD_PEAK_LAYERS * per_layer, loss)
+            # A dense MLP's re-run and backward go MLP_CHUNK_TOKENS tokens at a time (models/mistral.py).
+            mlp_tokens = unit if m.moe else min(unit, MLP_CHUNK_TOKENS)
+            layer = BACKWARD_PEAK_ATTN * unit * attn_layer + BACKWARD_PEAK_MLP * mlp_tokens * mlp_layer
+            need = kept + tokens * whole + max(layer, loss)
         peak_act = max(peak_act, need)
     peak = weights + trained + peak_act + transient
     if s.sharded:  # the optimizer step: the sharded state and what the step holds besides

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from export_fixtures import tiny_adapter, tiny_model
@@ -83,3 +85,31 @@ def test_cli_export_adapter_copies_and_prints_the_vllm_command(adapter: Path, tm
     assert "--enable-lora --max-lora-rank 8" in out and "--lora-modules tuned=" in out
     assert (tmp_path / "shipped" / "adapter_model.safetensors").is_file()
     assert min_max_lora_rank(16) == 16 and min_max_lora_rank(17) == 32 and min_max_lora_rank(1) == 1
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 600) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+_KEYS = ["r", "lora_alpha", "target_modules", "target_parameters", "peft_type", "modules_to_save", "use_dora",
+         "bias", "use_rslora", "trainable_token_indices"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(whole=st.none() | _JSON, fields=st.dictionaries(st.sampled_from(_KEYS), _JSON, max_size=4))
+def test_any_adapter_config_gets_reasons_or_a_clear_error(adapter: Path, tmp_path_factory, whole, fields) -> None:
+    """adapter_config.json holding any JSON (or our config with any value in its keys): the vLLM check
+    returns reasons, and `export adapter` either passes or raises ModelError, never another exception."""
+    out = tmp_path_factory.mktemp("fuzz") / "adapter"
+    shutil.copytree(adapter, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg.update(fields)
+    (out / "adapter_config.json").write_text(json.dumps(cfg if whole is None else whole))
+    problems = vllm_adapter_problems(out)
+    assert isinstance(problems, list) and all(isinstance(p, str) for p in problems)
+    if whole is not None and not isinstance(whole, dict):
+        assert problems
+    try:
+        export_adapter(out, tmp_path_factory.mktemp("fuzz_out") / "out")
+    except ModelError as exc:
+        assert str(exc)

@@ -14,9 +14,10 @@ The model follows how training allocates (train/loop.py, models/, kernels/):
   Without checkpointing every layer keeps them; with it a layer keeps its input (or, offloaded,
   nothing on the GPU) and the backward of one layer (one row at a time when offloaded) holds
   BACKWARD_PEAK_ATTN and BACKWARD_PEAK_MLP layers' worth of its attention and MLP parts, the MLP's
-  for at most MLP_CHUNK_TOKENS tokens (a dense MLP's re-run and backward go chunk by chunk). The fused loss holds one chunk of logits (kernels/loss.py
-  chunk_bytes: 2,048 x 32,768 logits whatever the vocabulary, 6 bytes each with a bf16 product:
-  the float32 logits and the product), measured exact on the CPU allocator (tests/test_kernels.py).
+  for at most MLP_CHUNK_TOKENS tokens (a dense MLP's re-run and backward go chunk by chunk). The
+  fused loss holds one chunk of logits (kernels/loss.py chunk_bytes: 2,048 x 32,768 logits whatever
+  the vocabulary, 6 bytes each with a bf16 product: the float32 logits and the product), measured
+  exact on the CPU allocator (tests/test_kernels.py).
 - time: matrix FLOPs per token (4N with a frozen base, 6N full; + the re-run's forward less the down
   projection, which the re-run skips, when checkpointed), LoRA's 6 x its parameters, lm_head on
   trained tokens only, attention 4 x heads x head_dim per (query, key) pair a layer, x3 for forward +

@@ -48,12 +48,31 @@ _STACKED_EXPERT_KEY = re.compile(r"(.+)\.mlp\.experts\.((?:base_layer\.)*)lora_(
 _EXPERT_PARAMETERS = {f"mlp.experts.{p}": p for p in Experts.STACKED}
 
 
-def vllm_adapter_problems(adapter_dir: Path) -> list[str]:
-    """Reasons vLLM would refuse this adapter (empty when it loads)."""
+def _read_config(adapter_dir: Path) -> tuple[dict, list[str]]:
+    """adapter_config.json as a dict, or ({}, the reason it cannot be read)."""
     try:
         cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        return [f"{ADAPTER_CONFIG}: unreadable ({exc})"]
+        return {}, [f"{ADAPTER_CONFIG}: unreadable ({exc})"]
+    if not isinstance(cfg, dict):
+        return {}, [f"{ADAPTER_CONFIG}: holds a JSON {type(cfg).__name__}, not an object"]
+    return cfg, []
+
+
+def _names(value) -> list[str] | None:
+    """A PEFT list of module or parameter names (one name, or a list of names); None if it is neither."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
+def vllm_adapter_problems(adapter_dir: Path) -> list[str]:
+    """Reasons vLLM would refuse this adapter (empty when it loads)."""
+    cfg, unreadable = _read_config(adapter_dir)
+    if unreadable:
+        return unreadable
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         return _problems(cfg, None)
@@ -79,16 +98,22 @@ def _problems(cfg: dict, shapes: dict[str, tuple[int, ...]] | None) -> list[str]
     if cfg.get("bias", "none") != "none":
         problems.append(f"bias {cfg['bias']!r}: vLLM needs bias 'none' (unless started with bias support)")
     r = cfg.get("r")
-    if isinstance(r, int) and r > max(VLLM_MAX_LORA_RANKS):
+    if "r" in cfg and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
+        problems.append(f"r {r!r}: not a positive integer")
+    elif isinstance(r, int) and r > max(VLLM_MAX_LORA_RANKS):
         problems.append(f"r={r}: above vLLM's largest --max-lora-rank ({max(VLLM_MAX_LORA_RANKS)})")
-    targets = cfg.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else targets
+    targets = _names(cfg.get("target_modules") or [])
+    if targets is None:
+        problems.append(f"target_modules {cfg['target_modules']!r}: not a module name or a list of them")
+        targets = []
     bad = sorted(set(targets) - set(VLLM_LORA_MODULES) - set(VLLM_EXPERT_MODULES))
     if bad:
         problems.append(f"target_modules {bad}: vLLM adapts only {', '.join(VLLM_LORA_MODULES)} in Mistral models "
                         f"and {', '.join(VLLM_EXPERT_MODULES)} of each expert in Mixtral")
 
-    if cfg.get("target_parameters"):
+    if cfg.get("target_parameters") and _names(cfg["target_parameters"]) is None:
+        problems.append(f"target_parameters {cfg['target_parameters']!r}: not a parameter name or a list of them")
+    elif cfg.get("target_parameters"):
         problems.append(f"target_parameters {cfg['target_parameters']} (LoRA on Mixtral's stacked experts): vLLM "
                         "reads this layout only for models with 3D MoE LoRA weights, and its Mixtral expects one "
                         "pair per expert and projection (block_sparse_moe.experts.<e>.w1/w2/w3), which "
@@ -141,8 +166,9 @@ def vllm_expert_layout(cfg: dict, tensors: dict[str, torch.Tensor]) -> tuple[dic
     weight without LoRA gets zero pairs (vLLM needs all three). Attention pairs are kept. rsLoRA scales by
     alpha/sqrt(r) and vLLM's experts by alpha/r: with use_rslora every B is multiplied by sqrt(r) and
     use_rslora turned off, the same deltas for every reader. ModelError (the reason) if it cannot be done."""
-    params = cfg.get("target_parameters")
-    params = [params] if isinstance(params, str) else list(params)
+    params = _names(cfg.get("target_parameters"))
+    if params is None:
+        raise ModelError(f"target_parameters {cfg.get('target_parameters')!r}: not a parameter name or a list of them")
     unknown = sorted(set(params) - set(_EXPERT_PARAMETERS))
     if unknown:
         raise ModelError(f"target_parameters {unknown}: only LoRA on Mixtral's experts "
@@ -201,8 +227,9 @@ def vllm_expert_layout(cfg: dict, tensors: dict[str, torch.Tensor]) -> tuple[dic
                 module = f"{layer}.block_sparse_moe.experts.{e}.{w}"
                 out[f"{module}.lora_A.weight"] = own(per[w][0][e])
                 out[f"{module}.lora_B.weight"] = scaled(per[w][1][e])
-    targets = cfg.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else targets
+    targets = _names(cfg.get("target_modules") or [])
+    if targets is None:
+        raise ModelError(f"target_modules {cfg['target_modules']!r}: not a module name or a list of them")
     cfg = {k: v for k, v in cfg.items() if k != "target_parameters"}
     cfg["target_modules"] = sorted({*targets, *VLLM_EXPERT_MODULES})
     cfg["use_rslora"] = False
@@ -221,11 +248,8 @@ def export_adapter(run_or_adapter: Path, out_dir: Path | None = None, overwrite:
     Returns the adapter vLLM should load and its config."""
     adapter = find_adapter(Path(run_or_adapter))
     tensors = None
-    try:
-        cfg = json.loads((adapter / ADAPTER_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError):
-        cfg = {}  # vllm_adapter_problems names it
-    if cfg.get("target_parameters") and (adapter / ADAPTER_WEIGHTS).is_file():
+    cfg, _ = _read_config(adapter)  # an unreadable one: vllm_adapter_problems names it
+    if _names(cfg.get("target_parameters") or None) and (adapter / ADAPTER_WEIGHTS).is_file():
         try:
             cfg, tensors = vllm_expert_layout(cfg, load_file(str(adapter / ADAPTER_WEIGHTS)))
         except ModelError as exc:

@@ -10,8 +10,9 @@
 3. parity: the same model, LoRA (lora_B non-zero) and batch over a bf16 and an FP8 base, eager:
    the loss of both, and the LoRA gradients' relative difference.
 4. learn: `mistral-tune train`'s own loop, `--learn-steps` steps of LoRA on the bundled
-   quickstart data over a tiny random model (hidden 256, 4 layers), bf16 vs fp8 base: final
-   held-out loss of both.
+   quickstart data over a tiny random model (hidden 256, 4 layers), bf16 vs fp8 base, for each of
+   `--learn-seeds`: final held-out loss of both. Runs on a CPU too (torch._scaled_mm has a CPU
+   kernel): `--parts learn`.
 
     python bench/fp8_bench.py                 # about 2 minutes on one H200; JSON under $OUT
     python bench/fp8_bench.py --smoke         # toy sizes on the CPU (checks the script runs)
@@ -224,18 +225,18 @@ def run_learn(args) -> list[dict]:
         hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
     model_dir = create_tiny_model(work / "model", "v3", **size)
     rows = []
-    for precision in ("bf16", "fp8"):
+    for seed, precision in ((seed, precision) for seed in args.learn_seeds for precision in ("bf16", "fp8")):
         cfg = config_from_dict({
             "base_model": str(model_dir), "tokenizer": "v3", "datasets": [{"path": str(data_dir() / "train.jsonl")}],
             "val_set_size": 0.05, "sequence_len": 256, "sample_packing": True, "lora_r": 32, "lora_alpha": 32,
             "learning_rate": 3e-3, "warmup_steps": 10, "max_steps": args.learn_steps, "micro_batch_size": 8,
-            "logging_steps": 1, "eval_steps": 10_000, "fast_path": False, "dataset_cache": False, "seed": 0,
-            "output_dir": str(work / precision), "base_precision": precision,
+            "logging_steps": 1, "eval_steps": 10_000, "fast_path": False, "dataset_cache": False, "seed": seed,
+            "output_dir": str(work / f"{precision}-{seed}"), "base_precision": precision,
         })
         t = time.time()
         result = train(cfg, echo=lambda *_: None)
-        first = json.loads((work / precision / "metrics.jsonl").read_text().splitlines()[0])
-        rows.append(dict(part="learn", variant=precision, steps=args.learn_steps,
+        first = json.loads((work / f"{precision}-{seed}" / "metrics.jsonl").read_text().splitlines()[0])
+        rows.append(dict(part="learn", variant=precision, seed=seed, steps=args.learn_steps,
                          first_train_loss=round(first["loss"], 4),
                          final_train_loss=round(result.final_train_loss, 4), heldout_loss=round(result.eval_loss, 4),
                          seconds=round(time.time() - t, 1)))
@@ -264,6 +265,8 @@ def main() -> None:
     p.add_argument("--ckpt", action="store_true", help="per-layer activation checkpointing in the step")
     p.add_argument("--eager", action="store_true", help="no compiled layers in the step")
     p.add_argument("--learn-steps", type=int, default=200)
+    p.add_argument("--learn-seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0],
+                   help="seeds of the learning check (LoRA init, data order), e.g. 0,1,2")
     p.add_argument("--parts", default="gemm,step,parity,learn")
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one step variant in this process

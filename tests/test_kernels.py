@@ -417,3 +417,34 @@ def test_long_rows_compile_their_mlp_chunks_once_for_every_length(make_tiny_mist
         grads(model, batch(n))
     assert counter.frame_count == graphs
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("module", ["embed_tokens", "lm_head"])
+def test_trainable_tokens_forward_makes_no_copy_of_the_table(make_tiny_mistral, module):
+    """Trained rows of a 32k-row embedding (a training step) or head (a forward for a few tokens,
+    as decoding makes): the call holds outputs the size of its tokens', not a merged copy of the
+    whole table (measured by the CPU allocator); the rows still get their gradient."""
+    from mistral_tune.lora import LoraSpec
+
+    vocab, hidden = 32768, 64
+    model = _lora_model(make_tiny_mistral, LoraSpec(r=4, alpha=8, trainable_tokens={module: [5, 9, 700]}),
+                        vocab_size=vocab, hidden_size=hidden, num_attention_heads=4, num_key_value_heads=2)
+    table = getattr(model.model, module) if module == "embed_tokens" else model.lm_head
+    ids = torch.tensor([[5, 11, 700, 9, 3, 5]])
+    if module == "embed_tokens":
+        def call():
+            table(ids).sum().backward()
+    else:
+        x = torch.randn(1, 2, hidden)
+
+        def call():
+            return table(x)
+    peak, _ = peak_bytes(call)
+    assert peak < vocab * hidden * 4 // 4, peak
+    if module == "embed_tokens":
+        assert table.trainable_tokens_delta.grad.abs().sum() > 0
+        want = table.weight.index_copy(0, table.token_indices, table.trainable_tokens_delta.detach())[ids]
+        torch.testing.assert_close(table(ids), want)
+    else:
+        merged = table.weight.index_copy(0, table.token_indices, table.trainable_tokens_delta.detach())
+        torch.testing.assert_close(table(x), x @ merged.t())

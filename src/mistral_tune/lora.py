@@ -289,8 +289,21 @@ class TrainableTokens(nn.Module):
         return self.weight.index_copy(0, self.token_indices, delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight if self.disabled else self.merged_weight()
-        return nn.functional.embedding(x, w) if self.is_embedding else nn.functional.linear(x, w)
+        """The frozen module's output with the trained rows' part put in place: no merged copy of
+        the whole table (vocabulary x hidden) at each call, only outputs the size of x's."""
+        if self.is_embedding:
+            out = nn.functional.embedding(x, self.weight)
+            if self.disabled:
+                return out
+            # Which trained row each token is, if any (token_indices is sorted).
+            pos = torch.searchsorted(self.token_indices, x).clamp_max(len(self.token_indices) - 1)
+            trained = (self.token_indices[pos] == x).unsqueeze(-1)
+            return torch.where(trained, self.trainable_tokens_delta[pos].to(out.dtype), out)
+        out = nn.functional.linear(x, self.weight)
+        if self.disabled:
+            return out
+        rows = nn.functional.linear(x, self.trainable_tokens_delta.to(self.weight.dtype))
+        return out.index_copy(-1, self.token_indices, rows.to(out.dtype))
 
     def plain(self) -> nn.Module:
         """The plain module with the trained rows folded into its weight."""

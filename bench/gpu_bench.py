@@ -64,7 +64,10 @@ def useful_flops_per_token(seq: int) -> float:
 
 
 # --------------------------------------------------------------------------- our stack
-def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: bool = False):
+def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: bool = False,
+                checkpoint: str | None = None, mlp_chunk: int | None = None):
+    """Our model of SHAPE (cut to n_layers) with LoRA, random or read from `checkpoint` (as `train` reads
+    it); mlp_chunk: tokens an MLP computes at once where it keeps no activations (0: whole rows)."""
     import torch
 
     from mistral_tune.lora import LoraSpec, apply_lora
@@ -74,12 +77,10 @@ def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: boo
     shape = dict(SHAPE)
     if n_layers:
         shape["num_hidden_layers"] = n_layers
-    if getattr(ARGS, "from_checkpoint", False) and not n_layers:  # the peers' checkpoint, as `train` reads it
-        from peers import ensure_checkpoint
-
+    if checkpoint is not None:
         from mistral_tune.models.load import load_model
 
-        model, _ = load_model(ensure_checkpoint(shape), dtype=torch.bfloat16, device="cuda")
+        model, _ = load_model(checkpoint, dtype=torch.bfloat16, device="cuda")
     else:
         cfg = MistralConfig(**shape)
         torch.set_default_dtype(torch.bfloat16)
@@ -91,10 +92,10 @@ def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: boo
         quantize_model(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "cuda")
         torch.cuda.empty_cache()
     apply_lora(model, LoraSpec(r=16, alpha=16))
-    if ARGS.mlp_chunk is not None:
+    if mlp_chunk is not None:
         for m in model.modules():
             if isinstance(m, MLP):
-                m.chunk_tokens = ARGS.mlp_chunk or 2**62  # 0: whole rows
+                m.chunk_tokens = mlp_chunk or 2**62
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # as the trainer does: LoRA weights and their optimizer state in float32
         p.data = p.data.float()
@@ -153,13 +154,14 @@ def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
 
     v = OURS[variant]
     packed = v["packed"]
+    checkpoint = None
     if ARGS.from_checkpoint:
         from peers import ensure_checkpoint
 
-        ensure_checkpoint(SHAPE)  # written once, outside the time to the first step
+        checkpoint = ensure_checkpoint(SHAPE)  # written once, outside the time to the first step
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model, params = _build_ours(qlora=v["qlora"])
+    model, params = _build_ours(qlora=v["qlora"], checkpoint=checkpoint, mlp_chunk=ARGS.mlp_chunk)
     torch.cuda.reset_peak_memory_stats()  # the bf16 weights existed only until quantized
     if variant != "ours_eager":
         model.use_fast_path(compile_layers=v["compiled"], one_sample_rows=not packed)
@@ -235,7 +237,7 @@ def run_parity(seq: int, bs: int) -> dict:
     out = {}
     for qlora in (False, True):
         torch.manual_seed(0)
-        model, params = _build_ours(n_layers=2, lora_b_std=0.02, qlora=qlora)
+        model, params = _build_ours(n_layers=2, lora_b_std=0.02, qlora=qlora, mlp_chunk=ARGS.mlp_chunk)
         ref = copy.deepcopy(model).float()  # an NF4 base stays NF4 (dequantized in float32)
         ref_params = [p for p in ref.parameters() if p.requires_grad]
         gen = torch.Generator().manual_seed(1)

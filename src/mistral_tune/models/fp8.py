@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .quant import moves_only, replace_linears
+from .recompute import product_dtype
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -41,12 +42,6 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     t = t.float()
     scale = t.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / E4M3_MAX
     return (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
-
-
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype nn.Linear would give: autocast's, else the input's."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def _input_grad(grad: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -67,7 +62,7 @@ class _FP8Matmul(torch.autograd.Function):
         x_codes, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
         out = torch._scaled_mm(x_codes, codes.t(), scale_a=x_scale, scale_b=scale[None, :],
                                out_dtype=torch.bfloat16)
-        return out.view(*x.shape[:-1], codes.shape[0]).to(_out_dtype(x))
+        return out.view(*x.shape[:-1], codes.shape[0]).to(product_dtype(x))
 
     @staticmethod
     def backward(ctx, grad):
@@ -83,7 +78,7 @@ class _FP8GradOnly(torch.autograd.Function):
     def forward(ctx, x, codes, scale):
         ctx.save_for_backward(codes, scale)
         ctx.dtype = x.dtype
-        return x.new_zeros((), dtype=_out_dtype(x)).expand(*x.shape[:-1], codes.shape[0])
+        return x.new_zeros((), dtype=product_dtype(x)).expand(*x.shape[:-1], codes.shape[0])
 
     backward = _FP8Matmul.backward
 

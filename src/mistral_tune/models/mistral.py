@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -206,16 +206,11 @@ class MLP(nn.Module):
         return grad_only(self.down_proj, h) if grad_only_out else self.down_proj(h)
 
 
-_COMPILED_MLP: dict = {}
-
-
+@cache
 def _compiled_mlp(backend: str | Callable) -> Callable:
     """MLP._forward compiled for any chunk length, one function for every layer (the module is an
     argument, so the layers share its graphs)."""
-    if backend not in _COMPILED_MLP:
-        _COMPILED_MLP[backend] = torch.compile(lambda mlp, x, grad_only_out: mlp._forward(x, grad_only_out),
-                                               dynamic=True, backend=backend)
-    return _COMPILED_MLP[backend]
+    return torch.compile(lambda mlp, x, grad_only_out: mlp._forward(x, grad_only_out), dynamic=True, backend=backend)
 
 
 class Experts(nn.Module):

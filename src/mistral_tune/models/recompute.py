@@ -106,6 +106,15 @@ def _layer_backward(ctx, x: torch.Tensor, args: tuple, grad_out: torch.Tensor) -
     return x.grad
 
 
+def product_dtype(x: torch.Tensor, other: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of a product of x (with a weight of dtype other): autocast's where it is on for x's
+    device, else the usual promotion."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype if other is None else torch.promote_types(x.dtype, other)
+
+
 def _autocast_state(device: torch.device) -> list[tuple[str, bool, torch.dtype]]:
     return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in {device.type, "cpu"}]
 
@@ -151,10 +160,7 @@ class _LinearGradOnly(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        dev = x.device.type
-        # The dtype the product would have had: autocast's, or the usual promotion.
-        ctx.dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(
-            x.dtype, weight.dtype)
+        ctx.dtype = product_dtype(x, weight.dtype)  # the dtype the product would have had
         return x.new_zeros((), dtype=ctx.dtype).expand(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -203,9 +209,7 @@ class _GradOnlyByChunk(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.fn, ctx.n = fn, n
         ctx.autocast, ctx.rng = _autocast_state(x.device), _rng_state(x.device)
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        return x.new_zeros((), dtype=dtype).expand(x.shape)  # never read (grad_only)
+        return x.new_zeros((), dtype=product_dtype(x)).expand(x.shape)  # never read (grad_only)
 
     @staticmethod
     def backward(ctx, grad):

@@ -79,7 +79,12 @@ def test_fused_loss_holds_one_chunk_of_logits(dtype, tokens):
     expected = chunk_bytes(tokens, vocab, product_bytes=dtype.itemsize)
     assert expected == min(tokens, 512) * vocab * (4 if dtype == torch.float32 else 6)
     hidden_grads = 2 * h.numel() * dtype.itemsize  # kept by the forward, and the scaled one backward returns
-    assert expected <= peak <= expected + hidden_grads + 64 * 1024
+    # The CPU's own kernels hold temporaries whose size depends on the CPU: a bf16 product on a CPU without
+    # native bf16 matrix instructions converts the weight to float32 (two such copies, 16.8 MB here, were
+    # seen on one 2-core machine; 137 KB beyond the chunk on another); reductions keep per-thread buffers.
+    # That slack stays well below the second chunk (31 MB here) that a leak would hold.
+    cpu_kernels = 64 * 1024 + expected // 64 + (2 * w.numel() * 4 if dtype == torch.bfloat16 else 0)
+    assert expected <= peak <= expected + hidden_grads + cpu_kernels
     ref = F.cross_entropy((h.detach() @ w.t()).float(), targets, reduction="sum")
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
 

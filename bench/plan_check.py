@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_bench  # noqa: E402  (the benchmarks' model shape, variants, rows and step)
 
 from mistral_tune.models.mistral import MistralConfig  # noqa: E402
-from mistral_tune.plan import MicroBatch, Setup, attended_pairs, find_gpu, predict  # noqa: E402
+from mistral_tune.plan import MicroBatch, Setup, attended_pairs, predict  # noqa: E402
+from mistral_tune.train.gpus import find_gpu  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 # The result files measured by the current code, and the GPU each ran on. docs/benchmarks.md says

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from mistral_tune.cli import main
 from mistral_tune.data.pack import collate, group_rows, make_rows
 from mistral_tune.errors import ConfigError
-from mistral_tune.plan import GPUS, find_gpu, micro_batches
+from mistral_tune.plan import micro_batches
+from mistral_tune.train.gpus import GPUS, find_gpu
 from mistral_tune.train.loop import row_padding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,7 +341,8 @@ def test_the_fp8_records_steps_are_predicted_within_10_percent() -> None:
     steps, bf16 and FP8 base: FP8_SPEEDUP is fitted on their ratio, the bf16 step checks the rest."""
     check = _plan_check()
     from mistral_tune.models.mistral import MistralConfig
-    from mistral_tune.plan import find_gpu, predict
+    from mistral_tune.plan import predict
+    from mistral_tune.train.gpus import find_gpu
 
     rows = json.loads((ROOT / "bench" / "results" / "2026-11-30-h200-fp8.json").read_text())["results"]
     steps = {r["variant"]: r for r in rows if r["part"] == "step"}

@@ -238,7 +238,8 @@ def _cmd_validate(args) -> None:
 
 def _cmd_plan(args) -> None:
     from .config import load_config
-    from .plan import GPUS, detect_gpu, find_gpu, make_plan
+    from .plan import make_plan
+    from .train.gpus import GPUS, detect_gpu, find_gpu
     from .train.loop import read_inputs, with_family_targets
 
     if args.memory_gib is not None and args.memory_gib <= 0:

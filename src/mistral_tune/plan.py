@@ -50,6 +50,7 @@ from .kernels.loss import chunk_bytes
 from .models.families import EXPERT_TARGETS
 from .models.mistral import MLP_CHUNK_TOKENS
 from .models.quant import BLOCKSIZE as NF4_BLOCK
+from .train.gpus import GPU
 
 GIB = 1024**3
 
@@ -97,37 +98,10 @@ STATE_BYTES = {"adamw": 8, "adamw_8bit": 2 * (1 + 4 / 256)}
 STEP_TRAFFIC = 12
 
 
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    memory_gib: float  # as torch reports the device's total memory
-    bf16_tflops: float  # dense bf16 tensor-core peak (vendor figure)
-    bandwidth_tbs: float  # memory bandwidth, TB/s
-    match: tuple[str, ...]  # all of these in the lower-cased device name, without spaces and dashes
 
 
-GPUS = [
-    GPU("H200", 140.4, 989.4, 4.8, ("h200",)),
-    GPU("H100-PCIe", 79.6, 756.0, 2.0, ("h100", "pcie")),
-    GPU("H100", 79.6, 989.4, 3.35, ("h100",)),
-    GPU("A100-80GB", 79.3, 312.0, 2.04, ("a100", "80g")),
-    GPU("A100-40GB", 39.4, 312.0, 1.555, ("a100",)),
-    GPU("L40S", 44.4, 362.1, 0.864, ("l40s",)),
-    GPU("A10", 22.1, 125.0, 0.6, ("a10",)),
-    GPU("L4", 22.0, 121.0, 0.3, ("l4",)),
-    GPU("RTX4090", 23.6, 165.2, 1.008, ("4090",)),
-    GPU("RTX3090", 23.6, 71.0, 0.936, ("3090",)),
-]
 
 
-def find_gpu(name: str) -> GPU:
-    """A GPU of the table by its name (case and dashes ignored) or by a device name torch reports."""
-    key = name.lower().replace(" ", "").replace("-", "")
-    for gpu in GPUS:
-        if key == gpu.name.lower().replace("-", "") or all(m in key for m in gpu.match):
-            return gpu
-    raise ConfigError(f"--gpu {name}: unknown GPU; known: {', '.join(g.name for g in GPUS)} "
-                      "(or give --memory-gib for a memory-only plan)")
 
 
 @dataclass(frozen=True)
@@ -422,16 +396,6 @@ def _size(gib: float) -> str:
     return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.0f} MiB"
 
 
-def detect_gpu() -> tuple[GPU | None, str]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None, ""
-    name = torch.cuda.get_device_name(0)
-    try:
-        return find_gpu(name), name
-    except ConfigError:
-        return None, name
 
 
 def _several_gpus_lines(m, s: Setup, gpu: GPU | None) -> list[str]:

@@ -48,6 +48,7 @@ from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_di
 from ..models.mistral import count_params, flops_per_token, router_balance
 from ..models.quant import quantize_model
 from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step, save_shards
+from .gpus import find_gpu
 from .guard import StepGuard
 from .logs import MetricsLog
 from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
@@ -367,8 +368,6 @@ def _bf16_peak(rt: Runtime) -> float | None:
     a GPU the table does not know (no MFU then, rather than one against another GPU's peak)."""
     if rt.device.type != "cuda":
         return None
-    from ..plan import find_gpu  # plan reads the trainer's inputs: imported here, not at the top
-
     try:
         return find_gpu(torch.cuda.get_device_name(rt.device)).bf16_tflops * 1e12
     except ConfigError:

@@ -22,7 +22,8 @@ from mistral_tune.config import Config
 from mistral_tune.errors import CheckpointError, ConfigError
 from mistral_tune.train import checkpoint as ckpt_mod
 from mistral_tune.train.checkpoint import FORMAT, MANIFEST, REQUIRED, CheckpointManager
-from mistral_tune.train.loop import config_changes, find_resume_checkpoint, train
+from mistral_tune.train.loop import train
+from mistral_tune.train.resume import config_changes, find_resume_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "mistral_tune"
 

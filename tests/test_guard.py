@@ -14,8 +14,9 @@ import pytest
 from _runs import config, make_assets, metrics, same_tensors, tensors
 from mistral_tune.errors import TrainingHalted
 from mistral_tune.train.guard import MIN_HISTORY, StepGuard
-from mistral_tune.train.loop import RowStream, prepare, run_training
+from mistral_tune.train.loop import prepare, run_training
 from mistral_tune.train.optim import lr_factor
+from mistral_tune.train.schedule import RowStream
 
 
 @pytest.fixture(scope="module")

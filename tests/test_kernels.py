@@ -332,8 +332,8 @@ def test_rows_of_varying_length_compile_a_fixed_number_of_graphs(make_tiny_mistr
     from torch._dynamo.testing import CompileCounter
 
     from mistral_tune.config import config_from_dict
-    from mistral_tune.train.loop import row_padding
     from mistral_tune.train.optim import token_loss_sum
+    from mistral_tune.train.schedule import row_padding
 
     torch._dynamo.reset()
     model = _lora_model(make_tiny_mistral, seed=6)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mistral_tune.chat import load_tokenizer
 from mistral_tune.config import config_from_dict
 from mistral_tune.models.load import read_config
-from mistral_tune.train.loop import USUAL_LEARNING_RATE, USUAL_LORA_SCALING, model_fit_warnings
+from mistral_tune.train.lints import USUAL_LEARNING_RATE, USUAL_LORA_SCALING, model_fit_warnings
 
 FAST = settings(max_examples=40, deadline=None)
 

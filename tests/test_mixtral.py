@@ -749,7 +749,7 @@ def test_gguf_from_an_expert_lora_adapter_holds_the_merged_experts(tmp_path):
 @pytest.mark.parametrize("targets, warned", [(["q_proj", "v_proj"], True), (["q_proj", "w2"], False)])
 def test_qlora_on_mixtral_without_expert_targets_says_the_experts_stay_full_precision(tmp_path, targets, warned):
     from mistral_tune.config import config_from_dict
-    from mistral_tune.train.loop import model_fit_warnings
+    from mistral_tune.train.lints import model_fit_warnings
 
     cfg = config_from_dict({"base_model": "tiny", "datasets": [{"path": "d.jsonl"}], "adapter": "qlora",
                             "output_dir": str(tmp_path / "run"), "lora_target_modules": targets})

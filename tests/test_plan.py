@@ -19,7 +19,7 @@ from mistral_tune.data.pack import collate, group_rows, make_rows
 from mistral_tune.errors import ConfigError
 from mistral_tune.plan import micro_batches
 from mistral_tune.train.gpus import GPUS, find_gpu
-from mistral_tune.train.loop import row_padding
+from mistral_tune.train.schedule import row_padding
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -345,7 +345,7 @@ def attended_pairs(n: int, window: int | None) -> float:
 
 def micro_batches(rows: list[list[int]], lengths, trained, micro_batch_size: int, seed: int, sequence_len: int,
                   packing: bool, fast: bool, window: int | None, one_sample: bool) -> list[MicroBatch]:
-    """One epoch's micro-batches as the trainer cuts and pads them (loop.row_padding, pack.collate)."""
+    """One epoch's micro-batches as the trainer cuts and pads them (schedule.row_padding, pack.collate)."""
     from .data.pack import group_rows
 
     out = []
@@ -430,8 +430,8 @@ def _several_gpus_lines(m, s: Setup, gpu: GPU | None) -> list[str]:
 def make_plan(cfg, model_cfg, data, gpu: GPU | None, memory_gib: float | None, gpus: int = 1) -> Plan:
     """Predict the configured run on `gpus` GPUs and propose settings that fit `memory_gib` (default: the GPU's)."""
     from .data.pack import pack_rows, sample_lengths
-    from .train.loop import count_steps, one_sample_rows
     from .train.runtime import check_distributed_config
+    from .train.schedule import count_steps, one_sample_rows
 
     if gpus < 1:
         raise ConfigError(f"--gpus {gpus}: must be 1 or more")

@@ -386,7 +386,7 @@ def test_inspect_at_an_origin(tmp_path: Path, capsys) -> None:
 
 
 def test_row_stream_groups_by_length_and_covers_every_row() -> None:
-    from mistral_tune.train.loop import RowStream
+    from mistral_tune.train.schedule import RowStream
 
     rng = np.random.default_rng(2)
     lengths = rng.integers(10, 1000, size=300).tolist()

@@ -10,27 +10,24 @@ docs/reliability.md lists the guarantees and the tests that prove them.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import math
 import random
 import resource
 import shutil
 import time
-from array import array
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from pydantic import TypeAdapter
 
-from ..chat import ChatTokenizer, find_tokenizer_file, load_tokenizer
+from ..chat import load_tokenizer
 from ..config import ALL_PROJECTIONS, Config
 from ..data.build import Dataset, build_dataset
-from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, sample_lengths
-from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError, TrainingHalted
+from ..data.pack import Batch, collate, group_rows, make_rows, sample_lengths
+from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError
 from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
 from ..lora import (
@@ -42,19 +39,22 @@ from ..lora import (
     save_adapter,
     save_lora_init,
 )
-from ..models.families import EXPERT_TARGETS, family_of
+from ..models.families import family_of
 from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
 from ..models.mistral import count_params, flops_per_token, router_balance
 from ..models.quant import quantize_model
-from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step, save_shards
+from .checkpoint import CheckpointManager, save_shards
 from .gpus import find_gpu
 from .guard import StepGuard
+from .lints import model_fit_warnings
 from .logs import MetricsLog
 from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
 from .optim import eight_bit_adamw, lr_factor, make_optimizer, token_loss_sum, warmup_steps
 from .report import write_run_report
+from .resume import data_fingerprint, resume_checkpoint, roll_back, set_aside_newer
 from .runtime import REPORT_OUTLIER_AFTER, Runtime
+from .schedule import Progress, RowStream, count_steps, finite, one_sample_rows, row_padding
 from .signals import StopRequest
 from .trackers import Trackers, check_trackers, run_files, run_params
 
@@ -73,98 +73,8 @@ class TrainResult:
     report: Path | None = None  # the evaluation report (report.html)
 
 
-class RowStream:
-    """The training rows in a per-epoch shuffled order (seed + epoch), taken a micro-batch at a time.
-
-    Its whole state is the position (epoch, offset into that epoch's order): a resumed run goes on
-    with exactly the rows an uninterrupted run would see, without replaying. The micro-batches are
-    cut from the order one after another (the last of an epoch may be short; the next starts the
-    next epoch), and each round of `world_size` of them gives rank r the r-th: whatever the number
-    of processes, a step with micro_batch x accumulation x world_size rows trains on the same rows,
-    and within an epoch every row is seen exactly once. For one process the micro-batches equal
-    group_rows(rows, size, seed + epoch).
-    """
-
-    def __init__(self, rows: list[list[int]], seed: int, rank: int = 0, world_size: int = 1,
-                 row_lengths: list[int] | None = None, group_size: int = 1) -> None:
-        self.rows, self.seed, self.rank, self.world_size = rows, seed, rank, world_size
-        self.row_lengths, self.group_size = row_lengths, group_size  # group_by_length
-        self.epoch, self.offset = 0, 0
-        self._order: tuple[int, list[int]] | None = None
-
-    def order(self, epoch: int) -> list[int]:
-        if self._order is None or self._order[0] != epoch:
-            order = list(range(len(self.rows)))
-            rng = random.Random(self.seed + epoch)
-            rng.shuffle(order)
-            if self.row_lengths is not None:
-                order = length_grouped(order, self.row_lengths, self.group_size, rng)
-            self._order = (epoch, order)
-        return self._order[1]
-
-    def next(self, size: int) -> tuple[int, list[list[int]]]:
-        """(epoch, rows) of this rank's next micro-batch of at most `size` rows; the epoch is that of
-        the round's last micro-batch, the same on every rank."""
-        mine: list[list[int]] = []
-        for r in range(self.world_size):
-            order, epoch = self.order(self.epoch), self.epoch
-            if r == self.rank:
-                mine = [self.rows[j] for j in order[self.offset:self.offset + size]]
-            self.offset += size
-            if self.offset >= len(order):
-                self.epoch, self.offset = self.epoch + 1, 0
-        return epoch, mine
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "rows": len(self.rows)}
-
-    def load_state_dict(self, state: dict, source: Path) -> None:
-        if state["rows"] != len(self.rows) or state["seed"] != self.seed:
-            raise CheckpointError(f"{source}: data position is for {state['rows']} rows shuffled with seed "
-                                  f"{state['seed']}, this run has {len(self.rows)} rows and seed {self.seed}")
-        self.epoch, self.offset = state["epoch"], state["offset"]
 
 
-@dataclass
-class Progress:
-    """Counters a checkpoint carries besides weights, optimizer, data position and guard."""
-
-    micro_batch_size: int  # may be smaller than the config's after auto_micro_batch
-    gradient_accumulation_steps: int
-    world_size: int = 1
-    step: int = 0
-    tokens_seen: int = 0
-    train_loss: float = float("nan")
-    eval_loss: float | None = None
-
-    @property
-    def rows_per_step(self) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
-
-    def rescale_to(self, world_size: int, source: Path, echo) -> None:
-        """Go on with another number of processes: the same rows per step, through the accumulation."""
-        if world_size == self.world_size:
-            return
-        rows, per_pass = self.rows_per_step, self.micro_batch_size * world_size
-        if rows % per_pass:
-            raise CheckpointError(
-                f"{source}: written by {self.world_size} process(es) with {rows} rows per step (micro_batch_size "
-                f"{self.micro_batch_size} x gradient_accumulation_steps {self.gradient_accumulation_steps}); "
-                f"{world_size} processes cannot take {rows} rows per step. Use a number of processes that divides "
-                f"{rows // self.micro_batch_size}")
-        echo(f"resuming {self.world_size} process(es)' run on {world_size}: gradient_accumulation_steps "
-             f"{self.gradient_accumulation_steps} -> {rows // per_pass}, the same {rows} rows per step")
-        self.gradient_accumulation_steps, self.world_size = rows // per_pass, world_size
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["train_loss"] = _finite(self.train_loss)
-        d["eval_loss"] = _finite(self.eval_loss) if self.eval_loss is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Progress:
-        return cls(**{**d, "train_loss": float("nan") if d["train_loss"] is None else d["train_loss"]})
 
 
 def seed_everything(seed: int) -> None:
@@ -185,62 +95,8 @@ def run_inputs(cfg: Config) -> list[str | None]:
     return [ds.path for ds in [*cfg.datasets, *cfg.val_datasets]] + [cfg.base_model, cfg.tokenizer]
 
 
-# Lints: ranges outside which a setting is unusual enough to mention (never an error).
-USUAL_LEARNING_RATE = {"adapter": (2e-5, 5e-3), "full": (1e-6, 1e-4)}  # LoRA/QLoRA, full fine-tuning
-USUAL_LORA_SCALING = (0.25, 8.0)  # lora_alpha / lora_r (/ sqrt(r) with rsLoRA)
-SHORT_SAMPLES = 0.25  # without packing: mean sample below this share of sequence_len
 
 
-def model_fit_warnings(cfg: Config, model_dir: Path, model_cfg, tokenizer, lengths=None) -> list[str]:
-    """What in the config fits the model or the data badly without being an error (printed by
-    validate, plan and train). lengths: the training samples' token counts."""
-    out = []
-    kind, (low, high) = (("full fine-tuning", USUAL_LEARNING_RATE["full"]) if cfg.adapter == "none"
-                         else (cfg.adapter.upper(), USUAL_LEARNING_RATE["adapter"]))
-    if not low <= cfg.learning_rate <= high:
-        below = cfg.learning_rate < low
-        out.append(f"learning_rate {cfg.learning_rate:g} is far {'below' if below else 'above'} the usual range for "
-                   f"{kind} ({low:g} to {high:g}; full fine-tuning takes about 10x less than adapters): expect "
-                   + ("little learning" if below else "divergence or forgetting"))
-    if cfg.adapter != "none":
-        scaling = cfg.lora_alpha / (math.sqrt(cfg.lora_r) if cfg.use_rslora else cfg.lora_r)
-        if not USUAL_LORA_SCALING[0] <= scaling <= USUAL_LORA_SCALING[1]:
-            rule = "lora_alpha / sqrt(lora_r) (use_rslora)" if cfg.use_rslora else "lora_alpha / lora_r"
-            out.append(f"lora_alpha {cfg.lora_alpha:g} with lora_r {cfg.lora_r}: the adapter's scale {rule} is "
-                       f"{scaling:.3g}, outside the usual {USUAL_LORA_SCALING[0]:g} to {USUAL_LORA_SCALING[1]:g} "
-                       "(alpha = r or 2r is common): the effective learning rate moves with it")
-    if cfg.sequence_len > model_cfg.max_position_embeddings:
-        out.append(f"sequence_len {cfg.sequence_len} is more than the model's max_position_embeddings "
-                   f"{model_cfg.max_position_embeddings} ({model_dir / 'config.json'}): it has not learnt positions "
-                   "that far")
-    window = model_cfg.sliding_window
-    if window and cfg.sequence_len > window:
-        out.append(f"sequence_len {cfg.sequence_len} is more than the model's sliding_window {window} "
-                   f"({model_dir / 'config.json'}): a token attends to the {window} before it only, and rows of one "
-                   "sample are padded to sequence_len")
-    if lengths is not None and len(lengths) and not cfg.sample_packing:
-        mean = float(np.mean(lengths))
-        if mean < SHORT_SAMPLES * cfg.sequence_len:
-            out.append(f"sample_packing is off and samples average {mean:.0f} tokens against sequence_len "
-                       f"{cfg.sequence_len}: a micro-batch of {cfg.micro_batch_size} row(s) holds about "
-                       f"{mean * cfg.micro_batch_size:.0f} tokens; sample_packing: true fills rows (samples never "
-                       "attend to each other)")
-    if cfg.adapter == "qlora" and model_cfg.moe and not set(cfg.lora_target_modules) & set(EXPERT_TARGETS):
-        out.append("adapter qlora: the experts are not in lora_target_modules, so they stay in full precision "
-                   "(QLoRA holds in NF4 what it adapts); add experts to hold them in 4 bits")
-    if cfg.tokenizer is not None:
-        try:
-            own = ChatTokenizer(find_tokenizer_file(model_dir))
-        except ModelError:  # the folder ships none (or several): nothing to compare with
-            return out
-        def kind_of(t: ChatTokenizer) -> str:
-            return f"{'tekken' if t.is_tekken else 'SentencePiece'} {t.version}"
-
-        if kind_of(own) != kind_of(tokenizer):
-            out.append(f"tokenizer: {cfg.tokenizer} is {kind_of(tokenizer)}, but the model folder ships "
-                       f"{own.source_file.name} ({kind_of(own)}): the prompt format differs from the one the model "
-                       "knows; leave tokenizer out to use the model's own")
-    return out
 
 
 def prepare(cfg: Config, check_output: bool = True):
@@ -316,30 +172,10 @@ def _load(cfg: Config, rt: Runtime):
     return model_dir, tokenizer, model, data
 
 
-def count_steps(n_rows: int, micro_batch_size: int, rows_per_step: int, num_epochs: float,
-                max_steps: int | None = None) -> int:
-    """Optimizer steps of a run: max_steps, else num_epochs passes over the rows."""
-    micro_per_epoch = math.ceil(n_rows / micro_batch_size)
-    per_epoch = max(1, micro_per_epoch * micro_batch_size // rows_per_step)
-    return max_steps or max(1, math.ceil(per_epoch * num_epochs))
 
 
-def one_sample_rows(cfg: Config, model_cfg) -> bool:
-    """Whether the fast path's rows hold one sample each that no sliding window cuts: no packing,
-    and rows no longer than the window. Such rows take the causal kernel and vary in length."""
-    window = model_cfg.sliding_window
-    return not cfg.sample_packing and (window is None or cfg.sequence_len <= window)
 
 
-def row_padding(cfg: Config, fast: bool, one_sample: bool, micro_batch_size: int) -> dict:
-    """How collate pads rows: packed rows to sequence_len, others to the longest row. The fast path's
-    compiled layers make a graph per shape, so there rows of one sample (compiled for dynamic
-    shapes) round up to a multiple of 128, rows a sliding window cuts go to sequence_len too, and a
-    short micro-batch gets rows of padding."""
-    if not fast:
-        return {"pad_to": cfg.sequence_len} if cfg.sample_packing else {}
-    rows = {"pad_multiple": 128} if one_sample else {"pad_to": cfg.sequence_len}
-    return {**rows, "min_rows": micro_batch_size}
 
 
 @torch.no_grad()
@@ -484,7 +320,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     fingerprint = data_fingerprint(data.train)
 
     # Resume: weights, optimizer, data position, guard and progress now; the RNG last, just before the loop.
-    resume_from = _resume_checkpoint(cfg, ckpts, fingerprint, force, rt, echo) if cfg.resume else None
+    resume_from = resume_checkpoint(cfg, ckpts, fingerprint, force, rt, echo) if cfg.resume else None
     if resume_from is not None:
         resume_from.load_weights(named)
         if spec is not None and spec.init != "kaiming":  # the residual base weights the checkpoint trained on
@@ -541,7 +377,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
         # The metrics log is the one the checkpoint saw, so a resumed run's log has each step once.
         (out / "metrics.jsonl").write_text(resume_from.metrics_text() if resume_from else "")
         if resume_from is not None:
-            _set_aside_newer(ckpts, resume_from, echo)
+            set_aside_newer(ckpts, resume_from, echo)
     hparams = {"total_steps": total_steps, "warmup_steps": warmup, "rows_per_step": progress.rows_per_step,
                "micro_batch_size": progress.micro_batch_size, "world_size": rt.world_size,
                "trainable_params": trainable, "total_params": total, "device": str(rt.device)}
@@ -647,9 +483,9 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 record = {
                     "step": step + 1,
                     "epoch": window[-1][0] + 1,
-                    "loss": _finite(loss),
+                    "loss": finite(loss),
                     "lr": lr,
-                    "grad_norm": _finite(grad_norm),
+                    "grad_norm": finite(grad_norm),
                     "trained_tokens": n_tokens,
                     "tokens_per_s": tok_s,
                     "step_s": step_s,
@@ -660,7 +496,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 if rt.device.type == "cuda":
                     record.update(_gpu_utilization(rt))
                 if getattr(model, "router_aux_loss", None) is not None:  # its own number, not part of loss
-                    record["router_aux_loss"] = _finite(model.router_aux_loss)
+                    record["router_aux_loss"] = finite(model.router_aux_loss)
                 if bad is not None:
                     record["skipped"] = bad
                     echo(f"step {step + 1}: skipped, {bad}")
@@ -673,7 +509,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 log.train_step(record, write=(step + 1) % cfg.logging_steps == 0 or step + 1 == total_steps
                                or bad is not None or bool(outliers))
                 if guard.needs_rollback:
-                    _roll_back(guard, ckpts, named, optimizer, step + 1, log, out, echo, rt)
+                    roll_back(guard, ckpts, named, optimizer, step + 1, log, out, echo, rt)
 
                 last = step + 1 == total_steps
                 scheduled = (last or stream.epoch != epoch_before
@@ -691,7 +527,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                 if cfg.eval.requested and TrainingEvals.due(cfg, step + 1, last):
                     early_stop = run_evals(step + 1, evaluated)
                 if scheduled or agreed.stop or early_stop:
-                    checkpoint_dir = save_checkpoint(step + 1, _finite(evaluated) if evaluated is not None else None)
+                    checkpoint_dir = save_checkpoint(step + 1, finite(evaluated) if evaluated is not None else None)
                 if early_stop:
                     echo(f"early stopping at step {step + 1}: {early_stop}")
                     break
@@ -757,155 +593,24 @@ def _write_run_report(out: Path, rt: Runtime, echo) -> None:
     echo(rt.on_main(write))
 
 
-def _roll_back(guard: StepGuard, ckpts: CheckpointManager, named, optimizer, step: int, log: MetricsLog,
-               out: Path, echo, rt: Runtime) -> None:
-    """Back to the newest valid checkpoint written before the bad streak, with a lower learning rate; the
-    data position is kept, so the stretch of data that caused the streak is not met again. Rank 0 picks
-    the checkpoint; every process loads it."""
-    target = None
-    if guard.may_roll_back:
-        def newest() -> str | None:
-            found, _ = ckpts.newest_valid(before=guard.streak_start, quiet=True)
-            return str(found.path) if found else None
-
-        path = rt.on_main(newest)
-        target = CheckpointManager.validate(Path(path)) if path else None
-    if target is None:
-        why = (f"stopped at step {step} after {guard.consecutive} bad steps in a row: "
-               + (f"{guard.rollbacks} rollback(s) did not help (bad_step_max_rollbacks: {guard.max_rollbacks})"
-                  if not guard.may_roll_back else "no checkpoint from before them to roll back to (set save_steps)"))
-        report = guard.report(why)
-        if log.enabled:
-            details = {"report": report, "events": guard.events}
-            (out / "guard_report.json").write_text(json.dumps(details, indent=1) + "\n")
-            report += f"; details in {out / 'guard_report.json'}"
-        raise TrainingHalted(report)
-    target.load_weights(named)
-    target.load_optimizer(optimizer, named)
-    guard.rolled_back(step, target.step)
-    echo(f"step {step}: {guard.rollback_after} bad steps in a row; rolled back to {target.path.name} "
-         f"(weights and optimizer state), learning rate now x{guard.lr_scale:g}")
-    log.event({"step": step, "event": "rollback", "to_checkpoint": target.path.name, "lr_scale": guard.lr_scale})
 
 
-def _set_aside_newer(ckpts: CheckpointManager, resumed: Checkpoint, echo) -> None:
-    """Checkpoints newer than the one resumed from belong to a future this run will not have (or are
-    damaged): rename them so they are neither resumed from nor counted when pruning. Nothing is deleted."""
-    for path in ckpts.checkpoints():
-        if path.resolve() == resumed.path.resolve() or checkpoint_step(path) <= resumed.step:
-            continue
-        try:
-            CheckpointManager.validate(path)
-            why = "superseded"
-        except CheckpointError:
-            why = "corrupt"
-        echo(f"{path.name} is newer than {resumed.path.name}; renamed to {ckpts.set_aside(path, why).name}")
 
 
-def _resume_checkpoint(cfg: Config, ckpts: CheckpointManager, fingerprint: str, force: bool, rt: Runtime,
-                       echo) -> Checkpoint | None:
-    """The checkpoint to resume from, found and checked against the run by rank 0, opened by every process."""
-    found: list[Checkpoint] = []
-
-    def find() -> str | None:
-        ckpt = find_resume_checkpoint(cfg, ckpts, echo)
-        if ckpt is None:
-            return None
-        check_resume_config(ckpt, cfg, fingerprint, force)
-        found.append(ckpt)
-        return str(ckpt.path)
-
-    path = rt.on_main(find)
-    if found or not path:
-        return found[0] if found else None
-    return CheckpointManager.validate(Path(path))
 
 
-def find_resume_checkpoint(cfg: Config, ckpts: CheckpointManager, echo) -> Checkpoint | None:
-    """The checkpoint `resume` names: auto -> the newest valid one in output_dir (None when there is
-    none at all), a checkpoint directory -> it, a run directory -> its newest valid one."""
-    if cfg.resume == "auto":
-        if not ckpts.checkpoints():
-            echo(f"resume: auto: no checkpoint in {ckpts.out}; starting from step 0")
-            return None
-        ckpt, problems = ckpts.newest_valid()
-        if ckpt is None:
-            raise CheckpointError(f"resume: auto: no usable checkpoint in {ckpts.out}: " + "; ".join(problems))
-        if problems:
-            echo(f"resume: auto: falling back to {ckpt.path.name}, the newest valid checkpoint")
-        return ckpt
-    path = Path(cfg.resume).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"resume: {path} does not exist")
-    if checkpoint_step(path) is not None or (path / MANIFEST).exists():
-        return CheckpointManager.validate(path)
-    ckpt, problems = CheckpointManager(path, 1, echo).newest_valid()
-    if ckpt is None:
-        why = (": " + "; ".join(problems)) if problems else ""
-        raise CheckpointError(f"resume: {path}: no usable checkpoint{why}")
-    return ckpt
 
 
-# Keys that change how a run is observed or how long it lasts, not the steps it takes. --force accepts
-# changes to these only. (max_steps and num_epochs also reshape the learning-rate schedule after the
-# resume point; that is the point of changing them.)
-SAFE_TO_CHANGE = frozenset({
-    "logging_steps", "eval_steps", "eval", "save_steps", "save_total_limit", "max_steps", "num_epochs",
-    "auto_micro_batch", "bad_step_zscore", "bad_step_window", "bad_step_rollback_after", "bad_step_lr_factor",
-    "bad_step_max_rollbacks", "overlap_gradient_sync", "fsdp_reshard_after_forward", "report_to",
-    "mlflow_tracking_uri",
-})
-# Where the run lives and how it was started say nothing about the steps it takes (a run directory may be moved).
-_NOT_COMPARED = frozenset({"resume", "overwrite_output_dir", "output_dir"})
 
 
-def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(key, old, new) of each key whose value differs. A key the saved config lacks (added to the
-    config since that run) holds its default there: unchanged when the new value is the default too."""
-    keys = sorted((set(old) | set(new)) - _NOT_COMPARED)
-    return [(k, old.get(k, "(absent)"), new.get(k, "(absent)")) for k in keys
-            if (old[k] if k in old else _default(k)) != new.get(k)]
 
 
-def _default(key: str) -> object:
-    """A config key's default as the saved config (JSON) would hold it; None for a key without one."""
-    field = Config.model_fields.get(key)
-    if field is None or field.is_required():
-        return None
-    return TypeAdapter(field.annotation).dump_python(field.get_default(call_default_factory=True), mode="json")
 
 
-def check_resume_config(ckpt: Checkpoint, cfg: Config, fingerprint: str, force: bool) -> None:
-    """Refuse to resume under a different config (or data) unless forced, and then only for safe keys."""
-    changes = config_changes(ckpt.config, cfg.model_dump(mode="json"))
-    if ckpt.state.get("data_fingerprint") != fingerprint:
-        changes.append(("training data", "the checkpoint's", "different tokenized samples"))
-    if not changes:
-        return
-    listing = "; ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes)
-    safe = ", ".join(sorted(SAFE_TO_CHANGE))
-    unsafe = [k for k, _, _ in changes if k not in SAFE_TO_CHANGE]
-    where = ckpt.path / "config.json"
-    if not force:
-        raise ConfigError(f"{where}: the run's config differs from the checkpoint's: {listing}. Resume with the "
-                          f"checkpoint's values, or pass --force to accept changes to {safe}")
-    if unsafe:
-        raise ConfigError(f"{where}: --force accepts changes only to {safe}; these "
-                          f"cannot change in a resumed run: {', '.join(unsafe)} ({listing})")
 
 
-def data_fingerprint(samples) -> str:
-    """SHA-256 over the tokenized training samples: a resumed run must see the same data."""
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(array("q", s.tokens).tobytes())
-        h.update(array("q", s.labels).tobytes())
-        h.update(b"|")
-    return h.hexdigest()
 
 
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def accumulate_gradients(

@@ -136,8 +136,8 @@ def worker(args) -> None:
     if not args.smoke:
         model.use_fast_path()
     v = SETTINGS[args.setting]
-    model.gradient_checkpointing, model.offload_activations = v["ckpt"], v["offload"] and not args.smoke
-    model.recompute_by_row = v["by_row"]
+    model.configure(gradient_checkpointing=v["ckpt"], offload_activations=v["offload"] and not args.smoke,
+                    recompute_by_row=v["by_row"])
     gen = torch.Generator().manual_seed(0)
     batches = [_random_rows(args.bs, args.seq, False, gen).to(rt.device) for _ in range(4)]
 
@@ -214,8 +214,8 @@ def _full_model(rt, shard: bool, v: dict, smoke: bool):
         model.init_weights(std=0.02)
     if not smoke:
         model.use_fast_path()
-    model.gradient_checkpointing, model.offload_activations = v["ckpt"], v["offload"] and not smoke
-    model.recompute_by_row = v["by_row"]
+    model.configure(gradient_checkpointing=v["ckpt"], offload_activations=v["offload"] and not smoke,
+                    recompute_by_row=v["by_row"])
     model.train()
     return model, list(model.parameters())
 

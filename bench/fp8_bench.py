@@ -145,11 +145,10 @@ def _batch(args, seed: int):
 
 
 def _loss(model, batch):
-    from mistral_tune.train.optim import token_loss_sum
 
     dev = _device()
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        return token_loss_sum(model, batch) / batch.n_trained
+        return model.token_loss(batch) / batch.n_trained
 
 
 def run_step(args, variant: str) -> dict:
@@ -162,7 +161,7 @@ def run_step(args, variant: str) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # the bf16 weights lived only until converted
         model.use_fast_path(compile_layers=not args.eager, one_sample_rows=True)
-    model.gradient_checkpointing = args.ckpt
+    model.configure(gradient_checkpointing=args.ckpt)
     opt = torch.optim.AdamW(params, lr=1e-5, fused=torch.cuda.is_available())
     batches = [_batch(args, s) for s in range(2)]
     times, losses = [], []

@@ -130,8 +130,8 @@ def run_ours(args, worker: str) -> None:
     v = SETTINGS["lean" if worker == "ours_lean" else "fast"]
     if cuda:  # as fast_path: auto turns it on for rows of one sample (SDPA's causal kernel); CPU: the plain path
         model.use_fast_path(one_sample_rows=True)
-    model.gradient_checkpointing = v["ckpt"]
-    model.offload_activations = model.recompute_by_row = v["offload"] and cuda  # as offload_activations sets both
+    offload = v["offload"] and cuda  # offload_activations sets both
+    model.configure(gradient_checkpointing=v["ckpt"], offload_activations=offload, recompute_by_row=offload)
     model.train()
     rt = Runtime(device, torch.bfloat16 if cuda else None)
     gen = torch.Generator().manual_seed(0)

@@ -71,7 +71,7 @@ def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: boo
     import torch
 
     from mistral_tune.lora import LoraSpec, apply_lora
-    from mistral_tune.models.mistral import MLP, MistralConfig, MistralForCausalLM
+    from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
     from mistral_tune.models.quant import quantize_model
 
     shape = dict(SHAPE)
@@ -93,9 +93,7 @@ def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: boo
         torch.cuda.empty_cache()
     apply_lora(model, LoraSpec(r=16, alpha=16))
     if mlp_chunk is not None:
-        for m in model.modules():
-            if isinstance(m, MLP):
-                m.chunk_tokens = mlp_chunk or 2**62
+        model.configure(mlp_chunk_tokens=mlp_chunk or 2**62)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:  # as the trainer does: LoRA weights and their optimizer state in float32
         p.data = p.data.float()
@@ -150,7 +148,6 @@ OURS = {
 def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
     import torch
 
-    from mistral_tune.train.optim import token_loss_sum
 
     v = OURS[variant]
     packed = v["packed"]
@@ -165,9 +162,7 @@ def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
     torch.cuda.reset_peak_memory_stats()  # the bf16 weights existed only until quantized
     if variant != "ours_eager":
         model.use_fast_path(compile_layers=v["compiled"], one_sample_rows=not packed)
-    model.gradient_checkpointing = v["ckpt"]
-    model.offload_activations = v["offload"]
-    model.recompute_by_row = v["by_row"]
+    model.configure(gradient_checkpointing=v["ckpt"], offload_activations=v["offload"], recompute_by_row=v["by_row"])
     opt = torch.optim.AdamW(params, lr=2e-5, fused=True)
     gen = torch.Generator().manual_seed(0)
     batches = [_random_rows(bs, seq, packed, gen) for _ in range(4)]
@@ -182,7 +177,7 @@ def run_ours(variant: str, seq: int, bs: int, steps: int, warm: int) -> dict:
         torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = token_loss_sum(model, batch)
+            loss = model.token_loss(batch)
         n = batch.n_trained
         (loss / n).backward()
         opt.step()
@@ -218,16 +213,15 @@ def run_parity(seq: int, bs: int) -> dict:
 
     import torch
 
-    from mistral_tune.train.optim import token_loss_sum
 
     def grads(m, ps, fast: bool, autocast: bool, batch, lean: bool = False):
-        m.attn_impl, m.fused_loss = ("flex", True) if fast else ("sdpa", False)
-        m.one_sample_rows = fast  # fixed rows take the causal kernel, packed ones the block mask
-        m.gradient_checkpointing = m.offload_activations = m.recompute_by_row = lean
+        # fixed rows take the causal kernel, packed ones the block mask
+        m.configure(attn_impl="flex" if fast else "sdpa", fused_loss=fast, one_sample_rows=fast,
+                    gradient_checkpointing=lean, offload_activations=lean, recompute_by_row=lean)
         for p in ps:
             p.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = token_loss_sum(m, batch) / batch.n_trained
+            loss = m.token_loss(batch) / batch.n_trained
         loss.backward()
         return float(loss), [p.grad.float().clone() for p in ps]
 

@@ -109,10 +109,9 @@ def _step(model, x, labels, peft: bool, autocast: bool) -> float:
         if getattr(model, "fused_loss", False):  # the trainer's path: the summed loss, never the logits
             from types import SimpleNamespace
 
-            from mistral_tune.train.optim import token_loss_sum
 
             batch = SimpleNamespace(input_ids=x, position_ids=None, seq_ids=None, labels=labels)
-            loss = token_loss_sum(model, batch) / labels.numel()
+            loss = model.token_loss(batch) / labels.numel()
         else:
             logits = model(input_ids=x, use_cache=False).logits if peft else model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())

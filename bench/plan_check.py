@@ -149,7 +149,6 @@ def run_variant(shape_name: str, variant: str, seq: int, bs: int, layers: int, s
                 device: str) -> dict:
     import torch
 
-    from mistral_tune.train.optim import token_loss_sum
 
     v = gpu_bench.OURS[variant]
     cuda = device == "cuda"
@@ -181,8 +180,8 @@ def run_variant(shape_name: str, variant: str, seq: int, bs: int, layers: int, s
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         model.use_fast_path(one_sample_rows=not v["packed"])
-        model.offload_activations, model.recompute_by_row = v["offload"], v["by_row"]
-    model.gradient_checkpointing = v["ckpt"]
+        model.configure(offload_activations=v["offload"], recompute_by_row=v["by_row"])
+    model.configure(gradient_checkpointing=v["ckpt"])
     opt = torch.optim.AdamW(params, lr=2e-5, fused=cuda)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (bs, seq + 1), generator=gen)
@@ -196,7 +195,7 @@ def run_variant(shape_name: str, variant: str, seq: int, bs: int, layers: int, s
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            loss = token_loss_sum(model, batch)
+            loss = model.token_loss(batch)
         (loss / batch.n_trained).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

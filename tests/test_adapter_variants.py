@@ -241,7 +241,7 @@ def test_neftune_noise_is_transformers_noise(make_tiny_mistral, make_hf_mistral)
     model = make_tiny_mistral()
     ref = make_hf_mistral(model.config, model.state_dict())
     activate_neftune(ref, 5.0)
-    model.neftune_alpha = 5.0
+    model.configure(neftune_alpha=5.0)
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         clean = model.eval()(ids)

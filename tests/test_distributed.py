@@ -550,7 +550,8 @@ def _overlap_worker(rank: int, root: Path, model_dir: Path) -> None:
     batches = [collate(samples, [[2 * i], [2 * i + 1]]) for i in range(4)]  # rank r takes micro-batches 2r, 2r+1
     report = {}
     for recompute in (False, True):
-        model.gradient_checkpointing = model.recompute_by_row = recompute  # per row: a layer's hooks fire per row
+        # per row: a layer's hooks fire per row
+        model.configure(gradient_checkpointing=recompute, recompute_by_row=recompute)
         model.zero_grad(set_to_none=True)
         accumulate_gradients(model, batches, Runtime(torch.device("cpu"), None))  # one process, the 4 micro-batches
         reference = {n: p.grad.clone() for n, p in named.items()}
@@ -560,8 +561,8 @@ def _overlap_worker(rank: int, root: Path, model_dir: Path) -> None:
             rt.track_gradients(named, bucket_bytes=1)  # one bucket per layer (and one for the rest, if any)
             model.zero_grad(set_to_none=True)
             events.clear()
-            loss_sum, n_tokens, n_real = accumulate_gradients(model, batches[2 * rank:2 * rank + 2], rt)
-            rt.sync_step(1, loss_sum, n_real, False, False)
+            window = accumulate_gradients(model, batches[2 * rank:2 * rank + 2], rt)
+            rt.sync_step(1, window.loss_sum, window.n_real, False, False)
             norms = rt.buckets.wait(keep=True)
             assert len(norms) == 2 and all(x > 0 for x in norms)
             for n, p in named.items():
@@ -687,7 +688,7 @@ def _sharded_worker(rank: int, root: Path, model_dir: Path) -> None:
         losses, grads = [], []
         for step in range(2):
             batch = collate(samples, [[4 * step + 2 * rank], [4 * step + 2 * rank + 1]])
-            losses.append(accumulate_gradients(model, [batch], rt)[0])
+            losses.append(accumulate_gradients(model, [batch], rt).loss_sum)
             grads.append([p.grad.to_local().clone() for p in model.parameters()])
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -123,13 +123,12 @@ def _lora_model(make_tiny_mistral, spec=None, **overrides):
 
 def _assert_same_loss_and_grads(model, batch, setting: str, values) -> None:
     """The loss and every trainable gradient agree (float32) for each value of model.<setting>."""
-    from mistral_tune.train.optim import token_loss_sum
 
     results = []
     for value in values:
-        setattr(model, setting, value)
+        model.configure(**{setting: value})
         model.zero_grad(set_to_none=True)
-        loss = token_loss_sum(model, batch)
+        loss = model.token_loss(batch)
         loss.backward()
         results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     (l0, g0), (l1, g1) = results
@@ -159,18 +158,17 @@ def test_trainable_tokens_of_lm_head_cost_no_copy_of_the_head(make_tiny_mistral)
     and gives them the gradient, so a step holds the loss's chunk and little else; it held a merged
     copy of the whole head and a float32 gradient of all of it (measured by the CPU allocator)."""
     from mistral_tune.lora import LoraSpec
-    from mistral_tune.train.optim import token_loss_sum
 
     vocab, hidden = 32768, 64
     model = _lora_model(make_tiny_mistral, LoraSpec(r=4, alpha=8, trainable_tokens={"lm_head": [5, 9]}),
                         vocab_size=vocab)
-    model.fused_loss = True
+    model.configure(fused_loss=True)
     gen = torch.Generator().manual_seed(0)
     samples = [Sample.from_ids(torch.randint(3, vocab, (n,), generator=gen).tolist(), [True] * n) for n in (60, 40)]
     batch = collate(samples, [[0], [1]], pad_to=64)
 
     def step():
-        token_loss_sum(model, batch).backward()
+        model.token_loss(batch).backward()
 
     peak, _ = peak_bytes(step)
     head = vocab * hidden * 4
@@ -220,9 +218,9 @@ def test_flex_block_mask_equals_dense_mask(make_tiny_mistral, window):
             samples.append(Sample(torch.randint(0, 1000, (n,), generator=gen).tolist(), [-100] * n))
     batch = collate(samples, rows, pad_to=256)
     with torch.no_grad():
-        model.attn_impl = "sdpa"
+        model.configure(attn_impl="sdpa")
         dense = model(batch.input_ids, batch.position_ids, batch.seq_ids)
-        model.attn_impl = "flex"
+        model.configure(attn_impl="flex")
         flex = model(batch.input_ids, batch.position_ids, batch.seq_ids)
     real = batch.seq_ids >= 0
     assert torch.allclose(flex[real], dense[real], rtol=1e-4, atol=1e-5)
@@ -249,7 +247,7 @@ def test_rows_of_one_sample_take_the_causal_kernel_with_the_same_loss_and_grads(
     samples = [Sample.from_ids(torch.randint(3, 1000, (n,), generator=gen).tolist(), [i % 4 != 0 for i in range(n)])
                for n in (64, 37)]
     batch = collate(samples, [[0], [1]], pad_to=64)
-    model.attn_impl, model.one_sample_rows = "flex", True
+    model.configure(attn_impl="flex", one_sample_rows=True)
     mask = model._mask(batch.seq_ids, batch.position_ids, 0, 64, batch.input_ids.device, window)
     assert (mask == CAUSAL) is (window != 40)
     if window == 40:
@@ -261,10 +259,10 @@ def test_packed_rows_keep_the_block_mask_when_a_batch_holds_one_sample_per_row(m
     """With packing, a batch whose rows happen to hold one sample each still takes the block mask,
     so the compiled layers never meet a second kind of mask (and compile again) mid-run."""
     model = make_tiny_mistral()
-    model.attn_impl = "flex"
+    model.configure(attn_impl="flex")
     seq_ids = torch.tensor([[0, 0, 0, -1], [0, 0, 0, 0]])
     assert not model.takes_causal_kernel(seq_ids, 4, None)
-    model.one_sample_rows = True
+    model.configure(one_sample_rows=True)
     assert model.takes_causal_kernel(seq_ids, 4, None)
 
 
@@ -276,11 +274,10 @@ def test_causal_kernel_runs_in_float32_after_bf16_on_the_gpu(make_tiny_mistral):
     gen = torch.Generator().manual_seed(9)
     samples = [Sample.from_ids(torch.randint(3, 1000, (n,), generator=gen).tolist(), [True] * n) for n in (64, 40)]
     batch = collate(samples, [[0], [1]], pad_to=64).to("cuda")
-    from mistral_tune.train.optim import token_loss_sum
 
-    model.attn_impl, model.one_sample_rows = "flex", True
+    model.configure(attn_impl="flex", one_sample_rows=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        token_loss_sum(model, batch).backward()
+        model.token_loss(batch).backward()
     _assert_same_loss_and_grads(model, batch, "attn_impl", ("sdpa", "flex"))
 
 
@@ -332,12 +329,11 @@ def test_rows_of_varying_length_compile_a_fixed_number_of_graphs(make_tiny_mistr
     from torch._dynamo.testing import CompileCounter
 
     from mistral_tune.config import config_from_dict
-    from mistral_tune.train.optim import token_loss_sum
     from mistral_tune.train.schedule import row_padding
 
     torch._dynamo.reset()
     model = _lora_model(make_tiny_mistral, seed=6)
-    model.gradient_checkpointing = checkpointing
+    model.configure(gradient_checkpointing=checkpointing)
     counter = CompileCounter()
     model.use_fast_path(one_sample_rows=True, dynamic=True, backend=counter)
     cfg = config_from_dict({"base_model": "x", "datasets": [{"path": "x"}], "sample_packing": False,
@@ -350,10 +346,10 @@ def test_rows_of_varying_length_compile_a_fixed_number_of_graphs(make_tiny_mistr
     for k, group in enumerate(groups):
         batch = collate(samples, group, **padding)
         assert batch.input_ids.shape[0] == 3
-        token_loss_sum(model, batch).backward()
+        model.token_loss(batch).backward()
         if k % 2:
             with torch.no_grad():
-                token_loss_sum(model.eval(), batch)
+                model.eval().token_loss(batch)
             model.train()
     assert counter.frame_count == 3
     torch._dynamo.reset()
@@ -390,8 +386,6 @@ def test_long_rows_compile_their_mlp_chunks_once_for_every_length(make_tiny_mist
     and the gradients equal the uncompiled, unchunked step's. Counted by dynamo, on the CPU."""
     from torch._dynamo.testing import CompileCounter
 
-    from mistral_tune.models.mistral import MLP
-    from mistral_tune.train.optim import token_loss_sum
 
     def batch(n: int):
         ids = torch.randint(3, 1000, (n + 1,), generator=torch.Generator().manual_seed(n)).tolist()
@@ -399,19 +393,17 @@ def test_long_rows_compile_their_mlp_chunks_once_for_every_length(make_tiny_mist
 
     def grads(model, b):
         model.zero_grad(set_to_none=True)
-        token_loss_sum(model, b).backward()
+        model.token_loss(b).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     torch._dynamo.reset()
     model = _lora_model(make_tiny_mistral, seed=6, num_hidden_layers=3)
-    model.gradient_checkpointing = True
+    model.configure(gradient_checkpointing=True)
     want = {n: grads(model, batch(n)) for n in (70, 131)}
     counter = CompileCounter()
     model.use_fast_path(one_sample_rows=True, dynamic=True, backend=counter)
-    model.attn_impl = "sdpa"  # the CPU's attention; the compiled layers and chunks are the point
-    for m in model.modules():
-        if isinstance(m, MLP):
-            m.chunk_tokens = 32
+    # the CPU's attention; the compiled layers and chunks are the point
+    model.configure(attn_impl="sdpa", mlp_chunk_tokens=32)
     for n in (70, 131):
         got = grads(model, batch(n))
         for name in want[n]:

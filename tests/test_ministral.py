@@ -68,7 +68,7 @@ def test_checkpointed_gradients_equal_plain(by_row):
     grads = []
     for checkpointing in (False, True):
         model = tiny().train()
-        model.gradient_checkpointing, model.recompute_by_row = checkpointing, by_row
+        model.configure(gradient_checkpointing=checkpointing, recompute_by_row=by_row)
         model(x).logsumexp(-1).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for plain, recomputed in zip(*grads, strict=True):

@@ -527,8 +527,9 @@ def test_router_balance_gradient_equals_autograd_through_transformers_loss(check
     grads = []
     for inject in (False, True):
         model = tiny_mixtral().train()
-        model.gradient_checkpointing = bool(checkpointing) and inject
-        model.recompute_by_row = checkpointing == "by_row"  # not with a trained balance loss: whole batch
+        # by row: not with a trained balance loss, which takes the whole batch
+        model.configure(gradient_checkpointing=bool(checkpointing) and inject,
+                        recompute_by_row=checkpointing == "by_row")
         logits = []
         hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, kept=logits: kept.append(o))
                  for layer in model.model.layers]
@@ -621,7 +622,6 @@ def test_a_training_step_adds_the_weighted_balance_loss_gradient_and_reports_its
 
     from mistral_tune.data.pack import IGNORE, Batch
     from mistral_tune.train.loop import Runtime, accumulate_gradients
-    from mistral_tune.train.optim import token_loss_sum
 
     def batch(seed, n_pad, n_prompt):
         x = ids(1, 14, seed=seed)
@@ -638,16 +638,15 @@ def test_a_training_step_adds_the_weighted_balance_loss_gradient_and_reports_its
     for ours in (True, False):
         model = tiny_mixtral().train()
         if ours:
-            model.router_aux_loss_coef = 0.3
-            accumulate_gradients(model, micro, Runtime(torch.device("cpu"), None))
-            reported = model.router_aux_loss
+            model.configure(router_aux_loss_coef=0.3)
+            reported = accumulate_gradients(model, micro, Runtime(torch.device("cpu"), None)).router_aux
         else:
             aux = []
             for b in micro:
                 logits = []
                 hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, kept=logits: kept.append(o))
                          for layer in model.model.layers]
-                loss = token_loss_sum(model, b)
+                loss = model.token_loss(b)
                 for h in hooks:
                     h.remove()
                 aux.append(load_balancing_loss_func(tuple(logits), 4, 2, attention_mask=(b.seq_ids >= 0).long()))
@@ -715,7 +714,7 @@ def test_a_measured_only_balance_keeps_the_row_by_row_backward(monkeypatch):
     values = []
     for checkpointing in (False, True):
         model = tiny_mixtral().train()
-        model.gradient_checkpointing = model.recompute_by_row = checkpointing
+        model.configure(gradient_checkpointing=checkpointing, recompute_by_row=checkpointing)
         row_args = model._row_args
         monkeypatch.setattr(model, "_row_args", lambda *a, f=row_args: seen.append(f(*a)) or seen[-1])
         with router_balance(model, real) as balance:

@@ -10,7 +10,7 @@ import torch
 
 from _runs import config, make_assets, metrics
 from mistral_tune.errors import OutOfMemory
-from mistral_tune.train import loop
+from mistral_tune.models.mistral import MistralForCausalLM
 from mistral_tune.train.checkpoint import CheckpointManager
 from mistral_tune.train.loop import train
 from mistral_tune.train.oom import smaller_micro_batch
@@ -24,16 +24,16 @@ def assets(tmp_path_factory):
 @pytest.fixture
 def memory_fits_one_row(monkeypatch):
     """The forward pass raises torch's out-of-memory error for micro-batches of more than one row."""
-    real = loop.token_loss_sum
+    real = MistralForCausalLM.token_loss
     seen = []
 
-    def token_loss_sum(model, batch):
+    def token_loss(model, batch):
         seen.append(batch.input_ids.shape[0])
         if batch.input_ids.shape[0] > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real(model, batch)
 
-    monkeypatch.setattr(loop, "token_loss_sum", token_loss_sum)
+    monkeypatch.setattr(MistralForCausalLM, "token_loss", token_loss)
     return seen
 
 
@@ -85,14 +85,14 @@ def test_auto_micro_batch_halves_until_it_fits_and_matches_the_smaller_run(asset
 def test_out_of_memory_outside_the_retried_step_is_reported_too(assets, tmp_path, monkeypatch):
     """Evaluation is not retried with smaller batches; it still ends in the one-line report, not a traceback."""
     model, data = assets
-    real = loop.token_loss_sum
+    real = MistralForCausalLM.token_loss
 
-    def token_loss_sum(net, batch):
+    def token_loss(net, batch):
         if not net.training:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
         return real(net, batch)
 
-    monkeypatch.setattr(loop, "token_loss_sum", token_loss_sum)
+    monkeypatch.setattr(MistralForCausalLM, "token_loss", token_loss)
     cfg = config(model, data, tmp_path / "run", val_set_size=8, max_steps=6, auto_micro_batch=True)
     with pytest.raises(OutOfMemory, match="out of memory on cpu at optimizer step 5 .* To fit, try: "):
         train(cfg, echo=lambda _: None)

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mistral_tune.data.pack import IGNORE, Sample, collate, group_rows, make_rows, pack_rows
-from mistral_tune.train.optim import token_loss_sum
 
 RTOL = 1e-5
 WINDOW = 6
@@ -96,7 +95,7 @@ def test_packed_row_equals_samples_alone(window, make_tiny_mistral):
         assert packed.shape == expected.shape and packed.numel() == batch.n_trained
         assert rel_diff(packed, expected) <= RTOL
         # The loss the trainer uses sums the same per-token values.
-        loss = token_loss_sum(model, batch)
+        loss = model.token_loss(batch)
     assert abs(loss.item() - expected.sum().item()) <= RTOL * expected.sum().item()
 
 
@@ -177,7 +176,7 @@ def test_padding_only_row_loss_is_zero(make_tiny_mistral):
     samples = make_samples([4])
     batch = collate(samples, [[0]], pad_to=6)
     batch.labels.fill_(IGNORE)
-    loss = token_loss_sum(model, batch)
+    loss = model.token_loss(batch)
     assert loss.item() == 0.0
 
 

@@ -399,21 +399,20 @@ def test_planned_activations_at_a_131k_vocabulary_are_the_measured_step() -> Non
     from mistral_tune.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
     from mistral_tune.plan import GIB, MicroBatch, Setup, attended_pairs, predict
-    from mistral_tune.train.optim import token_loss_sum
 
     cfg = MistralConfig(vocab_size=131072, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     model = MistralForCausalLM(cfg)
     apply_lora(model, LoraSpec(r=4, alpha=8))
     model.train()
-    model.fused_loss = model.gradient_checkpointing = True
+    model.configure(fused_loss=True, gradient_checkpointing=True)
     rows, length = 2, 512
     ids = torch.randint(0, cfg.vocab_size, (rows, length + 1), generator=torch.Generator().manual_seed(0))
     batch = collate([Sample(ids[i, :-1].tolist(), ids[i, 1:].tolist()) for i in range(rows)],
                     [[i] for i in range(rows)], length)
 
     def step():
-        token_loss_sum(model, batch).backward()
+        model.token_loss(batch).backward()
 
     measured, _ = peak_bytes(step)
     planned = predict(cfg, Setup(lora_r=4, checkpointing=True, bf16=False, micro_batch_size=rows),

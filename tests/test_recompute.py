@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from mistral_tune.data.pack import Sample, collate
 from mistral_tune.lora import LoraSpec, apply_lora
-from mistral_tune.train.optim import token_loss_sum
 
 
 def _batch(seed: int = 0, packed: bool = False):
@@ -35,10 +34,10 @@ def _close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
 
 def _grads(model, batch, checkpointing: bool, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
     model.train()
-    model.gradient_checkpointing = checkpointing
+    model.configure(gradient_checkpointing=checkpointing)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # dropout masks
-    loss = token_loss_sum(model, batch) / batch.n_trained
+    loss = model.token_loss(batch) / batch.n_trained
     loss.backward()
     return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -49,7 +48,7 @@ def test_full_finetune_gradients_equal_without_checkpointing(packed: bool, by_ro
     model = make_tiny_mistral(sliding_window=6)
     batch = _batch(packed=packed)
     loss_a, plain = _grads(model, batch, False)
-    model.recompute_by_row = by_row  # backward one row at a time, or the whole batch at once
+    model.configure(recompute_by_row=by_row)  # backward one row at a time, or the whole batch at once
     loss_b, ckpt = _grads(model, batch, True)
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert "model.embed_tokens.weight" in ckpt  # the gradient reaches through every layer's input
@@ -65,7 +64,7 @@ def test_lora_with_dropout_recomputes_the_same_masks(make_tiny_mistral) -> None:
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     batch = _batch(1)
-    model.recompute_by_row = True  # asked for, but dropout's batch-wide masks keep the backward whole
+    model.configure(recompute_by_row=True)  # asked for, but dropout's batch-wide masks keep the backward whole
     _, plain = _grads(model, batch, False, seed=5)
     _, ckpt = _grads(model, batch, True, seed=5)
     _, other_masks = _grads(model, batch, False, seed=6)
@@ -105,10 +104,10 @@ def test_accumulating_two_micro_batches_adds_gradients(make_tiny_mistral) -> Non
                 p.normal_(0, 0.05)
     model.train()
     for checkpointing in (False, True):
-        model.gradient_checkpointing = checkpointing
+        model.configure(gradient_checkpointing=checkpointing)
         model.zero_grad(set_to_none=True)
         for seed in (1, 2):
-            token_loss_sum(model, _batch(seed)).backward()
+            model.token_loss(_batch(seed)).backward()
         got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         if not checkpointing:
             want = got
@@ -125,7 +124,7 @@ def _saved_elements(model, batch) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = token_loss_sum(model, batch)
+        loss = model.token_loss(batch)
     loss.backward()
     return total
 
@@ -137,9 +136,9 @@ def test_checkpointing_keeps_nothing_per_layer_for_autograd(make_tiny_mistral) -
         model = make_tiny_mistral(num_hidden_layers=layers)
         apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)
         model.train()
-        model.gradient_checkpointing = True
+        model.configure(gradient_checkpointing=True)
         counts[layers, True] = _saved_elements(model, batch)
-        model.gradient_checkpointing = False
+        model.configure(gradient_checkpointing=False)
         counts[layers, False] = _saved_elements(model, batch)
     # Without checkpointing autograd's saved activations grow with depth; with it they do not
     # (each layer's input is kept by the checkpoint itself, outside autograd's saved tensors).
@@ -167,11 +166,11 @@ def test_backward_rerun_skips_the_last_projections_product(make_tiny_mistral, lo
     model.train()
     batch = _batch(2)
     with torch.no_grad():
-        forward = _flops(lambda: token_loss_sum(model, batch))
+        forward = _flops(lambda: model.token_loss(batch))
     cost = {}
     for checkpointing in (False, True):
-        model.gradient_checkpointing = checkpointing
-        cost[checkpointing] = _flops(lambda: token_loss_sum(model, batch).backward())
+        model.configure(gradient_checkpointing=checkpointing)
+        cost[checkpointing] = _flops(lambda: model.token_loss(batch).backward())
     cfg = model.config
     tokens = batch.input_ids.numel()
     down = 2 * tokens * cfg.intermediate_size * cfg.hidden_size * cfg.num_hidden_layers
@@ -195,7 +194,7 @@ def test_qlora_checkpointed_gradients_equal_plain(make_tiny_mistral) -> None:
     batch = _batch(3)
     _, plain = _grads(model, batch, False)
     for by_row in (False, True):
-        model.recompute_by_row = by_row
+        model.configure(recompute_by_row=by_row)
         _, ckpt = _grads(model, batch, True)
         assert len(plain) == 2 * 7 * model.config.num_hidden_layers
         for name in plain:
@@ -205,10 +204,9 @@ def test_qlora_checkpointed_gradients_equal_plain(make_tiny_mistral) -> None:
 def _chunk_mlps(model, n: int) -> None:
     from mistral_tune.models.mistral import MLP
 
+    model.configure(mlp_chunk_tokens=n)
     mlps = [m for m in model.modules() if isinstance(m, MLP)]
-    assert mlps
-    for m in mlps:
-        m.chunk_tokens = n
+    assert mlps and all(m.chunk_tokens == n for m in mlps)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -226,7 +224,7 @@ def test_mlp_in_token_chunks_gives_the_plain_gradients(make_tiny_mistral, n, by_
     batch = _batch(4, packed=packed)
     loss_a, plain = _grads(model, batch, False)
     _chunk_mlps(model, n)
-    model.recompute_by_row = by_row
+    model.configure(recompute_by_row=by_row)
     loss_b, ckpt = _grads(model, batch, True)
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert set(ckpt) == set(plain)
@@ -247,11 +245,11 @@ def test_mlp_chunks_with_dropout_back_propagate_the_forwards_masks(make_tiny_mis
                 p.normal_(0, 0.05)
     _chunk_mlps(model, 7)
     model.train()
-    model.gradient_checkpointing = True
+    model.configure(gradient_checkpointing=True)
     batch = _batch(5)
     keep = batch.labels != -100
 
-    def loss(seed: int) -> torch.Tensor:  # float64 throughout (token_loss_sum's logits are float32)
+    def loss(seed: int) -> torch.Tensor:  # float64 throughout (token_loss's logits are float32)
         torch.manual_seed(seed)
         hidden = model.hidden_states(batch.input_ids, batch.position_ids, batch.seq_ids)
         return torch.nn.functional.cross_entropy(model.lm_head(hidden[keep]), batch.labels[keep])
@@ -290,11 +288,11 @@ def test_mlp_chunks_add_no_flops(make_tiny_mistral) -> None:
     model = make_tiny_mistral(num_hidden_layers=2)
     apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)
     model.train()
-    model.gradient_checkpointing = True
+    model.configure(gradient_checkpointing=True)
     batch = _batch(6)
-    whole = _flops(lambda: token_loss_sum(model, batch).backward())
+    whole = _flops(lambda: model.token_loss(batch).backward())
     _chunk_mlps(model, 5)
-    assert _flops(lambda: token_loss_sum(model, batch).backward()) == whole
+    assert _flops(lambda: model.token_loss(batch).backward()) == whole
 
 
 def test_checkpointed_step_holds_the_mlp_activations_of_one_chunk(make_tiny_mistral) -> None:
@@ -306,7 +304,7 @@ def test_checkpointed_step_holds_the_mlp_activations_of_one_chunk(make_tiny_mist
                               num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
     apply_lora(model, LoraSpec(r=4, alpha=8), seed=0)
     model.train()
-    model.gradient_checkpointing = True
+    model.configure(gradient_checkpointing=True)
     L = 1024
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 64, (L + 1,), generator=gen).tolist()
@@ -314,7 +312,7 @@ def test_checkpointed_step_holds_the_mlp_activations_of_one_chunk(make_tiny_mist
 
     def step():
         model.zero_grad(set_to_none=True)
-        token_loss_sum(model, batch).backward()
+        model.token_loss(batch).backward()
 
     step()  # gradients allocated once, as in training
     whole, _ = peak_bytes(step)

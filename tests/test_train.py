@@ -22,7 +22,7 @@ from mistral_tune.lora import LoraSpec, apply_lora
 from mistral_tune.models.load import load_model
 from mistral_tune.train import loop
 from mistral_tune.train.loop import Runtime, accumulate_gradients, train
-from mistral_tune.train.optim import lr_factor, token_loss_sum, warmup_steps
+from mistral_tune.train.optim import lr_factor, warmup_steps
 
 WORDS = ["red", "green", "blue", "cyan", "amber", "olive", "coral", "ivory"]
 
@@ -215,14 +215,16 @@ def test_accumulated_gradient_equals_the_gradient_of_one_batch(tiny_model_dir: P
     rt = Runtime(torch.device("cpu"), None)
 
     micro = [collate(samples, [[0]]), collate(samples, [[1]])]
-    loss_sum, n_tokens, n_real = accumulate_gradients(model, micro, rt)
+    window = accumulate_gradients(model, micro, rt)
+    loss_sum, n_tokens, n_real = window.loss_sum, window.n_tokens, window.n_real
     accumulated = _lora_grads(model)
     assert n_tokens == samples[0].n_trained + samples[1].n_trained
     assert n_real == len(samples[0]) + len(samples[1])
     model.zero_grad(set_to_none=True)
 
     one_batch = collate(samples, [[0], [1]])  # both rows, the short one padded
-    loss_sum_1, n_tokens_1, _ = accumulate_gradients(model, [one_batch], rt)
+    window_1 = accumulate_gradients(model, [one_batch], rt)
+    loss_sum_1, n_tokens_1 = window_1.loss_sum, window_1.n_tokens
     together = _lora_grads(model)
     model.zero_grad(set_to_none=True)
     assert n_tokens_1 == n_tokens
@@ -230,7 +232,7 @@ def test_accumulated_gradient_equals_the_gradient_of_one_batch(tiny_model_dir: P
 
     # what a mean of per-micro-batch means would give: the test data must tell the two apart
     for b in micro:
-        (token_loss_sum(model, b) / b.n_trained / len(micro)).backward()
+        (model.token_loss(b) / b.n_trained / len(micro)).backward()
     mean_of_means = _lora_grads(model)
 
     assert accumulated.keys() == together.keys() and len(accumulated) == 14
@@ -292,10 +294,10 @@ def test_gradient_accumulation_through_the_training_loop(tmp_path: Path, tiny_mo
     def mean_of_means(model, batches, rt):
         loss_sum = 0.0
         for b in batches:
-            loss = token_loss_sum(model, b)
+            loss = model.token_loss(b)
             (loss / b.n_trained / len(batches)).backward()
             loss_sum += float(loss.detach())
-        return loss_sum, sum(b.n_trained for b in batches), sum(b.n_real for b in batches)
+        return loop.WindowLoss(loss_sum, sum(b.n_trained for b in batches), sum(b.n_real for b in batches), None)
 
     monkeypatch.setattr(loop, "accumulate_gradients", mean_of_means)
     wrong, _ = _one_step_adapter(

@@ -305,6 +305,11 @@ class TrainableTokens(nn.Module):
         rows = nn.functional.linear(x, self.trainable_tokens_delta.to(self.weight.dtype))
         return out.index_copy(-1, self.token_indices, rows.to(out.dtype))
 
+    def replaced_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The trained rows' indices and values, which replace those rows of the weight (the model's fused
+        loss reads them apart: merging them copies the whole weight); None while adapters are off."""
+        return None if self.disabled else (self.token_indices, self.trainable_tokens_delta)
+
     def plain(self) -> nn.Module:
         """The plain module with the trained rows folded into its weight."""
         vocab, dim = self.weight.shape
@@ -413,15 +418,6 @@ def _train_embeddings(model: nn.Module, spec: LoraSpec) -> None:
         if bad:
             raise ModelError(f"trainable tokens {bad}: outside {name}'s {module.weight.shape[0]} rows")
         setattr(owner, child, TrainableTokens(module, ids))
-
-
-def output_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """What lm_head applies: its weight, and with trainable tokens the trained rows' indices and
-    values, which replace those rows (kept apart: merging them copies the whole weight)."""
-    head = model.lm_head
-    if isinstance(head, TrainableTokens) and not head.disabled:
-        return head.weight, head.token_indices, head.trainable_tokens_delta
-    return head.weight, None, None
 
 
 def adapter_state(model: nn.Module, spec: LoraSpec) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE = -100
+from ..kernels.loss import IGNORE
 
 
 @dataclass

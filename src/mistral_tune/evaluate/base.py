@@ -63,13 +63,13 @@ class ModelPair:
         if which == "base" and not self.has_base:
             raise ValueError("this model pair has no base")
         model = self.base_model if which == "base" and self.base_model is not None else self.model
-        was_training, attn_impl = model.training, model.attn_impl
+        was_training = model.training
         model.eval()
-        # Evaluation runs eager on the plain attention path: the training fast path's compiled layers
-        # would recompile for every shape that decoding with a KV cache makes.
-        model.attn_impl = "sdpa"
         device = model.lm_head.weight.device
         with contextlib.ExitStack() as stack:
+            # Evaluation runs eager on the plain attention path: the training fast path's compiled layers
+            # would recompile for every shape that decoding with a KV cache makes.
+            stack.enter_context(model.configured(attn_impl="sdpa"))
             stack.enter_context(torch.no_grad())
             stack.enter_context(torch.compiler.set_stance("force_eager"))
             if which == "base" and self.in_place:
@@ -80,7 +80,6 @@ class ModelPair:
                 yield model
             finally:
                 model.train(was_training)
-                model.attn_impl = attn_impl
 
 
 @dataclass

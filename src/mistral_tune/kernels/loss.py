@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+#: The target of a position that takes no loss (PyTorch's ignore_index): prompts, padding.
+IGNORE = -100
 LOGITS_PER_CHUNK = 2048 * 32768  # 256 MiB of float32 logits a chunk
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cache, partial
 
 import torch
@@ -26,6 +26,7 @@ from ..kernels.attention import (
     one_sample_per_row,
     probe_causal_backends,
 )
+from ..kernels.loss import IGNORE, chunk_tokens, linear_cross_entropy_sum
 from .recompute import LayerInputs, by_token_chunks, grad_only, recompute_layer
 
 attention_mask = dense_mask  # the mask every backend must agree with
@@ -183,6 +184,32 @@ class Attention(nn.Module):
 #: checkpointed layer's re-run): its intermediate activations, 3 x intermediate_size values a token,
 #: then stay this size however long the rows are. Rows of 4,096 x 2 run in one piece.
 MLP_CHUNK_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How the model computes, apart from its weights: set at once through
+    MistralForCausalLM.configure (or for a while through .configured), never attribute by attribute
+    from outside. None of it changes the maths, except neftune_alpha and router_aux_loss_coef."""
+
+    gradient_checkpointing: bool = False  # keep each layer's input only; re-run the layer in backward
+    offload_activations: bool = False  # with checkpointing on a GPU: kept inputs in pinned host memory
+    recompute_by_row: bool = False  # with checkpointing: backward one batch row at a time
+    # "sdpa": dense boolean mask, any device. "flex": FlexAttention block mask (GPU fast path), or
+    # SDPA's causal kernel when rows hold one sample each (one_sample_rows; kernels/attention.py).
+    attn_impl: str = "sdpa"
+    one_sample_rows: bool = False
+    fused_loss: bool = False  # the loss never keeps the logits (kernels/loss.py)
+    mlp_chunk_tokens: int = MLP_CHUNK_TOKENS  # see MLP_CHUNK_TOKENS
+    neftune_alpha: float = 0.0  # NEFTune: noise on the input embeddings while training
+    # Mixtral: the router balance loss's weight in the trained loss (0: measured and reported only)
+    router_aux_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.attn_impl not in ("sdpa", "flex"):
+            raise ValueError(f"attn_impl must be 'sdpa' or 'flex', not {self.attn_impl!r}")
+        if self.mlp_chunk_tokens < 1:
+            raise ValueError(f"mlp_chunk_tokens must be positive, not {self.mlp_chunk_tokens}")
 
 
 class MLP(nn.Module):
@@ -389,13 +416,49 @@ def router_balance(model: nn.Module, real: torch.Tensor, grad_scale: float = 0.0
         yield None
         return
     balance = RouterBalance(real, grad_scale)
+    with _balance_on(layers, balance):
+        yield balance
+
+
+@contextmanager
+def _balance_on(layers: list[SparseMoE], balance: RouterBalance) -> Iterator[None]:
     for m in layers:
         m.balance = balance
     try:
-        yield balance
+        yield
     finally:
         for m in layers:
             m.balance = None
+
+
+class BatchLoss:
+    """A batch's loss terms (MistralForCausalLM.batch_loss): `tokens`, the summed token cross-entropy
+    (float32, with its graph), and `router_aux`, Mixtral's router balance loss measured on the batch
+    (its mean over the real tokens; None for a dense model)."""
+
+    def __init__(self, tokens: torch.Tensor, balance: RouterBalance | None = None,
+                 layers: list[SparseMoE] = (), labels: torch.Tensor | None = None) -> None:
+        self.tokens = tokens
+        self._balance, self._layers, self._labels = balance, list(layers), labels
+
+    @property
+    def router_aux(self) -> torch.Tensor | None:
+        b = self._balance
+        return b.loss() if b is not None and b.counts else None
+
+    def backward(self, divide_by: float = 1) -> None:
+        """Back-propagate tokens / divide_by. Where the router balance trains (router_aux_loss_coef > 0)
+        its gradient joins with weight coef x this batch's trained tokens / divide_by: over the
+        micro-batches of a step (each divided by the step's trained tokens) the balance loss is
+        token-weighted as the token loss is. The MoE layers see the balance again while a
+        checkpointed layer re-runs."""
+        b = self._balance
+        if b is None or self._labels is None:
+            (self.tokens / divide_by).backward()
+            return
+        b.grad_scale = b.grad_scale * int((self._labels != IGNORE).sum()) / divide_by
+        with _balance_on(self._layers, b):
+            (self.tokens / divide_by).backward()
 
 
 class DecoderLayer(nn.Module):
@@ -489,16 +552,35 @@ class MistralForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing = False
-        # With checkpointing on a GPU: the kept layer inputs wait in pinned host memory (recompute.py).
-        self.offload_activations = False
-        self.recompute_by_row = False  # with checkpointing: backward one batch row at a time
-        # "sdpa": dense boolean mask, any device. "flex": FlexAttention block mask (GPU fast path),
-        # or SDPA's causal kernel when rows hold one sample each (one_sample_rows; kernels/attention.py).
-        self.attn_impl = "sdpa"
-        self.one_sample_rows = False
-        self.fused_loss = False  # see kernels/loss.py
-        self.neftune_alpha = 0.0  # NEFTune: noise on the input embeddings while training
+        self.options = ModelOptions()
+
+    # The options are read only through self.options: an option set as an attribute would be ignored.
+    _OPTION_NAMES = frozenset(f.name for f in fields(ModelOptions))
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._OPTION_NAMES:
+            raise AttributeError(f"{name} is a model option: set it with model.configure({name}=...)")
+        super().__setattr__(name, value)
+
+    def configure(self, options: ModelOptions | None = None, **changes) -> ModelOptions:
+        """Set how the model computes: `options` whole, or the named fields of the current ones
+        changed. Returns the options that were in force before."""
+        before = self.options
+        new = replace(options if options is not None else before, **changes)
+        for m in self.modules():
+            if isinstance(m, MLP):
+                m.chunk_tokens = new.mlp_chunk_tokens
+        object.__setattr__(self, "options", new)  # a plain attribute: nn.Module keeps no state for it
+        return before
+
+    @contextmanager
+    def configured(self, **changes) -> Iterator[ModelOptions]:
+        """The options changed for the block only (evaluation switches attention to the plain path, say)."""
+        before = self.configure(**changes)
+        try:
+            yield self.options
+        finally:
+            self.configure(before)
 
     def use_fast_path(self, compile_layers: bool = True, one_sample_rows: bool = False, dynamic: bool = False,
                       backend: str = "inductor") -> None:
@@ -510,9 +592,7 @@ class MistralForCausalLM(nn.Module):
         single sample per row: the compiled layers then meet one kind of mask in the whole run.
         dynamic: compile for any batch size and row length (rows of varying length); otherwise
         each new shape compiles its own graphs."""
-        self.attn_impl = "flex"
-        self.one_sample_rows = one_sample_rows
-        self.fused_loss = True
+        self.configure(attn_impl="flex", one_sample_rows=one_sample_rows, fused_loss=True)
         if compile_layers:
             for layer in self.model.layers:
                 layer.compile(dynamic=dynamic, backend=backend)
@@ -551,9 +631,10 @@ class MistralForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
         x = self.model.embed_tokens(input_ids)
-        if self.neftune_alpha and self.training:
+        opts = self.options
+        if opts.neftune_alpha and self.training:
             # NEFTune (Jain et al., 2023), sized as transformers' hook: alpha / sqrt(row length x hidden).
-            size = self.neftune_alpha / math.sqrt(L * x.shape[-1])
+            size = opts.neftune_alpha / math.sqrt(L * x.shape[-1])
             x = x + torch.empty_like(x).uniform_(-size, size)
         cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
         windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
@@ -561,8 +642,8 @@ class MistralForCausalLM(nn.Module):
         if key_mask is not None:
             masks = {w: m & key_mask[:, None, None, :] for w, m in masks.items()}
         store = None
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            store = LayerInputs(offload=self.offload_activations and x.is_cuda)
+        if opts.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            store = LayerInputs(offload=opts.offload_activations and x.is_cuda)
             rows = {w: self._row_args(seq_ids, position_ids, cos, sin, m, w) for w, m in masks.items()}
             store.row_args = [rows[w] for w in windows]
         for i, layer in enumerate(self.model.layers):
@@ -580,7 +661,7 @@ class MistralForCausalLM(nn.Module):
         one row's activations instead of the whole batch's; the same FLOPs. Not with active
         dropout: its masks are drawn for the whole batch in the forward."""
         B, L = position_ids.shape
-        if not self.recompute_by_row or B == 1:
+        if not self.options.recompute_by_row or B == 1:
             return None
         if any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules()):
             return None
@@ -609,7 +690,7 @@ class MistralForCausalLM(nn.Module):
             return mask[None, None]
         if seq_ids is None:
             seq_ids = torch.zeros_like(position_ids)
-        if self.attn_impl == "flex":
+        if self.options.attn_impl == "flex":
             if self.takes_causal_kernel(seq_ids, L, window):
                 probe_causal_backends(device, self.config.head_dim)  # here, outside any compiled layer
                 return CAUSAL
@@ -619,7 +700,88 @@ class MistralForCausalLM(nn.Module):
     def takes_causal_kernel(self, seq_ids: torch.Tensor, L: int, window: int | None) -> bool:
         """Whether the fast path attends with the causal kernel: rows of one sample each (the model is
         told so, and the batch shows it) that the layer's sliding window does not cut."""
-        return self.one_sample_rows and (window is None or L <= window) and one_sample_per_row(seq_ids)
+        return self.options.one_sample_rows and (window is None or L <= window) and one_sample_per_row(seq_ids)
+
+    # ------------------------------------------------------------------ losses of a batch
+    # A batch is anything with input_ids, labels (IGNORE where no loss), position_ids and seq_ids
+    # (B, L) tensors: data/pack.py's Batch.
+
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What lm_head applies: its weight and, where an adapter replaces some of its rows (trainable
+        tokens: a module with `replaced_rows()`), those rows' indices and values, kept apart (merging
+        them would copy the whole weight)."""
+        head = self.lm_head
+        replaced = head.replaced_rows() if hasattr(head, "replaced_rows") else None
+        return (head.weight, *replaced) if replaced is not None else (head.weight, None, None)
+
+    def token_loss(self, batch) -> torch.Tensor:
+        """Summed next-token cross-entropy over the batch's trained tokens (float32). Only trained
+        positions go through lm_head, so masked prompts cost no logits memory; with the fused_loss
+        option the logits are never kept at all (kernels/loss.py)."""
+        hidden = self.hidden_states(batch.input_ids, batch.position_ids, batch.seq_ids)
+        keep = batch.labels != IGNORE
+        h = hidden[keep]
+        targets = batch.labels[keep]
+        if targets.numel() == 0:
+            return hidden.sum() * 0.0
+        if self.options.fused_loss:
+            weight, rows, values = self.output_head()
+            return linear_cross_entropy_sum(h, weight, targets, rows=rows, row_values=values)
+        logits = self.lm_head(h).float()
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+    def batch_loss(self, batch) -> BatchLoss:
+        """The training loss of a batch: the summed token loss and the auxiliary losses measured with it
+        (Mixtral's router balance). Back-propagate it with BatchLoss.backward, which also adds the
+        auxiliary losses' gradients the options train (router_aux_loss_coef)."""
+        layers = [m for m in self.modules() if isinstance(m, SparseMoE)]
+        if not layers:
+            return BatchLoss(self.token_loss(batch))
+        coef = self.options.router_aux_loss_coef
+        trains = bool(coef) and torch.is_grad_enabled()
+        # A placeholder weight while the forward runs (non-zero: the layers route the gradient);
+        # BatchLoss.backward sets the real one.
+        balance = RouterBalance(batch.seq_ids >= 0, coef if trains else 0.0)
+        with _balance_on(layers, balance):
+            tokens = self.token_loss(batch)
+        return BatchLoss(tokens, balance, layers, batch.labels if trains else None)
+
+    def sequence_logprobs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probability, trained tokens) of each sample in the batch, two (S,) tensors in float32
+        and long: the sum over a sample's trained tokens of log p(target). Samples are taken row by
+        row, in the order of their seq_ids within a row; a sample without trained tokens gets 0 and 0.
+        What the preference losses compare; packed and unpacked rows give the same values."""
+        hidden = self.hidden_states(batch.input_ids, batch.position_ids, batch.seq_ids)
+        B = batch.seq_ids.shape[0]
+        real = batch.seq_ids >= 0
+        width = int(batch.seq_ids.max()) + 1 if real.any() else 1
+        key = torch.arange(B, device=hidden.device)[:, None] * width + batch.seq_ids  # one id per (row, sample)
+        samples = torch.unique(key[real])  # sorted: row by row, seq_id order
+        keep = batch.labels != IGNORE
+        which = torch.searchsorted(samples, key[keep])
+        logp = self._token_logprobs(hidden[keep], batch.labels[keep])
+        total = torch.zeros(len(samples), device=hidden.device, dtype=torch.float32).index_add(0, which, logp)
+        count = torch.zeros(len(samples), device=hidden.device, dtype=torch.long).index_add(
+            0, which, torch.ones_like(which))
+        return total, count
+
+    def _token_logprobs(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) of each token (N,), float32, a chunk of tokens at a time; with gradients each
+        chunk's logits are computed again in backward rather than kept."""
+        step = chunk_tokens(self.config.vocab_size)
+
+        def chunk(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+            logits = self.lm_head(hc).float()
+            return -F.cross_entropy(logits, tc, reduction="none")
+
+        parts = []
+        for i in range(0, h.shape[0], step):
+            hc, tc = h[i:i + step], targets[i:i + step]
+            if torch.is_grad_enabled() and hc.requires_grad:
+                parts.append(torch.utils.checkpoint.checkpoint(chunk, hc, tc, use_reentrant=False))
+            else:
+                parts.append(chunk(hc, tc))
+        return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
 
     def forward(
         self,

@@ -42,7 +42,7 @@ from ..lora import (
 from ..models.families import family_of
 from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
-from ..models.mistral import count_params, flops_per_token, router_balance
+from ..models.mistral import count_params, flops_per_token
 from ..models.quant import quantize_model
 from .checkpoint import CheckpointManager, save_shards
 from .gpus import find_gpu
@@ -50,7 +50,7 @@ from .guard import StepGuard
 from .lints import model_fit_warnings
 from .logs import MetricsLog
 from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
-from .optim import eight_bit_adamw, lr_factor, make_optimizer, token_loss_sum, warmup_steps
+from .optim import eight_bit_adamw, lr_factor, make_optimizer, warmup_steps
 from .report import write_run_report
 from .resume import data_fingerprint, resume_checkpoint, roll_back, set_aside_newer
 from .runtime import REPORT_OUTLIER_AFTER, Runtime
@@ -190,7 +190,7 @@ def evaluate(model, samples, rows, cfg: Config, rt: Runtime, padding: dict) -> t
     for group in share:
         batch = collate(samples, group or groups[0], **padding).to(rt.device)
         with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
-            loss = float(token_loss_sum(model, batch))
+            loss = float(model.token_loss(batch))
         if group is not None:
             total, count = total + loss, count + batch.n_trained
     rt.release_gathered(model)
@@ -277,13 +277,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     injected = rt.install_faults(model)
     if injected:
         echo(injected)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.offload_activations = model.recompute_by_row = cfg.offload_activations
-    model.neftune_alpha = cfg.neftune_noise_alpha or 0.0
-    # Mixtral's router balance loss: trained with config.json's weight when the router trains (full
-    # fine-tuning), else only reported, unless router_aux_loss_coef says otherwise.
-    model.router_aux_loss_coef = (cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None
-                                  else model.config.router_aux_loss_coef if cfg.adapter == "none" else 0.0)
+    model.configure(**model_options(cfg, model.config))
     fast = rt.device.type == "cuda" if cfg.fast_path == "auto" else bool(cfg.fast_path)
     if fast and rt.device.type != "cuda":
         raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
@@ -446,11 +440,12 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     out_of_memory = False
                     try:
                         batches = [collate(data.train, g, **padding) for g in groups]
-                        loss_sum, n_tokens, n_real = accumulate_gradients(model, batches, rt)
+                        window_loss = accumulate_gradients(model, batches, rt)
                     except OOM_ERRORS:
-                        out_of_memory, loss_sum, n_real = True, 0.0, 0
+                        out_of_memory, window_loss = True, WindowLoss(0.0, 0, 0, None)
                     # Every process learns whether any ran out of memory or was asked to stop.
-                    agreed = rt.sync_step(step + 1, loss_sum, n_real, out_of_memory, stop.requested)
+                    agreed = rt.sync_step(step + 1, window_loss.loss_sum, window_loss.n_real, out_of_memory,
+                                          stop.requested)
                     if not agreed.out_of_memory:
                         break
                     optimizer.zero_grad(set_to_none=True)
@@ -468,6 +463,7 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     # The same rows, in smaller micro-batches: the step's effective batch is unchanged.
                     groups = [g[i:i + smaller[0]] for g in groups for i in range(0, len(g), smaller[0])]
                 outliers = rt.sync_gradients(params, step + 1)
+                n_tokens = window_loss.n_tokens
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
                 loss = agreed.loss_sum / max(n_tokens, 1)
                 bad = guard.check(loss, grad_norm)
@@ -495,8 +491,8 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                     record["mfu"] = tok_s * flops_tok / peak_flops
                 if rt.device.type == "cuda":
                     record.update(_gpu_utilization(rt))
-                if getattr(model, "router_aux_loss", None) is not None:  # its own number, not part of loss
-                    record["router_aux_loss"] = finite(model.router_aux_loss)
+                if window_loss.router_aux is not None:  # its own number, not part of loss
+                    record["router_aux_loss"] = finite(window_loss.router_aux)
                 if bad is not None:
                     record["skipped"] = bad
                     echo(f"step {step + 1}: skipped, {bad}")
@@ -582,6 +578,21 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
                        report=report)
 
 
+def model_options(cfg: Config, model_cfg) -> dict:
+    """The model's options (models/mistral.py ModelOptions) that the config sets; the fast path's
+    attention and loss are set by use_fast_path."""
+    return dict(
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        offload_activations=cfg.offload_activations,
+        recompute_by_row=cfg.offload_activations,
+        neftune_alpha=cfg.neftune_noise_alpha or 0.0,
+        # Mixtral's router balance loss: trained with config.json's weight when the router trains (full
+        # fine-tuning), else only reported, unless router_aux_loss_coef says otherwise.
+        router_aux_loss_coef=(cfg.router_aux_loss_coef if cfg.router_aux_loss_coef is not None
+                              else model_cfg.router_aux_loss_coef if cfg.adapter == "none" else 0.0),
+    )
+
+
 def _write_run_report(out: Path, rt: Runtime, echo) -> None:
     """output_dir/report.html; the trained run stands even when its report cannot be written."""
     def write() -> str:
@@ -613,40 +624,43 @@ def _write_run_report(out: Path, rt: Runtime, echo) -> None:
 
 
 
-def accumulate_gradients(
-    model, batches: list[Batch], rt: Runtime
-) -> tuple[float, int, int]:
+@dataclass
+class WindowLoss:
+    """What the micro-batches of one optimizer step measured on this process."""
+
+    loss_sum: float  # the summed token loss
+    n_tokens: int  # trained tokens of the whole window, over all processes
+    n_real: int  # real (not padding) tokens
+    router_aux: float | None  # Mixtral's router balance loss, mean over the real tokens; None for a dense model
+
+
+def accumulate_gradients(model, batches: list[Batch], rt: Runtime) -> WindowLoss:
     """Forward and backward over the micro-batches of one optimizer step, adding into `.grad`.
 
     Each micro-batch's summed token loss is divided by the trained tokens of the whole window
     (summed over ranks), not averaged per micro-batch, so the accumulated gradient equals that of
-    one batch holding every row. Returns (this rank's summed loss, the window's trained tokens over
-    all ranks, this rank's real tokens). With several ddp processes the last backward pass starts
+    one batch holding every row. With several ddp processes the last backward pass starts
     sending the gradients (Runtime.send_during_backward); Runtime.sync_step sends the rest.
 
     A mixture-of-experts model's router balance loss (models/mistral.py RouterBalance) is measured on
-    every micro-batch and left in `model.router_aux_loss` (this rank's mean over its real tokens);
-    with `model.router_aux_loss_coef` > 0 its gradient, so weighted, joins the token loss's. The
-    returned loss is the token loss alone.
+    every micro-batch; with the model's router_aux_loss_coef > 0 its gradient joins the token loss's
+    (MistralForCausalLM.batch_loss). The returned loss_sum is the token loss alone.
     """
     n_tokens = int(rt.all_sum([sum(b.n_trained for b in batches)])[0])
     loss_sum, n_real, aux_sum, moe = 0.0, 0, 0.0, False
-    coef = getattr(model, "router_aux_loss_coef", 0.0)
     for i, batch in enumerate(batches):
         batch = batch.to(rt.device)
-        scale = coef * batch.n_trained / max(n_tokens, 1)  # a token-weighted mean over the window, as the loss
-        with router_balance(model, batch.seq_ids >= 0, scale) as balance:
-            with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
-                loss = token_loss_sum(model, batch)
-            if i == len(batches) - 1:  # the gradients are complete in this backward: they travel from inside it
-                rt.send_during_backward()
-            (loss / max(n_tokens, 1)).backward()
-        loss_sum += float(loss.detach())
+        with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
+            terms = model.batch_loss(batch)
+        if i == len(batches) - 1:  # the gradients are complete in this backward: they travel from inside it
+            rt.send_during_backward()
+        terms.backward(max(n_tokens, 1))
+        loss_sum += float(terms.tokens.detach())
         n_real += batch.n_real
-        if balance is not None and batch.n_real:
-            moe, aux_sum = True, aux_sum + float(balance.loss()) * batch.n_real
-    model.router_aux_loss = aux_sum / max(n_real, 1) if moe else None
-    return loss_sum, n_tokens, n_real
+        aux = terms.router_aux
+        if aux is not None and batch.n_real:
+            moe, aux_sum = True, aux_sum + float(aux) * batch.n_real
+    return WindowLoss(loss_sum, n_tokens, n_real, aux_sum / max(n_real, 1) if moe else None)
 
 
 def _save(cfg: Config, model, spec: LoraSpec | None, tokenizer, final: Path, model_dir: Path,

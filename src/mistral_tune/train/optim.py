@@ -1,16 +1,12 @@
-"""Optimizer, learning-rate schedule, and the loss."""
+"""Optimizer and learning-rate schedule (the loss is the model's: MistralForCausalLM.batch_loss)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ..data.pack import IGNORE
 from ..errors import ConfigError
-from ..kernels.loss import linear_cross_entropy_sum
-from ..lora import output_head
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
@@ -69,22 +65,3 @@ def make_optimizer(named: dict[str, torch.nn.Parameter], cfg, device: torch.devi
                 optimizer.state[p].update(step=0, state1=torch.zeros_like(p), state2=torch.zeros_like(p))
         return optimizer
     return torch.optim.AdamW(param_groups, **options, fused=device.type == "cuda")
-
-
-def token_loss_sum(model, batch) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the trained tokens of a batch (float32).
-
-    Only trained positions go through lm_head, so masked prompts cost no logits memory; with
-    `model.fused_loss` the logits are never kept at all (kernels/loss.py).
-    """
-    hidden = model.hidden_states(batch.input_ids, batch.position_ids, batch.seq_ids)
-    keep = batch.labels != IGNORE
-    h = hidden[keep]
-    targets = batch.labels[keep]
-    if targets.numel() == 0:
-        return hidden.sum() * 0.0
-    if getattr(model, "fused_loss", False):
-        weight, rows, values = output_head(model)
-        return linear_cross_entropy_sum(h, weight, targets, rows=rows, row_values=values)
-    logits = model.lm_head(h).float()
-    return F.cross_entropy(logits, targets, reduction="sum")

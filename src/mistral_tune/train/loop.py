@@ -44,7 +44,7 @@ from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
 from ..models.mistral import count_params, flops_per_token
 from ..models.quant import quantize_model
-from .checkpoint import CheckpointManager, save_shards
+from .checkpoint import Checkpoint, CheckpointManager, save_shards
 from .gpus import find_gpu
 from .guard import StepGuard
 from .lints import model_fit_warnings
@@ -248,334 +248,402 @@ def _silent(*_args) -> None:
 
 def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, data: Dataset,
                  echo=print, merge: bool = False, force: bool = False, stop: StopRequest | None = None) -> TrainResult:
+    """Train `model` (as prepare loaded it) on `data` as cfg says, in four phases, each a method of
+    TrainingRun below: build (adapters, the model's options, rows, optimizer), open (resume, the output
+    directory, trackers, the metrics log), steps (the optimizer steps with their evaluations and
+    checkpoints) and finish (the final adapter or model, the reports). merge: also write the merged
+    model; force: resume even though safe keys (SAFE_TO_CHANGE) differ; stop: the stop requests to
+    honour (SIGTERM/SIGINT from here on when None)."""
     if stop is None:  # stop requests are read from here on
         with StopRequest() as stop:
             return run_training(cfg, rt, model_dir, tokenizer, model, data, echo, merge, force, stop)
     seed_everything(cfg.seed)
-    spec = None
-    if cfg.new_special_tokens:
-        echo("new special tokens: " + ", ".join(f"{n} = id {tokenizer.added[n]}" for n in cfg.new_special_tokens)
-             + " (reserved control-token slots); their embedding and lm_head rows train")
-    if cfg.adapter in ("lora", "qlora"):
+    run = TrainingRun(cfg, rt, model_dir, tokenizer, model, data, echo)
+    run.build()
+    run.open(force)
+    run.steps(stop)
+    return run.finish(merge, stop)
+
+
+class TrainingRun:
+    """One run's state, shared by its phases (run_training calls them in order)."""
+
+    def __init__(self, cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, data: Dataset, echo) -> None:
+        self.cfg, self.rt, self.model_dir, self.tokenizer = cfg, rt, model_dir, tokenizer
+        self.model, self.data, self.echo = model, data, echo
+        self.out = Path(cfg.output_dir)
+        self.spec: LoraSpec | None = None
+        self.evals: TrainingEvals | None = None
+        self.resume_from: Checkpoint | None = None
+        self.stopped_by: str | None = None
+        self.checkpoint_dir: Path | None = None  # the last checkpoint written
+
+    # ------------------------------------------------------------------ phase 1: build
+    def build(self) -> None:
+        """Adapters on the model, its options set from the config, the rows, the optimizer."""
+        cfg, rt, model, echo = self.cfg, self.rt, self.model, self.echo
+        self.spec = self._apply_adapters()
+        self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.params = list(self.named.values())
+        for p in self.params:  # trainable weights stay float32 even when the frozen base is bf16
+            p.data = p.data.float()
+        rt.broadcast_parameters(self.params + lora_init_tensors(model))  # the replicas start equal
+        rt.track_gradients(self.named)
+        if rt.rank:
+            torch.manual_seed(cfg.seed + rt.rank)  # dropout draws its own masks on each process
+        injected = rt.install_faults(model)
+        if injected:
+            echo(injected)
+        self.fast = rt.device.type == "cuda" if cfg.fast_path == "auto" else bool(cfg.fast_path)
+        if self.fast and rt.device.type != "cuda":
+            raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
+        if cfg.offload_activations and not (cfg.gradient_checkpointing and rt.device.type == "cuda"):
+            raise ConfigError("offload_activations: true needs gradient_checkpointing: true and a CUDA GPU")
+        self.one_sample = self.fast and one_sample_rows(cfg, model.config)
+        model.configure(**model_options(cfg, model.config))
+        if self.fast:  # rows of one sample vary in length: their layers compile for dynamic shapes
+            model.use_fast_path(one_sample_rows=self.one_sample, dynamic=self.one_sample)
+        attention = ("SDPA's causal kernel (rows of one sample), decoder layers compiled for any row length"
+                     if self.one_sample else "FlexAttention block masks, compiled decoder layers")
+        echo(f"fast path: {attention}, fused linear cross-entropy"
+             if self.fast else "plain path: SDPA with a dense mask, eager layers, cross-entropy on gathered logits")
+        if rt.sharded:
+            echo(f"fsdp: {rt.sharding}")
+        model.train()
+        self.trainable, self.total = count_params(model)
+        echo(f"device {rt.device}, {'bf16 autocast' if rt.autocast_dtype else 'float32'}; "
+             f"{self.trainable:,} of {self.total:,} parameters trained ({100 * self.trainable / self.total:.2f}%)")
+
+        self.rows = make_rows(self.data.train, cfg.sequence_len, cfg.sample_packing)
+        self.val_rows = make_rows(self.data.val, cfg.sequence_len, cfg.sample_packing) if self.data.val else []
+        self.padding = row_padding(cfg, self.fast, self.one_sample, cfg.micro_batch_size)
+        self.optimizer = make_optimizer(self.named, cfg, rt.device)
+
+    def _apply_adapters(self) -> LoraSpec | None:
+        """LoRA (and trainable rows for new special tokens) as the config asks; None for full fine-tuning."""
+        cfg, tokenizer, echo = self.cfg, self.tokenizer, self.echo
+        if cfg.new_special_tokens:
+            echo("new special tokens: " + ", ".join(f"{n} = id {tokenizer.added[n]}" for n in cfg.new_special_tokens)
+                 + " (reserved control-token slots); their embedding and lm_head rows train")
+        if cfg.adapter not in ("lora", "qlora"):
+            return None
         new_ids = sorted(tokenizer.added[n] for n in cfg.new_special_tokens)
         rows = {m: new_ids for m in WHOLE_MODULES if new_ids and m not in cfg.lora_modules_to_save}
         spec = LoraSpec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_target_modules), cfg.use_rslora,
                         cfg.use_dora, list(cfg.lora_modules_to_save), rows, cfg.lora_init)
         began = time.perf_counter()
-        wrapped = apply_lora(model, spec, seed=cfg.seed)  # PiSSA / OLoRA change the base weights here, before compiling
+        # PiSSA / OLoRA change the base weights here, before compiling
+        wrapped = apply_lora(self.model, spec, seed=cfg.seed)
         if spec.init != "kaiming":
             echo(f"lora_init {spec.init}: {len(wrapped)} adapters start from their base weights, which now hold "
                  f"the residual ({time.perf_counter() - began:.1f} s)")
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    params = list(named.values())
-    for p in params:  # trainable weights stay float32 even when the frozen base is bf16
-        p.data = p.data.float()
-    rt.broadcast_parameters(params + lora_init_tensors(model))  # the replicas start equal
-    rt.track_gradients(named)
-    if rt.rank:
-        torch.manual_seed(cfg.seed + rt.rank)  # dropout draws its own masks on each process
-    injected = rt.install_faults(model)
-    if injected:
-        echo(injected)
-    model.configure(**model_options(cfg, model.config))
-    fast = rt.device.type == "cuda" if cfg.fast_path == "auto" else bool(cfg.fast_path)
-    if fast and rt.device.type != "cuda":
-        raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
-    if cfg.offload_activations and not (cfg.gradient_checkpointing and rt.device.type == "cuda"):
-        raise ConfigError("offload_activations: true needs gradient_checkpointing: true and a CUDA GPU")
-    one_sample = fast and one_sample_rows(cfg, model.config)
-    if fast:  # rows of one sample vary in length: their layers compile for dynamic shapes
-        model.use_fast_path(one_sample_rows=one_sample, dynamic=one_sample)
-    attention = ("SDPA's causal kernel (rows of one sample), decoder layers compiled for any row length"
-                 if one_sample else "FlexAttention block masks, compiled decoder layers")
-    echo(f"fast path: {attention}, fused linear cross-entropy"
-         if fast else "plain path: SDPA with a dense mask, eager layers, cross-entropy on gathered logits")
-    if rt.sharded:
-        echo(f"fsdp: {rt.sharding}")
-    model.train()
-    trainable, total = count_params(model)
-    echo(f"device {rt.device}, {'bf16 autocast' if rt.autocast_dtype else 'float32'}; "
-         f"{trainable:,} of {total:,} parameters trained ({100 * trainable / total:.2f}%)")
+        return spec
 
-    rows = make_rows(data.train, cfg.sequence_len, cfg.sample_packing)
-    val_rows = make_rows(data.val, cfg.sequence_len, cfg.sample_packing) if data.val else []
-    padding = row_padding(cfg, fast, one_sample, cfg.micro_batch_size)
-    lengths = sample_lengths(data.train)  # the data report already gave the packing's fill
+    # ------------------------------------------------------------------ phase 2: open
+    def open(self, force: bool) -> None:
+        """The run's position (fresh or resumed), its step count, the evaluations, the output directory,
+        the trackers and the metrics log. Nothing is written before every input has been read."""
+        cfg, rt, echo = self.cfg, self.rt, self.echo
+        self.ckpts = CheckpointManager(self.out, cfg.save_total_limit, echo)
+        # group_by_length only matters without packing: packed rows are all padded to sequence_len.
+        lengths = sample_lengths(self.data.train)  # the data report already gave the packing's fill
+        by_length = cfg.group_by_length and not cfg.sample_packing
+        row_lengths = [sum(lengths[i] for i in r) for r in self.rows] if by_length else None
+        self.stream = RowStream(self.rows, cfg.seed, rt.rank, rt.world_size, row_lengths, cfg.micro_batch_size)
+        self.guard = StepGuard.from_config(cfg)
+        self.progress = Progress(cfg.micro_batch_size, cfg.gradient_accumulation_steps, rt.world_size)
+        self.fingerprint = data_fingerprint(self.data.train)
 
-    optimizer = make_optimizer(named, cfg, rt.device)
-    out = Path(cfg.output_dir)
-    ckpts = CheckpointManager(out, cfg.save_total_limit, echo)
-    # group_by_length only matters without packing: packed rows are all padded to sequence_len.
-    by_length = cfg.group_by_length and not cfg.sample_packing
-    row_lengths = [sum(lengths[i] for i in r) for r in rows] if by_length else None
-    stream = RowStream(rows, cfg.seed, rt.rank, rt.world_size, row_lengths, cfg.micro_batch_size)
-    guard = StepGuard.from_config(cfg)
-    progress = Progress(cfg.micro_batch_size, cfg.gradient_accumulation_steps, rt.world_size)
-    fingerprint = data_fingerprint(data.train)
+        # Resume: weights, optimizer, data position, guard and progress now; the RNG last, just before the loop.
+        resume_from = resume_checkpoint(cfg, self.ckpts, self.fingerprint, force, rt, echo) if cfg.resume else None
+        self.resume_from = resume_from
+        if resume_from is not None:
+            resume_from.load_weights(self.named)
+            if self.spec is not None and self.spec.init != "kaiming":  # the residual base weights it trained on
+                restore_lora_init(self.model, resume_from.path)
+            resume_from.load_optimizer(self.optimizer, self.named)
+            self.stream.load_state_dict(resume_from.state["data"], resume_from.path / "state.json")
+            self.guard.load_state_dict(resume_from.state["guard"])
+            self.progress = Progress.from_dict(resume_from.state["progress"])
+            self.progress.rescale_to(rt.world_size, resume_from.path, echo)
 
-    # Resume: weights, optimizer, data position, guard and progress now; the RNG last, just before the loop.
-    resume_from = resume_checkpoint(cfg, ckpts, fingerprint, force, rt, echo) if cfg.resume else None
-    if resume_from is not None:
-        resume_from.load_weights(named)
-        if spec is not None and spec.init != "kaiming":  # the residual base weights the checkpoint trained on
-            restore_lora_init(model, resume_from.path)
-        resume_from.load_optimizer(optimizer, named)
-        stream.load_state_dict(resume_from.state["data"], resume_from.path / "state.json")
-        guard.load_state_dict(resume_from.state["guard"])
-        progress = Progress.from_dict(resume_from.state["progress"])
-        progress.rescale_to(rt.world_size, resume_from.path, echo)
+        # Steps follow the rows per step, which stay the checkpoint's on another number of processes.
+        rows_per_step = self.progress.rows_per_step
+        steps_per_epoch = count_steps(len(self.rows), cfg.micro_batch_size, rows_per_step, 1)
+        self.total_steps = count_steps(len(self.rows), cfg.micro_batch_size, rows_per_step, cfg.num_epochs,
+                                       cfg.max_steps)
+        self.warmup = warmup_steps(cfg, self.total_steps)
+        echo(f"{self.total_steps} optimizer steps ({steps_per_epoch} per epoch), warm-up {self.warmup}, effective "
+             f"batch {rows_per_step} rows" + (f" over {rt.world_size} processes" if rt.distributed else ""))
 
-    # Steps follow the rows per step, which stay the checkpoint's on another number of processes.
-    steps_per_epoch = count_steps(len(rows), cfg.micro_batch_size, progress.rows_per_step, 1)
-    total_steps = count_steps(len(rows), cfg.micro_batch_size, progress.rows_per_step, cfg.num_epochs, cfg.max_steps)
-    warmup = warmup_steps(cfg, total_steps)
-    echo(f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), warm-up {warmup}, effective batch "
-         f"{progress.rows_per_step} rows" + (f" over {rt.world_size} processes" if rt.distributed else ""))
+        # Evaluations read their data now, so that a bad eval: section stops the run before anything is
+        # written. With a whole model on each process (ddp) they run on rank 0 alone while the others wait
+        # for the outcome (Runtime.on_main, within distributed_timeout); on a sharded one every process runs
+        # them in lockstep (each forward pass is collective), rank 0 first reading the data. Rank 0 alone
+        # logs and judges them.
+        if cfg.eval.requested:
+            (rt.main_first if rt.sharded else rt.on_main)(self._start_evals)  # an error in eval: stops all
+        if rt.is_main:
+            self._write_run_start()
+        hparams = {"total_steps": self.total_steps, "warmup_steps": self.warmup, "rows_per_step": rows_per_step,
+                   "micro_batch_size": self.progress.micro_batch_size, "world_size": rt.world_size,
+                   "trainable_params": self.trainable, "total_params": self.total, "device": str(rt.device)}
+        trackers: list[Trackers] = []  # rank 0's; an error starting one reaches every rank
+        report = self.data.report.__dict__
+        rt.on_main(lambda: trackers.append(Trackers.open(
+            cfg, self.out, resume_from.step if resume_from is not None else None,
+            run_params(cfg, report, hparams), run_files(cfg, report), echo)))
+        self.log = MetricsLog(self.out, self.total_steps, enabled=rt.is_main, echo=echo,
+                              trackers=trackers[0] if trackers else None)
+        if resume_from is not None:
+            self.log.load_window_state(resume_from.state.get("log_window"))
+            resume_from.restore_rng(rt.rank, rt.device)
+            echo(f"resumed from {resume_from.path} at step {resume_from.step} of {self.total_steps}")
 
-    # Evaluations read their data now, so that a bad eval: section stops the run before anything is written.
-    # With a whole model on each process (ddp) they run on rank 0 alone while the others wait for the outcome
-    # (Runtime.on_main, within distributed_timeout); on a sharded one every process runs them in lockstep
-    # (each forward pass is collective), rank 0 first reading the data. Rank 0 alone logs and judges them.
-    evals: TrainingEvals | None = None
-    if cfg.eval.requested:
-        def start_evals() -> None:
-            nonlocal evals
-            evals = TrainingEvals.start(cfg, model, tokenizer, rt.autocast_dtype, out,
-                                        lambda d, w: _save(cfg, model, spec, tokenizer, d, model_dir, w), echo,
-                                        every=rt.every if rt.sharded else bool)
+    def _start_evals(self) -> None:
+        self.evals = TrainingEvals.start(
+            self.cfg, self.model, self.tokenizer, self.rt.autocast_dtype, self.out,
+            lambda d, w: _save(self.cfg, self.model, self.spec, self.tokenizer, d, self.model_dir, w), self.echo,
+            every=self.rt.every if self.rt.sharded else bool)
 
-        (rt.main_first if rt.sharded else rt.on_main)(start_evals)  # an error in the eval: section stops all
-
-    def run_evals(step: int, heldout_loss: float | None) -> str | None:
-        """The eval: section at `step`: measured, recorded and judged by rank 0 (measured by every process on
-        a sharded model), best/ written when it is the best so far; why to stop early, if early stopping says so."""
-        if rt.sharded:
-            metrics = evals.measure()
-            rt.release_gathered(model)
-            outcome = rt.on_main(lambda: evals.record(step, metrics, heldout_loss, log))
-        else:
-            outcome = rt.on_main(lambda: evals.record(step, evals.measure(), heldout_loss, log))
-        if outcome["best"]:
-            weights = rt.full_state_dict(model)  # gathered from the shards onto rank 0 (sharded runs)
-            rt.on_main(lambda: evals.keep_best(weights))
-        return outcome["stop"]
-    if rt.is_main:
+    def _write_run_start(self) -> None:
+        """Rank 0 makes the output directory: the config, the data report, an empty (or the resumed
+        checkpoint's) metrics log; checkpoints newer than the resumed one are set aside."""
+        cfg, out = self.cfg, self.out
         target = check_output_dir(cfg)  # again, at the moment it matters
         if cfg.overwrite_output_dir and target.exists():
             shutil.rmtree(target)
         out.mkdir(parents=True, exist_ok=True)
         mark_output(out, "run", run_inputs(cfg))
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        (out / "data_report.json").write_text(json.dumps(data.report.__dict__, indent=2) + "\n")
-        ckpts.clean_partial()
+        (out / "data_report.json").write_text(json.dumps(self.data.report.__dict__, indent=2) + "\n")
+        self.ckpts.clean_partial()
         # The metrics log is the one the checkpoint saw, so a resumed run's log has each step once.
-        (out / "metrics.jsonl").write_text(resume_from.metrics_text() if resume_from else "")
-        if resume_from is not None:
-            set_aside_newer(ckpts, resume_from, echo)
-    hparams = {"total_steps": total_steps, "warmup_steps": warmup, "rows_per_step": progress.rows_per_step,
-               "micro_batch_size": progress.micro_batch_size, "world_size": rt.world_size,
-               "trainable_params": trainable, "total_params": total, "device": str(rt.device)}
-    trackers: list[Trackers] = []  # rank 0's; an error starting one reaches every rank
-    rt.on_main(lambda: trackers.append(Trackers.open(
-        cfg, out, resume_from.step if resume_from is not None else None,
-        run_params(cfg, data.report.__dict__, hparams), run_files(cfg, data.report.__dict__), echo)))
-    log = MetricsLog(out, total_steps, enabled=rt.is_main, echo=echo, trackers=trackers[0] if trackers else None)
-    if resume_from is not None:
-        log.load_window_state(resume_from.state.get("log_window"))
-        resume_from.restore_rng(rt.rank, rt.device)
-        echo(f"resumed from {resume_from.path} at step {resume_from.step} of {total_steps}")
+        (out / "metrics.jsonl").write_text(self.resume_from.metrics_text() if self.resume_from else "")
+        if self.resume_from is not None:
+            set_aside_newer(self.ckpts, self.resume_from, self.echo)
 
-    def save_checkpoint(step: int, eval_loss_now: float | None) -> Path:
+    # ------------------------------------------------------------------ phase 3: steps
+    def steps(self, stop: StopRequest) -> None:
+        """The optimizer steps from the run's position to total_steps, each followed by what is due:
+        the metrics line, a roll-back, the held-out loss, the eval: section, a checkpoint; ends early
+        on a stop request (all processes agree on it) or when early stopping says so."""
+        cfg, rt, progress = self.cfg, self.rt, self.progress
+        self.flops_tok = flops_per_token(self.model.config)
+        self.peak_flops = _bf16_peak(rt)
+        # Throughput over the last steps only, so compilation, evaluation and checkpoints do not
+        # drag the figure for the rest of the run: (seconds, real tokens) of each recent step.
+        self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=10)
+        self.step = progress.step  # the step under way (0-based)
+        if rt.all_sum([float(stop.requested)])[0]:  # asked to stop while the run loaded: before its first step
+            self.stopped_by = stop.signal_name or "a stop request to another process"
+            self.checkpoint_dir = self.resume_from.path if self.resume_from is not None else None
+        self.log.start()
+        try:
+            if self.stopped_by is None:
+                for step in range(progress.step, self.total_steps):
+                    self.step = step
+                    epoch_before = self.stream.epoch
+                    agreed = self._step(step, stop)
+                    last = step + 1 == self.total_steps
+                    scheduled = (last or self.stream.epoch != epoch_before
+                                 or bool(cfg.save_steps and (step + 1) % cfg.save_steps == 0))
+                    # Held-out loss: every eval_steps and at the end; without eval_steps, at each checkpoint
+                    # (pruning keeps the best). Not at a checkpoint off that grid too, which would evaluate
+                    # again a step or two after an eval_steps one (an epoch ending at step 26 after eval at 25).
+                    due = (step + 1) % cfg.eval_steps == 0 if cfg.eval_steps else scheduled
+                    evaluated = None
+                    if self.val_rows and (last or due):
+                        evaluated, _ = evaluate(self.model, self.data.val, self.val_rows, cfg, rt, self.padding)
+                        progress.eval_loss = evaluated
+                        self.log.eval(step + 1, evaluated)
+                    early_stop = None  # why to stop early, when the evaluations say so
+                    if cfg.eval.requested and TrainingEvals.due(cfg, step + 1, last):
+                        early_stop = self._run_evals(step + 1, evaluated)
+                    if scheduled or agreed.stop or early_stop:
+                        self.checkpoint_dir = self._save_checkpoint(
+                            step + 1, finite(evaluated) if evaluated is not None else None)
+                    if early_stop:
+                        self.echo(f"early stopping at step {step + 1}: {early_stop}")
+                        break
+                    if agreed.stop and not last:
+                        self.stopped_by = stop.signal_name or "a stop request to another process"
+                        break
+        except OOM_ERRORS:  # outside the retried forward/backward (optimizer state, evaluation): report, no retry
+            free_memory(rt.device)
+            raise OutOfMemory(oom_advice(rt.device, progress.micro_batch_size, progress.gradient_accumulation_steps,
+                                         cfg.sequence_len, cfg.gradient_checkpointing, cfg.adapter,
+                                         self.step)) from None
+        finally:
+            self.log.close()
+
+    def _step(self, step: int, stop: StopRequest):
+        """One optimizer step (0-based `step`): its micro-batches forward and backward (smaller ones after
+        an out-of-memory with auto_micro_batch), gradients synchronised and clipped, the update unless
+        the guard calls the step bad, the metrics line. Returns what every process agreed on."""
+        cfg, rt, progress, guard, optimizer = self.cfg, self.rt, self.progress, self.guard, self.optimizer
+        window = [self.stream.next(progress.micro_batch_size) for _ in range(progress.gradient_accumulation_steps)]
+        groups = [g for _, g in window]
+        lr = cfg.learning_rate * lr_factor(step, self.total_steps, self.warmup, cfg.lr_scheduler) * guard.lr_scale
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        step_t = time.perf_counter()
+        while True:
+            out_of_memory = False
+            try:
+                batches = [collate(self.data.train, g, **self.padding) for g in groups]
+                window_loss = accumulate_gradients(self.model, batches, rt)
+            except OOM_ERRORS:
+                out_of_memory, window_loss = True, WindowLoss(0.0, 0, 0, None)
+            # Every process learns whether any ran out of memory or was asked to stop.
+            agreed = rt.sync_step(step + 1, window_loss.loss_sum, window_loss.n_real, out_of_memory, stop.requested)
+            if not agreed.out_of_memory:
+                break
+            groups = self._smaller_micro_batches(step, groups)
+        outliers = rt.sync_gradients(self.params, step + 1)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        n_tokens = window_loss.n_tokens
+        loss = agreed.loss_sum / max(n_tokens, 1)
+        bad = guard.check(loss, grad_norm)
+        if bad is None:  # a bad step leaves weights and optimizer state exactly as they were
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        guard.record(step + 1, loss, grad_norm, bad)
+        progress.step, progress.train_loss = step + 1, loss
+        progress.tokens_seen += agreed.n_real
+        step_s = time.perf_counter() - step_t
+        self.recent.append((step_s, agreed.n_real))
+        record = step_record(step + 1, window[-1][0] + 1, loss, lr, grad_norm, n_tokens, self.recent,
+                             step_s, rt, self.flops_tok, self.peak_flops)
+        if window_loss.router_aux is not None:  # its own number, not part of loss
+            record["router_aux_loss"] = finite(window_loss.router_aux)
+        if bad is not None:
+            record["skipped"] = bad
+            self.echo(f"step {step + 1}: skipped, {bad}")
+        if outliers:
+            record["outlier_ranks"] = outliers
+        for r in rt.tally_outliers(outliers):
+            self.echo(f"rank {r} has sent outlier gradients in {REPORT_OUTLIER_AFTER} steps (step {step + 1} "
+                      "the latest); check its device. metrics.jsonl names each step's outlier ranks")
+            self.log.event({"step": step + 1, "event": "outlier_rank", "rank": r})
+        self.log.train_step(record, write=(step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps
+                            or bad is not None or bool(outliers))
+        if guard.needs_rollback:
+            roll_back(guard, self.ckpts, self.named, optimizer, step + 1, self.log, self.out, self.echo, rt)
+        return agreed
+
+    def _smaller_micro_batches(self, step: int, groups: list[list[list[int]]]) -> list[list[list[int]]]:
+        """After an out-of-memory: the same rows in micro-batches half the size (auto_micro_batch), or the
+        advice to the user. The step's effective batch is unchanged."""
+        cfg, progress = self.cfg, self.progress
+        self.optimizer.zero_grad(set_to_none=True)
+        free_memory(self.rt.device)
+        smaller = smaller_micro_batch(progress.micro_batch_size, progress.gradient_accumulation_steps)
+        if not (cfg.auto_micro_batch and smaller):
+            raise OutOfMemory(oom_advice(
+                self.rt.device, progress.micro_batch_size, progress.gradient_accumulation_steps,
+                cfg.sequence_len, cfg.gradient_checkpointing, cfg.adapter, step))
+        self.echo(f"out of memory at micro_batch_size {progress.micro_batch_size}; auto_micro_batch: "
+                  f"retrying step {step + 1} with micro_batch_size {smaller[0]} x "
+                  f"gradient_accumulation_steps {smaller[1]}")
+        progress.micro_batch_size, progress.gradient_accumulation_steps = smaller
+        self.padding = row_padding(cfg, self.fast, self.one_sample, smaller[0])
+        return [g[i:i + smaller[0]] for g in groups for i in range(0, len(g), smaller[0])]
+
+    def _run_evals(self, step: int, heldout_loss: float | None) -> str | None:
+        """The eval: section at `step`: measured, recorded and judged by rank 0 (measured by every process on
+        a sharded model), best/ written when it is the best so far; why to stop early, if early stopping says so."""
+        rt, evals = self.rt, self.evals
+        if rt.sharded:
+            metrics = evals.measure()
+            rt.release_gathered(self.model)
+            outcome = rt.on_main(lambda: evals.record(step, metrics, heldout_loss, self.log))
+        else:
+            outcome = rt.on_main(lambda: evals.record(step, evals.measure(), heldout_loss, self.log))
+        if outcome["best"]:
+            weights = rt.full_state_dict(self.model)  # gathered from the shards onto rank 0 (sharded runs)
+            rt.on_main(lambda: evals.keep_best(weights))
+        return outcome["stop"]
+
+    def _save_checkpoint(self, step: int, eval_loss_now: float | None) -> Path:
+        rt, spec = self.rt, self.spec
         rank_rng = rt.rank_rng_states()  # every process's generators, collected by rank 0
         state = {
-            "progress": progress.to_dict(),
-            "data": stream.state_dict(),
-            "guard": guard.state_dict(),
-            "data_fingerprint": fingerprint,
+            "progress": self.progress.to_dict(),
+            "data": self.stream.state_dict(),
+            "guard": self.guard.state_dict(),
+            "data_fingerprint": self.fingerprint,
             "eval_loss": eval_loss_now,  # measured at this step; picks the best checkpoint to keep
-            "log_window": log.window_state(),  # the steps the next metrics line averages so far
+            "log_window": self.log.window_state(),  # the steps the next metrics line averages so far
         }
         write_adapter = None
         if spec is not None:
-            base = str(model_dir.resolve()) if model_dir.exists() else cfg.base_model
+            base = str(self.model_dir.resolve()) if self.model_dir.exists() else self.cfg.base_model
 
             def write_adapter(d: Path) -> None:
-                save_adapter(model, spec, d, base_model=base)
-                save_lora_init(model, d)  # PiSSA / OLoRA: the starting factors, for resume
+                save_adapter(self.model, spec, d, base_model=base)
+                save_lora_init(self.model, d)  # PiSSA / OLoRA: the starting factors, for resume
         shards = None
         if rt.sharded:  # every process writes its shards into the directory rank 0 then completes
-            shards = Path(rt.on_main(lambda: str(ckpts.begin(step))))
-            save_shards(shards, named, optimizer)
+            shards = Path(rt.on_main(lambda: str(self.ckpts.begin(step))))
+            save_shards(shards, self.named, self.optimizer)
 
         def write() -> str:
-            path = ckpts.save(step, named, optimizer, state, cfg.model_dump(mode="json"), log.path, write_adapter,
-                              rank_rng, shards)
-            ckpts.prune()
+            path = self.ckpts.save(step, self.named, self.optimizer, state, self.cfg.model_dump(mode="json"),
+                                   self.log.path, write_adapter, rank_rng, shards)
+            self.ckpts.prune()
             return str(path)
 
         return Path(rt.on_main(write))
 
-    flops_tok = flops_per_token(model.config)
-    peak_flops = _bf16_peak(rt)
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    # Throughput over the last steps only, so compilation, evaluation and checkpoints do not
-    # drag the figure for the rest of the run: (seconds, real tokens) of each recent step.
-    recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=10)
-    stopped_by, checkpoint_dir, step = None, None, progress.step
-    if rt.all_sum([float(stop.requested)])[0]:  # asked to stop while the run loaded: before its first step
-        stopped_by = stop.signal_name or "a stop request to another process"
-        checkpoint_dir = resume_from.path if resume_from is not None else None
-    log.start()
-    try:
-        if stopped_by is None:
-            for step in range(progress.step, total_steps):
-                epoch_before = stream.epoch
-                window = [stream.next(progress.micro_batch_size) for _ in range(progress.gradient_accumulation_steps)]
-                groups = [g for _, g in window]
-                lr = cfg.learning_rate * lr_factor(step, total_steps, warmup, cfg.lr_scheduler) * guard.lr_scale
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
-                step_t = time.perf_counter()
-                while True:
-                    out_of_memory = False
-                    try:
-                        batches = [collate(data.train, g, **padding) for g in groups]
-                        window_loss = accumulate_gradients(model, batches, rt)
-                    except OOM_ERRORS:
-                        out_of_memory, window_loss = True, WindowLoss(0.0, 0, 0, None)
-                    # Every process learns whether any ran out of memory or was asked to stop.
-                    agreed = rt.sync_step(step + 1, window_loss.loss_sum, window_loss.n_real, out_of_memory,
-                                          stop.requested)
-                    if not agreed.out_of_memory:
-                        break
-                    optimizer.zero_grad(set_to_none=True)
-                    free_memory(rt.device)
-                    smaller = smaller_micro_batch(progress.micro_batch_size, progress.gradient_accumulation_steps)
-                    if not (cfg.auto_micro_batch and smaller):
-                        raise OutOfMemory(oom_advice(
-                            rt.device, progress.micro_batch_size, progress.gradient_accumulation_steps,
-                            cfg.sequence_len, cfg.gradient_checkpointing, cfg.adapter, step))
-                    echo(f"out of memory at micro_batch_size {progress.micro_batch_size}; auto_micro_batch: "
-                         f"retrying step {step + 1} with micro_batch_size {smaller[0]} x "
-                         f"gradient_accumulation_steps {smaller[1]}")
-                    progress.micro_batch_size, progress.gradient_accumulation_steps = smaller
-                    padding = row_padding(cfg, fast, one_sample, smaller[0])
-                    # The same rows, in smaller micro-batches: the step's effective batch is unchanged.
-                    groups = [g[i:i + smaller[0]] for g in groups for i in range(0, len(g), smaller[0])]
-                outliers = rt.sync_gradients(params, step + 1)
-                n_tokens = window_loss.n_tokens
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-                loss = agreed.loss_sum / max(n_tokens, 1)
-                bad = guard.check(loss, grad_norm)
-                if bad is None:  # a bad step leaves weights and optimizer state exactly as they were
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                guard.record(step + 1, loss, grad_norm, bad)
-                progress.step, progress.train_loss = step + 1, loss
-                progress.tokens_seen += agreed.n_real
-                step_s = time.perf_counter() - step_t
-                recent.append((step_s, agreed.n_real))
-                tok_s = sum(n for _, n in recent) / max(sum(t for t, _ in recent), 1e-9)
-                record = {
-                    "step": step + 1,
-                    "epoch": window[-1][0] + 1,
-                    "loss": finite(loss),
-                    "lr": lr,
-                    "grad_norm": finite(grad_norm),
-                    "trained_tokens": n_tokens,
-                    "tokens_per_s": tok_s,
-                    "step_s": step_s,
-                    "peak_mem_gib": _peak_memory_gib(rt),
-                }
-                if peak_flops:
-                    record["mfu"] = tok_s * flops_tok / peak_flops
-                if rt.device.type == "cuda":
-                    record.update(_gpu_utilization(rt))
-                if window_loss.router_aux is not None:  # its own number, not part of loss
-                    record["router_aux_loss"] = finite(window_loss.router_aux)
-                if bad is not None:
-                    record["skipped"] = bad
-                    echo(f"step {step + 1}: skipped, {bad}")
-                if outliers:
-                    record["outlier_ranks"] = outliers
-                for r in rt.tally_outliers(outliers):
-                    echo(f"rank {r} has sent outlier gradients in {REPORT_OUTLIER_AFTER} steps (step {step + 1} "
-                         "the latest); check its device. metrics.jsonl names each step's outlier ranks")
-                    log.event({"step": step + 1, "event": "outlier_rank", "rank": r})
-                log.train_step(record, write=(step + 1) % cfg.logging_steps == 0 or step + 1 == total_steps
-                               or bad is not None or bool(outliers))
-                if guard.needs_rollback:
-                    roll_back(guard, ckpts, named, optimizer, step + 1, log, out, echo, rt)
+    # ------------------------------------------------------------------ phase 4: finish
+    def finish(self, merge: bool, stop: StopRequest) -> TrainResult:
+        """A stopped run reports where it can resume; a complete one writes its adapter (or model), the
+        merged model when asked, the evaluation report and the run report."""
+        rt, progress, echo, out = self.rt, self.progress, self.echo, self.out
+        steps_done = progress.step
+        if self.stopped_by is not None:
+            saved = f"checkpoint: {self.checkpoint_dir}" if self.checkpoint_dir else "no step taken, nothing to save"
+            echo(f"stopped by {self.stopped_by} after step {steps_done} of {self.total_steps}; {saved}")
+            self.log.finish(None)
+            _write_run_report(out, rt, echo)
+            return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
+                               stopped_by=self.stopped_by, checkpoint_dir=self.checkpoint_dir)
 
-                last = step + 1 == total_steps
-                scheduled = (last or stream.epoch != epoch_before
-                             or bool(cfg.save_steps and (step + 1) % cfg.save_steps == 0))
-                # Held-out loss: every eval_steps and at the end; without eval_steps, at each checkpoint
-                # (pruning keeps the best). Not at a checkpoint off that grid too, which would evaluate
-                # again a step or two after an eval_steps one (an epoch ending at step 26 after eval at 25).
-                due = (step + 1) % cfg.eval_steps == 0 if cfg.eval_steps else scheduled
-                evaluated = None
-                if val_rows and (last or due):
-                    evaluated, _ = evaluate(model, data.val, val_rows, cfg, rt, padding)
-                    progress.eval_loss = evaluated
-                    log.eval(step + 1, evaluated)
-                early_stop = None  # why to stop early, when the evaluations say so
-                if cfg.eval.requested and TrainingEvals.due(cfg, step + 1, last):
-                    early_stop = run_evals(step + 1, evaluated)
-                if scheduled or agreed.stop or early_stop:
-                    checkpoint_dir = save_checkpoint(step + 1, finite(evaluated) if evaluated is not None else None)
-                if early_stop:
-                    echo(f"early stopping at step {step + 1}: {early_stop}")
-                    break
-                if agreed.stop and not last:
-                    stopped_by = stop.signal_name or "a stop request to another process"
-                    break
-    except OOM_ERRORS:  # outside the retried forward/backward (optimizer state, evaluation): report, no retry
-        free_memory(rt.device)
-        raise OutOfMemory(oom_advice(rt.device, progress.micro_batch_size, progress.gradient_accumulation_steps,
-                                     cfg.sequence_len, cfg.gradient_checkpointing, cfg.adapter, step)) from None
-    finally:
-        log.close()
-
-    steps_done = progress.step
-    if stopped_by is not None:
-        saved = f"checkpoint: {checkpoint_dir}" if checkpoint_dir else "no step taken, nothing to save"
-        echo(f"stopped by {stopped_by} after step {steps_done} of {total_steps}; {saved}")
-        log.finish(None)
-        _write_run_report(out, rt, echo)
-        return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
-                           stopped_by=stopped_by, checkpoint_dir=checkpoint_dir)
-
-    def save_final() -> list[str | None]:
-        final = out / ("adapter" if spec else "model")
+        # The stop handler stays on: a SIGTERM now lets the final save finish, and the run ends complete.
+        adapter_dir = merged_dir = None
         try:
-            written = _save(cfg, model, spec, tokenizer, final, model_dir, weights)
+            weights = rt.full_state_dict(self.model)  # gathered from the shards onto rank 0 (sharded runs)
+            adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(lambda: self._save_final(weights,
+                                                                                                            merge)))
+        finally:
+            self.log.finish(adapter_dir or merged_dir)
+        evals = self.evals
+        report = evals.finish(out.name) if evals is not None and rt.is_main else None  # rank 0's
+        if stop.requested:
+            echo(f"{stop.signal_name} came after the last step: the run is complete")
+        _write_run_report(out, rt, echo)
+        return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
+                           checkpoint_dir=self.checkpoint_dir, best=evals.best if evals and rt.is_main else None,
+                           report=report)
+
+    def _save_final(self, weights, merge: bool) -> list[str | None]:
+        cfg, spec = self.cfg, self.spec
+        final = self.out / ("adapter" if spec else "model")
+        try:
+            written = _save(cfg, self.model, spec, self.tokenizer, final, self.model_dir, weights)
         except OSError as exc:  # _save removed its temporary directory; the last checkpoint has the result
             raise CheckpointError(f"{final}: could not be written ({exc.strerror or exc}); the trained state is in "
-                                  f"{checkpoint_dir}. Free space and run again with resume=auto") from None
+                                  f"{self.checkpoint_dir}. Free space and run again with resume=auto") from None
         if spec is None:
             return [None, str(written)]
         if merge:
             from ..export.hf import merge_to_dir
 
-            return [str(written), str(merge_to_dir(written, out / "merged", base_model=str(model_dir),
+            return [str(written), str(merge_to_dir(written, self.out / "merged", base_model=str(self.model_dir),
                                                      overwrite=True))]
         return [str(written), None]
-
-    # The stop handler stays on: a SIGTERM now lets the final save finish, and the run ends complete.
-    adapter_dir = merged_dir = None
-    try:
-        weights = rt.full_state_dict(model)  # gathered from the shards onto rank 0 (sharded runs)
-        adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(save_final))
-    finally:
-        log.finish(adapter_dir or merged_dir)
-    report = evals.finish(out.name) if evals is not None and rt.is_main else None  # rank 0's
-    if stop.requested:
-        echo(f"{stop.signal_name} came after the last step: the run is complete")
-    _write_run_report(out, rt, echo)
-    return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
-                       checkpoint_dir=checkpoint_dir, best=evals.best if evals and rt.is_main else None,
-                       report=report)
 
 
 def model_options(cfg: Config, model_cfg) -> dict:
@@ -593,6 +661,28 @@ def model_options(cfg: Config, model_cfg) -> dict:
     )
 
 
+def step_record(step: int, epoch: int, loss: float, lr: float, grad_norm: float, trained_tokens: int,
+                recent, step_s: float, rt: Runtime, flops_tok: float, peak_flops: float | None) -> dict:
+    """A step's metrics line. tokens_per_s counts the real tokens of every process over the recent steps."""
+    tok_s = sum(n for _, n in recent) / max(sum(t for t, _ in recent), 1e-9)
+    record = {
+        "step": step,
+        "epoch": epoch,
+        "loss": finite(loss),
+        "lr": lr,
+        "grad_norm": finite(grad_norm),
+        "trained_tokens": trained_tokens,
+        "tokens_per_s": tok_s,
+        "step_s": step_s,
+        "peak_mem_gib": _peak_memory_gib(rt),
+    }
+    if peak_flops:
+        record["mfu"] = tok_s * flops_tok / peak_flops
+    if rt.device.type == "cuda":
+        record.update(_gpu_utilization(rt))
+    return record
+
+
 def _write_run_report(out: Path, rt: Runtime, echo) -> None:
     """output_dir/report.html; the trained run stands even when its report cannot be written."""
     def write() -> str:
@@ -602,8 +692,6 @@ def _write_run_report(out: Path, rt: Runtime, echo) -> None:
             return f"run report not written ({exc}); `mistral-tune report {out}` builds it again"
 
     echo(rt.on_main(write))
-
-
 
 
 

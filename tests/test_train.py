@@ -520,3 +520,16 @@ def test_logged_loss_is_the_token_weighted_mean_of_its_window(tmp_path: Path, ti
     assert [e.split()[1] for e in step_lines] == ["4/6", "6/6"]
     assert all("grad norm" in e and "elapsed 0:00:" in e and " eta " in e for e in step_lines)
     assert "eta ?" not in step_lines[-1]
+
+
+def test_mfu_of_several_processes_is_per_gpu():
+    """The step line's tokens_per_s counts every process's tokens; its MFU divides by every process's
+    GPU, not one: two GPUs running at one GPU's rate each show that one GPU's MFU."""
+    from mistral_tune.train.loop import step_record
+
+    recent = [(0.5, 1000), (0.5, 1000)]  # tokens of all processes: 2,000 a second
+    for world in (1, 2, 4):
+        rt = Runtime(torch.device("cpu"), None, 0, world)
+        record = step_record(3, 1, 1.0, 1e-4, 0.5, 100, recent, 0.5, rt, flops_tok=6e9, peak_flops=1e15)
+        assert record["tokens_per_s"] == pytest.approx(2000)
+        assert record["mfu"] == pytest.approx(2000 * 6e9 / 1e15 / world)

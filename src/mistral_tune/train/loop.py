@@ -663,7 +663,8 @@ def model_options(cfg: Config, model_cfg) -> dict:
 
 def step_record(step: int, epoch: int, loss: float, lr: float, grad_norm: float, trained_tokens: int,
                 recent, step_s: float, rt: Runtime, flops_tok: float, peak_flops: float | None) -> dict:
-    """A step's metrics line. tokens_per_s counts the real tokens of every process over the recent steps."""
+    """A step's metrics line. tokens_per_s counts the real tokens of every process over the recent steps;
+    mfu is per GPU: those tokens' FLOPs over every process's GPU peak (peak_flops is one GPU's)."""
     tok_s = sum(n for _, n in recent) / max(sum(t for t, _ in recent), 1e-9)
     record = {
         "step": step,
@@ -677,7 +678,7 @@ def step_record(step: int, epoch: int, loss: float, lr: float, grad_norm: float,
         "peak_mem_gib": _peak_memory_gib(rt),
     }
     if peak_flops:
-        record["mfu"] = tok_s * flops_tok / peak_flops
+        record["mfu"] = tok_s * flops_tok / (peak_flops * rt.world_size)
     if rt.device.type == "cuda":
         record.update(_gpu_utilization(rt))
     return record

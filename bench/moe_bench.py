@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
+from mistral_tune.models.lora import LoraSpec, apply_lora, save_adapter
 from mistral_tune.models.mistral import Experts, MistralConfig, MistralForCausalLM
 
 FULL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,

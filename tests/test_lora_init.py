@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from mistral_tune.config import config_from_dict
 from mistral_tune.errors import ConfigError, ModelError
-from mistral_tune.lora import (
+from mistral_tune.models.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     LoraLinear,

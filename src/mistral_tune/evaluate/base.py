@@ -23,7 +23,7 @@ from ..chat import ChatTokenizer
 from ..data.formats import Chat, Text, to_example
 from ..data.sources import read_source, resolve_sources
 from ..errors import DataError
-from ..lora import adapters_disabled, has_adapters
+from ..models.lora import adapters_disabled, has_adapters
 
 
 class ModelPair:

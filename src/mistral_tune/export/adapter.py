@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ModelError
 from ..fsutil import check_target, replace_dir
-from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, expert_factors, expert_pair_infixes
+from ..models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, expert_factors, expert_pair_infixes
 from ..models.mistral import Experts
 from .hf import find_adapter
 

@@ -20,8 +20,8 @@ import torch
 
 from ..chat import ChatTokenizer, load_tokenizer
 from ..errors import ModelError
-from ..lora import ADAPTER_CONFIG, BASE_QUANTIZATION, load_adapter, merge_lora, read_adapter_config
 from .load import load_model
+from .lora import ADAPTER_CONFIG, BASE_QUANTIZATION, load_adapter, merge_lora, read_adapter_config
 from .mistral import MistralForCausalLM
 from .quant import nf4_round_trip
 

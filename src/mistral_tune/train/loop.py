@@ -33,7 +33,10 @@ from ..data.pack import Batch, collate, group_rows, length_grouped, make_rows, s
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError, TrainingHalted
 from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
-from ..lora import (
+from ..models.families import EXPERT_TARGETS, family_of
+from ..models.fp8 import check_fp8_device, fp8_model
+from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
+from ..models.lora import (
     WHOLE_MODULES,
     LoraSpec,
     apply_lora,
@@ -42,9 +45,6 @@ from ..lora import (
     save_adapter,
     save_lora_init,
 )
-from ..models.families import EXPERT_TARGETS, family_of
-from ..models.fp8 import check_fp8_device, fp8_model
-from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
 from ..models.mistral import count_params, flops_per_token, router_balance
 from ..models.quant import quantize_model
 from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step, save_shards

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ..data.pack import IGNORE
 from ..errors import ConfigError
 from ..kernels.loss import linear_cross_entropy_sum
-from ..lora import output_head
+from ..models.lora import output_head
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:

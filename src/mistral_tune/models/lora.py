@@ -31,12 +31,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import ModelError
-from .models.families import EXPERT_TARGETS
-from .models.fp8 import FP8Linear
-from .models.mistral import Experts
-from .models.quant import NF4Linear
-from .models.recompute import linear_grad_only
+from ..errors import ModelError
+from .families import EXPERT_TARGETS
+from .fp8 import FP8Linear
+from .mistral import Experts
+from .quant import NF4Linear
+from .recompute import linear_grad_only
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -378,7 +378,7 @@ def _stacked_shape(experts: Experts, param: str) -> tuple[tuple[int, int, int], 
 
 
 def _unmatched_targets(model: nn.Module, unmatched: list[str]) -> str:
-    from .models.families import family_of
+    from .families import family_of
 
     cfg = getattr(model, "config", None)
     family = family_of({"architectures": [cfg.architecture]}) if cfg is not None else None
@@ -571,7 +571,7 @@ def save_adapter(
     # NF4 projections and experts; an FP8 base writes nothing: its adapter merges into the original weights.
     quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
     if quantized:
-        from .models.quant import BLOCKSIZE
+        from .quant import BLOCKSIZE
 
         info = {"quant_type": "nf4", "blocksize": BLOCKSIZE, "double_quant": True, "library": "bitsandbytes"}
         if quantized[0].quantized_from is not None:  # None: the base was read quantized (bnb-4bit)

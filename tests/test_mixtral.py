@@ -212,7 +212,7 @@ def test_merged_expert_lora_equals_peft_merge_and_unload(tmp_path):
 def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
     from mistral_tune.config import config_from_dict
     from mistral_tune.export.hf import merge_to_dir
-    from mistral_tune.models.lora import load_adapter
+    from mistral_tune.models.peft_format import load_adapter
     from mistral_tune.quickstart import create_tiny_model
     from mistral_tune.train.loop import train
 
@@ -256,7 +256,7 @@ def _random_lora(model, targets, **spec_kw):
 
 def _expert_lora(tmp_path, targets, seed=0, **spec_kw):
     """A tiny Mixtral with random LoRA on `targets`, saved as PEFT's adapter; and the base model it went on."""
-    from mistral_tune.models.lora import save_adapter
+    from mistral_tune.models.peft_format import save_adapter
 
     model = tiny_mixtral(seed, sliding_window=5)
     base = tiny_mixtral(seed, sliding_window=5)
@@ -267,7 +267,7 @@ def _expert_lora(tmp_path, targets, seed=0, **spec_kw):
 def _saved_expert_lora(tmp_path, targets, **spec_kw):
     """A tiny Mixtral model folder (tmp_path/base) and, loaded from it, the model with random LoRA on
     `targets`, saved as PEFT's adapter in tmp_path/adapter."""
-    from mistral_tune.models.lora import save_adapter
+    from mistral_tune.models.peft_format import save_adapter
     from mistral_tune.quickstart import create_tiny_model
 
     base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
@@ -303,7 +303,7 @@ def test_lora_on_experts_loads_back_and_a_peft_saved_adapter_loads(tmp_path):
     """What PEFT writes for transformers' Mixtral loads onto ours with the same logits, and ours round-trips."""
     from peft import LoraConfig, get_peft_model
 
-    from mistral_tune.models.lora import load_adapter
+    from mistral_tune.models.peft_format import load_adapter
 
     model, base = _expert_lora(tmp_path / "ours", ["k_proj", "experts"])
     again = tiny_mixtral(sliding_window=5)
@@ -578,7 +578,7 @@ def test_nf4_experts_are_bitsandbytes_nf4_per_expert_and_compute_as_their_dequan
 
 def test_qlora_on_mixtral_experts_trains_saves_and_loads_as_trained(tmp_path):
     from mistral_tune.config import config_from_dict
-    from mistral_tune.models.lora import BASE_QUANTIZATION, load_adapter
+    from mistral_tune.models.peft_format import BASE_QUANTIZATION, load_adapter
     from mistral_tune.models.quant import quantize_model
     from mistral_tune.models.tuned import load_tuned
     from mistral_tune.quickstart import create_tiny_model

@@ -16,7 +16,8 @@ from mistral_tune.config import config_from_dict  # noqa: E402
 from mistral_tune.errors import ConfigError  # noqa: E402
 from mistral_tune.export.hf import merge_to_dir  # noqa: E402
 from mistral_tune.models.load import load_model  # noqa: E402
-from mistral_tune.models.lora import BASE_QUANTIZATION, LoraLinear, load_adapter  # noqa: E402
+from mistral_tune.models.lora import LoraLinear  # noqa: E402
+from mistral_tune.models.peft_format import BASE_QUANTIZATION, load_adapter  # noqa: E402
 from mistral_tune.models.quant import NF4Linear, quantize_model  # noqa: E402
 from mistral_tune.train.loop import train  # noqa: E402
 

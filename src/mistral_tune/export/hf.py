@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import ModelError
 from ..fsutil import check_target, replace_dir
 from ..models.load import save_model
-from ..models.lora import read_adapter_config
+from ..models.peft_format import read_adapter_config
 from ..models.tuned import adapter_in, load_tuned
 from .hf_tokenizer import save_hf_tokenizer
 

@@ -36,16 +36,9 @@ from ..fsutil import check_target, mark_output, replace_dir
 from ..models.families import EXPERT_TARGETS, family_of
 from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
-from ..models.lora import (
-    WHOLE_MODULES,
-    LoraSpec,
-    apply_lora,
-    lora_init_tensors,
-    restore_lora_init,
-    save_adapter,
-    save_lora_init,
-)
+from ..models.lora import WHOLE_MODULES, LoraSpec, apply_lora, lora_init_tensors
 from ..models.mistral import count_params, flops_per_token, router_balance
+from ..models.peft_format import restore_lora_init, save_adapter, save_lora_init
 from ..models.quant import quantize_model
 from .checkpoint import MANIFEST, Checkpoint, CheckpointManager, checkpoint_step, save_shards
 from .guard import StepGuard

@@ -183,7 +183,7 @@ def _build_tiny():
     """A TINY model on the CPU with LoRA r=16 on every projection (--smoke)."""
     from gpu_bench import SHAPE
 
-    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
 
     model = MistralForCausalLM(MistralConfig(**{**SHAPE, **TINY}))

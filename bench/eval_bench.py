@@ -54,7 +54,7 @@ def main() -> None:
     examples = [(f"{HELDOUT.name}:{i + 1}", Chat(json.loads(line)["messages"]))
                 for i, line in enumerate(HELDOUT.read_text().splitlines())]
     if args.smoke:
-        from mistral_tune.lora import LoraSpec, apply_lora
+        from mistral_tune.models.lora import LoraSpec, apply_lora
         from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
 
         model = MistralForCausalLM(MistralConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,

@@ -102,8 +102,8 @@ def run_gemm(args) -> list[dict]:
 
 # --------------------------------------------------------------------------- 2. training step
 def _build(args, fp8: bool, seed: int = 0):
-    from mistral_tune.lora import LoraSpec, apply_lora
     from mistral_tune.models.fp8 import fp8_model
+    from mistral_tune.models.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
 
     dev = _device()
@@ -188,7 +188,7 @@ def run_step(args, variant: str) -> dict:
 
 # --------------------------------------------------------------------------- 3. parity
 def run_parity(args) -> dict:
-    from mistral_tune.lora import LoraLinear
+    from mistral_tune.models.lora import LoraLinear
 
     results = []
     for fp8 in (False, True):

@@ -70,7 +70,7 @@ def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: boo
     it); mlp_chunk: tokens an MLP computes at once where it keeps no activations (0: whole rows)."""
     import torch
 
-    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
     from mistral_tune.models.quant import quantize_model
 

@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
+from mistral_tune.models.lora import LoraSpec, apply_lora
 from mistral_tune.models.mistral import Experts, MistralConfig, MistralForCausalLM
+from mistral_tune.models.peft_format import save_adapter
 
 FULL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
             num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, architecture="MixtralForCausalLM")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from mistral_tune.lora import LoraLinear, LoraSpec  # noqa: E402
+from mistral_tune.models.lora import LoraLinear, LoraSpec  # noqa: E402
 
 # (name, out, in) of one Mistral-7B decoder layer's projections.
 SHAPES = [("q_proj", 4096, 4096), ("k_proj", 1024, 4096), ("v_proj", 1024, 4096), ("o_proj", 4096, 4096),

@@ -157,7 +157,7 @@ def run_variant(shape_name: str, variant: str, seq: int, bs: int, layers: int, s
         shape.update(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                      head_dim=32, vocab_size=512)
     cfg = MistralConfig(**shape)
-    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import MistralForCausalLM
     from mistral_tune.models.quant import quantize_model
 

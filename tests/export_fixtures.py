@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from mistral_tune.chat import load_tokenizer
-from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
 from mistral_tune.models.load import load_model
+from mistral_tune.models.lora import LoraSpec, apply_lora
+from mistral_tune.models.peft_format import save_adapter
 from mistral_tune.quickstart import create_tiny_model
 from mistral_tune.serve.server import ServerConfig, make_server
 

@@ -348,7 +348,7 @@ def test_changed_config_is_refused_with_the_differences(lora_run, tmp_path):
 
 
 def test_full_disk_at_the_final_save_points_to_the_last_checkpoint(assets, tmp_path, monkeypatch):
-    import mistral_tune.lora as lora_mod
+    import mistral_tune.models.peft_format as lora_mod
 
     model, data = assets
     out = tmp_path / "run"

@@ -519,8 +519,8 @@ def _overlap_worker(rank: int, root: Path, model_dir: Path) -> None:
     import torch.distributed as dist
 
     from mistral_tune.data.pack import Sample, collate
-    from mistral_tune.lora import LoraSpec, apply_lora
     from mistral_tune.models.load import load_model
+    from mistral_tune.models.lora import LoraSpec, apply_lora
     from mistral_tune.train.loop import accumulate_gradients
     from mistral_tune.train.runtime import Runtime
 

@@ -11,7 +11,8 @@ from scipy.special import rel_entr
 from mistral_tune.config import ForgettingConfig
 from mistral_tune.evaluate.base import ModelPair, token_logprobs
 from mistral_tune.evaluate.forgetting import ForgettingEval, kl_per_token, mean_nll
-from mistral_tune.lora import LoraLinear, LoraSpec, apply_lora, save_adapter
+from mistral_tune.models.lora import LoraLinear, LoraSpec, apply_lora
+from mistral_tune.models.peft_format import save_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -96,7 +97,7 @@ def test_thresholds_become_warnings(make_tiny_mistral):
 
 
 def test_a_merged_model_compares_with_a_separate_base(make_tiny_mistral):
-    from mistral_tune.lora import merge_lora
+    from mistral_tune.models.lora import merge_lora
 
     tuned, base_state = _adapted(make_tiny_mistral, b_std=0.2)
     seqs = _seqs()

@@ -10,7 +10,7 @@ from mistral_tune.chat import load_tokenizer
 from mistral_tune.config import NeedleConfig
 from mistral_tune.evaluate.base import ModelPair
 from mistral_tune.evaluate.needle import FILLER, NeedleEval, NeedleProbe, default_lengths, plan
-from mistral_tune.lora import LoraLinear, LoraSpec, apply_lora
+from mistral_tune.models.lora import LoraLinear, LoraSpec, apply_lora
 from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
 
 BIAS, FLAG, ID0, SLOT = 0, 1, 2, 12  # embedding dimensions: constant, "is a digit", digit one-hot, retrieved digit

@@ -17,8 +17,8 @@ from mistral_tune.errors import OutputError
 from mistral_tune.evaluate.base import ModelPair
 from mistral_tune.evaluate.report import REPORT_HTML, REPORT_JSON, write_report
 from mistral_tune.evaluate.run import Evaluator, build_evaluations
-from mistral_tune.lora import LoraLinear, LoraSpec, apply_lora
 from mistral_tune.models.load import load_model
+from mistral_tune.models.lora import LoraLinear, LoraSpec, apply_lora
 from mistral_tune.quickstart import data_dir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

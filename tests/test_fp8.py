@@ -16,8 +16,9 @@ from torch import nn
 from mistral_tune.config import ALL_PROJECTIONS, config_from_dict
 from mistral_tune.data.pack import Sample, collate
 from mistral_tune.errors import ConfigError
-from mistral_tune.lora import BASE_QUANTIZATION, LoraSpec, apply_lora
 from mistral_tune.models.fp8 import E4M3, FP8Linear, fp8_model, fp8_support_error, quantize_rows
+from mistral_tune.models.lora import LoraSpec, apply_lora
+from mistral_tune.models.peft_format import BASE_QUANTIZATION
 
 F8 = torch.finfo(E4M3)
 U = F8.eps / 2  # e4m3's unit roundoff: 3 mantissa bits, round to nearest (2^-4)

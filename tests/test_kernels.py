@@ -111,7 +111,7 @@ def test_fused_loss_under_autocast_takes_autocasts_product():
 
 
 def _lora_model(make_tiny_mistral, spec=None, **overrides):
-    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.lora import LoraSpec, apply_lora
 
     model = make_tiny_mistral(**overrides).train()
     apply_lora(model, spec or LoraSpec(r=4, alpha=8), seed=0)
@@ -140,7 +140,7 @@ def _assert_same_loss_and_grads(model, batch, setting: str, values) -> None:
 @pytest.mark.parametrize("variant", ["lora", "dora", "lm_head_tokens", "lm_head_whole"])
 def test_fused_loss_gives_the_models_loss_and_grads(make_tiny_mistral, variant):
     """Also where lm_head trains (whole, or some rows): the fused loss takes the weight the model applies."""
-    from mistral_tune.lora import LoraSpec
+    from mistral_tune.models.lora import LoraSpec
 
     spec = {"lora": None, "dora": LoraSpec(r=4, alpha=8, use_dora=True),
             "lm_head_tokens": LoraSpec(r=4, alpha=8, trainable_tokens={"lm_head": [5, 9, 700]}),
@@ -157,7 +157,7 @@ def test_trainable_tokens_of_lm_head_cost_no_copy_of_the_head(make_tiny_mistral)
     """Two trained rows of a 32k-row head: the fused loss computes their logits from their values
     and gives them the gradient, so a step holds the loss's chunk and little else; it held a merged
     copy of the whole head and a float32 gradient of all of it (measured by the CPU allocator)."""
-    from mistral_tune.lora import LoraSpec
+    from mistral_tune.models.lora import LoraSpec
 
     vocab, hidden = 32768, 64
     model = _lora_model(make_tiny_mistral, LoraSpec(r=4, alpha=8, trainable_tokens={"lm_head": [5, 9]}),
@@ -180,7 +180,7 @@ def test_trainable_tokens_of_lm_head_cost_no_copy_of_the_head(make_tiny_mistral)
 def test_dora_layer_compiles_to_one_graph(make_tiny_mistral):
     """The fast path compiles each decoder layer: a DoRA layer traces whole (no graph break) and
     gives the eager layer's output and gradients. (aot_eager: Dynamo's tracing without a C++ compiler.)"""
-    from mistral_tune.lora import LoraSpec
+    from mistral_tune.models.lora import LoraSpec
     from mistral_tune.models.mistral import attention_mask, rope_tables
 
     model = _lora_model(make_tiny_mistral, LoraSpec(r=4, alpha=8, use_dora=True), seed=3)
@@ -421,7 +421,7 @@ def test_trainable_tokens_forward_makes_no_copy_of_the_table(make_tiny_mistral, 
     """Trained rows of a 32k-row embedding (a training step) or head (a forward for a few tokens,
     as decoding makes): the call holds outputs the size of its tokens', not a merged copy of the
     whole table (measured by the CPU allocator); the rows still get their gradient."""
-    from mistral_tune.lora import LoraSpec
+    from mistral_tune.models.lora import LoraSpec
 
     vocab, hidden = 32768, 64
     model = _lora_model(make_tiny_mistral, LoraSpec(r=4, alpha=8, trainable_tokens={module: [5, 9, 700]}),

@@ -1,4 +1,4 @@
-"""Tests for mistral_tune.lora and export.hf: adapters must mean to PEFT/transformers what they mean to us."""
+"""Tests for models.lora / peft_format and export.hf: adapters must mean to PEFT/transformers what they mean to us."""
 
 from __future__ import annotations
 
@@ -14,19 +14,9 @@ from safetensors.torch import load_file, save_file
 from mistral_tune.chat import load_tokenizer
 from mistral_tune.errors import ModelError, OutputError
 from mistral_tune.export.hf import merge_to_dir
-from mistral_tune.lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    LoraLinear,
-    LoraSpec,
-    TrainableTokens,
-    adapters_disabled,
-    apply_lora,
-    load_adapter,
-    merge_lora,
-    save_adapter,
-)
 from mistral_tune.models.load import load_model
+from mistral_tune.models.lora import LoraLinear, LoraSpec, TrainableTokens, adapters_disabled, apply_lora, merge_lora
+from mistral_tune.models.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from mistral_tune.quickstart import create_tiny_model
 
 # PEFT calls a transformers API that transformers 5 deprecates; not ours to fix.

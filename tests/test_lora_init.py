@@ -13,16 +13,12 @@ from safetensors.torch import load_file
 
 from mistral_tune.config import config_from_dict
 from mistral_tune.errors import ConfigError, ModelError
-from mistral_tune.lora import (
+from mistral_tune.models.lora import LoraLinear, LoraSpec, adapters_disabled, apply_lora, merge_lora
+from mistral_tune.models.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    LoraLinear,
-    LoraSpec,
-    adapters_disabled,
-    apply_lora,
     load_adapter,
     lora_init_state,
-    merge_lora,
     restore_lora_init,
     save_adapter,
     save_lora_init,

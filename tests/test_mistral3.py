@@ -60,7 +60,7 @@ def test_lora_adapter_loads_in_peft_and_the_merge_keeps_the_architecture(vlm_dir
 
     from mistral_tune.config import config_from_dict
     from mistral_tune.export.hf import merge_to_dir
-    from mistral_tune.lora import load_adapter
+    from mistral_tune.models.peft_format import load_adapter
     from mistral_tune.train.loop import train
 
     data = tmp_path / "d.jsonl"

@@ -164,7 +164,7 @@ def test_lora_on_attention_equals_peft_on_transformers_mixtral(tmp_path):
 
 
 def test_lora_targets_that_mixtral_lacks_are_refused_by_name():
-    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.lora import LoraSpec, apply_lora
 
     with pytest.raises(ModelError, match=r"\['gate_proj', 'up_proj'\]: Mixtral has no such.*gate_up_proj, w1, w3"):
         apply_lora(tiny_mixtral(), LoraSpec(r=4))  # the default seven: down_proj names the experts' down
@@ -178,14 +178,14 @@ def test_lora_targets_that_mixtral_lacks_are_refused_by_name():
     (["experts"], {"init": "pissa"}, "lora_init pissa: not for LoRA on Mixtral's experts"),
 ])
 def test_expert_lora_that_peft_cannot_hold_is_refused(targets, spec_kw, message):
-    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.lora import LoraSpec, apply_lora
 
     with pytest.raises(ModelError, match=message):
         apply_lora(tiny_mixtral(), LoraSpec(r=4, target_modules=targets, **spec_kw))
 
 
 def test_dora_and_dropout_stay_allowed_on_attention():
-    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.lora import LoraSpec, apply_lora
 
     apply_lora(tiny_mixtral(), LoraSpec(r=4, target_modules=["q_proj"], dropout=0.1, use_dora=True))
 
@@ -212,7 +212,7 @@ def test_merged_expert_lora_equals_peft_merge_and_unload(tmp_path):
 def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
     from mistral_tune.config import config_from_dict
     from mistral_tune.export.hf import merge_to_dir
-    from mistral_tune.lora import load_adapter
+    from mistral_tune.models.peft_format import load_adapter
     from mistral_tune.quickstart import create_tiny_model
     from mistral_tune.train.loop import train
 
@@ -243,7 +243,7 @@ def test_train_mixtral_and_merge_to_a_model_transformers_loads(tmp_path):
 
 def _random_lora(model, targets, **spec_kw):
     """Random LoRA (B too, so the adapters matter) on `targets` of `model`; returns its spec."""
-    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.lora import LoraSpec, apply_lora
 
     spec = LoraSpec(r=3, alpha=6, target_modules=targets, **spec_kw)
     apply_lora(model, spec, seed=0)
@@ -256,7 +256,7 @@ def _random_lora(model, targets, **spec_kw):
 
 def _expert_lora(tmp_path, targets, seed=0, **spec_kw):
     """A tiny Mixtral with random LoRA on `targets`, saved as PEFT's adapter; and the base model it went on."""
-    from mistral_tune.lora import save_adapter
+    from mistral_tune.models.peft_format import save_adapter
 
     model = tiny_mixtral(seed, sliding_window=5)
     base = tiny_mixtral(seed, sliding_window=5)
@@ -267,7 +267,7 @@ def _expert_lora(tmp_path, targets, seed=0, **spec_kw):
 def _saved_expert_lora(tmp_path, targets, **spec_kw):
     """A tiny Mixtral model folder (tmp_path/base) and, loaded from it, the model with random LoRA on
     `targets`, saved as PEFT's adapter in tmp_path/adapter."""
-    from mistral_tune.lora import save_adapter
+    from mistral_tune.models.peft_format import save_adapter
     from mistral_tune.quickstart import create_tiny_model
 
     base_dir = create_tiny_model(tmp_path / "base", "v3", **{k: v for k, v in TINY_MOE.items() if k != "vocab_size"})
@@ -303,7 +303,7 @@ def test_lora_on_experts_loads_back_and_a_peft_saved_adapter_loads(tmp_path):
     """What PEFT writes for transformers' Mixtral loads onto ours with the same logits, and ours round-trips."""
     from peft import LoraConfig, get_peft_model
 
-    from mistral_tune.lora import load_adapter
+    from mistral_tune.models.peft_format import load_adapter
 
     model, base = _expert_lora(tmp_path / "ours", ["k_proj", "experts"])
     again = tiny_mixtral(sliding_window=5)
@@ -579,7 +579,7 @@ def test_nf4_experts_are_bitsandbytes_nf4_per_expert_and_compute_as_their_dequan
 
 def test_qlora_on_mixtral_experts_trains_saves_and_loads_as_trained(tmp_path):
     from mistral_tune.config import config_from_dict
-    from mistral_tune.lora import BASE_QUANTIZATION, load_adapter
+    from mistral_tune.models.peft_format import BASE_QUANTIZATION, load_adapter
     from mistral_tune.models.quant import quantize_model
     from mistral_tune.models.tuned import load_tuned
     from mistral_tune.quickstart import create_tiny_model
@@ -660,7 +660,7 @@ def test_a_training_step_adds_the_weighted_balance_loss_gradient_and_reports_its
 
 @pytest.mark.parametrize("top1_unused", [False, True])
 def test_grouped_expert_products_equal_the_loop_with_lora_and_gradients(top1_unused):
-    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.lora import LoraSpec, apply_lora
 
     model = tiny_mixtral(num_local_experts=8, num_experts_per_tok=1 if top1_unused else 2)
     apply_lora(model, LoraSpec(r=3, alpha=6, target_modules=["experts"]), seed=0)
@@ -730,7 +730,7 @@ def test_gguf_from_an_expert_lora_adapter_holds_the_merged_experts(tmp_path):
     from gguf import GGUFReader
 
     from mistral_tune.export.gguf import export_gguf
-    from mistral_tune.lora import merge_lora
+    from mistral_tune.models.lora import merge_lora
 
     model, base_dir = _saved_expert_lora(tmp_path, ["experts"])
     out = export_gguf(tmp_path / "adapter", tmp_path / "m.gguf", "f16", warn=lambda *_: None)

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from peft import PeftModel
 
 from mistral_tune.data.pack import IGNORE, Sample, collate
-from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
+from mistral_tune.models.lora import LoraSpec, apply_lora
 from mistral_tune.models.mistral import ModelOptions
+from mistral_tune.models.peft_format import save_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 

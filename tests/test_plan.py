@@ -215,7 +215,7 @@ def test_plan_of_a_hub_model_fetches_its_config_and_tokenizer_not_its_weights(tm
 @pytest.mark.parametrize("targets", [["q_proj", "experts"], ["v_proj", "down_proj"], ["w1", "w3", "o_proj"]])
 def test_trained_parameters_of_mixtral_lora_are_those_the_model_trains(targets) -> None:
     """plan counted no LoRA on Mixtral's experts (from before it existed); now it counts what apply_lora makes."""
-    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM, count_params
     from mistral_tune.plan import Setup, trained_params
 
@@ -363,7 +363,7 @@ def test_planned_optimizer_state_is_the_bytes_the_optimizer_holds(optimizer, ada
     if optimizer == "adamw_8bit":
         pytest.importorskip("bitsandbytes")
     from mistral_tune.config import config_from_dict
-    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
     from mistral_tune.plan import GIB, MicroBatch, Setup, predict
     from mistral_tune.train.optim import make_optimizer
@@ -396,7 +396,7 @@ def test_planned_activations_at_a_131k_vocabulary_are_the_measured_step() -> Non
     twice what the chunk rule (512 tokens at this vocabulary) holds."""
     from _peak import peak_bytes
     from mistral_tune.data.pack import Sample, collate
-    from mistral_tune.lora import LoraSpec, apply_lora
+    from mistral_tune.models.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
     from mistral_tune.plan import GIB, MicroBatch, Setup, attended_pairs, predict
 

@@ -15,8 +15,9 @@ pytest.importorskip("bitsandbytes")
 from mistral_tune.config import config_from_dict  # noqa: E402
 from mistral_tune.errors import ConfigError  # noqa: E402
 from mistral_tune.export.hf import merge_to_dir  # noqa: E402
-from mistral_tune.lora import BASE_QUANTIZATION, LoraLinear, load_adapter  # noqa: E402
 from mistral_tune.models.load import load_model  # noqa: E402
+from mistral_tune.models.lora import LoraLinear  # noqa: E402
+from mistral_tune.models.peft_format import BASE_QUANTIZATION, load_adapter  # noqa: E402
 from mistral_tune.models.quant import NF4Linear, quantize_model  # noqa: E402
 from mistral_tune.train.loop import train  # noqa: E402
 
@@ -164,8 +165,8 @@ def test_bnb_4bit_checkpoint_trains_with_qlora_and_refuses_plain_lora(bnb_4bit_d
 def test_a_quantized_base_counts_as_the_weights_it_stands_for(tiny_model_dir, kind):
     """The run's "X of Y parameters trained" line counted an NF4 base as its packed bytes (half the
     weights) and an FP8 base as nothing, so the trained share came out too high."""
-    from mistral_tune.lora import LoraSpec, apply_lora
     from mistral_tune.models.fp8 import fp8_model
+    from mistral_tune.models.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import count_params
 
     model, _ = load_model(str(tiny_model_dir))

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mistral_tune.data.pack import Sample, collate
-from mistral_tune.lora import LoraSpec, apply_lora
+from mistral_tune.models.lora import LoraSpec, apply_lora
 
 
 def _batch(seed: int = 0, packed: bool = False):

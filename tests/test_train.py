@@ -18,8 +18,8 @@ from mistral_tune.config import config_from_dict, load_config
 from mistral_tune.data.build import build_dataset
 from mistral_tune.data.pack import IGNORE, Sample, collate
 from mistral_tune.fsutil import output_kind
-from mistral_tune.lora import LoraSpec, apply_lora
 from mistral_tune.models.load import load_model
+from mistral_tune.models.lora import LoraSpec, apply_lora
 from mistral_tune.train import loop
 from mistral_tune.train.loop import Runtime, accumulate_gradients, train
 from mistral_tune.train.optim import lr_factor, warmup_steps

@@ -17,8 +17,9 @@ from mistral_tune.chat import load_tokenizer
 from mistral_tune.cli import _load, build_parser, main
 from mistral_tune.config import config_from_dict
 from mistral_tune.errors import ModelError
-from mistral_tune.lora import load_adapter, merge_lora
 from mistral_tune.models.load import load_model
+from mistral_tune.models.lora import merge_lora
+from mistral_tune.models.peft_format import load_adapter
 from mistral_tune.models.tuned import load_tuned, resolve_source
 from mistral_tune.train.loop import train
 
@@ -189,7 +190,8 @@ def test_a_qlora_base_quantized_from_bf16_is_rebuilt_from_bf16(tiny_model_dir: P
     pytest.importorskip("bitsandbytes")
     from torch import nn
 
-    from mistral_tune.lora import LoraSpec, apply_lora, save_adapter
+    from mistral_tune.models.lora import LoraSpec, apply_lora
+    from mistral_tune.models.peft_format import save_adapter
     from mistral_tune.models.quant import NF4Linear
 
     trained, _ = load_model(str(tiny_model_dir))

@@ -194,7 +194,7 @@ def trained_params(m, s: Setup) -> int:
     if s.adapter == "none":
         return sz["total"]
     # Mixtral: the feed-forward names adapt the stacked expert weights, one low-rank pair per expert
-    # (lora.py ExpertLora); gate_proj and up_proj name nothing there.
+    # (models/lora.py ExpertLora); gate_proj and up_proj name nothing there.
     stacked = {"gate_up_proj": (m.hidden_size, 2 * m.intermediate_size),
                "down_proj": (m.intermediate_size, m.hidden_size)}
     expert_params = {p for k in s.targets if m.moe and k in EXPERT_TARGETS for p in EXPERT_TARGETS[k]}

@@ -4,7 +4,7 @@ evaluation's data, and per-token log-probabilities computed a batch and a chunk 
 An evaluation is a class with a `name` and `run(pair) -> Result`, one file per kind (loss, tasks,
 forgetting, needle, drift). It measures the tuned model and, where the pair has one, the base. The
 base of a LoRA/QLoRA model is the same model with its adapters switched off in place
-(`lora.adapters_disabled`), so no second copy is held; a merged or fully fine-tuned model needs its
+(`models.lora.adapters_disabled`), so no second copy is held; a merged or fully fine-tuned model needs its
 base loaded beside it. The base does not change while training, so an evaluation measures it once.
 """
 
@@ -23,7 +23,7 @@ from ..chat import ChatTokenizer
 from ..data.formats import Chat, Text, to_example
 from ..data.sources import read_source, resolve_sources
 from ..errors import DataError
-from ..lora import adapters_disabled, has_adapters
+from ..models.lora import adapters_disabled, has_adapters
 
 
 class ModelPair:

@@ -30,8 +30,9 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ModelError
 from ..fsutil import check_target, replace_dir
-from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, expert_factors, expert_pair_infixes
+from ..models.lora import expert_factors
 from ..models.mistral import Experts
+from ..models.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, expert_pair_infixes
 from .hf import find_adapter
 
 #: Projections vLLM's Mistral model exposes to LoRA (q/k/v pack into qkv_proj, gate/up into gate_up_proj).

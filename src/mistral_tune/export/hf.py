@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..errors import ModelError
 from ..fsutil import check_target, replace_dir
-from ..lora import read_adapter_config
 from ..models.load import save_model
+from ..models.peft_format import read_adapter_config
 from ..models.tuned import adapter_in, load_tuned
 from .hf_tokenizer import save_hf_tokenizer
 

@@ -20,9 +20,10 @@ import torch
 
 from ..chat import ChatTokenizer, load_tokenizer
 from ..errors import ModelError
-from ..lora import ADAPTER_CONFIG, BASE_QUANTIZATION, load_adapter, merge_lora, read_adapter_config
 from .load import load_model
+from .lora import merge_lora
 from .mistral import MistralForCausalLM
+from .peft_format import ADAPTER_CONFIG, BASE_QUANTIZATION, load_adapter, read_adapter_config
 from .quant import nf4_round_trip
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,

@@ -30,19 +30,12 @@ from ..data.pack import Batch, collate, group_rows, make_rows, sample_lengths
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError
 from ..evaluate.run import TrainingEvals
 from ..fsutil import check_target, mark_output, replace_dir
-from ..lora import (
-    WHOLE_MODULES,
-    LoraSpec,
-    apply_lora,
-    lora_init_tensors,
-    restore_lora_init,
-    save_adapter,
-    save_lora_init,
-)
 from ..models.families import family_of
 from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
+from ..models.lora import WHOLE_MODULES, LoraSpec, apply_lora, lora_init_tensors
 from ..models.mistral import count_params, flops_per_token
+from ..models.peft_format import restore_lora_init, save_adapter, save_lora_init
 from ..models.quant import quantize_model
 from .checkpoint import Checkpoint, CheckpointManager, save_shards
 from .gpus import find_gpu

@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import DataError
+from ..fsutil import atomic_write_text
 from .cache import CacheEntry, CacheWriter, cache_key, default_cache_dir, open_entry
 from .clean import UNICODE_REPAIRS, Cleaner, NearDuplicateIndex, minhash
 from .formats import Chat, FieldMap, Text, canonical_format, detect_format, example_json, to_example
@@ -743,10 +744,8 @@ def _deduplicate(entries: list[CacheEntry], part: np.ndarray, local: np.ndarray,
     digest = hashlib.blake2b("\0".join([str(n_train_sets), *(e.manifest["key"] for e in entries)]).encode(),
                              digest_size=8).hexdigest()
     path = root / f"duplicates-{digest}.jsonl"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8",
-                   errors="backslashreplace")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                      errors="backslashreplace")
     report.rejects_files.append(str(path))
     return keep
 

@@ -9,7 +9,6 @@ Mixtral's experts are read from either layout: the hub's (one w1/w2/w3 matrix pe
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import ModelError
+from ..fsutil import atomic_write_text
 from .families import family_of
 from .mistral import MistralConfig, MistralForCausalLM
 
@@ -357,6 +357,4 @@ def save_model(
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

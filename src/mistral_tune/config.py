@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .data.pii import PII_KINDS
 from .errors import ConfigError, OutputError
 from .fsutil import expand_path
-from .models.families import EXPERT_TARGETS
+from .models.families import EXPERT_TARGETS, MISTRAL
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS = list(MISTRAL.projections)  # the seven of a dense family (models/families.py)
 
 
 # Presets: starting points by memory budget and method. The memory figures are the recorded runs' (7B,

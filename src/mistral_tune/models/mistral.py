@@ -88,6 +88,11 @@ class MistralConfig:
     def moe(self) -> bool:
         return self.num_local_experts is not None
 
+    @property
+    def family(self):  # the text model's Family (models/families.py); a wrapper's is its architectures'
+        from .families import family_of
+        return family_of({"architectures": [self.architecture]})
+
     def to_hf(self, dtype: str = "float32") -> dict:
         from .families import family_of
 

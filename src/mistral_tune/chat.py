@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -73,6 +72,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
 from mistral_tune.errors import DataError, ModelError
+from mistral_tune.fsutil import atomic_write_text
 
 __all__ = ["ADDED_TOKENS", "BUNDLED", "BUNDLED_DIR", "ChatTokenizer", "find_tokenizer_file", "load_tokenizer"]
 
@@ -351,9 +351,7 @@ class ChatTokenizer:
             shutil.copyfile(self.source_file, dest)
         if not self.added:
             return [dest]
-        tmp = out_dir / (ADDED_TOKENS + ".tmp")
-        tmp.write_text(json.dumps(self.added, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, out_dir / ADDED_TOKENS)
+        atomic_write_text(out_dir / ADDED_TOKENS, json.dumps(self.added, indent=2, ensure_ascii=False) + "\n")
         return [dest, out_dir / ADDED_TOKENS]
 
 

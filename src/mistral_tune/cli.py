@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from .dtypes import DTYPE_ALIASES, DTYPE_NAMES
 from .errors import ConfigError, MistralTuneError
 from .fsutil import check_target, replace_dir
 
@@ -48,13 +49,11 @@ def _cmd_merge(args) -> None:
 
     adapter = find_adapter(Path(args.run_or_adapter))
     out = Path(args.out) if args.out else adapter.parent / "merged"
-    dtype = _DTYPE_ALIASES.get(args.dtype, args.dtype)
+    dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
     out = merge_to_dir(adapter, out, base_model=args.base_model, dtype=dtype,
                        max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite)
     print(f"merged model ({dtype}) written to {out}")
 
-
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def _cmd_quickstart(args) -> None:
@@ -164,7 +163,7 @@ def _cmd_serve(args) -> None:
 def _add_model_args(p: argparse.ArgumentParser, temperature: float | None) -> None:
     p.add_argument("model", help="a merged model, a run's output_dir, or an adapter directory")
     p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     if temperature is None:  # the server takes sampling settings per request
         return
@@ -375,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_or_adapter", help="a run's output_dir or an adapter directory")
     p.add_argument("--out", help="output directory (default: next to the adapter, merged/)")
     p.add_argument("--base-model", help="override the base model recorded in adapter_config.json")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"], default="bf16",
+    p.add_argument("--dtype", choices=[*sorted(DTYPE_ALIASES), *sorted(DTYPE_NAMES)], default="bf16",
                    help="weight dtype of the merged model (the merge itself is computed in float32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     _add_overwrite_arg(p)

@@ -11,11 +11,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .data.pii import PII_KINDS
 from .errors import ConfigError, OutputError
 from .fsutil import expand_path
-from .models.families import EXPERT_TARGETS
+from .models.families import EXPERT_TARGETS, MISTRAL
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS = list(MISTRAL.projections)  # the seven of a dense family (models/families.py)
 
 
 # Presets: starting points by memory budget and method. The memory figures are the recorded runs' (7B,
@@ -105,9 +106,6 @@ class DatasetConfig(_Strict):
         return self
 
 
-PII_KINDS = ("email", "phone", "ip_address", "credit_card", "secret")
-
-
 class CleaningConfig(_Strict):
     unicode: bool = Field(
         True,
@@ -129,7 +127,7 @@ class CleaningConfig(_Strict):
         "by placeholders like [EMAIL] (versions, URLs, git remotes and code keep theirs; secrets are "
         "replaced everywhere).",
     )
-    pii_kinds: list[Literal["email", "phone", "ip_address", "credit_card", "secret"]] = Field(
+    pii_kinds: list[Literal[PII_KINDS]] = Field(
         default_factory=lambda: list(PII_KINDS), description="Which kinds redact_pii replaces."
     )
     prompt_injection: Literal["flag", "drop", "off"] = Field(

@@ -1,4 +1,5 @@
-"""Where mistral-tune may write an output, and writing a directory so that readers see the old or the new one.
+"""Where mistral-tune may write an output, and writing a file or a directory so that readers see the old or
+the new one (atomic_path, atomic_write_text, replace_dir).
 
 The ownership rule, in one place. mistral-tune puts a marker file (MARKER: tool, kind of output,
 sources, version) into every output directory it creates. A target is accepted when
@@ -25,7 +26,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -171,6 +173,34 @@ def mark_output(directory: Path, kind: str, sources: Iterable[str | Path | None]
               "sources": [str(_input_path(s)) for s in sources if s is not None],
               "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (Path(directory) / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A new hidden file beside `path` (`.NAME.tmp-PID`, created here, so it never is an existing file of
+    someone else's) for the caller to write; renamed over `path` when the block ends without an exception,
+    removed otherwise, so `path` is the old file or the complete new one, never half written. No fsync."""
+    path = Path(path)
+    base = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp, n = base, 0
+    while True:
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            n += 1
+            tmp = base.with_name(f"{base.name}-{n}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8", errors: str | None = None) -> None:
+    """Write `text` to `path` through atomic_path: readers see the old file or the whole new one."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding=encoding, errors=errors)
 
 
 def replace_dir(final: Path, write: Callable[[Path], object], kind: str,

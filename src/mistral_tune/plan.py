@@ -47,7 +47,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .kernels.loss import chunk_bytes
-from .models.families import EXPERT_TARGETS
+from .models.families import EXPERT_TARGETS, MISTRAL
 from .models.mistral import MLP_CHUNK_TOKENS
 from .models.quant import BLOCKSIZE as NF4_BLOCK
 from .train.gpus import GPU
@@ -110,7 +110,7 @@ class Setup:
 
     adapter: str = "lora"  # lora | qlora | none
     lora_r: int = 16
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    targets: tuple[str, ...] = MISTRAL.projections  # every projection of a dense model
     whole_modules: int = 0  # lora_modules_to_save trained in full (embed_tokens, lm_head)
     checkpointing: bool = False
     offload: bool = False
@@ -180,7 +180,7 @@ def _sizes(m) -> dict:
     proj = {"q_proj": (d, m.num_attention_heads * hd), "k_proj": (d, m.num_key_value_heads * hd),
             "v_proj": (d, m.num_key_value_heads * hd), "o_proj": (m.num_attention_heads * hd, d),
             "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
-    mlp = ("gate_proj", "up_proj", "down_proj")
+    mlp = MISTRAL.feed_forward
     per = {k: a * b * (experts if k in mlp else 1) for k, (a, b) in proj.items()}
     router = d * experts if m.moe else 0
     layer = sum(per.values()) + router + 2 * d

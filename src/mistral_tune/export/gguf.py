@@ -19,6 +19,7 @@ by nothing today) and warn: outputs agree up to 4096 tokens of context.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
-from ..fsutil import check_target
+from ..fsutil import atomic_path, check_target
 from ..models.tuned import load_tuned
 from .vocab import chat_template, extract_vocab
 
@@ -132,9 +133,7 @@ def export_gguf(
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), arch="llama")
-    try:
+    with atomic_path(out) as tmp, contextlib.closing(gguf.GGUFWriter(str(tmp), arch="llama")) as w:
         w.add_name(loaded.name)
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -196,11 +195,6 @@ def export_gguf(
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, out)
-    finally:
-        w.close()
-        tmp.unlink(missing_ok=True)
     return out
 
 

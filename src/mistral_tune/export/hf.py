@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..dtypes import DTYPE_NAMES
 from ..errors import ModelError
 from ..fsutil import check_target, replace_dir
 from ..models.load import save_model
@@ -17,7 +18,7 @@ from ..models.peft_format import read_adapter_config
 from ..models.tuned import adapter_in, load_tuned
 from .hf_tokenizer import save_hf_tokenizer
 
-MERGE_DTYPES = ("bfloat16", "float16", "float32")
+MERGE_DTYPES = tuple(sorted(DTYPE_NAMES))  # all of them, listed alphabetically in its messages
 
 
 def find_adapter(run_or_adapter: Path) -> Path:

@@ -25,13 +25,13 @@ the given order (mistral-common sorts them).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from ..chat import ChatTokenizer
+from ..fsutil import atomic_write_text
 from .vocab import USER_DEFINED, Vocab, chat_template, extract_vocab
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -97,8 +97,6 @@ def save_hf_tokenizer(tok: ChatTokenizer, out_dir: Path) -> list[Path]:
         ("special_tokens_map.json", json.dumps(specials, indent=2) + "\n"),
         ("chat_template.jinja", template),
     ):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+        atomic_write_text(out_dir / name, text)
         written.append(out_dir / name)
     return [out_dir / "tokenizer.json", *written]

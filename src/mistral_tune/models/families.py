@@ -68,7 +68,7 @@ def family_of(config: dict, where: str = "config.json") -> Family:
 
 def describe(cfg) -> str:
     """One line naming the family and the shape, as `validate` prints it."""
-    family = family_of({"architectures": [cfg.wrapper["architectures"][0] if cfg.wrapper else cfg.architecture]})
+    family = family_of({"architectures": [cfg.wrapper["architectures"][0]]}) if cfg.wrapper else cfg.family
     parts = [f"{cfg.num_hidden_layers} layers", f"hidden {cfg.hidden_size}",
              f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} KV heads", f"head_dim {cfg.head_dim}"]
     if family.moe:

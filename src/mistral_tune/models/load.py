@@ -9,7 +9,6 @@ Mixtral's experts are read from either layout: the hub's (one w1/w2/w3 matrix pe
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -18,13 +17,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..dtypes import DTYPE_NAMES
 from ..errors import ModelError
+from ..fsutil import atomic_write_text
 from .families import family_of
 from .mistral import MistralConfig, MistralForCausalLM
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # "bfloat16" -> torch.bfloat16, ...
 
 
 def resolve_model_dir(name_or_path: str, weights: bool = True) -> Path:
@@ -320,7 +321,7 @@ def save_model(
     weights when the model's own are sharded over processes (gathered by the caller)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    torch_dtype = _DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     state = {k: v.detach().to(torch_dtype).contiguous() for k, v in (state or model.state_dict()).items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -357,6 +358,4 @@ def save_model(
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")

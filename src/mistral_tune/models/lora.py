@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .families import EXPERT_TARGETS, family_of
+from .families import EXPERT_TARGETS, MISTRAL
 from .fp8 import FP8Linear
 from .mistral import Experts
 from .quant import NF4Linear
@@ -43,9 +43,7 @@ class LoraSpec:
     r: int = 16
     alpha: float = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    target_modules: list[str] = field(default_factory=lambda: list(MISTRAL.projections))
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: list[str] = field(default_factory=list)  # of WHOLE_MODULES: trained in full
@@ -372,7 +370,7 @@ def _stacked_shape(experts: Experts, param: str) -> tuple[tuple[int, int, int], 
 
 def _unmatched_targets(model: nn.Module, unmatched: list[str]) -> str:
     cfg = getattr(model, "config", None)
-    family = family_of({"architectures": [cfg.architecture]}) if cfg is not None else None
+    family = cfg.family if cfg is not None else None
     if family is None:
         return f"lora_target_modules {unmatched} matched no linear layer"
     message = (f"lora_target_modules {unmatched}: {family.name} has no such projection "

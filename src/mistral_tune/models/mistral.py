@@ -27,6 +27,7 @@ from ..kernels.attention import (
     probe_causal_backends,
 )
 from ..kernels.loss import IGNORE, chunk_tokens, linear_cross_entropy_sum
+from .families import Family, family_of
 from .recompute import LayerInputs, by_token_chunks, grad_only, recompute_layer
 
 attention_mask = dense_mask  # the mask every backend must agree with
@@ -89,9 +90,11 @@ class MistralConfig:
     def moe(self) -> bool:
         return self.num_local_experts is not None
 
-    def to_hf(self, dtype: str = "float32") -> dict:
-        from .families import family_of
+    @property
+    def family(self) -> Family:  # the text model's Family (models/families.py); a wrapper's is its architectures'
+        return family_of({"architectures": [self.architecture]})
 
+    def to_hf(self, dtype: str = "float32") -> dict:
         out = asdict(self)
         del out["architecture"], out["wrapper"]
         if not self.moe:
@@ -100,7 +103,7 @@ class MistralConfig:
             del out["layer_types"]
         out.update(
             architectures=[self.architecture],
-            model_type=family_of({"architectures": [self.architecture]}).model_type,
+            model_type=self.family.model_type,
             hidden_act="silu",
             attention_dropout=0.0,
             initializer_range=0.02,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ModelError
+from ..fsutil import atomic_write_text
 from .families import EXPERT_TARGETS
 from .lora import WHOLE_MODULES, LoraSpec, apply_lora, initialised_layers
 from .mistral import Experts
@@ -135,9 +135,7 @@ def save_adapter(
     }
     if stacked:  # PEFT's LoRA on parameters, by their path below a decoder layer
         config["target_parameters"] = [f"mlp.experts.{p}" for p in stacked]
-    tmp = out_dir / (ADAPTER_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, out_dir / ADAPTER_CONFIG)
+    atomic_write_text(out_dir / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
 
 
 def read_adapter_config(adapter_dir: Path) -> tuple[LoraSpec, str]:

@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 
 from ..chat import ChatTokenizer, load_tokenizer
+from ..dtypes import DTYPE_ALIASES, DTYPE_NAMES
 from ..errors import ModelError
-from .load import load_model
+from .load import DTYPES, load_model
 from .lora import merge_lora
 from .mistral import MistralForCausalLM
 from .peft_format import ADAPTER_CONFIG, BASE_QUANTIZATION, load_adapter, read_adapter_config
 from .quant import nf4_round_trip
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {**DTYPES, **{alias: DTYPES[name] for alias, name in DTYPE_ALIASES.items()}}
 
 
 @dataclass
@@ -112,6 +112,6 @@ def _quantized_from(info_file: Path) -> torch.dtype:
         name = json.loads(info_file.read_text()).get("quantized_from", "float32")
     except (json.JSONDecodeError, AttributeError):
         raise ModelError(f"{info_file}: not a JSON object") from None
-    if name not in ("float32", "bfloat16", "float16"):
+    if name not in DTYPE_NAMES:
         raise ModelError(f"{info_file}: quantized_from {name!r} is not float32, bfloat16 or float16")
     return getattr(torch, name)

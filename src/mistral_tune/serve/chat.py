@@ -7,9 +7,7 @@ encoded as text, and answers stream as they are generated.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from ..fsutil import atomic_path
 from ..models.tuned import TunedModel
 from .generate import CachedGenerator, TextStream, generate_batch
 
@@ -165,18 +164,11 @@ def generate_file(
             progress(min(start + batch_size, len(order)), len(order))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden file of this process's own beside the output, renamed over it once complete.
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for i, r in enumerate(records):
-                ids = answers[i]
-                finish = "length" if len(ids) >= sampling.max_tokens else "stop"
-                row = {**r["record"], "completion": tok.decode(ids), "prompt_tokens": len(encoded[i]),
-                       "completion_tokens": len(ids), "finish_reason": finish}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out_path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for i, r in enumerate(records):
+            ids = answers[i]
+            finish = "length" if len(ids) >= sampling.max_tokens else "stop"
+            row = {**r["record"], "completion": tok.decode(ids), "prompt_tokens": len(encoded[i]),
+                   "completion_tokens": len(ids), "finish_reason": finish}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return len(records)

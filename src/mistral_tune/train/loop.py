@@ -29,8 +29,7 @@ from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, make_rows, sample_lengths
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError
 from ..evaluate.run import TrainingEvals
-from ..fsutil import check_target, mark_output, replace_dir
-from ..models.families import family_of
+from ..fsutil import atomic_write_text, check_target, mark_output, replace_dir
 from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
 from ..models.lora import WHOLE_MODULES, LoraSpec, apply_lora, lora_init_tensors
@@ -118,7 +117,7 @@ def with_family_targets(cfg: Config) -> Config:
     if "lora_target_modules" in cfg.model_fields_set or cfg.adapter == "none" or cfg.base_model is None:
         return cfg
     model_cfg = read_config(resolve_model_dir(cfg.base_model, weights=False))
-    targets = list(family_of({"architectures": [model_cfg.architecture]}).default_targets)
+    targets = list(model_cfg.family.default_targets)
     return cfg if targets == cfg.lora_target_modules else cfg.model_copy(update={"lora_target_modules": targets})
 
 
@@ -408,8 +407,8 @@ class TrainingRun:
             shutil.rmtree(target)
         out.mkdir(parents=True, exist_ok=True)
         mark_output(out, "run", run_inputs(cfg))
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        (out / "data_report.json").write_text(json.dumps(self.data.report.__dict__, indent=2) + "\n")
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        atomic_write_text(out / "data_report.json", json.dumps(self.data.report.__dict__, indent=2) + "\n")
         self.ckpts.clean_partial()
         # The metrics log is the one the checkpoint saw, so a resumed run's log has each step once.
         (out / "metrics.jsonl").write_text(self.resume_from.metrics_text() if self.resume_from else "")

@@ -6,14 +6,13 @@ report (eval/report.html) when there is one. Written at the end of training, and
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import yaml
 
 from ..errors import OutputError
 from ..evaluate.report import REPORT_HTML
-from ..fsutil import output_kind
+from ..fsutil import atomic_write_text, output_kind
 from ..htmlpage import esc, line_chart, page, table, warnings
 from .trackers import flatten, numbers
 
@@ -116,10 +115,5 @@ def write_run_report(run: str | Path) -> Path:
     eval_link = EVAL_REPORT if (run / EVAL_REPORT).is_file() else None
     text = render(run.resolve(), lines, unreadable, config if isinstance(config, dict) else None,
                   data if isinstance(data, dict) else None, eval_link)
-    tmp = run / f".{RUN_REPORT}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(target, text)
     return target

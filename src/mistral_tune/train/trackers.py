@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError
+from ..fsutil import atomic_write_text
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 STATE = "trackers.json"
@@ -261,9 +262,7 @@ class Trackers:
     def _save(self) -> None:
         state = {t.name: t.state() for t in self.items if t.sent is not None}
         if state:
-            tmp = self.out / f".{STATE}.tmp"
-            tmp.write_text(json.dumps(state, indent=1) + "\n")
-            os.replace(tmp, self.out / STATE)
+            atomic_write_text(self.out / STATE, json.dumps(state, indent=1) + "\n")
 
     def log(self, kind: str, step: int, record: dict) -> None:
         if self._each(lambda t: t.log(kind, step, record)):

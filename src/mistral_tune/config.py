@@ -11,7 +11,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .data.pii import PII_KINDS
 from .errors import ConfigError, OutputError
 from .fsutil import expand_path
 from .models.families import EXPERT_TARGETS, MISTRAL
@@ -40,6 +39,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                        sample_packing=True, micro_batch_size=2, gradient_accumulation_steps=8,
                        gradient_checkpointing=True, offload_activations=False)),
 }
+
+
+#: The kinds of PII the cleaning step (data/clean.py) can redact: what pii_kinds accepts and defaults to.
+PII_KINDS = ("email", "phone", "ip_address", "credit_card", "secret")
 
 
 class _Strict(BaseModel):

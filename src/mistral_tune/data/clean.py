@@ -30,8 +30,8 @@ import ftfy.bad_codecs  # noqa: F401 - registers the sloppy-windows-* codecs nam
 import numpy as np
 from ftfy.chardata import CHARMAP_ENCODINGS
 
+from ..config import PII_KINDS
 from .formats import Chat, Text
-from .pii import PII_KINDS
 
 # ---------------------------------------------------------------------- unicode
 

@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from mistral_tune.config import load_config
 from mistral_tune.errors import MistralTuneError
+from mistral_tune.train.faults import FAULTS_ENV
 from mistral_tune.train.loop import train
-from mistral_tune.train.runtime import FAULTS_ENV
 
 
 def main(results_path: str, runs: list[str]) -> None:

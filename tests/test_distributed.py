@@ -26,8 +26,9 @@ from mistral_tune.config import config_from_dict
 from mistral_tune.errors import CheckpointError, ConfigError
 from mistral_tune.quickstart import create_tiny_model
 from mistral_tune.train.checkpoint import CheckpointManager
+from mistral_tune.train.faults import parse_faults
 from mistral_tune.train.loop import train
-from mistral_tune.train.runtime import aggregate, check_distributed_config, parse_faults, resolve_reshard
+from mistral_tune.train.runtime import aggregate, check_distributed_config, resolve_reshard
 from mistral_tune.train.schedule import RowStream
 
 TESTS = Path(__file__).resolve().parent

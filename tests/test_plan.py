@@ -216,7 +216,8 @@ def test_plan_of_a_hub_model_fetches_its_config_and_tokenizer_not_its_weights(tm
 def test_trained_parameters_of_mixtral_lora_are_those_the_model_trains(targets) -> None:
     """plan counted no LoRA on Mixtral's experts (from before it existed); now it counts what apply_lora makes."""
     from mistral_tune.models.lora import LoraSpec, apply_lora
-    from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM, count_params
+    from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
+    from mistral_tune.models.stats import count_params
     from mistral_tune.plan import Setup, trained_params
 
     cfg = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -167,7 +167,7 @@ def test_a_quantized_base_counts_as_the_weights_it_stands_for(tiny_model_dir, ki
     weights) and an FP8 base as nothing, so the trained share came out too high."""
     from mistral_tune.models.fp8 import fp8_model
     from mistral_tune.models.lora import LoraSpec, apply_lora
-    from mistral_tune.models.mistral import count_params
+    from mistral_tune.models.stats import count_params
 
     model, _ = load_model(str(tiny_model_dir))
     _, dense = count_params(model)

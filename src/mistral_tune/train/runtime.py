@@ -29,10 +29,8 @@ process computes the same coordinate-wise median, trimmed mean or centred clippi
 process that sends corrupt gradients (a bad GPU, a bit flip) cannot steer the run. Each step's
 outlier ranks are named; a rank that is an outlier repeatedly is reported.
 
-`MISTRAL_TUNE_FAULTS` is a test tool: `1:scale,3:nan@5` makes rank 1 send its gradient times 1e4 and
-rank 3 send NaN from step 5 on (kinds: scale, signflip, nan, noise; and oom: the rank runs out of
-memory on micro-batches of more than one row, as a smaller GPU would). It exists to prove the above;
-never set it in a real run.
+`MISTRAL_TUNE_FAULTS`, a test tool that proves the above, lives in train/faults.py: when it is set, it
+reaches this module only through `Runtime.gradient_hook` and `Runtime.model_hook`; never set it in a real run.
 """
 
 from __future__ import annotations
@@ -51,12 +49,11 @@ import torch.distributed as dist
 
 from .. import errors
 from ..errors import ConfigError, DistributedError
+from .faults import FAULTS_ENV, GradientHook, ModelHook, fault_hooks
 
 BUCKET_BYTES = 64 * 2**20  # all-reduce bucket: large enough for bandwidth, small enough to copy cheaply
 OUTLIER_FACTOR = 5.0  # a rank whose gradient is this many times further out than the median rank's
 REPORT_OUTLIER_AFTER = 3  # steps as an outlier before a rank is reported by name
-FAULT_KINDS = ("scale", "signflip", "nan", "noise", "oom")
-FAULTS_ENV = "MISTRAL_TUNE_FAULTS"
 
 
 @dataclass
@@ -79,7 +76,6 @@ class Runtime:
     world_size: int = 1
     aggregation: str = "mean"
     byzantine_tolerance: int = 0
-    faults: dict[int, tuple[str, int]] = field(default_factory=dict)  # rank -> (fault, from step) (test tool)
     owns_group: bool = False  # this Runtime started the process group and closes it
     strategy: str = "ddp"  # ddp: replicated model, gradients summed in buckets; fsdp: sharded
     overlap: bool = True  # ddp: send the buckets during the last backward pass (overlap_gradient_sync)
@@ -87,6 +83,10 @@ class Runtime:
     sharding: str = ""  # fsdp: what `shard` chose for the decoder layers and why (the trainer prints it)
     outlier_steps: Counter = field(default_factory=Counter)
     buckets: GradientBuckets | None = None  # ddp with mean aggregation, once track_gradients has run
+    # called once a step on this rank's local gradients before any is sent (the fault injector; a rank
+    # with one sends no bucket during backward)
+    gradient_hook: GradientHook | None = None
+    model_hook: ModelHook | None = None  # the build phase calls it on the model and prints its line (faults)
 
     @property
     def is_main(self) -> bool:
@@ -107,7 +107,9 @@ class Runtime:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         check_distributed_config(cfg, world)
-        faults = parse_faults(os.environ.get(FAULTS_ENV, ""), world)
+        gradient_hook = model_hook = None
+        if os.environ.get(FAULTS_ENV):  # the fault injector, a test tool (train/faults.py)
+            gradient_hook, model_hook = fault_hooks(os.environ[FAULTS_ENV], rank, world)
         if torch.cuda.is_available():
             if local_rank >= torch.cuda.device_count():
                 raise ConfigError(f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} GPU(s): "
@@ -128,9 +130,10 @@ class Runtime:
                                     store=_restart_store(world, timeout), rank=rank, world_size=world,
                                     device_id=device if device.type == "cuda" else None)
             owns = True
-        return cls(device, autocast, rank, world, cfg.gradient_aggregation, cfg.byzantine_tolerance, faults, owns,
-                   resolve_strategy(cfg), cfg.overlap_gradient_sync,
-                   reshard_after_forward=cfg.fsdp_reshard_after_forward)
+        return cls(device, autocast, rank, world, cfg.gradient_aggregation, cfg.byzantine_tolerance, owns_group=owns,
+                   strategy=resolve_strategy(cfg), overlap=cfg.overlap_gradient_sync,
+                   reshard_after_forward=cfg.fsdp_reshard_after_forward, gradient_hook=gradient_hook,
+                   model_hook=model_hook)
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
@@ -152,7 +155,7 @@ class Runtime:
         process must act on at the same step. The gradient buckets backward has not sent go first
         (all of them on a process that ran out of memory); after an out-of-memory their sums are dropped."""
         if self.buckets is not None:
-            self.buckets.flush(self.rank, self.world_size, self._fault(step), step)
+            self.buckets.flush(self.rank, self.world_size, self.gradient_hook, step)
         total_loss, total_real, oom, stopping = self.all_sum([loss_sum, n_real, float(out_of_memory), float(stop)])
         if oom and self.buckets is not None:
             self.buckets.wait(keep=False)
@@ -233,15 +236,6 @@ class Runtime:
         self._collective(dist.all_gather, parts, local)
         return [p.cpu() for p in parts]
 
-    def install_faults(self, model: torch.nn.Module) -> str | None:
-        """Install this rank's injected out-of-memory fault, if any; what is injected, to print (test tool)."""
-        if not self.faults:
-            return None
-        if self.faults.get(self.rank, ("",))[0] == "oom":
-            install_memory_fault(model.model.embed_tokens)
-        injected = ", ".join(f"{r} ({kind} from step {step})" for r, (kind, step) in self.faults.items())
-        return f"{FAULTS_ENV} is set: faults injected on rank(s) {injected}. This is a test tool"
-
     def rank_rng_states(self) -> dict[str, torch.Tensor]:
         """The torch generator states of ranks 1..N-1 (rank 0's are the checkpoint's own), collected on
         every rank: `rank<r>.torch_cpu` and, on GPUs, `rank<r>.cuda` (its own device's)."""
@@ -271,14 +265,9 @@ class Runtime:
 
     def send_during_backward(self) -> None:
         """The next backward pass is the step's last: send each bucket from inside it as it completes.
-        Not on a rank that corrupts its gradients (the fault injector needs them whole before any is sent)."""
-        corrupts = self.faults.get(self.rank, ("",))[0] not in ("", "oom")
-        if self.buckets is not None and self.overlap and not corrupts:
+        Not on a rank with a gradient hook (the fault injector needs the gradients whole before any is sent)."""
+        if self.buckets is not None and self.overlap and self.gradient_hook is None:
             self.buckets.armed = True
-
-    def _fault(self, step: int) -> str:
-        kind, from_step = self.faults.get(self.rank, ("", 0))
-        return kind if kind != "oom" and step >= from_step else ""
 
     def sync_gradients(self, params: list[torch.Tensor], step: int) -> list[int]:
         """Sum the step's gradients over every process (or aggregate them robustly), in place.
@@ -292,8 +281,8 @@ class Runtime:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        if self._fault(step):
-            inject_fault(grads, self._fault(step), step)
+        if self.gradient_hook is not None:
+            self.gradient_hook(grads, step)
         return self._robust(grads)
 
     def _robust(self, grads: list[torch.Tensor]) -> list[int]:
@@ -460,16 +449,16 @@ class GradientBuckets:
         flat = torch.cat([p.grad.reshape(-1) for p in bucket] + ([extra] if extra is not None else []))
         self.pending.append((bucket, flat, self.collective(dist.all_reduce, flat, async_op=True)))
 
-    def flush(self, rank: int, world: int, fault: str = "", step: int = 0) -> None:
-        """Send the buckets not sent yet (all of them when backward did not); `fault` corrupts this
-        rank's gradients first (the fault injector: only where nothing was sent during backward)."""
+    def flush(self, rank: int, world: int, hook: GradientHook | None = None, step: int = 0) -> None:
+        """Send the buckets not sent yet (all of them when backward did not); `hook(gradients, step)` sees
+        this rank's gradients first (the fault injector: only where nothing was sent during backward)."""
         self.armed = False
         for p in self.bucket_of:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.bucket_of]
-        if fault:
-            inject_fault(grads, fault, step)
+        if hook is not None:
+            hook(grads, step)
         norms = torch.zeros(world, dtype=self.buckets[-1][0].dtype, device=grads[0].device)
         norms[rank] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         while len(self.pending) < len(self.buckets) - 1:
@@ -544,7 +533,7 @@ def outlier_ranks(figures: list[float]) -> list[int]:
     return [r for r, x in enumerate(figures) if not math.isfinite(x) or (median > 0 and x > OUTLIER_FACTOR * median)]
 
 
-# ---------------------------------------------------------------------- checks and the fault injector
+# ---------------------------------------------------------------------- checks
 
 
 def check_distributed_config(cfg, world: int) -> None:
@@ -582,44 +571,3 @@ def resolve_strategy(cfg) -> str:
     if cfg.distributed != "auto":
         return cfg.distributed
     return "fsdp" if cfg.adapter == "none" else "ddp"
-
-
-def parse_faults(text: str, world: int) -> dict[int, tuple[str, int]]:
-    """`1:scale,3:nan@5` -> {1: ('scale', 1), 3: ('nan', 5)} (the fault injector; a test tool)."""
-    faults: dict[int, tuple[str, int]] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        rank, _, rest = part.partition(":")
-        kind, _, from_step = rest.partition("@")
-        if not rank.isdigit() or kind not in FAULT_KINDS or not (from_step or "1").isdigit():
-            raise ConfigError(f"{FAULTS_ENV}={text!r}: expected RANK:KIND[@STEP][,...], KIND one of {FAULT_KINDS}")
-        if int(rank) >= world:
-            raise ConfigError(f"{FAULTS_ENV}={text!r}: rank {rank} but the run has {world} process(es)")
-        faults[int(rank)] = (kind, int(from_step or 1))
-    return faults
-
-
-def install_memory_fault(model: torch.nn.Module) -> None:
-    """The `oom` fault: training forwards of more than one row raise out-of-memory (test tool)."""
-    def check(module, args) -> None:
-        if module.training and args[0].shape[0] > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by MISTRAL_TUNE_FAULTS)")
-
-    model.register_forward_pre_hook(check)
-
-
-def inject_fault(grads: list[torch.Tensor], kind: str, step: int) -> None:
-    """Corrupt this process's gradients in place, as a faulty worker would (test tool)."""
-    with torch.no_grad():
-        norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
-        numel = sum(g.numel() for g in grads)
-        gen = torch.Generator().manual_seed(step)
-        for g in grads:
-            if kind == "scale":
-                g.mul_(1e4)
-            elif kind == "signflip":
-                g.neg_()
-            elif kind == "nan":
-                g.fill_(float("nan"))
-            else:  # noise: random directions, 100 times the gradient's norm
-                noise = torch.randn(g.shape, generator=gen).to(g.device, g.dtype)
-                g.copy_(noise * (100 * norm / math.sqrt(numel)))

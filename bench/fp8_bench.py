@@ -35,11 +35,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
+from mistral_tune.models.families import MISTRAL  # noqa: E402
+
 SHAPE = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
              num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1e6, sliding_window=None)
 TOY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
            max_position_embeddings=512, rope_theta=1e4, sliding_window=None)
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROJECTIONS = list(MISTRAL.projections)
 
 
 def _device() -> torch.device:

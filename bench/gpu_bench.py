@@ -70,6 +70,7 @@ def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: boo
     it); mlp_chunk: tokens an MLP computes at once where it keeps no activations (0: whole rows)."""
     import torch
 
+    from mistral_tune.models.families import MISTRAL
     from mistral_tune.models.lora import LoraSpec, apply_lora
     from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
     from mistral_tune.models.quant import quantize_model
@@ -89,7 +90,7 @@ def _build_ours(n_layers: int | None = None, lora_b_std: float = 0.0, qlora: boo
         torch.set_default_dtype(torch.float32)
         model.init_weights(std=0.02)
     if qlora:  # NF4 base, as `adapter: qlora` trains it
-        quantize_model(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "cuda")
+        quantize_model(model, list(MISTRAL.projections), "cuda")
         torch.cuda.empty_cache()
     apply_lora(model, LoraSpec(r=16, alpha=16))
     if mlp_chunk is not None:

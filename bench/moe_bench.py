@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mistral_tune.models.families import ATTENTION_PROJECTIONS
 from mistral_tune.models.lora import LoraSpec, apply_lora
 from mistral_tune.models.mistral import Experts, MistralConfig, MistralForCausalLM
 from mistral_tune.models.peft_format import save_adapter
@@ -42,7 +43,7 @@ FULL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hid
             num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, architecture="MixtralForCausalLM")
 SMOKE = dict(FULL, vocab_size=1000, hidden_size=64, intermediate_size=48, num_attention_heads=4,
              num_key_value_heads=2, num_local_experts=4)
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ATTENTION = list(ATTENTION_PROJECTIONS)
 PROFILE_DIR: Path | None = None  # --profile: each case's profile is written there
 
 

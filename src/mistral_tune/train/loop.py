@@ -192,7 +192,7 @@ def evaluate(model, samples, rows, cfg: Config, rt: Runtime, padding: dict) -> t
 
 
 def _bf16_peak(rt: Runtime) -> float | None:
-    """This GPU's dense bf16 peak (FLOP/s) from plan's table, for the step lines' MFU; None on a CPU or
+    """This GPU's dense bf16 peak (FLOP/s) from the GPU table (gpus.py), for the step lines' MFU; None on a CPU or
     a GPU the table does not know (no MFU then, rather than one against another GPU's peak)."""
     if rt.device.type != "cuda":
         return None

@@ -92,11 +92,11 @@ def _time_steps(model, params, rt, batches, steps: int, warm: int, opt=None) -> 
         batch = batches[(step * rt.world_size + rt.rank) % len(batches)]
         _sync()
         t = time.perf_counter()
-        loss_sum, n_tokens, n_real = accumulate_gradients(model, [batch], rt)
+        window = accumulate_gradients(model, [batch], rt)
         _sync()
         c = time.perf_counter()
         compute.append(c - t)
-        agreed = rt.sync_step(step + 1, loss_sum, n_real, False, False)
+        agreed = rt.sync_step(step + 1, window.loss_sum, window.n_real, False, False)
         rt.sync_gradients(params, step + 1)
         _sync()
         c = time.perf_counter() - c
@@ -115,7 +115,7 @@ def _time_steps(model, params, rt, batches, steps: int, warm: int, opt=None) -> 
     return dict(step_s=round(med, 4), tokens_per_s_per_gpu=round(tokens / med),
                 compute_s=[round(x, 4) for x in per_rank],
                 sync_ms=round(1000 * sorted(comm)[len(comm) // 2], 2),
-                peak_gib=_peak_gib(), loss=round(agreed.loss_sum / n_tokens, 4))
+                peak_gib=_peak_gib(), loss=round(agreed.loss_sum / window.n_tokens, 4))
 
 
 def worker(args) -> None:

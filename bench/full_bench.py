@@ -137,8 +137,8 @@ def run_ours(args, worker: str) -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [_random_rows(args.bs, args.seq, False, gen).to(device) for _ in range(4)]
     named = dict(model.named_parameters())
-    loss_sum, n_tokens, _ = accumulate_gradients(model, batches[:1], rt)  # the first loss, no step
-    first_loss = loss_sum / n_tokens
+    window = accumulate_gradients(model, batches[:1], rt)  # the first loss, no step
+    first_loss = window.loss_sum / window.n_tokens
     model.zero_grad(set_to_none=True)
 
     def make(name):

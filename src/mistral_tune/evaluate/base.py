@@ -203,12 +203,7 @@ def token_logprobs(model, seqs: list[list[int]], batch_tokens: int = 16384,
         if scored is not None:
             flags, _ = right_padded([[int(f) for f in scored[i]] for i in group], device)
             want &= flags[:, 1:].bool()
-        hidden = model.hidden_states(ids)[:, :-1][want]
-        targets = ids[:, 1:][want]
-        values = torch.empty(len(targets))
-        for start in range(0, len(targets), CHUNK):
-            logp = log_softmax_logits(model, hidden[start:start + CHUNK])
-            values[start:start + CHUNK] = logp.gather(-1, targets[start:start + CHUNK, None])[:, 0].cpu()
+        values = model.target_logprobs(model.hidden_states(ids)[:, :-1][want], ids[:, 1:][want]).cpu()
         for i, part in zip(group, values.split(want.sum(1).tolist()), strict=True):
             out[i] = part
     return out  # type: ignore[return-value]

@@ -762,14 +762,15 @@ class MistralForCausalLM(nn.Module):
         samples = torch.unique(key[real])  # sorted: row by row, seq_id order
         keep = batch.labels != IGNORE
         which = torch.searchsorted(samples, key[keep])
-        logp = self._token_logprobs(hidden[keep], batch.labels[keep])
+        logp = self.target_logprobs(hidden[keep], batch.labels[keep])
         total = torch.zeros(len(samples), device=hidden.device, dtype=torch.float32).index_add(0, which, logp)
         count = torch.zeros(len(samples), device=hidden.device, dtype=torch.long).index_add(
             0, which, torch.ones_like(which))
         return total, count
 
-    def _token_logprobs(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """log p(target) of each token (N,), float32, a chunk of tokens at a time; with gradients each
+    def target_logprobs(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) (N,) float32 for final hidden states h (N, hidden) and their targets (N,), a
+        chunk of tokens at a time (vocabulary-sized logits for one chunk only); with gradients each
         chunk's logits are computed again in backward rather than kept."""
         step = chunk_tokens(self.config.vocab_size)
 

@@ -1,4 +1,8 @@
-"""The training run, top to bottom: check inputs, build, resume, loop, evaluate, checkpoint, save.
+"""The training run, top to bottom: prepare (check inputs, load), then run_training's four phases,
+TrainingRun.build, open, steps and finish (adapters and options; resume, outputs and trackers; the
+optimizer steps with their evaluations and checkpoints; the final adapter or model). The row stream
+and step arithmetic live in schedule.py, resuming and rolling back in resume.py, the lints in
+lints.py; the loss is the model's (MistralForCausalLM.batch_loss).
 
 Everything a user can get wrong (config, model path, tokenizer, data) is checked before anything
 is written, so a bad run leaves no output directory behind. Final artifacts are written to a

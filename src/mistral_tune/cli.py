@@ -344,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    # In the order `--help` lists them.
+    _add_run_commands(sub)
+    _add_output_commands(sub)
+    _add_model_commands(sub)
+    _add_tool_commands(sub)
+    return parser
+
+
+def _add_run_commands(sub) -> None:
+    """train, and the two that check a run before it: validate, plan."""
     p = sub.add_parser("train", help="fine-tune as a YAML config says")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
@@ -370,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan for N processes, one a GPU, as train --gpus N runs them (distributed: ddp or fsdp)")
     p.set_defaults(func=_cmd_plan)
 
+
+def _add_output_commands(sub) -> None:
+    """merge, and export: adapter (vLLM), gguf, awq."""
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model (HF format)")
     p.add_argument("run_or_adapter", help="a run's output_dir or an adapter directory")
     p.add_argument("--out", help="output directory (default: next to the adapter, merged/)")
@@ -389,6 +402,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_export_adapter)
 
+    p = export.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama / LM Studio")
+    p.add_argument("model", help="a merged model, a run's output_dir, or an adapter directory")
+    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"],
+                   help="k-quants need llama.cpp (llama-quantize on PATH, or llama-cpp-python)")
+    p.add_argument("--out", help="output file (default: beside the model, NAME-QUANT.gguf)")
+    p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
+    _add_overwrite_arg(p)
+    p.set_defaults(func=_cmd_export_gguf)
+
+    p = export.add_parser("awq", help="4-bit AWQ via llm-compressor (pip install 'mistral-tune[awq]'; GPU)")
+    p.add_argument("model", help="a run's output_dir, its merged model, or an adapter directory")
+    p.add_argument("--out", help="output directory (default: beside the model, NAME-awq)")
+    p.add_argument("--calibration-config", help="a config.yaml whose datasets calibrate (default: the run's)")
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--scheme", default="W4A16_ASYM", choices=["W4A16_ASYM", "W4A16"])
+    p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
+    _add_overwrite_arg(p)
+    p.set_defaults(func=_cmd_export_awq)
+
+
+def _add_model_commands(sub) -> None:
+    """What runs a trained model: chat, generate, serve, eval."""
     p = sub.add_parser("chat", help="chat with a model in the terminal (streamed, /reset, /system)")
     _add_model_args(p, temperature=0.7)
     p.set_defaults(func=_cmd_chat)
@@ -421,26 +457,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-keep", type=int, default=5, help="log files kept (the oldest go first)")
     p.set_defaults(func=_cmd_serve)
 
-    p = export.add_parser("gguf", help="a GGUF file for llama.cpp / Ollama / LM Studio")
-    p.add_argument("model", help="a merged model, a run's output_dir, or an adapter directory")
-    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"],
-                   help="k-quants need llama.cpp (llama-quantize on PATH, or llama-cpp-python)")
-    p.add_argument("--out", help="output file (default: beside the model, NAME-QUANT.gguf)")
-    p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
-    _add_overwrite_arg(p)
-    p.set_defaults(func=_cmd_export_gguf)
-
-    p = export.add_parser("awq", help="4-bit AWQ via llm-compressor (pip install 'mistral-tune[awq]'; GPU)")
-    p.add_argument("model", help="a run's output_dir, its merged model, or an adapter directory")
-    p.add_argument("--out", help="output directory (default: beside the model, NAME-awq)")
-    p.add_argument("--calibration-config", help="a config.yaml whose datasets calibrate (default: the run's)")
-    p.add_argument("--num-samples", type=int, default=128)
-    p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--scheme", default="W4A16_ASYM", choices=["W4A16_ASYM", "W4A16"])
-    p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
-    _add_overwrite_arg(p)
-    p.set_defaults(func=_cmd_export_awq)
-
     p = sub.add_parser("eval", help="evaluate a run, adapter or model against its base: task metrics, forgetting, "
                        "long context; writes eval_report.json and report.html")
     _add_model_args(p, temperature=None)
@@ -452,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drift-threshold", type=float, default=0.3, help="drift score (0-1) that fails (default 0.3)")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_tool_commands(sub) -> None:
+    """quickstart, data inspect / validate, report, init-model."""
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")
     p.add_argument("--out", default="quickstart-output", help="working directory")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -487,7 +506,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_init_model)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -737,9 +737,9 @@ class MistralForCausalLM(nn.Module):
         """The training loss of a batch: the summed token loss and the auxiliary losses measured with it
         (Mixtral's router balance). Back-propagate it with BatchLoss.backward, which also adds the
         auxiliary losses' gradients the options train (router_aux_loss_coef)."""
-        layers = [m for m in self.modules() if isinstance(m, SparseMoE)]
-        if not layers:
+        if not self.config.moe:  # a dense model: no auxiliary loss, and no walk over its modules per batch
             return BatchLoss(self.token_loss(batch))
+        layers = [layer.mlp for layer in self.model.layers]
         coef = self.options.router_aux_loss_coef
         trains = bool(coef) and torch.is_grad_enabled()
         # A placeholder weight while the forward runs (non-zero: the layers route the gradient);

@@ -41,6 +41,7 @@ RESULTS = ROOT / "bench" / "results"
 RECORDS = {
     "2026-11-23-h100-main.json": "H100",
     "2026-11-23-h100-packed.json": "H100",
+    "2026-12-07-h100-seams-before-after.json": "H100",  # both trees' rows: the seams refactor changed no speed
     "2026-11-30-h200x2-distributed.json": "H200",
     "2026-11-30-h200x2-distributed-2.json": "H200",
     "2026-11-30-h200-lean-qlora-7b-12b.json": "H200",

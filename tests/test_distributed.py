@@ -666,8 +666,8 @@ def _sharded_worker(rank: int, root: Path, model_dir: Path) -> None:
     import torch.distributed as dist
 
     from mistral_tune.data.pack import Sample, collate
+    from mistral_tune.generate.run import generate_batch
     from mistral_tune.models.load import load_model
-    from mistral_tune.serve.generate import generate_batch
     from mistral_tune.train.loop import accumulate_gradients
     from mistral_tune.train.runtime import Runtime
 
@@ -718,8 +718,8 @@ def test_the_reshard_setting_reaches_every_layer_gives_the_same_steps_and_genera
     reshard-after-forward, and two training steps give the same losses and gradients bit for bit either way.
     Generating on the sharded model, a rank whose rows have all ended keeps taking part in the forward
     passes until the other's have: its answer stops at eos, the other's are the one-process model's."""
+    from mistral_tune.generate.run import generate_batch
     from mistral_tune.models.load import load_model
-    from mistral_tune.serve.generate import generate_batch
 
     model_dir = create_tiny_model(tmp_path / "model", "v3", hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=3)

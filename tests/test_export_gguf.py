@@ -16,7 +16,7 @@ from mistral_tune.cli import main
 from mistral_tune.errors import ModelError
 from mistral_tune.export.gguf import export_gguf
 from mistral_tune.models.tuned import load_tuned
-from mistral_tune.serve.generate import generate
+from plain_decoding import plain_greedy
 
 gguf = pytest.importorskip("gguf")
 
@@ -111,7 +111,7 @@ def _check_against_llama_cpp(model_dir: Path, gguf_path: Path, logit_atol: float
         # Tokenizer: llama.cpp's tokens for plain text equal mistral-common's (BOS included).
         assert llm.tokenize(TEXT.encode(), add_bos=True, special=False) == tok.encode_text(TEXT, eos=False)
         ids = tok.encode_prompt(CHAT)
-        want = list(generate(loaded.model, ids, 12))  # our greedy continuation, no stop at EOS
+        want = plain_greedy(loaded.model, ids, 12)  # our greedy continuation, no stop at EOS
         seq = ids + want
         llm.eval(seq)
         theirs = np.array(llm.scores[: len(seq)])

@@ -7,9 +7,10 @@ import pytest
 import torch
 import transformers
 
+from mistral_tune.generate.cache import cached_logits
 from mistral_tune.models.families import MINISTRAL, describe, family_of
 from mistral_tune.models.load import load_model, save_model
-from mistral_tune.models.mistral import KVCache, MistralConfig, MistralForCausalLM
+from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
 
 INTERLEAVED = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -52,12 +53,10 @@ def test_packed_rows_and_cached_decoding_equal_separate_full_forwards():
     a, b = ids(1, 9, seed=2), ids(1, 13, seed=3)
     seq_ids = torch.tensor([[0] * 9 + [1] * 13])
     pos = torch.cat([torch.arange(9), torch.arange(13)])[None]
-    cache = KVCache(4)
     with torch.no_grad():
         together = model(torch.cat([a, b], 1), position_ids=pos, seq_ids=seq_ids)
         apart = torch.cat([model(a), model(b)], dim=1)
-        steps = torch.cat([model(b[:, :6], kv_cache=cache)] + [model(b[:, i:i + 1], kv_cache=cache)
-                                                              for i in range(6, 13)], dim=1)
+        steps = cached_logits(model, b, [(0, 6)] + [(i, i + 1) for i in range(6, 13)])
     assert torch.allclose(together, apart, atol=1e-5)
     assert torch.allclose(steps, model(b), atol=1e-5)
 

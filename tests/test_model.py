@@ -11,8 +11,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from mistral_tune.errors import ModelError
+from mistral_tune.generate.cache import cached_logits
 from mistral_tune.models.load import INDEX_NAME, WEIGHTS_NAME, load_model, save_model
-from mistral_tune.models.mistral import KVCache
 
 SEQ = 24
 RTOL = 1e-5
@@ -216,14 +216,8 @@ def test_kv_cache_decoding_equals_full_sequence(window, make_tiny_mistral):
     x = ids(batch=2, seq=SEQ)
     with torch.no_grad():
         full = model(x)
-        cache = KVCache(model.config.num_hidden_layers)
         # Prefill 7 tokens, one chunk of 3 with a warm cache, then token by token.
-        steps = [(0, 7), (7, 10)] + [(i, i + 1) for i in range(10, SEQ)]
-        parts = []
-        for start, end in steps:
-            parts.append(model(x[:, start:end], kv_cache=cache))
-            assert cache.length == end
-        incremental = torch.cat(parts, dim=1)
+        incremental = cached_logits(model, x, [(0, 7), (7, 10)] + [(i, i + 1) for i in range(10, SEQ)])
     assert rel_diff(incremental, full) <= RTOL
 
 
@@ -233,12 +227,10 @@ def test_kv_cache_matches_transformers_decoding(make_tiny_mistral, make_hf_mistr
     ref = make_hf_mistral(model.config, model.state_dict(), "sdpa")
     x = ids(batch=1, seq=16)
     with torch.no_grad():
-        cache = KVCache(model.config.num_hidden_layers)
-        ours = [model(x[:, :4], kv_cache=cache)]
+        ours = [cached_logits(model, x, [(0, 4)] + [(i, i + 1) for i in range(4, 16)])]
         out = ref(input_ids=x[:, :4], use_cache=True)
         theirs, past = [out.logits], out.past_key_values
         for i in range(4, 16):
-            ours.append(model(x[:, i:i + 1], kv_cache=cache))
             out = ref(input_ids=x[:, i:i + 1], past_key_values=past, use_cache=True)
             theirs.append(out.logits)
             past = out.past_key_values

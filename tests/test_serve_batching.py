@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from export_fixtures import tiny_model
 from mistral_tune.models.tuned import load_tuned
-from mistral_tune.serve.generate import generate
 from mistral_tune.serve.protocol import clean_text
 from mistral_tune.serve.server import ServerConfig, make_server
+from plain_decoding import plain_greedy
 
 openai = pytest.importorskip("openai")
 
@@ -37,8 +37,8 @@ class Running:
         self.server = make_server(loaded, ServerConfig(host="127.0.0.1", port=0, max_tokens_limit=4000, **cfg))
         engine = self.server.app.engine
         self.batch_sizes, self.requests = [], []
-        step, submit = engine._step, engine.submit
-        engine._step = lambda: (self.batch_sizes.append(len(engine.rows)), step())[1]
+        step, submit = engine.decoder.step, engine.submit
+        engine.decoder.step = lambda: (self.batch_sizes.append(len(engine.rows)), step())[1]
         engine.submit = lambda *a: (r := submit(*a), self.requests.append(r))[0]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -61,7 +61,7 @@ def running(loaded, request):
 
 def _greedy(loaded, messages, n: int) -> str:
     ids = loaded.tokenizer.encode_prompt(messages)
-    return loaded.tokenizer.decode(list(generate(loaded.model, ids, n, eos_id=loaded.tokenizer.eos_id)))
+    return loaded.tokenizer.decode(plain_greedy(loaded.model, ids, n, eos_id=loaded.tokenizer.eos_id))
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,13 @@ from hypothesis import strategies as st
 
 from export_fixtures import tiny_adapter, tiny_model
 from mistral_tune.cli import main
+from mistral_tune.generate.decoder import Params
+from mistral_tune.generate.run import Conversation, generate_batch, stream
+from mistral_tune.generate.sampling import Modes, pick
+from mistral_tune.generate.text import TextStream
 from mistral_tune.models.tuned import load_tuned
 from mistral_tune.serve.chat import Sampling, chat_loop
-from mistral_tune.serve.generate import CachedGenerator, TextStream, _pick, generate, generate_batch
+from plain_decoding import plain_greedy
 
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
@@ -37,8 +41,9 @@ def test_batched_greedy_equals_one_at_a_time(loaded) -> None:
     tok = loaded.tokenizer
     prompts = [tok.encode_prompt(p) for p in PROMPTS]
     assert len({len(p) for p in prompts}) == 3  # padding is really exercised
-    singles = [list(generate(loaded.model, p, 12, eos_id=tok.eos_id)) for p in prompts]
+    singles = [plain_greedy(loaded.model, p, 12, eos_id=tok.eos_id) for p in prompts]
     assert generate_batch(loaded.model, prompts, 12, eos_id=tok.eos_id) == singles
+    assert [[t.id for t in stream(loaded.model, p, Params(12), tok.eos_id)] for p in prompts] == singles
     assert any(len(s) == 12 for s in singles)
 
 
@@ -47,7 +52,7 @@ def test_greedy_matches_transformers_generate(loaded, model_dir: Path) -> None:
     transformers = pytest.importorskip("transformers")
     tok = loaded.tokenizer
     ids = tok.encode_prompt(PROMPTS[1])
-    ours = list(generate(loaded.model, ids, 10))  # no eos stop: compare 10 tokens exactly
+    ours = generate_batch(loaded.model, [ids], 10)[0]  # no eos stop: compare 10 tokens exactly
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     out = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert ours == out[0, len(ids):].tolist()
@@ -55,11 +60,10 @@ def test_greedy_matches_transformers_generate(loaded, model_dir: Path) -> None:
 
 def test_sampling_is_reproducible_with_a_seed_and_top_p_restricts(loaded) -> None:
     ids = loaded.tokenizer.encode_prompt(PROMPTS[0])
-    run = lambda seed, **kw: list(generate(loaded.model, ids, 8, temperature=1.0,
-                                           generator=torch.Generator().manual_seed(seed), **kw))
-    assert run(3) == run(3)
-    greedy = list(generate(loaded.model, ids, 8))
-    assert run(5, top_p=1e-6) == greedy  # top-p that small keeps only the most likely token
+    run = lambda seed, **kw: [t.id for t in stream(loaded.model, ids, Params(8, temperature=1.0, seed=seed, **kw))]
+    assert run(3) == run(3) != run(4)
+    greedy = plain_greedy(loaded.model, ids, 8)
+    assert run(5, top_p=1e-6) == run(6, top_k=1) == greedy  # only the most likely token is kept
 
 
 @settings(max_examples=200, deadline=None)
@@ -69,22 +73,27 @@ def test_sampling_is_reproducible_with_a_seed_and_top_p_restricts(loaded) -> Non
 def test_vanishing_temperature_or_top_p_samples_the_most_likely_token(rest, where, temperature, top_p, seed) -> None:
     top = min(where, len(rest))
     row = torch.tensor([rest[:top] + [max(rest) + 0.01] + rest[top:]])  # float32, as the model's logits
-    gen = torch.Generator().manual_seed(seed)
-    assert int(_pick(row, temperature, 1.0, gen)[0]) == top
-    assert int(_pick(row, 2.0, top_p, gen)[0]) == top
+    def chosen(t: float, p: float) -> int:
+        one = lambda v, dtype=torch.float32: torch.tensor([v], dtype=dtype)
+        words = torch.full((1, (row.shape[1] + 31) // 32), -1, dtype=torch.int32)
+        return int(pick(row, Modes(sample=True, filter=True), one(t), one(p), one(0, torch.long),
+                        one(seed, torch.long), one(0, torch.long), words).tokens[0])
+
+    assert chosen(temperature, 1.0) == top
+    assert chosen(2.0, top_p) == top
 
 
 def test_cached_generator_reuses_the_conversation_prefix(loaded) -> None:
     tok = loaded.tokenizer
-    session = CachedGenerator(loaded.model)
+    session = Conversation(loaded.model)
     first = [{"role": "user", "content": "Hi"}]
-    answer = list(session.stream(tok.encode_prompt(first), max_new_tokens=6))
-    assert session.cached_tokens == len(session.ids) > 0
+    answer = [t.id for t in session.stream(tok.encode_prompt(first), Params(6))]
+    assert session.cached_tokens == len(tok.encode_prompt(first)) + len(answer) - 1
     second = first + [{"role": "assistant", "content": tok.decode(answer) or "ok"},
                       {"role": "user", "content": "And then?"}]
     ids = tok.encode_prompt(second)
-    fresh = list(generate(loaded.model, ids, 6))
-    assert list(session.stream(ids, max_new_tokens=6)) == fresh
+    fresh = plain_greedy(loaded.model, ids, 6)
+    assert [t.id for t in session.stream(ids, Params(6))] == fresh
 
 
 def test_text_stream_never_splits_a_character(loaded) -> None:
@@ -131,7 +140,7 @@ def test_cli_generate_writes_jsonl_in_input_order(model_dir: Path, tmp_path: Pat
     loaded = load_tuned(model_dir)
     for row, conv in zip(rows, [PROMPTS[2], PROMPTS[0], PROMPTS[1]], strict=True):
         ids = loaded.tokenizer.encode_prompt(conv)
-        want = list(generate(loaded.model, ids, 7, eos_id=loaded.tokenizer.eos_id))
+        want = plain_greedy(loaded.model, ids, 7, eos_id=loaded.tokenizer.eos_id)
         assert row["completion"] == loaded.tokenizer.decode(want)
         assert (row["prompt_tokens"], row["completion_tokens"]) == (len(ids), len(want))
 

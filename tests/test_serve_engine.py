@@ -11,9 +11,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mistral_tune.generate.decoder import End, Params
+from mistral_tune.generate.engine import Engine, QueueFull, QueueTimeout
+from mistral_tune.generate.run import stream
 from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM
-from mistral_tune.serve.engine import End, Engine, Params, QueueFull, QueueTimeout
-from mistral_tune.serve.generate import generate
+from plain_decoding import plain_greedy
 
 VOCAB, EOS = 300, 2
 
@@ -40,9 +42,11 @@ def one_thread():
 
 
 def _alone(model, prompt: list[int], p: Params) -> list[int]:
-    gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
-    return list(generate(model, prompt, p.max_tokens, eos_id=EOS, temperature=p.temperature, top_p=p.top_p,
-                         generator=gen))
+    """Greedy: decoding without a cache. Sampled: the request decoded on its own (its draws depend on
+    its seed alone)."""
+    if p.temperature == 0:
+        return plain_greedy(model, prompt, p.max_tokens, eos_id=EOS)
+    return [t.id for t in stream(model, prompt, p, eos_id=EOS)]
 
 
 class Collector:
@@ -69,7 +73,7 @@ class Collector:
             if all(e is not None for e in self.ends):
                 self.done.set()
         else:
-            self.tokens[i].append(item)
+            self.tokens[i].append(item.id)
         if self.next == i + 1 and (isinstance(item, End) or len(self.tokens[i]) == self.jobs[i][2]):
             self._submit()
 
@@ -102,8 +106,8 @@ def test_rows_join_and_leave_mid_batch(monkeypatch) -> None:
     """The corpus above really batches: rows of different lengths share steps, and some leave early."""
     model, sizes = MODELS[5], []
     engine = Engine(model, EOS, max_batch=4)
-    step = engine._step
-    monkeypatch.setattr(engine, "_step", lambda: (sizes.append(len(engine.rows)), step())[1])
+    step = engine.decoder.step
+    monkeypatch.setattr(engine.decoder, "step", lambda: (sizes.append(len(engine.rows)), step())[1])
     jobs = [([5 + i] * (3 + 4 * i), Params(max_tokens=4 + 3 * i), 2) for i in range(4)]
     try:
         got = Collector(engine, jobs)
@@ -151,7 +155,7 @@ def test_a_cancelled_request_gives_its_place_back_at_once() -> None:
     try:
         a = engine.submit([5, 6, 7], Params(max_tokens=10_000), items["a"].put)
         items["a"].get(timeout=30)  # a has a token: it is in the batch
-        handle = model.register_forward_pre_hook(hold)
+        handle = model.model.embed_tokens.register_forward_pre_hook(hold)
         assert entered.wait(30)  # the engine is inside a step with a in the batch
         a.cancel()
         engine.submit([5], Params(max_tokens=2), items["b"].put)  # no QueueFull

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mistral_tune.serve.generate import StopMatcher
+from mistral_tune.generate.text import StopMatcher
 from mistral_tune.serve.protocol import (
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,

@@ -20,10 +20,11 @@ import pytest
 
 import mistral_tune.serve
 from export_fixtures import running_server, tiny_model
+from mistral_tune.generate.text import AnswerText
 from mistral_tune.models.tuned import load_tuned
-from mistral_tune.serve.generate import AnswerText, generate
 from mistral_tune.serve.protocol import ChatRequest, clean_text, parse_request
 from mistral_tune.serve.server import App, ServerConfig, make_server
+from plain_decoding import plain_greedy
 
 openai = pytest.importorskip("openai")
 
@@ -65,7 +66,7 @@ def _error_shape(body) -> bool:
 
 def _greedy(loaded, messages, n: int) -> str:
     ids = loaded.tokenizer.encode_prompt(messages)
-    return loaded.tokenizer.decode(list(generate(loaded.model, ids, n, eos_id=loaded.tokenizer.eos_id)))
+    return loaded.tokenizer.decode(plain_greedy(loaded.model, ids, n, eos_id=loaded.tokenizer.eos_id))
 
 
 def test_chat_completion_matches_our_generation(client, loaded) -> None:
@@ -94,7 +95,7 @@ def test_streaming_chat_sends_the_same_text_as_events(client, loaded) -> None:
 def test_completions_models_and_health(client, server, loaded) -> None:
     resp = client.completions.create(model=loaded.name, prompt="Once upon a time", max_tokens=6, temperature=0)
     ids = loaded.tokenizer.encode_text("Once upon a time", bos=True, eos=False)
-    want = loaded.tokenizer.decode(list(generate(loaded.model, ids, 6, eos_id=loaded.tokenizer.eos_id)))
+    want = loaded.tokenizer.decode(plain_greedy(loaded.model, ids, 6, eos_id=loaded.tokenizer.eos_id))
     assert resp.choices[0].text == want and resp.usage.prompt_tokens == len(ids)
     streamed = client.completions.create(model=loaded.name, prompt="Once upon a time", max_tokens=6,
                                          temperature=0, stream=True)
@@ -253,7 +254,7 @@ def test_stop_matching_work_per_token_does_not_grow_with_stop_length(loaded) -> 
     def work(stop_chars: int, tokens: int) -> int:
         stops = [full[i:i + 3] + "\uffff" * (stop_chars - 3) for i in (0, 2, 5, 9)]
         req = parse_request({"prompt": "x", "temperature": 0, "stop": stops}, chat=False)
-        ids = list(generate(loaded.model, prompt, tokens, eos_id=loaded.tokenizer.eos_id))
+        ids = plain_greedy(loaded.model, prompt, tokens, eos_id=loaded.tokenizer.eos_id)
 
         def run() -> list[str]:  # the server's text of an answer, as its tokens come
             text = AnswerText(loaded.tokenizer, req.stop)
@@ -344,7 +345,7 @@ def test_requests_over_the_concurrency_limit_get_429(client, loaded) -> None:
         entered.set()
         assert gate.wait(30), "the gate was never opened"
 
-    handle = loaded.model.register_forward_pre_hook(hold)
+    handle = loaded.model.model.embed_tokens.register_forward_pre_hook(hold)
     first = threading.Thread(target=lambda: client.chat.completions.create(
         model=loaded.name, messages=[{"role": "user", "content": "go"}], max_tokens=8))
     try:

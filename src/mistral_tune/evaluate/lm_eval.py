@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..serve.generate import generate_batch
+from ..generate.run import generate_batch
 from .base import Evaluation, ModelPair, Result, log_softmax_logits, right_padded
 
 

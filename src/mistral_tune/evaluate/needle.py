@@ -17,7 +17,7 @@ import torch
 
 from ..data.formats import Chat, Text
 from ..errors import DataError
-from ..serve.generate import generate_batch
+from ..generate.run import generate_batch
 from .base import Evaluation, ModelPair, Result, example_ids, perplexity, token_logprobs
 
 # Our own filler: plain statements with no numbers in them, so the needle is the only number.

@@ -17,11 +17,9 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from ..data.formats import Chat
 from ..errors import ConfigError
-from ..serve.generate import generate_batch
+from ..generate.run import generate_batch
 from .base import Evaluation, ModelPair, Result
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -199,17 +197,10 @@ def _schema_share(preds: list[str], schema_path: str) -> float:
 
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], cfg, seed: int = 0, every=bool) -> list[str]:
-    """Answers to every prompt, decoded in batches of similar length (less padding); every: ModelPair's."""
-    gen = torch.Generator().manual_seed(seed) if cfg.temperature > 0 else None
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = [""] * len(prompts)
-    for start in range(0, len(order), cfg.batch_size):
-        group = order[start:start + cfg.batch_size]
-        new = generate_batch(model, [prompts[i] for i in group], cfg.max_new_tokens, eos_id=tokenizer.eos_id,
-                             temperature=cfg.temperature, top_p=cfg.top_p, generator=gen, every=every)
-        for i, ids in zip(group, new, strict=True):
-            out[i] = tokenizer.decode(ids)
-    return out
+    """Answers to every prompt, cfg.batch_size decoding at once; every: ModelPair's."""
+    new = generate_batch(model, prompts, cfg.max_new_tokens, eos_id=tokenizer.eos_id, temperature=cfg.temperature,
+                         top_p=cfg.top_p, seed=seed, batch_size=cfg.batch_size, every=every)
+    return [tokenizer.decode(ids) for ids in new]
 
 
 class TaskEval(Evaluation):

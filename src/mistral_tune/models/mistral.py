@@ -169,7 +169,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        kv_cache: KVCache | None = None,
+        kv_cache=None,
         layer: int = 0,
     ) -> torch.Tensor:
         B, L, _ = x.shape
@@ -177,9 +177,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)
-        out = attend(q, k, v, mask, self.head_dim**-0.5)
+        if kv_cache is not None:  # decoding: the cache stores the new keys and attends over what it holds
+            out = kv_cache.attend(layer, q, k, v, mask, self.head_dim**-0.5)
+        else:
+            out = attend(q, k, v, mask, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
 
@@ -487,66 +488,6 @@ class MistralModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class KVCache:
-    """Per-layer key/value tensors for incremental decoding (generation only).
-
-    `k[layer]`/`v[layer]` are the filled positions: views of a buffer with room to grow, which
-    doubles when full. A token written in place costs no allocation; growing by concatenation made
-    a new, larger tensor at every step, which the allocator could not serve from its cache once the
-    batch was wide (a fresh device allocation per layer and step)."""
-
-    def __init__(self, n_layers: int) -> None:
-        self.k: list[torch.Tensor | None] = [None] * n_layers
-        self.v: list[torch.Tensor | None] = [None] * n_layers
-        self._room: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        old_k, old_v = self.k[layer], self.v[layer]
-        filled = 0 if old_k is None else old_k.shape[2]
-        need = filled + k.shape[2]
-        room = self._room[layer]
-        # The buffer serves while the filled part is its head (crop keeps that; select and join do not).
-        if (room is None or room[0].shape[2] < need or old_k is None or old_k.data_ptr() != room[0].data_ptr()
-                or old_k.shape[:2] != room[0].shape[:2] or room[0].dtype != k.dtype):
-            B, H, _, D = k.shape
-            room = (k.new_empty(B, H, max(need, 2 * filled), D), v.new_empty(B, H, max(need, 2 * filled), D))
-            if filled:
-                room[0][:, :, :filled], room[1][:, :, :filled] = old_k, old_v
-            self._room[layer] = room
-        room[0][:, :, filled:need], room[1][:, :, filled:need] = k, v
-        self.k[layer], self.v[layer] = room[0][:, :, :need], room[1][:, :, :need]
-        return self.k[layer], self.v[layer]
-
-    def crop(self, length: int) -> None:
-        """Keep the first `length` positions (a chat turn reuses the conversation's common prefix)."""
-        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            if k is not None:
-                self.k[i], self.v[i] = k[:, :, :length], v[:, :, :length]
-
-    # A batch of sequences of different lengths keeps them right-aligned: each row's positions are
-    # the last ones of the cache, before them masked keys (the server's engine, serve/engine.py).
-
-    def select(self, rows: torch.Tensor, start: int = 0) -> None:
-        """Keep only `rows` (a batch index tensor), from position `start` on."""
-        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            if k is not None:
-                self.k[i], self.v[i] = k[rows, :, start:], v[rows, :, start:]
-
-    def join(self, other: KVCache) -> None:
-        """Append other's rows below ours, right-aligned: the shorter side gets zeros on its left."""
-        for i, (k, v, k2, v2) in enumerate(zip(self.k, self.v, other.k, other.v, strict=True)):
-            if k is None:
-                self.k[i], self.v[i] = k2, v2
-                continue
-            width = max(k.shape[2], k2.shape[2])
-            pad = lambda t, width=width: F.pad(t, (0, 0, width - t.shape[2], 0))
-            self.k[i], self.v[i] = torch.cat([pad(k), pad(k2)]), torch.cat([pad(v), pad(v2)])
-
-
 class MistralForCausalLM(nn.Module):
     def __init__(self, cfg: MistralConfig) -> None:
         super().__init__()
@@ -618,21 +559,19 @@ class MistralForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        key_mask: torch.Tensor | None = None,
+        kv_cache=None,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, L, hidden).
 
         seq_ids marks which sample each token belongs to (packed rows); without it the whole row
-        is one sample. position_ids default to 0..L-1 (after the cache's length when decoding).
-        key_mask (B, past + L), False for keys no query may attend: the left padding of batched
-        generation while decoding with a cache (its prefill separates padding by seq_ids).
+        is one sample. position_ids default to 0..L-1. kv_cache: decoding (generate/cache.py): the
+        cache stores each layer's keys and values and decides what each query attends, so the
+        position_ids must be given and no mask is built here.
         """
         B, L = input_ids.shape
         cfg = self.config
-        past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past, past + L, device=input_ids.device).expand(B, L)
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
         x = self.model.embed_tokens(input_ids)
         opts = self.options
         if opts.neftune_alpha and self.training:
@@ -641,9 +580,10 @@ class MistralForCausalLM(nn.Module):
             x = x + torch.empty_like(x).uniform_(-size, size)
         cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
         windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
-        masks = {w: self._mask(seq_ids, position_ids, past, L, input_ids.device, w) for w in set(windows)}
-        if key_mask is not None:
-            masks = {w: m & key_mask[:, None, None, :] for w, m in masks.items()}
+        if kv_cache is not None:
+            masks = dict.fromkeys(windows)
+        else:
+            masks = {w: self._mask(seq_ids, position_ids, L, input_ids.device, w) for w in set(windows)}
         store = None
         if opts.gradient_checkpointing and self.training and torch.is_grad_enabled():
             store = LayerInputs(offload=opts.offload_activations and x.is_cuda)
@@ -655,8 +595,8 @@ class MistralForCausalLM(nn.Module):
                 x = recompute_layer(layer, x, store, i, cos, sin, mask)
             elif kv_cache is None:  # no layer index: a compiled layer would guard on it
                 x = layer(x, cos, sin, mask)
-            else:
-                x = layer(x, cos, sin, mask, kv_cache, i)
+            else:  # eager (hooks kept: FSDP's), past a compiled layer's wrapper: decoding is graph-replayed
+                x = layer._call_impl(x, cos, sin, mask, kv_cache, i)
         return self.model.norm(x)
 
     def _row_args(self, seq_ids, position_ids, cos, sin, mask, window) -> list[tuple] | None:
@@ -679,18 +619,11 @@ class MistralForCausalLM(nn.Module):
             elif isinstance(mask, str):  # CAUSAL holds for every row
                 row_mask = mask
             else:
-                row_mask = self._mask(seq_ids[b:b + 1], position_ids[b:b + 1], 0, L, position_ids.device, window)
+                row_mask = self._mask(seq_ids[b:b + 1], position_ids[b:b + 1], L, position_ids.device, window)
             rows.append((cos[b:b + 1], sin[b:b + 1], row_mask))
         return rows
 
-    def _mask(self, seq_ids, position_ids, past: int, L: int, device, window: int | None) -> torch.Tensor | None:
-        if past:  # decoding with a cache: one sample per row, keys 0..past+L-1
-            q = torch.arange(past, past + L, device=device)[:, None]
-            kpos = torch.arange(past + L, device=device)[None, :]
-            mask = kpos <= q
-            if window is not None:
-                mask &= (q - kpos) < window
-            return mask[None, None]
+    def _mask(self, seq_ids, position_ids, L: int, device, window: int | None) -> torch.Tensor | None:
         if seq_ids is None:
             seq_ids = torch.zeros_like(position_ids)
         if self.options.attn_impl == "flex":
@@ -792,8 +725,6 @@ class MistralForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, vocab) in float32."""
-        return self.lm_head(self.hidden_states(input_ids, position_ids, seq_ids, kv_cache, key_mask)).float()
+        return self.lm_head(self.hidden_states(input_ids, position_ids, seq_ids)).float()

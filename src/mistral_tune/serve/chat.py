@@ -12,12 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import DataError
 from ..fsutil import atomic_path
+from ..generate.decoder import Params
+from ..generate.run import Conversation, generate_batch
+from ..generate.text import TextStream
 from ..models.tuned import TunedModel
-from .generate import CachedGenerator, TextStream, generate_batch
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set; /system alone clears), /exit"
 
@@ -29,8 +29,10 @@ class Sampling:
     top_p: float = 0.9
     seed: int | None = None
 
-    def generator(self) -> torch.Generator | None:
-        return torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+    def params(self, turn: int = 0) -> Params:
+        """Turn i (or prompt i) samples with seed + i."""
+        return Params(self.max_tokens, self.temperature, self.top_p,
+                      seed=None if self.seed is None else self.seed + turn)
 
 
 def chat_loop(
@@ -42,9 +44,9 @@ def chat_loop(
 ) -> list[dict]:
     """Read user turns until /exit or end of input; returns the final conversation."""
     tok = loaded.tokenizer
-    session = CachedGenerator(loaded.model)
+    session = Conversation(loaded.model)
     history: list[dict] = []
-    gen = sampling.generator()
+    turn = 0
     write(f"chatting with {loaded.name} ({HELP})\n")
     while True:
         try:
@@ -79,9 +81,9 @@ def chat_loop(
             write(f"(cannot encode this turn: {exc})\n")
             continue
         stream = TextStream(tok)
-        for token in session.stream(ids, max_new_tokens=sampling.max_tokens, eos_id=tok.eos_id,
-                                    temperature=sampling.temperature, top_p=sampling.top_p, generator=gen):
-            write(stream.push(token))
+        for token in session.stream(ids, sampling.params(turn), tok.eos_id):
+            write(stream.push(token.id))
+        turn += 1
         write(stream.flush() + "\n")
         answer = tok.decode(stream.ids)
         if answer.strip():
@@ -154,11 +156,11 @@ def generate_file(
     # Similar lengths batch together (less padding); output keeps the file's order.
     order = sorted(range(len(records)), key=lambda i: len(encoded[i]))
     answers: dict[int, list[int]] = {}
-    gen = sampling.generator()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         outs = generate_batch(loaded.model, [encoded[i] for i in chunk], sampling.max_tokens, tok.eos_id,
-                              sampling.temperature, sampling.top_p, gen)
+                              sampling.temperature, sampling.top_p,
+                              None if sampling.seed is None else sampling.seed + start, batch_size)
         answers.update(zip(chunk, outs, strict=True))
         if progress:
             progress(min(start + batch_size, len(order)), len(order))

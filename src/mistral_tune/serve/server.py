@@ -42,9 +42,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import DataError
+from ..generate.decoder import End, Params
+from ..generate.engine import Engine, QueueFull, QueueTimeout
+from ..generate.text import AnswerText
 from ..models.tuned import TunedModel
-from .engine import End, Engine, Params, QueueFull, QueueTimeout
-from .generate import AnswerText
 from .protocol import ApiError, ChatRequest, CompletionRequest, clean_text, parse_body, parse_request
 
 log = logging.getLogger("mistral_tune.serve")
@@ -129,7 +130,7 @@ class _Answer:
     def __init__(self, app: App, prompt: list[int], max_tokens: int, req) -> None:
         loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
         self.text, self.max_tokens = AnswerText(app.loaded.tokenizer, req.stop), max_tokens
-        params = Params(max_tokens, req.temperature, req.top_p, req.seed)
+        params = Params(max_tokens, req.temperature, req.top_p, seed=req.seed)
 
         def sink(item) -> None:  # on the engine thread
             with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is waiting
@@ -153,7 +154,7 @@ class _Answer:
                     raise item.error
                 tail = self.text.end()
                 return tail, "stop" if self.text.stopped or self.text.count < self.max_tokens else "length"
-            delta = self.text.push(item)
+            delta = self.text.push(item.id)
             if self.text.stopped:  # only what precedes the stop string is sent
                 self.request.cancel()
                 return delta, "stop"
@@ -170,8 +171,10 @@ class App:
         self.max_input_tokens = min(cfg.max_input_tokens, max_pos - 1)
         self.max_positions = max_pos
         self.created = int(time.time())
+        # Each of max_batch requests holds up to its input and answer limits in the cache.
+        capacity = min(max_pos, self.max_input_tokens + cfg.max_tokens_limit + 1)
         self.engine = Engine(loaded.model, loaded.tokenizer.eos_id, cfg.max_batch, cfg.queue_depth,
-                             cfg.queue_timeout_s)
+                             cfg.queue_timeout_s, capacity)
 
     def close(self) -> None:
         self.engine.close()

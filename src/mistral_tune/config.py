@@ -857,6 +857,20 @@ def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
 _CONVERTED = "# mistral-tune config converted from the Axolotl config"
 
 
+def convert_axolotl(data: dict, source: str = "config") -> Translation:
+    """An Axolotl config (parsed YAML) translated into our keys, in our schema's order, and validated as
+    `load_config` validates (the schema: no model or data is read); ConfigError otherwise."""
+    result = translate(data, source)
+    order = list(Config.model_fields)
+    result.config = dict(sorted(result.config.items(),
+                                key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    try:
+        config_from_dict(copy.deepcopy(result.config), f"{source} (converted)")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}\n{source}: the converted config does not pass validation") from None
+    return result
+
+
 def convert_axolotl_file(source: str | Path, out: str | Path, overwrite: bool = False) -> Translation:
     """Translate an Axolotl config file into a mistral-tune config at `out`, checked by our own validation
     (the schema: no model or data is read) and written whole or not at all; the notes go in as comments."""
@@ -868,14 +882,7 @@ def convert_axolotl_file(source: str | Path, out: str | Path, overwrite: bool = 
         raise ConfigError(f"--out {out}: exists; pass --overwrite to replace it")
     if out.exists() and not (out.is_file() and out.read_bytes().startswith(_CONVERTED.encode())):
         raise ConfigError(f"--out {out}: not a config that mistral-tune converted, so it is not replaced")
-    result = translate(data, str(source))
-    order = list(Config.model_fields)
-    result.config = dict(sorted(result.config.items(),
-                                key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    try:
-        config_from_dict(copy.deepcopy(result.config), f"{source} (converted)")
-    except ConfigError as exc:
-        raise ConfigError(f"{exc}\n(the converted config does not pass validation; nothing was written)") from None
+    result = convert_axolotl(data, str(source))
     header = [f"{_CONVERTED} {source}", "#", "# Axolotl keys without a "
               "direct counterpart:"] + [f"#   {note}" for note in result.notes]
     text = "\n".join(header) + "\n\n" + yaml.safe_dump(result.config, sort_keys=False, allow_unicode=True)

@@ -248,6 +248,8 @@ def translate(data: dict, source: str = "config") -> Translation:
     _run_keys(given, t)
     if not _truthy(given.get("rl")):  # preference datasets have keys of their own; rl is refused already
         _data_keys(given, t)
+        if not given.get("datasets") and not given.get("pretraining_dataset"):
+            t.refuse("datasets", "missing: the training data (or pretraining_dataset)")
     if t.problems:
         raise ConfigError("\n".join(f"{source}: {p}" for p in t.problems))
     t.notes = _grouped(t.notes)

@@ -38,7 +38,7 @@ OPTIMIZERS = {"adamw": "adamw", "adamw_torch": "adamw", "adamw_torch_fused": "ad
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
 
 # Keys left out because what they control is mistral-tune's own business; each group gives the reason.
-_DROPPED_GROUPS: dict[str, tuple[str, ...]] = {
+DROPPED_GROUPS: dict[str, tuple[str, ...]] = {
     "mistral-tune chooses attention and fused kernels itself (fast_path)": (
         "flash_attention", "sdp_attention", "xformers_attention", "flex_attention", "flex_attn_compile_kwargs",
         "flash_attn_cross_entropy", "flash_attn_fuse_mlp", "flash_attn_rms_norm", "flash_optimum",
@@ -118,10 +118,10 @@ _DROPPED_GROUPS: dict[str, tuple[str, ...]] = {
         "rpo_alpha", "dpo_use_logits_to_keep", "dpo_generate_during_eval", "dpo_norm_loss", "max_prompt_len",
         "center_rewards_coefficient", "num_labels"),
 }
-DROPPED = {key: why for why, keys in _DROPPED_GROUPS.items() for key in keys}
+DROPPED = {key: why for why, keys in DROPPED_GROUPS.items() for key in keys}
 
 # Keys refused when set: leaving them out would train something else than the file asks for.
-_REFUSED_GROUPS: dict[str, tuple[str, ...]] = {
+REFUSED_GROUPS: dict[str, tuple[str, ...]] = {
     "preference and RL training (rl: dpo, orpo, kto, grpo...) are not supported yet; mistral-tune trains "
     "supervised (SFT) only": ("rl", "reward_model", "process_reward_model", "ebft"),
     "images and audio are not read: mistral-tune trains the text model on text data only": (
@@ -142,7 +142,7 @@ _REFUSED_GROUPS: dict[str, tuple[str, ...]] = {
     "does not do": ("sequence_parallel_degree", "context_parallel_size", "tensor_parallel_size", "heads_k_stride",
                     "ring_attn_func"),
 }
-REFUSED = {key: why for why, keys in _REFUSED_GROUPS.items() for key in keys}
+REFUSED = {key: why for why, keys in REFUSED_GROUPS.items() for key in keys}
 
 # Keys translate() handles in code (beyond SAME and RENAMED).
 HANDLED = ("datasets", "test_datasets", "pretraining_dataset", "adapter", "load_in_4bit", "load_in_8bit",

@@ -51,7 +51,53 @@ def render() -> str:
     for name, (what, keys) in PRESETS.items():
         lines.append(f"| `{name}` | {what} | {', '.join(f'`{k}: {v}`' for k, v in keys.items())} |")
     lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _axolotl_section())
+
+
+def _axolotl_section() -> list[str]:
+    from mistral_tune.config_axolotl import OPTIMIZERS, REFUSED_GROUPS, RENAMED, SAME, SCHEDULERS
+
+    return [
+        "## From Axolotl", "",
+        "`mistral-tune convert axolotl AXOLOTL.yaml --out ours.yaml` writes a config of ours from an Axolotl config, "
+        "checked by the same schema validation as `load_config` (no model or data is read: run `mistral-tune "
+        "validate ours.yaml` for those). It prints, and writes at the top of the new file as comments, every Axolotl "
+        "key that has no direct counterpart with what became of it; it never writes over its input, and replaces "
+        "`--out` only with `--overwrite` and only when that file is an earlier conversion.", "",
+        f"- Same name and meaning: {', '.join(f'`{k}`' for k in SAME)}.",
+        "- Renamed: " + ", ".join(f"`{a}` → `{b}`" for a, b in RENAMED.items()) + "; `test_datasets` → "
+        "`val_datasets`; `resume_from_checkpoint` → `resume` (`auto_resume_from_checkpoints` → `resume: auto`); "
+        "`early_stopping_patience` → `eval.early_stopping_patience`; `excess_length_strategy` → `on_too_long`; "
+        "`dataset_exact_deduplication` → `cleaning.dedup`; `batch_size` → `gradient_accumulation_steps`.",
+        "- `adapter`: `lora`/`qlora`, with `load_in_4bit: true` → `qlora`; no adapter → `adapter: none` (Axolotl "
+        "then trains the whole model). `load_in_8bit: true` has no 8-bit counterpart: the base stays bf16 (use "
+        "`qlora` or `base_precision: fp8` for less memory).",
+        "- `lora_target_linear: true` → every projection (the default); a list keeps the projections we know "
+        "(Mixtral's router `gate` is left out); a PEFT regex is read against the text model's module names; "
+        "neither → `[q_proj, v_proj]`, PEFT's default.",
+        "- `optimizer`: " + ", ".join(f"`{a}` → `{b}`" for a, b in OPTIMIZERS.items()) + "; `lr_scheduler`: "
+        + ", ".join(f"`{a}` → `{b}`" for a, b in SCHEDULERS.items()) + ".",
+        "- `bf16` carries over; `fp16: true` → `bf16: auto`. `gradient_checkpointing: offload` and "
+        "`activation_offloading` → `offload_activations`. `fsdp`/`fsdp_config` → `distributed: fsdp` for full "
+        "fine-tuning, `ddp` with adapters; `deepspeed` is left out (DDP or FSDP2 here).",
+        "- `wandb_*` / `mlflow_*` / `use_tensorboard` → `report_to`; the W&B project, entity and run name and the "
+        "MLflow experiment go in `WANDB_PROJECT`, `WANDB_ENTITY`, `WANDB_NAME`, `MLFLOW_EXPERIMENT_NAME`.",
+        "- Datasets: `path`, `split`, `name`; `ds_type` → `source`; `type: alpaca` (and its custom "
+        "`field_instruction`/`field_input`/`field_output`/`field_system` form) → `format: alpaca`; "
+        "`chat_template` with `field_messages` and `message_property_mappings` → `format: messages` (role/content) "
+        "or `format: sharegpt` (other names, e.g. from/value) with a `field_map`; `sharegpt` → `format: sharegpt`; "
+        "`completion` with `field` and `pretraining_dataset` with `text_column` → `format: text`.",
+        "- Left out with the reason printed: kernel and attention choices (`flash_attention`, `plugins`, ...), "
+        "tokenizer and architecture hints, precision flags such as `tf32`, launcher settings, hub upload, the "
+        "chat template and special tokens (mistral-common renders the model's own format), "
+        "`saves_per_epoch`/`evals_per_epoch`, `unfrozen_parameters` (full fine-tuning trains every weight).",
+        "- Refused, with the key named, when leaving a key out would train something else:",
+        *[f"  - {', '.join(f'`{k}`' for k in keys[:6])}{', ...' if len(keys) > 6 else ''}: {why}."
+          for why, keys in REFUSED_GROUPS.items()],
+        "",
+        "A mistral-tune config that holds Axolotl's keys (`train`, `validate`) gets one line per problem, each "
+        "naming the key and its counterpart (`load_in_4bit` → `adapter: qlora`), and a last line pointing to "
+        "`convert axolotl`.", ""]
 
 
 if __name__ == "__main__":

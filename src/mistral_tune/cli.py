@@ -324,6 +324,16 @@ def _cmd_report(args) -> None:
     print(f"run report: {write_run_report(args.run_dir)}")
 
 
+def _cmd_convert_axolotl(args) -> None:
+    from .config import convert_axolotl_file
+
+    result = convert_axolotl_file(args.config, args.out, overwrite=args.overwrite)
+    print(f"mistral-tune config written to {args.out} (it passes `mistral-tune validate`'s config checks); "
+          "Axolotl keys without a direct counterpart:")
+    for note in result.notes:
+        print(f"  {note}")
+
+
 def _cmd_init_model(args) -> None:
     from .quickstart import create_tiny_model
 
@@ -470,7 +480,7 @@ def _add_model_commands(sub) -> None:
 
 
 def _add_tool_commands(sub) -> None:
-    """quickstart, data inspect / validate, report, init-model."""
+    """quickstart, data inspect / validate, report, convert axolotl, init-model."""
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")
     p.add_argument("--out", default="quickstart-output", help="working directory")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -499,6 +509,14 @@ def _add_tool_commands(sub) -> None:
     p = sub.add_parser("report", help="(re)build a run's report.html from its metrics.jsonl, config and data report")
     p.add_argument("run_dir", help="a training run's output_dir (a stopped or killed one too)")
     p.set_defaults(func=_cmd_report)
+
+    convert = sub.add_parser("convert", help="translate another tool's config into a mistral-tune config")
+    csub = convert.add_subparsers(dest="convert_command", required=True, metavar="FORMAT")
+    p = csub.add_parser("axolotl", help="an Axolotl YAML config; names each key it leaves out and why")
+    p.add_argument("config", help="the Axolotl config (YAML)")
+    p.add_argument("--out", required=True, help="the mistral-tune config to write (YAML)")
+    _add_overwrite_arg(p)
+    p.set_defaults(func=_cmd_convert_axolotl)
 
     p = sub.add_parser("init-model", help="write a tiny random-init Mistral model (for tests and trials)")
     p.add_argument("out")

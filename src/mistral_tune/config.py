@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import types
 import typing
@@ -11,8 +12,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .config_axolotl import CONVERT_COMMAND, Translation, axolotl_hint, axolotl_value_hint, translate
 from .errors import ConfigError, OutputError
-from .fsutil import expand_path
+from .fsutil import atomic_write_text, expand_path
 from .models.families import EXPERT_TARGETS, MISTRAL
 
 ALL_PROJECTIONS = list(MISTRAL.projections)  # the seven of a dense family (models/families.py)
@@ -635,6 +637,10 @@ def _owner(loc: tuple) -> type[BaseModel]:
 
 
 def _nearest_key(key: str, model: type[BaseModel]) -> str:
+    if model in (Config, DatasetConfig):  # Axolotl's names get the counterpart, not a look-alike of ours
+        hint = axolotl_hint(key, in_dataset=model is DatasetConfig)
+        if hint:
+            return f"; {hint}"
     close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -662,10 +668,15 @@ def _format_error(exc: ValidationError, source: str) -> str:
             lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
         else:
             value = err.get("input")
-            lines.append(f"{source}: key '{key}' has value {value!r}; {_describe_allowed(loc, err)}")
+            hint = axolotl_value_hint(key, value)
+            lines.append(f"{source}: key '{key}' has value {value!r}; {_describe_allowed(loc, err)}"
+                         + (f" ({hint})" if hint else ""))
     for i, allowed in unions.values():
         lines[i] += " or ".join(allowed)
-    return "; ".join(lines)
+    if sum("Axolotl's key" in line for line in lines) >= 2:
+        lines.append(f"{source}: this looks like an Axolotl config; {CONVERT_COMMAND.replace('FILE', source)} "
+                     "converts it")
+    return "\n".join(lines)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -749,18 +760,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     exist there, so a config can be run from any working directory.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    data = read_yaml(path)
     for text in overrides:
         keys, value = parse_override(text)
         if not isinstance(value, str) and value is not None and _takes_text_only(keys):
@@ -779,6 +779,116 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if isinstance(tasks, dict) and isinstance(tasks.get("json_schema"), str):
         tasks["json_schema"] = _resolve_near(tasks["json_schema"], base)
     return config_from_dict(data, str(path))
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # a list or mapping as a key: construct_mapping says so below
+                continue
+            if first != key_node.start_mark.line:
+                mark = key_node.start_mark
+                raise ConfigError(f"{self.name}, line {mark.line + 1}, column {mark.column + 1}: key '{key}' is "
+                                  f"given twice (first on line {first + 1}); keep one")
+        return super().construct_mapping(node, deep)
+
+
+# What YAML's parser says, in plain words; `opened`: the message points at where the thing began.
+_YAML_PROBLEMS = (
+    ("character '\\t'", False, "a tab character; YAML indents with spaces only"),
+    ("cannot start any token", False, "a value cannot begin with this character; put the value in quotes"),
+    ("mapping values are not allowed here", False, "an unexpected ':' (this line is indented deeper than the key "
+     "above it, or a value holds ': ' and needs quotes)"),
+    ("could not find expected ':'", True, "a line without ':' after its key"),
+    ("expected ',' or ']'", True, "a list opened here with '[' is not closed with ']'"),
+    ("expected ',' or '}'", True, "a mapping opened here with '{' is not closed with '}'"),
+    ("unexpected end of stream", True, "a quote opened here is never closed"),
+    ("undefined alias", False, "'*NAME' refers to an anchor '&NAME' that is not defined"),
+    ("unhashable key", False, "a key that is a list or a mapping; keys are plain names"),
+    ("expected <block end>", False, "the indentation does not line up with the lines above (the keys of one "
+     "mapping start in the same column; list items start with '- ')"),
+)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file's top-level mapping; a ConfigError names the file, line and column of any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file in UTF-8 (byte {exc.start})") from None
+    loader = _Loader(text)
+    loader.name = str(path)
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_problem(path, exc)) from None
+    finally:
+        loader.dispose()
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    problem = str(getattr(exc, "problem", "") or "")
+    mark = getattr(exc, "problem_mark", None)
+    plain = "YAML cannot read the text here (check the indentation, the quotes and the brackets)"
+    for needle, opened, words in _YAML_PROBLEMS:
+        if needle in problem:
+            plain = words
+            if opened and getattr(exc, "context_mark", None) is not None:
+                mark = exc.context_mark
+            break
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{path}{where}: not valid YAML: {plain}"
+
+
+_CONVERTED = "# mistral-tune config converted from the Axolotl config"
+
+
+def convert_axolotl(data: dict, source: str = "config") -> Translation:
+    """An Axolotl config (parsed YAML) translated into our keys, in our schema's order, and validated as
+    `load_config` validates (the schema: no model or data is read); ConfigError otherwise."""
+    result = translate(data, source)
+    order = list(Config.model_fields)
+    result.config = dict(sorted(result.config.items(),
+                                key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    try:
+        config_from_dict(copy.deepcopy(result.config), f"{source} (converted)")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}\n{source}: the converted config does not pass validation") from None
+    return result
+
+
+def convert_axolotl_file(source: str | Path, out: str | Path, overwrite: bool = False) -> Translation:
+    """Translate an Axolotl config file into a mistral-tune config at `out`, checked by our own validation
+    (the schema: no model or data is read) and written whole or not at all; the notes go in as comments."""
+    source, out = Path(source), Path(out)
+    data = read_yaml(source)
+    if out.exists() and out.resolve() == source.resolve():
+        raise ConfigError(f"--out {out}: that is the Axolotl config itself; give a new file")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {out}: exists; pass --overwrite to replace it")
+    if out.exists() and not (out.is_file() and out.read_bytes().startswith(_CONVERTED.encode())):
+        raise ConfigError(f"--out {out}: not a config that mistral-tune converted, so it is not replaced")
+    result = convert_axolotl(data, str(source))
+    header = [f"{_CONVERTED} {source}", "#", "# Axolotl keys without a "
+              "direct counterpart:"] + [f"#   {note}" for note in result.notes]
+    text = "\n".join(header) + "\n\n" + yaml.safe_dump(result.config, sort_keys=False, allow_unicode=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+    return result
 
 
 def _eval_datasets(section) -> list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -357,7 +358,7 @@ def test_validate_prints_the_data_report_and_writes_nothing(ws: Workspace, capsy
     assert err == ""
     assert "config OK" in out
     assert "Mistral (1 layers, hidden 64" in out and "vocab 32768" in out
-    assert "4 records from 1 file(s) -> 3 samples (3 train, 0 held out)" in out
+    assert "4 records from 1 file(s) -> 3 samples (3 train + 0 held out)" in out
     assert "dropped 1 conversation(s) longer than sequence_len" in out
     assert "trained (" in out
     assert sorted(p.name for p in ws.root.iterdir()) == before
@@ -388,3 +389,34 @@ def test_quickstart_stopped_by_a_signal_says_so_and_evaluates_nothing(tmp_path, 
     summary = run_quickstart(tmp_path, echo=lines.append)
     assert summary == {"stopped_by": "SIGTERM", "checkpoint_dir": str(tmp_path / "run" / "checkpoint-3")}
     assert "stopped by SIGTERM" in lines[-1]
+
+
+def test_counts_add_up_with_dataset_weights_and_plan_counts_what_validate_calls_an_epoch(ws: Workspace, capsys):
+    """Weights repeat one dataset and thin another: the unique samples are train + held out, the epoch's
+    training samples are the mix's sum, and `plan` counts the epoch's samples and tokens `validate` prints."""
+    write_jsonl(ws.root / "a.jsonl", [chat(f"Say {w} {i}.", f"{w} {i}") for i in range(4) for w in ("red", "blue")])
+    write_jsonl(ws.root / "b.jsonl", [chat(f"Name the number {i}.", f"It is {i}.") for i in range(10)])
+    ws.write_config(datasets=[{"path": "a.jsonl", "weight": 2}, {"path": "b.jsonl", "weight": 0.5}], val_set_size=4)
+    code, out, err = run_cli(capsys, "validate", ws.config)
+    assert code == 0, err
+    samples, train, held_out = map(int, re.search(r"-> (\d+) samples \((\d+) train \+ (\d+) held out\)", out).groups())
+    assert samples == train + held_out == 18 and held_out == 4
+    epoch, epoch_tokens = re.search(r"an epoch after dataset weights: (\d+) training samples .*?, ([\d,]+) tokens",
+                                    out).groups()
+    mix = re.search(r"mix per epoch: (.*)", out).group(1)
+    assert int(epoch) == sum(int(n) for n in re.findall(r": (\d+)", mix)) != train
+    code, out, err = run_cli(capsys, "plan", ws.config, "--gpu", "H100")
+    assert code == 0, err
+    assert re.search(r"an epoch: ([\d,]+) training samples, ([\d,]+) tokens", out).groups() == (epoch, epoch_tokens)
+
+
+def test_data_inspect_prints_the_paths_its_files_have_once_written(ws: Workspace, capsys):
+    """Its files are written in a temporary folder renamed into place: the printed paths are the final ones."""
+    ws.dataset([chat("Say red.", "red"), "{not json", chat("Say blue.", "blue")])
+    code, out, err = run_cli(capsys, "data", "inspect", ws.config, "--out", ws.root / "look", "--color", "never",
+                             "on_bad_record=skip", "dataset_cache=false")
+    assert code == 0, err
+    printed = {Path(p) for p in re.findall(r"(/\S+\.(?:png|html|jsonl))\b", out)}
+    assert {p.name for p in printed} >= {"lengths.png", "samples.html", "rejects.jsonl"}
+    assert [p for p in printed if not p.is_file()] == []
+    assert (ws.root / "look" / "samples.html") in printed

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.colors import to_rgba
 
+from mistral_tune import plots
 from mistral_tune.chat import load_tokenizer
 from mistral_tune.config import EvalConfig
 from mistral_tune.errors import OutputError
 from mistral_tune.evaluate.base import ModelPair
-from mistral_tune.evaluate.report import REPORT_HTML, REPORT_JSON, write_report
+from mistral_tune.evaluate.report import REPORT_HTML, REPORT_JSON, _examples, write_report
 from mistral_tune.evaluate.run import Evaluator, build_evaluations
 from mistral_tune.models.load import load_model
 from mistral_tune.models.lora import LoraLinear, LoraSpec, apply_lora
@@ -89,7 +92,24 @@ def test_report_replaces_its_own_folder_and_nothing_else(report_dir: Path, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "mine"]  # no temporary folder left behind
 
 
-def test_report_renders_in_chromium(report_dir: Path, tmp_path: Path):
+LAPTOP = {"width": 1366, "height": 768}
+# What a page looks like in the browser: its size, whether anything is wider than the window, and the box
+# (x, y, width, height) of the elements the checks name.
+LAYOUT = """() => {
+  const box = el => { const r = el.getBoundingClientRect(); return [r.x, r.y + window.scrollY, r.width, r.height]; };
+  return {width: document.documentElement.scrollWidth, height: document.documentElement.scrollHeight,
+          window: window.innerWidth,
+          wide: [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right >
+                window.innerWidth + 1).map(e => e.tagName),
+          summary: [...document.querySelectorAll('.summary')].map(box),
+          charts: [...document.querySelectorAll('img, svg.chart')].map(box),
+          config: [...document.querySelectorAll('details table')].map(e => e.checkVisibility()),
+          empty: [...document.querySelectorAll('.empty')].map(e => [e.textContent, e.offsetWidth > 0])};
+}"""
+
+
+def _browse(tmp_path: Path, page_path: Path, shot: str) -> tuple[dict, list[str], str]:
+    """The page opened at a laptop's width in chromium: its layout, the errors it logged, its title."""
     if CHROMIUM is None or not _has_playwright():
         if os.environ.get("MISTRAL_TUNE_REQUIRE_BROWSER") == "1":
             pytest.fail("MISTRAL_TUNE_REQUIRE_BROWSER=1 but chromium or playwright is missing: "
@@ -101,22 +121,82 @@ def test_report_renders_in_chromium(report_dir: Path, tmp_path: Path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page = browser.new_page(viewport=LAPTOP)
             page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("requestfailed", lambda req: errors.append(f"failed to load {req.url}"))
-            page.goto((report_dir / REPORT_HTML).as_uri(), wait_until="load")
-            images = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.complete, "
-                                                      "e.naturalWidth])")
+            page.goto(page_path.as_uri(), wait_until="load")
+            layout = page.evaluate(LAYOUT)
+            layout["images"] = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), "
+                                                                "e.complete, e.naturalWidth])")
             title = page.title()
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+            page.screenshot(path=str(tmp_path / shot), full_page=True)
         finally:
             browser.close()
+    assert (tmp_path / shot).stat().st_size > 10_000
+    return layout, errors, title
+
+
+def test_report_renders_in_chromium(report_dir: Path, tmp_path: Path):
+    layout, errors, title = _browse(tmp_path, report_dir / REPORT_HTML, "report.png")
     assert errors == []
+    images = layout["images"]
     assert len(images) >= 6
     assert [src for src, complete, width in images if not (complete and width > 0)] == []
     assert title == "Evaluation: tiny <run>"
-    assert (tmp_path / "report.png").stat().st_size > 10_000
+    # At a laptop's width nothing runs off the side, every plot fits the window, the page stays short.
+    assert layout["width"] <= layout["window"] and layout["wide"] == []
+    assert all(x >= 0 and x + w <= LAPTOP["width"] for x, _, w, _ in layout["charts"])
+    assert 1500 < layout["height"] < 9000
+
+
+def test_run_report_renders_in_chromium(tmp_path: Path):
+    """The run report at a laptop's width: the summary at the top, the charts within the window, the
+    150 keys of a config folded away (the page is a screen or two, not 8,000 px)."""
+    from mistral_tune.fsutil import mark_output
+    from mistral_tune.train.report import record_session, write_run_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": s, "loss": 3 / s, "lr": 0.0007519, "grad_norm": 1.0, "tokens_per_s": 900.0} for s in range(1, 41)]
+    lines += [{"step": s, "eval_loss": 2 / s, "tasks.exact_match": s / 40, "tasks.exact_match@base": 0.1}
+              for s in (10, 20, 30, 40)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (run / "config.yaml").write_text(json.dumps({"max_steps": 40, **{f"key_{i}": "value " * 8 for i in range(150)}}))
+    (run / "data_report.json").write_text(json.dumps({"samples": 40, "warnings": []}))
+    mark_output(run, "run")
+    record_session(run, device="CPU", processes=1, resumed_from=None)
+    record_session(run, outcome="complete", step=40)
+    layout, errors, title = _browse(tmp_path, write_run_report(run), "run.png")
+    assert errors == [] and title == "Training run: run"
+    assert layout["width"] <= layout["window"] and layout["wide"] == []
+    (x, y, w, h), = layout["summary"]
+    assert y < 200 and h < 300 and x + w <= LAPTOP["width"]  # first thing on the page, a few lines
+    (cx, cy, cw, ch), = layout["charts"]
+    assert cy > y + h and cx >= 0 and cx + cw <= LAPTOP["width"] and 300 < ch < 1800
+    assert layout["config"] == [False]  # folded: hidden until opened
+    assert layout["height"] < 3000
+
+
+def test_a_small_metric_gets_a_visible_bar_and_empty_answers_a_marker(report_dir: Path):
+    """A KL of 0.0004 beside shares near 1 is a bar of its own scale; an empty answer shows '(empty)'."""
+    fig = plots.bars("forgetting", {"ppl": {"base": 30.0, "tuned": 31.0}, "ppl_increase": {"base": None, "tuned": 0.03},
+                                    "kl": {"base": None, "tuned": 0.0004}, "exact_match": {"base": 0.9, "tuned": 1.0}})
+    heights = {}
+    for ax in fig.axes:
+        names = [t.get_text() for t in ax.get_xticklabels()]
+        for patch in ax.patches:
+            name = names[round(patch.get_x() + patch.get_width() / 2)]
+            heights[(name, patch.get_facecolor())] = patch.get_height() / ax.get_ylim()[1]
+    plots.pyplot().close(fig)
+    blue, grey = to_rgba(plots.TUNED), to_rgba(plots.BASE)
+    assert heights[("kl", blue)] > 0.5 and heights[("ppl_increase", blue)] > 0.5
+    assert heights[("exact_match", grey)] == pytest.approx(0.9 / 1.15)  # base grey, tuned blue, as on the run page
+    report = json.loads((report_dir / REPORT_JSON).read_text())
+    ev = next(e for e in report["evaluations"] if e.get("examples"))
+    ev = {**ev, "examples": [{**ev["examples"][0], "base": "", "tuned": "  "}]}
+    cells = re.findall(r"<td>(.*?)</td>", _examples(ev))
+    assert cells[-2:] == ["<span class='empty'>(empty)</span>"] * 2
 
 
 def _has_playwright() -> bool:

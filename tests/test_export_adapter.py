@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -79,11 +80,36 @@ def test_non_peft_tensor_names_are_refused(adapter: Path, tmp_path: Path) -> Non
     assert any("not a PEFT LoRA key" in p for p in vllm_adapter_problems(broken))
 
 
+def _options(argv: list[str]) -> dict[str, str | None]:
+    """`--flag value` / `--flag` pairs of a command line (the words after `vllm serve MODEL`)."""
+    found: dict[str, str | None] = {}
+    for i, word in enumerate(argv):
+        if word.startswith("--"):
+            found[word] = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+    return found
+
+
 def test_cli_export_adapter_copies_and_prints_the_vllm_command(adapter: Path, tmp_path: Path, capsys) -> None:
-    assert main(["export", "adapter", str(adapter), "--out", str(tmp_path / "shipped")]) == 0
-    out = capsys.readouterr().out
-    assert "--enable-lora --max-lora-rank 8" in out and "--lora-modules tuned=" in out
-    assert (tmp_path / "shipped" / "adapter_model.safetensors").is_file()
+    shipped = tmp_path / "a folder with spaces" / "shipped"  # the printed line must survive the shell
+    assert main(["export", "adapter", str(adapter), "--out", str(shipped)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("serve it: "))
+    argv = shlex.split(line.removeprefix("serve it: "))
+    assert argv[:2] == ["vllm", "serve"]
+    options = _options(argv[3:])
+    config = json.loads((shipped / "adapter_config.json").read_text())
+    assert argv[2] == config["base_model_name_or_path"]
+    name, _, path = options["--lora-modules"].partition("=")
+    assert name == "tuned" and Path(path) == shipped.resolve() and (Path(path) / "adapter_model.safetensors").is_file()
+    assert options["--max-lora-rank"] == "8" and "--enable-lora" in options
+    # Every option of docs/deploy.md's LoRA example, with its value (the model and the path are the user's).
+    docs = (Path(__file__).parents[1] / "docs" / "deploy.md").read_text()
+    example = re.search(r"^vllm serve .*?--lora-modules.*?(?=\n\n|\n```)", docs, re.S | re.M).group(0)
+    wanted = _options(shlex.split(re.sub(r"#[^\n]*", "", example).replace("\\\n", " "))[3:])
+    assert wanted["--tokenizer-mode"] == "mistral"
+    for flag, value in wanted.items():
+        assert flag in options, f"docs/deploy.md serves with {flag}; `export adapter` does not print it"
+        if flag not in ("--lora-modules", "--max-lora-rank"):
+            assert options[flag] == value, flag
     assert min_max_lora_rank(16) == 16 and min_max_lora_rank(17) == 32 and min_max_lora_rank(1) == 1
 
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from _runs import config, make_assets, metrics, same_tensors, tensors
+from _runs import base_config, config, make_assets, metrics, same_tensors, tensors, write_yaml
+from mistral_tune.cli import main
 from mistral_tune.errors import TrainingHalted
+from mistral_tune.train import loop as loop_mod
 from mistral_tune.train.guard import MIN_HISTORY, StepGuard
 from mistral_tune.train.loop import prepare, run_training
 from mistral_tune.train.optim import lr_factor
@@ -184,3 +186,25 @@ def test_too_many_rollbacks_stop_the_run_with_a_report(assets, tmp_path):
     report = json.loads(Path(out / "guard_report.json").read_text())
     assert [e["step"] for e in report["events"] if "skipped" in e] == [7, 8, 9, 10, 11, 12]
     assert not (out / "adapter").exists()
+
+
+def test_the_command_exits_with_the_guards_code_and_says_how_to_continue(assets, tmp_path, capsys, monkeypatch):
+    """Every step from the 3rd NaN: the guard halts the run; the command exits with TrainingHalted's own
+    code (not 2, a config error, and not 0) and prints the command that continues."""
+    model, data = assets
+    path = write_yaml(tmp_path / "run.yaml", base_config(model, data, tmp_path / "run", max_steps=12, save_steps=2,
+                                                         bad_step_rollback_after=2, bad_step_max_rollbacks=0))
+    real = loop_mod.prepare
+
+    def poisoned(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        loaded[3].model.norm.register_forward_hook(Inject(range(3, 100), "activation", math.nan))
+        return loaded
+
+    monkeypatch.setattr(loop_mod, "prepare", poisoned)
+    code = main(["train", str(path)])
+    err = capsys.readouterr().err
+    assert code == TrainingHalted.exit_code == 4, err
+    assert err.count("\n") == 1 and "stopped at step 4 after 2 bad steps in a row" in err
+    assert f"continue from the last checkpoint once the cause is fixed: mistral-tune train {path} resume=auto" in err
+    assert not (tmp_path / "run" / "adapter").exists()

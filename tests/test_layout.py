@@ -12,7 +12,7 @@ ROOT = Path(mistral_tune.__file__).parent
 # From the top down; a package may import those on its level's right or below.
 ORDER = [["cli", "__main__"], ["plan", "quickstart"], ["train"], ["evaluate"], ["export", "serve"], ["generate"],
          ["data"], ["config", "config_axolotl", "models"], ["kernels", "chat", "fsutil"],
-         ["errors", "dtypes", "htmlpage", "__init__"]]
+         ["errors", "dtypes", "htmlpage", "plots", "__init__"]]
 LEVEL = {name: i for i, names in enumerate(ORDER) for name in names}
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from _runs import SRC, base_config, cli, config, make_assets, metrics, same_tensors, tensors, write_yaml
+from mistral_tune.errors import EXIT_STOPPED
 from mistral_tune.train import checkpoint as ckpt_mod
 from mistral_tune.train import loop as loop_mod
 from mistral_tune.train.checkpoint import CheckpointManager
@@ -110,14 +111,15 @@ def test_sigkill_then_resume_is_bit_identical(assets, reference, tmp_path):
           f"({sum('loss' in r for r in got)} steps, {sum('eval_loss' in r for r in got)} evaluations)")
 
 
-def test_sigterm_checkpoints_and_exits_zero(assets, reference, tmp_path):
-    """What a scheduler does before it preempts: SIGTERM, then (later) SIGKILL."""
+def test_sigterm_checkpoints_and_exits_with_the_stopped_code(assets, reference, tmp_path):
+    """What a scheduler does before it preempts: SIGTERM, then (later) SIGKILL. The exit code is
+    EXIT_STOPPED, not 0: `train && merge` must not merge a half-trained adapter."""
     config_path = _yaml(assets, tmp_path, "run")
     out = tmp_path / "run"
     proc = cli("train", str(config_path))
     _wait_for(lambda: _last_step(out) >= SAVE + 3, proc)
     os.kill(proc.pid, signal.SIGTERM)
-    stdout = _finish(proc, expect_rc=0)
+    stdout = _finish(proc, expect_rc=EXIT_STOPPED)
     stopped_at = _last_step(out)
     assert stopped_at < STEPS
     assert f"stopped by SIGTERM after step {stopped_at}" in stdout
@@ -146,7 +148,7 @@ def test_repeated_sigterm_still_stops_gracefully(assets, tmp_path):
 
     thread = threading.Thread(target=pester)
     thread.start()
-    stdout = _finish(proc, expect_rc=0)
+    stdout = _finish(proc, expect_rc=EXIT_STOPPED)
     thread.join()
     stopped_at = _last_step(out)
     assert sent > 10 and f"stopped by SIGTERM after step {stopped_at}" in stdout
@@ -274,19 +276,20 @@ def _cli_signalled_after(owner: str, function: str, *args: str):
 
 
 def test_sigterm_while_the_run_loads_stops_before_the_first_step(assets, tmp_path):
-    """SIGTERM once the model and data are loaded, before the loop: exit 0, no step taken, `to continue:`;
+    """SIGTERM once the model and data are loaded, before the loop: EXIT_STOPPED, no step taken, `to continue:`;
     the same again on a resumed run names the checkpoint it resumed from. Continuing finishes the run."""
     model, data = assets
     config_path = write_yaml(tmp_path / "run.yaml", base_config(model, data, tmp_path / "run", max_steps=8,
                                                                 save_steps=4))
-    stdout = _finish(_cli_signalled_after("loop", "prepare", "train", str(config_path)))
+    stdout = _finish(_cli_signalled_after("loop", "prepare", "train", str(config_path)), EXIT_STOPPED)
     assert "stopped by SIGTERM after step 0 of 8; no step taken, nothing to save" in stdout
     assert f"to continue: mistral-tune train {config_path} resume=auto" in stdout
     assert metrics(tmp_path / "run") == [] and not (tmp_path / "run" / "adapter").exists()
     (tmp_path / "run.yaml").write_text(config_path.read_text().replace("max_steps: 8", "max_steps: 4"))
     _finish(cli("train", str(config_path), "resume=auto"))  # 4 steps and checkpoint-4, then 8 after a stop
     (tmp_path / "run.yaml").write_text(config_path.read_text().replace("max_steps: 4", "max_steps: 8"))
-    stdout = _finish(_cli_signalled_after("loop", "prepare", "train", str(config_path), "resume=auto", "--force"))
+    stdout = _finish(_cli_signalled_after("loop", "prepare", "train", str(config_path), "resume=auto", "--force"),
+                     EXIT_STOPPED)
     assert f"stopped by SIGTERM after step 4 of 8; checkpoint: {tmp_path / 'run' / 'checkpoint-4'}" in stdout
     assert "to continue: mistral-tune train" in stdout
     stdout = _finish(cli("train", str(config_path), "resume=auto", "--force"))

@@ -4,51 +4,48 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _runs import config, make_assets
+from mistral_tune import plots
 from mistral_tune.cli import main
 from mistral_tune.fsutil import mark_output
 from mistral_tune.train.loop import train
-from mistral_tune.train.report import write_run_report
+from mistral_tune.train.report import curves, read_metrics, record_session, write_run_report
 
 
 class Page(HTMLParser):
-    """The tags, the text, and the charts' curves (title -> series -> vertices) of a report."""
+    """The tags, the text and the attribute values of a report."""
 
     def __init__(self, text: str) -> None:
         super().__init__(convert_charrefs=True)
         self.tags: set[str] = set()
         self.text: list[str] = []
         self.attrs: list[str] = []
-        self.curves: dict[str, dict[str, int]] = {}
-        self._title: str | None = None
-        self._in_title = False
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
         self.tags.add(tag)
         self.attrs += [v for _, v in attrs if v]
-        if tag == "svg":
-            self._title = None
-        self._in_title = tag == "title"
-        if tag == "polyline":
-            a = dict(attrs)
-            series = self.curves.setdefault(self._title, {})
-            series[a["data-series"]] = series.get(a["data-series"], 0) + len(a["points"].split())
-
-    def handle_endtag(self, tag):
-        self._in_title = False
 
     def handle_data(self, data):
-        if self._in_title and self._title is None and "svg" in self.tags:
-            self._title = data
         self.text.append(data)
+
+
+def _drawn(lines: list[dict]) -> dict[str, dict[str, int]]:
+    """chart title -> series -> the finite points its curve is drawn through (matplotlib's own data)."""
+    fig = plots.line_panels(curves(lines))
+    out = {ax.get_title(): {line.get_label(): int(np.isfinite(line.get_ydata().astype(float)).sum())
+                            for line in ax.get_lines()} for ax in fig.axes if ax.get_title()}
+    plots.pyplot().close(fig)
+    return out
 
 
 def _make_run(root: Path, lines: list[dict], config_extra: dict | None = None, data: dict | None = None) -> Path:
@@ -78,11 +75,10 @@ def histories(draw):
     return lines
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None)
 @given(lines=histories())
-def test_each_curve_has_a_vertex_for_each_metrics_line_with_a_value(tmp_path, lines):
-    page = Page(write_run_report(_make_run(tmp_path, lines)).read_text())
-    got = {series: n for chart in page.curves.values() for series, n in chart.items()}
+def test_each_curve_has_a_vertex_for_each_metrics_line_with_a_value(lines):
+    got = {series: n for chart in _drawn(lines).values() for series, n in chart.items()}
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "tasks.f1@base"):
         want = sum(rec.get(key) is not None and math.isfinite(rec[key]) for rec in lines)
         assert got.get(key, 0) == want, key
@@ -94,7 +90,7 @@ hostile = st.lists(st.sampled_from(["<", ">", "&", "'", '"', "/", "=", " ", "a",
                    min_size=1, max_size=12).map("".join).filter(str.strip)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=hostile, warning=hostile, file_name=hostile, event=hostile, metric=hostile)
 def test_every_user_string_is_escaped(tmp_path, value, warning, file_name, event, metric):
     lines = [{"step": 1, "loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "tokens_per_s": 5.0},
@@ -106,8 +102,8 @@ def test_every_user_string_is_escaped(tmp_path, value, warning, file_name, event
     page = Page(text)
     # The page has only the tags the report writes, whatever the strings held ...
     assert page.tags <= {"html", "head", "meta", "link", "title", "style", "body", "h1", "h2", "p", "a", "div", "ul",
-                         "li", "strong", "table", "thead", "tbody", "tr", "th", "td", "svg", "text", "rect", "line",
-                         "polyline", "circle"}
+                         "li", "strong", "b", "table", "thead", "tbody", "tr", "th", "td", "details", "summary",
+                         "svg", "defs", "g", "path", "clippath", "use", "text", "rect"}
     assert not any(a.startswith("javascript") for a in page.attrs)
     # ... and shows each of them as text.
     shown = "".join(page.text)
@@ -124,7 +120,7 @@ def test_a_killed_runs_report_from_the_command(tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     assert capsys.readouterr().out.strip() == f"run report: {run / 'report.html'}"
     page = Page((run / "report.html").read_text())
-    assert page.curves["training loss"] == {"loss": 3}
+    assert _drawn(read_metrics(run / "metrics.jsonl")[0])["training loss"] == {"loss": 3}
     assert "metrics.jsonl: 1 line(s) could not be read and are left out" in "".join(page.text)
     assert not (run / "eval").exists() and "Evaluation report" not in "".join(page.text)
 
@@ -142,6 +138,43 @@ def test_training_writes_the_report(tmp_path):
     train(config(model, data, tmp_path / "out", max_steps=4, val_set_size=8, report_to=[]), echo=lambda *a: None)
     assert not (tmp_path / "out" / "tensorboard").exists()  # report_to: [] -> metrics.jsonl only
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    page = Page((tmp_path / "out" / "report.html").read_text())
-    assert page.curves["training loss"] == {"loss": 4}
-    assert page.curves["eval_loss"] == {"eval_loss": sum("eval_loss" in rec for rec in lines)}
+    drawn = _drawn(read_metrics(tmp_path / "out" / "metrics.jsonl")[0])
+    assert drawn["training loss"] == {"loss": 4}
+    assert drawn["eval_loss"] == {"eval_loss": sum("eval_loss" in rec for rec in lines)}
+    text = "".join(Page((tmp_path / "out" / "report.html").read_text()).text)
+    assert "outcome" in text and "complete" in text and "steps4 of 4" in text and "resumedno" in text
+
+
+def test_the_summary_comes_first_and_the_config_is_folded_away(tmp_path):
+    lines = [{"step": s, "loss": 2.0 / s, "lr": 0.0007519 * s, "grad_norm": 1.0, "tokens_per_s": 1000.0 + s}
+             for s in range(1, 9)] + [{"step": 4, "eval_loss": 1.5}, {"step": 8, "eval_loss": 1.7}]
+    run = _make_run(tmp_path, lines, {"datasets": [{"path": f"d{i}.jsonl"} for i in range(150)]})
+    record_session(run, device="NVIDIA H100 80GB HBM3", processes=1, resumed_from=None)
+    record_session(run, outcome="stopped by SIGTERM", step=4)
+    record_session(run, device="NVIDIA H100 80GB HBM3", processes=1, resumed_from=4)  # then killed: no end line
+    text = write_run_report(run).read_text()
+    block = text[text.index("<div class='summary'>"):]
+    items = dict(re.findall(r"<div><b>(.*?)</b>(.*?)</div>", block[:block.index("</div></div>")]))
+    assert items["steps"] == "8 of 10" and items["resumed"] == "from step 4"
+    assert items["outcome"].startswith("no end recorded") and items["device"] == "NVIDIA H100 80GB HBM3"
+    assert items["best step"] == "4 (eval_loss 1.5)" and items["final loss"] == "0.25"
+    assert items["tokens/s (median)"] == "1,004" and items["wall time"].endswith(" s")
+    assert text.index("class='summary'") < text.index("<svg") < text.index("<details><summary>Config")
+    assert text.count("datasets.") == 150 and text.index("datasets.0.path") > text.index("<details>")
+
+
+def test_base_is_grey_and_tuned_blue_whichever_comes_first_and_ticks_are_round():
+    lines = [{"step": s, "loss": 1.0, "lr": 0.0007519 * s / 3, "grad_norm": 1.0, "tokens_per_s": 1.0}
+             for s in range(1, 4)]
+    lines += [{"step": 2, "tasks.f1@base": 0.2, "tasks.f1": 0.3}, {"step": 3, "tasks.f1": 0.4}]  # base first
+    fig = plots.line_panels(curves(lines))
+    fig.canvas.draw()
+    f1 = next(ax for ax in fig.axes if ax.get_title() == "tasks.f1")
+    assert {line.get_label(): line.get_color() for line in f1.get_lines()} == {
+        "tasks.f1@base": plots.BASE, "tasks.f1": plots.TUNED}
+    lr = next(ax for ax in fig.axes if ax.get_title() == "learning rate")
+    labels = [t.get_text() for t in lr.get_yticklabels() if t.get_text()]
+    assert labels and all(len(re.sub(r"^0\.0*|\.|e-?\d+$", "", t).lstrip("0")) <= 2 for t in labels), labels
+    plots.pyplot().close(fig)
+    assert [plots.tick_label(v) for v in (0.0007519, 0.0002, 3e-05, 1234.5, 0.0)] == [
+        "0.000752", "0.0002", "3e-5", "1.23e3", "0"]

@@ -90,7 +90,7 @@ def test_train_end_to_end_writes_every_artifact(tmp_path: Path, tiny_model_dir: 
     code = main(["train", str(config), "--merge", "seed=7"])
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr
-    assert "8 records from 1 file(s) -> 8 samples (6 train, 2 held out)" in stdout
+    assert "8 records from 1 file(s) -> 8 samples (6 train + 2 held out)" in stdout
     assert "trained 6 steps; final train loss" in stdout and "held-out loss" in stdout
     assert f"adapter: {out / 'adapter'}" in stdout
     assert f"model:   {out / 'merged'}" in stdout

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .dtypes import DTYPE_ALIASES, DTYPE_NAMES
-from .errors import ConfigError, MistralTuneError
+from .errors import EXIT_STOPPED, ConfigError, MistralTuneError, TrainingHalted
 from .fsutil import check_target, replace_dir
 
 
@@ -20,17 +20,22 @@ def _cmd_train(args) -> None:
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
         from .train.launch import launch
 
-        launch(args.gpus, ["train", args.config, *args.overrides] + ["--merge"] * args.merge + ["--force"] * args.force)
-        return
-    result = train(cfg, merge=args.merge, force=args.force)
-    if _rank() != 0:  # rank 0 reports for the run
-        return
+        return launch(args.gpus, ["train", args.config, *args.overrides] + ["--merge"] * args.merge
+                      + ["--force"] * args.force)
+    again = " ".join(["mistral-tune", "train", args.config, *args.overrides]
+                     + ([] if cfg.resume == "auto" else ["resume=auto"]))
+    try:
+        result = train(cfg, merge=args.merge, force=args.force)
+    except TrainingHalted as exc:
+        raise TrainingHalted(f"{exc}. To continue from the last checkpoint once the cause is fixed: {again} "
+                             "(bad_step_* keys may change there with --force)") from None
     if result.stopped_by:
-        # A requested stop is a success: the checkpoint is written and the run can go on from it.
-        again = " ".join(["mistral-tune", "train", args.config, *args.overrides]
-                         + ([] if cfg.resume == "auto" else ["resume=auto"]))
-        print(f"to continue: {again}")  # train() has said where it stopped and which checkpoint it wrote
-        return
+        # Not a success (exit EXIT_STOPPED, every rank): the checkpoint is written and the run can go on from it.
+        if _rank() == 0:  # train() has said where it stopped and which checkpoint it wrote
+            print(f"to continue: {again}")
+        return EXIT_STOPPED
+    if _rank() != 0:  # rank 0 reports for the run
+        return None
     print(f"trained {result.steps} steps; final train loss {result.final_train_loss:.4f}"
           + (f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
     if result.adapter_dir:
@@ -42,6 +47,7 @@ def _cmd_train(args) -> None:
         print(f"best:    {b['dir']} (step {b['step']}, {b['metric']} {b['value']:.4g})")
     if result.report:
         print(f"report:  {result.report}")
+    return None
 
 
 def _cmd_merge(args) -> None:
@@ -59,18 +65,17 @@ def _cmd_merge(args) -> None:
 def _cmd_quickstart(args) -> None:
     from .quickstart import run_quickstart
 
-    run_quickstart(Path(args.out), args.overrides)
+    return EXIT_STOPPED if "stopped_by" in run_quickstart(Path(args.out), args.overrides) else None
 
 
 def _cmd_export_adapter(args) -> None:
-    from .export.adapter import VLLM_EXPERT_MODULES, export_adapter, min_max_lora_rank
+    from .export.adapter import VLLM_EXPERT_MODULES, export_adapter, vllm_serve_command
 
     adapter, cfg = export_adapter(Path(args.run_or_adapter), Path(args.out) if args.out else None, args.overwrite)
     # Mixtral's experts one pair per expert: vLLM's layout, which PEFT on transformers' stacked experts does not read
     readers = "vLLM's" if set(cfg["target_modules"]) & set(VLLM_EXPERT_MODULES) else "PEFT and vLLM's"
     print(f"adapter OK for {readers} LoRA loader: {adapter} (r={cfg['r']}, alpha={cfg['lora_alpha']})")
-    print(f"serve it: vllm serve {cfg.get('base_model_name_or_path') or 'BASE_MODEL'} --enable-lora "
-          f"--max-lora-rank {min_max_lora_rank(int(cfg['r']))} --lora-modules tuned={adapter.resolve()}")
+    print(f"serve it: {vllm_serve_command(adapter, cfg)}")
 
 
 def _sampling(args):
@@ -285,16 +290,16 @@ def _cmd_data_inspect(args) -> None:
     cfg, tokenizer = _data_setup(args)
     data = build_dataset(cfg, tokenizer)
     color = sys.stdout.isatty() if args.color == "auto" else args.color == "always"
-    def lines(out: Path | None) -> list[str]:
-        return list(inspect_lines(data, tokenizer, cfg.sequence_len, args.samples, out, color, seed=cfg.seed,
-                                  max_chars=args.max_chars or None, at=args.at))
+    def lines(tmp: Path | None, out: Path | None = None) -> list[str]:
+        return list(inspect_lines(data, tokenizer, cfg.sequence_len, args.samples, tmp, color, seed=cfg.seed,
+                                  max_chars=args.max_chars or None, at=args.at, shown_dir=out))
 
     if args.out == "":
         printed = lines(None)
     else:  # its own folder from an earlier inspection is replaced; nothing else is
         printed = []
         out = check_target(args.out, "inspect", overwrite=True, sources=[d.path for d in cfg.datasets])
-        replace_dir(out, lambda tmp: printed.extend(lines(tmp)), "inspect", sources=[d.path for d in cfg.datasets])
+        replace_dir(out, lambda tmp: printed.extend(lines(tmp, out)), "inspect", sources=[d.path for d in cfg.datasets])
     for line in printed:
         print(line)
 
@@ -538,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
-        args.func(args)
+        code = args.func(args)  # None, or a command's own exit code (train: EXIT_STOPPED)
     except MistralTuneError as exc:
         if args.debug or os.environ.get("MISTRAL_TUNE_DEBUG"):
             raise
@@ -548,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""Errors a user can cause. The CLI prints their message on one line and exits non-zero."""
+"""Errors a user can cause. The CLI prints their message on one line and exits non-zero.
+
+Exit codes of the CLI (docs/reliability.md lists them): 0 done; 2 a user error (this module's errors);
+3 drift above --drift-threshold (evaluate); 4 a run stopped by the bad-step guard; 75 a run stopped on
+request (SIGTERM / Ctrl-C) with its checkpoint written, to be resumed; 130 a second Ctrl-C."""
+
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: "try again later"; not 0, so `train && merge` does not go on
 
 
 class MistralTuneError(Exception):
@@ -25,6 +31,8 @@ class CheckpointError(MistralTuneError):
 
 class TrainingHalted(MistralTuneError):
     """The run stopped itself (bad steps that rollbacks did not cure); the message says what happened."""
+
+    exit_code = 4
 
 
 class OutOfMemory(MistralTuneError):

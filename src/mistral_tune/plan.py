@@ -469,7 +469,8 @@ def make_plan(cfg, model_cfg, data, gpu: GPU | None, memory_gib: float | None, g
     rows_per_step = s0.micro_batch_size * s0.accumulation * gpus
     rows0 = rows_of(cfg.sequence_len)
     lines = [
-        f"{len(lengths):,} training samples, {int(lengths.sum()):,} tokens ({int(trained.sum()):,} trained) -> "
+        f"an epoch: {len(lengths):,} training samples, {int(lengths.sum()):,} tokens ({int(trained.sum()):,} trained; "
+        "after dataset weights, held-out samples not counted) -> "
         f"{len(rows0):,} rows of up to {cfg.sequence_len} ({'packed' if cfg.sample_packing else 'one sample each'}); "
         f"{steps0:,} optimizer steps of {rows_per_step} rows" + (f" ({gpus} GPUs)" if gpus > 1 else ""),
         f"trained parameters: {p0.trained_params:,} ({cfg.adapter})",

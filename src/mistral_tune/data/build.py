@@ -692,7 +692,10 @@ def build_dataset(cfg, tokenizer) -> Dataset:
         mixed.append(chosen)
     train_idx = np.concatenate(mixed)
     train, val = all_store.subset(train_idx), all_store.subset(val_idx)
-    report.train_samples, report.val_samples = len(train), len(val)
+    report.unique_train_samples, report.val_samples = len(pool_idx), len(val)
+    report.unique_train_tokens = int(all_store.lengths[pool_idx].sum())
+    report.train_samples, report.train_tokens = len(train), int(train.lengths.sum())
+    report.train_trained_tokens = int(train.trained.sum())
     if cfg.sample_packing:
         report.packed_rows, report.padding_share = packing_stats(train.lengths.tolist(), cfg.sequence_len)
     if report.dropped_no_trained_tokens:

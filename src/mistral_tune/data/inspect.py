@@ -150,8 +150,10 @@ def summary_lines(data: Dataset, sequence_len: int) -> list[str]:
     r = data.report
     lengths = data.train.lengths
     lines = [
-        f"samples: {r.samples} ({r.train_samples} train, {r.val_samples} held out)",
-        f"tokens: {r.tokens}; trained tokens: {r.trained_tokens} ({100 * r.trained_tokens / max(r.tokens, 1):.1f}%)",
+        f"samples: {r.samples} ({r.unique_train_samples} train + {r.val_samples} held out); an epoch after "
+        f"dataset weights: {r.train_samples} training samples",
+        f"tokens: {r.tokens:,}; trained tokens: {r.trained_tokens:,} "
+        f"({100 * r.trained_tokens / max(r.tokens, 1):.1f}%); an epoch: {r.train_tokens:,} tokens",
     ]
     if len(lengths):
         lines.append(f"sample length: min {int(lengths.min())}, median {int(np.median(lengths))}, "
@@ -216,8 +218,10 @@ def write_html(samples: list[RenderedSample], header: list[str], path: Path, png
 
 
 def inspect_lines(data: Dataset, tokenizer, sequence_len: int, n_samples: int, out_dir: Path | None,
-                  color: bool, seed: int = 0, max_chars: int | None = 1500, at: list[str] = ()) -> list[str]:
-    """Everything `mistral-tune data inspect` prints; writes the PNG and HTML into out_dir."""
+                  color: bool, seed: int = 0, max_chars: int | None = 1500, at: list[str] = (),
+                  shown_dir: Path | None = None) -> list[str]:
+    """Everything `mistral-tune data inspect` prints; writes the PNG and HTML into out_dir. shown_dir: where
+    out_dir's files are to be found once printed (out_dir may be a temporary folder renamed into place)."""
     lines = ["== report", *data.report.lines(), "", "== summary", *summary_lines(data, sequence_len), ""]
     lines += ["== sample lengths (tokens; train)", *histogram_lines(data.train.lengths, sequence_len), ""]
     rejects = [r for e in data.entries for r in e.rejects(limit=10)][:10]
@@ -253,5 +257,6 @@ def inspect_lines(data: Dataset, tokenizer, sequence_len: int, n_samples: int, o
         png = save_png(data.train.lengths, sequence_len, out_dir / "lengths.png", "sample lengths (train)")
         page = write_html(samples, [*data.report.lines(), "", *summary_lines(data, sequence_len)],
                           out_dir / "samples.html", png.name)
-        lines += ["", f"histogram: {png}", f"samples page: {page}"]
+        shown = Path(shown_dir or out_dir)
+        lines += ["", f"histogram: {shown / png.name}", f"samples page: {shown / page.name}"]
     return lines

@@ -20,8 +20,12 @@ class DataReport:
     dropped_no_trained_tokens: int = 0
     tokens: int = 0
     trained_tokens: int = 0
-    train_samples: int = 0
+    unique_train_samples: int = 0  # samples = unique_train_samples + val_samples (each sample once)
+    unique_train_tokens: int = 0
     val_samples: int = 0
+    train_samples: int = 0  # training samples an epoch, after dataset weights (repeats counted)
+    train_tokens: int = 0  # their tokens (what `plan` counts)
+    train_trained_tokens: int = 0
     per_file: dict[str, int] = field(default_factory=dict)
     rejected: int = 0  # bad records (skipped with on_bad_record: skip)
     invalid_utf8: int = 0  # of which not valid UTF-8
@@ -47,6 +51,11 @@ class DataReport:
     warnings: list[str] = field(default_factory=list)  # config against the model (train and validate)
 
     @property
+    def weighted(self) -> bool:
+        """Whether an epoch's training samples differ from the unique ones (dataset weights, num_samples)."""
+        return (self.train_samples, self.train_tokens) != (self.unique_train_samples, self.unique_train_tokens)
+
+    @property
     def records_used(self) -> int:
         return self.records - self.records_left_out
 
@@ -58,10 +67,14 @@ class DataReport:
     def lines(self) -> list[str]:
         out = [
             f"{self.records} records from {len(self.per_file)} file(s) -> {self.samples} samples "
-            f"({self.train_samples} train, {self.val_samples} held out)",
-            f"{self.tokens} tokens, {self.trained_tokens} trained "
+            f"({self.unique_train_samples} train + {self.val_samples} held out)",
+            f"{self.tokens:,} tokens in those {self.samples} samples, {self.trained_tokens:,} trained "
             f"({100 * self.trained_tokens / max(self.tokens, 1):.1f}%)",
         ]
+        if self.weighted:
+            out.append(f"an epoch after dataset weights: {self.train_samples} training samples (the "
+                       f"{self.unique_train_samples} train samples, some repeated or left out), "
+                       f"{self.train_tokens:,} tokens, {self.train_trained_tokens:,} trained")
         if self.formats:
             out.append("formats: " + ", ".join(f"{k} = {v}" for k, v in self.formats.items()))
         if self.blank_lines:

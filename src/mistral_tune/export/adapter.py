@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -240,6 +241,15 @@ def vllm_expert_layout(cfg: dict, tensors: dict[str, torch.Tensor]) -> tuple[dic
 def min_max_lora_rank(r: int) -> int:
     """The smallest --max-lora-rank value vLLM accepts that fits rank r."""
     return next(v for v in VLLM_MAX_LORA_RANKS if v >= r)
+
+
+def vllm_serve_command(adapter: Path, cfg: dict, name: str = "tuned") -> str:
+    """The `vllm serve` line for an adapter, as a shell would read it (paths quoted): the base it was
+    trained on, LoRA on with a rank that fits, and mistral-common's chat format (docs/deploy.md)."""
+    argv = ["vllm", "serve", cfg.get("base_model_name_or_path") or "BASE_MODEL", "--enable-lora",
+            "--max-lora-rank", str(min_max_lora_rank(int(cfg["r"]))), "--lora-modules",
+            f"{name}={Path(adapter).resolve()}", "--tokenizer-mode", "mistral"]
+    return shlex.join(argv)
 
 
 def export_adapter(run_or_adapter: Path, out_dir: Path | None = None, overwrite: bool = False) -> tuple[Path, dict]:

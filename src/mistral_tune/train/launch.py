@@ -8,11 +8,12 @@ import signal
 
 import torch
 
-from ..errors import ConfigError, DistributedError
+from ..errors import EXIT_STOPPED, ConfigError, DistributedError
 
 
-def launch(processes: int, argv: list[str]) -> None:
-    """Run `python -m mistral_tune *argv` in `processes` processes; raise if any failed."""
+def launch(processes: int, argv: list[str]) -> int | None:
+    """Run `python -m mistral_tune *argv` in `processes` processes; raise if any failed. EXIT_STOPPED
+    when the run stopped on request (rank 0 exited with it; the others may have been ended with it)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -23,6 +24,8 @@ def launch(processes: int, argv: list[str]) -> None:
     try:
         run(args)
     except ChildFailedError as exc:
+        if 0 in exc.failures and exc.failures[0].exitcode == EXIT_STOPPED:
+            return EXIT_STOPPED
         failed = ", ".join(f"rank {rank} (" + (f"killed by {signal.Signals(-f.exitcode).name}" if f.exitcode < 0
                                                else f"exit code {f.exitcode}") + ")"
                            for rank, f in sorted(exc.failures.items()))

@@ -47,7 +47,7 @@ from .lints import model_fit_warnings
 from .logs import MetricsLog
 from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
 from .optim import eight_bit_adamw, lr_factor, make_optimizer, warmup_steps
-from .report import write_run_report
+from .report import record_session, write_run_report
 from .resume import data_fingerprint, resume_checkpoint, roll_back, set_aside_newer
 from .runtime import REPORT_OUTLIER_AFTER, Runtime
 from .schedule import Progress, RowStream, count_steps, finite, one_sample_rows, row_padding
@@ -417,6 +417,9 @@ class TrainingRun:
         (out / "metrics.jsonl").write_text(self.resume_from.metrics_text() if self.resume_from else "")
         if self.resume_from is not None:
             set_aside_newer(self.ckpts, self.resume_from, self.echo)
+        device = torch.cuda.get_device_name(self.rt.device) if self.rt.device.type == "cuda" else "CPU"
+        record_session(out, device=device, processes=self.rt.world_size,
+                       resumed_from=self.resume_from.step if self.resume_from else None)
 
     # ------------------------------------------------------------------ phase 3: steps
     def steps(self, stop: StopRequest) -> None:
@@ -602,7 +605,7 @@ class TrainingRun:
             saved = f"checkpoint: {self.checkpoint_dir}" if self.checkpoint_dir else "no step taken, nothing to save"
             echo(f"stopped by {self.stopped_by} after step {steps_done} of {self.total_steps}; {saved}")
             self.log.finish(None)
-            _write_run_report(out, rt, echo)
+            _write_run_report(out, rt, echo, f"stopped by {self.stopped_by}", steps_done)
             return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
                                stopped_by=self.stopped_by, checkpoint_dir=self.checkpoint_dir)
 
@@ -618,7 +621,7 @@ class TrainingRun:
         report = evals.finish(out.name) if evals is not None and rt.is_main else None  # rank 0's
         if stop.requested:
             echo(f"{stop.signal_name} came after the last step: the run is complete")
-        _write_run_report(out, rt, echo)
+        _write_run_report(out, rt, echo, "complete", steps_done)
         return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
                            checkpoint_dir=self.checkpoint_dir, best=evals.best if evals and rt.is_main else None,
                            report=report)
@@ -679,10 +682,12 @@ def step_record(step: int, epoch: int, loss: float, lr: float, grad_norm: float,
     return record
 
 
-def _write_run_report(out: Path, rt: Runtime, echo) -> None:
-    """output_dir/report.html; the trained run stands even when its report cannot be written."""
+def _write_run_report(out: Path, rt: Runtime, echo, outcome: str, step: int) -> None:
+    """The end of this start of the run in sessions.jsonl, and output_dir/report.html; the trained run
+    stands even when its report cannot be written."""
     def write() -> str:
         try:
+            record_session(out, outcome=outcome, step=step)
             return f"run report: {write_run_report(out)}"
         except (OutputError, OSError) as exc:
             return f"run report not written ({exc}); `mistral-tune report {out}` builds it again"

@@ -292,7 +292,7 @@ def test_mlflow_in_a_relative_sqlite_store_gets_every_name_the_artifact_and_fini
     assert got["artifacts"] == {"adapter", "config.yaml"}
 
 
-def test_a_file_store_is_refused_before_the_run_with_the_fix_or_kept_when_allowed(tmp_path, monkeypatch):
+def test_a_file_store_is_refused_before_the_run_with_the_fix_or_kept_when_allowed(tmp_path, monkeypatch, capsys):
     """MLflow 3 refuses file:./mlruns: validate says so in one line, before the model loads (the base_model
     here does not exist); with MLflow's own MLFLOW_ALLOW_FILE_STORE=true the store is used as named."""
     from mlflow import MlflowClient
@@ -301,6 +301,8 @@ def test_a_file_store_is_refused_before_the_run_with_the_fix_or_kept_when_allowe
     cfg = {"base_model": str(tmp_path / "no-model"), "datasets": [{"path": "x.jsonl"}], "report_to": ["mlflow"],
            "mlflow_tracking_uri": "file:./mlruns"}
     assert main(["validate", str(write_yaml(tmp_path / "c.yaml", cfg))]) == 2
+    printed = capsys.readouterr().err.strip().splitlines()
+    assert len(printed) == 1 and "mlflow_tracking_uri: file:./mlruns is an MLflow file store" in printed[0]
     with pytest.raises(ConfigError, match=r"^mlflow_tracking_uri: file:./mlruns is an MLflow file store.*"
                                           r"sqlite:///mlruns\.db.*MLFLOW_ALLOW_FILE_STORE=true"):
         check_trackers(_cfg("out", report_to=["mlflow"], mlflow_tracking_uri="file:./mlruns"))

@@ -68,7 +68,7 @@ and at the end the adapter (or model), `best/`, the evaluation report and report
 | W&B entity | `wandb_entity` | `WANDB_ENTITY` | your W&B default |
 | W&B group | `wandb_group` | `WANDB_RUN_GROUP` | none |
 | W&B tags | `wandb_tags` | `WANDB_TAGS` | none |
-| MLflow store | `mlflow_tracking_uri` | `MLFLOW_TRACKING_URI` | `output_dir/mlflow.db` (SQLite), artifacts in `output_dir/mlartifacts` |
+| MLflow store | `mlflow_tracking_uri` | `MLFLOW_TRACKING_URI` | `output_dir/mlflow.db` (SQLite) |
 | MLflow experiment | `mlflow_experiment_name` | `MLFLOW_EXPERIMENT_NAME` | `mistral-tune` |
 
 `WANDB_MODE=offline` keeps the W&B run in `output_dir/wandb` (`wandb sync` uploads it).

@@ -288,6 +288,7 @@ class Wandb(Tracker):
 
         kind = "model" if (path / "config.json").is_file() or (path / "adapter_config.json").is_file() else "report"
         art = wandb.Artifact(re.sub(r"[^\w.-]", "_", f"{self.out.name}-{path.name}"), type=kind)
+        path = path.resolve()  # a later `wandb sync` may run from another directory
         if path.is_dir():
             art.add_dir(str(path), policy="immutable")  # referenced, not copied into a staging area
         else:

@@ -70,8 +70,10 @@ def store(tmp_path_factory) -> str:
     takes seconds); each run in it has its own id."""
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()  # creates the tables
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    # The experiment the runs go to, with its artifacts here (MLflow's default is ./mlruns of the working directory)
+    MlflowClient(uri).create_experiment("mistral-tune", artifact_location=(folder / "artifacts").as_uri())
     return uri
 
 

@@ -50,7 +50,7 @@ def render() -> str:
               "| preset | what for | keys |", "|---|---|---|"]
     for name, (what, keys) in PRESETS.items():
         lines.append(f"| `{name}` | {what} | {', '.join(f'`{k}: {v}`' for k, v in keys.items())} |")
-    lines.append("")
+    lines += ["", *TRACKERS.strip().splitlines(), ""]
     return "\n".join(lines + _axolotl_section())
 
 
@@ -98,6 +98,52 @@ def _axolotl_section() -> list[str]:
         "A mistral-tune config that holds Axolotl's keys (`train`, `validate`) gets one line per problem, each "
         "naming the key and its counterpart (`load_in_4bit` → `adapter: qlora`), and a last line pointing to "
         "`convert axolotl`.", ""]
+
+
+TRACKERS = """
+## Experiment trackers
+
+`report_to: [wandb, mlflow]` sends each tracker the config (flattened: `lora_r`, `datasets_0_path`, and
+the whole config.yaml), the data report, every metrics.jsonl line at its step (step lines, held-out
+loss, the `eval:` section's metrics during training and at its end, the base model's as `NAME_base`),
+and at the end the adapter (or model), `best/`, the evaluation report and report.html as artifacts.
+
+| setting | config key | environment variable (used when the key is unset) | default |
+|---|---|---|---|
+| W&B project | `wandb_project` | `WANDB_PROJECT` | `mistral-tune` |
+| W&B entity | `wandb_entity` | `WANDB_ENTITY` | your W&B default |
+| W&B group | `wandb_group` | `WANDB_RUN_GROUP` | none |
+| W&B tags | `wandb_tags` | `WANDB_TAGS` | none |
+| MLflow store | `mlflow_tracking_uri` | `MLFLOW_TRACKING_URI` | `output_dir/mlflow.db` (SQLite) |
+| MLflow experiment | `mlflow_experiment_name` | `MLFLOW_EXPERIMENT_NAME` | `mistral-tune` |
+
+`WANDB_MODE=offline` keeps the W&B run in `output_dir/wandb` (`wandb sync` uploads it).
+
+**Stores.** The default needs nothing: `mlflow ui --backend-store-uri sqlite:///OUTPUT_DIR/mlflow.db`
+shows the run. `sqlite:///mlflow.db` (relative to the working directory) or `sqlite:////abs/path.db`
+share one store between runs (MLflow puts their artifacts in `./mlruns` of the working directory);
+`http://host:5000` sends to a tracking server. MLflow 3 refuses a file store (`file:./mlruns`, or a
+plain path): `validate` and `train` stop before anything loads and name the SQLite URI to use
+instead; set `MLFLOW_ALLOW_FILE_STORE=true` (MLflow's own switch) to keep a file store. It is not
+mapped to SQLite silently: `mlflow ui` on `./mlruns` would not show runs written elsewhere.
+
+**Names.** W&B and MLflow get one form of each name: every run of characters other than ASCII
+letters, digits and `_` becomes one `_`, a name starting with a digit gets a `_` in front, and a name
+longer than 250 characters is cut and ends in a hash (`tasks.exact_match@base` ->
+`tasks_exact_match_base`, `datasets.0.path` -> `datasets_0_path`). This is W&B's rule for names it
+can sort and filter on, which MLflow's rule accepts too. TensorBoard keeps its `train/`, `eval/`,
+`base/` tags; metrics.jsonl keeps the original names.
+
+**Run status.** A complete run ends its tracker runs as finished (MLflow `FINISHED`, W&B exit code
+0); a stop request (SIGTERM, Ctrl-C) as stopped and resumable (MLflow `KILLED`, W&B preempting with
+exit code 128 + the signal's number); an error as failed (MLflow `FAILED`, W&B exit code 1). A
+resumed run continues the same tracker runs (trackers.json).
+
+**Failures.** A missing package or a setting the library refuses (a file store, a missing SQLite
+folder, a W&B project, group or tag W&B refuses) stops `validate` and `train` before anything
+loads. A tracker that fails later (it cannot start, a server goes away) is reported in one line,
+closed as failed where it can be, and left out; the run, metrics.jsonl and the other trackers go on.
+"""
 
 
 if __name__ == "__main__":

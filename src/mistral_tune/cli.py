@@ -223,12 +223,17 @@ def _cmd_eval(args) -> None:
 
 def _cmd_validate(args) -> None:
     from .config import load_config
+    from .train.trackers import check_trackers
+
+    cfg = load_config(args.config, args.overrides)
+    trackers = check_trackers(cfg)  # before torch, the model and the data load
     from .models.families import describe
     from .train.loop import prepare
 
-    cfg = load_config(args.config, args.overrides)
     _, model_dir, tokenizer, model, data = prepare(cfg, check_output=False)
     print(f"config OK; model {model_dir}: {describe(model.config)}; tokenizer {tokenizer.source_file.name}")
+    for line in trackers:
+        print(line)
     for line in cfg.preset_lines():
         print(line)
     for line in data.report.lines():

@@ -456,15 +456,30 @@ class Config(_Strict):
         "mean gradient norm of those steps.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         ["tensorboard"],
-        description="Experiment trackers that get the config, data report, every metrics line and the final "
-        "weights, besides metrics.jsonl ([]: metrics.jsonl only). wandb and mlflow are extras: pip install "
-        "'mistral-tune[wandb]' / '[mlflow]'; WANDB_MODE=offline keeps the W&B run in output_dir/wandb.",
+        description="Experiment trackers that get the config, data report, every metrics line (held-out loss and "
+        "evaluations, base and tuned, included) and the final and best weights, besides metrics.jsonl ([]: "
+        "metrics.jsonl only). wandb and mlflow are extras: pip install 'mistral-tune[wandb]' / '[mlflow]'; "
+        "WANDB_MODE=offline keeps the W&B run in output_dir/wandb. Names, run status and failures: see "
+        "'Experiment trackers' below.",
     )
+    wandb_project: str | None = Field(
+        None, description="W&B project (report_to: wandb); default WANDB_PROJECT, else mistral-tune.")
+    wandb_entity: str | None = Field(
+        None, description="W&B entity (user or team) that owns the project; default WANDB_ENTITY, else your "
+        "W&B default entity.")
+    wandb_group: str | None = Field(
+        None, description="W&B group the run joins (e.g. one sweep or experiment); default WANDB_RUN_GROUP.")
+    wandb_tags: list[str] = Field(
+        [], description="W&B tags of the run (1 to 64 characters each); default WANDB_TAGS (comma-separated).")
     mlflow_tracking_uri: str | None = Field(
         None,
-        description="The MLflow store (report_to: mlflow), e.g. sqlite:///runs.db or http://host:5000; default "
-        "MLFLOW_TRACKING_URI, else output_dir/mlflow.db (artifacts in output_dir/mlartifacts).",
+        description="The MLflow store (report_to: mlflow), e.g. sqlite:///mlflow.db or http://host:5000; default "
+        "MLFLOW_TRACKING_URI, else output_dir/mlflow.db (artifacts in output_dir/mlartifacts). A file store "
+        "(file:./mlruns) needs MLFLOW_ALLOW_FILE_STORE=true with MLflow 3.",
     )
+    mlflow_experiment_name: str | None = Field(
+        None, description="The MLflow experiment the run goes to (created when missing); default "
+        "MLFLOW_EXPERIMENT_NAME, else mistral-tune.")
     eval_steps: int | None = Field(
         None,
         ge=1,

@@ -24,7 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .trackers import Trackers
+from .trackers import FAILED, FINISHED, Trackers
 
 
 class MetricsLog:
@@ -110,14 +110,16 @@ class MetricsLog:
 
     def eval(self, step: int, loss: float) -> None:
         ppl = math.exp(min(loss, 50.0))
-        self.metrics(step, {"eval_loss": loss, "eval_ppl": ppl}, f"held-out loss {loss:.4f}, perplexity {ppl:.2f}")
+        self.metrics(step, {"eval_loss": loss, "eval_ppl": ppl}, f"held-out loss {loss:.4f}, perplexity {ppl:.2f}",
+                     kind="heldout")
 
-    def metrics(self, step: int, values: dict[str, float], message: str | None = None) -> None:
-        """One line of named evaluation metrics (a base model's value named NAME@base)."""
+    def metrics(self, step: int, values: dict[str, float], message: str | None = None, kind: str = "eval") -> None:
+        """One line of named evaluation metrics (a base model's value named NAME@base). kind: the trackers'
+        name for this kind of line (the held-out loss and the eval: section's metrics share their steps)."""
         if not self.enabled:
             return
         self._write({"step": step, **values})
-        self.trackers.log("eval", step, values)
+        self.trackers.log(kind, step, values)
         if message is None:
             return
         msg = f"step {step}: {message}"
@@ -133,12 +135,11 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
         if sys.exc_info()[0] is not None:
-            self.trackers.close(failed=True)
+            self.trackers.close(status=FAILED)
 
-    def finish(self, final: Path | None) -> None:
-        """The trackers get the final adapter or model directory (None: the run stopped early, or saving
-        failed) and end their runs."""
-        self.trackers.close(final, failed=sys.exc_info()[0] is not None)
+    def finish(self, artifacts: list[Path] = (), status: str = FINISHED, signal_name: str | None = None) -> None:
+        """The trackers get the run's artifacts (those that exist) and end their runs as `status`."""
+        self.trackers.close(artifacts, status, signal_name)
 
 
 def _info(record: dict) -> str:

@@ -52,7 +52,7 @@ from .resume import data_fingerprint, resume_checkpoint, roll_back, set_aside_ne
 from .runtime import REPORT_OUTLIER_AFTER, Runtime
 from .schedule import Progress, RowStream, count_steps, finite, one_sample_rows, row_padding
 from .signals import StopRequest
-from .trackers import Trackers, check_trackers, run_files, run_params
+from .trackers import FAILED, STOPPED, Trackers, check_trackers, run_files, run_params
 
 
 @dataclass
@@ -103,7 +103,7 @@ def prepare(cfg: Config, check_output: bool = True):
     """
     if check_output:
         check_output_dir(cfg)
-    check_trackers(cfg.report_to)
+    check_trackers(cfg)  # the package and settings of each tracker, before anything loads
     if cfg.optimizer == "adamw_8bit":
         eight_bit_adamw()  # a missing package is reported now, not after the weights are read
     rt = Runtime.detect(cfg)
@@ -256,9 +256,14 @@ def run_training(cfg: Config, rt: Runtime, model_dir: Path, tokenizer, model, da
     seed_everything(cfg.seed)
     run = TrainingRun(cfg, rt, model_dir, tokenizer, model, data, echo)
     run.build()
-    run.open(force)
-    run.steps(stop)
-    return run.finish(merge, stop)
+    try:
+        run.open(force)
+        run.steps(stop)
+        return run.finish(merge, stop)
+    except BaseException:  # the trackers' runs end as failed, whatever phase raised (a no-op once closed)
+        if run.log is not None:
+            run.log.finish(status=FAILED)
+        raise
 
 
 class TrainingRun:
@@ -273,6 +278,7 @@ class TrainingRun:
         self.resume_from: Checkpoint | None = None
         self.stopped_by: str | None = None
         self.checkpoint_dir: Path | None = None  # the last checkpoint written
+        self.log: MetricsLog | None = None  # open makes it, with the trackers
 
     # ------------------------------------------------------------------ phase 1: build
     def build(self) -> None:
@@ -383,7 +389,7 @@ class TrainingRun:
         hparams = {"total_steps": self.total_steps, "warmup_steps": self.warmup, "rows_per_step": rows_per_step,
                    "micro_batch_size": self.progress.micro_batch_size, "world_size": rt.world_size,
                    "trainable_params": self.trainable, "total_params": self.total, "device": str(rt.device)}
-        trackers: list[Trackers] = []  # rank 0's; an error starting one reaches every rank
+        trackers: list[Trackers] = []  # rank 0's; one that cannot start is reported and left out
         report = self.data.report.__dict__
         rt.on_main(lambda: trackers.append(Trackers.open(
             cfg, self.out, resume_from.step if resume_from is not None else None,
@@ -604,27 +610,29 @@ class TrainingRun:
         if self.stopped_by is not None:
             saved = f"checkpoint: {self.checkpoint_dir}" if self.checkpoint_dir else "no step taken, nothing to save"
             echo(f"stopped by {self.stopped_by} after step {steps_done} of {self.total_steps}; {saved}")
-            self.log.finish(None)
             _write_run_report(out, rt, echo, f"stopped by {self.stopped_by}", steps_done)
+            self.log.finish([self._best_dir(), out / "report.html"], STOPPED, self.stopped_by)
             return TrainResult(out, None, None, steps_done, progress.train_loss, progress.eval_loss,
                                stopped_by=self.stopped_by, checkpoint_dir=self.checkpoint_dir)
 
         # The stop handler stays on: a SIGTERM now lets the final save finish, and the run ends complete.
-        adapter_dir = merged_dir = None
-        try:
-            weights = rt.full_state_dict(self.model)  # gathered from the shards onto rank 0 (sharded runs)
-            adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(lambda: self._save_final(weights,
-                                                                                                            merge)))
-        finally:
-            self.log.finish(adapter_dir or merged_dir)
+        weights = rt.full_state_dict(self.model)  # gathered from the shards onto rank 0 (sharded runs)
+        adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(lambda: self._save_final(weights, merge)))
         evals = self.evals
         report = evals.finish(out.name) if evals is not None and rt.is_main else None  # rank 0's
         if stop.requested:
             echo(f"{stop.signal_name} came after the last step: the run is complete")
         _write_run_report(out, rt, echo, "complete", steps_done)
+        # The trackers last, so that they get every artifact: the weights, best/, the evaluation report.
+        self.log.finish([adapter_dir or merged_dir, self._best_dir(), report.parent if report else None,
+                         out / "report.html"])
         return TrainResult(out, adapter_dir, merged_dir, steps_done, progress.train_loss, progress.eval_loss,
                            checkpoint_dir=self.checkpoint_dir, best=evals.best if evals and rt.is_main else None,
                            report=report)
+
+    def _best_dir(self) -> Path | None:
+        """best/, when an evaluation kept one (rank 0's)."""
+        return self.evals.best_dir if self.evals is not None and self.rt.is_main else None
 
     def _save_final(self, weights, merge: bool) -> list[str | None]:
         cfg, spec = self.cfg, self.spec

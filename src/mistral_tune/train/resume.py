@@ -114,7 +114,7 @@ SAFE_TO_CHANGE = frozenset({
     "logging_steps", "eval_steps", "eval", "save_steps", "save_total_limit", "max_steps", "num_epochs",
     "auto_micro_batch", "bad_step_zscore", "bad_step_window", "bad_step_rollback_after", "bad_step_lr_factor",
     "bad_step_max_rollbacks", "overlap_gradient_sync", "fsdp_reshard_after_forward", "report_to",
-    "mlflow_tracking_uri",
+    "mlflow_tracking_uri", "mlflow_experiment_name", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags",
 })
 
 

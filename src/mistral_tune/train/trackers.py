@@ -3,26 +3,46 @@
 Each tracker receives, from rank 0 only:
 - once, the run's parameters: the config flattened (`lora_r`, `datasets.0.path`), the run's derived
   hyper-parameters (`run.total_steps`, `run.rows_per_step`, ...) and the data report's counts
-  (`data.samples`, ...); MLflow and W&B also get the whole config.yaml and data_report.json;
-- every metrics.jsonl line, under the same names at the same step numbers: the step lines (loss, lr,
-  grad_norm, tokens_per_s, peak_mem_gib, gpu_util on CUDA, ...) and the evaluation lines (eval_loss,
-  task metrics, NAME@base); TensorBoard keeps its train/, eval/ and base/ tags;
-- at the end, the final adapter (or model) directory as an artifact.
+  (`data.samples`, ...); MLflow and W&B also get the whole config.yaml and data_report.json as files;
+- every metrics.jsonl line at its step: the step lines (loss, lr, grad_norm, tokens_per_s,
+  peak_mem_gib, gpu_util on CUDA, ...), the held-out loss lines and the evaluation lines (task,
+  forgetting and needle metrics, a base model's value as NAME@base), during training and at its end;
+- at the end, the final adapter (or model) directory, best/ when an evaluation kept one, and the
+  evaluation report folder, as artifacts; then its run is closed as finished, stopped (a stop
+  request: the run can resume) or failed (an error ended the run).
+
+Names. W&B and MLflow get each name through `tracker_name`: every run of characters other than ASCII
+letters, digits and `_` becomes one `_`, a name starting with a digit gets a `_` in front, and a name
+longer than 250 characters is cut, ending in a hash of the whole (`tasks.exact_match@base` ->
+`tasks_exact_match_base`, `datasets.0.path` -> `datasets_0_path`). That is W&B's pattern for names
+it can sort and filter on (`[_a-zA-Z][_a-zA-Z0-9]*`), which MLflow's rule (letters, digits, `_ - . /
+:` and spaces, no path tricks, at most 250 characters) also accepts. TensorBoard keeps its train/,
+eval/ and base/ tags.
+
+Failures. What can be checked before a run (`check_trackers`: the package, the MLflow store, W&B's
+own checks of the project, group and tags) stops it with a ConfigError, before anything is loaded;
+`validate` runs the same checks. A tracker that fails later (it cannot start, a call raises) is
+reported in one line, closed as failed where it can be, and dropped; the run, metrics.jsonl and the
+other trackers go on.
 
 Resume. trackers.json in the run directory keeps each tracker's run id, so a resumed run continues
-the same W&B and MLflow run, and the last step each has received. A killed run may have sent steps
-after the checkpoint the resumed run starts from; those steps are not sent again (W&B and MLflow
-keep the values the killed run sent, which exact resume reproduces; the timings may differ).
-TensorBoard instead hides the killed run's later events (purge_step) and gets the steps again.
+the same W&B and MLflow run, and the last step each kind of line (train, held-out loss, evaluation)
+has reached it. A killed run may have sent steps after the checkpoint the resumed run starts from;
+those steps are not sent again (W&B and MLflow keep the values the killed run sent, which exact
+resume reproduces; the timings may differ). TensorBoard instead hides the killed run's later events
+(purge_step) and gets the steps again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import signal
 from abc import ABC, abstractmethod
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
 import yaml
 
@@ -32,18 +52,122 @@ from ..fsutil import atomic_write_text
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 STATE = "trackers.json"
 _PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # tracker -> module (TensorBoard is a dependency)
+FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"  # how a run ends, as each tracker records it
+NAME_MAX = 250  # MLflow's longest key
+DEFAULT_PROJECT = "mistral-tune"  # the W&B project and the MLflow experiment when none is named
 
 
-def check_trackers(report_to: list[str]) -> None:
-    """ConfigError now, before anything is written, when a tracker's package is missing."""
-    for name in report_to:
-        if name not in _PACKAGES:
+def tracker_name(name: str) -> str:
+    """The name W&B and MLflow get for one of ours (the module docstring states the rule)."""
+    out = re.sub(r"[^A-Za-z0-9_]+", "_", name)
+    if not out or out[0].isdigit():
+        out = "_" + out
+    if len(out) > NAME_MAX:
+        out = out[:NAME_MAX - 9] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return out
+
+
+def tracker_names(values: dict) -> dict:
+    """`values` under tracker_name's names."""
+    return {tracker_name(k): v for k, v in values.items()}
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    text = text[0] if text else ""
+    return f"{type(exc).__name__}: {text[:limit]}" if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------- settings, checked before a run
+
+
+def wandb_settings(cfg) -> dict:
+    """wandb.init's project, entity, group and tags: the config's keys, else W&B's environment variables
+    (WANDB_PROJECT, WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_TAGS, which wandb reads itself)."""
+    return {"project": cfg.wandb_project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+            "entity": cfg.wandb_entity, "group": cfg.wandb_group, "tags": list(cfg.wandb_tags) or None}
+
+
+def mlflow_settings(cfg) -> tuple[str | None, str, str]:
+    """(tracking URI or None for the run's own store, where it was set, experiment name): the config's
+    keys, else MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME."""
+    if cfg.mlflow_tracking_uri:
+        uri, where = cfg.mlflow_tracking_uri, "mlflow_tracking_uri"
+    else:
+        uri, where = os.environ.get("MLFLOW_TRACKING_URI") or None, "MLFLOW_TRACKING_URI (environment)"
+    name = cfg.mlflow_experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_PROJECT
+    return uri, where, name
+
+
+def check_trackers(cfg) -> list[str]:
+    """ConfigError now, before anything is loaded or written, for a tracker whose package is missing or
+    whose settings its library would refuse; else one line a tracker saying where its run will go."""
+    lines = []
+    for name in cfg.report_to:
+        if name in _PACKAGES:
+            try:
+                __import__(_PACKAGES[name])
+            except ImportError:
+                raise ConfigError(f"report_to: {name} needs the {_PACKAGES[name]} package: pip install "
+                                  f"'mistral-tune[{name}]' (or leave {name} out of report_to)") from None
+        if name == "wandb":
+            lines.append(_check_wandb(cfg))
+        elif name == "mlflow":
+            lines.append(_check_mlflow(cfg))
+    return lines
+
+
+def _check_wandb(cfg) -> str:
+    """W&B's own checks (wandb.Settings) of each key, reported under the key's name."""
+    import wandb
+
+    s = wandb_settings(cfg)
+    for key, field, value in (("wandb_project", "project", s["project"]), ("wandb_entity", "entity", s["entity"]),
+                              ("wandb_group", "run_group", s["group"]), ("wandb_tags", "run_tags", s["tags"])):
+        if value is None:
             continue
         try:
-            __import__(_PACKAGES[name])
-        except ImportError:
-            raise ConfigError(f"report_to: {name} needs the {_PACKAGES[name]} package: "
-                              f"pip install 'mistral-tune[{name}]' (or leave {name} out of report_to)") from None
+            wandb.Settings(**{field: tuple(value) if field == "run_tags" else value})
+        except Exception as exc:
+            why = str(exc).strip().splitlines()
+            why = next((w.strip() for w in why if "error" in w.lower() and "validation error" not in w), why[0])
+            raise ConfigError(f"{key}: {value!r}: W&B refuses it ({why})") from None
+    mode = os.environ.get("WANDB_MODE", "online")
+    where = "kept in output_dir/wandb (WANDB_MODE=offline)" if mode in ("offline", "dryrun") else f"mode {mode}"
+    return f"wandb: project {s['project']}" + (f", entity {s['entity']}" if s["entity"] else "") + f", {where}"
+
+
+def _check_mlflow(cfg) -> str:
+    """The store an MLflow run would go to, checked as far as can be without writing to it."""
+    uri, where, experiment = mlflow_settings(cfg)
+    if uri is None:
+        return f"mlflow: experiment {experiment} in output_dir/mlflow.db (artifacts in output_dir/mlartifacts)"
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("", "file") and _file_store_refused():
+        path = (urlparse(uri).path if scheme else uri).rstrip("/")
+        raise ConfigError(
+            f"{where}: {uri} is an MLflow file store, which this MLflow refuses (its file backend is in "
+            f"maintenance mode); use a SQLite store, e.g. mlflow_tracking_uri: sqlite:///"
+            f"{PurePosixPath(path) if path.strip('./') else 'mlruns'}.db, or leave the key out for "
+            "output_dir/mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true to keep the file store")
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):].split("?")[0] if uri.lower().startswith("sqlite:///") else ""
+        if not path or path == ":memory:":
+            raise ConfigError(f"{where}: {uri}: name the database file, e.g. sqlite:///mlflow.db (a store in "
+                              "memory ends with the run)")
+        folder = Path(path).expanduser().parent
+        if not folder.is_dir():
+            raise ConfigError(f"{where}: {uri}: the folder {folder} does not exist; create it or name another")
+    return f"mlflow: experiment {experiment} in {uri}"
+
+
+def _file_store_refused() -> bool:
+    """True where this MLflow refuses its file store (3.x, unless MLFLOW_ALLOW_FILE_STORE is set)."""
+    from mlflow import environment_variables
+
+    allowed = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)  # absent: the file store works
+    return allowed is not None and not allowed.get()
 
 
 def flatten(value, prefix: str = "") -> dict[str, object]:
@@ -67,10 +191,10 @@ def numbers(record: dict) -> dict[str, float]:
 
 
 class Tracker(ABC):
-    """One library's run: parameters once, then metrics lines, then the final weights, then close.
+    """One library's run: parameters once, then metrics lines, then artifacts, then close.
 
-    `sent` (None: no skipping) is the last step of each kind of line ("train", "eval") this run has
-    received; on resume, lines at or before it are not sent again."""
+    `sent` (None: no skipping) is the last step of each kind of line ("train", "heldout", "eval") this
+    run has received; on resume, lines of a kind at or before it are not sent again."""
 
     name = ""
 
@@ -98,11 +222,11 @@ class Tracker(ABC):
         """One metrics line to the library."""
 
     def artifact(self, path: Path) -> None:  # noqa: B027 (optional: not every library keeps files)
-        """The final adapter or model directory."""
+        """A directory (an adapter or model, the evaluation report) or a file of the run."""
 
     @abstractmethod
-    def close(self, failed: bool) -> None:
-        """End the library's run, marked failed or finished."""
+    def close(self, status: str, signal_name: str | None = None) -> None:
+        """End the library's run as FINISHED, STOPPED (by signal_name, resumable) or FAILED."""
 
 
 class TensorBoard(Tracker):
@@ -127,7 +251,7 @@ class TensorBoard(Tracker):
             metric, _, side = name.partition("@")
             self.writer.add_scalar(f"{side or 'eval'}/{metric.removeprefix('eval_')}", value, step)
 
-    def close(self, failed: bool) -> None:
+    def close(self, status: str, signal_name: str | None = None) -> None:
         self.writer.close()
 
 
@@ -136,54 +260,72 @@ class Wandb(Tracker):
 
     name = "wandb"
 
-    def __init__(self, out: Path, run_id: str | None, sent: dict | None) -> None:
+    def __init__(self, cfg, out: Path, run_id: str | None, sent: dict | None) -> None:
         import wandb
 
         try:
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "mistral-tune", name=out.name,
-                                  dir=str(out), id=run_id, resume="allow" if run_id else None,
+            self.run = wandb.init(**wandb_settings(cfg), name=out.name, dir=str(out), id=run_id,
+                                  resume="allow" if run_id else None,
                                   settings=wandb.Settings(console="off", silent=True))
         except Exception as exc:  # no login, no network: say how to log locally
-            raise ConfigError(f"report_to: wandb: could not start a run ({exc}); set WANDB_MODE=offline to keep "
-                              "it in output_dir, or log in with `wandb login`") from None
+            raise RuntimeError(f"could not start a run ({first_line(exc)}); set WANDB_MODE=offline to keep it in "
+                               "output_dir, or log in with `wandb login`") from None
         self.out = out
         super().__init__(self.run.id, sent)
 
     def params(self, params: dict, files: dict[str, str]) -> None:
-        self.run.config.update(params, allow_val_change=True)
+        self.run.config.update(tracker_names(params), allow_val_change=True)
+        for name, text in files.items():  # into the run's files folder, which W&B keeps with the run
+            path = Path(self.run.dir) / name
+            path.write_text(text)
+            self.run.save(str(path), base_path=self.run.dir, policy="now")
 
     def _send(self, kind: str, step: int, record: dict) -> None:
-        self.run.log(numbers(record), step=step)
+        self.run.log(tracker_names(numbers(record)), step=step)
 
     def artifact(self, path: Path) -> None:
         import wandb
 
-        art = wandb.Artifact(re.sub(r"[^\w.-]", "_", f"{self.out.name}-{path.name}"), type="model")
-        art.add_dir(str(path), policy="immutable")  # referenced, not copied into a staging area
+        kind = "model" if (path / "config.json").is_file() or (path / "adapter_config.json").is_file() else "report"
+        art = wandb.Artifact(re.sub(r"[^\w.-]", "_", f"{self.out.name}-{path.name}"), type=kind)
+        path = path.resolve()  # a later `wandb sync` may run from another directory
+        if path.is_dir():
+            art.add_dir(str(path), policy="immutable")  # referenced, not copied into a staging area
+        else:
+            art.add_file(str(path), policy="immutable")
         self.run.log_artifact(art)
 
-    def close(self, failed: bool) -> None:
-        self.run.finish(exit_code=1 if failed else 0)
+    def close(self, status: str, signal_name: str | None = None) -> None:
+        if status == STOPPED:  # W&B's resumable stop: preempting, and the signal's exit code (128 + number)
+            self.run.mark_preempting()
+            number = getattr(signal.Signals, signal_name or "", signal.SIGTERM)
+            self.run.finish(exit_code=128 + int(number))
+        else:
+            self.run.finish(exit_code=0 if status == FINISHED else 1)
 
 
 class Mlflow(Tracker):
-    """An MLflow run in the store `mlflow_tracking_uri` (or MLFLOW_TRACKING_URI) names; by default a
+    """An MLflow run in the store mlflow_tracking_uri (or MLFLOW_TRACKING_URI) names; by default a
     SQLite store, output_dir/mlflow.db, with artifacts in output_dir/mlartifacts."""
 
     name = "mlflow"
     PARAM_BATCH = 100  # MLflow takes at most 100 parameters a call
     VALUE_MAX = 6000  # and values of at most 6000 characters (the full text is in the config.yaml artifact)
+    STATUS = {FINISHED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED"}
 
-    def __init__(self, out: Path, uri: str | None, run_id: str | None, sent: dict | None) -> None:
+    def __init__(self, cfg, out: Path, run_id: str | None, sent: dict | None) -> None:
         from mlflow import MlflowClient
 
-        own = not (uri or os.environ.get("MLFLOW_TRACKING_URI"))
-        self.client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}" if own else uri)
+        uri, _, experiment = mlflow_settings(cfg)
+        out = out.resolve()  # a relative output_dir has no file URI
+        self.client = MlflowClient(uri or f"sqlite:///{out / 'mlflow.db'}")
         if run_id is None:
-            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "mistral-tune"
-            exp = self.client.get_experiment_by_name(name)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is not None and exp.lifecycle_stage == "deleted":
+                raise RuntimeError(f"the experiment {experiment} is deleted in {uri}; restore it "
+                                   "(mlflow experiments restore) or name another in mlflow_experiment_name")
             exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                name, artifact_location=(out / "mlartifacts").as_uri() if own else None)
+                experiment, artifact_location=None if uri else (out / "mlartifacts").as_uri())
             run_id = self.client.create_run(exp_id, run_name=out.name).info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -193,8 +335,7 @@ class Mlflow(Tracker):
         from mlflow.entities import Param
 
         known = self.client.get_run(self.run_id).data.params  # a resumed run keeps its first values
-        new = [Param(re.sub(r"[^\w./ -]", "_", k), str(v)[:self.VALUE_MAX]) for k, v in params.items()]
-        new = [p for p in new if p.key not in known]
+        new = [Param(k, str(v)[:self.VALUE_MAX]) for k, v in tracker_names(params).items() if k not in known]
         for i in range(0, len(new), self.PARAM_BATCH):
             self.client.log_batch(self.run_id, params=new[i:i + self.PARAM_BATCH])
         for name, text in files.items():
@@ -206,18 +347,22 @@ class Mlflow(Tracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in numbers(record).items()])
+        metrics = [Metric(k, v, now, step) for k, v in tracker_names(numbers(record)).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
     def artifact(self, path: Path) -> None:
-        self.client.log_artifacts(self.run_id, str(path), path.name)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), path.name)
+        else:
+            self.client.log_artifact(self.run_id, str(path))
 
-    def close(self, failed: bool) -> None:
-        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+    def close(self, status: str, signal_name: str | None = None) -> None:
+        self.client.set_terminated(self.run_id, self.STATUS[status])
 
 
 class Trackers:
-    """The run's trackers, fed by MetricsLog. A tracker that fails is reported once and dropped; the
-    run and metrics.jsonl go on."""
+    """The run's trackers, fed by MetricsLog. A tracker that fails is reported once, closed as failed
+    where it can be, and dropped; the run and metrics.jsonl go on."""
 
     def __init__(self, out: Path, items: list[Tracker], echo=print) -> None:
         self.out, self.items, self.echo = out, items, echo
@@ -229,24 +374,20 @@ class Trackers:
         state = {}
         if cfg.resume is not None and (out / STATE).is_file():
             state = json.loads((out / STATE).read_text())
-        items: list[Tracker] = []
-        self = cls(out, items, echo)
-        try:
-            for name in cfg.report_to:
+        self = cls(out, [], echo)
+        for name in cfg.report_to:
+            old = state.get(name, {})
+            try:
                 if name == "tensorboard":
-                    try:
-                        items.append(TensorBoard(out, resumed_at))
-                    except ImportError:  # a dependency, but a broken install should not stop training
-                        echo("tensorboard is not importable; writing metrics.jsonl only")
-                    continue
-                old = state.get(name, {})
-                items.append(Wandb(out, old.get("run_id"), old.get("sent")) if name == "wandb" else
-                             Mlflow(out, cfg.mlflow_tracking_uri, old.get("run_id"), old.get("sent")))
-            self._save()
-            self._each(lambda t: t.params(params, files))
-        except BaseException:
-            self.close(failed=True)
-            raise
+                    self.items.append(TensorBoard(out, resumed_at))
+                elif name == "wandb":
+                    self.items.append(Wandb(cfg, out, old.get("run_id"), old.get("sent")))
+                else:
+                    self.items.append(Mlflow(cfg, out, old.get("run_id"), old.get("sent")))
+            except Exception as exc:  # the run goes on without it
+                echo(f"report_to: {name} did not start ({first_line(exc)}); the run goes on without it")
+        self._save()
+        self._each(lambda t: t.params(params, files))
         return self
 
     def _each(self, call) -> bool:
@@ -255,9 +396,17 @@ class Trackers:
             try:
                 changed |= call(t) is not False
             except Exception as exc:
-                self.echo(f"report_to: {t.name} failed ({type(exc).__name__}: {exc}); no more goes to it")
+                self.echo(f"report_to: {t.name} failed ({first_line(exc)}); the run goes on without it")
                 self.items.remove(t)
+                self._end(t, FAILED, None, quiet=True)
         return changed
+
+    def _end(self, t: Tracker, status: str, signal_name: str | None, quiet: bool = False) -> None:
+        try:
+            t.close(status, signal_name)
+        except Exception as exc:
+            if not quiet:
+                self.echo(f"report_to: {t.name} could not close its run ({first_line(exc)})")
 
     def _save(self) -> None:
         state = {t.name: t.state() for t in self.items if t.sent is not None}
@@ -268,15 +417,14 @@ class Trackers:
         if self._each(lambda t: t.log(kind, step, record)):
             self._save()
 
-    def close(self, final: Path | None = None, failed: bool = False) -> None:
-        """Send the final weights (when there are), and end each tracker's run."""
-        if final is not None:
-            self._each(lambda t: t.artifact(final))
+    def close(self, artifacts: list[Path] = (), status: str = FINISHED, signal_name: str | None = None) -> None:
+        """Send the artifacts that exist (final weights, best/, the evaluation report), and end each
+        tracker's run as `status`. Once: a second call finds no trackers."""
+        for path in artifacts:
+            if path is not None and path.exists():
+                self._each(lambda t, path=path: t.artifact(path))
         for t in self.items:
-            try:
-                t.close(failed)
-            except Exception as exc:
-                self.echo(f"report_to: {t.name} could not close its run ({type(exc).__name__}: {exc})")
+            self._end(t, status, signal_name)
         self.items = []
 
 

@@ -130,6 +130,7 @@ class Decoder:
         self.graphs, self.lockstep = graphs, lockstep
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Choice]] = {}
         self._pool = None
+        self._state: tuple = ((), None)
         self._seeds = torch.Generator().manual_seed(torch.seed())
 
     # ------------------------------------------------------------------ adding sequences
@@ -153,6 +154,8 @@ class Decoder:
         for prompt, params, sink in requests:
             stops = frozenset(params.stop_token_ids) | ({eos_id} if eos_id is not None else set())
             seqs.append(Sequence(list(prompt), params, sink, stops))
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        self._state = (_adapter_state(self.model), autocast)  # what captured graphs bake in
         ok = []
         for s in seqs:
             if not s.prompt:
@@ -302,9 +305,9 @@ class Decoder:
     def _run(self, batch: int, keys: int, modes: Modes) -> Choice:
         if not self._use_graphs():
             return self._step_fn(batch, keys, modes)
-        key = (_adapter_state(self.model), batch, keys, modes)
+        key = (self._state, batch, keys, modes)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(batch, keys, modes)
+            self._graphs[key] = self._capture(batch, keys, modes, self._state[1])
         graph, choice = self._graphs[key]
         graph.replay()
         return choice
@@ -335,13 +338,16 @@ class Decoder:
     def _use_graphs(self) -> bool:
         if self.lockstep:
             return False
-        if self.graphs is not None:
-            return self.graphs
-        return self.device.type == "cuda" and not torch.is_autocast_enabled("cuda")
+        return self.graphs if self.graphs is not None else self.device.type == "cuda"
 
-    def _capture(self, batch: int, keys: int, modes: Modes) -> tuple[torch.cuda.CUDAGraph, Choice]:
+    def _capture(self, batch: int, keys: int, modes: Modes, autocast: torch.dtype | None
+                 ) -> tuple[torch.cuda.CUDAGraph, Choice]:
         """A CUDA graph of one step. The warm-up run's effects on the step's state are undone (its
-        writes to the cache land where the real step writes again)."""
+        writes to the cache land where the real step writes again). Under autocast the casts are
+        captured too, so autocast's cache of cast weights must be off while capturing."""
+        if autocast is not None:
+            with torch.autocast("cuda", dtype=autocast, cache_enabled=False):
+                return self._capture(batch, keys, modes, None)
         saved = [t.clone() for t in (self.tokens, self.lengths, self.counter)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -69,7 +69,7 @@ class Collector:
             if all(e is not None for e in self.ends):
                 self.done.set()
         else:
-            self.tokens[i].append(item)
+            self.tokens[i].append(item.id)
         if self.next == i + 1 and (isinstance(item, End) or len(self.tokens[i]) == self.jobs[i][2]):
             self._submit()
 

@@ -7,8 +7,13 @@ sequence, max_tokens, or cancelled by its consumer (a stop string was found, the
 Rows of different lengths share one KV cache, right-aligned (KVCache.join/select), with a key
 mask over the padding on their left, so each row's tokens equal what it would get alone.
 
-Consumers are told what happens through a `sink` called on the engine thread with each new token
-id (an int) and, last, an `End`; a sink must return at once (hand the item to a queue).
+Consumers are told what happens through a `sink` called on the engine thread with each new
+`Token` and, last, an `End`; a sink must return at once (hand the item to a queue).
+
+Per row, before a token is picked: a `Constraint` (generate/constrain.py) masks the tokens its
+grammar does not allow (tokens past the grammar's vocabulary too), then top-k, temperature and
+top-p apply. Log-probabilities are of the model's own distribution: log_softmax of the raw
+logits, before the constraint's mask, temperature, top-k and top-p.
 """
 
 from __future__ import annotations
@@ -20,16 +25,39 @@ from dataclasses import dataclass
 
 import torch
 
+from ..generate.constrain import Constraint, allowed_tokens
 from ..models.mistral import KVCache, MistralForCausalLM
 from .generate import _last_logits, _pick
+
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
 class Params:
+    """How one request is decoded. top_k 0: no top-k. logprobs None: none; 0: the chosen token's;
+    k > 0 (at most MAX_TOP_LOGPROBS): also the k most likely tokens'. constraint: the row's grammar
+    (its state advances as tokens are picked: one per request). stop_token_ids end the row as the
+    end-of-sequence token does (not sent)."""
+
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0
+    logprobs: int | None = None
+    constraint: Constraint | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Token:
+    """One new token of a row. logprob: its log-probability under the model (log_softmax of the raw
+    logits), None unless the request asked for logprobs; top: the most likely (id, logprob) pairs,
+    most likely first, as many as it asked."""
+
+    id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,7 +78,7 @@ class QueueTimeout(Exception):
 
 
 class Request:
-    def __init__(self, prompt: list[int], params: Params, sink: Callable[[int | End], None],
+    def __init__(self, prompt: list[int], params: Params, sink: Callable[[Token | End], None],
                  release: Callable[[Request], None]) -> None:
         self.prompt, self.params, self.sink = prompt, params, sink
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -92,7 +120,7 @@ class Engine:
 
     # -------------------------------------------------------------- any thread
 
-    def submit(self, prompt: list[int], params: Params, sink: Callable[[int | End], None]) -> Request:
+    def submit(self, prompt: list[int], params: Params, sink: Callable[[Token | End], None]) -> Request:
         """Queue a request; raises QueueFull when max_batch + queue_depth requests are in flight."""
         req = Request(prompt, params, sink, self._release)
         with self._cond:
@@ -166,36 +194,64 @@ class Engine:
             self._end(req, end)
         return admitted
 
-    def _picks(self, rows: list[Request], logits: torch.Tensor) -> list[int | Exception]:
-        """Each row's next token with its own sampling settings (or why it could not be sampled:
-        a diverged model's NaN logits fail that row alone)."""
-        greedy = logits.argmax(-1).tolist()
-        out: list[int | Exception] = []
+    def _picks(self, rows: list[Request], logits: torch.Tensor) -> list[Token | Exception]:
+        """Each row's next token with its own settings (or why it could not be picked: a diverged
+        model's NaN logits, a constraint that fails, fail that row alone)."""
+        out: list[Token | Exception] = []
+        masked = self._masked(rows, logits)
+        greedy = masked.argmax(-1).tolist()
         for i, req in enumerate(rows):
             p = req.params
-            if p.temperature <= 0:
-                out.append(greedy[i])
-                continue
             try:
-                out.append(int(_pick(logits[i:i + 1], p.temperature, p.top_p, req.generator)[0]))
-            except RuntimeError as exc:
+                if p.temperature <= 0:
+                    token = greedy[i]
+                else:
+                    token = int(_pick(masked[i:i + 1], p.temperature, p.top_p, req.generator, p.top_k)[0])
+                out.append(_with_logprobs(token, logits[i], p.logprobs))
+            except Exception as exc:
                 out.append(exc)
         return out
 
-    def _emit(self, req: Request, token: int | Exception) -> bool:
+    @staticmethod
+    def _masked(rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """logits with each constrained row's disallowed tokens at -inf."""
+        constrained = [i for i, req in enumerate(rows) if req.params.constraint is not None]
+        if not constrained:
+            return logits
+        words = -(-logits.shape[-1] // 32)
+        bitmask = torch.zeros(len(constrained), words, dtype=torch.int32)
+        for j, i in enumerate(constrained):
+            rows[i].params.constraint.fill_mask(bitmask[j])
+        allowed = allowed_tokens(bitmask.to(logits.device), logits.shape[-1])
+        logits = logits.clone()
+        index = torch.tensor(constrained, device=logits.device)
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        return logits
+
+    def _emit(self, req: Request, token: Token | Exception) -> bool:
         """Send a row its token; False if the row has ended."""
+        p = req.params
         if isinstance(token, Exception):
             self._end(req, End("error", token))
         elif req.cancelled:
             self._end(req, End("cancelled"))
-        elif token == self.eos_id:
+        elif token.id == self.eos_id or token.id in p.stop_token_ids:
             self._end(req, End("stop"))
         else:
+            if p.constraint is not None:
+                try:
+                    p.constraint.accept(token.id)
+                except Exception as exc:
+                    self._end(req, End("error", exc))
+                    return False
             req.count += 1
             req.sink(token)
-            if req.count < req.params.max_tokens:
+            if p.constraint is not None and p.constraint.finished:
+                self._end(req, End("stop"))  # the grammar is complete: only end of sequence may follow
+            elif req.count < p.max_tokens:
                 return True
-            self._end(req, End("length"))
+            else:
+                self._end(req, End("length"))
         return False
 
     def _prefill(self, req: Request) -> None:
@@ -211,7 +267,7 @@ class Engine:
         n, dev = len(req.prompt), self.device
         if not self.rows:
             self._cache, self._key_mask = cache, torch.ones(1, n, dtype=torch.bool, device=dev)
-            self._tokens = torch.tensor([token], device=dev)
+            self._tokens = torch.tensor([token.id], device=dev)
             self._positions = torch.tensor([n], device=dev)
         else:
             width = max(self._key_mask.shape[1], n)
@@ -219,7 +275,7 @@ class Engine:
             new = torch.arange(width, device=dev)[None] >= width - n
             self._cache.join(cache)
             self._key_mask = torch.cat([old, new])
-            self._tokens = torch.cat([self._tokens, torch.tensor([token], device=dev)])
+            self._tokens = torch.cat([self._tokens, torch.tensor([token.id], device=dev)])
             self._positions = torch.cat([self._positions, torch.tensor([n], device=dev)])
         self.rows.append(req)
 
@@ -238,7 +294,7 @@ class Engine:
             self.rows = []
             self._cache = KVCache(self.model.config.num_hidden_layers)
             return
-        self._tokens = torch.tensor([picks[i] for i in keep], device=self.device)
+        self._tokens = torch.tensor([picks[i].id for i in keep], device=self.device)
         self._positions = self._positions + 1
         if len(keep) < B:
             index = torch.tensor(keep, device=self.device)
@@ -247,3 +303,15 @@ class Engine:
             self._key_mask, self._positions = mask[:, start:], self._positions[index]
             self._cache.select(index, start)
             self.rows = [rows[i] for i in keep]
+
+
+def _with_logprobs(token: int, logits: torch.Tensor, k: int | None) -> Token:
+    """token with its log-probability and the k most likely tokens' under the raw logits (a row)."""
+    if k is None:
+        return Token(token)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = ()
+    if k > 0:
+        values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
+        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return Token(token, float(logprobs[token]), top)

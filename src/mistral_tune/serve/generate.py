@@ -106,8 +106,9 @@ def _last_logits(model: MistralForCausalLM, ids: torch.Tensor, **kwargs) -> torc
     return model.lm_head(model.hidden_states(ids, **kwargs)[:, -1]).float()
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """One token per row of (B, vocab) logits.
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator, top_k: int = 0) -> torch.Tensor:
+    """One token per row of (B, vocab) logits; top_k > 0 keeps only the k most likely (ties at the
+    k-th value kept too) before top_p.
 
     Any temperature > 0 and top_p > 0 is usable: in float64 and measured from the row's maximum,
     scaled logits are at most 0 (no overflow), and the most likely token always keeps its share,
@@ -116,6 +117,9 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> 
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.double()
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)

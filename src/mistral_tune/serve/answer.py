@@ -83,8 +83,21 @@ class Answer:
         try:
             return Piece(tail, "tool_calls", tokens, fmt.parse(self.call_ids, names))
         except MalformedToolCall:
-            raw = self.tokenizer.decode(self.call_ids, keep_special=True)
-            return Piece(tail + raw, "length" if cut else MALFORMED, tokens)
+            return Piece(tail + _with_controls(self.tokenizer, self.call_ids), "length" if cut else MALFORMED, tokens)
+
+
+def _with_controls(tokenizer: ChatTokenizer, ids: list[int]) -> str:
+    """ids as text, control tokens written as their names ([TOOL_CALLS], [ARGS])."""
+    raw, out, run = tokenizer._raw, [], []
+    for t in [*ids, None]:
+        if t is not None and not raw.is_special(t):
+            run.append(t)
+            continue
+        out.append(tokenizer.decode(run))
+        if t is not None:
+            out.append(raw.id_to_piece(t))
+        run = []
+    return "".join(out)
 
 
 def token_bytes(tokenizer: ChatTokenizer, token: int) -> bytes:

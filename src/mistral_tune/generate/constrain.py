@@ -13,8 +13,9 @@ call needs: [TOOL_CALLS] and the function's name, then its arguments as JSON.
 
 The vocabulary xgrammar sees is our tokenizer's: SentencePiece pieces as they are ("▁" for a
 space, <0x..> for a byte: xgrammar's byte-fallback type decodes them), tekken's byte strings as
-they are; control tokens are empty (never allowed inside a grammar), the end-of-sequence token is
-the one stop token, and ids past the tokenizer's vocabulary but inside the model's never allowed.
+they are; control tokens are empty (never allowed inside a grammar), and so are tokens holding a
+raw control character (never valid in compact JSON); the end-of-sequence token is the one stop
+token, and ids past the tokenizer's vocabulary but inside the model's are never allowed.
 JSON is compact (", " and ": " between items, as json.dumps writes and mistral-common renders tool
 calls) with an optional leading space, which SentencePiece models put before an answer's first
 word.
@@ -23,6 +24,7 @@ word.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from typing import Any, Protocol, runtime_checkable
@@ -61,14 +63,25 @@ def _allow(out: torch.Tensor, token: int) -> None:
     out[word] |= -(2**31) if bit == 31 else 1 << bit
 
 
+# Compact JSON never holds a raw control character (strings escape them): tokens with one are left
+# out, which also covers xgrammar 0.2.9's length-limited strings that let them in.
+_CONTROL = re.compile(rb"[\x00-\x1f]")
+_CONTROL_BYTE = re.compile(r"<0x[01][0-9A-F]>")
+
+
 def grammar_vocabulary(tokenizer: ChatTokenizer) -> tuple[list[str] | list[bytes], xgr.VocabType]:
     """Each id's text as xgrammar reads it (see the module doc)."""
     raw = tokenizer._raw
     if tokenizer.is_tekken:
-        return [raw.id_to_byte_piece(i) for i in range(raw.n_words)], xgr.VocabType.RAW
+        return [b"" if _CONTROL.search(b := raw.id_to_byte_piece(i)) else b for i in range(raw.n_words)], \
+            xgr.VocabType.RAW
     unk = raw.unk_id
-    return (["" if raw.is_special(i) or i == unk else raw.id_to_piece(i) for i in range(raw.n_words)],
-            xgr.VocabType.BYTE_FALLBACK)
+    pieces = []
+    for i in range(raw.n_words):
+        piece = raw.id_to_piece(i)
+        control = _CONTROL.search(piece.encode()) or _CONTROL_BYTE.fullmatch(piece)
+        pieces.append("" if raw.is_special(i) or i == unk or control else piece)
+    return pieces, xgr.VocabType.BYTE_FALLBACK
 
 
 class GrammarConstraint:

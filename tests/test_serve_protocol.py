@@ -27,16 +27,18 @@ json_values = st.recursive(
     max_leaves=12,
 )
 FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
-          "stream_options", "stop", "seed"]
+          "stream_options", "stop", "seed", "top_k", "logprobs", "top_logprobs", "tools", "tool_choice",
+          "response_format"]
 
 
 def _safe(req: ChatRequest | CompletionRequest) -> None:
     """What the engine relies on after validation."""
-    assert math.isfinite(req.temperature) and 0 <= req.temperature <= 2 and 0 < req.top_p <= 1
+    assert req.temperature is None or math.isfinite(req.temperature) and 0 <= req.temperature <= 2
+    assert req.top_p is None or 0 < req.top_p <= 1
     assert req.seed is None or SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]
     assert isinstance(req.stop, list) and len(req.stop) <= MAX_STOP_STRINGS
     assert all(0 < len(s) <= MAX_STOP_CHARS for s in req.stop)
-    texts = [*req.stop, req.model or ""] + ([m.text() for m in req.messages] if isinstance(req, ChatRequest)
+    texts = [*req.stop, req.model or ""] + ([m.text() or "" for m in req.messages] if isinstance(req, ChatRequest)
                                             else [req.prompt])
     for t in texts:
         t.encode("utf-8")  # no lone surrogates

@@ -126,7 +126,7 @@ def test_stop_strings_and_seeded_sampling(client, loaded) -> None:
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 65}, 400, "limit of 64"),
         ({"messages": [{"role": "user", "content": "x"}], "temperature": 7}, 400, "temperature"),
-        ({"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 9}, 400, "n"),
         ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "last message"),
         ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "at most 300"),
         ({"messages": [{"role": "user", "content": "x" * 30_000}]}, 413, "limit is 20000"),

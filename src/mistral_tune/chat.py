@@ -309,18 +309,20 @@ class ChatTokenizer:
             raise DataError(f"text must be a string, got {type(text).__name__}")
         return list(self._instruct.tokenizer.encode(text, bos=bos, eos=eos))
 
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
+    def encode_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Encode a conversation for generation: it must end with a user (or tool) message.
 
         The ids end with ``[/INST]`` (or ``[/TOOL_RESULTS]``), ready for the model to answer.
-        Assistant weights are ignored.
+        Assistant weights are ignored. tools: as for encode_chat (placed as training places them).
         """
         msgs = _build_messages(messages, training=False)
         if msgs[-1].role not in ("user", "tool"):
             raise DataError(f"a prompt must end with a user message, got {msgs[-1].role!r}")
         self._check_thinking(msgs)
         try:
-            return list(self._prompt_mt.encode_chat_completion(ChatCompletionRequest(messages=msgs)).tokens)
+            tool_defs = [Tool.model_validate(t) for t in tools] if tools else None
+            request = ChatCompletionRequest(messages=msgs, tools=tool_defs)
+            return list(self._prompt_mt.encode_chat_completion(request).tokens)
         except _LIBRARY_ERRORS as e:
             raise DataError(_reason(e)) from e
 

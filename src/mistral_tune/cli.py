@@ -78,14 +78,20 @@ def _cmd_export_adapter(args) -> None:
     print(f"serve it: {vllm_serve_command(adapter, cfg)}")
 
 
-def _sampling(args):
+def _sampling(args, loaded=None):
+    """The sampling flags, checked (loaded None), then with the model's defaults for those not given."""
     from .serve.chat import Sampling
+    from .serve.defaults import sampling_defaults
 
     for name in ("temperature", "top_p", "max_tokens"):
         value = getattr(args, name)
-        if value < 0 or (name == "top_p" and not 0 < value <= 1) or (name == "max_tokens" and value < 1):
+        if value is not None and (value < 0 or (name == "top_p" and not 0 < value <= 1)
+                                  or (name == "max_tokens" and value < 1)):
             raise ConfigError(f"--{name.replace('_', '-')} {value}: out of range")
-    return Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    d = sampling_defaults(loaded.adapter_dir, loaded.model_dir) if loaded is not None else None
+    pick = lambda given, default: default if given is None else given
+    return Sampling(max_tokens=args.max_tokens, temperature=pick(args.temperature, d and d.temperature),
+                    top_p=pick(args.top_p, d and d.top_p), top_k=d.top_k if d else 0, seed=args.seed)
 
 
 def _load(args):
@@ -97,8 +103,9 @@ def _load(args):
 def _cmd_chat(args) -> None:
     from .serve.chat import chat_loop
 
-    sampling = _sampling(args)
+    _sampling(args)
     loaded = _load(args)
+    sampling = _sampling(args, loaded)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -110,11 +117,12 @@ def _cmd_chat(args) -> None:
 def _cmd_generate(args) -> None:
     from .serve.chat import generate_file
 
-    sampling = _sampling(args)
+    _sampling(args)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
     out = check_target(args.out, "completions", sources=[args.prompts], overwrite=args.overwrite)
     loaded = _load(args)
+    sampling = _sampling(args, loaded)
     n = generate_file(loaded, Path(args.prompts), out, sampling, batch_size=args.batch_size,
                       system=args.system, progress=lambda done, total: print(f"{done}/{total}", file=sys.stderr))
     print(f"{n} completions written to {args.out}")
@@ -165,17 +173,19 @@ def _cmd_serve(args) -> None:
         server.server_close()
 
 
-def _add_model_args(p: argparse.ArgumentParser, temperature: float | None) -> None:
+def _add_model_args(p: argparse.ArgumentParser, sampling: bool) -> None:
+    from .serve.defaults import RULE
+
     p.add_argument("model", help="a merged model, a run's output_dir, or an adapter directory")
     p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    if temperature is None:  # the server takes sampling settings per request
+    if not sampling:  # the server takes sampling settings per request
         return
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per answer")
-    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9 if temperature else 1.0)
+    p.add_argument("--temperature", type=float, help=f"0 = greedy ({RULE})")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (default: as --temperature)")
     p.add_argument("--seed", type=int, help="sampling seed (reproducible answers)")
 
 
@@ -445,20 +455,23 @@ def _add_output_commands(sub) -> None:
 
 def _add_model_commands(sub) -> None:
     """What runs a trained model: chat, generate, serve, eval."""
+    from .serve.defaults import RULE
+
     p = sub.add_parser("chat", help="chat with a model in the terminal (streamed, /reset, /system)")
-    _add_model_args(p, temperature=0.7)
+    _add_model_args(p, sampling=True)
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("generate", help="answer a file of prompts in batches; write JSONL")
-    _add_model_args(p, temperature=0.0)
+    _add_model_args(p, sampling=True)
     p.add_argument("prompts", help='JSONL ({"messages": [...]} or {"prompt": "..."} a line) or text (a prompt a line)')
     p.add_argument("--out", required=True, help="output JSONL: the input record plus completion and token counts")
     p.add_argument("--batch-size", type=int, default=8)
     _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
-    _add_model_args(p, temperature=None)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
+                       epilog=f"sampling per request; fields a request leaves out: {RULE}")
+    _add_model_args(p, sampling=False)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MISTRAL_TUNE_API_KEY)")
@@ -479,7 +492,7 @@ def _add_model_commands(sub) -> None:
 
     p = sub.add_parser("eval", help="evaluate a run, adapter or model against its base: task metrics, forgetting, "
                        "long context; writes eval_report.json and report.html")
-    _add_model_args(p, temperature=None)
+    _add_model_args(p, sampling=False)
     p.add_argument("overrides", nargs="*", metavar="eval.key=value", help="override keys of the eval: section")
     p.add_argument("--config", help="a YAML file with an eval: section (default: the run's config.yaml)")
     p.add_argument("--out", help="report folder (default: the run's eval/ or drift/, else ./eval-NAME)")

@@ -389,15 +389,24 @@ class Decoder:
                 k = s.params.logprobs
                 item = Token(token) if k is None else Token(
                     token, logprob[j], tuple(zip(top_ids[j][:k], top_lp[j][:k], strict=True)))
+                grammar = s.params.constraint
+                if grammar is not None:
+                    try:
+                        grammar.accept(token)
+                    except Exception as exc:  # a token the grammar refuses: this sequence fails alone
+                        self._end(s, End("error", exc))
+                        leaving.append(slot)
+                        continue
                 s.count += 1
                 s.tokens.append(token)
-                if s.params.constraint is not None:
-                    s.params.constraint.accept(token)
                 s.sink(item)
-                if s.count < s.params.max_tokens and len(s.prompt) + s.count < self.capacity:
+                if grammar is not None and grammar.finished:
+                    self._end(s, End("stop"))  # complete: only the end of sequence could follow
+                elif s.count < s.params.max_tokens and len(s.prompt) + s.count < self.capacity:
                     self.held[slot].append(token)
                     continue
-                self._end(s, End("length"))
+                else:
+                    self._end(s, End("length"))
             leaving.append(slot)
         self._leave(leaving)
 

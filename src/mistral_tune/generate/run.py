@@ -20,6 +20,7 @@ def generate_batch(
     seed: int | None = None,
     batch_size: int = 64,
     every: Callable[[bool], bool] | None = None,
+    top_k: int = 0,
 ) -> list[list[int]]:
     """New token ids for each prompt (the end-of-sequence token not included).
 
@@ -48,7 +49,7 @@ def generate_batch(
     waiting = deque(range(len(prompts)))
 
     def params(i: int) -> Params:
-        return Params(max_new_tokens, temperature, top_p, seed=None if seed is None else seed + i)
+        return Params(max_new_tokens, temperature, top_p, top_k, seed=None if seed is None else seed + i)
 
     while True:
         if waiting and (not lockstep or not decoder.rows):

@@ -27,11 +27,12 @@ class Sampling:
     max_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.9
+    top_k: int = 0
     seed: int | None = None
 
     def params(self, turn: int = 0) -> Params:
         """Turn i (or prompt i) samples with seed + i."""
-        return Params(self.max_tokens, self.temperature, self.top_p,
+        return Params(self.max_tokens, self.temperature, self.top_p, self.top_k,
                       seed=None if self.seed is None else self.seed + turn)
 
 
@@ -160,7 +161,8 @@ def generate_file(
         chunk = order[start:start + batch_size]
         outs = generate_batch(loaded.model, [encoded[i] for i in chunk], sampling.max_tokens, tok.eos_id,
                               sampling.temperature, sampling.top_p,
-                              None if sampling.seed is None else sampling.seed + start, batch_size)
+                              None if sampling.seed is None else sampling.seed + start, batch_size,
+                              top_k=sampling.top_k)
         answers.update(zip(chunk, outs, strict=True))
         if progress:
             progress(min(start + batch_size, len(order)), len(order))

@@ -23,7 +23,6 @@ production throughput use vLLM (docs/deploy.md).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import hmac
 import json
@@ -42,11 +41,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import DataError
-from ..generate.decoder import End, Params
-from ..generate.engine import Engine, QueueFull, QueueTimeout
-from ..generate.text import AnswerText
+from ..generate.constrain import Constraint, Grammars
+from ..generate.decoder import Params
+from ..generate.engine import Engine
 from ..models.tuned import TunedModel
+from .answer import Answer, Piece, logprobs_content
+from .defaults import sampling_defaults
 from .protocol import ApiError, ChatRequest, CompletionRequest, clean_text, parse_body, parse_request
+from .tools import ToolFormat, prompt_messages, prompt_tools
 
 log = logging.getLogger("mistral_tune.serve")
 
@@ -124,44 +126,6 @@ async def _unless_gone(awaitable, receive):
     return task.result()
 
 
-class _Answer:
-    """One request in the engine, seen from the event loop: pieces of text as they come."""
-
-    def __init__(self, app: App, prompt: list[int], max_tokens: int, req) -> None:
-        loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
-        self.text, self.max_tokens = AnswerText(app.loaded.tokenizer, req.stop), max_tokens
-        params = Params(max_tokens, req.temperature, req.top_p, seed=req.seed)
-
-        def sink(item) -> None:  # on the engine thread
-            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is waiting
-                loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-        try:
-            self.request = app.engine.submit(prompt, params, sink)
-        except QueueFull:
-            raise ApiError(429, "the server is at capacity (batch and queue full); retry shortly", "rate_limit_error",
-                           code="rate_limit_exceeded") from None
-
-    async def next(self) -> tuple[str, str | None]:
-        """The next piece of text and, with the last piece, the finish reason ("stop" or "length")."""
-        while True:
-            item = await self.queue.get()
-            if isinstance(item, End):
-                if isinstance(item.error, QueueTimeout):
-                    raise ApiError(503, f"the server is busy: this request {item.error}; retry later",
-                                   code="queue_timeout")
-                if item.error is not None:
-                    raise item.error
-                tail = self.text.end()
-                return tail, "stop" if self.text.stopped or self.text.count < self.max_tokens else "length"
-            delta = self.text.push(item.id)
-            if self.text.stopped:  # only what precedes the stop string is sent
-                self.request.cancel()
-                return delta, "stop"
-            if delta:
-                return delta, None
-
-
 class App:
     """The ASGI application: validated request in, JSON or an event stream out."""
 
@@ -171,6 +135,9 @@ class App:
         self.max_input_tokens = min(cfg.max_input_tokens, max_pos - 1)
         self.max_positions = max_pos
         self.created = int(time.time())
+        self.defaults = sampling_defaults(loaded.adapter_dir, loaded.model_dir)
+        self.tool_format = ToolFormat(loaded.tokenizer)
+        self.grammars = Grammars(loaded.tokenizer, loaded.model.config.vocab_size)
         # Each of max_batch requests holds up to its input and answer limits in the cache.
         capacity = min(max_pos, self.max_input_tokens + cfg.max_tokens_limit + 1)
         self.engine = Engine(loaded.model, loaded.tokenizer.eos_id, cfg.max_batch, cfg.queue_depth,
@@ -184,13 +151,43 @@ class App:
                                             "owned_by": "mistral-tune"}]}
 
     def encode_chat(self, req: ChatRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        if messages[-1]["role"] != "user":
-            raise ApiError(400, "the last message must be from the user", param="messages")
+        messages = prompt_messages(req)
+        if messages[-1]["role"] not in ("user", "tool"):
+            raise ApiError(400, "the last message must be from the user (or a tool's result)", param="messages")
+        self.tool_format.check(req)
         try:
-            return self.loaded.tokenizer.encode_prompt(messages)
+            return self.loaded.tokenizer.encode_prompt(messages, prompt_tools(req))
         except DataError as exc:
-            raise ApiError(400, f"messages: {exc}", param="messages") from None
+            param = "tools" if req.tools and "tool" in str(exc).lower() and "message" not in str(exc) else "messages"
+            raise ApiError(400, f"{param}: {exc}", param=param) from None
+
+    def constraint(self, req: ChatRequest | CompletionRequest) -> Constraint | None:
+        """A fresh constraint for one choice: the JSON its response_format asks for, or the call its
+        tool_choice forces (None: free text)."""
+        if not isinstance(req, ChatRequest):
+            return None
+        fmt = req.response_format
+        try:
+            if fmt is not None and fmt.type == "json_object":
+                return self.grammars.json(None)
+            if fmt is not None and fmt.type == "json_schema":
+                return self.grammars.json(fmt.json_schema.schema_, strict=bool(fmt.json_schema.strict))
+            return self.tool_format.forced(req, self.grammars)
+        except ValueError as exc:
+            param = "response_format.json_schema.schema" if fmt is not None and fmt.type != "text" else "tools"
+            raise ApiError(400, f"{param}: cannot be decoded to ({exc})", param=param) from None
+
+    def params(self, req: ChatRequest | CompletionRequest, max_tokens: int, index: int) -> Params:
+        d = self.defaults
+        top_k = d.top_k if req.top_k is None else max(req.top_k, 0)
+        if isinstance(req, ChatRequest):
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            logprobs = req.logprobs
+        seed = None if req.seed is None else (req.seed + index + 2**63) % 2**64 - 2**63  # n choices: seed + i
+        return Params(max_tokens, d.temperature if req.temperature is None else req.temperature,
+                      d.top_p if req.top_p is None else req.top_p, top_k=top_k, seed=seed, logprobs=logprobs,
+                      constraint=self.constraint(req))
 
     def encode_completion(self, req: CompletionRequest) -> list[int]:
         return self.loaded.tokenizer.encode_text(clean_text(req.prompt), bos=True, eos=False)
@@ -238,7 +235,8 @@ class App:
         except TimeoutError:
             log.warning("dropped a client that read nothing for %g s", timeout)
         finally:
-            response.answer.request.cancel()
+            for answer in response.answers:
+                answer.request.cancel()
 
     async def _respond(self, request: Request) -> Response:
         scope, path, method = request.scope, request.url.path, request.method
@@ -301,79 +299,135 @@ class App:
                            param="model", code="model_not_found")
         prompt = self.encode_chat(req) if chat else self.encode_completion(req)
         max_tokens = self.budget(prompt, req.requested_tokens())
+        params = [self.params(req, max_tokens, i) for i in range(req.n)]
         if self.request_log is not None:
             self.request_log.record(req, len(prompt))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        answer = _Answer(self, prompt, max_tokens, req)
+        tools = (self.tool_format, {t.function.name for t in req.tools}) if chat and prompt_tools(req) else None
+        answers: list[Answer] = []
         try:
+            for p in params:  # n choices, decoded side by side
+                answers.append(Answer(self.engine, self.loaded.tokenizer, prompt, p, req.stop, tools))
             if req.stream:
-                return await self._stream(req, answer, rid, chat, prompt, request)
-            text, finish = await _unless_gone(self._collect(answer), request.receive)
+                return await self._stream(req, answers, rid, chat, prompt, request)
+            pieces = await _unless_gone(asyncio.gather(*(self._collect(a) for a in answers)), request.receive)
+        except BaseException:
+            for a in answers:
+                a.request.cancel()
+            raise
         finally:
             if not req.stream:
-                answer.request.cancel()  # a no-op once it has ended
-        count = answer.text.count
+                for a in answers:
+                    a.request.cancel()  # a no-op once it has ended
+        count = sum(a.count for a in answers)
         usage = {"prompt_tokens": len(prompt), "completion_tokens": count, "total_tokens": len(prompt) + count}
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                      "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        choices = []
+        for i, p in enumerate(pieces):
+            choice = {"index": i, "finish_reason": p.finish, "logprobs": self._logprobs(req, p.tokens)}
+            if not chat:
+                choice["text"] = p.text
+            else:
+                choice["message"] = {"role": "assistant", "content": p.text if p.text or not p.calls else None,
+                                     **({"tool_calls": p.calls} if p.calls else {})}
+            choices.append(choice)
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": self.loaded.name, "choices": [choice],
+                             "created": int(time.time()), "model": self.loaded.name, "choices": choices,
                              "usage": usage})
 
-    @staticmethod
-    async def _collect(answer: _Answer) -> tuple[str, str]:
-        text = ""
-        while True:
-            delta, finish = await answer.next()
-            text += delta
-            if finish:
-                return text, finish
+    def _logprobs(self, req: ChatRequest | CompletionRequest, tokens) -> dict | None:
+        """OpenAI's logprobs of a choice (or of a streamed chunk), None unless asked for."""
+        if isinstance(req, ChatRequest):
+            if not req.logprobs:
+                return None
+            return {"content": logprobs_content(self.loaded.tokenizer, tokens), "refusal": None}
+        if req.logprobs is None:
+            return None
+        content = logprobs_content(self.loaded.tokenizer, tokens)
+        offsets, at = [], 0
+        for c in content:
+            offsets.append(at)
+            at += len(c["token"])
+        return {"tokens": [c["token"] for c in content], "token_logprobs": [c["logprob"] for c in content],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in c["top_logprobs"]} for c in content],
+                "text_offset": offsets}
 
-    async def _stream(self, req, answer: _Answer, rid: str, chat: bool, prompt: list[int],
+    @staticmethod
+    async def _collect(answer: Answer) -> Piece:
+        whole = Piece("", None)
+        while True:
+            piece = await answer.next()
+            whole.text += piece.text
+            whole.tokens += piece.tokens
+            if piece.finish:
+                whole.finish, whole.calls = piece.finish, piece.calls
+                return whole
+
+    async def _stream(self, req, answers: list[Answer], rid: str, chat: bool, prompt: list[int],
                       request: Request) -> StreamingResponse:
-        """Server-sent events. The 200 goes once the request has its first piece of text (a wait
-        in the queue that times out is still an HTTP error). After it, a failure is reported as a
-        last event `data: {"error": {...}}` (the openai client raises it), and every stream ends
-        with `data: [DONE]` unless the client is gone."""
+        """Server-sent events. The 200 goes once a choice has its first piece of text (a wait in the
+        queue that times out is still an HTTP error). After it, a failure is reported as a last event
+        `data: {"error": {...}}` (the openai client raises it), and every stream ends with
+        `data: [DONE]` unless the client is gone. Tool calls come whole, one delta each, at the end."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, answer: Answer) -> None:
+            try:
+                while not (piece := await answer.next()).finish:
+                    merged.put_nowait((i, piece))
+                merged.put_nowait((i, piece))
+            except Exception as exc:
+                merged.put_nowait((i, exc))
+
+        pumps = [asyncio.ensure_future(pump(i, a)) for i, a in enumerate(answers)]
+
+        def stop() -> None:
+            for a, task in zip(answers, pumps, strict=True):
+                a.request.cancel()
+                task.cancel()
+
         try:
-            first: tuple[str, str | None] | Exception = await _unless_gone(answer.next(), request.receive)
-        except (ApiError, _ClientGone):
-            answer.request.cancel()
+            first = await _unless_gone(merged.get(), request.receive)
+            if isinstance(first[1], ApiError):
+                raise first[1]
+        except BaseException:
+            stop()
             raise
-        except Exception as exc:
-            first = exc
         created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
 
         def event(data: dict | str) -> str:
             return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
-        def chunk(delta: str | None, finish: str | None, first: bool = False) -> dict:
-            if chat:
-                d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+        def chunk(i: int, piece: Piece | None) -> dict:
+            logprobs = self._logprobs(req, piece.tokens) if piece is not None else None
+            if not chat:
+                choice = {"index": i, "text": piece.text, "finish_reason": piece.finish, "logprobs": logprobs}
+            elif piece is None:
+                choice = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                          "logprobs": None}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                delta = {"content": piece.text} if piece.text else {}
+                if piece.calls:
+                    delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(piece.calls)]
+                choice = {"index": i, "delta": delta, "finish_reason": piece.finish, "logprobs": logprobs}
             return {"id": rid, "object": obj, "created": created, "model": self.loaded.name, "choices": [choice]}
 
         async def events() -> AsyncIterator[str]:
-            piece = first
+            item, left = first, len(answers)
             try:
                 if chat:
-                    yield event(chunk(None, None, first=True))
+                    for i in range(len(answers)):
+                        yield event(chunk(i, None))
                 while True:
+                    i, piece = item
                     if isinstance(piece, Exception):
                         raise piece
-                    delta, finish = piece
-                    if delta or finish:
-                        yield event(chunk(delta, finish))
-                    if finish:
+                    yield event(chunk(i, piece))
+                    left -= piece.finish is not None
+                    if not left:
                         break
-                    piece = await answer.next()
+                    item = await merged.get()
                 if req.stream_options and req.stream_options.include_usage:
-                    n = answer.text.count
+                    n = sum(a.count for a in answers)
                     yield event({"id": rid, "object": obj, "created": created, "model": self.loaded.name,
                                  "choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": n,
                                                           "total_tokens": len(prompt) + n}})
@@ -381,12 +435,12 @@ class App:
                 log.exception("failed while streaming")
                 yield event(_internal_error().body())
             finally:
-                answer.request.cancel()
+                stop()
             yield event("[DONE]")
 
         response = StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "Connection": "close"})
-        response.answer = answer
+        response.answers = answers
         return response
 
 

@@ -1,0 +1,1 @@
+"""Decoding: constrained decoding (constrain.py)."""

@@ -156,3 +156,28 @@ def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, p
                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - bad)))])
     return Objective(losses, beta * good.detach(), beta * bad.detach(), policy[desirable], policy[~desirable],
                      paired=False, extra={"kl": float(kl)})
+
+
+NEEDS_REFERENCE = ("dpo", "ipo", "kto")  # ORPO and SimPO compare the policy's own answers
+
+
+def unit_objective(cfg, policy: torch.Tensor, ref: torch.Tensor | None, counts: torch.Tensor,
+                   desirable: torch.Tensor | None = None) -> Objective:
+    """The objective cfg.method names, on units laid out as data/preference.py makes them: (2U,)
+    log-probabilities and token counts with each unit's two samples side by side (chosen, rejected;
+    for KTO the judged answer and the mismatched one), ref likewise (None without a reference),
+    desirable (U,) for KTO."""
+    p, n = policy.view(-1, 2), counts.view(-1, 2)
+    r = ref.view(-1, 2) if ref is not None else None
+    pref, method, beta = cfg.preference, cfg.method, cfg.beta
+    if method in ("dpo", "ipo"):
+        return dpo_loss(p[:, 0], p[:, 1], r[:, 0], r[:, 1], beta, "ipo" if method == "ipo" else pref.loss_type,
+                        pref.label_smoothing, n[:, 0], n[:, 1])
+    if method == "orpo":
+        return orpo_loss(p[:, 0], p[:, 1], n[:, 0], n[:, 1], beta)
+    if method == "simpo":
+        return simpo_loss(p[:, 0], p[:, 1], n[:, 0], n[:, 1], beta, pref.gamma, pref.label_smoothing)
+    if method == "kto":
+        return kto_loss(p[:, 0], r[:, 0], desirable, p[:, 1], r[:, 1], beta, pref.desirable_weight,
+                        pref.undesirable_weight)
+    raise ValueError(f"method {method!r} has no preference objective")

@@ -59,7 +59,7 @@ class Objective:
             sums["rewards/margins"] = (float((c - r).sum()), c.numel())
             sums["rewards/accuracy"] = (float((c > r).double().sum()), c.numel())
         if self.nll_tokens:
-            sums["nll"] = (float(self.nll_sum), self.nll_tokens)
+            sums["nll"] = (float(torch.as_tensor(self.nll_sum).detach()), self.nll_tokens)
         for k, v in self.extra.items():
             sums[k] = (v, 1)
         return sums

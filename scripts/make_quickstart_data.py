@@ -33,3 +33,18 @@ for name, rows in (("train.jsonl", train), ("heldout.jsonl", test)):
     with open(out / name, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 print(f"wrote {len(train)} train and {len(test)} held-out records to {out}")
+
+# The preference variant: the same prompts, chosen = the last word, rejected = another word of the list.
+pick = random.Random(7)
+for src_name, name, n in (("train.jsonl", "preference_train.jsonl", 600),
+                          ("heldout.jsonl", "preference_heldout.jsonl", 200)):
+    pairs = []
+    for r in [json.loads(x) for x in (out / src_name).read_text().splitlines()]:
+        user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        others = [w for w in user.split(":")[-1].split("?")[-1].split() if w != answer]
+        pairs.append({"prompt": [{"role": "user", "content": user}],
+                      "chosen": [{"role": "assistant", "content": answer}],
+                      "rejected": [{"role": "assistant", "content": pick.choice(others)}]})
+    with open(out / name, "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in pairs[:n])
+print(f"wrote the preference pairs to {out}")

@@ -277,6 +277,33 @@ class EvalConfig(_Strict):
         return self
 
 
+PREFERENCE_METHODS = ("dpo", "ipo", "orpo", "simpo", "kto")
+# beta's default per method: SimPO's margins are mean per-token log-probabilities, hence a larger scale
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+# The preference keys each method reads (beta: all of them)
+METHOD_KEYS = {"dpo": {"loss_type", "label_smoothing"}, "ipo": set(), "orpo": set(),
+               "simpo": {"gamma", "label_smoothing"}, "kto": {"desirable_weight", "undesirable_weight"}}
+
+
+class PreferenceConfig(_Strict):
+    beta: float | None = Field(
+        None, gt=0, description="Strength of the preference: the scale of the log-ratio margins (dpo, ipo, kto: "
+        "the pull towards the reference; orpo: the weight of the odds-ratio term; simpo: the reward scale). "
+        "Default: 0.1, or 2.0 for simpo."
+    )
+    loss_type: Literal["sigmoid", "hinge", "robust"] = Field(
+        "sigmoid", description="dpo: sigmoid (the DPO loss), hinge (SLiC), robust (rDPO, unbiased under flipped "
+        "labels, with label_smoothing their share); method: ipo for IPO."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="dpo, simpo: the share of pairs assumed to have their labels flipped "
+        "(conservative DPO with loss_type sigmoid)."
+    )
+    gamma: float = Field(0.5, ge=0, description="simpo: the target margin between chosen and rejected rewards.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable answers' loss.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable answers' loss.")
+
+
 class Config(_Strict):
     # model and tokenizer
     base_model: str | None = Field(
@@ -331,6 +358,15 @@ class Config(_Strict):
     )
     dataset_num_workers: int | None = Field(
         None, ge=1, description="Processes that tokenize; default: the CPU count, at most 8."
+    )
+    method: Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto"] = Field(
+        "sft",
+        description="sft: supervised fine-tuning; dpo, ipo, orpo, simpo: preference pairs (prompt, chosen, "
+        "rejected); kto: judged answers (prompt, completion, label). Their settings: the preference section.",
+    )
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="Settings of the preference methods (method: dpo, ipo, orpo, "
+        "simpo, kto)."
     )
     # adapter
     adapter: Literal["lora", "qlora", "none"] = Field(
@@ -614,7 +650,29 @@ class Config(_Strict):
             raise ValueError(f"report_to: {self.report_to} names a tracker twice")
         if self.val_datasets and self.val_set_size:
             raise ValueError("set val_set_size or val_datasets, not both")
+        self._check_method()
         return self
+
+    def _check_method(self) -> None:
+        given = self.preference.model_fields_set
+        if self.method == "sft":
+            if given:
+                raise ValueError(f"preference: {', '.join(sorted(given))} set, but method is sft; set method: dpo, "
+                                 "ipo, orpo, simpo or kto")
+            return
+        foreign = sorted(given - METHOD_KEYS[self.method] - {"beta"})
+        if foreign:
+            users = {k: [m for m, keys in METHOD_KEYS.items() if k in keys] for k in foreign}
+            raise ValueError("; ".join(f"preference.{k}: for method {' or '.join(users[k])}, not {self.method}"
+                                       for k in foreign))
+        if self.on_too_long == "truncate":
+            raise ValueError(f"on_too_long: truncate is for sft; method {self.method} drops answers longer than "
+                             "sequence_len (on_too_long: drop)")
+
+    @property
+    def beta(self) -> float:
+        """The preference method's beta: the preference section's, or the method's default."""
+        return self.preference.beta if self.preference.beta is not None else DEFAULT_BETA[self.method]
 
 
 def _describe_allowed(field_path: tuple, err: dict) -> str:
@@ -666,7 +724,7 @@ def _format_error(exc: ValidationError, source: str) -> str:
     for err in exc.errors():
         loc = err["loc"]
         key = ".".join(str(p) for p in loc) or "(top level)"
-        nested = ("datasets", "val_datasets", "cleaning", "eval")  # models of their own, not unions
+        nested = ("datasets", "val_datasets", "cleaning", "eval", "preference")  # models of their own, not unions
         if len(loc) == 2 and loc[0] in Config.model_fields and loc[0] not in nested and isinstance(loc[1], str):
             # A value that fits no member of a union (bf16: 'auto' | bool) gives one error per member,
             # located at `field.<member>`; report the field once, listing what each member allows.

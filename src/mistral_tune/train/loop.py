@@ -31,7 +31,9 @@ from ..chat import load_tokenizer
 from ..config import ALL_PROJECTIONS, Config
 from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, make_rows, sample_lengths
+from ..data.preference import build_preference_dataset, unit_rows
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError
+from ..evaluate.preference import judged_right, prefers_chosen, sample_logprobs
 from ..evaluate.run import TrainingEvals
 from ..fsutil import atomic_write_text, check_target, mark_output, replace_dir
 from ..models.fp8 import check_fp8_device, fp8_model
@@ -45,6 +47,7 @@ from .gpus import find_gpu
 from .guard import StepGuard
 from .lints import model_fit_warnings
 from .logs import MetricsLog
+from .objectives import NEEDS_REFERENCE, unit_objective
 from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
 from .optim import eight_bit_adamw, lr_factor, make_optimizer, warmup_steps
 from .report import record_session, write_run_report
@@ -144,7 +147,8 @@ def read_inputs(cfg: Config, main_first=lambda build: build(), weights: bool = T
             f"embedding has {model_cfg.vocab_size} rows; pick the tokenizer that matches the model "
             "(v1: 32000, v3/v7: 32768, tekken: 131072)"
         )
-    data = main_first(lambda: build_dataset(cfg, tokenizer))
+    build = build_dataset if cfg.method == "sft" else build_preference_dataset
+    data = main_first(lambda: build(cfg, tokenizer))
     data.report.warnings += model_fit_warnings(cfg, model_dir, model_cfg, tokenizer, sample_lengths(data.train))
     return model_dir, model_cfg, tokenizer, data
 
@@ -284,6 +288,11 @@ class TrainingRun:
     def build(self) -> None:
         """Adapters on the model, its options set from the config, the rows, the optimizer."""
         cfg, rt, model, echo = self.cfg, self.rt, self.model, self.echo
+        self.preference = cfg.method != "sft"
+        if self.preference:
+            self.rows = unit_rows(self.data.train, cfg.sequence_len, cfg.sample_packing)
+            self.val_rows = unit_rows(self.data.val, cfg.sequence_len, cfg.sample_packing) if self.data.val else []
+            self._measure_reference()
         self.spec = self._apply_adapters()
         self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.params = list(self.named.values())
@@ -300,7 +309,8 @@ class TrainingRun:
             raise ConfigError("fast_path: true needs a CUDA GPU (FlexAttention has no CPU backward); use auto")
         if cfg.offload_activations and not (cfg.gradient_checkpointing and rt.device.type == "cuda"):
             raise ConfigError("offload_activations: true needs gradient_checkpointing: true and a CUDA GPU")
-        self.one_sample = self.fast and one_sample_rows(cfg, model.config)
+        # a preference row holds whole units: two samples at least
+        self.one_sample = self.fast and not self.preference and one_sample_rows(cfg, model.config)
         model.configure(**model_options(cfg, model.config))
         if self.fast:  # rows of one sample vary in length: their layers compile for dynamic shapes
             model.use_fast_path(one_sample_rows=self.one_sample, dynamic=self.one_sample)
@@ -315,10 +325,36 @@ class TrainingRun:
         echo(f"device {rt.device}, {'bf16 autocast' if rt.autocast_dtype else 'float32'}; "
              f"{self.trainable:,} of {self.total:,} parameters trained ({100 * self.trainable / self.total:.2f}%)")
 
-        self.rows = make_rows(self.data.train, cfg.sequence_len, cfg.sample_packing)
-        self.val_rows = make_rows(self.data.val, cfg.sequence_len, cfg.sample_packing) if self.data.val else []
-        self.padding = row_padding(cfg, self.fast, self.one_sample, cfg.micro_batch_size)
+        if not self.preference:
+            self.rows = make_rows(self.data.train, cfg.sequence_len, cfg.sample_packing)
+            self.val_rows = make_rows(self.data.val, cfg.sequence_len, cfg.sample_packing) if self.data.val else []
+        self.padding = self._row_padding(cfg.micro_batch_size)
         self.optimizer = make_optimizer(self.named, cfg, rt.device)
+
+    def _row_padding(self, micro_batch_size: int) -> dict:
+        """schedule.row_padding; a preference row holds up to 2 x sequence_len tokens (data/preference.py)."""
+        padding = row_padding(self.cfg, self.fast, self.one_sample, micro_batch_size)
+        if self.preference and "pad_to" in padding:
+            padding["pad_to"] = 2 * self.cfg.sequence_len
+        return padding
+
+    def _measure_reference(self) -> None:
+        """The reference model's log-probability of every preference sample (train and held out), taken
+        with the starting weights before any adapter exists: one forward pass over the data, 4 bytes a
+        sample, no second model. It is taken again, from the same base weights, when a run resumes.
+        The same whatever the adapter (with lora_init pissa / olora the base weights change once the
+        adapter is made, so the adapter switched off would not be the starting model), and for full
+        fine-tuning. ORPO and SimPO have no reference: the held-out accuracy's is still measured."""
+        cfg, rt = self.cfg, self.rt
+        began = time.perf_counter()
+        self.ref = {}
+        for name, samples, rows in (("train", self.data.train, self.rows), ("val", self.data.val, self.val_rows)):
+            if name == "train" and cfg.method not in NEEDS_REFERENCE:
+                continue
+            self.ref[name] = sample_logprobs(self.model, samples, rows, cfg.micro_batch_size, rt.device,
+                                             rt.autocast_dtype)[0] if rows else torch.zeros(0)
+        self.echo(f"method {cfg.method}: reference log-probabilities of {sum(len(v) for v in self.ref.values())} "
+                  f"samples measured with the starting weights ({time.perf_counter() - began:.1f} s)")
 
     def _apply_adapters(self) -> LoraSpec | None:
         """LoRA (and trainable rows for new special tokens) as the config asks; None for full fine-tuning."""
@@ -458,9 +494,12 @@ class TrainingRun:
                     due = (step + 1) % cfg.eval_steps == 0 if cfg.eval_steps else scheduled
                     evaluated = None
                     if self.val_rows and (last or due):
-                        evaluated, _ = evaluate(self.model, self.data.val, self.val_rows, cfg, rt, self.padding)
+                        if self.preference:
+                            evaluated = self._evaluate_preference(step + 1)
+                        else:
+                            evaluated, _ = evaluate(self.model, self.data.val, self.val_rows, cfg, rt, self.padding)
+                            self.log.eval(step + 1, evaluated)
                         progress.eval_loss = evaluated
-                        self.log.eval(step + 1, evaluated)
                     early_stop = None  # why to stop early, when the evaluations say so
                     if cfg.eval.requested and TrainingEvals.due(cfg, step + 1, last):
                         early_stop = self._run_evals(step + 1, evaluated)
@@ -481,6 +520,37 @@ class TrainingRun:
         finally:
             self.log.close()
 
+    def _unit_inputs(self) -> UnitInputs:
+        """What the preference loss reads beside the model's log-probabilities (built once)."""
+        if getattr(self, "unit_inputs", None) is None:
+            train = self.data.train
+            self.unit_inputs = UnitInputs(
+                self.ref.get("train"),
+                torch.tensor(self.data.train_labels, dtype=torch.bool) if self.data.train_labels else None,
+                torch.tensor([s.n_trained for s in train], dtype=torch.long))
+        return self.unit_inputs
+
+    def _evaluate_preference(self, step: int) -> float:
+        """The held-out preference loss (returned: it picks the best checkpoint) and accuracy, logged with
+        the reference's accuracy: the share of pairs whose chosen answer the model gives the higher
+        log-probability (KTO: the share of judged answers whose log-ratio has their label's sign)."""
+        cfg, rt, data = self.cfg, self.rt, self.data
+        logp, count = sample_logprobs(self.model, data.val, self.val_rows, cfg.micro_batch_size, rt.device,
+                                      rt.autocast_dtype, self.padding)
+        ref = self.ref["val"] if cfg.method in NEEDS_REFERENCE else None
+        labels = torch.tensor(data.val_labels, dtype=torch.bool) if data.val_labels else None
+        objective = unit_objective(cfg, logp.double(), ref.double() if ref is not None else None, count, labels)
+        loss = float(objective.loss)
+        if cfg.method == "kto":
+            accuracy, before = judged_right(logp, self.ref["val"], data.val_labels), 0.0
+        else:
+            accuracy, before = prefers_chosen(logp), prefers_chosen(self.ref["val"])
+        values = {"eval_loss": loss, "eval_preference_accuracy": accuracy, "eval_preference_accuracy@base": before,
+                  **{f"eval_{k}": v for k, v in objective.metrics.items()}}
+        self.log.metrics(step, values, f"held-out {cfg.method} loss {loss:.4f}, preference accuracy "
+                         f"{100 * accuracy:.1f}% (starting model {100 * before:.1f}%)")
+        return loss
+
     def _step(self, step: int, stop: StopRequest):
         """One optimizer step (0-based `step`): its micro-batches forward and backward (smaller ones after
         an out-of-memory with auto_micro_batch), gradients synchronised and clipped, the update unless
@@ -496,7 +566,10 @@ class TrainingRun:
             out_of_memory = False
             try:
                 batches = [collate(self.data.train, g, **self.padding) for g in groups]
-                window_loss = accumulate_gradients(self.model, batches, rt)
+                if self.preference:
+                    window_loss = accumulate_preference(self.model, batches, groups, self._unit_inputs(), cfg, rt)
+                else:
+                    window_loss = accumulate_gradients(self.model, batches, rt)
             except OOM_ERRORS:
                 out_of_memory, window_loss = True, WindowLoss(0.0, 0, 0, None)
             # Every process learns whether any ran out of memory or was asked to stop.
@@ -508,7 +581,8 @@ class TrainingRun:
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         n_tokens = window_loss.n_tokens
-        loss = agreed.loss_sum / max(n_tokens, 1)
+        # a preference loss arrives divided already (by the window's pairs), the token loss summed
+        loss = agreed.loss_sum if window_loss.metrics is not None else agreed.loss_sum / max(n_tokens, 1)
         bad = guard.check(loss, grad_norm)
         if bad is None:  # a bad step leaves weights and optimizer state exactly as they were
             optimizer.step()
@@ -520,6 +594,8 @@ class TrainingRun:
         self.recent.append((step_s, agreed.n_real))
         record = step_record(step + 1, window[-1][0] + 1, loss, lr, grad_norm, n_tokens, self.recent,
                              step_s, rt, self.flops_tok, self.peak_flops)
+        if window_loss.metrics is not None:  # the preference metrics: rewards, margins, accuracy, log-probs
+            record.update(window_loss.metrics)
         if window_loss.router_aux is not None:  # its own number, not part of loss
             record["router_aux_loss"] = finite(window_loss.router_aux)
         if bad is not None:
@@ -552,7 +628,7 @@ class TrainingRun:
                   f"retrying step {step + 1} with micro_batch_size {smaller[0]} x "
                   f"gradient_accumulation_steps {smaller[1]}")
         progress.micro_batch_size, progress.gradient_accumulation_steps = smaller
-        self.padding = row_padding(cfg, self.fast, self.one_sample, smaller[0])
+        self.padding = self._row_padding(smaller[0])
         return [g[i:i + smaller[0]] for g in groups for i in range(0, len(g), smaller[0])]
 
     def _run_evals(self, step: int, heldout_loss: float | None) -> str | None:
@@ -729,6 +805,7 @@ class WindowLoss:
     n_tokens: int  # trained tokens of the whole window, over all processes
     n_real: int  # real (not padding) tokens
     router_aux: float | None  # Mixtral's router balance loss, mean over the real tokens; None for a dense model
+    metrics: dict[str, float] | None = None  # a preference method's step means (rewards, margins, ...)
 
 
 def accumulate_gradients(model, batches: list[Batch], rt: Runtime) -> WindowLoss:
@@ -758,6 +835,55 @@ def accumulate_gradients(model, batches: list[Batch], rt: Runtime) -> WindowLoss
         if aux is not None and batch.n_real:
             moe, aux_sum = True, aux_sum + float(aux) * batch.n_real
     return WindowLoss(loss_sum, n_tokens, n_real, aux_sum / max(n_real, 1) if moe else None)
+
+
+@dataclass
+class UnitInputs:
+    """Per training sample: the reference's log-probability (None for ORPO / SimPO) and the trained
+    tokens; per unit: whether its answer is desirable (KTO; None for pairs)."""
+
+    ref: torch.Tensor | None
+    desirable: torch.Tensor | None
+    trained: torch.Tensor
+
+
+def accumulate_preference(model, batches: list[Batch], groups: list[list[list[int]]], inputs: UnitInputs,
+                          cfg: Config, rt: Runtime) -> WindowLoss:
+    """accumulate_gradients for the preference methods: forward and backward over the micro-batches of
+    one optimizer step, each micro-batch's units (data/preference.py) scored by the method's objective
+    (train/objectives.py) on the model's sequence log-probabilities. The per-unit losses are divided
+    by the units of the whole window over all processes (ORPO's NLL by its chosen answers' tokens), so
+    the accumulated gradient equals that of one batch holding every unit. Returns the window's loss
+    (already divided) and its metrics' means."""
+    order = [torch.tensor([i for row in g for i in row], dtype=torch.long) for g in groups]
+    n_units, n_chosen, n_tokens = rt.all_sum([sum(len(o) // 2 for o in order),
+                                              sum(int(inputs.trained[o[0::2]].sum()) for o in order),
+                                              sum(b.n_trained for b in batches)])
+    loss_sum, n_real, sums = 0.0, 0, {}
+    for i, (batch, idx) in enumerate(zip(batches, order, strict=True)):
+        batch = batch.to(rt.device)
+        with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
+            logp, count = model.sequence_logprobs(batch)
+        ref = inputs.ref[idx].to(logp.device) if inputs.ref is not None else None
+        desirable = inputs.desirable[idx[0::2] // 2].to(logp.device) if inputs.desirable is not None else None
+        objective = unit_objective(cfg, logp, ref, count, desirable)
+        term = objective.losses.sum() / max(n_units, 1)
+        if objective.nll_tokens:
+            term = term + objective.nll_sum / max(n_chosen, 1)
+        if i == len(batches) - 1:  # the gradients are complete in this backward: they travel from inside it
+            rt.send_during_backward()
+        term.backward()
+        loss_sum += float(term.detach())
+        n_real += batch.n_real
+        for k, (total, n) in objective.metric_sums().items():
+            before = sums.get(k, (0.0, 0))
+            sums[k] = (before[0] + total, before[1] + n)
+    keys = sorted(sums)
+    totals = rt.all_sum([x for k in keys for x in sums[k]]) if keys else []
+    metrics = {k: float(totals[2 * j]) / float(totals[2 * j + 1]) for j, k in enumerate(keys) if totals[2 * j + 1]}
+    if cfg.method == "kto" and "rewards/chosen" in metrics and "rewards/rejected" in metrics:
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return WindowLoss(loss_sum, int(n_tokens), n_real, None, metrics)
 
 
 def _save(cfg: Config, model, spec: LoraSpec | None, tokenizer, final: Path, model_dir: Path,

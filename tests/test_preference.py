@@ -1,0 +1,211 @@
+"""Preference data (rendering, the record layouts, bad records) and the preference methods in the
+training loop (metrics, exact resume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _runs import config, make_assets, metrics
+from mistral_tune.chat import load_tokenizer
+from mistral_tune.config import config_from_dict
+from mistral_tune.data.preference import build_preference_dataset, pair_samples, unit_rows
+from mistral_tune.errors import ConfigError, DataError
+from mistral_tune.quickstart import data_dir
+from mistral_tune.train.loop import train
+
+USER = {"role": "user", "content": "Last word? red green blue"}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("v3")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("assets"))
+
+
+def _write(path: Path, records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def _pref_cfg(tmp_path: Path, data: Path, **overrides):
+    return config_from_dict({"base_model": "unused", "datasets": [{"path": str(data)}], "sequence_len": 64,
+                             "method": "dpo", **overrides})
+
+
+def test_a_pair_renders_as_mistral_common_with_only_the_answer_trained(tok):
+    record = {"prompt": [USER], "chosen": [{"role": "assistant", "content": "blue"}], "rejected": "red"}
+    c_ids, c_mask, r_ids, r_mask = pair_samples(record, tok)
+    for ids, mask, answer in ((c_ids, c_mask, "blue"), (r_ids, r_mask, "red")):
+        start = tok.encode_prompt([USER])
+        assert ids[:len(start)] == start and not any(mask[:len(start)])
+        assert ids == tok.encode_chat([USER, {"role": "assistant", "content": answer}])[0]
+        assert all(mask[len(start):])  # the answer and its </s>
+        assert tok.decode(ids[len(start):]) == answer
+
+
+def test_a_multi_turn_prompt_trains_only_the_final_answer(tok):
+    earlier = [USER, {"role": "assistant", "content": "blue"}, {"role": "user", "content": "And the first?"}]
+    c_ids, c_mask, _, _ = pair_samples({"prompt": earlier, "chosen": "red", "rejected": "green"}, tok)
+    assert tok.decode([i for i, m in zip(c_ids, c_mask, strict=True) if m]) == "red"
+
+
+def test_shared_prefix_conversations_give_the_explicit_prompt_samples(tok):
+    a, b = {"role": "assistant", "content": "blue"}, {"role": "assistant", "content": "red"}
+    explicit = pair_samples({"prompt": [USER], "chosen": [a], "rejected": [b]}, tok)
+    whole = pair_samples({"chosen": [USER, a], "rejected": [USER, b]}, tok)
+    assert explicit == whole
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"prompt": [USER], "chosen": "blue", "rejected": "blue"}, "same answer"),
+    ({"chosen": [USER, {"role": "assistant", "content": "x"}], "rejected": [USER, {"role": "assistant",
+                                                                                  "content": "x"}]},
+     "same conversation"),
+    ({"prompt": [USER], "chosen": "", "rejected": "red"}, "empty"),
+    ({"prompt": [USER, {"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"},
+     "must end with a user message"),
+    ({"prompt": [USER], "chosen": "blue"}, "needs chosen and rejected"),
+    ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+     "share no user turn"),
+])
+def test_bad_pairs_are_named_with_file_and_line(tmp_path, tok, record, reason):
+    good = {"prompt": [USER], "chosen": "blue", "rejected": "red"}
+    data = _write(tmp_path / "p.jsonl", [good, record])
+    with pytest.raises(DataError, match=rf"1 bad preference pair record\(s\): {data}:2: .*{reason}"):
+        build_preference_dataset(_pref_cfg(tmp_path, data), tok)
+    kept = build_preference_dataset(_pref_cfg(tmp_path, data, on_bad_record="skip"), tok)
+    assert kept.report.rejected == 1 and len(kept.train) == 2
+
+
+def test_too_long_pairs_are_dropped_and_counted(tmp_path, tok):
+    long = {"prompt": [USER], "chosen": "word " * 80, "rejected": "red"}
+    data = _write(tmp_path / "p.jsonl", [{"prompt": [USER], "chosen": "blue", "rejected": "red"}, long])
+    built = build_preference_dataset(_pref_cfg(tmp_path, data), tok)
+    assert built.report.dropped_too_long == 1 and len(built.train) == 2
+    assert any(f"{data}:2: too long" in e for e in built.report.bad_examples)
+
+
+def test_kto_records_and_their_mismatched_samples(tmp_path, tok):
+    records = [{"prompt": f"Last word? a b w{i}", "completion": f"w{i}", "label": i % 2 == 0} for i in range(4)]
+    data = _write(tmp_path / "k.jsonl", records + [{"prompt": "x", "completion": "y", "label": "yes"}])
+    with pytest.raises(DataError, match=rf"{data}:5: label: expected true or false"):
+        build_preference_dataset(_pref_cfg(tmp_path, data, method="kto"), tok)
+    built = build_preference_dataset(_pref_cfg(tmp_path, data, method="kto", on_bad_record="skip"), tok)
+    assert built.train_labels == [True, False, True, False]
+    # unit u: its own answer, then its prompt with the next record's answer
+    assert tok.decode(built.train[1].tokens + [built.train[1].labels[-1]]).endswith("w1")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "x"]),
+                       st.one_of(st.text(max_size=8), st.integers(), st.none(),
+                                 st.lists(st.dictionaries(st.sampled_from(["role", "content"]),
+                                                          st.sampled_from(["user", "assistant", "", "hi", 3])),
+                                          max_size=3))))
+def test_any_record_is_a_pair_or_a_named_reason(tok, record):
+    try:
+        pair_samples(record, tok)
+    except (ValueError, DataError) as exc:
+        assert str(exc)
+
+
+def test_unit_rows_keep_pairs_whole(tok):
+    lengths = [5, 7, 3, 3, 10, 2]
+
+    class S:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    samples = [S(n) for n in lengths]
+    for packing in (True, False):
+        rows = unit_rows(samples, 10, packing)
+        assert sorted(i for r in rows for i in r) == list(range(6))
+        assert all(r[k] % 2 == 0 and r[k + 1] == r[k] + 1 for r in rows for k in range(0, len(r), 2))
+        assert all(sum(lengths[i] for i in r) <= 20 for r in rows)
+
+
+def test_unknown_and_foreign_preference_keys_are_config_errors():
+    base = {"datasets": [{"path": "x"}]}
+    with pytest.raises(ConfigError, match="preference.gamma: for method simpo, not dpo"):
+        config_from_dict({**base, "method": "dpo", "preference": {"gamma": 1.0}})
+    with pytest.raises(ConfigError, match="method is sft"):
+        config_from_dict({**base, "preference": {"beta": 0.2}})
+    assert config_from_dict({**base, "method": "simpo"}).beta == 2.0
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory) -> Path:
+    lines = (data_dir() / "preference_train.jsonl").read_text().splitlines()[:24]
+    path = tmp_path_factory.mktemp("pref") / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dpo_run(assets, pref_data, tmp_path_factory):
+    model, _ = assets
+    out = tmp_path_factory.mktemp("dpo") / "run"
+    cfg = config(model, pref_data, out, method="dpo", datasets=[{"path": str(pref_data)}], max_steps=6,
+                 save_steps=3, val_set_size=4, eval_steps=3, lora_dropout=0.1, save_total_limit=10)
+    return cfg, train(cfg, echo=lambda _: None)
+
+
+def test_a_dpo_run_logs_its_metrics_and_held_out_accuracy(dpo_run):
+    _, result = dpo_run
+    lines = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "lr" in x]
+    assert len(steps) == 6 and result.adapter_dir.is_dir()
+    first = steps[0]
+    # the first step's policy is the reference: every reward is 0 (up to dropout, which is on)
+    assert set(first) >= {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy",
+                          "logps/chosen", "logps/rejected"}
+    assert first["loss"] == pytest.approx(0.6931, abs=0.01)
+    evals = [x for x in lines if "eval_preference_accuracy" in x]
+    assert [x["step"] for x in evals] == [3, 6]
+    assert all(0 <= x["eval_preference_accuracy"] <= 1 for x in evals)
+
+
+def test_a_dpo_run_resumes_exactly(dpo_run, tmp_path):
+    import shutil
+
+    cfg, result = dpo_run
+    out = tmp_path / "run"
+    shutil.copytree(result.output_dir, out)
+    again = train(cfg.model_copy(update={"output_dir": str(out), "resume": str(out / "checkpoint-3")}),
+                  echo=lambda _: None)
+    assert again.steps == 6
+    assert metrics(out) == metrics(result.output_dir)
+    mine = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert mine == (result.adapter_dir / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("method", ["orpo", "kto"])
+def test_orpo_and_kto_runs_train(assets, tmp_path, pref_data, method):
+    model, _ = assets
+    data = pref_data
+    if method == "kto":
+        pairs = [json.loads(x) for x in pref_data.read_text().splitlines()]
+        data = _write(tmp_path / "kto.jsonl", [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+                                               for p in pairs for k in ("chosen", "rejected")])
+    cfg = config(model, data, tmp_path / "run", method=method, datasets=[{"path": str(data)}], max_steps=3,
+                 save_steps=10)
+    result = train(cfg, echo=lambda _: None)
+    steps = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    assert ("kl" if method == "kto" else "nll") in steps[0]

@@ -238,6 +238,11 @@ def main() -> None:
             quantize_model(q, PROJECTIONS, device="cuda")
             q.to("cuda")
             qbytes = read_bytes(q)
+            layer = q.model.layers[0].mlp.down_proj  # the one-token kernel against dequantize + matmul
+            x = torch.randn(1, 1, layer.in_features, device="cuda", dtype=dtype)
+            with torch.no_grad():
+                fast, slow = layer(x), torch.nn.functional.linear(x, layer.dequantized(dtype))
+            r["qlora_gemv_vs_dequantized_max_rel"] = float((fast - slow).abs().max() / slow.abs().max())
             tq, dec = decode_step_time(q, [short], 32)
             del dec
             limit = (qbytes + kv_per_token * short) / bw

@@ -80,8 +80,9 @@ def _axolotl_section() -> list[str]:
         "- `bf16` carries over; `fp16: true` → `bf16: auto`. `gradient_checkpointing: offload` and "
         "`activation_offloading` → `offload_activations`. `fsdp`/`fsdp_config` → `distributed: fsdp` for full "
         "fine-tuning, `ddp` with adapters; `deepspeed` is left out (DDP or FSDP2 here).",
-        "- `wandb_*` / `mlflow_*` / `use_tensorboard` → `report_to`; the W&B project, entity and run name and the "
-        "MLflow experiment go in `WANDB_PROJECT`, `WANDB_ENTITY`, `WANDB_NAME`, `MLFLOW_EXPERIMENT_NAME`.",
+        "- `wandb_*` / `mlflow_*` / `use_tensorboard` → `report_to`; `wandb_project`, `wandb_entity`, "
+        "`mlflow_experiment_name` and `mlflow_tracking_uri` carry over; the run name goes in `WANDB_NAME` / "
+        "`MLFLOW_RUN_NAME`.",
         "- Datasets: `path`, `split`, `name`; `ds_type` → `source`; `type: alpaca` (and its custom "
         "`field_instruction`/`field_input`/`field_output`/`field_system` form) → `format: alpaca`; "
         "`chat_template` with `field_messages` and `message_property_mappings` → `format: messages` (role/content) "

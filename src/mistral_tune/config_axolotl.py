@@ -26,7 +26,7 @@ SAME = ("base_model", "val_set_size", "sequence_len", "sample_packing", "group_b
         "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "warmup_steps",
         "warmup_ratio", "micro_batch_size", "gradient_accumulation_steps", "num_epochs", "max_steps", "seed",
         "output_dir", "logging_steps", "save_steps", "eval_steps", "save_total_limit", "neftune_noise_alpha",
-        "mlflow_tracking_uri")
+        "mlflow_tracking_uri", "mlflow_experiment_name", "wandb_project", "wandb_entity")
 RENAMED = {"peft_use_dora": "use_dora", "peft_use_rslora": "use_rslora", "dataset_processes": "dataset_num_workers",
            "dataset_num_proc": "dataset_num_workers", "dataset_prepared_path": "dataset_cache_dir",
            "ddp_timeout": "distributed_timeout", "noisy_embedding_alpha": "neftune_noise_alpha",
@@ -149,8 +149,8 @@ HANDLED = ("datasets", "test_datasets", "pretraining_dataset", "adapter", "load_
            "lora_target_modules", "lora_target_linear", "lora_model_dir", "optimizer", "lr_scheduler",
            "cosine_min_lr_ratio", "batch_size", "bf16", "fp16", "gradient_checkpointing",
            "gradient_checkpointing_kwargs", "activation_offloading", "resume_from_checkpoint",
-           "auto_resume_from_checkpoints", "early_stopping_patience", "use_wandb", "wandb_project", "wandb_entity",
-           "wandb_name", "wandb_mode", "use_mlflow", "mlflow_experiment_name", "mlflow_run_name", "use_tensorboard",
+           "auto_resume_from_checkpoints", "early_stopping_patience", "use_wandb",
+           "wandb_name", "wandb_mode", "use_mlflow", "mlflow_run_name", "use_tensorboard",
            "deepspeed", "fsdp", "fsdp_config", "fsdp_version", "unfrozen_parameters", "model_config",
            "excess_length_strategy", "dataset_exact_deduplication")
 
@@ -165,7 +165,6 @@ HINTS = {"load_in_4bit": "use adapter: qlora (LoRA over a 4-bit NF4 base)",
          "auto_resume_from_checkpoints": "use resume: auto",
          "activation_offloading": "use offload_activations (with gradient_checkpointing)",
          "batch_size": "use gradient_accumulation_steps (batch = micro_batch_size x gradient_accumulation_steps)",
-         "wandb_project": "use report_to: [wandb] (the project: WANDB_PROJECT)",
          "use_wandb": "use report_to: [wandb]", "use_mlflow": "use report_to: [mlflow]",
          "use_tensorboard": "use report_to: [tensorboard]",
          "excess_length_strategy": "use on_too_long (drop or truncate)",
@@ -471,9 +470,7 @@ def _trackers(given: dict, t: Translation) -> None:
         if any(given.get(k) for k in keys) and given.get(f"use_{name}") is not False:
             trackers.append(name)
     t.config["report_to"] = trackers
-    env = {"wandb_project": "WANDB_PROJECT", "wandb_entity": "WANDB_ENTITY", "wandb_name": "WANDB_NAME",
-           "wandb_mode": "WANDB_MODE", "mlflow_experiment_name": "MLFLOW_EXPERIMENT_NAME",
-           "mlflow_run_name": "MLFLOW_RUN_NAME"}
+    env = {"wandb_name": "WANDB_NAME", "wandb_mode": "WANDB_MODE", "mlflow_run_name": "MLFLOW_RUN_NAME"}
     for key, var in env.items():
         if key in given:
             t.note(key, f"no config key; set {var}={given[key]} in the environment of the run")

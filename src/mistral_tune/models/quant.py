@@ -133,7 +133,24 @@ class NF4Linear(nn.Module):
             return _dequantize(*self._tensors(), self.meta).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _NF4Matmul.apply(self._autocast(x), *self._tensors(), self.meta)
+        x = self._autocast(x)
+        if x.is_cuda and not torch.is_grad_enabled() and x.shape[:-1].numel() == 1:
+            return self._gemv(x)
+        return _NF4Matmul.apply(x, *self._tensors(), self.meta)
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """One token without gradients (decoding at batch 1): bitsandbytes' 4-bit matrix-vector kernel
+        reads the codes once, where dequantizing first also writes and reads the whole weight in x's
+        dtype. Its block scales are dequantized once and kept (the weight is frozen)."""
+        if getattr(self, "_gemv_scales", None) is None or self._gemv_scales[0].device != x.device:
+            shape, dtype, blocksize, blocksize2 = self.meta
+            absmax = self.absmax
+            if self.absmax2 is not None:
+                absmax = torch.ops.bitsandbytes.dequantize_blockwise(self.absmax, self.absmax2, self.code2,
+                                                                     blocksize2, torch.float32) + self.offset
+            self._gemv_scales = (absmax, _bnb().get_4bit_type("nf4", device=x.device))
+        absmax, code = self._gemv_scales
+        return torch.ops.bitsandbytes.gemv_4bit(x, self.packed.t(), self.meta[0], absmax, code, self.meta[2])
 
     def grad_only(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) when the result is only back-propagated through (models/recompute.py)."""

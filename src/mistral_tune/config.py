@@ -722,6 +722,16 @@ def _apply_override(data: dict, path: list[str], value: Any) -> None:
         raise ConfigError(f"override '{'.'.join(path)}': cannot set '{last}'")
 
 
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Set the `key=value` (or `section.key=value`) overrides in a config's dict of keys, in place."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        if not isinstance(value, str) and value is not None and _takes_text_only(keys):
+            value = text.split("=", 1)[1]  # output_dir=2024 names a folder, not a number
+        _apply_override(data, keys, value)
+    return data
+
+
 def config_from_dict(data: dict, source: str = "config") -> Config:
     filled = preset_keys(data, source)
     try:
@@ -761,11 +771,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
-    for text in overrides:
-        keys, value = parse_override(text)
-        if not isinstance(value, str) and value is not None and _takes_text_only(keys):
-            value = text.split("=", 1)[1]  # output_dir=2024 names a folder, not a number
-        _apply_override(data, keys, value)
+    apply_overrides(data, overrides)
     base = path.resolve().parent
     entries = [ds for key in ("datasets", "val_datasets") if isinstance(data.get(key), list) for ds in data[key]]
     entries += _eval_datasets(data.get("eval"))

@@ -3,6 +3,7 @@ and at the end, with the best adapter kept and early stopping) and from `mistral
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import math
@@ -290,8 +291,9 @@ def _run_config(path: Path) -> dict:
     return yaml.safe_load((run / "config.yaml").read_text()) or {}
 
 
-def eval_settings(path: Path, config: Path | None, overrides: list[str]):
-    """(eval section, sequence_len) from --config (or the run's config.yaml) and eval.* overrides."""
+def eval_settings(path: Path, config: Path | dict | None, overrides: list[str]):
+    """(eval section, sequence_len) from --config (or the run's config.yaml; or a config's dict of keys)
+    and eval.* overrides."""
     import yaml
     from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -301,7 +303,9 @@ def eval_settings(path: Path, config: Path | None, overrides: list[str]):
         model_config = ConfigDict(extra="forbid")
         eval: EvalConfig
 
-    if config is not None:
+    if isinstance(config, dict):
+        data, where, base = config, "config", None
+    elif config is not None:
         if not Path(config).is_file():
             raise ConfigError(f"config file not found: {config}")
         data = yaml.safe_load(Path(config).read_text()) or {}
@@ -310,7 +314,7 @@ def eval_settings(path: Path, config: Path | None, overrides: list[str]):
         data, where, base = _run_config(path), "the run's config.yaml", None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of keys")
-    section = {"eval": data.get("eval") or {}}
+    section = {"eval": copy.deepcopy(data.get("eval") or {})}
     for text in overrides:
         keys, value = parse_override(text)
         if keys[0] != "eval":
@@ -336,7 +340,7 @@ def _default_out(path: Path, run: Path | None, kind: str) -> Path:
     return run / kind if Path(path).expanduser().resolve() == run else run / f"{kind}-{name}"
 
 
-def run_eval(path: Path, *, config: Path | None = None, overrides: list[str] = (), out: Path | None = None,
+def run_eval(path: Path, *, config: Path | dict | None = None, overrides: list[str] = (), out: Path | None = None,
              base_model: str | None = None, dtype: str = "float32", device: str = "cpu", echo=print) -> dict:
     """`mistral-tune eval`: the report of the eval: section's evaluations on one model."""
     eval_cfg, sequence_len = eval_settings(path, config, list(overrides))

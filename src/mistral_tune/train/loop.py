@@ -32,6 +32,7 @@ from ..config import ALL_PROJECTIONS, Config
 from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, make_rows, sample_lengths
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError
+from ..evaluate.report import REPORT_JSON
 from ..evaluate.run import TrainingEvals
 from ..fsutil import atomic_write_text, check_target, mark_output, replace_dir
 from ..models.fp8 import check_fp8_device, fp8_model
@@ -67,6 +68,18 @@ class TrainResult:
     checkpoint_dir: Path | None = None  # the last checkpoint written
     best: dict | None = None  # the best evaluation (step, metric, value, dir) when an eval: section ran
     report: Path | None = None  # the evaluation report (report.html)
+
+    @property
+    def metrics(self) -> list[dict]:
+        """metrics.jsonl's records: a line per logged step, held-out loss and evaluation."""
+        lines = (self.output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    @property
+    def evaluation(self) -> dict | None:
+        """The last evaluation report (eval/eval_report.json: base vs tuned per metric), if the run has one."""
+        path = self.output_dir / "eval" / REPORT_JSON
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 

@@ -7,6 +7,7 @@
     api.evaluate(run)                    # the eval_report.json dict: base vs tuned for each metric
     merged = api.merge(run)              # the merged HF model directory
     api.generate(merged, ["Hello!"])     # the answers, one string a prompt
+    api.push(run, "your-name/my-model")  # merged/ (or adapter/) and its README.md model card, to the Hub
 
 A config is a `Config`, a dict of the YAML's keys, or the path of a YAML file; `overrides` are the
 command line's key=value pairs. A model is a run's output_dir (or the `TrainResult` that `train`
@@ -102,6 +103,16 @@ def merge(run_or_adapter: ModelLike, out: str | os.PathLike | None = None, *, ba
     target = Path(out) if out else adapter.parent / "merged"
     return merge_to_dir(adapter, target, base_model=base_model, dtype=DTYPE_ALIASES.get(dtype, dtype),
                         max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, echo=echo)
+
+
+def push(run_or_model: ModelLike, repo: str, *, private: bool = False, adapter: bool = False,
+         token: str | None = None, echo: Callable[[str], object] = print) -> str:
+    """Upload a run's merged model (or its adapter, or the adapter/model directory given) with its model card
+    to the Hugging Face Hub repository `repo`; the URL of the commit. A missing token, a bad repository name
+    or a folder with nothing to push fail before anything is sent."""
+    from .export.hub import push as push_folder
+
+    return push_folder(_path(run_or_model), repo, private=private, adapter=adapter, token=token, echo=echo)
 
 
 def sampling(max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):

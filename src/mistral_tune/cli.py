@@ -393,6 +393,23 @@ def _add_output_commands(sub) -> None:
     p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
     _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_export_awq)
+    _add_push_command(sub)
+
+
+def _add_push_command(sub) -> None:
+    p = sub.add_parser("push", help="upload a run's merged model or adapter, with its model card, to the Hugging Face "
+                       "Hub (needs a token: HF_TOKEN or `hf auth login`)")
+    p.add_argument("run_or_model", help="a run's output_dir (its merged/ or model/, else adapter/), or an adapter or "
+                   "model directory")
+    p.add_argument("--repo", required=True, help="the Hub repository, OWNER/NAME (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--adapter", action="store_true", help="push the run's adapter even where it has a merged model")
+    p.set_defaults(func=_cmd_push)
+
+
+def _cmd_push(args) -> None:
+    url = api.push(args.run_or_model, args.repo, private=args.private, adapter=args.adapter)
+    print(f"pushed to {url}")
 
 
 def _add_model_commands(sub) -> None:

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from ..fsutil import replace_dir
+from ..fsutil import replace_dir, run_folder
 from .base import Evaluation, ModelPair, Result, example_ids, read_examples
 from .report import REPORT_HTML, write_report
 
@@ -271,15 +271,6 @@ def load_pair(path: Path, base_model: str | None = None, dtype: str = "float32",
     for p in base.parameters():
         p.requires_grad_(False)
     return ModelPair(model, tokenizer, base_model=base.eval()), base_model
-
-
-def run_folder(path: Path) -> Path | None:
-    """The training run a model path belongs to (the folder with config.yaml and metrics.jsonl)."""
-    path = Path(path).expanduser().resolve()
-    for candidate in (path, path.parent):
-        if (candidate / "config.yaml").is_file() and (candidate / "metrics.jsonl").is_file():
-            return candidate
-    return None
 
 
 def _run_config(path: Path) -> dict:

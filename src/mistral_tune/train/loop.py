@@ -34,6 +34,7 @@ from ..data.pack import Batch, collate, group_rows, make_rows, sample_lengths
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError
 from ..evaluate.report import REPORT_JSON
 from ..evaluate.run import TrainingEvals
+from ..export.card import write_run_cards
 from ..fsutil import atomic_write_text, check_target, mark_output, replace_dir
 from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
@@ -629,6 +630,8 @@ class TrainingRun:
             self.log.finish(adapter_dir or merged_dir)
         evals = self.evals
         report = evals.finish(out.name) if evals is not None and rt.is_main else None  # rank 0's
+        if rt.is_main:
+            write_run_cards(out)  # README.md of adapter/, merged/, best/: after the evaluation they show
         if stop.requested:
             echo(f"{stop.signal_name} came after the last step: the run is complete")
         _write_run_report(out, rt, echo)

@@ -30,7 +30,6 @@ HYPER_PARAMETERS = (
     "num_epochs", "max_steps", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "sample_packing",
     "train_on_inputs", "neftune_noise_alpha", "tokenizer", "seed",
 )
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CACHED = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")  # a hub model in huggingface_hub's cache
 
 
@@ -42,7 +41,13 @@ def hub_id(base: str | None) -> str | None:
     cached = _CACHED.search(str(base))
     if cached:
         return f"{cached.group(1)}/{cached.group(2)}"
-    if Path(base).expanduser().exists() or not _HUB_ID.match(base):
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if "/" not in base or Path(base).expanduser().exists():
+        return None  # a local model, or not an OWNER/NAME id
+    try:
+        validate_repo_id(base)
+    except HFValidationError:
         return None
     return base
 

@@ -37,6 +37,12 @@ def upload_files(folder: Path) -> list[str]:
     return sorted(found)
 
 
+def upload_patterns(files: list[str]) -> list[str]:
+    """upload_folder's allow_patterns that match exactly these files (fnmatch patterns: a name with [, *
+    or ? in it is escaped)."""
+    return [glob.escape(f) for f in files]
+
+
 def hub_token(token: str | None = None) -> str:
     """The token an upload uses (given, $HF_TOKEN, or `hf auth login`'s); a clear error when there is none."""
     from huggingface_hub import get_token
@@ -70,6 +76,6 @@ def push(path: Path, repo_id: str, *, private: bool = False, adapter: bool = Fal
     hub.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     echo(f"uploading {len(files)} files from {folder} to {repo_id}")
     commit = hub.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
-                               allow_patterns=[glob.escape(f) for f in files],
+                               allow_patterns=upload_patterns(files),
                                commit_message=f"Upload {folder.name} with mistral-tune")
     return str(getattr(commit, "commit_url", None) or f"https://huggingface.co/{repo_id}")

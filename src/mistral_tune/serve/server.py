@@ -28,6 +28,7 @@ import copy
 import hmac
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -465,7 +466,8 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family)
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # without create_server's "(while attempting...)"
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 class Server:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from ..fsutil import atomic_write_text, run_folder
+from ..fsutil import MARKER, atomic_write_text, run_folder
 
 CARD = "README.md"
 #: The run's evaluation report, as evaluate/report.py writes it into the run's eval/ (REPORT_JSON).
@@ -43,13 +43,12 @@ def hub_id(base: str | None) -> str | None:
         return f"{cached.group(1)}/{cached.group(2)}"
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if "/" not in base or Path(base).expanduser().exists():
-        return None  # a local model, or not an OWNER/NAME id
     try:
         validate_repo_id(base)
     except HFValidationError:
         return None
-    return base
+    # OWNER/NAME, and no such local folder (which a relative base_model would name instead)
+    return base if "/" in base and not Path(base).exists() else None
 
 
 def base_license(base: str | None) -> dict:
@@ -57,7 +56,7 @@ def base_license(base: str | None) -> dict:
     on disk: a local model directory, or the huggingface_hub cache."""
     if not base:
         return {}
-    readme = Path(base).expanduser() / CARD
+    readme = Path(base) / CARD
     if not readme.is_file() and hub_id(base):
         from huggingface_hub import try_to_load_from_cache
 
@@ -77,6 +76,17 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _run_of(folder: Path) -> Path | None:
+    """The run an output came from: the one it lies in, or, for a merge written elsewhere, the run of
+    the adapter its marker names as a source."""
+    sources = (_read_json(folder / MARKER) or {}).get("sources") or []
+    for candidate in [folder, *(s for s in sources if isinstance(s, str))]:
+        run = run_folder(candidate)
+        if run is not None:
+            return run
+    return None
 
 
 def _run_files(run: Path | None) -> tuple[dict, dict | None, dict | None, int | None]:
@@ -186,7 +196,7 @@ def card_text(folder: Path, *, repo_id: str | None = None, base_model: str | Non
 
     folder = Path(folder)
     adapter_cfg = _read_json(folder / "adapter_config.json")
-    run = run or run_folder(folder)
+    run = run or _run_of(folder)
     config, data, evaluation, steps = _run_files(run)
     base = base_model or config.get("base_model") or (adapter_cfg or {}).get("base_model_name_or_path")
     model_cfg = _read_json(folder / "config.json") or _read_json(Path(str(base)) / "config.json") or {}

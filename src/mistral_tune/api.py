@@ -115,6 +115,17 @@ def push(run_or_model: ModelLike, repo: str, *, private: bool = False, adapter: 
     return push_folder(_path(run_or_model), repo, private=private, adapter=adapter, token=token, echo=echo)
 
 
+def init_model(out: str | os.PathLike, *, tokenizer: str = "v3", seed: int = 0, overwrite: bool = False) -> Path:
+    """A tiny random-init Mistral model (HF format, with its tokenizer file) for trials: a base_model that
+    trains on a CPU in seconds."""
+    from .fsutil import check_target, replace_dir
+    from .quickstart import create_tiny_model
+
+    target = check_target(out, "tiny", overwrite=overwrite, label="init-model")
+    replace_dir(target, lambda tmp: create_tiny_model(tmp, tokenizer=tokenizer, seed=seed), "tiny")
+    return target
+
+
 def sampling(max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
     """The decoding settings, checked (an out-of-range value is a ConfigError naming the option)."""
     for name, value in (("temperature", temperature), ("top_p", top_p), ("max_tokens", max_tokens)):

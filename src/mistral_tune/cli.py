@@ -297,10 +297,7 @@ def _cmd_report(args) -> None:
 
 
 def _cmd_init_model(args) -> None:
-    from .quickstart import create_tiny_model
-
-    out = check_target(args.out, "tiny", overwrite=args.overwrite, label="init-model")
-    replace_dir(out, lambda tmp: create_tiny_model(tmp, tokenizer=args.tokenizer, seed=args.seed), "tiny")
+    api.init_model(args.out, tokenizer=args.tokenizer, seed=args.seed, overwrite=args.overwrite)
     print(f"random-init tiny Mistral model written to {args.out}")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..fsutil import MARKER, atomic_write_text, run_folder
+from .vllm import min_max_lora_rank
 
 CARD = "README.md"
 #: The run's evaluation report, as evaluate/report.py writes it into the run's eval/ (REPORT_JSON).
@@ -167,8 +168,6 @@ def _usage_section(adapter: bool, where: str, base: str, rank: int | None) -> li
               f'model = AutoModelForCausalLM.from_pretrained("{base}", torch_dtype="auto")',
               f'model = PeftModel.from_pretrained(model, "{where}")',
               f'tokenizer = AutoTokenizer.from_pretrained("{base}")']
-        from .adapter import min_max_lora_rank
-
         vllm = (f"vllm serve {base} --tokenizer-mode mistral --enable-lora --max-lora-rank "
                 f"{min_max_lora_rank(int(rank or 8))} --lora-modules tuned={where}")
         gguf = [f"mistral-tune merge {where} --out merged", "mistral-tune export gguf merged --quant q8_0",

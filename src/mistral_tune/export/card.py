@@ -67,7 +67,10 @@ def base_license(base: str | None) -> dict:
         return {}
     from huggingface_hub import metadata_load
 
-    meta = metadata_load(readme) or {}
+    try:
+        meta = metadata_load(readme) or {}
+    except Exception:  # a base card whose header does not parse: its license is unknown, nothing more
+        return {}
     return {k: meta[k] for k in ("license", "license_name", "license_link") if isinstance(meta.get(k), str)}
 
 

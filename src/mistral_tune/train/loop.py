@@ -630,8 +630,11 @@ class TrainingRun:
             self.log.finish(adapter_dir or merged_dir)
         evals = self.evals
         report = evals.finish(out.name) if evals is not None and rt.is_main else None  # rank 0's
-        if rt.is_main:
-            write_run_cards(out)  # README.md of adapter/, merged/, best/: after the evaluation they show
+        if rt.is_main:  # README.md of adapter/, merged/, best/: after the evaluation they show
+            try:
+                write_run_cards(out)
+            except OSError as exc:  # the trained run stands without them
+                echo(f"model cards not written ({exc})")
         if stop.requested:
             echo(f"{stop.signal_name} came after the last step: the run is complete")
         _write_run_report(out, rt, echo)

@@ -66,3 +66,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
 
     out = tmp_path_factory.mktemp("tiny_model") / "model"
     return create_tiny_model(out, "v3", hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    """A finished LoRA run through the Python API (dict config): 4 steps on the tiny model, with a small
+    evaluation (tasks, forgetting), so its adapter's card has data, hyper-parameters and evaluation.
+    Shared by the session: read it, write new outputs elsewhere. Returns api.train's TrainResult."""
+    from _runs import base_config, make_assets
+    from mistral_tune import api
+    from mistral_tune.quickstart import data_dir
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    model, data = make_assets(root, n_records=16)
+    evals = {"tasks": {"dataset": {"path": str(data)}, "max_samples": 2, "max_new_tokens": 2},
+             "forgetting": {"dataset": {"path": str(data_dir() / "general.jsonl")}, "max_samples": 2,
+                            "max_tokens": 16}}
+    cfg = base_config(model, data, root / "run", max_steps=4, save_steps=None, eval=evals)
+    return api.train(cfg, echo=lambda line: None)

@@ -10,8 +10,8 @@ import mistral_tune
 
 ROOT = Path(mistral_tune.__file__).parent
 # From the top down; a package may import those on its level's right or below.
-ORDER = [["cli", "__main__"], ["plan", "quickstart"], ["train"], ["evaluate"], ["export", "serve"], ["generate"],
-         ["data"], ["config", "config_axolotl", "models"], ["kernels", "chat", "fsutil"],
+ORDER = [["cli", "__main__"], ["api"], ["plan", "quickstart"], ["train"], ["evaluate"], ["export", "serve"],
+         ["generate"], ["data"], ["config", "config_axolotl", "models"], ["kernels", "chat", "fsutil"],
          ["errors", "dtypes", "htmlpage", "plots", "__init__"]]
 LEVEL = {name: i for i, names in enumerate(ORDER) for name in names}
 

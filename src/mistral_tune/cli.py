@@ -7,16 +7,14 @@ import os
 import sys
 from pathlib import Path
 
+from . import api
 from .dtypes import DTYPE_ALIASES, DTYPE_NAMES
 from .errors import EXIT_STOPPED, ConfigError, MistralTuneError, TrainingHalted
 from .fsutil import check_target, replace_dir
 
 
 def _cmd_train(args) -> None:
-    from .config import load_config
-    from .train.loop import train
-
-    cfg = load_config(args.config, args.overrides)
+    cfg = api.load_config(args.config, args.overrides)
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
         from .train.launch import launch
 
@@ -25,7 +23,7 @@ def _cmd_train(args) -> None:
     again = " ".join(["mistral-tune", "train", args.config, *args.overrides]
                      + ([] if cfg.resume == "auto" else ["resume=auto"]))
     try:
-        result = train(cfg, merge=args.merge, force=args.force)
+        result = api.train(cfg, merge=args.merge, force=args.force)
     except TrainingHalted as exc:
         raise TrainingHalted(f"{exc}. To continue from the last checkpoint once the cause is fixed: {again} "
                              "(bad_step_* keys may change there with --force)") from None
@@ -51,15 +49,9 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_merge(args) -> None:
-    from .export.hf import find_adapter, merge_to_dir, parse_size
-
-    adapter = find_adapter(Path(args.run_or_adapter))
-    out = Path(args.out) if args.out else adapter.parent / "merged"
-    dtype = DTYPE_ALIASES.get(args.dtype, args.dtype)
-    out = merge_to_dir(adapter, out, base_model=args.base_model, dtype=dtype,
-                       max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite)
-    print(f"merged model ({dtype}) written to {out}")
-
+    out = api.merge(args.run_or_adapter, args.out, base_model=args.base_model, dtype=args.dtype,
+                    max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(f"merged model ({DTYPE_ALIASES.get(args.dtype, args.dtype)}) written to {out}")
 
 
 def _cmd_quickstart(args) -> None:
@@ -78,34 +70,16 @@ def _cmd_export_adapter(args) -> None:
     print(f"serve it: {vllm_serve_command(adapter, cfg)}")
 
 
-def _sampling(args, loaded=None):
-    """The sampling flags, checked (loaded None), then with the model's defaults for those not given."""
-    from .serve.chat import Sampling
-    from .serve.defaults import sampling_defaults
-
-    for name in ("temperature", "top_p", "max_tokens"):
-        value = getattr(args, name)
-        if value is not None and (value < 0 or (name == "top_p" and not 0 < value <= 1)
-                                  or (name == "max_tokens" and value < 1)):
-            raise ConfigError(f"--{name.replace('_', '-')} {value}: out of range")
-    d = sampling_defaults(loaded.adapter_dir, loaded.model_dir) if loaded is not None else None
-    pick = lambda given, default: default if given is None else given
-    return Sampling(max_tokens=args.max_tokens, temperature=pick(args.temperature, d and d.temperature),
-                    top_p=pick(args.top_p, d and d.top_p), top_k=d.top_k if d else 0, seed=args.seed)
-
-
 def _load(args):
-    from .models.tuned import load_tuned
-
-    return load_tuned(args.model, args.base_model, dtype=args.dtype, device=args.device)
+    return api.load_model(args.model, args.base_model, dtype=args.dtype, device=args.device)
 
 
 def _cmd_chat(args) -> None:
     from .serve.chat import chat_loop
 
-    _sampling(args)
+    api.sampling(args.max_tokens, args.temperature, args.top_p, args.seed)  # checked before the model loads
     loaded = _load(args)
-    sampling = _sampling(args, loaded)
+    sampling = api.sampling(args.max_tokens, args.temperature, args.top_p, args.seed, loaded)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -115,21 +89,16 @@ def _cmd_chat(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    from .serve.chat import generate_file
-
-    _sampling(args)
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
-    out = check_target(args.out, "completions", sources=[args.prompts], overwrite=args.overwrite)
-    loaded = _load(args)
-    sampling = _sampling(args, loaded)
-    n = generate_file(loaded, Path(args.prompts), out, sampling, batch_size=args.batch_size,
-                      system=args.system, progress=lambda done, total: print(f"{done}/{total}", file=sys.stderr))
-    print(f"{n} completions written to {args.out}")
+    answers = api.generate(args.model, args.prompts, out=args.out, overwrite=args.overwrite,
+                           base_model=args.base_model, dtype=args.dtype, device=args.device,
+                           max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                           system=args.system, batch_size=args.batch_size,
+                           progress=lambda done, total: print(f"{done}/{total}", file=sys.stderr))
+    print(f"{len(answers)} completions written to {args.out}")
 
 
 def _cmd_serve(args) -> None:
-    from .serve.server import ServerConfig, make_server
+    from .serve.server import ServerConfig, listen, make_server
 
     api_key = args.api_key or os.environ.get("MISTRAL_TUNE_API_KEY") or None
     if min(args.max_batch, args.max_input_tokens, args.max_tokens_limit, args.max_body_bytes) < 1:
@@ -146,23 +115,23 @@ def _cmd_serve(args) -> None:
         if args.log_max_bytes < 1024 or args.log_keep < 1:
             raise ConfigError("--log-max-bytes must be >= 1024 and --log-keep >= 1")
         request_log = RequestLog(Path(args.log_requests), args.log_max_bytes, args.log_keep)
-    if args.engine == "llama.cpp":
-        from .serve.llama_server import find_gguf, make_llama_server
-
-        if request_log is not None:
-            raise ConfigError("--log-requests works with --engine torch only")
-
-        gguf = find_gguf(Path(args.model))
-        name = args.name or gguf.stem
-        make = lambda: make_llama_server(gguf, cfg, name)
-    else:
-        loaded = _load(args)
-        name = loaded.name = args.name or loaded.name
-        make = lambda: make_server(loaded, cfg, request_log)
+    if args.engine == "llama.cpp" and request_log is not None:
+        raise ConfigError("--log-requests works with --engine torch only")
+    sock = listen(args.host, args.port)  # before the model loads: a port in use fails at once
     try:
-        server = make()
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+        if args.engine == "llama.cpp":
+            from .serve.llama_server import find_gguf, make_llama_server
+
+            gguf = find_gguf(Path(args.model))
+            name = args.name or gguf.stem
+            server = make_llama_server(gguf, cfg, name, sock=sock)
+        else:
+            loaded = _load(args)
+            name = loaded.name = args.name or loaded.name
+            server = make_server(loaded, cfg, request_log, sock)
+    except BaseException:
+        sock.close()
+        raise
     host, port = server.server_address[:2]
     if host not in ("127.0.0.1", "::1", "localhost") and not api_key:
         print(f"warning: listening on {host} without an API key; anyone who can reach it can use it", file=sys.stderr)
@@ -217,25 +186,23 @@ def _cmd_export_awq(args) -> None:
 
 
 def _cmd_eval(args) -> None:
-    from .evaluate.run import run_drift, run_eval
-
     if args.drift:
+        from .evaluate.run import run_drift
+
         if args.overrides:
             raise ConfigError("--drift takes no eval.* overrides")
         run_drift(Path(args.model), Path(args.drift), config=Path(args.config) if args.config else None,
                   threshold=args.drift_threshold, out=Path(args.out) if args.out else None, base_model=args.base_model,
                   dtype=args.dtype, device=args.device)
         return
-    run_eval(Path(args.model), config=Path(args.config) if args.config else None, overrides=args.overrides,
-             out=Path(args.out) if args.out else None, base_model=args.base_model, dtype=args.dtype,
-             device=args.device)
+    api.evaluate(args.model, args.config, args.overrides, out=args.out, base_model=args.base_model,
+                 dtype=args.dtype, device=args.device)
 
 
 def _cmd_validate(args) -> None:
-    from .config import load_config
+    cfg = api.load_config(args.config, args.overrides)  # before torch loads: a config error shows at once
     from .train.trackers import check_trackers
 
-    cfg = load_config(args.config, args.overrides)
     trackers = check_trackers(cfg)  # before torch, the model and the data load
     from .models.families import describe
     from .train.loop import prepare
@@ -256,14 +223,13 @@ def _cmd_validate(args) -> None:
 
 
 def _cmd_plan(args) -> None:
-    from .config import load_config
+    if args.memory_gib is not None and args.memory_gib <= 0:
+        raise ConfigError(f"--memory-gib {args.memory_gib}: must be above 0")
+    cfg = api.load_config(args.config, args.overrides)
     from .plan import make_plan
     from .train.gpus import GPUS, detect_gpu, find_gpu
     from .train.loop import read_inputs, with_family_targets
 
-    if args.memory_gib is not None and args.memory_gib <= 0:
-        raise ConfigError(f"--memory-gib {args.memory_gib}: must be above 0")
-    cfg = load_config(args.config, args.overrides)
     if args.gpu:
         gpu, seen = find_gpu(args.gpu), "named"
     else:
@@ -283,10 +249,9 @@ def _cmd_plan(args) -> None:
 
 def _data_setup(args):
     """Config and tokenizer for the data commands: no model weights are loaded."""
+    cfg = api.load_config(args.config, args.overrides)
     from .chat import load_tokenizer
-    from .config import load_config
 
-    cfg = load_config(args.config, args.overrides)
     model_dir = None
     if cfg.tokenizer is None:
         if cfg.base_model is None:
@@ -299,10 +264,10 @@ def _data_setup(args):
 
 
 def _cmd_data_inspect(args) -> None:
+    cfg, tokenizer = _data_setup(args)
     from .data.build import build_dataset
     from .data.inspect import inspect_lines
 
-    cfg, tokenizer = _data_setup(args)
     data = build_dataset(cfg, tokenizer)
     color = sys.stdout.isatty() if args.color == "auto" else args.color == "always"
     def lines(tmp: Path | None, out: Path | None = None) -> list[str]:
@@ -320,10 +285,10 @@ def _cmd_data_inspect(args) -> None:
 
 
 def _cmd_data_validate(args) -> None:
+    cfg, tokenizer = _data_setup(args)
     from .data.build import build_dataset
     from .errors import DataError
 
-    cfg, tokenizer = _data_setup(args)
     # Skip bad records here so that every problem is listed, not only the first few.
     data = build_dataset(cfg.model_copy(update={"on_bad_record": "skip"}), tokenizer)
     for line in data.report.lines():
@@ -355,10 +320,7 @@ def _cmd_convert_axolotl(args) -> None:
 
 
 def _cmd_init_model(args) -> None:
-    from .quickstart import create_tiny_model
-
-    out = check_target(args.out, "tiny", overwrite=args.overwrite, label="init-model")
-    replace_dir(out, lambda tmp: create_tiny_model(tmp, tokenizer=args.tokenizer, seed=args.seed), "tiny")
+    api.init_model(args.out, tokenizer=args.tokenizer, seed=args.seed, overwrite=args.overwrite)
     print(f"random-init tiny Mistral model written to {args.out}")
 
 
@@ -451,6 +413,23 @@ def _add_output_commands(sub) -> None:
     p.add_argument("--base-model", help="base model for an adapter (default: adapter_config.json's)")
     _add_overwrite_arg(p)
     p.set_defaults(func=_cmd_export_awq)
+    _add_push_command(sub)
+
+
+def _add_push_command(sub) -> None:
+    p = sub.add_parser("push", help="upload a run's merged model or adapter, with its model card, to the Hugging Face "
+                       "Hub (needs a token: HF_TOKEN or `hf auth login`)")
+    p.add_argument("run_or_model", help="a run's output_dir (its merged/ or model/, else adapter/), or an adapter or "
+                   "model directory")
+    p.add_argument("--repo", required=True, help="the Hub repository, OWNER/NAME (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--adapter", action="store_true", help="push the run's adapter even where it has a merged model")
+    p.set_defaults(func=_cmd_push)
+
+
+def _cmd_push(args) -> None:
+    url = api.push(args.run_or_model, args.repo, private=args.private, adapter=args.adapter)
+    print(f"pushed to {url}")
 
 
 def _add_model_commands(sub) -> None:

@@ -654,7 +654,9 @@ class Config(_Strict):
         return self
 
     def _check_method(self) -> None:
-        given = self.preference.model_fields_set
+        # Keys set to other than their defaults: a run's own config.yaml holds every key at its default.
+        pref = self.preference
+        given = {k for k in pref.model_fields_set if getattr(pref, k) != type(pref).model_fields[k].default}
         if self.method == "sft":
             if given:
                 raise ValueError(f"preference: {', '.join(sorted(given))} set, but method is sft; set method: dpo, "
@@ -806,6 +808,16 @@ def _apply_override(data: dict, path: list[str], value: Any) -> None:
         raise ConfigError(f"override '{'.'.join(path)}': cannot set '{last}'")
 
 
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Set the `key=value` (or `section.key=value`) overrides in a config's dict of keys, in place."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        if not isinstance(value, str) and value is not None and _takes_text_only(keys):
+            value = text.split("=", 1)[1]  # output_dir=2024 names a folder, not a number
+        _apply_override(data, keys, value)
+    return data
+
+
 def config_from_dict(data: dict, source: str = "config") -> Config:
     filled = preset_keys(data, source)
     try:
@@ -834,11 +846,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """
     path = Path(path)
     data = read_yaml(path)
-    for text in overrides:
-        keys, value = parse_override(text)
-        if not isinstance(value, str) and value is not None and _takes_text_only(keys):
-            value = text.split("=", 1)[1]  # output_dir=2024 names a folder, not a number
-        _apply_override(data, keys, value)
+    apply_overrides(data, overrides)
     base = path.resolve().parent
     entries = [ds for key in ("datasets", "val_datasets") if isinstance(data.get(key), list) for ds in data[key]]
     entries += _eval_datasets(data.get("eval"))

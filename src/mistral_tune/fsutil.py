@@ -107,6 +107,16 @@ def _unmarked_kind(path: Path) -> str | None:
     return None
 
 
+def run_folder(path: str | Path) -> Path | None:
+    """The training run a model path belongs to (the folder with config.yaml and metrics.jsonl): the
+    path itself, or the run holding it (its adapter/, merged/, best/ ...)."""
+    path = Path(path).expanduser().resolve()
+    for candidate in (path, path.parent):
+        if (candidate / "config.yaml").is_file() and (candidate / "metrics.jsonl").is_file():
+            return candidate
+    return None
+
+
 def check_target(target: str | Path, kind: str, *, sources: Iterable[str | Path | None] = (),
                  overwrite: bool = False, label: str = "--out",
                  hint: str = "pass --overwrite to replace it") -> Path:

@@ -3,6 +3,7 @@ and at the end, with the best adapter kept and early stopping) and from `mistral
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import math
@@ -11,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
-from ..fsutil import replace_dir
+from ..fsutil import replace_dir, run_folder
 from .base import Evaluation, ModelPair, Result, example_ids, read_examples
 from .report import REPORT_HTML, write_report
 
@@ -272,15 +273,6 @@ def load_pair(path: Path, base_model: str | None = None, dtype: str = "float32",
     return ModelPair(model, tokenizer, base_model=base.eval()), base_model
 
 
-def run_folder(path: Path) -> Path | None:
-    """The training run a model path belongs to (the folder with config.yaml and metrics.jsonl)."""
-    path = Path(path).expanduser().resolve()
-    for candidate in (path, path.parent):
-        if (candidate / "config.yaml").is_file() and (candidate / "metrics.jsonl").is_file():
-            return candidate
-    return None
-
-
 def _run_config(path: Path) -> dict:
     import yaml
 
@@ -290,8 +282,9 @@ def _run_config(path: Path) -> dict:
     return yaml.safe_load((run / "config.yaml").read_text()) or {}
 
 
-def eval_settings(path: Path, config: Path | None, overrides: list[str]):
-    """(eval section, sequence_len) from --config (or the run's config.yaml) and eval.* overrides."""
+def eval_settings(path: Path, config: Path | dict | None, overrides: list[str]):
+    """(eval section, sequence_len) from --config (or the run's config.yaml; or a config's dict of keys)
+    and eval.* overrides."""
     import yaml
     from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -301,7 +294,9 @@ def eval_settings(path: Path, config: Path | None, overrides: list[str]):
         model_config = ConfigDict(extra="forbid")
         eval: EvalConfig
 
-    if config is not None:
+    if isinstance(config, dict):
+        data, where, base = config, "config", None
+    elif config is not None:
         if not Path(config).is_file():
             raise ConfigError(f"config file not found: {config}")
         data = yaml.safe_load(Path(config).read_text()) or {}
@@ -310,7 +305,7 @@ def eval_settings(path: Path, config: Path | None, overrides: list[str]):
         data, where, base = _run_config(path), "the run's config.yaml", None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of keys")
-    section = {"eval": data.get("eval") or {}}
+    section = {"eval": copy.deepcopy(data.get("eval") or {})}
     for text in overrides:
         keys, value = parse_override(text)
         if keys[0] != "eval":
@@ -336,7 +331,7 @@ def _default_out(path: Path, run: Path | None, kind: str) -> Path:
     return run / kind if Path(path).expanduser().resolve() == run else run / f"{kind}-{name}"
 
 
-def run_eval(path: Path, *, config: Path | None = None, overrides: list[str] = (), out: Path | None = None,
+def run_eval(path: Path, *, config: Path | dict | None = None, overrides: list[str] = (), out: Path | None = None,
              base_model: str | None = None, dtype: str = "float32", device: str = "cpu", echo=print) -> dict:
     """`mistral-tune eval`: the report of the eval: section's evaluations on one model."""
     eval_cfg, sequence_len = eval_settings(path, config, list(overrides))

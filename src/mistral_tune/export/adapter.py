@@ -35,13 +35,12 @@ from ..models.lora import expert_factors
 from ..models.mistral import Experts
 from ..models.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, expert_pair_infixes
 from .hf import find_adapter
+from .vllm import VLLM_MAX_LORA_RANKS, min_max_lora_rank
 
 #: Projections vLLM's Mistral model exposes to LoRA (q/k/v pack into qkv_proj, gate/up into gate_up_proj).
 VLLM_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Mixtral's experts as vLLM's Mixtral adapts them: per expert, w1 (gate), w2 (down), w3 (up).
 VLLM_EXPERT_MODULES = ("w1", "w2", "w3")
-#: Values vLLM accepts for --max-lora-rank.
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _PREFIX = "base_model.model."
 # The module of an expert's pair as vLLM's Mixtral names it (its FusedMoE layer is block_sparse_moe.experts).
 _VLLM_EXPERT = re.compile(r"model\.layers\.\d+\.block_sparse_moe\.experts\.(\d+)\.(w[123])")
@@ -236,11 +235,6 @@ def vllm_expert_layout(cfg: dict, tensors: dict[str, torch.Tensor]) -> tuple[dic
     cfg["target_modules"] = sorted({*targets, *VLLM_EXPERT_MODULES})
     cfg["use_rslora"] = False
     return cfg, out
-
-
-def min_max_lora_rank(r: int) -> int:
-    """The smallest --max-lora-rank value vLLM accepts that fits rank r."""
-    return next(v for v in VLLM_MAX_LORA_RANKS if v >= r)
 
 
 def vllm_serve_command(adapter: Path, cfg: dict, name: str = "tuned") -> str:

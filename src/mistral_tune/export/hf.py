@@ -12,10 +12,11 @@ from pathlib import Path
 
 from ..dtypes import DTYPE_NAMES
 from ..errors import ModelError
-from ..fsutil import check_target, replace_dir
+from ..fsutil import check_target, replace_dir, run_folder
 from ..models.load import save_model
 from ..models.peft_format import read_adapter_config
 from ..models.tuned import adapter_in, load_tuned
+from .card import write_card
 from .hf_tokenizer import save_hf_tokenizer
 
 MERGE_DTYPES = tuple(sorted(DTYPE_NAMES))  # all of them, listed alphabetically in its messages
@@ -68,8 +69,11 @@ def merge_to_dir(
     if tuned.qlora:
         echo("QLoRA adapter: merged after dequantizing the NF4 base it was trained on, so the merged model is the "
              "one that was trained")
-    return replace_dir(out_dir, lambda tmp: write_hf_model(tuned.model, tuned.tokenizer, tmp, dtype, max_shard_bytes),
-                       "merged", [adapter_dir, base])
+    def write(tmp: Path) -> None:
+        write_hf_model(tuned.model, tuned.tokenizer, tmp, dtype, max_shard_bytes)
+        write_card(tmp, base_model=base, run=run_folder(adapter_dir), name=out_dir.name)
+
+    return replace_dir(out_dir, write, "merged", [adapter_dir, base])
 
 
 def parse_size(text: str) -> int:

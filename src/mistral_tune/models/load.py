@@ -43,7 +43,9 @@ def resolve_model_dir(name_or_path: str, weights: bool = True) -> Path:
         return Path(
             snapshot_download(
                 name_or_path,
-                allow_patterns=["*.json", "tokenizer.model*", "tekken.json"] + (["*.safetensors"] if weights else []),
+                # README.md: the model card, whose license the cards of what we write carry on
+                allow_patterns=["*.json", "tokenizer.model*", "tekken.json", "README.md"]
+                + (["*.safetensors"] if weights else []),
             )
         )
     except Exception as exc:  # network, auth, missing repo: all end the run the same way

@@ -24,7 +24,7 @@ def find_gguf(path: Path) -> Path:
     return path
 
 
-def make_llama_server(gguf: Path, cfg: ServerConfig, name: str, n_ctx: int = 4096) -> Server:
+def make_llama_server(gguf: Path, cfg: ServerConfig, name: str, n_ctx: int = 4096, sock=None) -> Server:
     try:
         from llama_cpp.server.app import create_app
         from llama_cpp.server.settings import ModelSettings, ServerSettings
@@ -34,4 +34,4 @@ def make_llama_server(gguf: Path, cfg: ServerConfig, name: str, n_ctx: int = 409
     app = create_app(server_settings=ServerSettings(host=cfg.host, port=cfg.port, api_key=cfg.api_key),
                      model_settings=[ModelSettings(model=str(find_gguf(gguf)), model_alias=name, n_ctx=n_ctx,
                                                    n_gpu_layers=-1, verbose=False)])
-    return Server(app, cfg)
+    return Server(app, cfg, sock)

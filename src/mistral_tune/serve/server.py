@@ -27,6 +27,7 @@ import copy
 import hmac
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -40,7 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..generate.constrain import Constraint, Grammars
 from ..generate.decoder import Params
 from ..generate.engine import Engine
@@ -514,14 +515,25 @@ class _Protocol(H11Protocol):
         self.transport.close()
 
 
-class Server:
-    """The app on uvicorn. It listens from construction, so the port is known (port 0: any free
-    one) and a port in use fails at once with OSError."""
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket. `serve` opens it before the model loads, so that a port in use
+    fails in a moment rather than after the weights are read (and no other process takes the port
+    meanwhile)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)  # without create_server's "(while attempting...)"
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}") from None
 
-    def __init__(self, app, cfg: ServerConfig) -> None:
+
+class Server:
+    """The app on uvicorn. It listens from construction (on `sock`, or on a socket of its own), so the
+    port is known (port 0: any free one) and a port in use fails at once with ConfigError."""
+
+    def __init__(self, app, cfg: ServerConfig, sock: socket.socket | None = None) -> None:
         self.app = app  # an ASGI app: ours, or llama-cpp-python's (llama_server.py)
-        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-        self.socket = socket.create_server((cfg.host, cfg.port), family=family)
+        self.socket = sock if sock is not None else listen(cfg.host, cfg.port)
         self.server_address = self.socket.getsockname()[:2]
         protocol = type("Protocol", (_Protocol,), {"header_timeout": cfg.header_timeout_s})
         logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
@@ -549,10 +561,10 @@ class Server:
         self.socket.close()
 
 
-def make_server(loaded: TunedModel, cfg: ServerConfig, request_log=None) -> Server:
+def make_server(loaded: TunedModel, cfg: ServerConfig, request_log=None, sock: socket.socket | None = None) -> Server:
     app = App(loaded, cfg, request_log)
     try:
-        return Server(app, cfg)
-    except OSError:
+        return Server(app, cfg, sock)
+    except ConfigError:
         app.close()
         raise

@@ -34,7 +34,9 @@ from ..data.pack import Batch, collate, group_rows, make_rows, sample_lengths
 from ..data.preference import build_preference_dataset, unit_rows
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError
 from ..evaluate.preference import judged_right, prefers_chosen, sample_logprobs
+from ..evaluate.report import REPORT_JSON
 from ..evaluate.run import TrainingEvals
+from ..export.card import write_run_cards
 from ..fsutil import atomic_write_text, check_target, mark_output, replace_dir
 from ..models.fp8 import check_fp8_device, fp8_model
 from ..models.load import is_bnb_4bit, load_model, read_config, resolve_model_dir
@@ -70,6 +72,18 @@ class TrainResult:
     checkpoint_dir: Path | None = None  # the last checkpoint written
     best: dict | None = None  # the best evaluation (step, metric, value, dir) when an eval: section ran
     report: Path | None = None  # the evaluation report (report.html)
+
+    @property
+    def metrics(self) -> list[dict]:
+        """metrics.jsonl's records: a line per logged step, held-out loss and evaluation."""
+        lines = (self.output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    @property
+    def evaluation(self) -> dict | None:
+        """The last evaluation report (eval/eval_report.json: base vs tuned per metric), if the run has one."""
+        path = self.output_dir / "eval" / REPORT_JSON
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 
@@ -696,6 +710,11 @@ class TrainingRun:
         adapter_dir, merged_dir = (Path(p) if p else None for p in rt.on_main(lambda: self._save_final(weights, merge)))
         evals = self.evals
         report = evals.finish(out.name) if evals is not None and rt.is_main else None  # rank 0's
+        if rt.is_main:  # README.md of adapter/, merged/, best/: after the evaluation they show
+            try:
+                write_run_cards(out)
+            except OSError as exc:  # the trained run stands without them
+                echo(f"model cards not written ({exc})")
         if stop.requested:
             echo(f"{stop.signal_name} came after the last step: the run is complete")
         _write_run_report(out, rt, echo, "complete", steps_done)

@@ -164,7 +164,7 @@ class App:
             return 0
         if model not in self.names:
             served = ", ".join(repr(n) for n in self.names)
-            raise ApiError(404, f"the model {model!r} does not exist here (this server has {served})",
+            raise ApiError(404, f"model {model!r} is not served here (this server has {served})",
                            param="model", code="model_not_found")
         return self.names[model]
 

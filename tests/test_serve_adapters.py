@@ -1,6 +1,6 @@
 """Several adapters on one base (`serve BASE --adapter NAME=PATH ...`): requests for different adapters
-and for the bare base are decoded together, in one pass a step, and each answer is what its adapter
-merged into its own copy of the base decodes alone; adapters that cannot be stacked, or that were
+(LoRA and DoRA) and for the bare base are decoded together, in one pass a step, and each answer is
+what its adapter merged into its own copy of the base decodes alone; adapters that cannot be stacked, or that were
 trained on another base, are refused by name."""
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, one_thread) -> SimpleNamespace:
-    """A base, two adapters of different ranks, scalings and target modules, and each merged alone."""
+    """A base, two adapters of different ranks, scalings and target modules (the second DoRA), and each
+    merged alone."""
     d = tmp_path_factory.mktemp("adapters")
     base = tiny_model(d / "tiny-base")
     one = tiny_adapter(base, d / "one", r=4, alpha=8, seed=1)
-    two = tiny_adapter(base, d / "two", r=8, alpha=4, seed=2, use_rslora=True,
+    two = tiny_adapter(base, d / "two", r=8, alpha=4, seed=2, use_rslora=True, use_dora=True,
                        target_modules=["q_proj", "v_proj", "down_proj"])
     merged = [load_tuned(p).model for p in (base, one, two)]  # merge_lora, each on its own copy of the base
     return SimpleNamespace(dir=d, base=base, adapters=[("one", one), ("two", two)], merged=merged)
@@ -169,7 +170,8 @@ def _refused(tiny, adapter: Path, *needles: str) -> None:
 
 
 def test_adapters_that_cannot_be_stacked_are_refused(tiny) -> None:
-    _refused(tiny, tiny_adapter(tiny.base, tiny.dir / "dora", use_dora=True), "DoRA")
+    _refused(tiny, tiny_adapter(tiny.base, tiny.dir / "tokens", trainable_tokens={"embed_tokens": [5, 6]}),
+             "trains token rows")
     _refused(tiny, tiny_adapter(tiny.base, tiny.dir / "whole", modules_to_save=["lm_head"]), "lm_head")
     qlora = tiny_adapter(tiny.base, tiny.dir / "qlora")
     (qlora / "base_quantization.json").write_text('{"quant_type": "nf4"}')
@@ -182,7 +184,7 @@ def test_adapters_of_another_base_are_refused(tiny) -> None:
     _refused(tiny, adapter, "trained on", "other-base", ADAPTER_CONFIG)
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())
     (adapter / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": str(tiny.base)}))
-    _refused(tiny, adapter, "down_proj.lora_A has shape (4, 64)", "imply (4, 128)")
+    _refused(tiny, adapter, "down_proj.lora_A.weight has shape (4, 64)", "imply (4, 128)")
     with pytest.raises(ModelError, match="is an adapter"):
         load_with_adapters(tiny.adapters[0][1], [("two", tiny.adapters[1][1])])
 

@@ -83,6 +83,24 @@ def test_a_mixed_batch_decodes_as_each_adapter_merged_alone(tiny, served) -> Non
     assert len({tuple(plain_greedy(m, prompts[0], 6)) for m in tiny.merged}) == 3  # the adapters differ
 
 
+@torch.no_grad()
+def test_one_pass_of_mixed_rows_gives_peft_s_logits_for_each_row(tiny, served) -> None:
+    """The reference we did not write: PEFT's model with each adapter (LoRA; DoRA) set, and with none."""
+    peft, transformers = pytest.importorskip("peft"), pytest.importorskip("transformers")
+    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny.base),
+                                         tiny.adapters[0][1], adapter_name="one").eval()
+    ref.load_adapter(tiny.adapters[1][1], adapter_name="two")
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]] * 3)
+    with served.model.model.layers[0].self_attn.q_proj.rows.selected(torch.tensor([0, 1, 2])):
+        ours = served.model(ids)
+    with ref.disable_adapter():
+        want = [ref(ids[:1]).logits[0]]
+    for name in ("one", "two"):
+        ref.set_adapter(name)
+        want.append(ref(ids[:1]).logits[0])
+    torch.testing.assert_close(ours, torch.stack(want), atol=1e-5, rtol=1e-5)
+
+
 def test_a_kept_prefix_is_reused_by_its_own_adapter_only(tiny, served) -> None:
     dec = Decoder(served.model, slots=1, capacity=64)
     fed = []

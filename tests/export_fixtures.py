@@ -22,10 +22,11 @@ def tiny_model(out: Path, tokenizer: str = "v3", **overrides) -> Path:
     return create_tiny_model(out, tokenizer, **{**TINY, **overrides})
 
 
-def tiny_adapter(base_dir: Path, out: Path, r: int = 4, alpha: float = 8, seed: int = 1) -> Path:
-    """A PEFT adapter for base_dir with non-zero B (a fresh adapter would merge to the base)."""
+def tiny_adapter(base_dir: Path, out: Path, r: int = 4, alpha: float = 8, seed: int = 1, **spec) -> Path:
+    """A PEFT adapter for base_dir with non-zero B (a fresh adapter would merge to the base); spec: more
+    LoraSpec fields (target_modules, use_dora, ...)."""
     model, _ = load_model(str(base_dir))
-    spec = LoraSpec(r=r, alpha=alpha)
+    spec = LoraSpec(r=r, alpha=alpha, **spec)
     apply_lora(model, spec, seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -117,6 +117,8 @@ def _cmd_serve(args) -> None:
         request_log = RequestLog(Path(args.log_requests), args.log_max_bytes, args.log_keep)
     if args.engine == "llama.cpp" and request_log is not None:
         raise ConfigError("--log-requests works with --engine torch only")
+    if args.engine == "llama.cpp" and args.adapter:
+        raise ConfigError("--adapter works with --engine torch only")
     sock = listen(args.host, args.port)  # before the model loads: a port in use fails at once
     try:
         if args.engine == "llama.cpp":
@@ -126,8 +128,8 @@ def _cmd_serve(args) -> None:
             name = args.name or gguf.stem
             server = make_llama_server(gguf, cfg, name, sock=sock)
         else:
-            loaded = _load(args)
-            name = loaded.name = args.name or loaded.name
+            loaded = _load_served(args)
+            name = loaded.name
             server = make_server(loaded, cfg, request_log, sock)
     except BaseException:
         sock.close()
@@ -135,11 +137,39 @@ def _cmd_serve(args) -> None:
     host, port = server.server_address[:2]
     if host not in ("127.0.0.1", "::1", "localhost") and not api_key:
         print(f"warning: listening on {host} without an API key; anyone who can reach it can use it", file=sys.stderr)
-    print(f"serving {name} at http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
+    served = name if args.engine != "torch" or not loaded.adapters else f"{name} and {', '.join(loaded.adapters)}"
+    print(f"serving {served} at http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     finally:
         server.server_close()
+
+
+def _load_served(args):
+    """The model serve decodes: one tuned model, or a base with several adapters (--adapter NAME=PATH)."""
+    if not args.adapter:
+        loaded = _load(args)
+        loaded.name = args.name or loaded.name
+        return loaded
+    from .models.tuned import load_with_adapters
+
+    if args.base_model:
+        raise ConfigError("--base-model names an adapter's base; with --adapter, MODEL is the base itself")
+    base = args.name or Path(args.model).expanduser().resolve().name  # as load_tuned names it
+    adapters, names = [], [base]
+    for item in args.adapter:
+        name, eq, path = item.partition("=")
+        name = name.strip()
+        if not eq or not name or not path:
+            raise ConfigError(f"--adapter {item!r}: expected NAME=PATH (an adapter or run directory)")
+        if name in names:
+            raise ConfigError(f"--adapter {item!r}: the name {name!r} is taken (the base is {base!r}); every adapter "
+                              "needs a name of its own, and --name renames the base")
+        names.append(name)
+        adapters.append((name, Path(path)))
+    loaded = load_with_adapters(args.model, adapters, dtype=args.dtype, device=args.device)
+    loaded.name = base
+    return loaded
 
 
 def _add_model_args(p: argparse.ArgumentParser, sampling: bool) -> None:
@@ -455,6 +485,9 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MISTRAL_TUNE_API_KEY)")
     p.add_argument("--name", help="model name clients use (default: the directory name)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve this LoRA adapter (or run directory) of MODEL, unmerged, as model NAME; repeat for "
+                        "several: requests for any of them and for MODEL itself are decoded together")
     p.add_argument("--engine", default="torch", choices=["torch", "llama.cpp"],
                    help="llama.cpp: serve a GGUF export through llama-cpp-python's server (its own limits)")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (1: one at a time)")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.lora import ADAPTER_LAYERS
+from ..models.multi_lora import adapter_rows
 from .cache import SlotCache
 from .sampling import MAX_TOP_LOGPROBS, Choice, Modes, pick
 
@@ -37,7 +38,8 @@ class Params:
     """How one sequence is generated. temperature 0: greedy. top_k 0: no limit. logprobs: None for
     none, 0 for the chosen token's, k (at most 20) for the k most likely tokens' too. constraint: a
     grammar's mask of allowed tokens (generate/constrain.py). stop_token_ids end the sequence as the
-    end-of-sequence token does (neither is sent). seed: None draws one."""
+    end-of-sequence token does (neither is sent). seed: None draws one. adapter: which of the model's
+    several adapters (models/multi_lora.py, numbered from 1) the sequence uses; 0: the base."""
 
     max_tokens: int
     temperature: float = 0.0
@@ -47,6 +49,7 @@ class Params:
     logprobs: int | None = None
     constraint: object | None = None
     stop_token_ids: tuple[int, ...] = ()
+    adapter: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -125,8 +128,11 @@ class Decoder:
         self.seed = torch.zeros(slots, dtype=torch.long, device=dev)
         self.counter = torch.zeros(slots, dtype=torch.long, device=dev)
         self.bitmask = torch.full((slots, (self.vocab + 31) // 32), -1, dtype=torch.int32, device=dev)
+        self.adapters = adapter_rows(model)  # several adapters on the base, chosen per sequence; or None
+        self.adapter = torch.zeros(slots, dtype=torch.long, device=dev)  # each slot's adapter (0: the base)
         self.rows: list[Sequence] = []  # the sequence in each running slot, in slot order
         self.held: list[list[int]] = [[] for _ in range(slots)]  # the tokens whose keys each slot holds
+        self.held_adapter = [0] * slots  # the adapter those keys were computed with
         self.graphs, self.lockstep = graphs, lockstep
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Choice]] = {}
         self._pool = None
@@ -156,9 +162,11 @@ class Decoder:
             seqs.append(Sequence(list(prompt), params, sink, stops))
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         self._state = (_adapter_state(self.model), autocast)  # what captured graphs bake in
-        ok = []
+        ok, adapters = [], len(self.adapters.names) if self.adapters is not None else 0
         for s in seqs:
-            if not s.prompt:
+            if not 0 <= s.params.adapter <= adapters:
+                self._end(s, End("error", ValueError(f"adapter {s.params.adapter}: the model has {adapters}")))
+            elif not s.prompt:
                 self._end(s, End("error", ValueError("an empty prompt")))
             elif len(s.prompt) >= self.capacity:
                 self._end(s, End("error", ValueError(
@@ -190,7 +198,8 @@ class Decoder:
             taken.discard(slot)
             best, common = slot, 0
             for f in range(first, self.slots):
-                c = 0 if self.lockstep or f in taken else _common_prefix(self.held[f], s.prompt)
+                usable = not self.lockstep and f not in taken and self.held_adapter[f] == s.params.adapter
+                c = _common_prefix(self.held[f], s.prompt) if usable else 0
                 if c > common:
                     best, common = f, c
             taken.add(slot)
@@ -204,7 +213,7 @@ class Decoder:
         logits = self._prefill_all(plans)
         for s, slot, _ in plans:
             self._place(s, slot)
-            self.held[slot] = list(s.prompt)
+            self.held[slot], self.held_adapter[slot] = list(s.prompt), s.params.adapter
         self.rows.extend(seqs)
         index = torch.tensor(slots, device=self.device)
         modes = self._modes([s.params for s in seqs])
@@ -218,25 +227,27 @@ class Decoder:
 
     def _prefill_all(self, plans) -> list[torch.Tensor]:
         """Each plan's last-position logits: fresh prompts in right-padded batches, identical prompts
-        once, prompts continuing a kept prefix one at a time."""
+        (for one adapter) once, prompts continuing a kept prefix one at a time."""
         out: dict[int, torch.Tensor] = {}
         fresh: dict[tuple, list[int]] = {}
         for i, (s, slot, common) in enumerate(plans):
             if common:
-                out[i] = self._prefill([s.prompt[common:]], [slot], common)[0]
+                out[i] = self._prefill([s.prompt[common:]], [slot], common, [s.params.adapter])[0]
             else:
-                fresh.setdefault(tuple(s.prompt), []).append(i)
-        groups = sorted(fresh.items(), key=lambda kv: len(kv[0]))
+                fresh.setdefault((s.params.adapter, tuple(s.prompt)), []).append(i)
+        groups = sorted(fresh.items(), key=lambda kv: len(kv[0][1]))
+        limit = PREFILL_TOKENS
+        if self.adapters is not None:  # rows of several adapters must not reach the MLP's token chunks
+            limit = min(limit, self.model.options.mlp_chunk_tokens)
         batch: list[tuple[tuple, list[int]]] = []
         for item in groups + [None]:
-            if item is not None and (not batch or self.lockstep
-                                     or (len(batch) + 1) * len(item[0]) <= PREFILL_TOKENS):
+            if item is not None and (not batch or self.lockstep or (len(batch) + 1) * len(item[0][1]) <= limit):
                 batch.append(item)
                 continue
             if batch:
                 rows = [plans[idx[0]][1] for _, idx in batch]
-                logits = self._prefill([list(p) for p, _ in batch], rows, 0)
-                for (prompt, idx), lg in zip(batch, logits, strict=True):
+                logits = self._prefill([list(p) for (_, p), _ in batch], rows, 0, [a for (a, _), _ in batch])
+                for ((_, prompt), idx), lg in zip(batch, logits, strict=True):
                     for j, i in enumerate(idx):
                         if j:  # the same prompt again: its keys are copied, not computed
                             self.cache.copy(plans[idx[0]][1], plans[i][1], len(prompt))
@@ -244,13 +255,16 @@ class Decoder:
             batch = [item] if item is not None else []
         return [out[i] for i in range(len(plans))]
 
-    def _prefill(self, prompts: list[list[int]], slots: list[int], start: int) -> list[torch.Tensor]:
-        """Forward prompts (continuing their slots' first `start` positions); each one's last logits."""
+    def _prefill(self, prompts: list[list[int]], slots: list[int], start: int, adapters: list[int]
+                 ) -> list[torch.Tensor]:
+        """Forward prompts (continuing their slots' first `start` positions), each with its adapter;
+        each one's last logits."""
         longest = max(len(p) for p in prompts)
         ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], device=self.device)
         positions = torch.arange(start, start + longest, device=self.device).expand(len(prompts), longest)
         self.cache.prefill(torch.tensor(slots, device=self.device), start, longest)
-        h = self.model.hidden_states(ids, position_ids=positions, kv_cache=self.cache)
+        with self._adapters_for(torch.tensor(adapters, device=self.device)):
+            h = self.model.hidden_states(ids, position_ids=positions, kv_cache=self.cache)
         last = h[torch.arange(len(prompts), device=self.device), torch.tensor([len(p) - 1 for p in prompts])]
         return list(self.model.lm_head(last).float())
 
@@ -265,6 +279,7 @@ class Decoder:
         self.seed[slot] = seed
         self.counter[slot] = 0
         self.bitmask[slot] = -1
+        self.adapter[slot] = p.adapter
 
     # ------------------------------------------------------------------ decoding
 
@@ -293,7 +308,9 @@ class Decoder:
         """The decoding step as device work only (what a CUDA graph captures)."""
         positions = self.lengths[:batch]
         self.cache.decode(batch, keys, positions)
-        h = self.model.hidden_states(self.tokens[:batch, None], position_ids=positions[:, None], kv_cache=self.cache)
+        with self._adapters_for(self.adapter[:batch]):
+            h = self.model.hidden_states(self.tokens[:batch, None], position_ids=positions[:, None],
+                                         kv_cache=self.cache)
         logits = self.model.lm_head(h[:, -1]).float()
         choice = pick(logits, modes, self.temperature[:batch], self.top_p[:batch], self.top_k[:batch],
                       self.seed[:batch], self.counter[:batch], self.bitmask[:batch])
@@ -418,9 +435,10 @@ class Decoder:
                 n = len(self.held[last])
                 self.cache.copy(last, slot, n)
                 for t in (self.tokens, self.lengths, self.active, self.temperature, self.top_p, self.top_k,
-                          self.seed, self.counter, self.bitmask):
+                          self.seed, self.counter, self.bitmask, self.adapter):
                     t[slot] = t[last]
                 self.rows[slot] = self.rows[last]
+                self.held_adapter[slot] = self.held_adapter[last]
                 # Both slots now hold the moved sequence's keys, but for the token it will feed next.
                 self.held[slot], self.held[last] = list(self.held[last]), self.held[last][:-1]
             self.rows.pop()
@@ -447,6 +465,10 @@ class Decoder:
                 host[j] = 0  # tokens past the grammar's vocabulary stay disallowed
                 c.fill_mask(host[j])
         self.bitmask[torch.tensor(slots, device=self.device)] = host.to(self.device)
+
+    def _adapters_for(self, index: torch.Tensor) -> contextlib.AbstractContextManager:
+        """The pass's rows use these adapters (0: the base), when the model has several."""
+        return self.adapters.selected(index) if self.adapters is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _eval(self) -> Iterator[None]:

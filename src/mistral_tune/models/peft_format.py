@@ -67,7 +67,7 @@ def _peft_key(model: nn.Module, name: str) -> str:
     return _PEFT_PREFIX + name.replace(".trainable_tokens_delta", ".token_adapter.trainable_tokens_delta")
 
 
-def _our_key(model: nn.Module, key: str) -> str:
+def our_key(model: nn.Module, key: str) -> str:
     """PEFT's saved key (also in its in-memory form, with the adapter name) -> our parameter name."""
     name = key.removeprefix(_PEFT_PREFIX).replace(".token_adapter.", ".")
     name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
@@ -184,7 +184,7 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> LoraSpec:
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise ModelError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
     apply_lora(model, spec)
-    state = {_our_key(model, k): v for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()}
+    state = {our_key(model, k): v for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()}
     own = set(adapter_state(model, spec))
     missing, unexpected = own - set(state), set(state) - own
     if missing or unexpected:

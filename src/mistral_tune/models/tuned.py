@@ -13,7 +13,7 @@ model loaded is the one that was trained, not the full-precision base with its a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from ..errors import ModelError
 from .load import DTYPES, load_model
 from .lora import merge_lora
 from .mistral import MistralForCausalLM
+from .multi_lora import attach_adapters
 from .peft_format import ADAPTER_CONFIG, BASE_QUANTIZATION, load_adapter, read_adapter_config
 from .quant import nf4_round_trip
 
@@ -39,6 +40,7 @@ class TunedModel:
     model_dir: Path  # the base (or full/merged) model directory actually loaded
     adapter_dir: Path | None
     qlora: bool  # the base went through the NF4 round trip (the adapter was trained on NF4)
+    adapters: list[str] = field(default_factory=list)  # several adapters on the base, by name (load_with_adapters)
 
 
 def adapter_in(path: Path) -> Path | None:
@@ -115,3 +117,39 @@ def _quantized_from(info_file: Path) -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise ModelError(f"{info_file}: quantized_from {name!r} is not float32, bfloat16 or float16")
     return getattr(torch, name)
+
+
+def load_with_adapters(path: str | Path, adapters: list[tuple[str, Path]], *, dtype: str = "float32",
+                       device: str = "cpu") -> TunedModel:
+    """A base model with several adapters on it, unmerged, each chosen per sequence (models/multi_lora.py;
+    `adapters`: (name, adapter or run directory), numbered 1.. in this order). Every adapter must have
+    been trained on this base."""
+    loaded = load_tuned(path, dtype=dtype, device=device)
+    if loaded.adapter_dir is not None:
+        raise ModelError(f"{loaded.source}: is an adapter; adapters go on a base model: name the base model "
+                         "directory, and this adapter as one of the adapters")
+    dirs = []
+    for name, where in adapters:
+        adapter = adapter_in(Path(where).expanduser())
+        if adapter is None:
+            raise ModelError(f"adapter {name}: {where} holds no {ADAPTER_CONFIG} (an adapter or run directory?)")
+        _check_base(name, adapter, loaded)
+        dirs.append((name, adapter))
+    attach_adapters(loaded.model, dirs)
+    loaded.adapters = [name for name, _ in adapters]
+    return loaded
+
+
+def _check_base(name: str, adapter: Path, loaded: TunedModel) -> None:
+    """The adapter's recorded base is the served one: the same directory, the same name, or a hub id whose
+    last part is the directory's name (a local copy of it)."""
+    _, recorded = read_adapter_config(adapter)
+    if not recorded:
+        return
+    given = Path(recorded).expanduser()
+    same = (recorded == str(loaded.source) or given.name == loaded.source.resolve().name
+            or (given.is_dir() and given.resolve() in (loaded.source.resolve(), loaded.model_dir.resolve())))
+    if not same:
+        raise ModelError(f"adapter {name} ({adapter}): was trained on {recorded!r}, not on {str(loaded.source)!r}; "
+                         f"serve it on its own base (or, if that is this model under another name, set "
+                         f"base_model_name_or_path in {adapter / ADAPTER_CONFIG})")

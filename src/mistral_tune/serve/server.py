@@ -12,6 +12,9 @@ reading a stream is dropped after `socket_timeout_s`; request bodies are validat
 stream has begun, a failure is sent as a last `data: {"error": ...}` event before `[DONE]`.
 A client that leaves frees its place in the batch at the next step.
 
+Several adapters on one base (models/tuned.py's load_with_adapters): a request's `model` names the
+base or one of the adapters, and requests for any of them are decoded together; /v1/models lists them.
+
 Prompt safety: chat messages are formatted by mistral-common, which encodes message *text* as
 text, so "[INST]" or "</s>" typed by a user are ordinary characters, never control tokens
 (tests check this). Control characters other than tab and newline are removed from inputs.
@@ -136,6 +139,8 @@ class App:
         self.max_input_tokens = min(cfg.max_input_tokens, max_pos - 1)
         self.max_positions = max_pos
         self.created = int(time.time())
+        # What a request's model may name: the base (0) and its adapters (1..).
+        self.names = {loaded.name: 0, **{name: i + 1 for i, name in enumerate(loaded.adapters)}}
         self.defaults = sampling_defaults(loaded.adapter_dir, loaded.model_dir)
         self.tool_format = ToolFormat(loaded.tokenizer)
         self.grammars = Grammars(loaded.tokenizer, loaded.model.config.vocab_size)
@@ -148,8 +153,21 @@ class App:
         self.engine.close()
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.loaded.name, "object": "model", "created": self.created,
-                                            "owned_by": "mistral-tune"}]}
+        def entry(name: str) -> dict:
+            parent = {"parent": self.loaded.name} if self.names[name] else {}
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "mistral-tune", **parent}
+
+        return {"object": "list", "data": [entry(name) for name in self.names]}
+
+    def adapter(self, model: str | None) -> int:
+        """The adapter a request's model names (0: the base, as when it names none)."""
+        if model is None:
+            return 0
+        if model not in self.names:
+            served = ", ".join(repr(n) for n in self.names)
+            raise ApiError(404, f"model {model!r} is not served here (this server has {served})",
+                           param="model", code="model_not_found")
+        return self.names[model]
 
     def encode_chat(self, req: ChatRequest) -> list[int]:
         messages = prompt_messages(req)
@@ -178,7 +196,7 @@ class App:
             param = "response_format.json_schema.schema" if fmt is not None and fmt.type != "text" else "tools"
             raise ApiError(400, f"{param}: cannot be decoded to ({exc})", param=param) from None
 
-    def params(self, req: ChatRequest | CompletionRequest, max_tokens: int, index: int) -> Params:
+    def params(self, req: ChatRequest | CompletionRequest, max_tokens: int, index: int, adapter: int = 0) -> Params:
         d = self.defaults
         top_k = d.top_k if req.top_k is None else max(req.top_k, 0)
         if isinstance(req, ChatRequest):
@@ -188,7 +206,7 @@ class App:
         seed = None if req.seed is None else (req.seed + index + 2**63) % 2**64 - 2**63  # n choices: seed + i
         return Params(max_tokens, d.temperature if req.temperature is None else req.temperature,
                       d.top_p if req.top_p is None else req.top_p, top_k=top_k, seed=seed, logprobs=logprobs,
-                      constraint=self.constraint(req))
+                      constraint=self.constraint(req), adapter=adapter)
 
     def encode_completion(self, req: CompletionRequest) -> list[int]:
         return self.loaded.tokenizer.encode_text(clean_text(req.prompt), bos=True, eos=False)
@@ -260,9 +278,9 @@ class App:
         if path == "/v1/models":
             return JSONResponse(self.models())
         if path.startswith("/v1/models/"):
-            if path.removeprefix("/v1/models/") == self.loaded.name:
-                return JSONResponse(self.models()["data"][0])
-            raise ApiError(404, "no such model", code="model_not_found")
+            wanted = path.removeprefix("/v1/models/")
+            self.adapter(wanted)  # 404 unless served
+            return JSONResponse(next(m for m in self.models()["data"] if m["id"] == wanted))
         req = parse_request(await self._read_json(request), chat=path == "/v1/chat/completions")
         return await self._complete(req, request)
 
@@ -295,12 +313,11 @@ class App:
 
     async def _complete(self, req: ChatRequest | CompletionRequest, request: Request) -> Response:
         chat = isinstance(req, ChatRequest)
-        if req.model not in (None, self.loaded.name):
-            raise ApiError(404, f"model {req.model!r} is not served here (this server has {self.loaded.name!r})",
-                           param="model", code="model_not_found")
+        adapter = self.adapter(req.model)
+        name = req.model or self.loaded.name
         prompt = self.encode_chat(req) if chat else self.encode_completion(req)
         max_tokens = self.budget(prompt, req.requested_tokens())
-        params = [self.params(req, max_tokens, i) for i in range(req.n)]
+        params = [self.params(req, max_tokens, i, adapter) for i in range(req.n)]
         if self.request_log is not None:
             self.request_log.record(req, len(prompt))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -310,7 +327,7 @@ class App:
             for p in params:  # n choices, decoded side by side
                 answers.append(Answer(self.engine, self.loaded.tokenizer, prompt, p, req.stop, tools))
             if req.stream:
-                return await self._stream(req, answers, rid, chat, prompt, request)
+                return await self._stream(req, answers, (rid, name), chat, prompt, request)
             pieces = await _unless_gone(asyncio.gather(*(self._collect(a) for a in answers)), request.receive)
         except BaseException:
             for a in answers:
@@ -332,7 +349,7 @@ class App:
                                      **({"tool_calls": p.calls} if p.calls else {})}
             choices.append(choice)
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": self.loaded.name, "choices": choices,
+                             "created": int(time.time()), "model": name, "choices": choices,
                              "usage": usage})
 
     def _logprobs(self, req: ChatRequest | CompletionRequest, tokens) -> dict | None:
@@ -363,13 +380,13 @@ class App:
                 whole.finish, whole.calls = piece.finish, piece.calls
                 return whole
 
-    async def _stream(self, req, answers: list[Answer], rid: str, chat: bool, prompt: list[int],
+    async def _stream(self, req, answers: list[Answer], ids: tuple[str, str], chat: bool, prompt: list[int],
                       request: Request) -> StreamingResponse:
         """Server-sent events. The 200 goes once a choice has its first piece of text (a wait in the
         queue that times out is still an HTTP error). After it, a failure is reported as a last event
         `data: {"error": {...}}` (the openai client raises it), and every stream ends with
         `data: [DONE]` unless the client is gone. Tool calls come whole, one delta each, at the end."""
-        merged: asyncio.Queue = asyncio.Queue()
+        (rid, name), merged = ids, asyncio.Queue()
 
         async def pump(i: int, answer: Answer) -> None:
             try:
@@ -410,7 +427,7 @@ class App:
                 if piece.calls:
                     delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(piece.calls)]
                 choice = {"index": i, "delta": delta, "finish_reason": piece.finish, "logprobs": logprobs}
-            return {"id": rid, "object": obj, "created": created, "model": self.loaded.name, "choices": [choice]}
+            return {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice]}
 
         async def events() -> AsyncIterator[str]:
             item, left = first, len(answers)
@@ -429,7 +446,7 @@ class App:
                     item = await merged.get()
                 if req.stream_options and req.stream_options.include_usage:
                     n = sum(a.count for a in answers)
-                    yield event({"id": rid, "object": obj, "created": created, "model": self.loaded.name,
+                    yield event({"id": rid, "object": obj, "created": created, "model": name,
                                  "choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": n,
                                                           "total_tokens": len(prompt) + n}})
             except Exception:

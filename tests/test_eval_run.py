@@ -71,9 +71,9 @@ def test_the_run_report_and_the_evaluation_report_link_each_other(run):
     assert "<a href='eval/report.html'>" in run_page and any(line == f"run report: {out / 'report.html'}"
                                                               for line in lines)
     assert "<a href='../report.html'>" in result.report.read_text()
-    assert "data-series='forgetting.kl'" in run_page
+    assert 'id="series-forgetting.kl"' in run_page
     for name in ("loss.nll", "tasks.exact_match"):  # the base's values beside the tuned model's
-        assert f"data-series='{name}'" in run_page and f"data-series='{name}@base'" in run_page
+        assert f'id="series-{name}"' in run_page and f'id="series-{name}@base"' in run_page
 
 
 def test_eval_command_on_the_run(run, capsys):

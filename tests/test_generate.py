@@ -193,3 +193,14 @@ def test_buckets_and_bad_params() -> None:
         with pytest.raises(ValueError):
             Params(**bad)
     assert math.isclose(Params(3, top_p=1.0).top_p, 1.0)
+
+
+def test_keys_kept_by_an_earlier_call_are_not_reused_after_the_weights_change() -> None:
+    """Evaluations during training ask the same prompts again after optimizer steps (and of the base with
+    the adapters off): a call never reuses keys computed by an earlier one."""
+    model = _model()
+    ps = [[5, 6, 7, 8, 9], [11] * 7]
+    generate_batch(model, ps, 6)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.mul_(-1.5)
+    assert generate_batch(model, ps, 6) == [plain_greedy(model, p, 6) for p in ps]

@@ -248,7 +248,7 @@ def test_rows_of_one_sample_take_the_causal_kernel_with_the_same_loss_and_grads(
                for n in (64, 37)]
     batch = collate(samples, [[0], [1]], pad_to=64)
     model.configure(attn_impl="flex", one_sample_rows=True)
-    mask = model._mask(batch.seq_ids, batch.position_ids, 0, 64, batch.input_ids.device, window)
+    mask = model._mask(batch.seq_ids, batch.position_ids, 64, batch.input_ids.device, window)
     assert (mask == CAUSAL) is (window != 40)
     if window == 40:
         return  # the block mask path is checked against the dense mask on the GPU and above

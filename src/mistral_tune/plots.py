@@ -96,7 +96,7 @@ def line_panels(charts: list[tuple[str, dict[str, list[tuple[float, float | None
                 continue
             k = tuned.index(name) if name in tuned else 0
             ax.plot(xs, ys, color=series_color(name, k), lw=1.5, marker="o" if _lonely(ys) else None, ms=3,
-                    label=name)
+                    label=name, gid=f"series-{name}")  # the SVG element's id: a page's reader finds the curve
             drawn = True
         if not drawn:
             ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)

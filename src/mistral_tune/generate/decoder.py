@@ -339,11 +339,16 @@ class Decoder:
         self._end(seq, End("cancelled"))
         self._leave([slot])
 
+    def forget(self) -> None:
+        """Drop the keys kept for prefix reuse: the model's weights or its adapters' state may have
+        changed since they were computed (a training step, an evaluation of the base)."""
+        self.held = [[] for _ in range(self.slots)]
+
     def abort(self, error: BaseException) -> None:
         """End every running sequence with an error (the decoder is going away)."""
         for seq in self.rows:
             self._end(seq, End("error", error))
-        self.held = [[] for _ in range(self.slots)]
+        self.forget()
         self._leave(list(range(len(self.rows))))
 
     def idle_step(self) -> None:
@@ -495,11 +500,13 @@ _shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def decoder_for(model, slots: int, capacity: int, lockstep: bool = False) -> Decoder:
     """The model's decoder, kept between calls (its cache and captured graphs are the costly part),
     replaced by one of this call's size when it is too small (not by a union of sizes: a long-context
-    call of few rows and a wide one of short rows would make a cache of many long rows)."""
+    call of few rows and a wide one of short rows would make a cache of many long rows). Keys kept
+    by an earlier call are forgotten: the weights may have changed since."""
     d = _shared.get(model)
     if (d is None or d.slots < slots or d.capacity < capacity or d.device != model.lm_head.weight.device
             or d.lockstep != lockstep or d.rows):
         _shared.pop(model, None)
         del d
         d = _shared[model] = Decoder(model, slots, -(-capacity // 256) * 256, lockstep=lockstep)
+    d.forget()
     return d

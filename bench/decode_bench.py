@@ -234,9 +234,8 @@ def main() -> None:
     if "qlora" not in skip and device == "cuda":
         try:
             from mistral_tune.models.quant import quantize_model
-            q = build(shape, "cpu", dtype)
+            q = build(shape, "cuda", dtype)
             quantize_model(q, PROJECTIONS, device="cuda")
-            q.to("cuda")
             qbytes = read_bytes(q)
             layer = q.model.layers[0].mlp.down_proj  # the one-token kernel against dequantize + matmul
             x = torch.randn(1, 1, layer.in_features, device="cuda", dtype=dtype)

@@ -24,13 +24,13 @@ run() {  # run NAME SRC SECONDS CMD...: one part over the package in SRC, bounde
   echo "$name rc=$? $(( $(date +%s) - start ))s" >> "$OUT/summary.txt"
 }
 now=$PWD/src
-run decode "$now" 300 python3 bench/decode_bench.py ${DECODE_ARGS:-}
-run eval_after "$now" 100 python3 bench/eval_bench.py --batch-sizes 16,64
-run eval_before "$before" 80 python3 bench/eval_bench.py --batch-sizes 64
-run serve16_after "$now" 60 python3 bench/serve_bench.py --layers 32 --clients 16 --max-batch 16 --batching-only
-run serve16_before "$before" 90 python3 bench/serve_bench.py --layers 32 --clients 16 --max-batch 16 --batching-only
-run serve64_after "$now" 60 python3 bench/serve_bench.py --layers 32 --clients 64 --max-batch 64 --batching-only
+run decode "$now" 240 python3 bench/decode_bench.py ${DECODE_ARGS:-}
+run serve16_after "$now" 45 python3 bench/serve_bench.py --layers 32 --clients 16 --max-batch 16 --batching-only
+run serve16_before "$before" 60 python3 bench/serve_bench.py --layers 32 --clients 16 --max-batch 16 --batching-only
+run eval_after "$now" 70 python3 bench/eval_bench.py --batch-sizes 16,64
+run eval_before "$before" 50 python3 bench/eval_bench.py --batch-sizes 64
+run serve64_after "$now" 40 python3 bench/serve_bench.py --layers 32 --clients 64 --max-batch 64 --batching-only
 cat "$OUT/machine.txt" "$OUT/summary.txt"
-for f in decode eval_after eval_before serve16_after serve16_before serve64_after; do
+for f in decode serve16_after serve16_before eval_after eval_before serve64_after; do
   echo "== $f"; tail -n 12 "$OUT/$f.log" 2>/dev/null
 done

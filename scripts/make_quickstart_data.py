@@ -48,3 +48,16 @@ for src_name, name, n in (("train.jsonl", "preference_train.jsonl", 600),
     with open(out / name, "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs[:n])
 print(f"wrote the preference pairs to {out}")
+
+# The preference quickstart's SFT phase: the prompts the pairs do not use, each answered with a word of its
+# list picked at random (not always the last): the SFT model learns to answer with a word of the list,
+# and is about as likely to pick the last word as another, which the pairs then teach.
+any_word = random.Random(11)
+records = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()][600:]
+with open(out / "preference_sft.jsonl", "w") as f:
+    for r in records:
+        user = r["messages"][0]["content"]
+        words = user.split(":")[-1].split("?")[-1].split()
+        f.write(json.dumps({"messages": [{"role": "user", "content": user},
+                                         {"role": "assistant", "content": any_word.choice(words)}]}) + "\n")
+print(f"wrote the preference quickstart's SFT answers to {out}")

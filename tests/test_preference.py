@@ -161,8 +161,8 @@ def pref_data(tmp_path_factory) -> Path:
 def dpo_run(assets, pref_data, tmp_path_factory):
     model, _ = assets
     out = tmp_path_factory.mktemp("dpo") / "run"
-    cfg = config(model, pref_data, out, method="dpo", datasets=[{"path": str(pref_data)}], max_steps=6,
-                 save_steps=3, val_set_size=4, eval_steps=3, lora_dropout=0.1, save_total_limit=10)
+    cfg = config(model, pref_data, out, method="dpo", datasets=[{"path": str(pref_data)}], max_steps=4,
+                 save_steps=2, val_set_size=4, eval_steps=2, lora_dropout=0.1, save_total_limit=10)
     return cfg, train(cfg, echo=lambda _: None)
 
 
@@ -170,14 +170,14 @@ def test_a_dpo_run_logs_its_metrics_and_held_out_accuracy(dpo_run):
     _, result = dpo_run
     lines = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "lr" in x]
-    assert len(steps) == 6 and result.adapter_dir.is_dir()
+    assert len(steps) == 4 and result.adapter_dir.is_dir()
     first = steps[0]
     # the first step's policy is the reference: every reward is 0 (up to dropout, which is on)
     assert set(first) >= {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy",
                           "logps/chosen", "logps/rejected"}
     assert first["loss"] == pytest.approx(0.6931, abs=0.01)
     evals = [x for x in lines if "eval_preference_accuracy" in x]
-    assert [x["step"] for x in evals] == [3, 6]
+    assert [x["step"] for x in evals] == [2, 4]
     assert all(0 <= x["eval_preference_accuracy"] <= 1 for x in evals)
 
 
@@ -187,9 +187,9 @@ def test_a_dpo_run_resumes_exactly(dpo_run, tmp_path):
     cfg, result = dpo_run
     out = tmp_path / "run"
     shutil.copytree(result.output_dir, out)
-    again = train(cfg.model_copy(update={"output_dir": str(out), "resume": str(out / "checkpoint-3")}),
+    again = train(cfg.model_copy(update={"output_dir": str(out), "resume": str(out / "checkpoint-2")}),
                   echo=lambda _: None)
-    assert again.steps == 6
+    assert again.steps == 4
     assert metrics(out) == metrics(result.output_dir)
     mine = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     assert mine == (result.adapter_dir / "adapter_model.safetensors").read_bytes()
@@ -203,11 +203,11 @@ def test_orpo_and_kto_runs_train(assets, tmp_path, pref_data, method):
         pairs = [json.loads(x) for x in pref_data.read_text().splitlines()]
         data = _write(tmp_path / "kto.jsonl", [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
                                                for p in pairs for k in ("chosen", "rejected")])
-    cfg = config(model, data, tmp_path / "run", method=method, datasets=[{"path": str(data)}], max_steps=3,
+    cfg = config(model, data, tmp_path / "run", method=method, datasets=[{"path": str(data)}], max_steps=2,
                  save_steps=10)
     result = train(cfg, echo=lambda _: None)
     steps = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
     assert ("kl" if method == "kto" else "nll") in steps[0]
 
 
@@ -215,10 +215,9 @@ def test_orpo_and_kto_runs_train(assets, tmp_path, pref_data, method):
 
 
 @pytest.fixture(scope="module")
-def sft_run(assets, tmp_path_factory):
-    model, data = assets
-    cfg = config(model, data, tmp_path_factory.mktemp("sft") / "run", max_steps=4, save_steps=10)
-    return train(cfg, echo=lambda _: None)
+def sft_run(dpo_run):
+    """The earlier run whose adapter init_from starts from: the DPO run above will do (any run's adapter)."""
+    return dpo_run[1]
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +235,7 @@ def dpo_from_sft(assets, pref_data, heldout_pairs, sft_run, tmp_path_factory):
     general = {"path": str(data_dir() / "general.jsonl"), "format": "text"}
     cfg = config(model, pref_data, tmp_path_factory.mktemp("dpo_init") / "run", method="dpo",
                  datasets=[{"path": str(pref_data)}], val_datasets=[{"path": str(heldout_pairs)}],
-                 init_from=str(sft_run.output_dir), max_steps=2, save_steps=10,
+                 init_from=str(sft_run.output_dir), max_steps=2, save_steps=1, save_total_limit=5,
                  eval={"forgetting": {"dataset": general, "max_samples": 2}, "during_training": False})
     lines: list[str] = []
     return cfg, train(cfg, echo=lines.append), lines
@@ -299,6 +298,19 @@ def test_held_out_preference_accuracy_is_in_the_evaluation_and_run_reports(dpo_f
     html = (result.output_dir / "eval" / "report.html").read_text()
     assert "preference" in html and "accuracy" in html and "4 held-out pairs" in html
     assert "eval_preference_accuracy" in (result.output_dir / "report.html").read_text()
+
+
+def test_a_run_from_init_from_resumes_exactly(dpo_from_sft, tmp_path):
+    import shutil
+
+    cfg, result, _ = dpo_from_sft
+    out = tmp_path / "run"
+    shutil.copytree(result.output_dir, out)
+    again = train(cfg.model_copy(update={"output_dir": str(out), "resume": str(out / "checkpoint-1")}),
+                  echo=lambda _: None)
+    assert again.steps == 2 and metrics(out) == metrics(result.output_dir)
+    mine = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert mine == (result.adapter_dir / "adapter_model.safetensors").read_bytes()
 
 
 def test_init_from_mistakes_are_config_errors_before_anything_is_written(assets, pref_data, sft_run, tmp_path):

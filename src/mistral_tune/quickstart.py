@@ -5,10 +5,11 @@ tokenizer), fine-tunes it on a word-copying task, merges the adapter, and report
 exact match on held-out prompts, the KL divergence from the base on general text, and a small
 pass-key probe; the HTML report is in the run's eval/ folder.
 
-Its preference variant (method dpo, ipo, orpo, simpo or kto) runs two phases: a short SFT on answers
-that name any word of the list (the model learns to answer with a word of the list, not which one),
-then the preference method from that adapter (init_from) on pairs that prefer the last word, and
-reports the held-out preference accuracy of the SFT model (the reference) and of the tuned one.
+Its preference variant (method dpo, ipo, orpo, simpo or kto) runs two phases: a short SFT on prompts
+asking for one word of a list, answered with any word of it (the model learns to answer with a word
+of the list, favouring no kind), then the preference method from that adapter (init_from) on pairs
+preferring a word for a thing of nature to one for a made thing, and reports the held-out preference
+accuracy of the SFT model (the reference) and of the tuned one.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def _sft_phase(config_path: Path, echo) -> bool:
             and yaml.safe_load((out / "config.yaml").read_text()) == cfg.model_dump():
         echo(f"SFT phase: the adapter in {out} (from an earlier quickstart, same config) is kept")
         return True
-    echo("SFT phase: answers that name any word of the list")
+    echo("SFT phase: answers that name any word of the list")  # the tuned run's reference
     result = train(cfg, echo=echo)
     return result.stopped_by is None
 
@@ -189,7 +190,7 @@ def run_preference_quickstart(work: Path, method: str, overrides: list[str] = ()
         echo("quickstart stopped by a signal during the SFT phase; nothing was evaluated")
         return {"stopped_by": "signal", "phase": "sft"}
     cfg = load_config(config_path, list(overrides) + ["overwrite_output_dir=true"])
-    echo(f"{method} phase: pairs preferring the last word, from the SFT adapter (init_from)")
+    echo(f"{method} phase: pairs preferring a word for a thing of nature, from the SFT adapter (init_from)")
     result = train(cfg, echo=echo)
     if result.stopped_by:
         echo(f"quickstart stopped by {result.stopped_by} before the end of training; nothing was evaluated")
@@ -199,7 +200,7 @@ def run_preference_quickstart(work: Path, method: str, overrides: list[str] = ()
     accuracy = metrics["preference"]["accuracy"]
     summary = {
         "method": method,
-        "heldout_pairs": len((data_dir() / "preference_heldout.jsonl").read_text().splitlines()),
+        "heldout_pairs": len(Path(cfg.val_datasets[0].path).read_text().splitlines()),  # KTO: judged answers
         "reference_preference_accuracy": accuracy.get("base"),
         "tuned_preference_accuracy": accuracy["tuned"],
         "kl_from_base": metrics["forgetting"]["kl"]["tuned"],
@@ -212,9 +213,9 @@ def run_preference_quickstart(work: Path, method: str, overrides: list[str] = ()
     (result.output_dir / "quickstart_result.json").write_text(json.dumps(summary, indent=2) + "\n")
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
     echo("")
-    what = "judged answers whose log-ratio has their label's sign" if method == "kto" else \
-        "pairs whose last-word answer the model finds more likely"
-    echo(f"held-out preference accuracy ({summary['heldout_pairs']} pairs; {what}): SFT model (the reference) "
+    what = "judged answers; those whose log-ratio to the reference has their label's sign" if method == "kto" \
+        else "pairs; those whose chosen answer the model finds the more likely"
+    echo(f"held-out preference accuracy ({summary['heldout_pairs']} {what}): SFT model (the reference) "
          f"{pct(summary['reference_preference_accuracy'])} -> {method} {pct(summary['tuned_preference_accuracy'])}")
     echo(f"forgetting: KL from the base (adapter off) {summary['kl_from_base']:.3f} nats/token on general text")
     echo(f"evaluation report:          {result.report}")

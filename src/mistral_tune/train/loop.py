@@ -557,14 +557,16 @@ class TrainingRun:
         labels = torch.tensor(data.val_labels, dtype=torch.bool) if data.val_labels else None
         objective = unit_objective(cfg, logp.double(), ref.double() if ref is not None else None, count, labels)
         loss = float(objective.loss)
-        if cfg.method == "kto":
-            accuracy, before = judged_right(logp, self.ref["val"], data.val_labels), 0.0
+        values = {"eval_loss": loss, **{f"eval_{k}": v for k, v in objective.metrics.items()}}
+        if cfg.method == "kto":  # judged against the reference, which has no accuracy of its own
+            values["eval_preference_accuracy"] = accuracy = judged_right(logp, self.ref["val"], data.val_labels)
+            before = "the reference has none"
         else:
-            accuracy, before = prefers_chosen(logp), prefers_chosen(self.ref["val"])
-        values = {"eval_loss": loss, "eval_preference_accuracy": accuracy, "eval_preference_accuracy@base": before,
-                  **{f"eval_{k}": v for k, v in objective.metrics.items()}}
+            values["eval_preference_accuracy"] = accuracy = prefers_chosen(logp)
+            values["eval_preference_accuracy@base"] = prefers_chosen(self.ref["val"])
+            before = f"starting model {100 * values['eval_preference_accuracy@base']:.1f}%"
         self.log.metrics(step, values, f"held-out {cfg.method} loss {loss:.4f}, preference accuracy "
-                         f"{100 * accuracy:.1f}% (starting model {100 * before:.1f}%)")
+                         f"{100 * accuracy:.1f}% ({before})")
         return loss
 
     def _step(self, step: int, stop: StopRequest):

@@ -144,6 +144,12 @@ def test_unknown_and_foreign_preference_keys_are_config_errors():
     with pytest.raises(ConfigError, match="method is sft"):
         config_from_dict({**base, "preference": {"beta": 0.2}})
     assert config_from_dict({**base, "method": "simpo"}).beta == 2.0
+    by_accuracy = {"eval": {"metric": "preference.accuracy"}}
+    with pytest.raises(ConfigError, match="preference.accuracy is measured on .* held-out pairs; method is sft"):
+        config_from_dict({**base, **by_accuracy, "val_set_size": 2})
+    with pytest.raises(ConfigError, match="preference.accuracy .* give val_set_size or val_datasets"):
+        config_from_dict({**base, **by_accuracy, "method": "dpo"})
+    assert config_from_dict({**base, **by_accuracy, "method": "dpo", "val_set_size": 2}).eval.requested
 
 
 # ---------------------------------------------------------------------- the loop

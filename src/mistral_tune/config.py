@@ -265,7 +265,8 @@ class EvalConfig(_Strict):
     @property
     def requested(self) -> bool:
         """Whether the section asks for anything beyond the held-out loss (an evaluation or early stopping)."""
-        return any(x is not None for x in (self.tasks, self.forgetting, self.needle, self.early_stopping_patience))
+        return any(x is not None for x in (self.tasks, self.forgetting, self.needle, self.early_stopping_patience)) \
+            or self.metric.startswith("preference.")  # a preference run's held-out pairs, evaluated by the run
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
@@ -666,9 +667,10 @@ class Config(_Strict):
 
     def _check_method(self) -> None:
         given = self.preference.model_fields_set
-        if self.method == "sft" and self.eval.metric.startswith("preference."):
+        if self.eval.metric.startswith("preference.") and (self.method == "sft" or not (self.val_set_size
+                                                                                        or self.val_datasets)):
             raise ValueError(f"eval.metric: {self.eval.metric} is measured on a preference method's held-out pairs; "
-                             "method is sft")
+                             + ("method is sft" if self.method == "sft" else "give val_set_size or val_datasets"))
         if self.method == "sft":
             if given:
                 raise ValueError(f"preference: {', '.join(sorted(given))} set, but method is sft; set method: dpo, "

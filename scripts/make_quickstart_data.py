@@ -34,17 +34,31 @@ for name, rows in (("train.jsonl", train), ("heldout.jsonl", test)):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 print(f"wrote {len(train)} train and {len(test)} held-out records to {out}")
 
-# The preference variant: the same prompts, chosen = the last word, rejected = another word of the list.
-pick = random.Random(7)
-for src_name, name, n in (("train.jsonl", "preference_train.jsonl", 600),
-                          ("heldout.jsonl", "preference_heldout.jsonl", 200)):
+# The preference quickstart (`mistral-tune quickstart --method dpo`): prompts asking for one word of a list.
+# Its SFT phase answers with a word of the list picked at random, so the SFT model answers with a word of
+# the list but favours no kind of word; its pairs prefer a word for a thing of nature (chosen) to a word
+# for a made thing (rejected) of the same list. Held-out pairs use the held-out records' lists.
+NATURE = set("apple river stone cloud tiger maple pepper ocean lemon forest thunder falcon meadow orchid glacier "
+             "comet willow".split())
+MADE = set(WORDS) - NATURE
+ASK = ["Pick one word from this list: {}", "Name a word of this list: {}", "One word from: {}"]
+ask, pick, any_word = random.Random(3), random.Random(7), random.Random(11)
+lists = {name: [r["messages"][0]["content"].split(":")[-1].split("?")[-1].split()
+                for r in map(json.loads, (out / name).read_text().splitlines())]
+         for name in ("train.jsonl", "heldout.jsonl")}
+for name, words_of in (("preference_train.jsonl", lists["train.jsonl"][:600]),
+                       ("preference_heldout.jsonl", lists["heldout.jsonl"])):
     pairs = []
-    for r in [json.loads(x) for x in (out / src_name).read_text().splitlines()]:
-        user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
-        others = [w for w in user.split(":")[-1].split("?")[-1].split() if w != answer]
-        pairs.append({"prompt": [{"role": "user", "content": user}],
-                      "chosen": [{"role": "assistant", "content": answer}],
-                      "rejected": [{"role": "assistant", "content": pick.choice(others)}]})
+    for words in words_of:
+        nature, made = [w for w in words if w in NATURE], [w for w in words if w in MADE]
+        if nature and made:
+            pairs.append({"prompt": [{"role": "user", "content": ask.choice(ASK).format(" ".join(words))}],
+                          "chosen": [{"role": "assistant", "content": pick.choice(nature)}],
+                          "rejected": [{"role": "assistant", "content": pick.choice(made)}]})
     with open(out / name, "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in pairs[:n])
-print(f"wrote the preference pairs to {out}")
+        f.writelines(json.dumps(p) + "\n" for p in pairs)
+with open(out / "preference_sft.jsonl", "w") as f:
+    for words in lists["train.jsonl"][600:]:
+        f.write(json.dumps({"messages": [{"role": "user", "content": ask.choice(ASK).format(" ".join(words))},
+                                         {"role": "assistant", "content": any_word.choice(words)}]}) + "\n")
+print(f"wrote the preference quickstart's pairs and SFT answers to {out}")

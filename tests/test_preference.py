@@ -144,6 +144,12 @@ def test_unknown_and_foreign_preference_keys_are_config_errors():
     with pytest.raises(ConfigError, match="method is sft"):
         config_from_dict({**base, "preference": {"beta": 0.2}})
     assert config_from_dict({**base, "method": "simpo"}).beta == 2.0
+    by_accuracy = {"eval": {"metric": "preference.accuracy"}}
+    with pytest.raises(ConfigError, match="preference.accuracy is measured on .* held-out pairs; method is sft"):
+        config_from_dict({**base, **by_accuracy, "val_set_size": 2})
+    with pytest.raises(ConfigError, match="preference.accuracy .* give val_set_size or val_datasets"):
+        config_from_dict({**base, **by_accuracy, "method": "dpo"})
+    assert config_from_dict({**base, **by_accuracy, "method": "dpo", "val_set_size": 2}).eval.requested
 
 
 # ---------------------------------------------------------------------- the loop
@@ -161,8 +167,8 @@ def pref_data(tmp_path_factory) -> Path:
 def dpo_run(assets, pref_data, tmp_path_factory):
     model, _ = assets
     out = tmp_path_factory.mktemp("dpo") / "run"
-    cfg = config(model, pref_data, out, method="dpo", datasets=[{"path": str(pref_data)}], max_steps=6,
-                 save_steps=3, val_set_size=4, eval_steps=3, lora_dropout=0.1, save_total_limit=10)
+    cfg = config(model, pref_data, out, method="dpo", datasets=[{"path": str(pref_data)}], max_steps=4,
+                 save_steps=2, val_set_size=4, eval_steps=2, lora_dropout=0.1, save_total_limit=10)
     return cfg, train(cfg, echo=lambda _: None)
 
 
@@ -170,14 +176,14 @@ def test_a_dpo_run_logs_its_metrics_and_held_out_accuracy(dpo_run):
     _, result = dpo_run
     lines = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "lr" in x]
-    assert len(steps) == 6 and result.adapter_dir.is_dir()
+    assert len(steps) == 4 and result.adapter_dir.is_dir()
     first = steps[0]
     # the first step's policy is the reference: every reward is 0 (up to dropout, which is on)
     assert set(first) >= {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy",
                           "logps/chosen", "logps/rejected"}
     assert first["loss"] == pytest.approx(0.6931, abs=0.01)
     evals = [x for x in lines if "eval_preference_accuracy" in x]
-    assert [x["step"] for x in evals] == [3, 6]
+    assert [x["step"] for x in evals] == [2, 4]
     assert all(0 <= x["eval_preference_accuracy"] <= 1 for x in evals)
 
 
@@ -187,9 +193,9 @@ def test_a_dpo_run_resumes_exactly(dpo_run, tmp_path):
     cfg, result = dpo_run
     out = tmp_path / "run"
     shutil.copytree(result.output_dir, out)
-    again = train(cfg.model_copy(update={"output_dir": str(out), "resume": str(out / "checkpoint-3")}),
+    again = train(cfg.model_copy(update={"output_dir": str(out), "resume": str(out / "checkpoint-2")}),
                   echo=lambda _: None)
-    assert again.steps == 6
+    assert again.steps == 4
     assert metrics(out) == metrics(result.output_dir)
     mine = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     assert mine == (result.adapter_dir / "adapter_model.safetensors").read_bytes()
@@ -203,9 +209,139 @@ def test_orpo_and_kto_runs_train(assets, tmp_path, pref_data, method):
         pairs = [json.loads(x) for x in pref_data.read_text().splitlines()]
         data = _write(tmp_path / "kto.jsonl", [{"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
                                                for p in pairs for k in ("chosen", "rejected")])
-    cfg = config(model, data, tmp_path / "run", method=method, datasets=[{"path": str(data)}], max_steps=3,
+    cfg = config(model, data, tmp_path / "run", method=method, datasets=[{"path": str(data)}], max_steps=2,
                  save_steps=10)
     result = train(cfg, echo=lambda _: None)
     steps = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
     assert ("kl" if method == "kto" else "nll") in steps[0]
+
+
+# ---------------------------------------------------------------------- init_from and the evaluation report
+
+
+@pytest.fixture(scope="module")
+def sft_run(dpo_run):
+    """The earlier run whose adapter init_from starts from: the DPO run above will do (any run's adapter)."""
+    return dpo_run[1]
+
+
+@pytest.fixture(scope="module")
+def heldout_pairs(tmp_path_factory) -> Path:
+    lines = (data_dir() / "preference_heldout.jsonl").read_text().splitlines()[:4]
+    path = tmp_path_factory.mktemp("pref_val") / "heldout.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dpo_from_sft(assets, pref_data, heldout_pairs, sft_run, tmp_path_factory):
+    """A DPO run from the SFT run's adapter, with held-out pairs and an eval: section (forgetting)."""
+    model, _ = assets
+    general = {"path": str(data_dir() / "general.jsonl"), "format": "text"}
+    cfg = config(model, pref_data, tmp_path_factory.mktemp("dpo_init") / "run", method="dpo",
+                 datasets=[{"path": str(pref_data)}], val_datasets=[{"path": str(heldout_pairs)}],
+                 init_from=str(sft_run.output_dir), max_steps=2, save_steps=1, save_total_limit=5,
+                 eval={"forgetting": {"dataset": general, "max_samples": 2}, "during_training": False})
+    lines: list[str] = []
+    return cfg, train(cfg, echo=lines.append), lines
+
+
+def _peft_margins(model_dir: Path, adapter: Path, pairs: Path, tok) -> tuple[list[float], list[float]]:
+    """Per pair, with the adapter and with it off: log p(chosen) - log p(rejected) over the answer tokens, by
+    transformers + PEFT."""
+    import transformers
+    from peft import PeftModel
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    hf = PeftModel.from_pretrained(hf, str(adapter)).eval()
+
+    def margin(record) -> float:
+        c_ids, c_mask, r_ids, r_mask = pair_samples(record, tok)
+        logps = []
+        for ids, mask in ((c_ids, c_mask), (r_ids, r_mask)):
+            logits = hf(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+            lp = logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+            logps.append(float(lp[torch.tensor(mask[1:])].sum()))
+        return logps[0] - logps[1]
+
+    records = [json.loads(line) for line in pairs.read_text().splitlines()]
+    with torch.no_grad():
+        on = [margin(r) for r in records]
+        with hf.disable_adapter():
+            off = [margin(r) for r in records]
+    return on, off
+
+
+def test_init_from_starts_at_the_sft_adapter_which_is_the_reference(dpo_from_sft, sft_run, assets, heldout_pairs,
+                                                                   tok):
+    cfg, result, lines = dpo_from_sft
+    assert any(f"init_from: the adapter starts as {sft_run.adapter_dir}" in x for x in lines)
+    steps = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    first = steps[0]
+    # the first step's policy is the reference (no dropout): rewards 0, loss log 2
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5) and first["loss"] == pytest.approx(0.693147, abs=1e-5)
+    report = json.loads((result.output_dir / "eval" / "eval_report.json").read_text())
+    pref = next(e for e in report["evaluations"] if e["name"] == "preference")
+    # the reference's held-out margins are those of the base + SFT adapter as transformers and PEFT compute them
+    model, _ = assets
+    with_sft, base_only = _peft_margins(model, sft_run.adapter_dir, heldout_pairs, tok)
+    assert pref["metrics"]["margin"]["base"] == pytest.approx(sum(with_sft) / 4, abs=1e-4)
+    assert abs(sum(with_sft) - sum(base_only)) > 1e-3  # the SFT adapter matters: not the base twice
+    assert pref["metrics"]["accuracy"]["base"] == sum(m > 0 for m in with_sft) / 4
+
+
+def test_held_out_preference_accuracy_is_in_the_evaluation_and_run_reports(dpo_from_sft):
+    _, result, _ = dpo_from_sft
+    report = json.loads((result.output_dir / "eval" / "eval_report.json").read_text())
+    by_name = {e["name"]: e for e in report["evaluations"]}
+    assert {"preference", "forgetting"} <= set(by_name)  # next to the forgetting metrics
+    accuracy = by_name["preference"]["metrics"]["accuracy"]
+    assert set(accuracy) == {"base", "tuned"} and all(0 <= v <= 1 for v in accuracy.values())
+    evals = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [x for x in evals if "eval_preference_accuracy" in x][-1]
+    assert accuracy["tuned"] == pytest.approx(last["eval_preference_accuracy"])  # the loop's own measure
+    html = (result.output_dir / "eval" / "report.html").read_text()
+    assert "preference" in html and "accuracy" in html and "4 held-out pairs" in html
+    assert "eval_preference_accuracy" in (result.output_dir / "report.html").read_text()
+
+
+def test_a_run_from_init_from_resumes_exactly(dpo_from_sft, tmp_path):
+    import shutil
+
+    cfg, result, _ = dpo_from_sft
+    out = tmp_path / "run"
+    shutil.copytree(result.output_dir, out)
+    again = train(cfg.model_copy(update={"output_dir": str(out), "resume": str(out / "checkpoint-1")}),
+                  echo=lambda _: None)
+    assert again.steps == 2 and metrics(out) == metrics(result.output_dir)
+    mine = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert mine == (result.adapter_dir / "adapter_model.safetensors").read_bytes()
+
+
+def test_init_from_mistakes_are_config_errors_before_anything_is_written(assets, pref_data, sft_run, tmp_path):
+    model, _ = assets
+    base = dict(method="dpo", datasets=[{"path": str(pref_data)}], max_steps=1)
+    for overrides, message in (
+        ({"init_from": str(tmp_path / "nowhere")}, "init_from: .*nowhere: no LoRA adapter there"),
+        ({"init_from": str(sft_run.output_dir), "lora_r": 8}, r"init_from: .* has lora_r 4; this config lora_r 8"),
+        ({"init_from": str(sft_run.adapter_dir), "adapter": "qlora"}, "init_from: .* set adapter: lora"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            train(config(model, pref_data, tmp_path / "run", **base, **overrides), echo=lambda _: None)
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="init_from: starts a LoRA adapter"):
+        config(model, pref_data, tmp_path / "run", **base, init_from=str(sft_run.output_dir), adapter="none")
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_the_preference_quickstart_configs_are_valid(tmp_path, method):
+    from mistral_tune.config import load_config
+    from mistral_tune.quickstart import write_preference_configs
+
+    sft_path, path = write_preference_configs(tmp_path, tmp_path / "base-model", method)
+    sft, cfg = load_config(sft_path), load_config(path)
+    assert sft.method == "sft" and sft.datasets[0].path.endswith("preference_sft.jsonl")
+    assert cfg.method == method and cfg.init_from == str(tmp_path / "sft-run") and cfg.eval.forgetting is not None
+    first = json.loads(Path(cfg.datasets[0].path).read_text().splitlines()[0])
+    assert ("label" in first) == (method == "kto")

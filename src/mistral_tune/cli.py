@@ -57,7 +57,7 @@ def _cmd_merge(args) -> None:
 def _cmd_quickstart(args) -> None:
     from .quickstart import run_quickstart
 
-    return EXIT_STOPPED if "stopped_by" in run_quickstart(Path(args.out), args.overrides) else None
+    return EXIT_STOPPED if "stopped_by" in run_quickstart(Path(args.out), args.overrides, method=args.method) else None
 
 
 def _cmd_export_adapter(args) -> None:
@@ -516,8 +516,12 @@ def _add_model_commands(sub) -> None:
 
 def _add_tool_commands(sub) -> None:
     """quickstart, data inspect / validate, report, convert axolotl, init-model."""
+    from .config import PREFERENCE_METHODS
     p = sub.add_parser("quickstart", help="fine-tune a tiny model on bundled data (CPU, no network)")
     p.add_argument("--out", default="quickstart-output", help="working directory")
+    p.add_argument("--method", default="sft", choices=["sft", *PREFERENCE_METHODS],
+                   help="sft (default), or a preference method: a short SFT phase, then the method from its "
+                   "adapter on pairs; reports held-out preference accuracy before and after")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_cmd_quickstart)
 

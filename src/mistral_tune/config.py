@@ -254,7 +254,8 @@ class EvalConfig(_Strict):
     metric: str = Field(
         "loss",
         description="What picks the best adapter and drives early stopping: loss (held-out loss), or an "
-        "evaluation's metric, e.g. tasks.exact_match, forgetting.kl.",
+        "evaluation's metric, e.g. tasks.exact_match, forgetting.kl (preference.accuracy: a preference method's "
+        "held-out pairs).",
     )
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations in a row without a better eval.metric."
@@ -264,12 +265,13 @@ class EvalConfig(_Strict):
     @property
     def requested(self) -> bool:
         """Whether the section asks for anything beyond the held-out loss (an evaluation or early stopping)."""
-        return any(x is not None for x in (self.tasks, self.forgetting, self.needle, self.early_stopping_patience))
+        return any(x is not None for x in (self.tasks, self.forgetting, self.needle, self.early_stopping_patience)) \
+            or self.metric.startswith("preference.")  # a preference run's held-out pairs, evaluated by the run
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
         kind = self.metric.split(".", 1)[0]
-        if self.metric != "loss" and (kind not in ("tasks", "forgetting", "needle", "long_ppl", "loss")
+        if self.metric != "loss" and (kind not in ("tasks", "forgetting", "needle", "long_ppl", "loss", "preference")
                                       or "." not in self.metric):
             raise ValueError(f"eval.metric: {self.metric!r}; use loss or EVALUATION.METRIC, e.g. tasks.exact_match")
         if kind in ("tasks", "forgetting", "needle") and getattr(self, kind) is None:
@@ -372,6 +374,12 @@ class Config(_Strict):
     adapter: Literal["lora", "qlora", "none"] = Field(
         "lora",
         description="lora: train adapters; qlora: adapters over an NF4 base (bitsandbytes); none: full fine-tuning.",
+    )
+    init_from: str | None = Field(
+        None, description="Start from an earlier run's LoRA adapter: its run directory or adapter directory (e.g. "
+        "an SFT run before dpo). Its weights are the adapter's starting values; its LoRA settings (lora_r, "
+        "lora_alpha, targets, use_rslora, use_dora) and base model must be this config's. The reference of "
+        "dpo, ipo and kto is then the model it starts from: the base with that adapter. adapter: lora or qlora.",
     )
     base_precision: Literal["bf16", "fp8"] = Field(
         "bf16",
@@ -641,6 +649,10 @@ class Config(_Strict):
             raise ValueError(f"lora_init: {self.lora_init} needs adapter: lora with base_precision: bf16 (it takes "
                              "the initial adapter out of the base weights; an NF4 or FP8 base would have to be "
                              f"quantized again), not adapter: {self.adapter}, base_precision: {self.base_precision}")
+        if self.init_from is not None and (self.adapter == "none" or self.lora_init != "kaiming"):
+            raise ValueError("init_from: starts a LoRA adapter from an earlier run's; it needs adapter: lora or qlora "
+                             "and lora_init: kaiming (for full fine-tuning set base_model to the earlier run's "
+                             "model/ or merged/ directory)")
         if self.base_precision == "fp8" and self.adapter != "lora":
             raise ValueError(f"base_precision: fp8 is for adapter: lora (a frozen base), not adapter: {self.adapter}")
         names = self.new_special_tokens
@@ -657,6 +669,10 @@ class Config(_Strict):
         # Keys set to other than their defaults: a run's own config.yaml holds every key at its default.
         pref = self.preference
         given = {k for k in pref.model_fields_set if getattr(pref, k) != type(pref).model_fields[k].default}
+        if self.eval.metric.startswith("preference.") and (self.method == "sft" or not (self.val_set_size
+                                                                                        or self.val_datasets)):
+            raise ValueError(f"eval.metric: {self.eval.metric} is measured on a preference method's held-out pairs; "
+                             + ("method is sft" if self.method == "sft" else "give val_set_size or val_datasets"))
         if self.method == "sft":
             if given:
                 raise ValueError(f"preference: {', '.join(sorted(given))} set, but method is sft; set method: dpo, "
@@ -853,7 +869,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for ds in entries:
         if isinstance(ds, dict) and isinstance(ds.get("path"), str):
             ds["path"] = _resolve_near(ds["path"], base)
-    for key in ("base_model", "tokenizer"):
+    for key in ("base_model", "tokenizer", "init_from"):
         if isinstance(data.get(key), str):
             data[key] = _resolve_near(data[key], base)
     tasks = data.get("eval", {}).get("tasks") if isinstance(data.get("eval"), dict) else None

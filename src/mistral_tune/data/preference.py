@@ -229,6 +229,9 @@ def build_preference_dataset(cfg, tokenizer) -> PreferenceDataset:
     report.tokens = sum(len(s) for s in train_samples + val_samples)
     report.trained_tokens = sum(s.n_trained for s in train_samples + val_samples)
     report.train_samples, report.val_samples = len(train_samples), len(val_samples)
+    report.unique_train_samples = report.train_samples  # no dataset weights here: each unit once an epoch
+    report.train_tokens = report.unique_train_tokens = sum(len(s) for s in train_samples)
+    report.train_trained_tokens = sum(s.n_trained for s in train_samples)
     return PreferenceDataset(train_samples, val_samples, report, kind=kind, train_labels=train.labels,
                              val_labels=val.labels)
 

@@ -165,9 +165,10 @@ class TrainingEvals:
 
     @classmethod
     def start(cls, cfg, model, tokenizer, autocast_dtype, out: Path, save_model, echo=print,
-              every=bool) -> TrainingEvals | None:
+              every=bool, extra: list[Evaluation] = ()) -> TrainingEvals | None:
         """None when the config asks for nothing beyond the held-out loss. save_model(dir, weights): the
-        model into dir (weights: the whole state dict of a sharded model); every: ModelPair's."""
+        model into dir (weights: the whole state dict of a sharded model); every: ModelPair's; extra:
+        evaluations the run adds of its own (a preference run's held-out pairs)."""
         e = cfg.eval
         if not e.requested:
             return None
@@ -176,7 +177,7 @@ class TrainingEvals:
         if not tracked and e.early_stopping_patience is not None:
             raise ConfigError("eval.early_stopping_patience: eval.metric loss needs a held-out set (val_set_size or "
                               "val_datasets); or name an evaluation's metric, e.g. tasks.exact_match")
-        evals = build_evaluations(e, tokenizer, model.config, cfg.sequence_len)
+        evals = build_evaluations(e, tokenizer, model.config, cfg.sequence_len) + list(extra)
         pair = ModelPair(model, tokenizer, autocast_dtype=autocast_dtype, every=every)
         tracker = BestTracker(e.metric, e.early_stopping_patience) if tracked else None
         self = cls(cfg, pair, Evaluator(evals, echo), out, save_model, tracker, echo)

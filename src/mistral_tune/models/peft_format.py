@@ -178,13 +178,18 @@ def read_adapter_config(adapter_dir: Path) -> tuple[LoraSpec, str]:
     return spec, data.get("base_model_name_or_path", "")
 
 
+def adapter_tensors(model: nn.Module, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """A saved adapter's tensors under our parameter names (of `model`, whose adapters are on)."""
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise ModelError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
+    return {our_key(model, k): v for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()}
+
+
 def load_adapter(model: nn.Module, adapter_dir: Path) -> LoraSpec:
     """Attach a saved PEFT adapter to a plain model (wraps the targets, then loads its tensors)."""
     spec, _ = read_adapter_config(adapter_dir)
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise ModelError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
     apply_lora(model, spec)
-    state = {our_key(model, k): v for k, v in load_file(str(adapter_dir / ADAPTER_WEIGHTS)).items()}
+    state = adapter_tensors(model, adapter_dir)
     own = set(adapter_state(model, spec))
     missing, unexpected = own - set(state), set(state) - own
     if missing or unexpected:

@@ -33,7 +33,7 @@ from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, make_rows, sample_lengths
 from ..data.preference import build_preference_dataset, unit_rows
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError
-from ..evaluate.preference import judged_right, prefers_chosen, sample_logprobs
+from ..evaluate.preference import PreferenceEval, judged_right, prefers_chosen, sample_logprobs
 from ..evaluate.report import REPORT_JSON
 from ..evaluate.run import TrainingEvals
 from ..export.card import write_run_cards
@@ -47,6 +47,7 @@ from ..models.stats import count_params, flops_per_token
 from .checkpoint import Checkpoint, CheckpointManager, save_shards
 from .gpus import find_gpu
 from .guard import StepGuard
+from .init_from import init_adapter_dir, load_init_adapter
 from .lints import model_fit_warnings
 from .logs import MetricsLog
 from .objectives import NEEDS_REFERENCE, unit_objective
@@ -105,7 +106,7 @@ def check_output_dir(cfg: Config) -> Path:
 
 
 def run_inputs(cfg: Config) -> list[str | None]:
-    return [ds.path for ds in [*cfg.datasets, *cfg.val_datasets]] + [cfg.base_model, cfg.tokenizer]
+    return [ds.path for ds in [*cfg.datasets, *cfg.val_datasets]] + [cfg.base_model, cfg.tokenizer, cfg.init_from]
 
 
 
@@ -161,6 +162,8 @@ def read_inputs(cfg: Config, main_first=lambda build: build(), weights: bool = T
             f"embedding has {model_cfg.vocab_size} rows; pick the tokenizer that matches the model "
             "(v1: 32000, v3/v7: 32768, tekken: 131072)"
         )
+    if cfg.init_from is not None:
+        init_adapter_dir(cfg, model_dir)  # a mismatch is reported before the data is read
     build = build_dataset if cfg.method == "sft" else build_preference_dataset
     data = main_first(lambda: build(cfg, tokenizer))
     data.report.warnings += model_fit_warnings(cfg, model_dir, model_cfg, tokenizer, sample_lengths(data.train))
@@ -306,12 +309,19 @@ class TrainingRun:
         if self.preference:
             self.rows = unit_rows(self.data.train, cfg.sequence_len, cfg.sample_packing)
             self.val_rows = unit_rows(self.data.val, cfg.sequence_len, cfg.sample_packing) if self.data.val else []
-            self._measure_reference()
+            if cfg.init_from is None:  # the base is the starting model: measured before PiSSA / OLoRA change it
+                self._measure_reference()
         self.spec = self._apply_adapters()
         self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.params = list(self.named.values())
         for p in self.params:  # trainable weights stay float32 even when the frozen base is bf16
             p.data = p.data.float()
+        if cfg.init_from is not None:  # the earlier run's adapter, then the reference: the model it makes
+            adapter = init_adapter_dir(cfg, self.model_dir)
+            load_init_adapter(model, self.named, adapter)
+            echo(f"init_from: the adapter starts as {adapter}")
+            if self.preference:
+                self._measure_reference()
         rt.broadcast_parameters(self.params + lora_init_tensors(model))  # the replicas start equal
         rt.track_gradients(self.named)
         if rt.rank:
@@ -354,11 +364,12 @@ class TrainingRun:
 
     def _measure_reference(self) -> None:
         """The reference model's log-probability of every preference sample (train and held out), taken
-        with the starting weights before any adapter exists: one forward pass over the data, 4 bytes a
-        sample, no second model. It is taken again, from the same base weights, when a run resumes.
-        The same whatever the adapter (with lora_init pissa / olora the base weights change once the
-        adapter is made, so the adapter switched off would not be the starting model), and for full
-        fine-tuning. ORPO and SimPO have no reference: the held-out accuracy's is still measured."""
+        with the starting weights: one forward pass over the data, 4 bytes a sample, no second model. It
+        is taken again, from the same weights, when a run resumes. The starting model is the base, measured
+        before any adapter exists (with lora_init pissa / olora the base weights change once the adapter
+        is made, so the adapter switched off would not be the starting model), or with init_from the base
+        with that run's adapter, measured once it is loaded. The same for full fine-tuning. ORPO and SimPO
+        have no reference: the held-out accuracy's is still measured."""
         cfg, rt = self.cfg, self.rt
         began = time.perf_counter()
         self.ref = {}
@@ -368,7 +379,8 @@ class TrainingRun:
             self.ref[name] = sample_logprobs(self.model, samples, rows, cfg.micro_batch_size, rt.device,
                                              rt.autocast_dtype)[0] if rows else torch.zeros(0)
         self.echo(f"method {cfg.method}: reference log-probabilities of {sum(len(v) for v in self.ref.values())} "
-                  f"samples measured with the starting weights ({time.perf_counter() - began:.1f} s)")
+                  f"samples measured with the starting weights{' (init_from)' if cfg.init_from else ''} "
+                  f"({time.perf_counter() - began:.1f} s)")
 
     def _apply_adapters(self) -> LoraSpec | None:
         """LoRA (and trainable rows for new special tokens) as the config asks; None for full fine-tuning."""
@@ -452,10 +464,14 @@ class TrainingRun:
             echo(f"resumed from {resume_from.path} at step {resume_from.step} of {self.total_steps}")
 
     def _start_evals(self) -> None:
+        extra = []
+        if self.preference and self.val_rows:  # the held-out pairs' accuracy, beside the eval: section's
+            extra.append(PreferenceEval(self.data.val, self.val_rows, self.cfg.micro_batch_size, self.ref["val"],
+                                        self.data.val_labels or None, self.padding))
         self.evals = TrainingEvals.start(
             self.cfg, self.model, self.tokenizer, self.rt.autocast_dtype, self.out,
             lambda d, w: _save(self.cfg, self.model, self.spec, self.tokenizer, d, self.model_dir, w), self.echo,
-            every=self.rt.every if self.rt.sharded else bool)
+            every=self.rt.every if self.rt.sharded else bool, extra=extra)
 
     def _write_run_start(self) -> None:
         """Rank 0 makes the output directory: the config, the data report, an empty (or the resumed
@@ -555,14 +571,16 @@ class TrainingRun:
         labels = torch.tensor(data.val_labels, dtype=torch.bool) if data.val_labels else None
         objective = unit_objective(cfg, logp.double(), ref.double() if ref is not None else None, count, labels)
         loss = float(objective.loss)
-        if cfg.method == "kto":
-            accuracy, before = judged_right(logp, self.ref["val"], data.val_labels), 0.0
+        values = {"eval_loss": loss, **{f"eval_{k}": v for k, v in objective.metrics.items()}}
+        if cfg.method == "kto":  # judged against the reference, which has no accuracy of its own
+            values["eval_preference_accuracy"] = accuracy = judged_right(logp, self.ref["val"], data.val_labels)
+            before = "the reference has none"
         else:
-            accuracy, before = prefers_chosen(logp), prefers_chosen(self.ref["val"])
-        values = {"eval_loss": loss, "eval_preference_accuracy": accuracy, "eval_preference_accuracy@base": before,
-                  **{f"eval_{k}": v for k, v in objective.metrics.items()}}
+            values["eval_preference_accuracy"] = accuracy = prefers_chosen(logp)
+            values["eval_preference_accuracy@base"] = prefers_chosen(self.ref["val"])
+            before = f"starting model {100 * values['eval_preference_accuracy@base']:.1f}%"
         self.log.metrics(step, values, f"held-out {cfg.method} loss {loss:.4f}, preference accuracy "
-                         f"{100 * accuracy:.1f}% (starting model {100 * before:.1f}%)")
+                         f"{100 * accuracy:.1f}% ({before})")
         return loss
 
     def _step(self, step: int, stop: StopRequest):

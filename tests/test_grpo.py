@@ -10,7 +10,9 @@ given log-probabilities."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections import defaultdict, deque
 from types import SimpleNamespace
 
@@ -19,6 +21,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _runs import config, make_assets, metrics
+from mistral_tune.config import RewardConfig
+from mistral_tune.errors import ConfigError
+from mistral_tune.train.loop import train
 from mistral_tune.train.objectives import grpo_advantages, grpo_loss, grpo_normaliser
 
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
@@ -132,3 +138,90 @@ def test_unknown_loss_and_scaling_are_named():
         grpo_loss(x, None, None, torch.zeros(2), torch.ones(2, 3), loss_type="gspo")
     with pytest.raises(ValueError, match="unknown reward scaling 'batch'"):
         grpo_advantages(torch.zeros(4, 1), torch.ones(1), 2, "batch")
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def flaky_reward(prompt, completion, record, word="stone"):
+    """A user's reward that raises on some records (those whose prompt holds `word`)."""
+    if word in prompt[-1]["content"]:
+        raise RuntimeError(f"no {word} allowed")
+    return float("a" in completion)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("assets"), n_records=40)
+
+
+def _grpo_cfg(model, data, out, **grpo):
+    rewards = [{"name": "regex", "args": {"pattern": "[aeiou][a-z]"}}, {"name": "exact_match"},
+               {"function": "test_grpo:flaky_reward", "weight": 0.5}]
+    return config(model, data, out, method="grpo", max_steps=4, save_steps=1, val_set_size=4, eval_steps=2,
+                  lora_dropout=0.1, save_total_limit=10, learning_rate=5e-2,
+                  grpo={"num_generations": 4, "max_new_tokens": 6, "rewards": rewards, **grpo})
+
+
+@pytest.fixture(scope="module")
+def grpo_run(assets, tmp_path_factory):
+    model, data = assets
+    cfg = _grpo_cfg(model, data, tmp_path_factory.mktemp("grpo") / "run", num_iterations=2, beta=0.1)
+    lines: list[str] = []
+    return cfg, train(cfg, echo=lines.append), lines
+
+
+def test_a_grpo_run_logs_rewards_clipping_kl_and_timings(grpo_run):
+    _, result, lines = grpo_run
+    logged = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in logged if "lr" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4] and result.adapter_dir.is_dir()
+    rollouts = [x for x in steps if "rollout_s" in x]
+    assert [x["step"] for x in rollouts] == [1, 3]  # num_iterations 2: a rollout serves two steps
+    for name in ("reward", "reward_std", "rewards/regex/mean", "rewards/regex/std", "rewards/flaky_reward/failed",
+                 "completion_length", "frac_reward_zero_std", "update_s"):
+        assert name in rollouts[0], name
+    assert all({"clip_ratio", "kl", "update_s"} <= set(x) for x in steps)
+    assert any(x["grad_norm"] > 0 for x in steps)  # the groups' rewards differ: the policy moves
+    assert steps[1]["kl"] > 0  # the adapter has moved from the base after a step
+    evals = [x for x in logged if "eval_reward" in x]
+    assert [x["step"] for x in evals] == [0, 2, 4]
+
+
+def test_a_failing_reward_is_reported_with_its_record_and_counted(grpo_run):
+    _, result, lines = grpo_run
+    failed = [x for x in lines if "reward flaky_reward failed on" in x]
+    assert failed and all(".jsonl:" in x and "RuntimeError: no stone allowed" in x and "test_grpo.py:" in x
+                          and "counted as failed" in x for x in failed)
+    written = [json.loads(x) for x in (result.output_dir / "reward_failures.jsonl").read_text().splitlines()]
+    logged = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(written) == sum(x.get("rewards/flaky_reward/failed", 0) for x in logged) > 0
+
+
+def test_a_grpo_run_resumes_exactly_between_the_steps_of_one_rollout(grpo_run, tmp_path):
+    """Checkpoint 3 falls between the two steps of the second rollout: the rollout travels in it, and
+    the seeds of later rollouts come from the step, so the resumed run repeats the same completions."""
+    cfg, result, _ = grpo_run
+    out = tmp_path / "run"
+    shutil.copytree(result.output_dir, out)
+    state = json.loads((out / "checkpoint-3" / "state.json").read_text())
+    assert state["grpo"] is not None and state["grpo"]["completions"]
+    again = train(cfg.model_copy(update={"output_dir": str(out), "resume": str(out / "checkpoint-3")}),
+                  echo=lambda _: None)
+    assert again.steps == 4
+    assert metrics(out) == metrics(result.output_dir)
+    mine = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert mine == (result.adapter_dir / "adapter_model.safetensors").read_bytes()
+
+
+def test_grpo_config_errors_name_their_key(assets, tmp_path):
+    model, data = assets
+    with pytest.raises(ConfigError, match="grpo.rewards: empty"):
+        config(model, data, tmp_path, method="grpo")
+    with pytest.raises(ConfigError, match="not a built-in"):
+        config(model, data, tmp_path, method="grpo", grpo={"rewards": [{"name": "exactmatch"}]})
+    with pytest.raises(ConfigError, match="grpo: num_generations set, but method is sft"):
+        config(model, data, tmp_path, grpo={"num_generations": 3})
+    with pytest.raises(ConfigError, match=r"grpo.rewards.0.function: .*no function 'nope'"):
+        train(_grpo_cfg(model, data, tmp_path / "bad") .model_copy(update={"grpo": _grpo_cfg(
+            model, data, tmp_path).grpo.model_copy(update={"rewards": [RewardConfig(function="test_grpo:nope")]})}),
+            echo=lambda _: None)
+    assert not (tmp_path / "bad").exists()  # nothing written

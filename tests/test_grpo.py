@@ -225,3 +225,57 @@ def test_grpo_config_errors_name_their_key(assets, tmp_path):
             model, data, tmp_path).grpo.model_copy(update={"rewards": [RewardConfig(function="test_grpo:nope")]})}),
             echo=lambda _: None)
     assert not (tmp_path / "bad").exists()  # nothing written
+
+
+def test_sigterm_mid_run_checkpoints_and_resume_repeats_the_run(grpo_run, tmp_path):
+    import os
+    import signal
+
+    from mistral_tune.train.loop import prepare, run_training
+
+    cfg, result, _ = grpo_run
+    out = tmp_path / "run"
+    cfg = cfg.model_copy(update={"output_dir": str(out)})
+    rt, model_dir, tokenizer, net, dataset = prepare(cfg)
+    passes = []
+
+    def term(module, args, output) -> None:  # SIGTERM in the middle of the second step's update
+        if module.training and torch.is_grad_enabled():
+            passes.append(1)
+            if len(passes) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        net.model.norm.register_forward_hook(term)
+        stopped = run_training(cfg, rt, model_dir, tokenizer, net, dataset, echo=lambda _: None)
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert stopped.stopped_by == "SIGTERM" and stopped.steps == 2
+    train(cfg.model_copy(update={"resume": "auto"}), echo=lambda _: None)
+    assert metrics(out) == metrics(result.output_dir)
+
+
+def test_rollouts_after_a_step_use_the_new_weights_not_keys_held_from_before(make_tiny_mistral):
+    """The decoder keeps a finished prompt's keys for a later prompt with the same start; once a step
+    has moved the weights (or the adapters are off), those keys are stale and must not be reused."""
+    from mistral_tune.generate.decoder import _shared
+    from mistral_tune.generate.run import generate_batch
+    from mistral_tune.models.lora import LoraSpec, adapters_disabled, apply_lora
+
+    model = make_tiny_mistral()
+    apply_lora(model, LoraSpec(4, 8, 0.0, ["q_proj", "v_proj"]), seed=0)
+    prompts = [[1, 5, 9, 13, 17, 21], [1, 5, 9, 13, 17, 40]]
+    generate_batch(model, prompts, 6)  # keys of these prompts now held
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * (0.5 if "lora_B" in name else 0.0))  # in place, as an optimizer step
+    held = generate_batch(model, prompts, 6)
+    with adapters_disabled(model):
+        base_held = generate_batch(model, prompts, 6)
+    _shared.pop(model, None)
+    assert held == generate_batch(model, prompts, 6)
+    with adapters_disabled(model):
+        _shared.pop(model, None)
+        assert base_held == generate_batch(model, prompts, 6)

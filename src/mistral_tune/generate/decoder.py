@@ -98,6 +98,12 @@ def _adapter_state(model: torch.nn.Module) -> tuple:
     return tuple(bool(m.disabled) for m in model.modules() if isinstance(m, ADAPTER_LAYERS))
 
 
+def _trained_state(model: torch.nn.Module) -> tuple:
+    """What changes when a training step moves the weights: each trainable tensor's storage and its
+    in-place version counter (an optimizer step bumps it)."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters() if p.requires_grad)
+
+
 class Decoder:
     """Decodes sequences added with `add` one step at a time (`step`), on the calling thread.
 
@@ -131,7 +137,11 @@ class Decoder:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Choice]] = {}
         self._pool = None
         self._state: tuple = ((), None)
-        self._seeds = torch.Generator().manual_seed(torch.seed())
+        self._weights: tuple = ()  # the weights the held keys were computed with (_trained_state)
+        # Seeds for requests that bring none, from the OS: torch.seed() would reseed the global generator,
+        # and a training run's dropout masks after an evaluation or a rollout would no longer repeat on resume.
+        self._seeds = torch.Generator()
+        self._seeds.seed()
 
     # ------------------------------------------------------------------ adding sequences
 
@@ -156,6 +166,11 @@ class Decoder:
             seqs.append(Sequence(list(prompt), params, sink, stops))
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         self._state = (_adapter_state(self.model), autocast)  # what captured graphs bake in
+        weights = (self._state[0], _trained_state(self.model))
+        if weights != self._weights:  # keys held from other weights (a training step, adapters off) are stale
+            for f in range(len(self.rows), self.slots):
+                self.held[f] = []
+            self._weights = weights
         ok = []
         for s in seqs:
             if not s.prompt:

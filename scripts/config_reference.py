@@ -13,7 +13,9 @@ from mistral_tune.config import (
     DatasetConfig,
     EvalConfig,
     ForgettingConfig,
+    GRPOConfig,
     NeedleConfig,
+    RewardConfig,
     TaskEvalConfig,
 )
 
@@ -39,7 +41,8 @@ def render() -> str:
              "(nested: `datasets.0.path=other.jsonl`).", ""]
     sections = (("Run keys", Config), ("Each entry of `datasets` (and `val_datasets`)", DatasetConfig),
                 ("`cleaning`", CleaningConfig), ("`eval`", EvalConfig), ("`eval.tasks`", TaskEvalConfig),
-                ("`eval.forgetting`", ForgettingConfig), ("`eval.needle`", NeedleConfig))
+                ("`eval.forgetting`", ForgettingConfig), ("`eval.needle`", NeedleConfig),
+                ("`grpo` (method: grpo)", GRPOConfig), ("Each entry of `grpo.rewards`", RewardConfig))
     for title, model in sections:
         lines += [f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():

@@ -306,6 +306,66 @@ class PreferenceConfig(_Strict):
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable answers' loss.")
 
 
+#: The built-in reward functions of method grpo (train/rewards.py); a config may also name its own
+#: `module:function`.
+REWARD_BUILTINS = ("exact_match", "token_f1", "rouge_l", "regex", "json_valid", "json_schema", "length")
+
+
+class RewardConfig(_Strict):
+    name: str | None = Field(None, description=f"A built-in reward: {', '.join(REWARD_BUILTINS)}.")
+    function: str | None = Field(
+        None, description="Your own reward, `package.module:function` or `path/to/file.py:function`, called as "
+        "function(prompt=messages, completion=text, record=the record's fields, **args) -> float (None: not scored)."
+    )
+    weight: float = Field(1.0, description="Its weight in the summed reward (negative: a penalty).")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments: exact_match / token_f1 / rouge_l: field (the record's "
+        "reference answer, default answer), normalize (exact_match); regex: pattern, full (whole answer); "
+        "json_schema: schema (a file or an inline schema); length: max_chars."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardConfig:
+        if (self.name is None) == (self.function is None):
+            raise ValueError("a reward names either name (a built-in) or function (module:function), not both")
+        if self.name is not None and self.name not in REWARD_BUILTINS:
+            raise ValueError(f"reward name {self.name!r}: not a built-in ({', '.join(REWARD_BUILTINS)}); your own "
+                             "goes in function: module:function")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Its name in the logs: the built-in's, or the function's."""
+        return self.name or self.function.rpartition(":")[2]
+
+
+class GRPOConfig(_Strict):
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group, G).")
+    max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling of the rollouts (0: no limit).")
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "grpo", description="grpo: each completion's token mean, averaged over completions; dapo: the mean over "
+        "every completion token of the step; dr_grpo: the token sum over max_new_tokens per completion (Dr. GRPO)."
+    )
+    scale_rewards: Literal["group", "none"] = Field(
+        "group", description="Advantages: (reward - group mean) / group std (group), or without the std (none, "
+        "Dr. GRPO)."
+    )
+    beta: float = Field(0.0, ge=0, description="Weight of the KL term to the reference (the base with the adapter "
+                        "off); 0: none, and no reference pass.")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="The ratio's clip range, [1 - epsilon, 1 + epsilon_high].")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip (DAPO's clip-higher); default epsilon.")
+    num_iterations: int = Field(1, ge=1, description="Optimizer steps per rollout batch (its log-probabilities at "
+                                "rollout kept as the old policy's).")
+    rewards: list[RewardConfig] = Field(
+        default_factory=list, description="The reward functions, summed with their weights: each {name or function, "
+        "weight, args}."
+    )
+    batch_size: int = Field(64, ge=1, description="Completions decoded together during rollouts.")
+
+
 class Config(_Strict):
     # model and tokenizer
     base_model: str | None = Field(
@@ -361,15 +421,17 @@ class Config(_Strict):
     dataset_num_workers: int | None = Field(
         None, ge=1, description="Processes that tokenize; default: the CPU count, at most 8."
     )
-    method: Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto"] = Field(
+    method: Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto", "grpo"] = Field(
         "sft",
         description="sft: supervised fine-tuning; dpo, ipo, orpo, simpo: preference pairs (prompt, chosen, "
-        "rejected); kto: judged answers (prompt, completion, label). Their settings: the preference section.",
+        "rejected); kto: judged answers (prompt, completion, label). Their settings: the preference section. "
+        "grpo: prompts, sampled completions and reward functions (the grpo section).",
     )
     preference: PreferenceConfig = Field(
         default_factory=PreferenceConfig, description="Settings of the preference methods (method: dpo, ipo, orpo, "
         "simpo, kto)."
     )
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="Settings of method grpo.")
     # adapter
     adapter: Literal["lora", "qlora", "none"] = Field(
         "lora",
@@ -673,6 +735,11 @@ class Config(_Strict):
                                                                                         or self.val_datasets)):
             raise ValueError(f"eval.metric: {self.eval.metric} is measured on a preference method's held-out pairs; "
                              + ("method is sft" if self.method == "sft" else "give val_set_size or val_datasets"))
+        if self.grpo.model_fields_set and self.method != "grpo":
+            raise ValueError(f"grpo: {', '.join(sorted(self.grpo.model_fields_set))} set, but method is {self.method}")
+        if self.method == "grpo":
+            self._check_grpo(given)
+            return
         if self.method == "sft":
             if given:
                 raise ValueError(f"preference: {', '.join(sorted(given))} set, but method is sft; set method: dpo, "
@@ -686,6 +753,19 @@ class Config(_Strict):
         if self.on_too_long == "truncate":
             raise ValueError(f"on_too_long: truncate is for sft; method {self.method} drops answers longer than "
                              "sequence_len (on_too_long: drop)")
+
+    def _check_grpo(self, preference_keys: set) -> None:
+        if preference_keys:
+            raise ValueError(f"preference: {', '.join(sorted(preference_keys))} set, but method grpo reads the grpo "
+                             "section")
+        if not self.grpo.rewards:
+            raise ValueError("grpo.rewards: empty; name at least one reward function ({name: exact_match} ...)")
+        if self.grpo.beta and self.adapter == "none":
+            raise ValueError("grpo.beta > 0 needs adapter: lora or qlora (the reference is the base with the adapter "
+                             "off); with adapter: none set grpo.beta: 0")
+        labels = [r.label for r in self.grpo.rewards]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"grpo.rewards: {labels} names a reward twice; each is logged under its own name")
 
     @property
     def beta(self) -> float:

@@ -137,7 +137,10 @@ class Decoder:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Choice]] = {}
         self._pool = None
         self._state: tuple = ((), None)
-        self._seeds = torch.Generator().manual_seed(torch.seed())
+        # Seeds for requests that bring none, from the OS: torch.seed() would reseed the global generator,
+        # and a training run's dropout masks after an evaluation or a rollout would no longer repeat on resume.
+        self._seeds = torch.Generator()
+        self._seeds.seed()
 
     # ------------------------------------------------------------------ adding sequences
 

@@ -32,6 +32,7 @@ from ..config import ALL_PROJECTIONS, Config
 from ..data.build import Dataset, build_dataset
 from ..data.pack import Batch, collate, group_rows, make_rows, sample_lengths
 from ..data.preference import build_preference_dataset, unit_rows
+from ..data.prompts import build_prompt_dataset
 from ..errors import CheckpointError, ConfigError, ModelError, OutOfMemory, OutputError
 from ..evaluate.preference import PreferenceEval, judged_right, prefers_chosen, sample_logprobs
 from ..evaluate.report import REPORT_JSON
@@ -55,6 +56,7 @@ from .oom import OOM_ERRORS, free_memory, oom_advice, smaller_micro_batch
 from .optim import eight_bit_adamw, lr_factor, make_optimizer, warmup_steps
 from .report import record_session, write_run_report
 from .resume import data_fingerprint, resume_checkpoint, roll_back, set_aside_newer
+from .rl import GRPO
 from .runtime import REPORT_OUTLIER_AFTER, Runtime
 from .schedule import Progress, RowStream, count_steps, finite, one_sample_rows, row_padding
 from .signals import StopRequest
@@ -164,7 +166,7 @@ def read_inputs(cfg: Config, main_first=lambda build: build(), weights: bool = T
         )
     if cfg.init_from is not None:
         init_adapter_dir(cfg, model_dir)  # a mismatch is reported before the data is read
-    build = build_dataset if cfg.method == "sft" else build_preference_dataset
+    build = {"sft": build_dataset, "grpo": build_prompt_dataset}.get(cfg.method, build_preference_dataset)
     data = main_first(lambda: build(cfg, tokenizer))
     data.report.warnings += model_fit_warnings(cfg, model_dir, model_cfg, tokenizer, sample_lengths(data.train))
     return model_dir, model_cfg, tokenizer, data
@@ -305,7 +307,10 @@ class TrainingRun:
     def build(self) -> None:
         """Adapters on the model, its options set from the config, the rows, the optimizer."""
         cfg, rt, model, echo = self.cfg, self.rt, self.model, self.echo
-        self.preference = cfg.method != "sft"
+        self.preference = cfg.method not in ("sft", "grpo")
+        self.grpo = cfg.method == "grpo"
+        if self.grpo:  # a row is one prompt; no held-out loss (held-out reward instead: GRPO.evaluate)
+            self.rows, self.val_rows = [[i] for i in range(len(self.data.train))], []
         if self.preference:
             self.rows = unit_rows(self.data.train, cfg.sequence_len, cfg.sample_packing)
             self.val_rows = unit_rows(self.data.val, cfg.sequence_len, cfg.sample_packing) if self.data.val else []
@@ -349,7 +354,9 @@ class TrainingRun:
         echo(f"device {rt.device}, {'bf16 autocast' if rt.autocast_dtype else 'float32'}; "
              f"{self.trainable:,} of {self.total:,} parameters trained ({100 * self.trainable / self.total:.2f}%)")
 
-        if not self.preference:
+        if self.grpo:
+            self.rl = GRPO(cfg, rt, model, self.tokenizer, self.data, echo, self.out)
+        elif not self.preference:
             self.rows = make_rows(self.data.train, cfg.sequence_len, cfg.sample_packing)
             self.val_rows = make_rows(self.data.val, cfg.sequence_len, cfg.sample_packing) if self.data.val else []
         self.padding = self._row_padding(cfg.micro_batch_size)
@@ -429,12 +436,16 @@ class TrainingRun:
             self.guard.load_state_dict(resume_from.state["guard"])
             self.progress = Progress.from_dict(resume_from.state["progress"])
             self.progress.rescale_to(rt.world_size, resume_from.path, echo)
+            if self.grpo:  # the rollout still in use (num_iterations > 1)
+                self.rl.load_state_dict(resume_from.state.get("grpo"))
 
         # Steps follow the rows per step, which stay the checkpoint's on another number of processes.
         rows_per_step = self.progress.rows_per_step
         steps_per_epoch = count_steps(len(self.rows), cfg.micro_batch_size, rows_per_step, 1)
         self.total_steps = count_steps(len(self.rows), cfg.micro_batch_size, rows_per_step, cfg.num_epochs,
                                        cfg.max_steps)
+        if self.grpo and not cfg.max_steps:  # each rollout serves num_iterations steps
+            self.total_steps *= cfg.grpo.num_iterations
         self.warmup = warmup_steps(cfg, self.total_steps)
         echo(f"{self.total_steps} optimizer steps ({steps_per_epoch} per epoch), warm-up {self.warmup}, effective "
              f"batch {rows_per_step} rows" + (f" over {rt.world_size} processes" if rt.distributed else ""))
@@ -510,6 +521,8 @@ class TrainingRun:
             self.checkpoint_dir = self.resume_from.path if self.resume_from is not None else None
         self.log.start()
         try:
+            if self.grpo and self.resume_from is None and self.stopped_by is None:  # where the reward starts
+                self.rl.evaluate(0, self.log)
             if self.stopped_by is None:
                 for step in range(progress.step, self.total_steps):
                     self.step = step
@@ -530,6 +543,8 @@ class TrainingRun:
                             evaluated, _ = evaluate(self.model, self.data.val, self.val_rows, cfg, rt, self.padding)
                             self.log.eval(step + 1, evaluated)
                         progress.eval_loss = evaluated
+                    elif self.grpo and (last or due):
+                        self.rl.evaluate(step + 1, self.log)
                     early_stop = None  # why to stop early, when the evaluations say so
                     if cfg.eval.requested and TrainingEvals.due(cfg, step + 1, last):
                         early_stop = self._run_evals(step + 1, evaluated)
@@ -588,8 +603,10 @@ class TrainingRun:
         an out-of-memory with auto_micro_batch), gradients synchronised and clipped, the update unless
         the guard calls the step bad, the metrics line. Returns what every process agreed on."""
         cfg, rt, progress, guard, optimizer = self.cfg, self.rt, self.progress, self.guard, self.optimizer
-        window = [self.stream.next(progress.micro_batch_size) for _ in range(progress.gradient_accumulation_steps)]
-        groups = [g for _, g in window]
+        window = [self.stream.next(progress.micro_batch_size) for _ in range(progress.gradient_accumulation_steps)] \
+            if not self.grpo else [self.rl.window(step, lambda: [self.stream.next(progress.micro_batch_size) for _ in
+                                                                 range(progress.gradient_accumulation_steps)])]
+        groups = [g for _, g in window] if not self.grpo else window[0][1]
         lr = cfg.learning_rate * lr_factor(step, self.total_steps, self.warmup, cfg.lr_scheduler) * guard.lr_scale
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -597,10 +614,15 @@ class TrainingRun:
         while True:
             out_of_memory = False
             try:
-                batches = [collate(self.data.train, g, **self.padding) for g in groups]
-                if self.preference:
+                if self.grpo:  # rollout -> reward -> loss (train/rl.py)
+                    loss_sum, n_tokens, n_real, metrics = self.rl.accumulate(
+                        step, window[0][0], groups, progress.micro_batch_size, self.padding)
+                    window_loss = WindowLoss(loss_sum, n_tokens, n_real, None, metrics)
+                elif self.preference:
+                    batches = [collate(self.data.train, g, **self.padding) for g in groups]
                     window_loss = accumulate_preference(self.model, batches, groups, self._unit_inputs(), cfg, rt)
                 else:
+                    batches = [collate(self.data.train, g, **self.padding) for g in groups]
                     window_loss = accumulate_gradients(self.model, batches, rt)
             except OOM_ERRORS:
                 out_of_memory, window_loss = True, WindowLoss(0.0, 0, 0, None)
@@ -689,6 +711,8 @@ class TrainingRun:
             "eval_loss": eval_loss_now,  # measured at this step; picks the best checkpoint to keep
             "log_window": self.log.window_state(),  # the steps the next metrics line averages so far
         }
+        if self.grpo:
+            state["grpo"] = self.rl.state_dict(step)
         write_adapter = None
         if spec is not None:
             base = str(self.model_dir.resolve()) if self.model_dir.exists() else self.cfg.base_model

@@ -181,3 +181,95 @@ def unit_objective(cfg, policy: torch.Tensor, ref: torch.Tensor | None, counts: 
         return kto_loss(p[:, 0], r[:, 0], desirable, p[:, 1], r[:, 1], beta, pref.desirable_weight,
                         pref.undesirable_weight)
     raise ValueError(f"method {method!r} has no preference objective")
+
+
+# ---------------------------------------------------------------------------------------------- GRPO
+GRPO_LOSSES = ("grpo", "dapo", "dr_grpo")
+GRPO_SCALES = ("group", "none")
+ADVANTAGE_EPS = 1e-4  # added to a group's reward std: a group of equal rewards gets advantages 0, not 0/0
+
+
+def grpo_advantages(rewards: torch.Tensor, weights: torch.Tensor, group_size: int,
+                    scale: str = "group") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-normalised advantages of (N,) completions laid out group by group (N = prompts x
+    group_size), from their (N, K) rewards per reward function. A NaN reward is a failed one: it
+    adds nothing to the weighted sum, and a completion whose every reward failed is left out of its
+    group's mean and std and gets advantage 0. scale group: (reward - group mean) / (group std +
+    1e-4), std with Bessel's correction; none: reward - group mean (Dr. GRPO, no std).
+    Returns (advantages, total rewards (NaN where unscorable), whether each group's std is 0)."""
+    if scale not in GRPO_SCALES:
+        raise ValueError(f"unknown reward scaling {scale!r}; one of {', '.join(GRPO_SCALES)}")
+    unscorable = torch.isnan(rewards).all(dim=1)
+    total = (rewards * weights.to(rewards)[None, :]).nansum(dim=1)
+    total = torch.where(unscorable, torch.full_like(total, math.nan), total)
+    grouped = total.view(-1, group_size)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    count = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+    var = torch.nanmean((grouped - mean) ** 2, dim=1, keepdim=True) * count / (count - 1).clamp(min=1)
+    std = torch.where(count > 1, var.sqrt(), torch.full_like(var, math.nan))
+    advantages = grouped - mean
+    if scale == "group":
+        advantages = advantages / (std + ADVANTAGE_EPS)
+    std_zero = torch.isclose(std, torch.zeros_like(std)).view(-1)
+    return torch.nan_to_num(advantages.reshape(-1), nan=0.0), total, std_zero
+
+
+@dataclass
+class PolicyTerms:
+    """One micro-batch of GRPO: `summed` is the loss before the normaliser of its loss type (the sum
+    over sequences of their token means for grpo, the sum over tokens for dapo, that sum over
+    max_completion_length for dr_grpo), with its graph; divide it by grpo_normaliser of the whole
+    optimizer step. sums: {metric: (sum, count)} over the trained tokens (KL, clip fractions)."""
+
+    summed: torch.Tensor
+    sums: dict[str, tuple[float, int]]
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, beta: float = 0.0, epsilon_low: float = 0.2,
+              epsilon_high: float | None = None, loss_type: str = "grpo",
+              max_completion_length: int | None = None) -> PolicyTerms:
+    """The clipped policy-gradient loss of GRPO on (B, T) per-token log-probabilities of sampled
+    completions (mask: 1 on completion tokens). old_logps: the sampling policy's (None: this very
+    policy, detached; the ratio is then 1 and its gradient the plain policy gradient); ref_logps: the
+    reference's, for the KL term beta * (exp(ref - logp) - (ref - logp) - 1) (k3, as GRPO's paper);
+    advantages (B,). The ratio is clipped to [1 - epsilon_low, 1 + epsilon_high] (epsilon_high
+    larger than epsilon_low: DAPO's clip-higher)."""
+    if loss_type not in GRPO_LOSSES:
+        raise ValueError(f"unknown GRPO loss {loss_type!r}; one of {', '.join(GRPO_LOSSES)}")
+    high = epsilon_low if epsilon_high is None else epsilon_high
+    mask = mask.to(logps.dtype)
+    old = logps.detach() if old_logps is None else old_logps
+    ratio = torch.exp(logps - old)
+    adv = advantages[:, None].to(logps.dtype)
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon_low, 1 + high) * adv)
+    sums: dict[str, tuple[float, int]] = {}
+    n_tokens = int(mask.sum())
+    if beta:
+        if ref_logps is None:
+            raise ValueError("a KL term (beta > 0) needs the reference's log-probabilities")
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+        sums["kl"] = (float((kl.detach() * mask).sum()), n_tokens)
+    low_clip = ((ratio < 1 - epsilon_low) & (adv < 0)).to(mask.dtype) * mask
+    high_clip = ((ratio > 1 + high) & (adv > 0)).to(mask.dtype) * mask
+    sums["clip_ratio/low"] = (float(low_clip.sum()), n_tokens)
+    sums["clip_ratio/high"] = (float(high_clip.sum()), n_tokens)
+    sums["clip_ratio"] = (float((low_clip + high_clip).sum()), n_tokens)
+    masked = per_token * mask
+    if loss_type == "grpo":
+        summed = (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+    elif loss_type == "dapo":
+        summed = masked.sum()
+    else:
+        if not max_completion_length:
+            raise ValueError("dr_grpo needs max_completion_length")
+        summed = masked.sum() / max_completion_length
+    return PolicyTerms(summed, sums)
+
+
+def grpo_normaliser(loss_type: str, n_sequences: int, n_tokens: int) -> int:
+    """What a step's summed GRPO terms are divided by: its completions (grpo, dr_grpo) or its
+    completion tokens (dapo), over every micro-batch and process."""
+    return max(n_tokens if loss_type == "dapo" else n_sequences, 1)

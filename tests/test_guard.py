@@ -208,3 +208,19 @@ def test_the_command_exits_with_the_guards_code_and_says_how_to_continue(assets,
     assert err.count("\n") == 1 and "stopped at step 4 after 2 bad steps in a row" in err
     assert f"continue from the last checkpoint once the cause is fixed: mistral-tune train {path} resume=auto" in err
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_grpo_steps_are_not_judged_by_the_size_of_their_loss() -> None:
+    """GRPO's loss sits near zero (advantages normalised per group): the spike test would skip every step
+    that carries a signal. Its guard keeps only the non-finite checks."""
+    from types import SimpleNamespace
+
+    from mistral_tune.train.guard import StepGuard
+
+    keys = dict(bad_step_zscore=8.0, bad_step_window=50, bad_step_rollback_after=3, bad_step_max_rollbacks=2,
+                bad_step_lr_factor=0.5)
+    sft, grpo = (StepGuard.from_config(SimpleNamespace(method=m, **keys)) for m in ("sft", "grpo"))
+    for guard in (sft, grpo):
+        guard.recent.extend([1e-9 * (i % 3) for i in range(20)])
+    assert sft.check(0.006, 1.0) is not None and grpo.check(0.006, 1.0) is None
+    assert grpo.check(float("nan"), 1.0) == "non-finite loss (nan)"

@@ -728,15 +728,13 @@ class Config(_Strict):
         return self
 
     def _check_method(self) -> None:
-        # Keys set to other than their defaults: a run's own config.yaml holds every key at its default.
-        pref = self.preference
-        given = {k for k in pref.model_fields_set if getattr(pref, k) != type(pref).model_fields[k].default}
+        given = _changed(self.preference)
         if self.eval.metric.startswith("preference.") and (self.method == "sft" or not (self.val_set_size
                                                                                         or self.val_datasets)):
             raise ValueError(f"eval.metric: {self.eval.metric} is measured on a preference method's held-out pairs; "
                              + ("method is sft" if self.method == "sft" else "give val_set_size or val_datasets"))
-        if self.grpo.model_fields_set and self.method != "grpo":
-            raise ValueError(f"grpo: {', '.join(sorted(self.grpo.model_fields_set))} set, but method is {self.method}")
+        if _changed(self.grpo) and self.method != "grpo":
+            raise ValueError(f"grpo: {', '.join(sorted(_changed(self.grpo)))} set, but method is {self.method}")
         if self.method == "grpo":
             self._check_grpo(given)
             return
@@ -771,6 +769,14 @@ class Config(_Strict):
     def beta(self) -> float:
         """The preference method's beta: the preference section's, or the method's default."""
         return self.preference.beta if self.preference.beta is not None else DEFAULT_BETA[self.method]
+
+
+def _changed(section: BaseModel) -> set[str]:
+    """The keys of a method's section set to other than their defaults (a run's own config.yaml holds
+    every key, at its default when the method did not use it)."""
+    fields = type(section).model_fields
+    return {k for k in section.model_fields_set
+            if getattr(section, k) != fields[k].get_default(call_default_factory=True)}
 
 
 def _describe_allowed(field_path: tuple, err: dict) -> str:

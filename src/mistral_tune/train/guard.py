@@ -37,7 +37,10 @@ class StepGuard:
 
     @classmethod
     def from_config(cls, cfg) -> StepGuard:
-        return cls(cfg.bad_step_zscore, cfg.bad_step_window, cfg.bad_step_rollback_after,
+        # GRPO's loss is centred on zero by its group-normalised advantages: its size says nothing about
+        # the step, and any step with a signal in it would look like a spike. Non-finite steps still stop.
+        zscore = None if getattr(cfg, "method", "sft") == "grpo" else cfg.bad_step_zscore
+        return cls(zscore, cfg.bad_step_window, cfg.bad_step_rollback_after,
                    cfg.bad_step_max_rollbacks, cfg.bad_step_lr_factor)
 
     def check(self, loss: float, grad_norm: float) -> str | None:

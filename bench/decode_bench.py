@@ -32,14 +32,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mistral_tune.generate.cache import cached_logits  # noqa: E402
+from gpu_bench import SHAPE  # noqa: E402  (Mistral-7B-v0.3's shapes)
+
+from mistral_tune.generate.cache import cached_logits, kv_bytes_per_token  # noqa: E402
 from mistral_tune.generate.decoder import Decoder, Params  # noqa: E402
 from mistral_tune.models.mistral import MistralConfig, MistralForCausalLM  # noqa: E402
 
-SHAPE = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-             rope_theta=1e6, sliding_window=None)  # Mistral-7B-v0.3
 TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -192,7 +192,7 @@ def main() -> None:
 
     model = build(shape, device, dtype)
     weights = read_bytes(model)
-    kv_per_token = SlotBytes.per_token(model.config, dtype)
+    kv_per_token = kv_bytes_per_token(model.config, dtype)
     rows = []
     short, long = (960, 8000) if device == "cuda" else (64, 200)
     for ctx in (short, long):
@@ -282,13 +282,6 @@ def main() -> None:
     for a, b, c, d in rows:
         print(f"{a:<44} {b:>9.3f} {c:>9.3f} {d:>7.3f}")
     print(f"batch 64 step / batch 1 step: {r['batch64_over_batch1']}; prefill {r['prefill']}")
-
-
-class SlotBytes:
-    @staticmethod
-    def per_token(cfg, dtype) -> int:
-        size = torch.empty(0, dtype=dtype).element_size()
-        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * size
 
 
 if __name__ == "__main__":

@@ -84,3 +84,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
                             "max_tokens": 16}}
     cfg = base_config(model, data, root / "run", max_steps=4, save_steps=None, eval=evals)
     return api.train(cfg, echo=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: a tiny model's one-token steps run many times faster alone than
+    split across a busy machine's cores (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -143,7 +143,7 @@ class _Recorder(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_HEAD = _any
 
     def log_message(self, *args) -> None:
-        pass
+        """Quiet: the test reads `seen`, not the server's log."""
 
 
 def test_push_without_a_token_stops_before_any_request(tiny_run, tmp_path) -> None:

@@ -44,12 +44,7 @@ MODELS = {"dense": _model(), "window 4": _model(sliding_window=4), "one kv head"
           "mixtral": _model(num_local_experts=4, num_experts_per_tok=2), "lora unmerged": _lora()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 prompts = st.lists(st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=14), min_size=1, max_size=7)

@@ -24,12 +24,7 @@ TOKENIZERS = {v: load_tokenizer(v) for v in ("v3", "tekken")}
 GRAMMARS = {v: Grammars(t, t.vocab_size + 7) for v, t in TOKENIZERS.items()}  # a model vocabulary padded past it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 json_scalars = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=12)

@@ -32,13 +32,7 @@ def _model(sliding_window: int | None) -> MistralForCausalLM:
 MODELS = {None: _model(None), 5: _model(5)}  # full attention; a window shorter than most rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Steps this small run ~30x faster on one thread than split across a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _alone(model, prompt: list[int], p: Params) -> list[int]:

@@ -70,13 +70,7 @@ def _overfit(model_dir: Path, tok) -> None:
     save_model(model.eval(), model_dir)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model steps many times faster on one thread than split across a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

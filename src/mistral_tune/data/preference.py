@@ -29,7 +29,7 @@ from .build import MAX_ERRORS_SHOWN, Dataset, _split_indices, dataset_label
 from .formats import check_conversation
 from .pack import Sample, pack_rows
 from .report import DataReport
-from .sources import read_source, resolve_sources
+from .sources import counted_records
 
 PAIRED, UNPAIRED = "pairs", "kto"
 
@@ -136,33 +136,22 @@ class _Read:
 
 def _read_dataset(ds, tokenizer, kind: str, sequence_len: int, report: DataReport, key: str) -> _Read:
     out = _Read()
-    for src in resolve_sources(ds.path, ds.source, ds.name, ds.split, key=key):
-        for raw in read_source(src):
-            if raw.blank:
-                report.blank_lines += 1
-                continue
-            report.records += 1
-            report.per_file[src.path] = report.per_file.get(src.path, 0) + 1
-            try:
-                if raw.error:
-                    raise ValueError(raw.error)
-                units = _record_units(raw.record, tokenizer, kind, out)
-            except (ValueError, DataError) as exc:
-                report.rejected += 1
-                if len(report.bad_examples) < 20:
-                    report.bad_examples.append(f"{raw.origin}: {exc}")
-                continue
-            longest = max(len(s) for s in units[:2] if s is not None) if kind == PAIRED else len(units[0])
-            if longest > sequence_len:
-                report.dropped_too_long += 1
-                if len(report.bad_examples) < 20:
-                    report.bad_examples.append(f"{raw.origin}: too long ({longest} tokens > sequence_len "
-                                               f"{sequence_len})")
-                if kind == UNPAIRED:
-                    out.kto.pop(), out.labels.pop()
-                continue
-            out.units.append(units)
-            out.origins.append(raw.origin)
+    for raw in counted_records(ds, report, key):
+        try:
+            if raw.error:
+                raise ValueError(raw.error)
+            units = _record_units(raw.record, tokenizer, kind, out)
+        except (ValueError, DataError) as exc:
+            report.left_out(raw.origin, str(exc))
+            continue
+        longest = max(len(s) for s in units[:2] if s is not None) if kind == PAIRED else len(units[0])
+        if longest > sequence_len:
+            report.left_out(raw.origin, f"too long ({longest} tokens > sequence_len {sequence_len})", too_long=True)
+            if kind == UNPAIRED:
+                out.kto.pop(), out.labels.pop()
+            continue
+        out.units.append(units)
+        out.origins.append(raw.origin)
     return out
 
 

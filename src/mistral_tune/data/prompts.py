@@ -23,7 +23,7 @@ from .formats import check_conversation
 from .pack import Sample
 from .preference import _messages, _prompt
 from .report import DataReport
-from .sources import read_source, resolve_sources
+from .sources import counted_records
 
 
 @dataclass
@@ -67,31 +67,21 @@ def prompt_record(record: dict, origin: str) -> PromptRecord:
 
 def _read_prompts(ds, tokenizer, room: int, report: DataReport, key: str) -> tuple[list[Sample], list[PromptRecord]]:
     samples, records = [], []
-    for src in resolve_sources(ds.path, ds.source, ds.name, ds.split, key=key):
-        for raw in read_source(src):
-            if raw.blank:
-                report.blank_lines += 1
-                continue
-            report.records += 1
-            report.per_file[src.path] = report.per_file.get(src.path, 0) + 1
-            try:
-                if raw.error:
-                    raise ValueError(raw.error)
-                rec = prompt_record(raw.record, raw.origin)
-                ids = tokenizer.encode_prompt(rec.messages)
-            except (ValueError, DataError) as exc:
-                report.rejected += 1
-                if len(report.bad_examples) < 20:
-                    report.bad_examples.append(f"{raw.origin}: {exc}")
-                continue
-            if len(ids) > room:
-                report.dropped_too_long += 1
-                if len(report.bad_examples) < 20:
-                    report.bad_examples.append(f"{raw.origin}: prompt too long ({len(ids)} tokens; sequence_len "
-                                               f"leaves {room} beside grpo.max_new_tokens)")
-                continue
-            samples.append(Sample(list(ids), [IGNORE] * len(ids)))
-            records.append(rec)
+    for raw in counted_records(ds, report, key):
+        try:
+            if raw.error:
+                raise ValueError(raw.error)
+            rec = prompt_record(raw.record, raw.origin)
+            ids = tokenizer.encode_prompt(rec.messages)
+        except (ValueError, DataError) as exc:
+            report.left_out(raw.origin, str(exc))
+            continue
+        if len(ids) > room:
+            report.left_out(raw.origin, f"prompt too long ({len(ids)} tokens; sequence_len leaves {room} beside "
+                            "grpo.max_new_tokens)", too_long=True)
+            continue
+        samples.append(Sample(list(ids), [IGNORE] * len(ids)))
+        records.append(rec)
     return samples, records
 
 

@@ -50,6 +50,15 @@ class DataReport:
     padding_share: float = 0.0
     warnings: list[str] = field(default_factory=list)  # config against the model (train and validate)
 
+    def left_out(self, origin: str, why: str, too_long: bool = False) -> None:
+        """Count a record left out (bad, or too long) and keep the first few reasons."""
+        if too_long:
+            self.dropped_too_long += 1
+        else:
+            self.rejected += 1
+        if len(self.bad_examples) < 20:
+            self.bad_examples.append(f"{origin}: {why}")
+
     @property
     def weighted(self) -> bool:
         """Whether an epoch's training samples differ from the unique ones (dataset weights, num_samples)."""

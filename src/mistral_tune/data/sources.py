@@ -387,3 +387,16 @@ def _hash_file(h, path: Path) -> None:
     with path.open("rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
+
+
+def counted_records(ds, report, key: str) -> Iterator[RawRecord]:
+    """The records of one datasets entry (its path, source, name and split), each counted in `report`
+    (a DataReport: records, records per file, blank lines, which are not yielded)."""
+    for src in resolve_sources(ds.path, ds.source, ds.name, ds.split, key=key):
+        for raw in read_source(src):
+            if raw.blank:
+                report.blank_lines += 1
+                continue
+            report.records += 1
+            report.per_file[src.path] = report.per_file.get(src.path, 0) + 1
+            yield raw

@@ -12,6 +12,7 @@ the output's adapter_config.json / config.json, and the base model's README.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -102,12 +103,10 @@ def _run_files(run: Path | None) -> tuple[dict, dict | None, dict | None, int | 
     except (OSError, yaml.YAMLError):
         config = {}
     steps = None
-    try:
+    with contextlib.suppress(OSError, ValueError):  # no metrics, or a torn last line: the steps read so far
         for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
             rec = json.loads(line) if line.strip() else {}
             steps = rec.get("step", steps) if "loss" in rec else steps
-    except (OSError, ValueError):
-        pass
     return config, _read_json(run / "data_report.json"), _read_json(run.joinpath(*RUN_EVALUATION)), steps
 
 

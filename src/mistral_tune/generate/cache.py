@@ -31,13 +31,6 @@ class SlotCache:
         self.v: list[torch.Tensor] = []
         self._pass: tuple = ()
 
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return self.k[0].dtype if self.k else None
-
-    def nbytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * len(self.windows) * self.n_kv * self.head_dim * torch.empty(0, dtype=dtype).element_size()
-
     def _allocate(self, like: torch.Tensor) -> None:
         """The buffers, in the dtype of the first keys written (the model's compute dtype)."""
         if self.k and self.k[0].dtype == like.dtype:
@@ -107,6 +100,12 @@ class SlotCache:
         for kc, vc in zip(self.k, self.v, strict=True):
             kc[target, :, :length] = kc[source, :, :length]
             vc[target, :, :length] = vc[source, :, :length]
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """The keys and values one token holds in the cache, over every layer."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * size
 
 
 def cached_logits(model, ids: torch.Tensor, chunks: list[tuple[int, int]]) -> torch.Tensor:
